@@ -1,0 +1,292 @@
+"""The ``sweeper`` command line: parse, build settings, call the engine, map to exit codes.
+
+No logic lives here beyond that; every option can also be set as ``SWEEPER_<OPTION>``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any, TypeVar
+
+import click
+
+from sweeper import __version__
+from sweeper.connect import make_client
+from sweeper.engine import Runtime, Sweep
+from sweeper.errors import (
+    EXIT_FAILURE,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    EXIT_USAGE,
+    SweeperError,
+    describe_exception,
+    one_line,
+)
+from sweeper.logs import LOG_LEVELS, LogFormat, configure
+from sweeper.settings import (
+    DEFAULT_GRACE,
+    DEFAULT_KIND,
+    DEFAULT_PROPERTY,
+    FORMAT_CHOICES,
+    MAX_BATCH_SIZE,
+    SweepSettings,
+    parse_duration,
+    parse_format,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Duration(click.ParamType):  # type: ignore[type-arg]
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, dt.timedelta):
+            return value
+        try:
+            return parse_duration(str(value))
+        except SweeperError as exc:
+            self.fail(exc.message, param, ctx)
+
+
+DURATION = Duration()
+
+
+def env(option: str) -> str:
+    return "SWEEPER_" + option.upper().replace("-", "_")
+
+
+def target_options(fn: F) -> F:
+    """Where to sweep: project, database, namespace, kind, property, format."""
+    for decorator in reversed(
+        [
+            click.option(
+                "--project",
+                envvar=[env("project"), "DATASTORE_PROJECT_ID", "GOOGLE_CLOUD_PROJECT"],
+                show_envvar=True,
+                help="Google Cloud project. Default: the client's (ADC) project.",
+            ),
+            click.option(
+                "--database",
+                envvar=env("database"),
+                show_envvar=True,
+                help="Named database. Default: the (default) database.",
+            ),
+            click.option(
+                "--namespace",
+                envvar=env("namespace"),
+                show_envvar=True,
+                help="Namespace. Default: the default namespace.",
+            ),
+            click.option(
+                "--kind",
+                default=DEFAULT_KIND,
+                show_default=True,
+                envvar=env("kind"),
+                show_envvar=True,
+                help="Kind to sweep.",
+            ),
+            click.option(
+                "--property",
+                "prop",
+                default=DEFAULT_PROPERTY,
+                show_default=True,
+                envvar=env("property"),
+                show_envvar=True,
+                help="Indexed property that holds the expiry.",
+            ),
+            click.option(
+                "--format",
+                "fmt",
+                type=click.Choice(FORMAT_CHOICES),
+                default="auto",
+                show_default=True,
+                envvar=env("format"),
+                show_envvar=True,
+                help="How the expiry is stored. 'auto' reads the stored values and "
+                "refuses if it finds more than one encoding or values it cannot read; "
+                "an explicit format leaves values of every other encoding alone.",
+            ),
+        ]
+    ):
+        fn = decorator(fn)
+    return fn
+
+
+def log_options(fn: F) -> F:
+    fn = click.option(
+        "--log-level",
+        type=click.Choice(LOG_LEVELS),
+        default="info",
+        show_default=True,
+        envvar=env("log-level"),
+        show_envvar=True,
+        help="Least severe event to log.",
+    )(fn)
+    return click.option(
+        "--log-format",
+        type=click.Choice(["json", "console"]),
+        default=None,
+        envvar=env("log-format"),
+        show_envvar=True,
+        help="json: one object per line with severity (Cloud Logging). "
+        "Default: console on a terminal, json otherwise.",
+    )(fn)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="sweeper")
+def cli() -> None:
+    """Delete expired sessions from Google Cloud Datastore, and nothing else.
+
+    Datastore's TTL policies honour only Timestamp values and lag up to a day; sweeper finds
+    entities whose expiry lies in the past with paged keys-only range queries and deletes them
+    in batches with retries. Point it at an emulator with DATASTORE_EMULATOR_HOST.
+    """
+
+
+@cli.command()
+@target_options
+@click.option(
+    "--grace",
+    type=DURATION,
+    default=DEFAULT_GRACE,
+    show_default=True,
+    envvar=env("grace"),
+    show_envvar=True,
+    help="Delete only entities expired longer ago than this (0, 90s, 15m, 3h, 2d).",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, MAX_BATCH_SIZE),
+    default=MAX_BATCH_SIZE,
+    show_default=True,
+    envvar=env("batch-size"),
+    show_envvar=True,
+    help="Keys per delete commit (Datastore allows at most 500).",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    envvar=env("dry-run"),
+    show_envvar=True,
+    help="Run the same queries, delete nothing, report what would go.",
+)
+@click.option(
+    "--max-deletes",
+    type=click.IntRange(min=1),
+    envvar=env("max-deletes"),
+    show_envvar=True,
+    help="Stop cleanly after this many deletes; the next run resumes.",
+)
+@click.option(
+    "--max-runtime",
+    type=DURATION,
+    envvar=env("max-runtime"),
+    show_envvar=True,
+    help="Stop cleanly after this long (e.g. 10m); the next run resumes.",
+)
+@log_options
+def sweep(**options: Any) -> None:
+    """Delete the entities of one kind whose expiry lies before now minus --grace.
+
+    The cutoff is computed once per run and logged. The query range is bounded on both sides
+    inside the chosen encoding, so null, missing and differently-encoded expiries are never
+    matched. Exit codes: 0 done (also when nothing was due), 1 failure or refusal,
+    2 bad usage, 130/143 stopped by SIGINT/SIGTERM.
+
+    \b
+    Examples:
+      # What would go from the runner's session store, with its 3 h grace:
+      sweeper sweep --kind eq-session --grace 3h --dry-run
+      # Delete, at most 100000 entities or 10 minutes per run:
+      sweeper sweep --kind eq-session --grace 3h --max-deletes 100000 --max-runtime 10m
+      # Against a local emulator:
+      DATASTORE_EMULATOR_HOST=127.0.0.1:8081 sweeper sweep --project demo --format epoch-seconds
+    """
+    settings = SweepSettings(
+        kind=options["kind"],
+        prop=options["prop"],
+        format=parse_format(options["fmt"]),
+        grace=options["grace"],
+        batch_size=options["batch_size"],
+        dry_run=options["dry_run"],
+        max_deletes=options["max_deletes"],
+        max_runtime=options["max_runtime"],
+        project=options["project"] or None,
+        database=options["database"] or None,
+        namespace=options["namespace"] or None,
+    )
+    log_format: LogFormat = options["log_format"] or ("console" if sys.stdout.isatty() else "json")
+    configure(log_format, options["log_level"])
+    client = make_client(settings.project, settings.database, settings.namespace)
+    with _StopOnSignal() as stop:
+        result = Sweep(settings, client, Runtime(stop_requested=stop.is_set)).run()
+    if result.stopped_reason == "signal":
+        raise click.exceptions.Exit(stop.exit_code)
+    if result.error is not None:
+        raise SweeperError(result.error)
+
+
+class _StopOnSignal:
+    """SIGTERM (pod eviction, job deadline) and SIGINT stop the run before its next batch."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.exit_code = EXIT_SIGTERM
+        self._previous: dict[int, Any] = {}
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.exit_code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+        self._event.set()
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; every failure is one line on stderr and an exit code, never a traceback."""
+    try:
+        cli.main(
+            args=list(argv) if argv is not None else None,
+            prog_name="sweeper",
+            standalone_mode=False,
+        )
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        _error(exc.format_message())
+        return EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code
+    except click.exceptions.Abort:
+        _error("aborted")
+        return EXIT_SIGINT
+    except SweeperError as exc:
+        _error(exc.message)
+        return exc.exit_code
+    except Exception as exc:  # a bug: still one line, and a code a scheduler acts on
+        _error(f"internal error: {describe_exception(exc)}")
+        return EXIT_FAILURE
+    return 0
+
+
+def _error(message: str) -> None:
+    click.echo(f"sweeper: error: {one_line(message)}", err=True)
+
+
+def console_main() -> None:
+    sys.exit(main())

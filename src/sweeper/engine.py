@@ -1,0 +1,232 @@
+"""The sweep: detect the encoding, page through expired keys, delete them in batches.
+
+Everything that varies is injected (client, clock, monotonic time, sleep, stop signal), so the
+same code runs against production, the emulator and unit tests that never wait. The engine
+never raises for an operational failure: it returns a :class:`SweepResult` and always logs
+exactly one ``sweep_finished`` event, which operators alert on.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from google.cloud import datastore
+from google.cloud.datastore import Key
+
+from sweeper.deleter import BatchDeleter, chunks
+from sweeper.detect import detect_encoding
+from sweeper.encodings import Encoding, expired_range
+from sweeper.errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    DatastoreError,
+    SweeperError,
+    describe_exception,
+)
+from sweeper.query import RangeQuery, fetch_keys, key_pages
+from sweeper.retry import Retrier, RetryCounter, RetryPolicy
+from sweeper.settings import SweepSettings
+
+STOP_REASONS = ("complete", "max_deletes", "max_runtime", "signal", "error")
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The outside world, injectable: tests pass a fake clock, a no-op sleep, a stop flag."""
+
+    now: Callable[[], dt.datetime] = utc_now
+    monotonic: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+    stop_requested: Callable[[], bool] = lambda: False
+    retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
+    # Progress events on long runs, no more often than this.
+    progress_every_s: float = 10.0
+
+
+@dataclass
+class SweepResult:
+    """The counts of one run; :meth:`summary` is the ``sweep_finished`` contract."""
+
+    settings: SweepSettings
+    cutoff: dt.datetime
+    format: str
+    matched: int = 0
+    deleted: int = 0
+    failed: int = 0
+    retries: int = 0
+    batches: int = 0
+    duration_s: float = 0.0
+    stopped_reason: str = "complete"
+    error: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_FAILURE if self.stopped_reason == "error" else EXIT_OK
+
+    def summary(self) -> dict[str, Any]:
+        s = self.settings
+        fields: dict[str, Any] = {
+            "kind": s.kind,
+            "namespace": s.namespace,
+            "database": s.database,
+            "property": s.prop,
+            "format": self.format,
+            "cutoff": self.cutoff.isoformat().replace("+00:00", "Z"),
+            "dry_run": s.dry_run,
+            "matched": self.matched,
+            "deleted": self.deleted,
+            "failed": self.failed,
+            "retries": self.retries,
+            "batches": self.batches,
+            "duration_s": round(self.duration_s, 3),
+            "stopped_reason": self.stopped_reason,
+        }
+        if self.error is not None:
+            fields["error"] = self.error
+        return fields
+
+
+class Sweep:
+    """One run over one kind. Create, then call :meth:`run` once."""
+
+    def __init__(
+        self, settings: SweepSettings, client: datastore.Client, runtime: Runtime | None = None
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.runtime = runtime or Runtime()
+        self._counter = RetryCounter()
+        self._retrier = Retrier(self.runtime.retry_policy, self._counter, self.runtime.sleep)
+        self._log = structlog.get_logger("sweeper").bind(kind=settings.kind)
+
+    def run(self) -> SweepResult:
+        rt, s = self.runtime, self.settings
+        started = rt.monotonic()
+        cutoff = rt.now() - s.grace
+        result = SweepResult(s, cutoff, s.format_label)
+        self._log.info(
+            "sweep_started",
+            **{k: v for k, v in result.summary().items() if k in _START_FIELDS},
+            grace_s=s.grace.total_seconds(),
+        )
+        try:
+            encoding = s.format if isinstance(s.format, Encoding) else self._detect()
+            if encoding is not None:
+                result.format = encoding.value
+                self._sweep(encoding, result, started)
+        except SweeperError as exc:
+            result.stopped_reason, result.error = "error", exc.message
+        except Exception as exc:  # anything the client raises once retries are spent
+            result.stopped_reason, result.error = "error", _datastore_failure(exc)
+        finally:
+            result.retries = self._counter.retries
+            result.duration_s = rt.monotonic() - started
+            log = self._log.error if result.stopped_reason == "error" else self._log.info
+            log("sweep_finished", **result.summary())
+        return result
+
+    def _detect(self) -> Encoding | None:
+        s = self.settings
+        encoding = detect_encoding(self.client, self._retrier, s.kind, s.prop)
+        if encoding is None:
+            any_entity = fetch_keys(self.client, self._retrier, RangeQuery(s.kind, s.prop), 1)
+            self._log.warning(
+                "no_expiry_values",
+                property=s.prop,
+                kind_has_entities=bool(any_entity),
+                hint="nothing to sweep; if entities carry the property, it may be excluded "
+                "from indexes, and a range query cannot find unindexed values",
+            )
+        return encoding
+
+    def _sweep(self, encoding: Encoding, result: SweepResult, started: float) -> None:
+        s, rt = self.settings, self.runtime
+        window = expired_range(encoding, result.cutoff)
+        lo, hi = window.values()
+        self._log.info("query_range", format=encoding.value, lower=str(lo), upper=str(hi))
+        if window.empty:
+            return
+        query = RangeQuery(s.kind, s.prop, ((">=", lo), ("<", hi)))
+        deleter = BatchDeleter(self.client, self._retrier)
+        progress = _Progress(self._log, rt, self._counter, started, s.dry_run)
+        for page in key_pages(self.client, self._retrier, query):
+            for batch in chunks(page, s.batch_size):
+                reason = self._stop_reason(result, started)
+                if reason is not None:
+                    result.stopped_reason = reason
+                    return
+                self._process(deleter, batch, result)
+                progress.maybe_log(result)
+
+    def _process(self, deleter: BatchDeleter, batch: Sequence[Key], result: SweepResult) -> None:
+        limit = self.settings.max_deletes
+        taken = batch if limit is None else batch[: limit - result.matched]
+        result.matched += len(taken)
+        if not self.settings.dry_run:
+            self._delete(deleter, taken, result)
+        result.batches += 1
+
+    def _delete(self, deleter: BatchDeleter, batch: Sequence[Key], result: SweepResult) -> None:
+        try:
+            deleter.delete(batch)
+        except Exception as exc:
+            result.failed += len(batch)
+            raise DatastoreError(
+                f"deleting a batch of {len(batch)} keys failed after "
+                f"{self._counter.retries} retries in this run: {describe_exception(exc)}"
+            ) from exc
+        result.deleted += len(batch)
+        self._log.debug("batch_deleted", keys=len(batch), deleted=result.deleted)
+
+    def _stop_reason(self, result: SweepResult, started: float) -> str | None:
+        s, rt = self.settings, self.runtime
+        if rt.stop_requested():
+            return "signal"
+        if s.max_deletes is not None and result.matched >= s.max_deletes:
+            return "max_deletes"
+        if s.max_runtime is not None and rt.monotonic() - started >= s.max_runtime.total_seconds():
+            return "max_runtime"
+        return None
+
+
+_START_FIELDS = ("namespace", "database", "property", "format", "cutoff", "dry_run")
+
+
+class _Progress:
+    """``sweep_progress`` events, at most one per ``progress_every_s``."""
+
+    def __init__(
+        self, log: Any, runtime: Runtime, counter: RetryCounter, started: float, dry_run: bool
+    ) -> None:
+        self._log, self._rt, self._counter, self._started = log, runtime, counter, started
+        self._next = started + runtime.progress_every_s
+        self._dry_run = dry_run
+
+    def maybe_log(self, result: SweepResult) -> None:
+        now = self._rt.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self._rt.progress_every_s
+        elapsed = max(now - self._started, 1e-9)
+        done = result.matched if self._dry_run else result.deleted
+        self._log.info(
+            "sweep_progress",
+            matched=result.matched,
+            deleted=result.deleted,
+            retries=self._counter.retries,
+            elapsed_s=round(elapsed, 1),
+            per_s=round(done / elapsed, 1),
+        )
+
+
+def _datastore_failure(exc: BaseException) -> str:
+    return f"Datastore call failed: {describe_exception(exc)}"

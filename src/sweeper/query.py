@@ -1,0 +1,103 @@
+"""Paged, keys-only range queries over one property.
+
+Pages have an explicit size and continue from the server's cursor: the Firestore emulator in
+Datastore mode answers an unbounded query in one response and fails past ~40k keys
+(RESOURCE_EXHAUSTED), while the legacy emulator returns ~300 results per batch whatever the limit
+(CONTEXT trap 2). The client's iterator follows short batches until the page's limit is met, so a
+page shorter than asked means the range is exhausted. A page that fails is retried from its
+starting cursor, so a retry never skips or repeats keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+from google.cloud import datastore
+from google.cloud.datastore.query import PropertyFilter
+
+from sweeper.encodings import QueryValue
+from sweeper.retry import CALL_TIMEOUT_S, NO_CLIENT_RETRY, Retrier
+
+# Keys per query page: small enough for any response limit (a key is ~100 bytes), large
+# enough to fill a whole 500-key delete batch per round trip.
+PAGE_SIZE = 500
+
+Bound = tuple[str, QueryValue | None]
+
+
+@dataclass(frozen=True)
+class RangeQuery:
+    """Keys of ``kind`` whose ``prop`` meets every bound, e.g. ``((">=", lo), ("<", hi))``.
+
+    With no bounds it lists the kind's keys, whatever their properties.
+    """
+
+    kind: str
+    prop: str
+    bounds: tuple[Bound, ...] = ()
+
+    def build(self, client: datastore.Client, descending: bool = False) -> datastore.Query:
+        query: datastore.Query = client.query(kind=self.kind)
+        query.keys_only()
+        for op, value in self.bounds:
+            query.add_filter(filter=PropertyFilter(self.prop, op, value))
+        if descending:
+            query.order = ["-" + self.prop]
+        return query
+
+
+def fetch_keys(
+    client: datastore.Client,
+    retrier: Retrier,
+    query: RangeQuery,
+    limit: int,
+    descending: bool = False,
+) -> list[datastore.Key]:
+    """The first ``limit`` keys of ``query`` (used for small probes)."""
+    keys, _cursor = retrier.call("query", lambda: _page(client, query, limit, None, descending))
+    return keys
+
+
+def key_pages(
+    client: datastore.Client,
+    retrier: Retrier,
+    query: RangeQuery,
+    page_size: int = PAGE_SIZE,
+) -> Iterator[list[datastore.Key]]:
+    """Every key of ``query``, page by page, holding one page in memory at a time."""
+    cursor: bytes | None = None
+    while True:
+        keys, cursor = retrier.call("query", partial(_page, client, query, page_size, cursor))
+        if keys:
+            yield keys
+        if len(keys) < page_size or cursor is None:
+            return
+
+
+def lookup(
+    client: datastore.Client, retrier: Retrier, keys: Sequence[datastore.Key]
+) -> list[datastore.Entity]:
+    """Full entities for ``keys`` (missing ones are dropped): the only way to see true types."""
+    if not keys:
+        return []
+    return retrier.call(
+        "lookup",
+        lambda: list(client.get_multi(list(keys), retry=NO_CLIENT_RETRY, timeout=CALL_TIMEOUT_S)),
+    )
+
+
+def _page(
+    client: datastore.Client,
+    query: RangeQuery,
+    limit: int,
+    cursor: bytes | None,
+    descending: bool = False,
+) -> tuple[list[datastore.Key], bytes | None]:
+    iterator = query.build(client, descending).fetch(
+        limit=limit, start_cursor=cursor, retry=NO_CLIENT_RETRY, timeout=CALL_TIMEOUT_S
+    )
+    keys = [entity.key for entity in iterator]
+    token: bytes | None = iterator.next_page_token
+    return keys, token

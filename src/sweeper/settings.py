@@ -1,0 +1,121 @@
+"""Validated settings for one sweep, built once at the edge (the CLI) and then frozen."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from sweeper.encodings import Encoding
+from sweeper.errors import UsageError
+
+FormatChoice = Encoding | Literal["auto"]
+FORMAT_CHOICES = ("auto", *(e.value for e in Encoding))
+
+# Datastore refuses more than 500 mutations in one commit (CONTEXT trap 3).
+MAX_BATCH_SIZE = 500
+
+DEFAULT_KIND = "eq-session"
+DEFAULT_PROPERTY = "expires_at"
+# Why 15 minutes: it dwarfs the runner's read-modify-write of a session (well under a second)
+# and any clock skew between the runner and the sweeper, yet frees storage promptly. See README.
+DEFAULT_GRACE = "15m"
+
+_DURATION_PART = re.compile(r"(\d+)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# Datastore's limits on names (https://cloud.google.com/datastore/docs/concepts/limits).
+_NAMESPACE = re.compile(r"[0-9A-Za-z._-]{0,100}")
+_MAX_NAME_BYTES = 1500
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """Parse ``0``, ``90s``, ``15m``, ``3h``, ``2d`` or a sum such as ``1h30m``."""
+    raw = text.strip().lower()
+    if raw == "0":
+        return dt.timedelta(0)
+    parts = _DURATION_PART.findall(raw)
+    if not raw or "".join(n + u for n, u in parts) != raw:
+        raise UsageError(
+            f"invalid duration {text!r}: use a number with a unit, e.g. 0, 90s, 15m, 3h, 2d"
+        )
+    return dt.timedelta(seconds=sum(int(n) * _UNIT_SECONDS[u] for n, u in parts))
+
+
+def format_duration(delta: dt.timedelta) -> str:
+    """The shortest ``parse_duration`` spelling of ``delta`` (for logs and messages)."""
+    seconds = int(delta.total_seconds())
+    if seconds == 0:
+        return "0"
+    out = []
+    for unit in ("d", "h", "m", "s"):
+        count, seconds = divmod(seconds, _UNIT_SECONDS[unit])
+        if count:
+            out.append(f"{count}{unit}")
+    return "".join(out)
+
+
+def check_name(what: str, value: str) -> str:
+    """Kinds and property names: non-empty, not reserved, within Datastore's size limit."""
+    if not value or not value.strip():
+        raise UsageError(f"{what} must not be empty")
+    if value.startswith("__") and value.endswith("__"):
+        raise UsageError(f"{what} {value!r} is reserved by Datastore")
+    if len(value.encode()) > _MAX_NAME_BYTES:
+        raise UsageError(f"{what} is longer than Datastore's {_MAX_NAME_BYTES}-byte limit")
+    return value
+
+
+def check_namespace(value: str | None) -> str | None:
+    if value is None or value == "":
+        return None
+    if not _NAMESPACE.fullmatch(value) or (value.startswith("__") and value.endswith("__")):
+        raise UsageError(
+            f"invalid namespace {value!r}: use up to 100 letters, digits, '.', '_' or '-'"
+        )
+    return value
+
+
+def parse_format(text: str) -> FormatChoice:
+    if text == "auto":
+        return "auto"
+    try:
+        return Encoding(text)
+    except ValueError:
+        raise UsageError(
+            f"invalid format {text!r}: choose one of {', '.join(FORMAT_CHOICES)}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """What one sweep does; an impossible value raises :class:`UsageError` on construction."""
+
+    kind: str
+    prop: str
+    format: FormatChoice
+    grace: dt.timedelta
+    batch_size: int = MAX_BATCH_SIZE
+    dry_run: bool = False
+    max_deletes: int | None = None
+    max_runtime: dt.timedelta | None = None
+    project: str | None = None
+    database: str | None = None
+    namespace: str | None = None
+
+    def __post_init__(self) -> None:
+        check_name("kind", self.kind)
+        check_name("property", self.prop)
+        if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
+            raise UsageError(f"batch size must be between 1 and {MAX_BATCH_SIZE}")
+        if self.grace < dt.timedelta(0):
+            raise UsageError("grace must not be negative")
+        if self.max_deletes is not None and self.max_deletes < 1:
+            raise UsageError("max deletes must be at least 1")
+        if self.max_runtime is not None and self.max_runtime <= dt.timedelta(0):
+            raise UsageError("max runtime must be greater than 0")
+        check_namespace(self.namespace)
+
+    @property
+    def format_label(self) -> str:
+        return str(self.format)

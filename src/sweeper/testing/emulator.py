@@ -1,0 +1,149 @@
+"""Start and stop a local Datastore emulator on a free loopback port.
+
+Both emulators ship with gcloud: the legacy Datastore emulator and the Firestore emulator in
+Datastore mode. Each runs in its own process group with a private data dir, and is stopped by
+its own id only, never by name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+Flavour = Literal["datastore", "firestore"]
+FLAVOURS: tuple[Flavour, ...] = ("datastore", "firestore")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Emulator:
+    """A running emulator; ``env`` holds the variables a client needs to reach it."""
+
+    flavour: Flavour
+    project: str = "sweeper-test"
+    consistency: float = 1.0
+    port: int = field(default_factory=free_port)
+    data_dir: Path | None = None
+    store_on_disk: bool = False
+    process: subprocess.Popen[bytes] | None = None
+    _own_dir: bool = False
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"DATASTORE_EMULATOR_HOST": self.host, "DATASTORE_PROJECT_ID": self.project}
+
+    def command(self) -> list[str]:
+        if self.flavour == "firestore":
+            return [
+                "gcloud",
+                "emulators",
+                "firestore",
+                "start",
+                "--database-mode=datastore-mode",
+                f"--host-port={self.host}",
+            ]
+        assert self.data_dir is not None
+        disk = "--store-on-disk" if self.store_on_disk else "--no-store-on-disk"
+        return [
+            "gcloud",
+            "beta",
+            "emulators",
+            "datastore",
+            "start",
+            disk,
+            f"--data-dir={self.data_dir}",
+            f"--consistency={self.consistency}",
+            f"--project={self.project}",
+            f"--host-port={self.host}",
+        ]
+
+    def start(self, timeout_s: float = 90.0) -> Emulator:
+        if shutil.which("gcloud") is None:
+            raise RuntimeError("gcloud is not installed: the emulators come with the Cloud SDK")
+        if self.data_dir is None:
+            self.data_dir, self._own_dir = Path(tempfile.mkdtemp(prefix="sweeper-emu-")), True
+        log = open(self.data_dir / "emulator.log", "ab")  # noqa: SIM115 - lives with the process
+        self.process = subprocess.Popen(
+            self.command(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"},
+        )
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while not self.ready():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"{self.flavour} emulator did not start: see its log in {self.data_dir}"
+                )
+            time.sleep(0.2)
+        return self
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.host}/", timeout=1) as response:
+                return bool(response.read().strip() == b"Ok")
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def reset(self) -> None:
+        """Drop all data (the emulators' /reset endpoint)."""
+        request = urllib.request.Request(f"http://{self.host}/reset", method="POST")
+        with urllib.request.urlopen(request, timeout=30):
+            pass
+
+    def stop(self) -> None:
+        """Ask the emulator to shut down, then end its process group (ours alone)."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            try:
+                request = urllib.request.Request(f"http://{self.host}/shutdown", method="POST")
+                urllib.request.urlopen(request, timeout=5).close()
+                process.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        if self._own_dir and self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+@contextmanager
+def running(flavour: Flavour, **kwargs: object) -> Iterator[Emulator]:
+    emulator = Emulator(flavour, **kwargs)  # type: ignore[arg-type]
+    emulator.start()
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
