@@ -1,0 +1,85 @@
+"""Helpers shared by the integration tests: seeding, sweeping, and reading what is left."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from google.cloud import datastore
+
+from sweeper.engine import Runtime, Sweep, SweepResult
+from sweeper.settings import FormatChoice, SweepSettings
+from sweeper.testing.emulator import Emulator
+from sweeper.encodings import Encoding
+from sweeper.testing.seed import Session, encode, put_sessions
+
+@contextmanager
+def emulator_env(env: dict[str, str]) -> Iterator[None]:
+    """The client reads DATASTORE_EMULATOR_HOST when it is built; point it at one emulator."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def make_client(emu: Emulator, namespace: str | None = None) -> datastore.Client:
+    with emulator_env(emu.env):
+        return datastore.Client(project=emu.project, namespace=namespace)
+
+
+def ago(**delta: float) -> dt.datetime:
+    return dt.datetime.now(dt.UTC) - dt.timedelta(**delta)
+
+
+def ahead(**delta: float) -> dt.datetime:
+    return dt.datetime.now(dt.UTC) + dt.timedelta(**delta)
+
+
+def stored(instant: dt.datetime, encoding: Encoding, count: int) -> list[object]:
+    """``count`` copies of ``instant`` as ``encoding`` stores it."""
+    return [encode(instant, encoding)] * count
+
+
+def settings(kind: str, fmt: FormatChoice = "auto", **overrides: Any) -> SweepSettings:
+    values: dict[str, Any] = {"kind": kind, "prop": "expires_at", "format": fmt,
+                              "grace": dt.timedelta(minutes=15)}
+    values.update(overrides)
+    return SweepSettings(**values)
+
+
+def sweep(
+    client: datastore.Client, kind: str, fmt: FormatChoice = "auto", runtime: Runtime | None = None,
+    **overrides: Any,
+) -> SweepResult:
+    return Sweep(settings(kind, fmt, **overrides), client, runtime).run()
+
+
+def seed(client: datastore.Client, kind: str, groups: dict[str, Sequence[object]]) -> None:
+    """Write sessions named ``<group>-<i>`` with the given expiry values."""
+    put_sessions(client, kind, [
+        Session(f"{group}-{i}", expiry)
+        for group, expiries in groups.items()
+        for i, expiry in enumerate(expiries)
+    ])
+
+
+def remaining(client: datastore.Client, kind: str, names: Sequence[str]) -> set[str]:
+    """Which of ``names`` still exist, by key lookup (strongly consistent, unlike queries)."""
+    found: set[str] = set()
+    for start in range(0, len(names), 1000):
+        keys = [client.key(kind, name) for name in names[start : start + 1000]]
+        found.update(entity.key.name for entity in client.get_multi(keys))
+    return found
+
+
+def group_names(groups: dict[str, Sequence[object]], *wanted: str) -> list[str]:
+    return [f"{g}-{i}" for g in wanted for i in range(len(groups[g]))]
