@@ -262,7 +262,9 @@ class _StopOnSignal:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; every failure is one line on stderr and an exit code, never a traceback."""
     try:
-        cli.main(
+        # Without standalone mode click *returns* the code of a raised Exit (e.g. 143 after
+        # SIGTERM) instead of raising it.
+        code = cli.main(
             args=list(argv) if argv is not None else None,
             prog_name="sweeper",
             standalone_mode=False,
@@ -281,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: still one line, and a code a scheduler acts on
         _error(f"internal error: {describe_exception(exc)}")
         return EXIT_FAILURE
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def _error(message: str) -> None:

@@ -21,6 +21,9 @@ DEFAULT_PROPERTY = "expires_at"
 # Why 15 minutes: it dwarfs the runner's read-modify-write of a session (well under a second)
 # and any clock skew between the runner and the sweeper, yet frees storage promptly. See README.
 DEFAULT_GRACE = "15m"
+# Beyond this, now - grace falls before year 1 and cannot be computed; any grace over ~25 years
+# already puts the cutoff before 2001, where no encoding's range holds anything.
+MAX_GRACE = dt.timedelta(days=36_500)
 
 _DURATION_PART = re.compile(r"(\d+)([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -39,7 +42,10 @@ def parse_duration(text: str) -> dt.timedelta:
         raise UsageError(
             f"invalid duration {text!r}: use a number with a unit, e.g. 0, 90s, 15m, 3h, 2d"
         )
-    return dt.timedelta(seconds=sum(int(n) * _UNIT_SECONDS[u] for n, u in parts))
+    try:
+        return dt.timedelta(seconds=sum(int(n) * _UNIT_SECONDS[u] for n, u in parts))
+    except OverflowError:
+        raise UsageError(f"invalid duration {text!r}: too large") from None
 
 
 def format_duration(delta: dt.timedelta) -> str:
@@ -110,6 +116,8 @@ class SweepSettings:
             raise UsageError(f"batch size must be between 1 and {MAX_BATCH_SIZE}")
         if self.grace < dt.timedelta(0):
             raise UsageError("grace must not be negative")
+        if self.grace > MAX_GRACE:
+            raise UsageError(f"grace must be at most {MAX_GRACE.days}d")
         if self.max_deletes is not None and self.max_deletes < 1:
             raise UsageError("max deletes must be at least 1")
         if self.max_runtime is not None and self.max_runtime <= dt.timedelta(0):

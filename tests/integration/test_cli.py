@@ -1,0 +1,90 @@
+"""``sweeper sweep`` as an operator runs it: a real process, JSON logs, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from google.cloud import datastore
+
+from sweeper.encodings import Encoding
+from sweeper.testing.emulator import Emulator
+from tests.integration.helpers import ago, ahead, group_names, remaining, seed, stored
+
+CONTRACT = {
+    "kind", "namespace", "database", "property", "format", "cutoff", "dry_run", "matched",
+    "deleted", "failed", "retries", "batches", "duration_s", "stopped_reason",
+}
+
+
+def run_cli(emulator: Emulator, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sweeper", "sweep", *args],
+        env={**os.environ, **emulator.env, **env}, capture_output=True, text=True, timeout=120,
+        check=False,
+    )
+
+
+def events(stdout: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+def test_a_cron_run_logs_one_json_summary_and_exits_zero(
+    emulator: Emulator, client: datastore.Client, kind: str
+) -> None:
+    groups = {"expired": stored(ago(hours=4), Encoding.EPOCH_SECONDS, 40),
+              "live": stored(ahead(hours=1), Encoding.EPOCH_SECONDS, 5)}
+    seed(client, kind, groups)
+
+    proc = run_cli(emulator, "--grace", "3h", SWEEPER_KIND=kind)
+
+    assert proc.returncode == 0, proc.stderr
+    logged = events(proc.stdout)
+    assert all({"event", "severity", "timestamp"} <= set(e) for e in logged)
+    finished = [e for e in logged if e["event"] == "sweep_finished"]
+    assert len(finished) == 1
+    summary = finished[0]
+    assert CONTRACT <= set(summary)
+    assert (summary["kind"], summary["deleted"], summary["stopped_reason"]) == (
+        kind, 40, "complete")
+    assert summary["format"] == "epoch-seconds"
+    assert summary["cutoff"].endswith("Z")
+    assert remaining(client, kind, group_names(groups, *groups)) == set(
+        group_names(groups, "live"))
+
+
+def test_a_refusal_is_one_line_exit_one_and_a_summary(
+    emulator: Emulator, client: datastore.Client, kind: str
+) -> None:
+    groups = {"s": stored(ago(days=1), Encoding.EPOCH_SECONDS, 3),
+              "ts": stored(ago(days=1), Encoding.TIMESTAMP, 3)}
+    seed(client, kind, groups)
+
+    proc = run_cli(emulator, "--kind", kind)
+
+    assert proc.returncode == 1
+    assert proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("sweeper: error: refusing --format auto")
+    assert "Traceback" not in proc.stderr + proc.stdout
+    summary = events(proc.stdout)[-1]
+    assert (summary["event"], summary["stopped_reason"], summary["deleted"]) == (
+        "sweep_finished", "error", 0)
+    assert len(remaining(client, kind, group_names(groups, *groups))) == 6
+
+
+def test_dry_run_from_the_environment(
+    emulator: Emulator, client: datastore.Client, kind: str
+) -> None:
+    groups = {"expired": stored(ago(hours=1), Encoding.EPOCH_MILLIS, 12)}
+    seed(client, kind, groups)
+
+    proc = run_cli(emulator, SWEEPER_KIND=kind, SWEEPER_DRY_RUN="1",
+                   SWEEPER_FORMAT="epoch-millis", SWEEPER_LOG_FORMAT="json")
+
+    assert proc.returncode == 0, proc.stderr
+    summary = events(proc.stdout)[-1]
+    assert (summary["dry_run"], summary["matched"], summary["deleted"]) == (True, 12, 0)
+    assert len(remaining(client, kind, group_names(groups, "expired"))) == 12
