@@ -1,16 +1,18 @@
 """``--format auto``: find out how the expiry is stored, from the values actually stored.
 
-Every probe is a keys-only range query bounded on both sides, so each answers exactly whether
-*any* value lies in that part of the index, however rare (a sample of entities could miss a
-handful of odd values among millions). The index cannot tell a Timestamp from an integer of
-epoch microseconds, nor show a value's type, so the keys found are looked up to read each value's
-true type (CONTEXT trap 1). More than one encoding, or any value sweeper cannot interpret, is a
-refusal: guessing wrong would delete live sessions.
+Datastore keeps one index order for all values of a property: nulls, then integers and
+timestamps together by magnitude, then booleans, strings, floats and the rest (CONTEXT trap 1).
+Each encoding owns one contiguous band of that order, so if the smallest and the largest
+non-null values both lie in the same band, *every* value does: two keys-only queries decide it
+exactly, however rare a stray value is among millions, and however slow a full scan would be.
+
+The index cannot show a value's type (a Timestamp and an integer of epoch microseconds sort as
+the same number), so the keys found are looked up to read each value's true type. More than one
+encoding, or any value sweeper cannot interpret, is a refusal: guessing would delete live
+sessions.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import structlog
 from google.cloud import datastore
@@ -20,89 +22,43 @@ from sweeper.errors import RefusedError
 from sweeper.query import RangeQuery, fetch_keys, lookup
 from sweeper.retry import Retrier
 
-# Keys looked up per probe and per end of a band (a few reads in all).
-SAMPLE = 3
-
-
-def _other_ranges(kind: str, prop: str) -> list[RangeQuery]:
-    """Index ranges that hold no supported encoding: numbers below 2001 in seconds, the gaps
-    between bands, and everything that sorts above numbers (booleans, strings, floats, ...)."""
-    seconds = Encoding.EPOCH_SECONDS.band
-    millis = Encoding.EPOCH_MILLIS.band
-    stamps = Encoding.TIMESTAMP.band
-    return [
-        RangeQuery(kind, prop, ((">", None), ("<", seconds.lo))),
-        RangeQuery(kind, prop, ((">=", seconds.hi), ("<", millis.lo))),
-        RangeQuery(kind, prop, ((">=", millis.hi), ("<", stamps.lo))),
-        RangeQuery(kind, prop, ((">=", stamps.hi),)),
-    ]
-
-
-@dataclass
-class Findings:
-    """What the probes saw: examples of each supported encoding, and of anything else."""
-
-    encodings: dict[Encoding, list[object]] = field(default_factory=dict)
-    others: list[object] = field(default_factory=list)
-
-    def add(self, value: object) -> None:
-        encoding = classify(value)
-        if encoding is None:
-            self.others.append(value)
-        else:
-            self.encodings.setdefault(encoding, []).append(value)
-
-    def describe(self) -> str:
-        parts = [
-            f"{encoding.value} (e.g. {describe_value(values[0])})"
-            for encoding, values in self.encodings.items()
-        ]
-        if self.others:
-            examples = ", ".join(describe_value(v) for v in self.others[:2])
-            parts.append(f"values of no supported encoding (e.g. {examples})")
-        return "; ".join(parts)
-
 
 def detect_encoding(
     client: datastore.Client, retrier: Retrier, kind: str, prop: str
 ) -> Encoding | None:
-    """The single encoding stored in ``kind.prop``; None when no indexed value exists at all."""
-    findings = Findings()
-    for encoding in Encoding:
-        probe = RangeQuery(kind, prop, ((">=", encoding.band.lo), ("<", encoding.band.hi)))
-        _sample(client, retrier, probe, findings, both_ends=True)
-    for probe in _other_ranges(kind, prop):
-        _sample(client, retrier, probe, findings, both_ends=False)
+    """The single encoding stored in ``kind.prop``; None when it holds no indexed value."""
+    smallest = fetch_keys(client, retrier, RangeQuery(kind, prop, ((">", None),)), 1)
+    if not smallest:
+        return None
+    largest = fetch_keys(client, retrier, RangeQuery(kind, prop), 1, descending=True)
+    unique = list({k.flat_path: k for k in smallest + largest}.values())
+    by_key = {e.key.flat_path: e.get(prop) for e in lookup(client, retrier, unique)}
+    ends = [by_key[k.flat_path] for k in smallest + largest if k.flat_path in by_key]
+    found = [classify(value) for value in ends]
     structlog.get_logger("sweeper.detect").info(
         "format_detected",
-        found=sorted(e.value for e in findings.encodings),
-        unsupported_examples=[describe_value(v) for v in findings.others[:SAMPLE]],
+        smallest=describe_value(ends[0]) if ends else None,
+        largest=describe_value(ends[-1]) if ends else None,
+        encodings=sorted({e.value if e else "unsupported" for e in found}),
     )
-    if len(findings.encodings) == 1 and not findings.others:
-        return next(iter(findings.encodings))
-    if not findings.encodings and not findings.others:
+    if len(ends) == 2 and found[0] is not None and found[0] is found[1]:
+        return found[0]
+    if not ends:  # both entities vanished between query and lookup: nothing left to sweep
         return None
-    reason = "more than one encoding" if len(findings.encodings) > 1 else "unsupported values"
     raise RefusedError(
-        f"refusing --format auto on {kind}.{prop}: it holds {reason}: {findings.describe()}. "
-        "Nothing was deleted. Sweep one encoding with --format "
+        f"refusing --format auto on {kind}.{prop}: its values run from "
+        f"{_describe(ends[0])} to {_describe(ends[-1])}, so it holds "
+        f"{_what(found)}. Nothing was deleted. Sweep one encoding with --format "
         f"{'|'.join(e.value for e in Encoding)}; values of other encodings are left alone."
     )
 
 
-def _sample(
-    client: datastore.Client,
-    retrier: Retrier,
-    probe: RangeQuery,
-    findings: Findings,
-    both_ends: bool,
-) -> None:
-    keys = fetch_keys(client, retrier, probe, SAMPLE)
-    if both_ends and len(keys) == SAMPLE:
-        # The lowest and highest values of a band: the likeliest place for a stray encoding.
-        keys += fetch_keys(client, retrier, probe, SAMPLE, descending=True)
-    unique = list({key.flat_path: key for key in keys}.values())
-    for entity in lookup(client, retrier, unique):
-        value = entity.get(probe.prop)
-        if value is not None:
-            findings.add(value)
+def _describe(value: object) -> str:
+    encoding = classify(value)
+    return f"{describe_value(value)}, {encoding.value if encoding else 'no supported encoding'}"
+
+
+def _what(found: list[Encoding | None]) -> str:
+    if None in found:
+        return "values of no supported encoding"
+    return "more than one encoding"

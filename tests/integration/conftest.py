@@ -25,7 +25,7 @@ REUSED_HOST = os.environ.get("DATASTORE_EMULATOR_HOST")
 @pytest.fixture(scope="session", params=FLAVOURS[:1] if REUSED_HOST else FLAVOURS)
 def emulator(request: pytest.FixtureRequest) -> Iterator[Emulator]:
     if REUSED_HOST:
-        host, port = REUSED_HOST.rsplit(":", 1)
+        port = REUSED_HOST.rsplit(":", 1)[1]
         project = os.environ.get("DATASTORE_PROJECT_ID", "sweeper-test")
         yield Emulator(request.param, project=project, port=int(port))
         return
@@ -45,5 +45,3 @@ def client(emulator: Emulator) -> datastore.Client:
 def kind() -> str:
     """A kind of its own for each test, so tests never see each other's data."""
     return f"eq-session-{uuid.uuid4().hex[:10]}"
-
-

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from google.cloud import datastore
 
+from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, Sweep, SweepResult
 from sweeper.settings import FormatChoice, SweepSettings
 from sweeper.testing.emulator import Emulator
-from sweeper.encodings import Encoding
 from sweeper.testing.seed import Session, encode, put_sessions
+
 
 @contextmanager
 def emulator_env(env: dict[str, str]) -> Iterator[None]:
@@ -50,26 +51,37 @@ def stored(instant: dt.datetime, encoding: Encoding, count: int) -> list[object]
 
 
 def settings(kind: str, fmt: FormatChoice = "auto", **overrides: Any) -> SweepSettings:
-    values: dict[str, Any] = {"kind": kind, "prop": "expires_at", "format": fmt,
-                              "grace": dt.timedelta(minutes=15)}
+    values: dict[str, Any] = {
+        "kind": kind,
+        "prop": "expires_at",
+        "format": fmt,
+        "grace": dt.timedelta(minutes=15),
+    }
     values.update(overrides)
     return SweepSettings(**values)
 
 
 def sweep(
-    client: datastore.Client, kind: str, fmt: FormatChoice = "auto", runtime: Runtime | None = None,
+    client: datastore.Client,
+    kind: str,
+    fmt: FormatChoice = "auto",
+    runtime: Runtime | None = None,
     **overrides: Any,
 ) -> SweepResult:
     return Sweep(settings(kind, fmt, **overrides), client, runtime).run()
 
 
-def seed(client: datastore.Client, kind: str, groups: dict[str, Sequence[object]]) -> None:
+def seed(client: datastore.Client, kind: str, groups: Mapping[str, Sequence[object]]) -> None:
     """Write sessions named ``<group>-<i>`` with the given expiry values."""
-    put_sessions(client, kind, [
-        Session(f"{group}-{i}", expiry)
-        for group, expiries in groups.items()
-        for i, expiry in enumerate(expiries)
-    ])
+    put_sessions(
+        client,
+        kind,
+        [
+            Session(f"{group}-{i}", expiry)
+            for group, expiries in groups.items()
+            for i, expiry in enumerate(expiries)
+        ],
+    )
 
 
 def remaining(client: datastore.Client, kind: str, names: Sequence[str]) -> set[str]:
@@ -81,5 +93,5 @@ def remaining(client: datastore.Client, kind: str, names: Sequence[str]) -> set[
     return found
 
 
-def group_names(groups: dict[str, Sequence[object]], *wanted: str) -> list[str]:
+def group_names(groups: Mapping[str, Sequence[object]], *wanted: str) -> list[str]:
     return [f"{g}-{i}" for g in wanted for i in range(len(groups[g]))]

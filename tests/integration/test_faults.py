@@ -15,6 +15,7 @@ from sweeper.testing.emulator import Emulator
 from tests.integration.helpers import (
     ago,
     ahead,
+    emulator_env,
     group_names,
     make_client,
     remaining,
@@ -26,7 +27,7 @@ from tests.integration.helpers import (
 S = Encoding.EPOCH_SECONDS
 
 
-class FlakyClient(datastore.Client):  # type: ignore[misc]
+class FlakyClient(datastore.Client):
     """A real client whose first calls fail the way a dropped connection does.
 
     The emulator never fails on its own; this reaches the retry path while every successful call
@@ -34,29 +35,27 @@ class FlakyClient(datastore.Client):  # type: ignore[misc]
     """
 
     def __init__(self, *args: Any, fail_deletes: int, fail_lookups: int, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self.fail_deletes = fail_deletes
         self.fail_lookups = fail_lookups
 
-    def delete_multi(self, keys: Any, **kwargs: Any) -> Any:
+    def delete_multi(self, keys: Any, retry: Any = None, timeout: Any = None) -> Any:
         if self.fail_deletes:
             self.fail_deletes -= 1
             raise gexc.ServiceUnavailable("injected: connection reset by peer")
-        return super().delete_multi(keys, **kwargs)
+        return super().delete_multi(keys, retry=retry, timeout=timeout)  # type: ignore[no-untyped-call]
 
-    def get_multi(self, keys: Any, **kwargs: Any) -> Any:
+    def get_multi(self, keys: Any, *args: Any, **kwargs: Any) -> Any:
         if self.fail_lookups:
             self.fail_lookups -= 1
             raise gexc.DeadlineExceeded("injected: deadline exceeded")
-        return super().get_multi(keys, **kwargs)
+        return super().get_multi(keys, *args, **kwargs)  # type: ignore[no-untyped-call]
 
 
 def test_transient_failures_are_retried_and_counted(emulator: Emulator, kind: str) -> None:
     client = make_client(emulator)
     groups = {"expired": stored(ago(hours=3), S, 250), "live": stored(ahead(hours=3), S, 10)}
     seed(client, kind, groups)
-    from tests.integration.helpers import emulator_env
-
     with emulator_env(emulator.env):
         flaky = FlakyClient(project=emulator.project, fail_deletes=2, fail_lookups=1)
     waits: list[float] = []
@@ -65,24 +64,24 @@ def test_transient_failures_are_retried_and_counted(emulator: Emulator, kind: st
 
     assert (result.deleted, result.failed, result.retries) == (250, 0, 3)
     assert len(waits) == 3
-    assert remaining(client, kind, group_names(groups, *groups)) == set(
-        group_names(groups, "live")
-    )
+    assert remaining(client, kind, group_names(groups, *groups)) == set(group_names(groups, "live"))
 
 
 def test_a_batch_that_keeps_failing_ends_the_run_non_zero(emulator: Emulator, kind: str) -> None:
     client = make_client(emulator)
     groups = {"expired": stored(ago(hours=3), S, 20)}
     seed(client, kind, groups)
-    from tests.integration.helpers import emulator_env
-
     with emulator_env(emulator.env):
         flaky = FlakyClient(project=emulator.project, fail_deletes=100, fail_lookups=0)
 
     result = sweep(flaky, kind, S, runtime=Runtime(sleep=lambda _s: None))
 
     assert (result.exit_code, result.stopped_reason, result.failed, result.deleted) == (
-        1, "error", 20, 0)
+        1,
+        "error",
+        20,
+        0,
+    )
     assert result.retries == 5  # six attempts in all
     assert len(remaining(client, kind, group_names(groups, "expired"))) == 20
 
@@ -100,7 +99,11 @@ def test_a_backlog_of_tens_of_thousands_is_emptied_in_one_run(
     result = sweep(client, kind)
 
     assert (result.matched, result.deleted, result.batches, result.failed) == (
-        20_000, 20_000, 40, 0)
+        20_000,
+        20_000,
+        40,
+        0,
+    )
     assert remaining(client, kind, group_names(groups, *groups)) == set(
         group_names(groups, "live", "in-flight")
     )

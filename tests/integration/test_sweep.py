@@ -8,11 +8,14 @@ import pytest
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
+from sweeper.engine import Runtime
+from sweeper.testing.emulator import Emulator
 from sweeper.testing.seed import MISSING
 from tests.integration.helpers import (
     ago,
     ahead,
     group_names,
+    make_client,
     remaining,
     seed,
     stored,
@@ -48,7 +51,7 @@ def test_runner_shaped_kind_loses_exactly_its_expired_sessions(
 def test_each_encoding_is_swept(
     client: datastore.Client, kind: str, encoding: Encoding, explicit: bool
 ) -> None:
-    groups = {
+    groups: dict[str, list[object]] = {
         "expired": stored(ago(hours=1), encoding, 30),
         "live": stored(ahead(hours=1), encoding, 30),
         "null": [None] * 5,
@@ -143,9 +146,7 @@ def test_many_pages_and_batches_are_all_deleted(client: datastore.Client, kind: 
 
     result = sweep(client, kind, S, batch_size=100)
 
-    assert remaining(client, kind, group_names(groups, *groups)) == set(
-        group_names(groups, "live")
-    )
+    assert remaining(client, kind, group_names(groups, *groups)) == set(group_names(groups, "live"))
     assert (result.matched, result.deleted, result.batches) == (1234, 1234, 13)
 
 
@@ -168,15 +169,17 @@ def test_max_deletes_stops_cleanly_and_the_next_run_resumes(
 def test_max_runtime_stops_cleanly_and_the_next_run_resumes(
     client: datastore.Client, kind: str
 ) -> None:
-    from sweeper.engine import Runtime
-
     groups = {"expired": stored(ago(hours=2), TS, 600)}
     seed(client, kind, groups)
     ticks = iter(range(10_000))  # every look at the clock is one second later
 
     first = sweep(
-        client, kind, TS, Runtime(monotonic=lambda: float(next(ticks))),
-        max_runtime=dt.timedelta(seconds=4), batch_size=100,
+        client,
+        kind,
+        TS,
+        Runtime(monotonic=lambda: float(next(ticks))),
+        max_runtime=dt.timedelta(seconds=4),
+        batch_size=100,
     )
     assert first.stopped_reason == "max_runtime"
     assert 0 < first.deleted < 600
@@ -192,7 +195,9 @@ def test_a_property_without_indexed_values_is_left_alone(
     # The runner's used-JWT kind: an int expiry excluded from indexes cannot be range-queried.
     entities = []
     for i in range(10):
-        entity = datastore.Entity(client.key(kind, f"jti-{i}"), exclude_from_indexes=("expires_at",))
+        entity = datastore.Entity(
+            client.key(kind, f"jti-{i}"), exclude_from_indexes=("expires_at",)
+        )
         entity["expires_at"] = int(ago(days=1).timestamp())
         entities.append(entity)
     client.put_multi(entities)
@@ -203,11 +208,9 @@ def test_a_property_without_indexed_values_is_left_alone(
     assert len(remaining(client, kind, [f"jti-{i}" for i in range(10)])) == 10
 
 
-def test_a_namespace_is_swept_alone(emulator: object, client: datastore.Client, kind: str) -> None:
-    from sweeper.testing.emulator import Emulator
-    from tests.integration.helpers import make_client
-
-    assert isinstance(emulator, Emulator)
+def test_a_namespace_is_swept_alone(
+    emulator: Emulator, client: datastore.Client, kind: str
+) -> None:
     tenant = make_client(emulator, namespace="tenant-a")
     groups = {"expired": stored(ago(hours=2), S, 10)}
     seed(client, kind, groups)

@@ -55,8 +55,17 @@ def count(client: datastore.Client) -> int:
 
 
 def sweep(env: dict[str, str], *args: str) -> int:
-    command = [sys.executable, "-m", "sweeper", "sweep", "--kind", KIND, "--log-format",
-               "console", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "sweeper",
+        "sweep",
+        "--kind",
+        KIND,
+        "--log-format",
+        "console",
+        *args,
+    ]
     print(f"\n$ sweeper sweep --kind {KIND} --log-format console {' '.join(args)}", flush=True)
     return subprocess.run(command, env=env, check=False).returncode
 
@@ -73,8 +82,11 @@ def main() -> int:
             print(f"  {how_many:>5}  {group}")
         codes = [sweep(env, "--dry-run"), sweep(env)]
         left = count(client)
-        print(f"\n{left} sessions left (expected {sum(GROUPS.values()) - GROUPS['expired']}: "
-              "everything but the expired ones). Exit codes:", codes)
+        print(
+            f"\n{left} sessions left (expected {sum(GROUPS.values()) - GROUPS['expired']}: "
+            "everything but the expired ones). Exit codes:",
+            codes,
+        )
         return 0 if codes == [0, 0] and left == sum(GROUPS.values()) - GROUPS["expired"] else 1
 
 

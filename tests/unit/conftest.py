@@ -1,0 +1,16 @@
+"""Shared fixtures for the fast unit tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """``logs.configure`` changes structlog globally (stream, level); undo it after every test."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()

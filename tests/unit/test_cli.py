@@ -1,0 +1,289 @@
+"""The command line: help, option and env var validation, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from sweeper import cli as cli_module
+from sweeper.cli import cli, main
+from sweeper.encodings import Encoding
+from sweeper.engine import Runtime, SweepResult
+from sweeper.settings import SweepSettings
+
+NOW = dt.datetime(2024, 6, 1, tzinfo=dt.UTC)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No configuration from the developer's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith(("SWEEPER_", "DATASTORE_")) or name == "GOOGLE_CLOUD_PROJECT":
+            monkeypatch.delenv(name)
+
+
+def one_error_line(err: str) -> str:
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("sweeper: error: ")
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# --- help -------------------------------------------------------------------------------
+
+
+def test_group_help() -> None:
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    assert "Delete expired sessions" in result.output
+    assert "sweep" in result.output
+
+
+def test_sweep_help_shows_examples_and_env_vars() -> None:
+    result = CliRunner().invoke(cli, ["sweep", "--help"])
+    assert result.exit_code == 0
+    assert "Examples:" in result.output
+    assert "sweeper sweep --kind eq-session --grace 3h --dry-run" in result.output
+    for name in ("SWEEPER_KIND", "SWEEPER_GRACE", "SWEEPER_BATCH_SIZE", "SWEEPER_FORMAT"):
+        assert name in result.output
+
+
+def test_main_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", "-h"]) == 0
+    out, err = capsys.readouterr()
+    assert "--max-deletes" in out
+    assert err == ""
+
+
+def test_main_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == "sweeper, version 0.1.0"
+
+
+# --- bad usage --------------------------------------------------------------------------
+
+BAD_ARGS = [
+    pytest.param(["--batch-size", "0"], "--batch-size", id="batch-size-0"),
+    pytest.param(["--batch-size", "501"], "--batch-size", id="batch-size-501"),
+    pytest.param(["--batch-size", "abc"], "--batch-size", id="batch-size-abc"),
+    pytest.param(["--batch-size"], "--batch-size", id="batch-size-missing"),
+    pytest.param(["--grace", "soon"], "--grace", id="grace-soon"),
+    pytest.param(["--grace=-1m"], "--grace", id="grace-negative"),
+    pytest.param(["--grace", "99999999999d"], "--grace", id="grace-overflow"),
+    pytest.param(["--grace", "3000000d"], "grace", id="grace-too-large"),
+    pytest.param(["--format", "weird"], "--format", id="format-weird"),
+    pytest.param(["--max-deletes", "0"], "--max-deletes", id="max-deletes-0"),
+    pytest.param(["--max-runtime", "0"], "max runtime", id="max-runtime-0"),
+    pytest.param(["--max-runtime", "x"], "--max-runtime", id="max-runtime-x"),
+    pytest.param(["--kind", ""], "kind", id="kind-empty"),
+    pytest.param(["--kind", "__x__"], "reserved", id="kind-reserved"),
+    pytest.param(["--property", ""], "property", id="property-empty"),
+    pytest.param(["--namespace", "bad ns"], "namespace", id="namespace-bad"),
+    pytest.param(["--log-level", "loud"], "--log-level", id="log-level-loud"),
+    pytest.param(["--log-format", "xml"], "--log-format", id="log-format-xml"),
+    pytest.param(["--no-such-option"], "--no-such-option", id="unknown-option"),
+]
+
+
+@pytest.mark.parametrize(("args", "mentions"), BAD_ARGS)
+def test_bad_option_is_one_line_usage_error(
+    args: list[str], mentions: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["sweep", *args]) == 2
+    out, err = capsys.readouterr()
+    assert mentions in one_error_line(err)
+    assert out == ""
+
+
+def test_unknown_command_is_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["purge"]) == 2
+    assert "purge" in one_error_line(capsys.readouterr().err)
+
+
+def test_cli_runner_reports_bad_option_with_exit_2() -> None:
+    result = CliRunner().invoke(cli, ["sweep", "--batch-size", "0"])
+    assert result.exit_code == 2
+    assert "--batch-size" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "mentions"),
+    [
+        ("SWEEPER_BATCH_SIZE", "0", "--batch-size"),
+        ("SWEEPER_GRACE", "soon", "--grace"),
+        ("SWEEPER_FORMAT", "weird", "--format"),
+        ("SWEEPER_MAX_DELETES", "0", "--max-deletes"),
+        ("SWEEPER_KIND", "__kind__", "reserved"),
+        ("SWEEPER_LOG_LEVEL", "loud", "--log-level"),
+    ],
+)
+def test_bad_env_var_is_one_line_usage_error(
+    name: str,
+    value: str,
+    mentions: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv(name, value)
+    assert main(["sweep"]) == 2
+    assert mentions in one_error_line(capsys.readouterr().err)
+
+
+# --- wiring to the engine (engine and client replaced) ------------------------------------
+
+
+@dataclass
+class StubSweep:
+    """Stands in for ``sweeper.cli.Sweep``: records what the CLI built, returns a set result."""
+
+    on_run: Callable[[Runtime], None] = lambda _rt: None
+    stopped_reason: str = "complete"
+    error: str | None = None
+    calls: list[tuple[SweepSettings, object, Runtime]] = field(default_factory=list)
+
+    def __call__(self, settings: SweepSettings, client: object, runtime: Runtime) -> StubSweep:
+        self.calls.append((settings, client, runtime))
+        return self
+
+    def run(self) -> SweepResult:
+        settings, _client, runtime = self.calls[-1]
+        self.on_run(runtime)
+        return SweepResult(
+            settings, NOW, "epoch-seconds", stopped_reason=self.stopped_reason, error=self.error
+        )
+
+
+CLIENT = object()
+
+
+@pytest.fixture
+def stub(monkeypatch: pytest.MonkeyPatch) -> StubSweep:
+    sweep = StubSweep()
+    made: list[tuple[Any, ...]] = []
+
+    def make_client(*args: Any) -> object:
+        made.append(args)
+        return CLIENT
+
+    monkeypatch.setattr(cli_module, "Sweep", sweep)
+    monkeypatch.setattr(cli_module, "make_client", make_client)
+    return sweep
+
+
+def test_defaults_reach_settings(stub: StubSweep) -> None:
+    assert main(["sweep", "--log-format", "json"]) == 0
+    settings, client, _rt = stub.calls[0]
+    assert client is CLIENT
+    assert settings == SweepSettings(
+        kind="eq-session",
+        prop="expires_at",
+        format="auto",
+        grace=dt.timedelta(minutes=15),
+        batch_size=500,
+    )
+
+
+def test_env_vars_configure_the_sweep(stub: StubSweep, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {
+        "SWEEPER_KIND": "dev-eq-session",
+        "SWEEPER_PROPERTY": "valid_until",
+        "SWEEPER_FORMAT": "epoch-millis",
+        "SWEEPER_GRACE": "3h",
+        "SWEEPER_BATCH_SIZE": "250",
+        "SWEEPER_DRY_RUN": "true",
+        "SWEEPER_MAX_DELETES": "1000",
+        "SWEEPER_MAX_RUNTIME": "10m",
+        "SWEEPER_NAMESPACE": "tenant-a",
+        "SWEEPER_DATABASE": "sessions",
+        "DATASTORE_PROJECT_ID": "proj",
+        "SWEEPER_LOG_FORMAT": "json",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["sweep"]) == 0
+    settings = stub.calls[0][0]
+    assert settings == SweepSettings(
+        kind="dev-eq-session",
+        prop="valid_until",
+        format=Encoding.EPOCH_MILLIS,
+        grace=dt.timedelta(hours=3),
+        batch_size=250,
+        dry_run=True,
+        max_deletes=1000,
+        max_runtime=dt.timedelta(minutes=10),
+        project="proj",
+        database="sessions",
+        namespace="tenant-a",
+    )
+
+
+def test_option_overrides_env_var(stub: StubSweep, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SWEEPER_KIND", "from-env")
+    assert main(["sweep", "--kind", "from-flag", "--log-format", "json"]) == 0
+    assert stub.calls[0][0].kind == "from-flag"
+
+
+def test_sweep_error_is_exit_1_with_one_line(
+    stub: StubSweep, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stub.stopped_reason, stub.error = "error", "Datastore call failed: Aborted: busy"
+    assert main(["sweep", "--log-format", "json"]) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line == "sweeper: error: Datastore call failed: Aborted: busy"
+
+
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["TERM", "INT"]
+)
+def test_signal_stops_with_its_exit_code(
+    signum: signal.Signals, code: int, stub: StubSweep, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = signal.getsignal(signum)
+
+    def receive_signal(runtime: Runtime) -> None:
+        assert not runtime.stop_requested()
+        signal.raise_signal(signum)
+        assert runtime.stop_requested()
+
+    stub.on_run, stub.stopped_reason = receive_signal, "signal"
+    assert main(["sweep", "--log-format", "json"]) == code
+    assert capsys.readouterr().err == ""
+    assert signal.getsignal(signum) == before
+
+
+# --- a database that is not there -------------------------------------------------------
+
+
+def closed_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def test_unreachable_database_fails_after_retries(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Really backs off (about 15 s): the only unit test that waits."""
+    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("DATASTORE_PROJECT_ID", "p")
+    assert main(["sweep", "--format", "epoch-seconds", "--log-format", "json"]) == 1
+    out, err = capsys.readouterr()
+    assert "ServiceUnavailable" in one_error_line(err)
+    events = [json.loads(line) for line in out.splitlines()]
+    finished = [e for e in events if e["event"] == "sweep_finished"]
+    assert len(finished) == 1
+    assert finished[0]["stopped_reason"] == "error"
+    assert finished[0]["severity"] == "ERROR"
+    assert finished[0]["retries"] == 5
+    assert sum(e["event"] == "call_retrying" for e in events) == 5

@@ -1,0 +1,296 @@
+"""Engine paths no emulator can reach: failing RPCs, signals, the clock.
+
+The fake client below implements only what ``query``/``deleter`` call; everything else about
+real query behaviour is covered by the integration tests against both emulators.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar, cast
+
+from google.api_core import exceptions as gexc
+from google.cloud import datastore
+from google.cloud.datastore.query import PropertyFilter
+from structlog.testing import capture_logs
+from structlog.typing import EventDict
+
+from sweeper.encodings import Encoding
+from sweeper.engine import Runtime, Sweep, SweepResult
+from sweeper.query import PAGE_SIZE
+from sweeper.retry import RetryPolicy
+from sweeper.settings import SweepSettings
+
+E = TypeVar("E", bound=Exception)
+
+
+def api_error(cls: type[E], message: str) -> E:
+    """google.api_core's exception classes are unannotated; build them in one typed place."""
+    return cls(message)
+
+
+NOW = dt.datetime(2024, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
+POLICY = RetryPolicy(max_attempts=3, max_delay_s=3600.0, initial_wait_s=0.5, max_wait_s=1.0)
+CONTRACT_FIELDS = {
+    "kind",
+    "namespace",
+    "database",
+    "property",
+    "format",
+    "cutoff",
+    "dry_run",
+    "matched",
+    "deleted",
+    "failed",
+    "retries",
+    "batches",
+    "duration_s",
+    "stopped_reason",
+}
+
+
+class FakePage:
+    def __init__(self, keys: list[datastore.Key], token: bytes | None) -> None:
+        self._keys = keys
+        self.next_page_token = token
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(datastore.Entity(key) for key in self._keys)
+
+
+class FakeQuery:
+    def __init__(self, client: FakeClient) -> None:
+        self._client = client
+        self.filters: list[PropertyFilter] = []
+        self.order: list[str] = []
+
+    def keys_only(self) -> None:
+        pass
+
+    def add_filter(self, *, filter: PropertyFilter) -> FakeQuery:
+        self.filters.append(filter)
+        return self
+
+    def fetch(
+        self, *, limit: int, start_cursor: bytes | None, retry: object, timeout: float
+    ) -> FakePage:
+        return self._client.page(limit, start_cursor)
+
+
+class FakeClient:
+    """Every query returns ``keys`` (page by page); failures are injected per call kind."""
+
+    def __init__(self, n_keys: int) -> None:
+        self.keys = [datastore.Key("eq-session", i + 1, project="p") for i in range(n_keys)]
+        self.fetch_errors: dict[int, Exception] = {}  # by 1-based fetch number
+        self.query_error_always: Exception | None = None
+        self.delete_errors: list[Exception] = []
+        self.delete_error_always: Exception | None = None
+        self.fetches = 0
+        self.delete_calls: list[list[datastore.Key]] = []
+        self.deleted: list[datastore.Key] = []
+        self.queries: list[FakeQuery] = []
+
+    def query(self, *, kind: str) -> FakeQuery:
+        assert kind == "eq-session"
+        query = FakeQuery(self)
+        self.queries.append(query)
+        return query
+
+    def page(self, limit: int, cursor: bytes | None) -> FakePage:
+        self.fetches += 1
+        if self.query_error_always is not None:
+            raise self.query_error_always
+        if self.fetches in self.fetch_errors:
+            raise self.fetch_errors.pop(self.fetches)
+        start = int(cursor.decode()) if cursor else 0
+        keys = self.keys[start : start + limit]
+        return FakePage(keys, str(start + len(keys)).encode())
+
+    def delete_multi(self, keys: Sequence[datastore.Key], *, retry: object, timeout: float) -> None:
+        self.delete_calls.append(list(keys))
+        if self.delete_error_always is not None:
+            raise self.delete_error_always
+        if self.delete_errors:
+            raise self.delete_errors.pop(0)
+        self.deleted.extend(keys)
+
+    def get_multi(
+        self, keys: Sequence[datastore.Key], *, retry: object, timeout: float
+    ) -> list[Any]:
+        raise AssertionError("lookups only happen for --format auto")
+
+
+class Clock:
+    """A monotonic clock that moves ``step`` seconds every time it is read."""
+
+    def __init__(self, step: float) -> None:
+        self.now = 1000.0
+        self.step = step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+def settings(**overrides: Any) -> SweepSettings:
+    fields: dict[str, Any] = {
+        "kind": "eq-session",
+        "prop": "expires_at",
+        "format": Encoding.EPOCH_SECONDS,
+        "grace": dt.timedelta(hours=3),
+        "batch_size": 3,
+    }
+    fields.update(overrides)
+    return SweepSettings(**fields)
+
+
+def runtime(**overrides: Any) -> Runtime:
+    fields: dict[str, Any] = {"now": lambda: NOW, "sleep": lambda _s: None, "retry_policy": POLICY}
+    fields.update(overrides)
+    return Runtime(**fields)
+
+
+def run(
+    client: FakeClient, s: SweepSettings | None = None, rt: Runtime | None = None
+) -> tuple[SweepResult, list[EventDict]]:
+    with capture_logs() as logs:
+        result = Sweep(s or settings(), cast(datastore.Client, client), rt or runtime()).run()
+    return result, logs
+
+
+def finished(logs: list[EventDict]) -> EventDict:
+    events = [e for e in logs if e["event"] == "sweep_finished"]
+    assert len(events) == 1
+    return events[0]
+
+
+def test_delete_always_failing_stops_with_error() -> None:
+    client = FakeClient(5)
+    client.delete_error_always = api_error(gexc.ServiceUnavailable, "backend down")
+    result, _logs = run(client)
+    assert result.stopped_reason == "error"
+    assert result.failed == 3
+    assert result.deleted == 0
+    assert result.retries == POLICY.max_attempts - 1
+    assert len(client.delete_calls) == POLICY.max_attempts
+    assert result.exit_code == 1
+    assert result.error is not None
+    assert "ServiceUnavailable: backend down" in result.error
+
+
+def test_sweep_finished_carries_every_contract_field_on_error() -> None:
+    client = FakeClient(5)
+    client.delete_error_always = api_error(gexc.ServiceUnavailable, "backend down")
+    _result, logs = run(client, settings(namespace="ns", database="db"))
+    event = finished(logs)
+    assert event.keys() >= CONTRACT_FIELDS
+    assert event["log_level"] == "error"
+    assert event["kind"] == "eq-session"
+    assert event["namespace"] == "ns"
+    assert event["database"] == "db"
+    assert event["property"] == "expires_at"
+    assert event["format"] == "epoch-seconds"
+    assert event["cutoff"] == "2024-06-01T09:00:00Z"
+    assert event["dry_run"] is False
+    assert (event["matched"], event["deleted"], event["failed"]) == (3, 0, 3)
+    assert event["retries"] == POLICY.max_attempts - 1
+    assert event["batches"] == 0
+    assert event["stopped_reason"] == "error"
+    assert "ServiceUnavailable" in event["error"]
+
+
+def test_transient_delete_failure_is_retried_and_counted() -> None:
+    client = FakeClient(4)
+    client.delete_errors = [api_error(gexc.Aborted, "contention")]
+    result, logs = run(client)
+    assert result.stopped_reason == "complete"
+    assert client.deleted == client.keys
+    assert result.retries == 1
+    assert finished(logs)["retries"] == 1
+    assert sum(e["event"] == "call_retrying" for e in logs) == 1
+
+
+def test_failed_page_is_retried_from_its_own_cursor() -> None:
+    client = FakeClient(PAGE_SIZE + 100)
+    client.fetch_errors = {2: api_error(gexc.DeadlineExceeded, "slow")}
+    result, _logs = run(client, settings(batch_size=500))
+    assert result.stopped_reason == "complete"
+    assert result.retries == 1
+    assert client.fetches == 3
+    assert client.deleted == client.keys
+    assert result.deleted == PAGE_SIZE + 100
+
+
+def test_permission_denied_on_query_fails_without_retries() -> None:
+    client = FakeClient(5)
+    client.query_error_always = api_error(gexc.PermissionDenied, "missing datastore.entities.list")
+    result, logs = run(client)
+    assert result.stopped_reason == "error"
+    assert result.retries == 0
+    assert client.fetches == 1
+    assert client.delete_calls == []
+    assert result.exit_code == 1
+    event = finished(logs)
+    assert event["error"] == (
+        "Datastore call failed: PermissionDenied: missing datastore.entities.list"
+    )
+
+
+def test_stop_requested_stops_before_any_delete() -> None:
+    client = FakeClient(5)
+    result, logs = run(client, rt=runtime(stop_requested=lambda: True))
+    assert result.stopped_reason == "signal"
+    assert (result.matched, result.deleted, result.batches) == (0, 0, 0)
+    assert client.delete_calls == []
+    assert result.exit_code == 0
+    assert finished(logs)["stopped_reason"] == "signal"
+
+
+def test_stop_requested_mid_run_finishes_current_batch_only() -> None:
+    client = FakeClient(9)
+    checks = iter([False, True])
+    result, _logs = run(client, rt=runtime(stop_requested=lambda: next(checks)))
+    assert result.stopped_reason == "signal"
+    assert result.deleted == 3
+    assert client.deleted == client.keys[:3]
+
+
+def test_max_runtime_stops_cleanly() -> None:
+    client = FakeClient(20)
+    s = settings(batch_size=1, max_runtime=dt.timedelta(seconds=5))
+    # Read once at start, then once per batch by the stop check and once by progress.
+    result, logs = run(client, s, runtime(monotonic=Clock(step=1.0)))
+    assert result.stopped_reason == "max_runtime"
+    assert 0 < result.deleted < 20
+    assert len(client.deleted) == result.deleted
+    assert result.exit_code == 0
+    assert finished(logs)["stopped_reason"] == "max_runtime"
+
+
+def test_duration_comes_from_monotonic_clock() -> None:
+    result, logs = run(FakeClient(0), rt=runtime(monotonic=Clock(step=2.5)))
+    assert result.duration_s == 2.5
+    assert finished(logs)["duration_s"] == 2.5
+
+
+def test_progress_events_are_rate_limited() -> None:
+    client = FakeClient(30)
+    s = settings(batch_size=1)
+    result, logs = run(client, s, runtime(monotonic=Clock(step=1.0), progress_every_s=5.0))
+    assert result.deleted == 30
+    progress = [e for e in logs if e["event"] == "sweep_progress"]
+    assert len(progress) >= 3
+    elapsed = [e["elapsed_s"] for e in progress]
+    assert elapsed[0] >= 5.0
+    assert all(b - a >= 5.0 for a, b in itertools.pairwise(elapsed))
+    assert all(e["deleted"] <= 30 for e in progress)
+    assert progress[-1]["per_s"] > 0
+
+
+def test_no_progress_events_on_short_run() -> None:
+    client = FakeClient(6)
+    _result, logs = run(client, rt=runtime(monotonic=Clock(step=0.001)))
+    assert not any(e["event"] == "sweep_progress" for e in logs)

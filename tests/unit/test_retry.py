@@ -1,0 +1,138 @@
+"""The one retry policy: what it retries, how long it waits, what it counts and logs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import pytest
+from google.api_core import exceptions as gexc
+from structlog.testing import capture_logs
+
+from sweeper.retry import Retrier, RetryCounter, RetryPolicy, is_transient
+
+E = TypeVar("E", bound=Exception)
+
+
+def api_error(cls: type[E], message: str) -> E:
+    """google.api_core's exception classes are unannotated; build them in one typed place."""
+    return cls(message)
+
+
+POLICY = RetryPolicy(max_attempts=4, max_delay_s=3600.0, initial_wait_s=0.5, max_wait_s=2.0)
+
+TRANSIENT_ERRORS: list[Callable[[], Exception]] = [
+    lambda: api_error(gexc.ServiceUnavailable, "unavailable"),
+    lambda: api_error(gexc.Aborted, "contention"),
+    lambda: api_error(gexc.DeadlineExceeded, "slow"),
+    lambda: api_error(gexc.InternalServerError, "oops"),
+    lambda: api_error(gexc.ResourceExhausted, "quota"),
+    lambda: ConnectionError("reset"),
+]
+PERMANENT_ERRORS: list[Callable[[], Exception]] = [
+    lambda: api_error(gexc.PermissionDenied, "no"),
+    lambda: api_error(gexc.InvalidArgument, "bad"),
+    lambda: api_error(gexc.NotFound, "gone"),
+]
+
+
+class Flaky:
+    """Fails with the given errors in turn, then returns ``"ok"``."""
+
+    def __init__(self, *errors: Exception) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    def __call__(self) -> str:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return "ok"
+
+
+def make_retrier(policy: RetryPolicy = POLICY) -> tuple[Retrier, RetryCounter, list[float]]:
+    waits: list[float] = []
+    counter = RetryCounter()
+    return Retrier(policy, counter, sleep=waits.append), counter, waits
+
+
+@pytest.mark.parametrize("make_error", TRANSIENT_ERRORS)
+def test_transient_error_is_retried_then_succeeds(make_error: Callable[[], Exception]) -> None:
+    retrier, counter, waits = make_retrier()
+    fn = Flaky(make_error(), make_error())
+    assert retrier.call("delete", fn) == "ok"
+    assert fn.calls == 3
+    assert counter.retries == 2
+    assert len(waits) == 2
+
+
+@pytest.mark.parametrize("make_error", PERMANENT_ERRORS)
+def test_permanent_error_fails_fast(make_error: Callable[[], Exception]) -> None:
+    retrier, counter, waits = make_retrier()
+    error = make_error()
+    fn = Flaky(error)
+    with pytest.raises(type(error)) as info:
+        retrier.call("query", fn)
+    assert info.value is error
+    assert fn.calls == 1
+    assert counter.retries == 0
+    assert waits == []
+
+
+def test_is_transient_classification() -> None:
+    assert all(is_transient(make()) for make in TRANSIENT_ERRORS)
+    assert not any(is_transient(make()) for make in PERMANENT_ERRORS)
+    assert not is_transient(ValueError("bug"))
+
+
+def test_gives_up_after_max_attempts_with_last_error() -> None:
+    retrier, counter, waits = make_retrier()
+    errors = [api_error(gexc.ServiceUnavailable, f"attempt {n}") for n in range(1, 10)]
+    fn = Flaky(*errors)
+    with pytest.raises(gexc.ServiceUnavailable) as info:
+        retrier.call("delete", fn)
+    assert info.value is errors[POLICY.max_attempts - 1]
+    assert fn.calls == POLICY.max_attempts
+    assert counter.retries == POLICY.max_attempts - 1
+    assert len(waits) == POLICY.max_attempts - 1
+
+
+def test_waits_are_bounded_by_max_wait() -> None:
+    policy = RetryPolicy(max_attempts=30, max_delay_s=3600.0, initial_wait_s=0.5, max_wait_s=1.5)
+    retrier, _counter, waits = make_retrier(policy)
+    fn = Flaky(*(api_error(gexc.Aborted, "busy") for _ in range(29)))
+    assert retrier.call("delete", fn) == "ok"
+    assert len(waits) == 29
+    assert all(0 <= wait <= policy.max_wait_s for wait in waits)
+
+
+def test_counter_accumulates_across_calls() -> None:
+    retrier, counter, _waits = make_retrier()
+    retrier.call("query", Flaky(api_error(gexc.Aborted, "a")))
+    retrier.call("delete", Flaky(api_error(gexc.Aborted, "b"), api_error(gexc.Aborted, "c")))
+    assert counter.retries == 3
+
+
+def test_each_retry_logs_call_retrying() -> None:
+    retrier, _counter, waits = make_retrier()
+    with capture_logs() as logs:
+        retrier.call(
+            "lookup", Flaky(api_error(gexc.ServiceUnavailable, "down"), ConnectionError("reset"))
+        )
+    events = [e for e in logs if e["event"] == "call_retrying"]
+    assert len(events) == 2
+    assert [e["attempt"] for e in events] == [1, 2]
+    assert all(e["call"] == "lookup" for e in events)
+    assert all(e["log_level"] == "warning" for e in events)
+    assert events[0]["error"] == "ServiceUnavailable: down"
+    assert events[1]["error"] == "ConnectionError: reset"
+    assert [e["wait_s"] for e in events] == [round(w, 3) for w in waits]
+
+
+def test_success_first_time_logs_nothing() -> None:
+    retrier, counter, waits = make_retrier()
+    with capture_logs() as logs:
+        assert retrier.call("query", Flaky()) == "ok"
+    assert logs == []
+    assert counter.retries == 0
+    assert waits == []

@@ -1,0 +1,119 @@
+"""Durations, formats and the validation every SweepSettings goes through."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sweeper.encodings import Encoding
+from sweeper.errors import EXIT_USAGE, UsageError
+from sweeper.settings import (
+    SweepSettings,
+    format_duration,
+    parse_duration,
+    parse_format,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("0", 0),
+        ("90s", 90),
+        ("15m", 900),
+        ("3h", 10_800),
+        ("2d", 172_800),
+        ("1h30m", 5_400),
+        ("1d2h3m4s", 93_784),
+        ("0s", 0),
+    ],
+)
+def test_parse_duration_accepts(text: str, seconds: int) -> None:
+    assert parse_duration(text) == dt.timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize("text", ["", "-5m", "1.5h", "5", "abc", "5x", " ", "m", "5m ago", "00"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(UsageError, match="invalid duration") as info:
+        parse_duration(text)
+    assert info.value.exit_code == EXIT_USAGE
+
+
+def test_parse_duration_rejects_overflow_as_usage_error() -> None:
+    with pytest.raises(UsageError, match="invalid duration"):
+        parse_duration("99999999999d")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0, "0"), (90, "1m30s"), (900, "15m"), (10_800, "3h"), (93_784, "1d2h3m4s")],
+)
+def test_format_duration_is_shortest_spelling(seconds: int, text: str) -> None:
+    assert format_duration(dt.timedelta(seconds=seconds)) == text
+
+
+@given(st.integers(min_value=0, max_value=10**9))
+def test_format_duration_round_trips(seconds: int) -> None:
+    delta = dt.timedelta(seconds=seconds)
+    assert parse_duration(format_duration(delta)) == delta
+
+
+def test_parse_format() -> None:
+    assert parse_format("auto") == "auto"
+    assert parse_format("epoch-seconds") is Encoding.EPOCH_SECONDS
+    assert parse_format("epoch-millis") is Encoding.EPOCH_MILLIS
+    assert parse_format("timestamp") is Encoding.TIMESTAMP
+
+
+@pytest.mark.parametrize("text", ["weird", "", "AUTO", "seconds"])
+def test_parse_format_rejects(text: str) -> None:
+    with pytest.raises(UsageError, match="invalid format"):
+        parse_format(text)
+
+
+def make(**overrides: Any) -> SweepSettings:
+    fields: dict[str, Any] = {
+        "kind": "eq-session",
+        "prop": "expires_at",
+        "format": Encoding.EPOCH_SECONDS,
+        "grace": dt.timedelta(minutes=15),
+    }
+    fields.update(overrides)
+    return SweepSettings(**fields)
+
+
+def test_valid_settings() -> None:
+    settings = make(batch_size=1, max_deletes=1, max_runtime=dt.timedelta(seconds=1))
+    assert settings.batch_size == 1
+    assert settings.format_label == "epoch-seconds"
+    assert make(batch_size=500, grace=dt.timedelta(0), namespace="a.b_c-1").namespace == "a.b_c-1"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"kind": ""}, "kind must not be empty"),
+        ({"kind": "  "}, "kind must not be empty"),
+        ({"prop": ""}, "property must not be empty"),
+        ({"kind": "__kind__"}, "reserved"),
+        ({"prop": "__key__"}, "reserved"),
+        ({"kind": "k" * 1501}, "1500-byte"),
+        ({"batch_size": 0}, "batch size"),
+        ({"batch_size": 501}, "batch size"),
+        ({"grace": dt.timedelta(seconds=-1)}, "grace"),
+        ({"grace": dt.timedelta(days=3_000_000)}, "grace"),
+        ({"max_deletes": 0}, "max deletes"),
+        ({"max_runtime": dt.timedelta(0)}, "max runtime"),
+        ({"namespace": "has space"}, "invalid namespace"),
+        ({"namespace": "n/s"}, "invalid namespace"),
+        ({"namespace": "n" * 101}, "invalid namespace"),
+        ({"namespace": "__reserved__"}, "invalid namespace"),
+    ],
+)
+def test_settings_reject(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        make(**overrides)
