@@ -271,6 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
+    except click.exceptions.NoArgsIsHelpError as exc:  # bare `sweeper`: teach, don't squash
+        click.echo(exc.ctx.get_help() if exc.ctx else exc.format_message(), err=True)
+        return EXIT_USAGE
     except click.ClickException as exc:
         _error(exc.format_message())
         return EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code

@@ -105,6 +105,13 @@ def test_bad_option_is_one_line_usage_error(
     assert out == ""
 
 
+def test_bare_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Usage: sweeper")
+    assert "sweep" in err
+
+
 def test_unknown_command_is_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["purge"]) == 2
     assert "purge" in one_error_line(capsys.readouterr().err)

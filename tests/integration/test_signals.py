@@ -1,0 +1,59 @@
+"""A real process stopped by SIGTERM mid-run (pod eviction, the Job's deadline)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from google.cloud import datastore
+
+from sweeper.encodings import Encoding
+from sweeper.testing.emulator import Emulator
+from tests.integration.helpers import ago, group_names, remaining, seed, stored
+
+
+def test_sigterm_stops_before_the_next_batch_with_a_summary(
+    emulator: Emulator, client: datastore.Client, kind: str
+) -> None:
+    groups = {"expired": stored(ago(hours=1), Encoding.EPOCH_SECONDS, 3000)}
+    seed(client, kind, groups)
+    # One key per commit makes the run long enough to interrupt.
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sweeper",
+            "sweep",
+            "--kind",
+            kind,
+            "--batch-size",
+            "1",
+            "--log-format",
+            "json",
+        ],
+        env={**os.environ, **emulator.env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:  # wait until it is deleting
+        if json.loads(line)["event"] == "query_range":
+            break
+    time.sleep(0.5)
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=20)
+
+    assert proc.returncode == 143
+    assert time.monotonic() - signalled < 20
+    assert "Traceback" not in err
+    summary = json.loads(out.splitlines()[-1])
+    assert (summary["event"], summary["stopped_reason"]) == ("sweep_finished", "signal")
+    left = remaining(client, kind, group_names(groups, "expired"))
+    assert 0 < summary["deleted"] < 3000
+    assert len(left) == 3000 - summary["deleted"]
