@@ -57,86 +57,69 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
 DURATION = Duration()
 
 
-def env(option: str) -> str:
-    return "SWEEPER_" + option.upper().replace("-", "_")
+def option(*decls: str, **attrs: Any) -> Callable[[F], F]:
+    """A click option that can also be set as ``SWEEPER_<NAME>``, shown in ``--help``."""
+    name = next(d for d in decls if d.startswith("--"))[2:]
+    attrs.setdefault("envvar", "SWEEPER_" + name.upper().replace("-", "_"))
+    return click.option(*decls, show_envvar=True, **attrs)
 
 
-def target_options(fn: F) -> F:
-    """Where to sweep: project, database, namespace, kind, property, format."""
-    for decorator in reversed(
-        [
-            click.option(
-                "--project",
-                envvar=[env("project"), "DATASTORE_PROJECT_ID", "GOOGLE_CLOUD_PROJECT"],
-                show_envvar=True,
-                help="Google Cloud project. Default: the client's (ADC) project.",
-            ),
-            click.option(
-                "--database",
-                envvar=env("database"),
-                show_envvar=True,
-                help="Named database. Default: the (default) database.",
-            ),
-            click.option(
-                "--namespace",
-                envvar=env("namespace"),
-                show_envvar=True,
-                help="Namespace. Default: the default namespace.",
-            ),
-            click.option(
-                "--kind",
-                default=DEFAULT_KIND,
-                show_default=True,
-                envvar=env("kind"),
-                show_envvar=True,
-                help="Kind to sweep.",
-            ),
-            click.option(
-                "--property",
-                "prop",
-                default=DEFAULT_PROPERTY,
-                show_default=True,
-                envvar=env("property"),
-                show_envvar=True,
-                help="Indexed property that holds the expiry.",
-            ),
-            click.option(
-                "--format",
-                "fmt",
-                type=click.Choice(FORMAT_CHOICES),
-                default="auto",
-                show_default=True,
-                envvar=env("format"),
-                show_envvar=True,
-                help="How the expiry is stored. 'auto' reads the stored values and "
-                "refuses if it finds more than one encoding or values it cannot read; "
-                "an explicit format leaves values of every other encoding alone.",
-            ),
-        ]
-    ):
-        fn = decorator(fn)
-    return fn
+def stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    """Apply options in the order listed (the order ``--help`` shows them)."""
+
+    def apply(fn: F) -> F:
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+
+    return apply
 
 
-def log_options(fn: F) -> F:
-    fn = click.option(
+# Where to sweep. Shared by every command that reads or deletes.
+target_options = stack(
+    option(
+        "--project",
+        envvar=["SWEEPER_PROJECT", "DATASTORE_PROJECT_ID", "GOOGLE_CLOUD_PROJECT"],
+        help="Google Cloud project. Default: the client's (ADC) project.",
+    ),
+    option("--database", help="Named database. Default: the (default) database."),
+    option("--namespace", help="Namespace. Default: the default namespace."),
+    option("--kind", default=DEFAULT_KIND, show_default=True, help="Kind to sweep."),
+    option(
+        "--property",
+        "prop",
+        default=DEFAULT_PROPERTY,
+        show_default=True,
+        help="Indexed property that holds the expiry.",
+    ),
+    option(
+        "--format",
+        "fmt",
+        type=click.Choice(FORMAT_CHOICES),
+        default="auto",
+        show_default=True,
+        help="How the expiry is stored. 'auto' reads the stored values and refuses if it "
+        "finds more than one encoding or values it cannot read; an explicit format leaves "
+        "values of every other encoding alone.",
+    ),
+)
+
+log_options = stack(
+    option(
+        "--log-format",
+        type=click.Choice(["json", "console"]),
+        default=None,
+        help="json: one object per line with severity (Cloud Logging). "
+        "Default: console on a terminal, json otherwise.",
+    ),
+    option(
         "--log-level",
         type=click.Choice(LOG_LEVELS),
         default="info",
         show_default=True,
-        envvar=env("log-level"),
-        show_envvar=True,
         help="Least severe event to log.",
-    )(fn)
-    return click.option(
-        "--log-format",
-        type=click.Choice(["json", "console"]),
-        default=None,
-        envvar=env("log-format"),
-        show_envvar=True,
-        help="json: one object per line with severity (Cloud Logging). "
-        "Default: console on a terminal, json otherwise.",
-    )(fn)
+    ),
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -152,44 +135,36 @@ def cli() -> None:
 
 @cli.command()
 @target_options
-@click.option(
-    "--grace",
-    type=DURATION,
-    default=DEFAULT_GRACE,
-    show_default=True,
-    envvar=env("grace"),
-    show_envvar=True,
-    help="Delete only entities expired longer ago than this (0, 90s, 15m, 3h, 2d).",
-)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(1, MAX_BATCH_SIZE),
-    default=MAX_BATCH_SIZE,
-    show_default=True,
-    envvar=env("batch-size"),
-    show_envvar=True,
-    help="Keys per delete commit (Datastore allows at most 500).",
-)
-@click.option(
-    "--dry-run",
-    is_flag=True,
-    envvar=env("dry-run"),
-    show_envvar=True,
-    help="Run the same queries, delete nothing, report what would go.",
-)
-@click.option(
-    "--max-deletes",
-    type=click.IntRange(min=1),
-    envvar=env("max-deletes"),
-    show_envvar=True,
-    help="Stop cleanly after this many deletes; the next run resumes.",
-)
-@click.option(
-    "--max-runtime",
-    type=DURATION,
-    envvar=env("max-runtime"),
-    show_envvar=True,
-    help="Stop cleanly after this long (e.g. 10m); the next run resumes.",
+@stack(
+    option(
+        "--grace",
+        type=DURATION,
+        default=DEFAULT_GRACE,
+        show_default=True,
+        help="Delete only entities expired longer ago than this (0, 90s, 15m, 3h, 2d).",
+    ),
+    option(
+        "--batch-size",
+        type=click.IntRange(1, MAX_BATCH_SIZE),
+        default=MAX_BATCH_SIZE,
+        show_default=True,
+        help="Keys per delete commit (Datastore allows at most 500).",
+    ),
+    option(
+        "--dry-run",
+        is_flag=True,
+        help="Run the same queries, delete nothing, report what would go.",
+    ),
+    option(
+        "--max-deletes",
+        type=click.IntRange(min=1),
+        help="Stop cleanly after this many deletes; the next run resumes.",
+    ),
+    option(
+        "--max-runtime",
+        type=DURATION,
+        help="Stop cleanly after this long (e.g. 10m); the next run resumes.",
+    ),
 )
 @log_options
 def sweep(**options: Any) -> None:

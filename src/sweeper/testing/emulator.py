@@ -96,12 +96,21 @@ class Emulator:
         deadline = time.monotonic() + timeout_s
         while not self.ready():
             if self.process.poll() is not None or time.monotonic() > deadline:
+                log_tail = self._log_tail()
                 self.stop()
                 raise RuntimeError(
-                    f"{self.flavour} emulator did not start: see its log in {self.data_dir}"
+                    f"{self.flavour} emulator did not start on {self.host}: {log_tail}"
                 )
             time.sleep(0.2)
         return self
+
+    def _log_tail(self, lines: int = 5) -> str:
+        assert self.data_dir is not None
+        try:
+            text = (self.data_dir / "emulator.log").read_text(errors="replace")
+        except OSError as exc:
+            return f"(no log: {exc})"
+        return " | ".join(text.strip().splitlines()[-lines:])
 
     def ready(self) -> bool:
         try:
