@@ -79,7 +79,18 @@ class Emulator:
             f"--host-port={self.host}",
         ]
 
-    def start(self, timeout_s: float = 90.0) -> Emulator:
+    def start(self, timeout_s: float = 90.0, attempts: int = 3) -> Emulator:
+        """Start and wait until it answers; a start that fails is tried again on a new port."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout_s)
+            except RuntimeError:
+                if attempt == attempts:
+                    raise
+                self.port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout_s: float) -> Emulator:
         if shutil.which("gcloud") is None:
             raise RuntimeError("gcloud is not installed: the emulators come with the Cloud SDK")
         if self.data_dir is None:
@@ -87,6 +98,7 @@ class Emulator:
         log = open(self.data_dir / "emulator.log", "ab")  # noqa: SIM115 - lives with the process
         self.process = subprocess.Popen(
             self.command(),
+            stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -97,7 +109,7 @@ class Emulator:
         while not self.ready():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 log_tail = self._log_tail()
-                self.stop()
+                self.stop(keep_dir=True)
                 raise RuntimeError(
                     f"{self.flavour} emulator did not start on {self.host}: {log_tail}"
                 )
@@ -125,7 +137,7 @@ class Emulator:
         with urllib.request.urlopen(request, timeout=30):
             pass
 
-    def stop(self) -> None:
+    def stop(self, keep_dir: bool = False) -> None:
         """Ask the emulator to shut down, then end its process group (ours alone)."""
         process, self.process = self.process, None
         if process is None:
@@ -144,8 +156,9 @@ class Emulator:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-        if self._own_dir and self.data_dir is not None:
+        if self._own_dir and self.data_dir is not None and not keep_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.data_dir, self._own_dir = None, False
 
 
 @contextmanager
