@@ -156,6 +156,12 @@ def cli() -> None:
         help="Run the same queries, delete nothing, report what would go.",
     ),
     option(
+        "--verify",
+        is_flag=True,
+        help="Re-read each batch in a transaction and delete only entities still expired, so "
+        "a session refreshed mid-run is never lost. Costs one entity read per key.",
+    ),
+    option(
         "--max-deletes",
         type=click.IntRange(min=1),
         help="Stop cleanly after this many deletes; the next run resumes.",
@@ -191,6 +197,7 @@ def sweep(**options: Any) -> None:
         grace=options["grace"],
         batch_size=options["batch_size"],
         dry_run=options["dry_run"],
+        verify=options["verify"],
         max_deletes=options["max_deletes"],
         max_runtime=options["max_runtime"],
         project=options["project"] or None,

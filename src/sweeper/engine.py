@@ -18,7 +18,7 @@ import structlog
 from google.cloud import datastore
 from google.cloud.datastore import Key
 
-from sweeper.deleter import BatchDeleter, chunks
+from sweeper.deleter import BatchDeleter, BatchFailed, Deleter, VerifyingDeleter, chunks
 from sweeper.detect import detect_encoding
 from sweeper.encodings import Encoding, expired_range
 from sweeper.errors import (
@@ -62,6 +62,7 @@ class SweepResult:
     matched: int = 0
     deleted: int = 0
     failed: int = 0
+    skipped: int = 0
     retries: int = 0
     batches: int = 0
     duration_s: float = 0.0
@@ -82,8 +83,10 @@ class SweepResult:
             "format": self.format,
             "cutoff": self.cutoff.isoformat().replace("+00:00", "Z"),
             "dry_run": s.dry_run,
+            "verify": s.verify,
             "matched": self.matched,
             "deleted": self.deleted,
+            "skipped": self.skipped,
             "failed": self.failed,
             "retries": self.retries,
             "batches": self.batches,
@@ -156,7 +159,11 @@ class Sweep:
         if window.empty:
             return
         query = RangeQuery(s.kind, s.prop, ((">=", lo), ("<", hi)))
-        deleter = BatchDeleter(self.client, self._retrier)
+        deleter: Deleter = (
+            VerifyingDeleter(self.client, self._retrier, encoding, s.prop, result.cutoff)
+            if s.verify
+            else BatchDeleter(self.client, self._retrier)
+        )
         progress = _Progress(self._log, rt, self._counter, started, s.dry_run)
         for page in key_pages(self.client, self._retrier, query):
             for batch in chunks(page, s.batch_size):
@@ -167,7 +174,7 @@ class Sweep:
                 self._process(deleter, batch, result)
                 progress.maybe_log(result)
 
-    def _process(self, deleter: BatchDeleter, batch: Sequence[Key], result: SweepResult) -> None:
+    def _process(self, deleter: Deleter, batch: Sequence[Key], result: SweepResult) -> None:
         limit = self.settings.max_deletes
         taken = batch if limit is None else batch[: limit - result.matched]
         result.matched += len(taken)
@@ -175,17 +182,19 @@ class Sweep:
             self._delete(deleter, taken, result)
         result.batches += 1
 
-    def _delete(self, deleter: BatchDeleter, batch: Sequence[Key], result: SweepResult) -> None:
+    def _delete(self, deleter: Deleter, batch: Sequence[Key], result: SweepResult) -> None:
         try:
-            deleter.delete(batch)
-        except Exception as exc:
-            result.failed += len(batch)
+            deleted = deleter.delete(batch)
+        except BatchFailed as exc:
+            result.deleted += exc.deleted
+            result.failed += len(batch) - exc.deleted
             raise DatastoreError(
                 f"deleting a batch of {len(batch)} keys failed after "
-                f"{self._counter.retries} retries in this run: {describe_exception(exc)}"
+                f"{self._counter.retries} retries in this run: {describe_exception(exc.cause)}"
             ) from exc
-        result.deleted += len(batch)
-        self._log.debug("batch_deleted", keys=len(batch), deleted=result.deleted)
+        result.deleted += deleted
+        result.skipped += len(batch) - deleted
+        self._log.debug("batch_deleted", keys=len(batch), deleted=deleted)
 
     def _stop_reason(self, result: SweepResult, started: float) -> str | None:
         s, rt = self.settings, self.runtime

@@ -103,6 +103,7 @@ class SweepSettings:
     grace: dt.timedelta
     batch_size: int = MAX_BATCH_SIZE
     dry_run: bool = False
+    verify: bool = False
     max_deletes: int | None = None
     max_runtime: dt.timedelta | None = None
     project: str | None = None
