@@ -4,10 +4,14 @@ Seeds identical runner-shaped copies (int epoch-second ``expires_at``, only it i
 ~700-byte session data) into a local emulator, then clears each copy with:
 
 - ``sweeper``: the engine with its defaults (auto-detection, paging, retries, logs);
-- ``bare``: keys-only query page of 500 on the expiry range, ``delete_multi``, repeat.
+- ``sweeper --verify``: the same, re-checking each batch in a transaction;
+- ``bare loop``: keys-only query page of 500 on the expiry range, ``delete_multi``, repeat;
+- ``full-entity``: the incumbent's shape, whole entities read, deleted in batches;
+- ``per-entity``: one delete call per key, as many hand-written scripts do.
 
-Rounds alternate the two so drift in the machine's speed hits both. Prints deletes/s and the
-ratio to the bare loop. Run with ``make bench`` (``python bench/bench_sweep.py --help``).
+Rounds alternate the order so drift in the machine's speed hits all alike. Prints deletes/s,
+the ratio to the bare loop, and the RPCs per 1000 deletes (counted by wrapping the client's
+API). Run with ``make bench`` (``python bench/bench_sweep.py --help``).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import io
 import os
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from google.cloud import datastore
 from google.cloud.datastore.query import PropertyFilter
@@ -40,69 +46,149 @@ def seed(client: datastore.Client, kind: str, expired: int, live: int) -> None:
     put_sessions(client, kind, sessions, data_bytes=700)
 
 
-def run_sweeper(client: datastore.Client, kind: str) -> int:
+def run_sweeper(client: datastore.Client, kind: str, verify: bool = False) -> int:
     settings = SweepSettings(
-        kind=kind, prop="expires_at", format="auto", grace=dt.timedelta(minutes=15)
+        kind=kind, prop="expires_at", format="auto", grace=dt.timedelta(minutes=15), verify=verify
     )
     return Sweep(settings, client).run().deleted
 
 
-def run_bare(client: datastore.Client, kind: str) -> int:
-    cutoff = int(time.time()) - 15 * 60
-    deleted = 0
-    while True:
-        query = client.query(kind=kind)
+def run_sweeper_verify(client: datastore.Client, kind: str) -> int:
+    return run_sweeper(client, kind, verify=True)
+
+
+def _expired_query(client: datastore.Client, kind: str, keys_only: bool) -> datastore.Query:
+    query: datastore.Query = client.query(kind=kind)
+    if keys_only:
         query.keys_only()
-        query.add_filter(filter=PropertyFilter("expires_at", ">=", 10**9))
-        query.add_filter(filter=PropertyFilter("expires_at", "<", cutoff))
-        keys = [entity.key for entity in query.fetch(limit=500)]
-        if not keys:
-            return deleted
+    query.add_filter(filter=PropertyFilter("expires_at", ">=", 10**9))
+    query.add_filter(filter=PropertyFilter("expires_at", "<", int(time.time()) - 15 * 60))
+    return query
+
+
+def run_bare(client: datastore.Client, kind: str) -> int:
+    """What a user would write: keys-only page of 500, delete_multi, repeat."""
+    deleted = 0
+    while keys := [e.key for e in _expired_query(client, kind, True).fetch(limit=500)]:
         client.delete_multi(keys)
         deleted += len(keys)
+    return deleted
+
+
+def run_full_entity(client: datastore.Client, kind: str) -> int:
+    """The incumbent Dataflow purge's shape: read whole entities, delete them in batches."""
+    deleted = 0
+    while keys := [e.key for e in _expired_query(client, kind, False).fetch(limit=500)]:
+        client.delete_multi(keys)
+        deleted += len(keys)
+    return deleted
+
+
+def run_per_entity(client: datastore.Client, kind: str) -> int:
+    """Many hand-written scripts: one delete call per key."""
+    deleted = 0
+    while keys := [e.key for e in _expired_query(client, kind, True).fetch(limit=500)]:
+        for key in keys:
+            client.delete(key)
+        deleted += len(keys)
+    return deleted
 
 
 APPROACHES: dict[str, Callable[[datastore.Client, str], int]] = {
     "sweeper": run_sweeper,
-    "bare": run_bare,
+    "sweeper --verify": run_sweeper_verify,
+    "bare loop": run_bare,
+    "full-entity": run_full_entity,
+    "per-entity": run_per_entity,
 }
+
+_KEY_ONLY = 3  # EntityResult.ResultType.KEY_ONLY
+
+
+class CountingApi:
+    """Wraps the client's Datastore API to count RPCs and the entities they read."""
+
+    def __init__(self, api: Any) -> None:
+        self._api = api
+        self.counts: Counter[str] = Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._api, name)
+        if not callable(attr):
+            return attr
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            response = attr(*args, **kwargs)
+            self.counts[name] += 1
+            if name == "run_query" and response.batch.entity_result_type != _KEY_ONLY:
+                self.counts["entities_read"] += len(response.batch.entity_results)
+            if name == "lookup":
+                self.counts["entities_read"] += len(response.found)
+            return response
+
+        return counted
+
+
+def counting_client(project: str) -> tuple[datastore.Client, CountingApi]:
+    client = datastore.Client(project=project)
+    api = CountingApi(client._datastore_api)
+    client._datastore_api_internal = api
+    return client, api
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--expired", type=int, default=20_000)
-    parser.add_argument("--live", type=int, default=2_000)
+    parser.add_argument("--expired", type=int, default=10_000)
+    parser.add_argument("--live", type=int, default=1_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--emulator", choices=FLAVOURS, default="datastore")
+    parser.add_argument("--only", nargs="*", choices=list(APPROACHES), default=list(APPROACHES))
     args = parser.parse_args()
     configure("json", "warning", io.StringIO())  # keep sweeper's logs out of the table
 
-    rates: dict[str, list[float]] = {name: [] for name in APPROACHES}
+    rates: dict[str, list[float]] = {name: [] for name in args.only}
+    counts: dict[str, Counter[str]] = {name: Counter() for name in args.only}
     with running(args.emulator) as emulator:
         os.environ.update(emulator.env)
-        client = datastore.Client(project=emulator.project)
         for round_no in range(args.rounds):
-            order = list(APPROACHES) if round_no % 2 == 0 else list(reversed(APPROACHES))
+            order = args.only if round_no % 2 == 0 else list(reversed(args.only))
             for name in order:
-                kind = f"bench-{name}-{round_no}"
+                client, api = counting_client(emulator.project)
+                kind = f"bench-{name.replace(' ', '')}-{round_no}"
                 seed(client, kind, args.expired, args.live)
+                api.counts.clear()
                 started = time.perf_counter()
                 deleted = APPROACHES[name](client, kind)
                 elapsed = time.perf_counter() - started
                 if deleted != args.expired:
                     raise SystemExit(f"{name} deleted {deleted}, expected {args.expired}")
                 rates[name].append(deleted / elapsed)
+                counts[name] += api.counts
+    report(args, rates, counts)
 
-    bare = statistics.median(rates["bare"])
+
+def report(
+    args: argparse.Namespace, rates: dict[str, list[float]], counts: dict[str, Counter[str]]
+) -> None:
+    base = statistics.median(rates["bare loop"]) if "bare loop" in rates else None
+    per_k = 1000 / (args.expired * args.rounds)
     print(
-        f"\n{args.emulator} emulator, {args.expired} expired + {args.live} live, "
-        f"{args.rounds} rounds (median)"
+        f"\n{args.emulator} emulator, {args.expired} expired + {args.live} live sessions, "
+        f"median of {args.rounds} rounds"
     )
-    print(f"{'approach':<10} {'deletes/s':>10} {'vs bare':>8}   rounds")
+    print(
+        "| approach | deletes/s | vs bare loop | per 1000 deleted: queries | entities read "
+        "| commits |"
+    )
+    print("|---|---|---|---|---|---|")
     for name, values in rates.items():
         median = statistics.median(values)
-        rounds = " ".join(f"{v:.0f}" for v in values)
-        print(f"{name:<10} {median:>10.0f} {median / bare:>7.2f}x   {rounds}")
+        ratio = f"{median / base:.2f}x" if base else "-"
+        c = counts[name]
+        print(
+            f"| {name} | {median:.0f} | {ratio} | {c['run_query'] * per_k:.1f} "
+            f"| {c['entities_read'] * per_k:.0f} | {c['commit'] * per_k:.1f} |"
+        )
 
 
 if __name__ == "__main__":
