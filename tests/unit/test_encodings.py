@@ -207,3 +207,58 @@ def test_value_of_another_encoding_is_never_expired(
 def test_classify_recovers_the_encoding(stored: tuple[Encoding, object, int]) -> None:
     encoding, value, _instant = stored
     assert classify(value) is encoding
+
+
+nows = st.datetimes(
+    min_value=dt.datetime(2001, 10, 1), max_value=dt.datetime(2280, 1, 1), timezones=st.just(UTC)
+)
+graces = st.timedeltas(min_value=dt.timedelta(0), max_value=dt.timedelta(days=400))
+
+
+@given(stored=any_stored, now=nows, grace=graces)
+def test_grace_arithmetic_keeps_everything_expired_for_less_than_the_grace(
+    stored: tuple[Encoding, object, int], now: dt.datetime, grace: dt.timedelta
+) -> None:
+    encoding, value, instant_us = stored
+    expired_for = dt.timedelta(microseconds=to_micros(now) - instant_us)
+    assert is_expired(encoding, value, now - grace) == (expired_for > grace)
+
+
+@given(encoding=st.sampled_from(list(Encoding)), cutoff=nows, units=st.integers(-3, 3))
+def test_a_value_exactly_at_the_cutoff_is_kept_and_one_unit_before_goes(
+    encoding: Encoding, cutoff: dt.datetime, units: int
+) -> None:
+    whole = to_micros(cutoff) // encoding.unit_us * encoding.unit_us  # cutoff on a unit boundary
+    at = dt.datetime(1970, 1, 1, tzinfo=UTC) + dt.timedelta(microseconds=whole)
+    number = whole // encoding.unit_us + units
+    value: object = from_micros(number) if encoding is Encoding.TIMESTAMP else number
+    assert is_expired(encoding, value, at) == (units < 0)
+
+
+@given(
+    encoding=st.sampled_from(list(Encoding)),
+    cutoff=cutoffs,
+    odd=st.one_of(
+        st.integers(max_value=10**9 - 1),  # epoch 0, negatives, small numbers
+        st.integers(min_value=10**16),  # far future, or microseconds as an int
+        st.integers(min_value=10**10, max_value=10**12 - 1),  # between the bands
+        st.booleans(),
+        st.floats(allow_nan=False),
+        st.text(max_size=5),
+        st.none(),
+    ),
+)
+def test_values_outside_every_band_are_never_expired(
+    encoding: Encoding, cutoff: dt.datetime, odd: object
+) -> None:
+    assert not is_expired(encoding, odd, cutoff)
+
+
+@given(seconds=stored_values(Encoding.EPOCH_SECONDS), cutoff=cutoffs)
+def test_seconds_are_never_read_as_milliseconds_or_back(
+    seconds: tuple[object, int], cutoff: dt.datetime
+) -> None:
+    value, _ = seconds
+    assert not is_expired(Encoding.EPOCH_MILLIS, value, cutoff)
+    assert isinstance(value, int)
+    assert not is_expired(Encoding.EPOCH_SECONDS, value * 1000, cutoff)
