@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit integration bench clean
+.PHONY: demo test lint typecheck deploy-lint unit integration bench bench-memory clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "sweeper needs Python 3.11+")'
@@ -16,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m sweeper.testing.demo
 
-test: lint typecheck
+test: lint typecheck deploy-lint
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
@@ -25,6 +25,23 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# Deployment artifacts: no Docker engine or cluster needed, all three tools work offline.
+# kubernetes-validate ships its schemas; the manifests are checked against the oldest
+# Kubernetes they target and the newest schema bundled. It passes a resource whose schema it
+# lacks (e.g. a mistyped apiVersion) with a mere WARN line and exit 0, so with --quiet any
+# output at all fails the target. The IAM role files are not Kubernetes objects: yamllint only.
+KUBERNETES_VERSIONS ?= 1.30 1.37
+KUBERNETES_MANIFESTS := deploy/cronjob.yaml
+
+deploy-lint: $(STAMP)
+	$(BIN)/hadolint --failure-threshold warning Dockerfile
+	$(BIN)/yamllint -s deploy
+	@for v in $(KUBERNETES_VERSIONS); do \
+	  out=$$($(BIN)/kubernetes-validate --strict --quiet --kubernetes-version $$v \
+	    $(KUBERNETES_MANIFESTS) 2>&1) && test -z "$$out" || { echo "$$out"; exit 1; }; \
+	  echo "kubernetes-validate --strict --kubernetes-version $$v $(KUBERNETES_MANIFESTS): ok"; \
+	done
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
@@ -38,3 +55,6 @@ clean:
 bench: $(STAMP)
 	$(BIN)/python bench/bench_sweep.py --emulator datastore
 	$(BIN)/python bench/bench_sweep.py --emulator firestore
+
+bench-memory: $(STAMP)
+	$(BIN)/python bench/peak_memory.py
