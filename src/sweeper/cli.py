@@ -10,20 +10,25 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import click
+from click.core import ParameterSource
+from google.cloud import datastore
 
 from sweeper import __version__
+from sweeper.config import load_targets
 from sweeper.connect import make_client
-from sweeper.engine import Runtime, Sweep
+from sweeper.engine import Runtime, SweepResult, sweep_targets
 from sweeper.errors import (
     EXIT_FAILURE,
     EXIT_SIGINT,
     EXIT_SIGTERM,
     EXIT_USAGE,
     SweeperError,
+    UsageError,
     describe_exception,
     one_line,
 )
@@ -162,6 +167,19 @@ def cli() -> None:
         "a session refreshed mid-run is never lost. Costs one entity read per key.",
     ),
     option(
+        "--scan",
+        is_flag=True,
+        help="For an expiry excluded from indexes, which no range query can see: read every "
+        "entity of the kind and delete those expired. Costs one billed read per entity; needs "
+        "an explicit --format.",
+    ),
+    option(
+        "--config",
+        type=click.Path(dir_okay=False),
+        help="TOML file listing several targets to sweep one after another ([[target]] "
+        "tables; see the README). Per-target options then go in the file.",
+    ),
+    option(
         "--max-deletes",
         type=click.IntRange(min=1),
         help="Stop cleanly after this many deletes; the next run resumes.",
@@ -190,29 +208,103 @@ def sweep(**options: Any) -> None:
       # Against a local emulator:
       DATASTORE_EMULATOR_HOST=127.0.0.1:8081 sweeper sweep --project demo --format epoch-seconds
     """
-    settings = SweepSettings(
-        kind=options["kind"],
-        prop=options["prop"],
-        format=parse_format(options["fmt"]),
-        grace=options["grace"],
-        batch_size=options["batch_size"],
-        dry_run=options["dry_run"],
-        verify=options["verify"],
-        max_deletes=options["max_deletes"],
-        max_runtime=options["max_runtime"],
-        project=options["project"] or None,
-        database=options["database"] or None,
-        namespace=options["namespace"] or None,
-    )
+    ctx = click.get_current_context()
+    targets = _targets(ctx, options)
     log_format: LogFormat = options["log_format"] or ("console" if sys.stdout.isatty() else "json")
     configure(log_format, options["log_level"])
-    client = make_client(settings.project, settings.database, settings.namespace)
+    line = _ProgressLine(sys.stderr) if log_format == "console" and sys.stderr.isatty() else None
     with _StopOnSignal() as stop:
-        result = Sweep(settings, client, Runtime(stop_requested=stop.is_set)).run()
-    if result.stopped_reason == "signal":
+        runtime = Runtime(stop_requested=stop.is_set, on_progress=line.show if line else None)
+        results = sweep_targets(
+            targets, _client_for, runtime, overall=options["config"] is not None
+        )
+    if line:
+        line.done()
+    if any(r.stopped_reason == "signal" for r in results):
         raise click.exceptions.Exit(stop.exit_code)
-    if result.error is not None:
-        raise SweeperError(result.error)
+    failed = [r for r in results if r.error is not None]
+    if len(failed) == 1 and len(results) == 1:
+        raise SweeperError(failed[0].error or "")
+    if failed:
+        raise SweeperError(
+            f"{len(failed)} of {len(results)} targets failed; first: "
+            f"{failed[0].settings.kind}.{failed[0].settings.prop}: {failed[0].error}"
+        )
+
+
+# Options that describe one target: with --config they belong in the file.
+_PER_TARGET = {
+    "kind": "--kind",
+    "prop": "--property",
+    "fmt": "--format",
+    "grace": "--grace",
+    "namespace": "--namespace",
+    "database": "--database",
+    "max_deletes": "--max-deletes",
+    "max_runtime": "--max-runtime",
+    "scan": "--scan",
+}
+
+
+def _targets(ctx: click.Context, options: dict[str, Any]) -> list[SweepSettings]:
+    values: dict[str, Any] = {
+        "kind": options["kind"],
+        "prop": options["prop"],
+        "format": parse_format(options["fmt"]),
+        "grace": options["grace"],
+        "batch_size": options["batch_size"],
+        "dry_run": options["dry_run"],
+        "verify": options["verify"],
+        "scan": options["scan"],
+        "max_deletes": options["max_deletes"],
+        "max_runtime": options["max_runtime"],
+        "project": options["project"] or None,
+        "database": options["database"] or None,
+        "namespace": options["namespace"] or None,
+    }
+    if options["config"] is None:
+        return [SweepSettings(**values)]
+    explicit = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    clashing = [
+        flag for name, flag in _PER_TARGET.items() if ctx.get_parameter_source(name) in explicit
+    ]
+    if clashing:
+        raise UsageError(
+            f"{', '.join(clashing)} cannot be combined with --config: "
+            "set it in the file, per target or under [defaults]"
+        )
+    values.pop("kind")
+    return load_targets(Path(options["config"]), values)
+
+
+def _client_for(settings: SweepSettings) -> datastore.Client:
+    return make_client(settings.project, settings.database, settings.namespace)
+
+
+class _ProgressLine:
+    """A live line on an interactive terminal: deleted so far, rate, elapsed."""
+
+    def __init__(self, stream: TextIO, every_s: float = 0.5) -> None:
+        self._stream, self._every_s, self._last = stream, every_s, 0.0
+        self._shown = False
+
+    def show(self, result: SweepResult, elapsed_s: float) -> None:
+        if elapsed_s - self._last < self._every_s:
+            return
+        self._last = elapsed_s
+        done = result.matched if result.settings.dry_run else result.deleted
+        verb = "would delete" if result.settings.dry_run else "deleted"
+        rate = done / elapsed_s if elapsed_s > 0 else 0.0
+        self._stream.write(
+            f"\r{result.settings.kind}: {verb} {done} ({rate:.0f}/s), {elapsed_s:.0f}s elapsed "
+        )
+        self._stream.flush()
+        self._shown = True
+
+    def done(self) -> None:
+        if self._shown:
+            self._stream.write("\n")
+            self._stream.flush()
 
 
 class _StopOnSignal:

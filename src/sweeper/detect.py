@@ -62,3 +62,28 @@ def _what(found: list[Encoding | None]) -> str:
     if None in found:
         return "values of no supported encoding"
     return "more than one encoding"
+
+
+# Entities looked up to tell "no values" from "values no index holds".
+UNINDEXED_SAMPLE = 20
+
+
+def check_indexed(client: datastore.Client, retrier: Retrier, kind: str, prop: str) -> None:
+    """Refuse when entities carry ``prop`` but no index entry holds a value of it.
+
+    A property excluded from indexes (the runner's used-JWT-id kind) is invisible to every range
+    query: a sweep would report nothing to do forever. Only a scan reads such values.
+    """
+    if fetch_keys(client, retrier, RangeQuery(kind, prop, ((">", None),)), 1):
+        return
+    sample = lookup(
+        client, retrier, fetch_keys(client, retrier, RangeQuery(kind, prop), UNINDEXED_SAMPLE)
+    )
+    carrying = [e for e in sample if e.get(prop) is not None]
+    if carrying:
+        raise RefusedError(
+            f"{kind}.{prop} looks unindexed: {len(carrying)} of {len(sample)} sampled entities "
+            f"have a value (e.g. {describe_value(carrying[0].get(prop))}) but no index entry "
+            "holds one, so no range query can find them. Use --scan (one billed read per "
+            "entity) or index the property."
+        )

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import structlog
@@ -19,8 +20,8 @@ from google.cloud import datastore
 from google.cloud.datastore import Key
 
 from sweeper.deleter import BatchDeleter, BatchFailed, Deleter, VerifyingDeleter, chunks
-from sweeper.detect import detect_encoding
-from sweeper.encodings import Encoding, expired_range
+from sweeper.detect import check_indexed, detect_encoding
+from sweeper.encodings import Encoding, expired_range, is_expired
 from sweeper.errors import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -28,7 +29,7 @@ from sweeper.errors import (
     SweeperError,
     describe_exception,
 )
-from sweeper.query import RangeQuery, fetch_keys, key_pages
+from sweeper.query import RangeQuery, key_pages, scan_expired
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.settings import SweepSettings
 
@@ -47,6 +48,9 @@ class Runtime:
     monotonic: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
     stop_requested: Callable[[], bool] = lambda: False
+    # Called after every batch with the counts so far and the seconds elapsed (the CLI draws a
+    # live line on a terminal); None for none.
+    on_progress: Callable[[SweepResult, float], None] | None = None
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
     # Progress events on long runs, no more often than this.
     progress_every_s: float = 10.0
@@ -63,6 +67,7 @@ class SweepResult:
     deleted: int = 0
     failed: int = 0
     skipped: int = 0
+    entities_read: int = 0
     retries: int = 0
     batches: int = 0
     duration_s: float = 0.0
@@ -84,10 +89,12 @@ class SweepResult:
             "cutoff": self.cutoff.isoformat().replace("+00:00", "Z"),
             "dry_run": s.dry_run,
             "verify": s.verify,
+            "scan": s.scan,
             "matched": self.matched,
             "deleted": self.deleted,
             "skipped": self.skipped,
             "failed": self.failed,
+            "entities_read": self.entities_read,
             "retries": self.retries,
             "batches": self.batches,
             "duration_s": round(self.duration_s, 3),
@@ -141,31 +148,19 @@ class Sweep:
         s = self.settings
         encoding = detect_encoding(self.client, self._retrier, s.kind, s.prop)
         if encoding is None:
-            any_entity = fetch_keys(self.client, self._retrier, RangeQuery(s.kind, s.prop), 1)
-            self._log.warning(
-                "no_expiry_values",
-                property=s.prop,
-                kind_has_entities=bool(any_entity),
-                hint="nothing to sweep; if entities carry the property, it may be excluded "
-                "from indexes, and a range query cannot find unindexed values",
-            )
+            check_indexed(self.client, self._retrier, s.kind, s.prop)
+            self._log.warning("no_expiry_values", property=s.prop, hint="nothing to sweep")
         return encoding
 
     def _sweep(self, encoding: Encoding, result: SweepResult, started: float) -> None:
         s, rt = self.settings, self.runtime
-        window = expired_range(encoding, result.cutoff)
-        lo, hi = window.values()
-        self._log.info("query_range", format=encoding.value, lower=str(lo), upper=str(hi))
-        if window.empty:
-            return
-        query = RangeQuery(s.kind, s.prop, ((">=", lo), ("<", hi)))
         deleter: Deleter = (
             VerifyingDeleter(self.client, self._retrier, encoding, s.prop, result.cutoff)
             if s.verify
             else BatchDeleter(self.client, self._retrier)
         )
         progress = _Progress(self._log, rt, self._counter, started, s.dry_run)
-        for page in key_pages(self.client, self._retrier, query):
+        for page in self._expired_pages(encoding, result):
             for batch in chunks(page, s.batch_size):
                 reason = self._stop_reason(result, started)
                 if reason is not None:
@@ -173,12 +168,42 @@ class Sweep:
                     return
                 self._process(deleter, batch, result)
                 progress.maybe_log(result)
+        if result.matched == 0 and not s.scan and isinstance(s.format, Encoding):
+            check_indexed(self.client, self._retrier, s.kind, s.prop)
+
+    def _expired_pages(self, encoding: Encoding, result: SweepResult) -> Iterator[list[Key]]:
+        """Expired keys, page by page: a two-sided range query, or with --scan a full read."""
+        s = self.settings
+        if s.scan:
+            self._log.warning(
+                "scan_started",
+                property=s.prop,
+                format=encoding.value,
+                cost="one billed entity read per entity of the kind",
+            )
+
+            def count(n: int) -> None:
+                result.entities_read += n
+
+            expired = partial(is_expired, encoding, cutoff=result.cutoff)
+            return scan_expired(
+                self.client, self._retrier, s.kind, s.prop, expired=expired, on_read=count
+            )
+        window = expired_range(encoding, result.cutoff)
+        lo, hi = window.values()
+        self._log.info("query_range", format=encoding.value, lower=str(lo), upper=str(hi))
+        if window.empty:
+            return iter(())
+        query = RangeQuery(s.kind, s.prop, ((">=", lo), ("<", hi)))
+        return key_pages(self.client, self._retrier, query)
 
     def _process(self, deleter: Deleter, batch: Sequence[Key], result: SweepResult) -> None:
         limit = self.settings.max_deletes
         taken = batch if limit is None else batch[: limit - result.matched]
         result.matched += len(taken)
         if not self.settings.dry_run:
+            if self.settings.verify:
+                result.entities_read += len(taken)  # the transaction looks each key up
             self._delete(deleter, taken, result)
         result.batches += 1
 
@@ -222,6 +247,8 @@ class _Progress:
 
     def maybe_log(self, result: SweepResult) -> None:
         now = self._rt.monotonic()
+        if self._rt.on_progress is not None:
+            self._rt.on_progress(result, now - self._started)
         if now < self._next:
             return
         self._next = now + self._rt.progress_every_s
@@ -239,3 +266,37 @@ class _Progress:
 
 def _datastore_failure(exc: BaseException) -> str:
     return f"Datastore call failed: {describe_exception(exc)}"
+
+
+def sweep_targets(
+    targets: Sequence[SweepSettings],
+    client_for: Callable[[SweepSettings], datastore.Client],
+    runtime: Runtime | None = None,
+    overall: bool = False,
+) -> list[SweepResult]:
+    """Sweep each target in turn, each with its own ``sweep_finished``; a signal stops them all.
+
+    A failed target does not stop the others (they are independent kinds); with ``overall``
+    a final ``run_finished`` event sums the run up for the operator's alert.
+    """
+    rt = runtime or Runtime()
+    started = rt.monotonic()
+    results: list[SweepResult] = []
+    for settings in targets:
+        if rt.stop_requested():
+            break
+        results.append(Sweep(settings, client_for(settings), rt).run())
+    if overall:
+        failed = [f"{r.settings.kind}.{r.settings.prop}" for r in results if r.error]
+        log = structlog.get_logger("sweeper")
+        (log.error if failed else log.info)(
+            "run_finished",
+            targets=len(targets),
+            swept=len(results),
+            failed_targets=failed,
+            matched=sum(r.matched for r in results),
+            deleted=sum(r.deleted for r in results),
+            duration_s=round(rt.monotonic() - started, 3),
+            stopped_reason="signal" if rt.stop_requested() else ("error" if failed else "complete"),
+        )
+    return results

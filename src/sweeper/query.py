@@ -10,7 +10,7 @@ starting cursor, so a retry never skips or repeats keys.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -23,6 +23,9 @@ from sweeper.retry import CALL_TIMEOUT_S, NO_CLIENT_RETRY, Retrier
 # Keys per query page: small enough for any response limit (a key is ~100 bytes), large
 # enough to fill a whole 500-key delete batch per round trip.
 PAGE_SIZE = 500
+# Full entities per page in scan mode: session data can be large, and the Firestore emulator
+# refuses responses over 4 MiB (CONTEXT trap 2); 100 entities of 40 KiB still fit.
+SCAN_PAGE_SIZE = 100
 
 Bound = tuple[str, QueryValue | None]
 
@@ -31,16 +34,19 @@ Bound = tuple[str, QueryValue | None]
 class RangeQuery:
     """Keys of ``kind`` whose ``prop`` meets every bound, e.g. ``((">=", lo), ("<", hi))``.
 
-    With no bounds it lists the kind's keys, whatever their properties.
+    With no bounds it lists the kind's keys, whatever their properties; with ``keys_only``
+    off it returns whole entities (one billed read each).
     """
 
     kind: str
     prop: str
     bounds: tuple[Bound, ...] = ()
+    keys_only: bool = True
 
     def build(self, client: datastore.Client, descending: bool = False) -> datastore.Query:
         query: datastore.Query = client.query(kind=self.kind)
-        query.keys_only()
+        if self.keys_only:
+            query.keys_only()
         for op, value in self.bounds:
             query.add_filter(filter=PropertyFilter(self.prop, op, value))
         if descending:
@@ -56,8 +62,8 @@ def fetch_keys(
     descending: bool = False,
 ) -> list[datastore.Key]:
     """The first ``limit`` keys of ``query`` (used for small probes)."""
-    keys, _cursor = retrier.call("query", lambda: _page(client, query, limit, None, descending))
-    return keys
+    found, _cursor = retrier.call("query", lambda: _page(client, query, limit, None, descending))
+    return [entity.key for entity in found]
 
 
 def key_pages(
@@ -67,12 +73,23 @@ def key_pages(
     page_size: int = PAGE_SIZE,
 ) -> Iterator[list[datastore.Key]]:
     """Every key of ``query``, page by page, holding one page in memory at a time."""
+    for page in entity_pages(client, retrier, query, page_size):
+        yield [entity.key for entity in page]
+
+
+def entity_pages(
+    client: datastore.Client,
+    retrier: Retrier,
+    query: RangeQuery,
+    page_size: int = PAGE_SIZE,
+) -> Iterator[list[datastore.Entity]]:
+    """Every result of ``query`` (keys only, or whole entities), one page at a time."""
     cursor: bytes | None = None
     while True:
-        keys, cursor = retrier.call("query", partial(_page, client, query, page_size, cursor))
-        if keys:
-            yield keys
-        if len(keys) < page_size or cursor is None:
+        found, cursor = retrier.call("query", partial(_page, client, query, page_size, cursor))
+        if found:
+            yield found
+        if len(found) < page_size or cursor is None:
             return
 
 
@@ -94,10 +111,31 @@ def _page(
     limit: int,
     cursor: bytes | None,
     descending: bool = False,
-) -> tuple[list[datastore.Key], bytes | None]:
+) -> tuple[list[datastore.Entity], bytes | None]:
     iterator = query.build(client, descending).fetch(
         limit=limit, start_cursor=cursor, retry=NO_CLIENT_RETRY, timeout=CALL_TIMEOUT_S
     )
-    keys = [entity.key for entity in iterator]
+    found = list(iterator)
     token: bytes | None = iterator.next_page_token
-    return keys, token
+    return found, token
+
+
+def scan_expired(
+    client: datastore.Client,
+    retrier: Retrier,
+    kind: str,
+    prop: str,
+    *,
+    expired: Callable[[object], bool],
+    on_read: Callable[[int], None],
+) -> Iterator[list[datastore.Key]]:
+    """Keys of every entity of ``kind`` whose ``prop`` value is ``expired``, by reading them all.
+
+    For properties no index holds: costs one billed entity read per entity of the kind.
+    """
+    query = RangeQuery(kind, prop, keys_only=False)
+    for page in entity_pages(client, retrier, query, SCAN_PAGE_SIZE):
+        on_read(len(page))
+        keys = [entity.key for entity in page if expired(entity.get(prop))]
+        if keys:
+            yield keys

@@ -104,6 +104,7 @@ class SweepSettings:
     batch_size: int = MAX_BATCH_SIZE
     dry_run: bool = False
     verify: bool = False
+    scan: bool = False
     max_deletes: int | None = None
     max_runtime: dt.timedelta | None = None
     project: str | None = None
@@ -124,6 +125,8 @@ class SweepSettings:
         if self.max_runtime is not None and self.max_runtime <= dt.timedelta(0):
             raise UsageError("max runtime must be greater than 0")
         check_namespace(self.namespace)
+        if self.scan and self.format == "auto":
+            raise UsageError("--scan needs an explicit --format: a scan reads values one by one")
 
     @property
     def format_label(self) -> str:

@@ -9,6 +9,7 @@ from google.cloud import datastore
 
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime
+from sweeper.settings import FormatChoice
 from sweeper.testing.emulator import Emulator
 from sweeper.testing.seed import MISSING
 from tests.integration.helpers import (
@@ -189,23 +190,47 @@ def test_max_runtime_stops_cleanly_and_the_next_run_resumes(
     assert remaining(client, kind, group_names(groups, *groups)) == set()
 
 
-def test_a_property_without_indexed_values_is_left_alone(
-    client: datastore.Client, kind: str
-) -> None:
-    # The runner's used-JWT kind: an int expiry excluded from indexes cannot be range-queried.
+def seed_unindexed(client: datastore.Client, kind: str, expired: int, live: int) -> list[str]:
+    """The runner's used-JWT kind: an int expiry excluded from indexes."""
     entities = []
-    for i in range(10):
-        entity = datastore.Entity(
-            client.key(kind, f"jti-{i}"), exclude_from_indexes=("expires_at",)
-        )
-        entity["expires_at"] = int(ago(days=1).timestamp())
+    for name, when in [(f"old-{i}", ago(days=1)) for i in range(expired)] + [
+        (f"new-{i}", ahead(days=1)) for i in range(live)
+    ]:
+        entity = datastore.Entity(client.key(kind, name), exclude_from_indexes=("expires_at",))
+        entity["expires_at"] = int(when.timestamp())
         entities.append(entity)
     client.put_multi(entities)
+    return [e.key.name for e in entities]
 
-    result = sweep(client, kind)
 
-    assert (result.exit_code, result.matched, result.deleted) == (0, 0, 0)
-    assert len(remaining(client, kind, [f"jti-{i}" for i in range(10)])) == 10
+@pytest.mark.parametrize("fmt", ["auto", S], ids=["auto", "explicit"])
+def test_an_unindexed_property_is_refused_with_a_hint(
+    client: datastore.Client, kind: str, fmt: FormatChoice
+) -> None:
+    names = seed_unindexed(client, kind, expired=10, live=3)
+
+    result = sweep(client, kind, fmt)
+
+    assert (result.exit_code, result.deleted) == (1, 0)
+    assert result.error is not None
+    assert "looks unindexed" in result.error
+    assert "--scan" in result.error
+    assert remaining(client, kind, names) == set(names)
+
+
+def test_scan_mode_deletes_expired_unindexed_values(client: datastore.Client, kind: str) -> None:
+    names = seed_unindexed(client, kind, expired=250, live=30)
+
+    result = sweep(client, kind, S, scan=True, batch_size=100)
+
+    assert remaining(client, kind, names) == {n for n in names if n.startswith("new")}
+    assert (result.matched, result.deleted, result.entities_read) == (250, 250, 280)
+    assert result.summary()["scan"] is True
+
+
+def test_a_kind_with_nothing_stored_is_nothing_to_do(client: datastore.Client, kind: str) -> None:
+    assert sweep(client, kind).exit_code == 0
+    assert sweep(client, kind, S).exit_code == 0
 
 
 def test_a_namespace_is_swept_alone(

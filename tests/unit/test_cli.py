@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from sweeper import cli as cli_module
+from sweeper import engine as engine_module
 from sweeper.cli import cli, main
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, SweepResult
@@ -151,7 +152,7 @@ def test_bad_env_var_is_one_line_usage_error(
 
 @dataclass
 class StubSweep:
-    """Stands in for ``sweeper.cli.Sweep``: records what the CLI built, returns a set result."""
+    """Stands in for ``sweeper.engine.Sweep``: records what the CLI built, returns a set result."""
 
     on_run: Callable[[Runtime], None] = lambda _rt: None
     stopped_reason: str = "complete"
@@ -182,7 +183,7 @@ def stub(monkeypatch: pytest.MonkeyPatch) -> StubSweep:
         made.append(args)
         return CLIENT
 
-    monkeypatch.setattr(cli_module, "Sweep", sweep)
+    monkeypatch.setattr(engine_module, "Sweep", sweep)
     monkeypatch.setattr(cli_module, "make_client", make_client)
     return sweep
 

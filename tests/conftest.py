@@ -1,4 +1,4 @@
-"""Shared fixtures for the fast unit tests."""
+"""Fixtures for every test tier."""
 
 from __future__ import annotations
 

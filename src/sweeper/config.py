@@ -1,0 +1,113 @@
+"""``--config FILE``: several targets swept one after another, from a TOML file.
+
+One CronJob can then replace several purges, e.g. sessions by ``expires_at`` and questionnaire
+state by ``expires_at`` and by ``submitted_at``. Every key is checked here, once, so a typo
+fails the run before anything is touched::
+
+    [defaults]            # optional: applies to every target unless it says otherwise
+    grace = "3h"
+
+    [[target]]
+    kind = "eq-session"
+    format = "epoch-seconds"
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from sweeper.errors import UsageError
+from sweeper.settings import SweepSettings, parse_duration, parse_format
+
+# TOML key -> (SweepSettings field, converter)
+_TARGET_KEYS: dict[str, tuple[str, Any]] = {
+    "kind": ("kind", str),
+    "property": ("prop", str),
+    "format": ("format", parse_format),
+    "grace": ("grace", parse_duration),
+    "namespace": ("namespace", str),
+    "database": ("database", str),
+    "max_deletes": ("max_deletes", int),
+    "max_runtime": ("max_runtime", parse_duration),
+    "batch_size": ("batch_size", int),
+    "verify": ("verify", bool),
+    "scan": ("scan", bool),
+}
+# Keys that only make sense for the whole run, not per target.
+_RUN_WIDE = ("project", "dry_run")
+
+
+def load_targets(path: Path, base: dict[str, Any]) -> list[SweepSettings]:
+    """One validated :class:`SweepSettings` per ``[[target]]``.
+
+    ``base`` holds run-wide values and defaults from the command line (field names of
+    :class:`SweepSettings`); ``[defaults]`` overrides them and each target overrides both.
+    """
+    document = _read(path)
+    unknown = set(document) - {"defaults", "target"}
+    if unknown:
+        raise UsageError(f"config {path}: unknown table(s) {', '.join(sorted(unknown))}")
+    targets = document.get("target")
+    if not isinstance(targets, list) or not targets:
+        raise UsageError(f"config {path}: no [[target]] tables")
+    defaults = _fields(path, "[defaults]", document.get("defaults", {}))
+    return [
+        _settings(
+            path,
+            f"target {number}",
+            {**base, **defaults, **_fields(path, f"target {number}", table)},
+        )
+        for number, table in enumerate(targets, start=1)
+    ]
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as stream:
+            return tomllib.load(stream)
+    except OSError as exc:
+        raise UsageError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config {path}: invalid TOML: {exc}") from None
+
+
+def _fields(path: Path, where: str, table: object) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise UsageError(f"config {path}: {where} must be a table")
+    fields: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in _RUN_WIDE:
+            raise UsageError(
+                f"config {path}: {where}: {key} applies to the whole run; "
+                "pass it on the command line"
+            )
+        if key not in _TARGET_KEYS:
+            raise UsageError(
+                f"config {path}: {where}: unknown key {key!r} (known: {', '.join(_TARGET_KEYS)})"
+            )
+        field, convert = _TARGET_KEYS[key]
+        fields[field] = _convert(path, where, key, value, convert)
+    return fields
+
+
+def _convert(path: Path, where: str, key: str, value: object, convert: Any) -> Any:
+    expected = {str: str, int: int, bool: bool}.get(convert, str)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise UsageError(
+            f"config {path}: {where}: {key} must be a {expected.__name__}, not {value!r}"
+        )
+    try:
+        return convert(value)
+    except UsageError as exc:
+        raise UsageError(f"config {path}: {where}: {exc.message}") from None
+
+
+def _settings(path: Path, where: str, values: dict[str, Any]) -> SweepSettings:
+    if "kind" not in values:
+        raise UsageError(f"config {path}: {where}: kind is required")
+    try:
+        return SweepSettings(**values)
+    except UsageError as exc:
+        raise UsageError(f"config {path}: {where}: {exc.message}") from None

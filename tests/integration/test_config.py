@@ -1,0 +1,128 @@
+"""``sweep --config``: the runner's three purges in one run, against the real emulators."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from google.cloud import datastore
+
+from sweeper.encodings import Encoding
+from sweeper.testing.emulator import Emulator
+from sweeper.testing.seed import MISSING, Session, put_sessions
+from tests.integration.helpers import ago, ahead, group_names, remaining, seed, stored
+
+S, TS = Encoding.EPOCH_SECONDS, Encoding.TIMESTAMP
+
+
+def test_three_targets_in_one_run(
+    emulator: Emulator, client: datastore.Client, kind: str, tmp_path: Path
+) -> None:
+    sessions, state = f"{kind}-session", f"{kind}-state"
+    session_groups = {
+        "expired": stored(ago(hours=4), S, 30),  # past the 3 h grace
+        "recent": stored(ago(hours=2), S, 5),  # expired, but within the grace
+        "live": stored(ahead(hours=1), S, 5),
+    }
+    seed(client, sessions, session_groups)
+    # questionnaire-state: expires_at for some, submitted_at for others, and in-flight ones.
+    state_by_expiry = {"gone": stored(ago(hours=4), S, 20), "kept": stored(ahead(hours=4), S, 4)}
+    seed(client, state, state_by_expiry)
+    submitted: dict[str, list[object]] = {
+        "submitted": stored(ago(hours=2), TS, 15),
+        "fresh": stored(ago(minutes=10), TS, 3),
+        "unsubmitted": [None] * 4,
+        "nofield": [MISSING] * 2,
+    }
+    put_sessions(
+        client,
+        state,
+        [Session(f"{g}-{i}", v) for g, vs in submitted.items() for i, v in enumerate(vs)],
+        prop="submitted_at",
+    )
+    config = tmp_path / "sweeper.toml"
+    config.write_text(f"""
+[defaults]
+max_runtime = "4m"
+
+[[target]]
+kind = "{sessions}"
+format = "epoch-seconds"
+grace = "3h"
+
+[[target]]
+kind = "{state}"
+property = "expires_at"
+format = "epoch-seconds"
+grace = "3h"
+
+[[target]]
+kind = "{state}"
+property = "submitted_at"
+format = "timestamp"
+grace = "1h"
+""")
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "sweeper", "sweep", "--config", str(config)],
+        env={**os.environ, **emulator.env, "SWEEPER_LOG_FORMAT": "json"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    finished = [e for e in events if e["event"] == "sweep_finished"]
+    assert [(e["kind"], e["property"], e["deleted"]) for e in finished] == [
+        (sessions, "expires_at", 30),
+        (state, "expires_at", 20),
+        (state, "submitted_at", 15),
+    ]
+    overall = events[-1]
+    assert (overall["event"], overall["deleted"], overall["failed_targets"]) == (
+        "run_finished",
+        65,
+        [],
+    )
+    assert remaining(client, sessions, group_names(session_groups, *session_groups)) == set(
+        group_names(session_groups, "recent", "live")
+    )
+    left = remaining(
+        client,
+        state,
+        group_names(state_by_expiry, *state_by_expiry) + group_names(submitted, *submitted),
+    )
+    assert left == set(
+        group_names(state_by_expiry, "kept")
+        + group_names(submitted, "fresh", "unsubmitted", "nofield")
+    )
+
+
+def test_a_failing_target_fails_the_run_but_not_the_others(
+    emulator: Emulator, client: datastore.Client, kind: str, tmp_path: Path
+) -> None:
+    mixed, fine = f"{kind}-mixed", f"{kind}-fine"
+    seed(client, mixed, {"s": stored(ago(days=1), S, 3), "ts": stored(ago(days=1), TS, 3)})
+    seed(client, fine, {"old": stored(ago(days=1), S, 7)})
+    config = tmp_path / "sweeper.toml"
+    config.write_text(f'[[target]]\nkind = "{mixed}"\n\n[[target]]\nkind = "{fine}"\n')
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "sweeper", "sweep", "--config", str(config)],
+        env={**os.environ, **emulator.env, "SWEEPER_LOG_FORMAT": "json"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("sweeper: error: 1 of 2 targets failed")
+    overall = json.loads(proc.stdout.splitlines()[-1])
+    assert overall["failed_targets"] == [f"{mixed}.expires_at"]
+    assert overall["deleted"] == 7

@@ -1,0 +1,126 @@
+"""``--config`` files: every mistake is one clear usage error before anything runs."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sweeper.cli import main
+from sweeper.config import load_targets
+from sweeper.encodings import Encoding
+from sweeper.errors import UsageError
+from sweeper.settings import SweepSettings
+
+BASE: dict[str, Any] = {
+    "prop": "expires_at",
+    "format": "auto",
+    "grace": dt.timedelta(minutes=15),
+    "batch_size": 500,
+    "dry_run": False,
+    "verify": False,
+    "scan": False,
+    "max_deletes": None,
+    "max_runtime": None,
+    "project": "p",
+    "database": None,
+    "namespace": None,
+}
+
+
+def load(tmp_path: Path, text: str) -> list[SweepSettings]:
+    path = tmp_path / "sweeper.toml"
+    path.write_text(text)
+    return load_targets(path, dict(BASE))
+
+
+def test_targets_take_defaults_then_their_own_values(tmp_path: Path) -> None:
+    targets = load(
+        tmp_path,
+        """
+[defaults]
+grace = "3h"
+format = "epoch-seconds"
+
+[[target]]
+kind = "eq-session"
+
+[[target]]
+kind = "questionnaire-state"
+property = "submitted_at"
+format = "timestamp"
+grace = "1h"
+max_deletes = 1000
+verify = true
+""",
+    )
+    first, second = targets
+    assert (first.kind, first.prop, first.format, first.grace) == (
+        "eq-session",
+        "expires_at",
+        Encoding.EPOCH_SECONDS,
+        dt.timedelta(hours=3),
+    )
+    assert (second.prop, second.format, second.grace, second.max_deletes, second.verify) == (
+        "submitted_at",
+        Encoding.TIMESTAMP,
+        dt.timedelta(hours=1),
+        1000,
+        True,
+    )
+    assert first.project == second.project == "p"
+
+
+def test_the_shipped_example_config_loads() -> None:
+    example = Path(__file__).parents[2] / "deploy" / "sweeper.toml"
+    targets = load_targets(example, dict(BASE))
+    assert [(t.kind, t.prop) for t in targets] == [
+        ("eq-session", "expires_at"),
+        ("questionnaire-state", "expires_at"),
+        ("questionnaire-state", "submitted_at"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "mentions"),
+    [
+        ('[[target]]\nkidn = "x"\n', "unknown key 'kidn'"),
+        ('[[target]]\nproperty = "x"\n', "target 1: kind is required"),
+        ("[defaults]\ngrace = '3h'\n", "no [[target]]"),
+        ('[[target]]\nkind = "x"\n[extra]\na = 1\n', "unknown table(s) extra"),
+        ('[[target]]\nkind = "x"\ngrace = "soon"\n', "target 1: invalid duration"),
+        ('[[target]]\nkind = "x"\ngrace = 3\n', "grace must be a str"),
+        ('[[target]]\nkind = "x"\nmax_deletes = "10"\n', "max_deletes must be a int"),
+        ('[[target]]\nkind = "x"\nverify = "yes"\n', "verify must be a bool"),
+        ('[[target]]\nkind = "x"\nformat = "weird"\n', "invalid format"),
+        ('[[target]]\nkind = "x"\nbatch_size = 501\n', "batch size"),
+        ('[[target]]\nkind = "x"\nscan = true\n', "--scan needs an explicit --format"),
+        ('[[target]]\nkind = "x"\nproject = "other"\n', "project applies to the whole run"),
+        ('[[target]]\nkind = "x"\n[[target]]\nkind = ""\n', "target 2: kind must not be empty"),
+        ("[[target]\nkind = 1", "invalid TOML"),
+    ],
+)
+def test_a_bad_config_is_one_usage_error(tmp_path: Path, text: str, mentions: str) -> None:
+    with pytest.raises(UsageError) as raised:
+        load(tmp_path, text)
+    assert mentions in raised.value.message
+    assert "\n" not in raised.value.message
+
+
+def test_a_missing_file_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", "--config", "/nonexistent/sweeper.toml"]) == 2
+    assert "cannot read config" in capsys.readouterr().err
+
+
+def test_per_target_options_clash_with_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "sweeper.toml"
+    path.write_text('[[target]]\nkind = "x"\n')
+    assert main(["sweep", "--config", str(path), "--grace", "1h"]) == 2
+    assert "--grace cannot be combined with --config" in capsys.readouterr().err
+    monkeypatch.setenv("SWEEPER_KIND", "eq-session")
+    assert main(["sweep", "--config", str(path)]) == 2
+    assert "--kind cannot be combined" in capsys.readouterr().err
