@@ -218,8 +218,6 @@ def sweep(**options: Any) -> None:
         results = sweep_targets(
             targets, _client_for, runtime, overall=options["config"] is not None
         )
-    if line:
-        line.done()
     if any(r.stopped_reason == "signal" for r in results):
         raise click.exceptions.Exit(stop.exit_code)
     failed = [r for r in results if r.error is not None]
@@ -288,23 +286,23 @@ class _ProgressLine:
         self._stream, self._every_s, self._last = stream, every_s, 0.0
         self._shown = False
 
-    def show(self, result: SweepResult, elapsed_s: float) -> None:
-        if elapsed_s - self._last < self._every_s:
+    def show(self, result: SweepResult, elapsed_s: float, finished: bool) -> None:
+        if not finished and elapsed_s - self._last < self._every_s:
             return
         self._last = elapsed_s
+        if finished and not self._shown:
+            return  # a run too short for a live line needs none
         done = result.matched if result.settings.dry_run else result.deleted
         verb = "would delete" if result.settings.dry_run else "deleted"
         rate = done / elapsed_s if elapsed_s > 0 else 0.0
+        end = "\n" if finished else ""
         self._stream.write(
-            f"\r{result.settings.kind}: {verb} {done} ({rate:.0f}/s), {elapsed_s:.0f}s elapsed "
+            f"\r{result.settings.kind}: {verb} {done} ({rate:.0f}/s), "
+            f"{elapsed_s:.0f}s elapsed {end}"
         )
         self._stream.flush()
-        self._shown = True
-
-    def done(self) -> None:
-        if self._shown:
-            self._stream.write("\n")
-            self._stream.flush()
+        self._shown = not finished
+        self._last = 0.0 if finished else self._last
 
 
 class _StopOnSignal:

@@ -48,9 +48,9 @@ class Runtime:
     monotonic: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
     stop_requested: Callable[[], bool] = lambda: False
-    # Called after every batch with the counts so far and the seconds elapsed (the CLI draws a
-    # live line on a terminal); None for none.
-    on_progress: Callable[[SweepResult, float], None] | None = None
+    # Called after every batch with the counts so far, the seconds elapsed and whether the run
+    # is over (the CLI draws a live line on a terminal); None for none.
+    on_progress: Callable[[SweepResult, float, bool], None] | None = None
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
     # Progress events on long runs, no more often than this.
     progress_every_s: float = 10.0
@@ -140,6 +140,8 @@ class Sweep:
         finally:
             result.retries = self._counter.retries
             result.duration_s = rt.monotonic() - started
+            if rt.on_progress is not None:
+                rt.on_progress(result, result.duration_s, True)
             log = self._log.error if result.stopped_reason == "error" else self._log.info
             log("sweep_finished", **result.summary())
         return result
@@ -248,7 +250,7 @@ class _Progress:
     def maybe_log(self, result: SweepResult) -> None:
         now = self._rt.monotonic()
         if self._rt.on_progress is not None:
-            self._rt.on_progress(result, now - self._started)
+            self._rt.on_progress(result, now - self._started, False)
         if now < self._next:
             return
         self._next = now + self._rt.progress_every_s

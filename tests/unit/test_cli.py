@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import os
 import signal
@@ -295,3 +296,26 @@ def test_unreachable_database_fails_after_retries(
     assert finished[0]["severity"] == "ERROR"
     assert finished[0]["retries"] == 5
     assert sum(e["event"] == "call_retrying" for e in events) == 5
+
+
+def test_the_live_progress_line_is_throttled_and_ends_with_a_newline() -> None:
+    stream = io.StringIO()
+    line = cli_module._ProgressLine(stream, every_s=0.5)
+    settings = SweepSettings(kind="k", prop="p", format="auto", grace=dt.timedelta(0))
+    result = SweepResult(settings, NOW, "epoch-seconds", deleted=100)
+
+    line.show(result, 0.1, False)  # too soon: nothing yet
+    assert stream.getvalue() == ""
+    line.show(result, 1.0, False)
+    assert stream.getvalue() == "\rk: deleted 100 (100/s), 1s elapsed "
+    result.deleted = 300
+    line.show(result, 2.0, True)
+    assert stream.getvalue().endswith("\rk: deleted 300 (150/s), 2s elapsed \n")
+
+
+def test_a_short_run_draws_no_progress_line() -> None:
+    stream = io.StringIO()
+    line = cli_module._ProgressLine(stream)
+    settings = SweepSettings(kind="k", prop="p", format="auto", grace=dt.timedelta(0))
+    line.show(SweepResult(settings, NOW, "auto"), 0.2, True)
+    assert stream.getvalue() == ""
