@@ -15,6 +15,7 @@ from types import FrameType
 from typing import Any, TextIO, TypeVar
 
 import click
+import structlog
 from click.core import ParameterSource
 from google.cloud import datastore
 
@@ -33,6 +34,7 @@ from sweeper.errors import (
     one_line,
 )
 from sweeper.logs import LOG_LEVELS, LogFormat, configure
+from sweeper.metrics import MetricsError, push_summary
 from sweeper.settings import (
     DEFAULT_GRACE,
     DEFAULT_KIND,
@@ -180,6 +182,13 @@ def cli() -> None:
         "tables; see the README). Per-target options then go in the file.",
     ),
     option(
+        "--pushgateway",
+        metavar="URL",
+        help="Also push each target's counts and last-success time to this Prometheus "
+        "Pushgateway (e.g. http://pushgateway:9091). A failed push is logged as a warning and "
+        "does not change the exit code.",
+    ),
+    option(
         "--max-deletes",
         type=click.IntRange(min=1),
         help="Stop cleanly after this many deletes; the next run resumes.",
@@ -218,6 +227,8 @@ def sweep(**options: Any) -> None:
         results = sweep_targets(
             targets, _client_for, runtime, overall=options["config"] is not None
         )
+    if options["pushgateway"]:
+        _push_metrics(options["pushgateway"], results)
     if any(r.stopped_reason == "signal" for r in results):
         raise click.exceptions.Exit(stop.exit_code)
     failed = [r for r in results if r.error is not None]
@@ -273,6 +284,14 @@ def _targets(ctx: click.Context, options: dict[str, Any]) -> list[SweepSettings]
         )
     values.pop("kind")
     return load_targets(Path(options["config"]), values)
+
+
+def _push_metrics(url: str, results: list[SweepResult]) -> None:
+    for result in results:
+        try:
+            push_summary(url, result.summary())
+        except MetricsError as exc:
+            structlog.get_logger("sweeper").warning("metrics_push_failed", error=exc.message)
 
 
 def _client_for(settings: SweepSettings) -> datastore.Client:

@@ -1,0 +1,192 @@
+"""Optional: push one run's ``sweep_finished`` summary to a Prometheus Pushgateway.
+
+A CronJob lives for minutes, too briefly for Prometheus to scrape it, so the run pushes its
+figures once at the end instead. Each target (kind, namespace, database, property) is its own
+Pushgateway group, so sweeping two kinds never overwrites the other's figures.
+
+The push is a POST (``pushadd``), which replaces only the metric names it carries within the
+group. A failed run therefore leaves ``sweeper_last_success_timestamp_seconds`` from the last
+good run in place, and "time since the last success" stays an honest alert.
+"""
+
+from __future__ import annotations
+
+import http.client
+import time
+import urllib.error
+import urllib.parse
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge, pushadd_to_gateway
+from prometheus_client.exposition import default_handler
+
+from sweeper.errors import SweeperError, describe_exception
+
+# Grouping-key values must be non-empty (the Pushgateway needs a base64 trick for "", and
+# Prometheus treats an empty label as no label at all), so the defaults get a name. Neither can
+# collide: "(default)" is the default database's real id, and namespace names are limited to
+# [0-9A-Za-z._-], which has no parentheses.
+DEFAULT_LABEL = "(default)"
+
+# Runs that did their job: the same set the log-based "no successful sweep" alert counts.
+# ``signal`` is excluded: a run killed every time (e.g. by a too-short deadline) is not healthy.
+SUCCESS_REASONS = frozenset({"complete", "max_deletes", "max_runtime"})
+
+# Figures copied from the summary as they are: metric name, summary key, help text.
+COUNT_GAUGES: tuple[tuple[str, str, str], ...] = (
+    ("sweeper_matched", "matched", "Expired keys found in the last run."),
+    ("sweeper_deleted", "deleted", "Keys deleted in the last run."),
+    ("sweeper_skipped", "skipped", "Keys left alone by --verify in the last run."),
+    ("sweeper_failed", "failed", "Keys whose delete failed after retries in the last run."),
+    ("sweeper_retries", "retries", "Datastore calls retried in the last run."),
+    ("sweeper_batches", "batches", "Delete commits made in the last run."),
+    ("sweeper_duration_seconds", "duration_s", "Wall time of the last run."),
+)
+
+Handler = Callable[..., Callable[[], None]]
+
+
+class MetricsError(SweeperError):
+    """The Pushgateway could not be reached or refused the push; the sweep itself is done."""
+
+
+def push_summary(
+    url: str,
+    summary: Mapping[str, Any],
+    *,
+    job: str = "sweeper",
+    timeout_s: float = 10.0,
+    now: Callable[[], float] = time.time,
+    handler: Handler = default_handler,
+) -> None:
+    """Push one ``sweep_finished`` summary to the Pushgateway at ``url`` (``http(s)://host:port``).
+
+    ``handler`` is prometheus_client's transport hook, injectable so tests need no network.
+    Raises :class:`MetricsError` for a bad URL, a bad summary, or any network or HTTP failure.
+    """
+    _check_url(url)
+    registry = build_registry(summary, now())
+    try:
+        pushadd_to_gateway(
+            url,
+            job=job,
+            registry=registry,
+            grouping_key=grouping_key(summary),
+            timeout=timeout_s,
+            handler=handler,
+        )
+    except urllib.error.HTTPError as exc:
+        raise MetricsError(
+            f"Pushgateway {_redact(url)} refused the push: HTTP {exc.code}: {_body(exc)}"
+        ) from exc
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise MetricsError(
+            f"could not push metrics to Pushgateway {_redact(url)}: {_reason(exc)}"
+        ) from exc
+
+
+def succeeded(summary: Mapping[str, Any]) -> bool:
+    """Whether the run did its job: stopped for a good reason and lost no batch."""
+    return summary.get("stopped_reason") in SUCCESS_REASONS and _number(summary, "failed") == 0
+
+
+def grouping_key(summary: Mapping[str, Any]) -> dict[str, str]:
+    """The labels that make one target's group; ``job`` is added by prometheus_client."""
+    return {
+        "kind": _label(summary, "kind"),
+        "namespace": _label(summary, "namespace"),
+        "database": _label(summary, "database"),
+        "property": _label(summary, "property"),
+    }
+
+
+def build_registry(summary: Mapping[str, Any], timestamp: float) -> CollectorRegistry:
+    """A fresh registry per push, so nothing from another push or the process leaks in."""
+    registry = CollectorRegistry(auto_describe=True)
+    ok = succeeded(summary)
+
+    def gauge(name: str, help_text: str, value: float) -> None:
+        Gauge(name, help_text, registry=registry).set(value)
+
+    gauge("sweeper_last_run_timestamp_seconds", "When the last run ended (Unix time).", timestamp)
+    if ok:  # absent on failure: pushadd then keeps the previous success time in the group
+        gauge(
+            "sweeper_last_success_timestamp_seconds",
+            "When the last successful run ended (Unix time).",
+            timestamp,
+        )
+    gauge("sweeper_last_run_success", "1 if the last run succeeded, else 0.", float(ok))
+    gauge("sweeper_dry_run", "1 if the last run was a dry run, else 0.", _flag(summary, "dry_run"))
+    for name, key, help_text in COUNT_GAUGES:
+        gauge(name, help_text, _number(summary, key))
+    reason = Gauge(
+        "sweeper_stopped_reason",
+        "Why the last run stopped (always 1; the reason is the label).",
+        ["reason"],
+        registry=registry,
+    )
+    reason.labels(reason=str(summary.get("stopped_reason") or "unknown")).set(1)
+    return registry
+
+
+def _check_url(url: str) -> None:
+    """Refuse what prometheus_client would silently "fix" (it prefixes http:// to anything)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise MetricsError(f"invalid Pushgateway URL {_redact(url)!r}: {exc}") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise MetricsError(
+            f"invalid Pushgateway URL {_redact(url)!r}: expected http://host:port or https://..."
+        )
+    if parts.username is not None or parts.password is not None:
+        # urllib would take user:password@ for part of the host name and fail obscurely.
+        raise MetricsError(
+            f"invalid Pushgateway URL {_redact(url)!r}: credentials in the URL are not supported"
+        )
+
+
+def _label(summary: Mapping[str, Any], key: str) -> str:
+    value = summary.get(key)
+    return DEFAULT_LABEL if value is None or value == "" else str(value)
+
+
+def _number(summary: Mapping[str, Any], key: str) -> float:
+    value = summary.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MetricsError(f"cannot push metrics: summary field {key!r} is {value!r}, not a number")
+    return float(value)
+
+
+def _flag(summary: Mapping[str, Any], key: str) -> float:
+    return 1.0 if summary.get(key) else 0.0
+
+
+def _redact(url: str) -> str:
+    """The URL without user:password@, which must never reach a log line."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=host))
+
+
+def _reason(exc: BaseException) -> str:
+    """urllib wraps the real cause (refused, timed out, DNS) in URLError.reason."""
+    if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, BaseException):
+        return describe_exception(exc.reason)
+    return describe_exception(exc)
+
+
+def _body(exc: urllib.error.HTTPError) -> str:
+    """The gateway explains a 400 (e.g. an inconsistent metric) in the body; keep its start."""
+    try:
+        text = exc.read(300).decode("utf-8", errors="replace").strip()
+    except (OSError, http.client.HTTPException):
+        return str(exc.reason)
+    return text or str(exc.reason)
