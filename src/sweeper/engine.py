@@ -9,10 +9,10 @@ exactly one ``sweep_finished`` event, which operators alert on.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import structlog
@@ -21,7 +21,7 @@ from google.cloud.datastore import Key
 
 from sweeper.deleter import BatchDeleter, BatchFailed, Deleter, VerifyingDeleter, chunks
 from sweeper.detect import check_indexed, detect_encoding
-from sweeper.encodings import Encoding, expired_range, is_expired
+from sweeper.encodings import Encoding
 from sweeper.errors import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -29,9 +29,10 @@ from sweeper.errors import (
     SweeperError,
     describe_exception,
 )
-from sweeper.query import RangeQuery, key_pages, scan_expired
+from sweeper.pipeline import Pipeline
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.settings import SweepSettings
+from sweeper.sources import expired_streams
 
 STOP_REASONS = ("complete", "max_deletes", "max_runtime", "signal", "error")
 
@@ -117,6 +118,7 @@ class Sweep:
         self._counter = RetryCounter()
         self._retrier = Retrier(self.runtime.retry_policy, self._counter, self.runtime.sleep)
         self._log = structlog.get_logger("sweeper").bind(kind=settings.kind)
+        self._lock = threading.Lock()  # the result's counts, updated by every worker
 
     def run(self) -> SweepResult:
         rt, s = self.runtime, self.settings
@@ -155,86 +157,112 @@ class Sweep:
         return encoding
 
     def _sweep(self, encoding: Encoding, result: SweepResult, started: float) -> None:
-        s, rt = self.settings, self.runtime
+        s = self.settings
         deleter: Deleter = (
             VerifyingDeleter(self.client, self._retrier, encoding, s.prop, result.cutoff)
             if s.verify
             else BatchDeleter(self.client, self._retrier)
         )
-        progress = _Progress(self._log, rt, self._counter, started, s.dry_run)
-        for page in self._expired_pages(encoding, result):
-            for batch in chunks(page, s.batch_size):
-                reason = self._stop_reason(result, started)
-                if reason is not None:
-                    result.stopped_reason = reason
-                    return
-                self._process(deleter, batch, result)
+        progress = _Progress(self._log, self.runtime, self._counter, started, s.dry_run)
+        budget = _Budget(s.max_deletes)
+
+        def batches(pages: Iterator[list[Key]]) -> Iterator[Sequence[Key]]:
+            for page in pages:
+                for batch in chunks(page, s.batch_size):
+                    taken = budget.take(batch)
+                    if not taken:
+                        return
+                    yield taken
+
+        def process(batch: Sequence[Key]) -> None:
+            self._process(deleter, batch, result)
+            with self._lock:
                 progress.maybe_log(result)
+
+        def should_stop() -> bool:
+            reason = self._stop_reason(started)
+            if reason is not None:
+                with self._lock:
+                    if result.stopped_reason == "complete":
+                        result.stopped_reason = reason
+            return reason is not None
+
+        def count_reads(n: int) -> None:
+            with self._lock:
+                result.entities_read += n
+
+        streams = expired_streams(
+            self.client,
+            self._retrier,
+            s,
+            encoding,
+            result.cutoff,
+            log=self._log,
+            on_read=count_reads,
+        )
+        Pipeline(s.workers, process, should_stop).run([batches(st) for st in streams])
+        if budget.capped and result.stopped_reason == "complete":
+            result.stopped_reason = "max_deletes"
         if result.matched == 0 and not s.scan and isinstance(s.format, Encoding):
             check_indexed(self.client, self._retrier, s.kind, s.prop)
 
-    def _expired_pages(self, encoding: Encoding, result: SweepResult) -> Iterator[list[Key]]:
-        """Expired keys, page by page: a two-sided range query, or with --scan a full read."""
-        s = self.settings
-        if s.scan:
-            self._log.warning(
-                "scan_started",
-                property=s.prop,
-                format=encoding.value,
-                cost="one billed entity read per entity of the kind",
-            )
-
-            def count(n: int) -> None:
-                result.entities_read += n
-
-            expired = partial(is_expired, encoding, cutoff=result.cutoff)
-            return scan_expired(
-                self.client, self._retrier, s.kind, s.prop, expired=expired, on_read=count
-            )
-        window = expired_range(encoding, result.cutoff)
-        lo, hi = window.values()
-        self._log.info("query_range", format=encoding.value, lower=str(lo), upper=str(hi))
-        if window.empty:
-            return iter(())
-        query = RangeQuery(s.kind, s.prop, ((">=", lo), ("<", hi)))
-        return key_pages(self.client, self._retrier, query)
-
     def _process(self, deleter: Deleter, batch: Sequence[Key], result: SweepResult) -> None:
-        limit = self.settings.max_deletes
-        taken = batch if limit is None else batch[: limit - result.matched]
-        result.matched += len(taken)
+        with self._lock:
+            result.matched += len(batch)
         if not self.settings.dry_run:
             if self.settings.verify:
-                result.entities_read += len(taken)  # the transaction looks each key up
-            self._delete(deleter, taken, result)
-        result.batches += 1
+                with self._lock:
+                    result.entities_read += len(batch)  # the transaction looks each key up
+            self._delete(deleter, batch, result)
+        with self._lock:
+            result.batches += 1
 
     def _delete(self, deleter: Deleter, batch: Sequence[Key], result: SweepResult) -> None:
         try:
             deleted = deleter.delete(batch)
         except BatchFailed as exc:
-            result.deleted += exc.deleted
-            result.failed += len(batch) - exc.deleted
+            with self._lock:
+                result.deleted += exc.deleted
+                result.failed += len(batch) - exc.deleted
             raise DatastoreError(
                 f"deleting a batch of {len(batch)} keys failed after "
                 f"{self._counter.retries} retries in this run: {describe_exception(exc.cause)}"
             ) from exc
-        result.deleted += deleted
-        result.skipped += len(batch) - deleted
+        with self._lock:
+            result.deleted += deleted
+            result.skipped += len(batch) - deleted
         self._log.debug("batch_deleted", keys=len(batch), deleted=deleted)
 
-    def _stop_reason(self, result: SweepResult, started: float) -> str | None:
+    def _stop_reason(self, started: float) -> str | None:
         s, rt = self.settings, self.runtime
         if rt.stop_requested():
             return "signal"
-        if s.max_deletes is not None and result.matched >= s.max_deletes:
-            return "max_deletes"
         if s.max_runtime is not None and rt.monotonic() - started >= s.max_runtime.total_seconds():
             return "max_runtime"
         return None
 
 
 _START_FIELDS = ("namespace", "database", "property", "format", "cutoff", "dry_run")
+
+
+class _Budget:
+    """``--max-deletes``: hands out keys until the cap, then notes whether more were waiting."""
+
+    def __init__(self, limit: int | None) -> None:
+        self._left = limit
+        self.capped = False
+        self._lock = threading.Lock()
+
+    def take(self, batch: Sequence[Key]) -> Sequence[Key]:
+        with self._lock:
+            if self._left is None:
+                return batch
+            if self._left == 0:
+                self.capped = True
+                return ()
+            taken = batch[: self._left]
+            self._left -= len(taken)
+            return taken
 
 
 class _Progress:

@@ -139,3 +139,20 @@ def scan_expired(
         keys = [entity.key for entity in page if expired(entity.get(prop))]
         if keys:
             yield keys
+
+
+def first_value(client: datastore.Client, retrier: Retrier, query: RangeQuery) -> int | None:
+    """The smallest value of ``query``'s range, as the index orders it, or None if empty.
+
+    A projection returns a timestamp as its microseconds (CONTEXT trap 1): exactly the index
+    unit the slices are cut in. One small read.
+    """
+
+    def fetch() -> list[datastore.Entity]:
+        projected = query.build(client)
+        projected.projection = [query.prop]
+        return list(projected.fetch(limit=1, retry=NO_CLIENT_RETRY, timeout=CALL_TIMEOUT_S))
+
+    found = retrier.call("query", fetch)
+    value = found[0].get(query.prop) if found else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

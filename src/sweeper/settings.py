@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from sweeper.encodings import Encoding
 from sweeper.errors import UsageError
+from sweeper.slices import Shard
 
 FormatChoice = Encoding | Literal["auto"]
 FORMAT_CHOICES = ("auto", *(e.value for e in Encoding))
@@ -17,6 +18,10 @@ FORMAT_CHOICES = ("auto", *(e.value for e in Encoding))
 MAX_BATCH_SIZE = 500
 
 DEFAULT_KIND = "eq-session"
+# Four workers keep a query and several commits in flight: enough to hide production's
+# tens-of-milliseconds round trips without crowding a small pod.
+DEFAULT_WORKERS = 4
+MAX_WORKERS = 32
 DEFAULT_PROPERTY = "expires_at"
 # Why 15 minutes: it dwarfs the runner's read-modify-write of a session (well under a second)
 # and any clock skew between the runner and the sweeper, yet frees storage promptly. See README.
@@ -105,6 +110,12 @@ class SweepSettings:
     dry_run: bool = False
     verify: bool = False
     scan: bool = False
+    # Delete workers, and as many query streams over slices of the expired range.
+    workers: int = DEFAULT_WORKERS
+    shard: Shard = field(default_factory=Shard)
+    # Datastore's 500/50/5 ramp-up: on against production, off against an emulator.
+    ramp_up: bool = False
+    max_rate: float | None = None
     max_deletes: int | None = None
     max_runtime: dt.timedelta | None = None
     project: str | None = None
@@ -125,6 +136,10 @@ class SweepSettings:
         if self.max_runtime is not None and self.max_runtime <= dt.timedelta(0):
             raise UsageError("max runtime must be greater than 0")
         check_namespace(self.namespace)
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise UsageError(f"workers must be between 1 and {MAX_WORKERS}")
+        if self.max_rate is not None and self.max_rate <= 0:
+            raise UsageError("max rate must be greater than 0")
         if self.scan and self.format == "auto":
             raise UsageError("--scan needs an explicit --format: a scan reads values one by one")
 

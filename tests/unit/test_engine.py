@@ -142,6 +142,8 @@ def settings(**overrides: Any) -> SweepSettings:
         "format": Encoding.EPOCH_SECONDS,
         "grace": dt.timedelta(hours=3),
         "batch_size": 3,
+        # The fake pages by position, not by value: one stream, as one query would.
+        "workers": 1,
     }
     fields.update(overrides)
     return SweepSettings(**fields)
@@ -251,8 +253,8 @@ def test_stop_requested_stops_before_any_delete() -> None:
 
 def test_stop_requested_mid_run_finishes_current_batch_only() -> None:
     client = FakeClient(9)
-    checks = iter([False, True])
-    result, _logs = run(client, rt=runtime(stop_requested=lambda: next(checks)))
+    # The signal arrives while the first batch is being deleted.
+    result, _logs = run(client, rt=runtime(stop_requested=lambda: len(client.deleted) >= 3))
     assert result.stopped_reason == "signal"
     assert result.deleted == 3
     assert client.deleted == client.keys[:3]

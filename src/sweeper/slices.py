@@ -1,0 +1,68 @@
+"""Disjoint slices of an expired range: parallel query streams, and shards across pods.
+
+Values are in the index order of one encoding (seconds, milliseconds, or microseconds for
+timestamps), so a slice ``[lo, hi)`` is itself a two-sided range query that can match only that
+encoding. Slices never overlap, so no key is found by two streams or two pods.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+
+from sweeper.errors import UsageError
+
+Slice = tuple[int, int]
+
+_SHARD = re.compile(r"(\d+)/(\d+)")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` (0-based, as Kubernetes' JOB_COMPLETION_INDEX)."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        match = _SHARD.fullmatch(text.strip())
+        if not match:
+            raise UsageError(f"invalid shard {text!r}: use I/N, e.g. 0/4 (I from 0 to N-1)")
+        index, count = int(match[1]), int(match[2])
+        if count < 1 or not 0 <= index < count:
+            raise UsageError(f"invalid shard {text!r}: I must be between 0 and N-1, N >= 1")
+        return cls(index, count)
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def split_even(lo: int, hi: int, parts: int) -> list[Slice]:
+    """``[lo, hi)`` cut into at most ``parts`` contiguous, non-empty slices of near-equal width."""
+    if hi <= lo:
+        return []
+    parts = max(1, min(parts, hi - lo))
+    bounds = [lo + (hi - lo) * i // parts for i in range(parts + 1)]
+    return [(a, b) for a, b in itertools.pairwise(bounds) if a < b]
+
+
+def shard_slices(lo: int, hi: int, shard: Shard, bucket: int) -> list[Slice]:
+    """The parts of ``[lo, hi)`` that belong to ``shard``, oldest first.
+
+    The grid of buckets (multiples of ``bucket`` from 0) is fixed, and bucket ``b`` belongs to
+    shard ``b % count``, so every pod computes the same assignment whatever its own clock says
+    the cutoff is and whatever ``lo`` it starts from: pods never overlap. Neighbouring buckets
+    go to different shards, which spreads a burst of sessions that expired together.
+    """
+    if hi <= lo:
+        return []
+    if shard.count == 1:
+        return [(lo, hi)]
+    first, last = lo // bucket, (hi - 1) // bucket
+    return [
+        (max(lo, b * bucket), min(hi, (b + 1) * bucket))
+        for b in range(first, last + 1)
+        if b % shard.count == shard.index
+    ]
