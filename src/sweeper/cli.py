@@ -6,13 +6,12 @@ No logic lives here beyond that; every option can also be set as ``SWEEPER_<OPTI
 from __future__ import annotations
 
 import datetime as dt
-import signal
+import json
+import os
 import sys
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
-from typing import Any, TextIO, TypeVar
+from typing import Any
 
 import click
 import structlog
@@ -26,107 +25,22 @@ from sweeper.engine import Runtime, SweepResult, sweep_targets
 from sweeper.errors import (
     EXIT_FAILURE,
     EXIT_SIGINT,
-    EXIT_SIGTERM,
     EXIT_USAGE,
     SweeperError,
     UsageError,
     describe_exception,
     one_line,
 )
-from sweeper.logs import LOG_LEVELS, LogFormat, configure
+from sweeper.inspect import inspect_target, render_table
+from sweeper.logs import LogFormat, configure
 from sweeper.metrics import MetricsError, push_summary
+from sweeper.options import inspect_options, log_options, sweep_options, target_options
 from sweeper.settings import (
-    DEFAULT_GRACE,
-    DEFAULT_KIND,
-    DEFAULT_PROPERTY,
-    FORMAT_CHOICES,
-    MAX_BATCH_SIZE,
     SweepSettings,
-    parse_duration,
     parse_format,
 )
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class Duration(click.ParamType):  # type: ignore[type-arg]
-    name = "duration"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, dt.timedelta):
-            return value
-        try:
-            return parse_duration(str(value))
-        except SweeperError as exc:
-            self.fail(exc.message, param, ctx)
-
-
-DURATION = Duration()
-
-
-def option(*decls: str, **attrs: Any) -> Callable[[F], F]:
-    """A click option that can also be set as ``SWEEPER_<NAME>``, shown in ``--help``."""
-    name = next(d for d in decls if d.startswith("--"))[2:]
-    attrs.setdefault("envvar", "SWEEPER_" + name.upper().replace("-", "_"))
-    return click.option(*decls, show_envvar=True, **attrs)
-
-
-def stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
-    """Apply options in the order listed (the order ``--help`` shows them)."""
-
-    def apply(fn: F) -> F:
-        for decorator in reversed(decorators):
-            fn = decorator(fn)
-        return fn
-
-    return apply
-
-
-# Where to sweep. Shared by every command that reads or deletes.
-target_options = stack(
-    option(
-        "--project",
-        envvar=["SWEEPER_PROJECT", "DATASTORE_PROJECT_ID", "GOOGLE_CLOUD_PROJECT"],
-        help="Google Cloud project. Default: the client's (ADC) project.",
-    ),
-    option("--database", help="Named database. Default: the (default) database."),
-    option("--namespace", help="Namespace. Default: the default namespace."),
-    option("--kind", default=DEFAULT_KIND, show_default=True, help="Kind to sweep."),
-    option(
-        "--property",
-        "prop",
-        default=DEFAULT_PROPERTY,
-        show_default=True,
-        help="Indexed property that holds the expiry.",
-    ),
-    option(
-        "--format",
-        "fmt",
-        type=click.Choice(FORMAT_CHOICES),
-        default="auto",
-        show_default=True,
-        help="How the expiry is stored. 'auto' reads the stored values and refuses if it "
-        "finds more than one encoding or values it cannot read; an explicit format leaves "
-        "values of every other encoding alone.",
-    ),
-)
-
-log_options = stack(
-    option(
-        "--log-format",
-        type=click.Choice(["json", "console"]),
-        default=None,
-        help="json: one object per line with severity (Cloud Logging). "
-        "Default: console on a terminal, json otherwise.",
-    ),
-    option(
-        "--log-level",
-        type=click.Choice(LOG_LEVELS),
-        default="info",
-        show_default=True,
-        help="Least severe event to log.",
-    ),
-)
+from sweeper.slices import Shard
+from sweeper.terminal import ProgressLine, StopOnSignal
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -142,63 +56,7 @@ def cli() -> None:
 
 @cli.command()
 @target_options
-@stack(
-    option(
-        "--grace",
-        type=DURATION,
-        default=DEFAULT_GRACE,
-        show_default=True,
-        help="Delete only entities expired longer ago than this (0, 90s, 15m, 3h, 2d).",
-    ),
-    option(
-        "--batch-size",
-        type=click.IntRange(1, MAX_BATCH_SIZE),
-        default=MAX_BATCH_SIZE,
-        show_default=True,
-        help="Keys per delete commit (Datastore allows at most 500).",
-    ),
-    option(
-        "--dry-run",
-        is_flag=True,
-        help="Run the same queries, delete nothing, report what would go.",
-    ),
-    option(
-        "--verify",
-        is_flag=True,
-        help="Re-read each batch in a transaction and delete only entities still expired, so "
-        "a session refreshed mid-run is never lost. Costs one entity read per key.",
-    ),
-    option(
-        "--scan",
-        is_flag=True,
-        help="For an expiry excluded from indexes, which no range query can see: read every "
-        "entity of the kind and delete those expired. Costs one billed read per entity; needs "
-        "an explicit --format.",
-    ),
-    option(
-        "--config",
-        type=click.Path(dir_okay=False),
-        help="TOML file listing several targets to sweep one after another ([[target]] "
-        "tables; see the README). Per-target options then go in the file.",
-    ),
-    option(
-        "--pushgateway",
-        metavar="URL",
-        help="Also push each target's counts and last-success time to this Prometheus "
-        "Pushgateway (e.g. http://pushgateway:9091). A failed push is logged as a warning and "
-        "does not change the exit code.",
-    ),
-    option(
-        "--max-deletes",
-        type=click.IntRange(min=1),
-        help="Stop cleanly after this many deletes; the next run resumes.",
-    ),
-    option(
-        "--max-runtime",
-        type=DURATION,
-        help="Stop cleanly after this long (e.g. 10m); the next run resumes.",
-    ),
-)
+@sweep_options
 @log_options
 def sweep(**options: Any) -> None:
     """Delete the entities of one kind whose expiry lies before now minus --grace.
@@ -221,8 +79,8 @@ def sweep(**options: Any) -> None:
     targets = _targets(ctx, options)
     log_format: LogFormat = options["log_format"] or ("console" if sys.stdout.isatty() else "json")
     configure(log_format, options["log_level"])
-    line = _ProgressLine(sys.stderr) if log_format == "console" and sys.stderr.isatty() else None
-    with _StopOnSignal() as stop:
+    line = ProgressLine(sys.stderr) if log_format == "console" and sys.stderr.isatty() else None
+    with StopOnSignal() as stop:
         runtime = Runtime(stop_requested=stop.is_set, on_progress=line.show if line else None)
         results = sweep_targets(
             targets, _client_for, runtime, overall=options["config"] is not None
@@ -239,6 +97,49 @@ def sweep(**options: Any) -> None:
             f"{len(failed)} of {len(results)} targets failed; first: "
             f"{failed[0].settings.kind}.{failed[0].settings.prop}: {failed[0].error}"
         )
+
+
+@cli.command()
+@target_options
+@inspect_options
+@log_options
+def inspect(**options: Any) -> None:
+    """Show what is stored in a target and what `sweep` would do with it. Deletes nothing.
+
+    Reports the encodings present in the property (counted over a sample), whether it looks
+    indexed, how many entities lie past the cutoff (an aggregation COUNT where the database
+    has one, else a bounded keys-only count), the oldest expiry, and the sweep's decision.
+    Logs go to stderr, the report to stdout.
+
+    \b
+    Examples:
+      sweeper inspect --kind eq-session --grace 3h
+      sweeper inspect --kind used-jti-claim --format epoch-seconds --output json
+    """
+    settings = SweepSettings(
+        kind=options["kind"],
+        prop=options["prop"],
+        format=parse_format(options["fmt"]),
+        grace=options["grace"],
+        scan=options["scan"],
+        project=options["project"] or None,
+        database=options["database"] or None,
+        namespace=options["namespace"] or None,
+    )
+    output = options["output"] or ("table" if sys.stdout.isatty() else "json")
+    configure(
+        options["log_format"] or ("console" if sys.stderr.isatty() else "json"),
+        options["log_level"],
+        sys.stderr,
+    )
+    report = inspect_target(
+        settings,
+        _client_for(settings),
+        dt.datetime.now(dt.UTC),
+        sample_size=options["sample_size"],
+        count_limit=options["count_limit"],
+    )
+    click.echo(render_table(report) if output == "table" else json.dumps(report.as_dict()))
 
 
 # Options that describe one target: with --config they belong in the file.
@@ -270,6 +171,10 @@ def _targets(ctx: click.Context, options: dict[str, Any]) -> list[SweepSettings]
         "project": options["project"] or None,
         "database": options["database"] or None,
         "namespace": options["namespace"] or None,
+        "workers": options["workers"],
+        "shard": Shard.parse(options["shard"]),
+        "ramp_up": _ramp_up(options["ramp_up"]),
+        "max_rate": options["max_rate"],
     }
     if options["config"] is None:
         return [SweepSettings(**values)]
@@ -294,60 +199,13 @@ def _push_metrics(url: str, results: list[SweepResult]) -> None:
             structlog.get_logger("sweeper").warning("metrics_push_failed", error=exc.message)
 
 
+def _ramp_up(choice: bool | None) -> bool:
+    """On against production; an emulator (DATASTORE_EMULATOR_HOST) needs no ramp-up."""
+    return choice if choice is not None else not os.environ.get("DATASTORE_EMULATOR_HOST")
+
+
 def _client_for(settings: SweepSettings) -> datastore.Client:
     return make_client(settings.project, settings.database, settings.namespace)
-
-
-class _ProgressLine:
-    """A live line on an interactive terminal: deleted so far, rate, elapsed."""
-
-    def __init__(self, stream: TextIO, every_s: float = 0.5) -> None:
-        self._stream, self._every_s, self._last = stream, every_s, 0.0
-        self._shown = False
-
-    def show(self, result: SweepResult, elapsed_s: float, finished: bool) -> None:
-        if not finished and elapsed_s - self._last < self._every_s:
-            return
-        self._last = elapsed_s
-        if finished and not self._shown:
-            return  # a run too short for a live line needs none
-        done = result.matched if result.settings.dry_run else result.deleted
-        verb = "would delete" if result.settings.dry_run else "deleted"
-        rate = done / elapsed_s if elapsed_s > 0 else 0.0
-        end = "\n" if finished else ""
-        self._stream.write(
-            f"\r{result.settings.kind}: {verb} {done} ({rate:.0f}/s), "
-            f"{elapsed_s:.0f}s elapsed {end}"
-        )
-        self._stream.flush()
-        self._shown = not finished
-        self._last = 0.0 if finished else self._last
-
-
-class _StopOnSignal:
-    """SIGTERM (pod eviction, job deadline) and SIGINT stop the run before its next batch."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.exit_code = EXIT_SIGTERM
-        self._previous: dict[int, Any] = {}
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-    def _handle(self, signum: int, _frame: FrameType | None) -> None:
-        self.exit_code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
-        self._event.set()
-
-    def __enter__(self) -> _StopOnSignal:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,9 +30,10 @@ from sweeper.errors import (
     describe_exception,
 )
 from sweeper.pipeline import Pipeline
-from sweeper.retry import Retrier, RetryCounter, RetryPolicy
+from sweeper.retry import PUSHBACK, Retrier, RetryCounter, RetryPolicy
 from sweeper.settings import SweepSettings
 from sweeper.sources import expired_streams
+from sweeper.throttle import Throttle, ThrottleSettings
 
 STOP_REASONS = ("complete", "max_deletes", "max_runtime", "signal", "error")
 
@@ -69,6 +70,7 @@ class SweepResult:
     failed: int = 0
     skipped: int = 0
     entities_read: int = 0
+    throttle_wait_s: float = 0.0
     retries: int = 0
     batches: int = 0
     duration_s: float = 0.0
@@ -91,12 +93,15 @@ class SweepResult:
             "dry_run": s.dry_run,
             "verify": s.verify,
             "scan": s.scan,
+            "workers": s.workers,
+            "shard": str(s.shard),
             "matched": self.matched,
             "deleted": self.deleted,
             "skipped": self.skipped,
             "failed": self.failed,
             "entities_read": self.entities_read,
             "retries": self.retries,
+            "throttle_wait_s": round(self.throttle_wait_s, 3),
             "batches": self.batches,
             "duration_s": round(self.duration_s, 3),
             "stopped_reason": self.stopped_reason,
@@ -116,7 +121,16 @@ class Sweep:
         self.client = client
         self.runtime = runtime or Runtime()
         self._counter = RetryCounter()
-        self._retrier = Retrier(self.runtime.retry_policy, self._counter, self.runtime.sleep)
+        self._throttle = Throttle(
+            ThrottleSettings(
+                ramp_up=settings.ramp_up, max_rate=settings.max_rate, divisor=settings.shard.count
+            ),
+            clock=self.runtime.monotonic,
+            sleep=self.runtime.sleep,
+        )
+        self._retrier = Retrier(
+            self.runtime.retry_policy, self._counter, self.runtime.sleep, self._pushed_back
+        )
         self._log = structlog.get_logger("sweeper").bind(kind=settings.kind)
         self._lock = threading.Lock()  # the result's counts, updated by every worker
 
@@ -217,7 +231,16 @@ class Sweep:
         with self._lock:
             result.batches += 1
 
+    def _pushed_back(self, error: BaseException) -> None:
+        """Overload and contention make the adaptive throttle hold back (Beam's approach)."""
+        if isinstance(error, PUSHBACK):
+            self._throttle.record(accepted=False)
+
     def _delete(self, deleter: Deleter, batch: Sequence[Key], result: SweepResult) -> None:
+        waited = self._throttle.acquire(len(batch))
+        if waited:
+            with self._lock:
+                result.throttle_wait_s += waited
         try:
             deleted = deleter.delete(batch)
         except BatchFailed as exc:
@@ -228,6 +251,7 @@ class Sweep:
                 f"deleting a batch of {len(batch)} keys failed after "
                 f"{self._counter.retries} retries in this run: {describe_exception(exc.cause)}"
             ) from exc
+        self._throttle.record(accepted=True)
         with self._lock:
             result.deleted += deleted
             result.skipped += len(batch) - deleted

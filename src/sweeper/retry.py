@@ -8,9 +8,10 @@ safe because deleting a key that is already gone is a silent no-op.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import structlog
@@ -43,6 +44,9 @@ TRANSIENT = (
     auth_exc.TransportError,
 )
 
+# The server telling us to slow down: these feed the adaptive throttle.
+PUSHBACK = (gexc.ResourceExhausted, gexc.Aborted)
+
 # Handed to the client so it does not retry behind our back (and outside our counts).
 NO_CLIENT_RETRY = Retry(predicate=lambda _exc: False)
 
@@ -74,6 +78,11 @@ class RetryCounter:
     """How many calls were re-sent, over the whole run (queries and deletes alike)."""
 
     retries: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self) -> None:
+        with self._lock:  # delete workers retry concurrently
+            self.retries += 1
 
 
 class Retrier:
@@ -84,10 +93,12 @@ class Retrier:
         policy: RetryPolicy,
         counter: RetryCounter,
         sleep: Callable[[float], None] = time.sleep,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         self._policy = policy
         self._counter = counter
         self._sleep = sleep
+        self._on_failure = on_failure  # told of every failed attempt (adaptive throttling)
         self._log = structlog.get_logger("sweeper.retry")
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
@@ -104,8 +115,10 @@ class Retrier:
         return retrying(fn)
 
     def _before_sleep(self, what: str, state: RetryCallState) -> None:
-        self._counter.retries += 1
+        self._counter.add()
         error = state.outcome.exception() if state.outcome is not None else None
+        if error is not None and self._on_failure is not None:
+            self._on_failure(error)
         self._log.warning(
             "call_retrying",
             call=what,

@@ -21,6 +21,8 @@ from sweeper.cli import cli, main
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, SweepResult
 from sweeper.settings import SweepSettings
+from sweeper.slices import Shard
+from sweeper.terminal import ProgressLine
 
 NOW = dt.datetime(2024, 6, 1, tzinfo=dt.UTC)
 
@@ -93,6 +95,12 @@ BAD_ARGS = [
     pytest.param(["--namespace", "bad ns"], "namespace", id="namespace-bad"),
     pytest.param(["--log-level", "loud"], "--log-level", id="log-level-loud"),
     pytest.param(["--log-format", "xml"], "--log-format", id="log-format-xml"),
+    pytest.param(["--workers", "0"], "--workers", id="workers-0"),
+    pytest.param(["--workers", "33"], "--workers", id="workers-33"),
+    pytest.param(["--shard", "4/4"], "shard", id="shard-out-of-range"),
+    pytest.param(["--shard", "x"], "shard", id="shard-garbage"),
+    pytest.param(["--max-rate", "0"], "--max-rate", id="max-rate-0"),
+    pytest.param(["--scan"], "--scan needs an explicit --format", id="scan-auto"),
     pytest.param(["--no-such-option"], "--no-such-option", id="unknown-option"),
 ]
 
@@ -189,7 +197,8 @@ def stub(monkeypatch: pytest.MonkeyPatch) -> StubSweep:
     return sweep
 
 
-def test_defaults_reach_settings(stub: StubSweep) -> None:
+def test_defaults_reach_settings(stub: StubSweep, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DATASTORE_EMULATOR_HOST", raising=False)
     assert main(["sweep", "--log-format", "json"]) == 0
     settings, client, _rt = stub.calls[0]
     assert client is CLIENT
@@ -199,7 +208,17 @@ def test_defaults_reach_settings(stub: StubSweep) -> None:
         format="auto",
         grace=dt.timedelta(minutes=15),
         batch_size=500,
+        workers=4,
+        ramp_up=True,  # against production, Datastore's 500/50/5 rule applies
     )
+
+
+def test_an_emulator_needs_no_ramp_up(stub: StubSweep, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", "127.0.0.1:8081")
+    assert main(["sweep", "--log-format", "json"]) == 0
+    assert stub.calls[0][0].ramp_up is False
+    assert main(["sweep", "--log-format", "json", "--ramp-up"]) == 0
+    assert stub.calls[1][0].ramp_up is True
 
 
 def test_env_vars_configure_the_sweep(stub: StubSweep, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -216,6 +235,10 @@ def test_env_vars_configure_the_sweep(stub: StubSweep, monkeypatch: pytest.Monke
         "SWEEPER_DATABASE": "sessions",
         "DATASTORE_PROJECT_ID": "proj",
         "SWEEPER_LOG_FORMAT": "json",
+        "SWEEPER_WORKERS": "8",
+        "SWEEPER_SHARD": "2/5",
+        "SWEEPER_RAMP_UP": "false",
+        "SWEEPER_MAX_RATE": "250",
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -233,6 +256,10 @@ def test_env_vars_configure_the_sweep(stub: StubSweep, monkeypatch: pytest.Monke
         project="proj",
         database="sessions",
         namespace="tenant-a",
+        workers=8,
+        shard=Shard(2, 5),
+        ramp_up=False,
+        max_rate=250.0,
     )
 
 
@@ -300,7 +327,7 @@ def test_unreachable_database_fails_after_retries(
 
 def test_the_live_progress_line_is_throttled_and_ends_with_a_newline() -> None:
     stream = io.StringIO()
-    line = cli_module._ProgressLine(stream, every_s=0.5)
+    line = ProgressLine(stream, every_s=0.5)
     settings = SweepSettings(kind="k", prop="p", format="auto", grace=dt.timedelta(0))
     result = SweepResult(settings, NOW, "epoch-seconds", deleted=100)
 
@@ -315,7 +342,7 @@ def test_the_live_progress_line_is_throttled_and_ends_with_a_newline() -> None:
 
 def test_a_short_run_draws_no_progress_line() -> None:
     stream = io.StringIO()
-    line = cli_module._ProgressLine(stream)
+    line = ProgressLine(stream)
     settings = SweepSettings(kind="k", prop="p", format="auto", grace=dt.timedelta(0))
     line.show(SweepResult(settings, NOW, "auto"), 0.2, True)
     assert stream.getvalue() == ""

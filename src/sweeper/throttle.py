@@ -1,0 +1,299 @@
+"""Client-side throttling of deletes: Datastore's 500/50/5 ramp-up, server push-back, a hard cap.
+
+Datastore asks new traffic to start at no more than 500 operations per second and grow by at
+most 50% every five minutes, so that it has time to split the key ranges being hit (CONTEXT,
+"production facts"). A sweep that deletes at full speed from the first second meets
+RESOURCE_EXHAUSTED and contention instead, and slows the sessions the runner is serving.
+
+Three limits combine here, in the spirit of Apache Beam's Datastore connector:
+
+* **ramp-up** — the allowed rate is ``500 / divisor * 1.5 ** floor(t / 300 s)``, where ``t``
+  counts from the first :meth:`Throttle.acquire` (the first write, not the start of the
+  process: time spent querying is not write traffic) and ``divisor`` is the number of shards
+  that share the budget;
+* **a hard cap** (``max_rate``) for operators who want less than the ramp allows;
+* **adaptive throttling** (Google SRE book, "Handling Overload"): while more than
+  ``1 / overload_ratio`` of recent requests were turned away by the server, hold new requests
+  back with probability ``(requests - overload_ratio * accepts) / (requests + 1)``.
+
+The rate limit is a token bucket that may go into debt: a request is let through as soon as
+the bucket is not in debt, whatever its size, and the debt is paid off by the callers after it.
+That lets a batch of 500 through even when a shard's rate is lower (a commit cannot be split
+for the throttle's sake) while the long-run rate stays exactly the budget: by any time ``T``
+the operations let through never exceed the budget's integral up to ``T`` plus one batch.
+
+Pure bookkeeping: no Datastore calls and no threads of its own. Time, sleeping and randomness
+are injected, so tests run on a fake clock. Every method is safe to call from several delete
+workers at once; sleeping happens outside the lock, so one waiting worker never blocks another
+worker's :meth:`Throttle.record`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# Datastore's "500/50/5" rule.
+BASE_RATE = 500.0
+RAMP_FACTOR = 1.5
+RAMP_INTERVAL_S = 300.0
+
+# After 60 steps (five hours) the ramp allows ~2e13 operations/s, far past anything a database
+# takes; it stops growing there so that the float arithmetic stays finite on very long runs.
+MAX_RAMP_STEPS = 60
+
+# The bucket holds at most this many seconds of the current rate when callers are idle.
+BURST_S = 1.0
+
+# Granularity of the adaptive throttler's sliding window.
+BUCKET_S = 1.0
+
+
+@dataclass(frozen=True)
+class ThrottleSettings:
+    """How hard sweeper may push the database.
+
+    ``ramp_up`` is meant to be off against an emulator, which has no key ranges to split.
+    ``overload_ratio`` is the SRE book's ``K``: with 1.25, up to one request in five may be
+    refused before the client starts holding requests back. Adaptive throttling costs nothing
+    while the server accepts everything, so it is on by default.
+    """
+
+    ramp_up: bool = True
+    max_rate: float | None = None
+    divisor: int = 1
+    adaptive: bool = True
+    overload_ratio: float = 1.25
+    window_s: float = 60.0
+    backoff_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.divisor < 1:
+            raise ValueError(f"divisor must be at least 1, got {self.divisor}")
+        if self.max_rate is not None and not (0 < self.max_rate < math.inf):
+            raise ValueError(f"max_rate must be a positive number, got {self.max_rate}")
+        if not self.overload_ratio >= 1.0:
+            # Below 1, a server that accepts everything would still be throttled.
+            raise ValueError(f"overload_ratio must be at least 1, got {self.overload_ratio}")
+        if not (0 < self.window_s < math.inf):
+            raise ValueError(f"window_s must be a positive number, got {self.window_s}")
+        if not (0 < self.backoff_s < math.inf):
+            raise ValueError(f"backoff_s must be a positive number, got {self.backoff_s}")
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """The allowed rate as a step function of the seconds since the first write."""
+
+    base: float | None  # ramp-up's starting rate; None when ramp-up is off
+    cap: float | None  # max_rate
+
+    @property
+    def unlimited(self) -> bool:
+        return self.base is None and self.cap is None
+
+    def _step(self, elapsed: float) -> int:
+        if self.base is None:
+            return 0
+        return min(math.floor(max(elapsed, 0.0) / RAMP_INTERVAL_S), MAX_RAMP_STEPS)
+
+    def _ramp(self, step: int) -> float:
+        return math.inf if self.base is None else self.base * RAMP_FACTOR**step
+
+    def rate_at(self, elapsed: float) -> float:
+        """Operations per second allowed at ``elapsed``; ``inf`` when nothing limits it."""
+        ramp = self._ramp(self._step(elapsed))
+        return ramp if self.cap is None else min(ramp, self.cap)
+
+    def _segment_end(self, elapsed: float) -> float:
+        """Where the rate next changes after ``elapsed`` (``inf`` once it no longer grows)."""
+        step = self._step(elapsed)
+        if self.base is None or step >= MAX_RAMP_STEPS:
+            return math.inf
+        if self.cap is not None and self._ramp(step) >= self.cap:
+            return math.inf
+        return (step + 1) * RAMP_INTERVAL_S
+
+    def accrued(self, start: float, end: float) -> float:
+        """Operations the budget allows over ``[start, end]``: the rate's integral."""
+        total = 0.0
+        while start < end:
+            stop = min(end, self._segment_end(start))
+            total += self.rate_at(start) * (stop - start)
+            start = stop
+        return total
+
+    def time_to_accrue(self, start: float, amount: float) -> float:
+        """The earliest ``end`` with ``accrued(start, end) >= amount``."""
+        while True:
+            rate = self.rate_at(start)
+            stop = self._segment_end(start)
+            if amount <= rate * (stop - start):
+                return start + amount / rate
+            amount -= rate * (stop - start)
+            start = stop
+
+
+class _Window:
+    """Requests and accepts over the last ``window_s`` seconds, in one-second buckets."""
+
+    def __init__(self, window_s: float) -> None:
+        self._span = max(1, math.ceil(window_s / BUCKET_S))
+        self._buckets: deque[tuple[int, int, int]] = deque()  # (bucket, requests, accepts)
+        self.requests = 0
+        self.accepts = 0
+
+    def add(self, now: float, accepted: bool) -> None:
+        index = math.floor(now / BUCKET_S)
+        self.expire(now)
+        ok = int(accepted)
+        if self._buckets and self._buckets[-1][0] == index:
+            _, requests, accepts = self._buckets.pop()
+            self._buckets.append((index, requests + 1, accepts + ok))
+        else:
+            self._buckets.append((index, 1, ok))
+        self.requests += 1
+        self.accepts += ok
+
+    def expire(self, now: float) -> None:
+        oldest = math.floor(now / BUCKET_S) - self._span + 1
+        while self._buckets and self._buckets[0][0] < oldest:
+            _, requests, accepts = self._buckets.popleft()
+            self.requests -= requests
+            self.accepts -= accepts
+
+
+class Throttle:
+    """Decides when each delete batch may be sent; shared by all delete workers of one run."""
+
+    def __init__(
+        self,
+        settings: ThrottleSettings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng if rng is not None else random.Random()
+        base = BASE_RATE / settings.divisor if settings.ramp_up else None
+        self._schedule = _Schedule(base=base, cap=settings.max_rate)
+        self._lock = threading.Lock()
+        self._window = _Window(settings.window_s)
+        self._start: float | None = None  # clock at the first acquire
+        self._tokens = 0.0  # negative while in debt
+        self._updated = 0.0  # seconds since _start at which _tokens holds
+        self._waited_s = 0.0
+        self._throttled = 0
+        self._delayed = 0
+        self._operations = 0
+
+    def acquire(self, operations: int) -> float:
+        """Block until ``operations`` may be sent; return the seconds spent waiting.
+
+        Server push-back is handled first, by sleeping ``backoff_s`` and asking again rather
+        than failing: the sweep should slow down, not stop. Only then is the rate budget
+        reserved, so a worker that is backing off holds no budget other workers could use.
+        """
+        if operations < 1:
+            raise ValueError(f"operations must be at least 1, got {operations}")
+        waited = 0.0
+        while self._held_back():
+            self._sleep(self._settings.backoff_s)
+            waited += self._settings.backoff_s
+        wait = self._reserve(operations)
+        if wait > 0:
+            self._sleep(wait)
+        return waited + wait
+
+    def record(self, accepted: bool) -> None:
+        """Report one sent request: ``accepted=False`` when the server refused it for load.
+
+        Only requests that reached the server count. Requests held back by :meth:`acquire`
+        are delayed, not dropped, and are counted once when they are finally sent; counting
+        every re-check would let the throttle's own waiting keep it engaged.
+        """
+        if not self._settings.adaptive:
+            return
+        with self._lock:
+            self._window.add(self._clock(), accepted)
+
+    def rate(self) -> float | None:
+        """The operations per second allowed now (None when unlimited), for progress logs."""
+        with self._lock:
+            rate = self._schedule.rate_at(self._elapsed(self._clock()))
+        return None if math.isinf(rate) else rate
+
+    def statistics(self) -> dict[str, float]:
+        """Totals for the run summary; ``rate`` is left out when nothing limits the rate."""
+        with self._lock:
+            now = self._clock()
+            stats = {
+                "waited_s": self._waited_s,
+                "throttled": float(self._throttled),
+                "delayed": float(self._delayed),
+                "operations": float(self._operations),
+                "rejection_probability": self._rejection_probability(now),
+            }
+            rate = self._schedule.rate_at(self._elapsed(now))
+        if not math.isinf(rate):
+            stats["rate"] = rate
+        return stats
+
+    def _elapsed(self, now: float) -> float:
+        return 0.0 if self._start is None else now - self._start
+
+    def _rejection_probability(self, now: float) -> float:
+        window = self._window
+        window.expire(now)
+        if window.requests == 0:
+            return 0.0
+        excess = window.requests - self._settings.overload_ratio * window.accepts
+        return max(0.0, excess / (window.requests + 1))
+
+    def _held_back(self) -> bool:
+        """Draw whether the server's recent refusals say this request should wait."""
+        with self._lock:
+            probability = self._rejection_probability(self._clock())
+            if probability <= 0.0 or self._rng.random() >= probability:
+                return False
+            self._throttled += 1
+            self._waited_s += self._settings.backoff_s
+            return True
+
+    def _reserve(self, operations: int) -> float:
+        """Take ``operations`` from the bucket; return how long the caller must wait first."""
+        with self._lock:
+            self._operations += operations
+            if self._schedule.unlimited:
+                return 0.0
+            now = self._clock()
+            if self._start is None:
+                self._start = now
+            grant = self._grant_time(now - self._start)
+            wait = max(0.0, grant - (now - self._start))
+            self._tokens -= operations
+            self._updated = grant
+            if wait > 0:
+                self._delayed += 1
+                self._waited_s += wait
+            return wait
+
+    def _grant_time(self, elapsed: float) -> float:
+        """When the bucket is next out of debt, with ``_tokens`` brought up to that moment."""
+        schedule = self._schedule
+        at = max(elapsed, self._updated)
+        burst = schedule.rate_at(at) * BURST_S
+        self._tokens = min(self._tokens + schedule.accrued(self._updated, at), burst)
+        if self._tokens >= 0:
+            return at
+        grant = schedule.time_to_accrue(at, -self._tokens)
+        self._tokens = 0.0
+        return grant

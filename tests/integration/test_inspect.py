@@ -1,0 +1,311 @@
+"""``sweeper inspect`` against the real emulators: what it counts, decides and leaves alone."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+from google.api_core import exceptions as gexc
+from google.cloud import datastore
+
+from sweeper.encodings import EPOCH, Encoding, expired_range
+from sweeper.errors import DatastoreError
+from sweeper.inspect import InspectReport, inspect_target, render_table
+from sweeper.settings import FormatChoice
+from sweeper.testing.emulator import Emulator
+from sweeper.testing.seed import MISSING, UNINDEXED
+from tests.integration.helpers import (
+    ago,
+    ahead,
+    emulator_env,
+    group_names,
+    make_client,
+    remaining,
+    seed,
+    settings,
+    stored,
+)
+
+S, MS, TS = Encoding.EPOCH_SECONDS, Encoding.EPOCH_MILLIS, Encoding.TIMESTAMP
+
+
+def inspect(
+    client: datastore.Client,
+    kind: str,
+    fmt: FormatChoice = "auto",
+    sample_size: int = 200,
+    count_limit: int = 100_000,
+) -> InspectReport:
+    now = dt.datetime.now(dt.UTC)
+    return inspect_target(
+        settings(kind, fmt), client, now, sample_size=sample_size, count_limit=count_limit
+    )
+
+
+def runner_shaped() -> dict[str, list[object]]:
+    return {
+        "oldest": stored(ago(days=3), S, 1),
+        "expired": stored(ago(hours=4), S, 120),
+        "live": stored(ahead(minutes=30), S, 40),
+        "in-flight": [None] * 15,
+        "missing": [MISSING] * 10,
+        "within-grace": stored(ago(minutes=5), S, 10),
+    }
+
+
+def expected_method(emulator: Emulator) -> str:
+    """The legacy emulator answers COUNT with 501 MethodNotImplemented; Firestore counts."""
+    return "aggregation" if emulator.flavour == "firestore" else "keys_only_bounded"
+
+
+def test_runner_shaped_kind(emulator: Emulator, client: datastore.Client, kind: str) -> None:
+    groups = runner_shaped()
+    seed(client, kind, groups)
+    now = dt.datetime.now(dt.UTC)
+
+    report = inspect_target(settings(kind), client, now)
+
+    fields = report.as_dict()
+    assert fields["sample_counts"] == {
+        "timestamp": 0,
+        "epoch_seconds": 171,
+        "epoch_millis": 0,
+        "null": 15,
+        "missing": 10,
+        "unsupported": 0,
+    }
+    assert (fields["sample_size"], fields["sampled"]) == (200, 196)
+    assert (fields["indexed"], fields["action"], fields["format"]) == (
+        "yes",
+        "sweep",
+        "epoch-seconds",
+    )
+    cutoff = now - dt.timedelta(minutes=15)
+    assert report.cutoff == cutoff
+    assert report.bounds == expired_range(S, cutoff).values()
+    assert (fields["expired_count"], fields["expired_count_is_lower_bound"]) == (121, False)
+    assert fields["count_method"] == expected_method(emulator)
+    oldest = groups["oldest"][0]
+    assert isinstance(oldest, int)
+    assert fields["oldest_value"] == oldest
+    assert report.oldest is not None
+    assert report.oldest.instant == EPOCH + dt.timedelta(seconds=oldest)
+    assert (
+        render_table(report)
+        .splitlines()[-1]
+        .startswith(
+            f"sweep would: delete 121 {kind} entities whose expires_at (epoch-seconds) is before"
+        )
+    )
+
+
+@pytest.mark.parametrize("encoding", [MS, TS])
+def test_explicit_format_counts_only_its_own_encoding(
+    emulator: Emulator, client: datastore.Client, kind: str, encoding: Encoding
+) -> None:
+    seed(
+        client,
+        kind,
+        {
+            "mine-expired": stored(ago(hours=2), encoding, 25),
+            "mine-live": stored(ahead(hours=2), encoding, 5),
+            "seconds-expired": stored(ago(hours=2), S, 30),
+        },
+    )
+
+    report = inspect(client, kind, encoding)
+
+    assert (report.action, report.encoding) == ("sweep", encoding)
+    assert report.expired is not None
+    assert (report.expired.n, report.expired.method) == (25, expected_method(emulator))
+    assert report.sample.counts[encoding.value] == 30
+    assert report.sample.counts[S.value] == 30
+    assert report.oldest is not None
+    assert report.oldest.instant < dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+
+
+def test_mixed_encodings_are_refused(client: datastore.Client, kind: str) -> None:
+    seed(client, kind, {"s": stored(ago(hours=4), S, 20), "ms": stored(ago(hours=4), MS, 20)})
+
+    report = inspect(client, kind)
+
+    assert (report.action, report.encoding, report.expired) == ("refuse", None, None)
+    assert report.refusal is not None
+    assert "more than one encoding" in report.refusal
+    assert (report.sample.counts[S.value], report.sample.counts[MS.value]) == (20, 20)
+    assert render_table(report).splitlines()[-1].startswith("sweep would: refuse: refusing")
+
+
+def test_unreadable_values_are_refused_with_examples(client: datastore.Client, kind: str) -> None:
+    seed(
+        client,
+        kind,
+        {"s": stored(ago(hours=4), S, 10), "odd": ["soon", 1.5e9, True, 0, "later", "never"]},
+    )
+
+    report = inspect(client, kind)
+
+    assert report.action == "refuse"
+    assert report.sample.counts["unsupported"] == 6
+    assert len(report.sample.unsupported_examples) == 3
+    assert all(example.endswith(")") for example in report.sample.unsupported_examples)
+
+
+def put_unindexed(client: datastore.Client, kind: str, expiries: list[object]) -> None:
+    """The runner's used-JWT-id kind: an int expires_at excluded from indexes."""
+    entities = []
+    for i, expiry in enumerate(expiries):
+        key = client.key(kind, f"jti-{i}")
+        entity = datastore.Entity(key, exclude_from_indexes=("expires_at", *UNINDEXED))
+        entity["expires_at"] = expiry
+        entities.append(entity)
+    client.put_multi(entities)
+
+
+@pytest.mark.parametrize("fmt", ["auto", S])
+def test_unindexed_property_is_refused_as_sweep_would(
+    client: datastore.Client, kind: str, fmt: FormatChoice
+) -> None:
+    put_unindexed(client, kind, stored(ago(hours=4), S, 30))
+
+    report = inspect(client, kind, fmt)
+
+    assert report.indexed == "no"
+    assert report.sample.counts[S.value] == 30
+    assert report.action == "refuse"
+    assert report.refusal is not None
+    assert f"{kind}.expires_at looks unindexed" in report.refusal
+    assert report.expired is None or report.expired.n == 0
+    assert report.oldest is None
+    assert (
+        render_table(report)
+        .splitlines()[-1]
+        .startswith(f"sweep would: refuse: {kind}.expires_at looks unindexed")
+    )
+
+
+def test_scan_reads_every_entity(client: datastore.Client, kind: str) -> None:
+    put_unindexed(client, kind, stored(ago(hours=4), S, 30))
+
+    report = inspect_target(settings(kind, S, scan=True), client, dt.datetime.now(dt.UTC))
+
+    assert (report.indexed, report.action, report.encoding) == ("no", "scan", S)
+    assert (
+        render_table(report)
+        .splitlines()[-1]
+        .startswith(
+            f"sweep would: scan every {kind} entity (one billed read each) and delete those whose"
+        )
+    )
+
+
+def test_no_values_at_all_is_unknown(client: datastore.Client, kind: str) -> None:
+    seed(client, kind, {"null": [None] * 5, "missing": [MISSING] * 5})
+
+    report = inspect(client, kind)
+
+    assert (report.indexed, report.action) == ("unknown", "nothing")
+    assert report.sample.size == 10
+    assert render_table(report).splitlines()[-1] == (
+        "sweep would: nothing to sweep: expires_at holds no indexed value"
+    )
+
+
+def test_count_bound_gives_a_lower_bound(
+    emulator: Emulator, client: datastore.Client, kind: str
+) -> None:
+    seed(client, kind, {"expired": stored(ago(hours=4), S, 120)})
+
+    report = inspect(client, kind, count_limit=50)
+
+    assert report.expired is not None
+    if emulator.flavour == "firestore":  # one COUNT is exact at any size: no bound needed
+        assert (report.expired.n, report.expired.lower_bound) == (120, False)
+    else:
+        assert (report.expired.n, report.expired.lower_bound) == (50, True)
+        assert "≥ 50 (keys-only count, bounded at 50)" in render_table(report)
+        assert "sweep would: delete at least 50 " in render_table(report)
+
+
+def test_small_sample_reads_only_its_size(client: datastore.Client, kind: str) -> None:
+    seed(client, kind, runner_shaped())
+
+    report = inspect(client, kind, sample_size=7)
+
+    assert (report.sample.asked, report.sample.size) == (7, 7)
+
+
+def test_namespace_comes_from_the_client(emulator: Emulator, kind: str) -> None:
+    tenant = make_client(emulator, namespace="inspect-tenant")
+    seed(tenant, kind, {"expired": stored(ago(hours=4), S, 12)})
+
+    report = inspect(tenant, kind)
+    elsewhere = inspect(make_client(emulator), kind)
+
+    assert (report.namespace, report.action, report.sample.size) == ("inspect-tenant", "sweep", 12)
+    assert report.expired is not None
+    assert report.expired.n == 12
+    assert (elsewhere.namespace, elsewhere.sample.size, elsewhere.action) == (None, 0, "nothing")
+
+
+@pytest.mark.parametrize("fmt", ["auto", S])
+def test_inspect_deletes_nothing(client: datastore.Client, kind: str, fmt: FormatChoice) -> None:
+    groups = runner_shaped()
+    seed(client, kind, groups)
+
+    inspect(client, kind, fmt, count_limit=50)
+
+    names = group_names(groups, *groups)
+    assert remaining(client, kind, names) == set(names)
+
+
+class FailingClient(datastore.Client):
+    """A real client whose first lookups and COUNTs fail with ``error``, then work."""
+
+    def __init__(self, *args: Any, failures: int, error: Exception, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self.lookups_left = self.counts_left = failures
+        self.error = error
+
+    def get_multi(self, keys: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.lookups_left:
+            self.lookups_left -= 1
+            raise self.error
+        return super().get_multi(keys, *args, **kwargs)  # type: ignore[no-untyped-call]
+
+    def aggregation_query(self, query: Any, **kwargs: Any) -> Any:
+        if self.counts_left:
+            self.counts_left -= 1
+            raise self.error
+        return super().aggregation_query(query, **kwargs)  # type: ignore[no-untyped-call]
+
+
+def failing(emulator: Emulator, failures: int, error: Exception) -> FailingClient:
+    with emulator_env(emulator.env):
+        return FailingClient(project=emulator.project, failures=failures, error=error)
+
+
+def test_transient_failures_are_retried(emulator: Emulator, kind: str) -> None:
+    seed(make_client(emulator), kind, {"expired": stored(ago(hours=4), S, 30)})
+    client = failing(emulator, 2, gexc.ServiceUnavailable("injected: connection reset"))
+    waits: list[float] = []
+
+    report = inspect_target(settings(kind), client, dt.datetime.now(dt.UTC), sleep=waits.append)
+
+    assert (report.action, report.sample.size) == ("sweep", 30)
+    assert report.expired is not None
+    assert report.expired.n == 30
+    assert len(waits) == 4  # two lookups, two COUNTs (also where COUNT then answers 501)
+
+
+def test_a_permanent_failure_is_one_line(emulator: Emulator, kind: str) -> None:
+    seed(make_client(emulator), kind, {"expired": stored(ago(hours=4), S, 3)})
+    client = failing(emulator, 1, gexc.PermissionDenied("injected: missing datastore.entities.get"))
+
+    with pytest.raises(DatastoreError) as raised:
+        inspect_target(settings(kind), client, dt.datetime.now(dt.UTC), sleep=lambda _s: None)
+
+    assert raised.value.message == (
+        "Datastore call failed: PermissionDenied: injected: missing datastore.entities.get"
+    )

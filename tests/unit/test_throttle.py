@@ -1,0 +1,383 @@
+"""The throttle: 500/50/5 ramp-up, hard cap, adaptive push-back, thread safety — on a fake clock."""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sweeper.throttle import Throttle, ThrottleSettings
+
+
+class FakeClock:
+    """A clock that only moves when someone sleeps on it; safe to share between threads."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+        self.sleeps: list[float] = []
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0
+        with self._lock:
+            self.sleeps.append(seconds)
+            self.now += seconds
+
+    def advance(self, seconds: float) -> None:
+        self.sleep(seconds)
+
+
+def make(settings: ThrottleSettings | None = None, seed: int = 0) -> tuple[Throttle, FakeClock]:
+    clock = FakeClock()
+    throttle = Throttle(
+        settings or ThrottleSettings(),
+        clock=clock,
+        sleep=clock.sleep,
+        rng=random.Random(seed),
+    )
+    return throttle, clock
+
+
+def budget_integral(seconds: float, divisor: int = 1, max_rate: float | None = None) -> float:
+    """The 500/50/5 budget integrated over the first ``seconds``, computed independently."""
+    total, step = 0.0, 0
+    while step * 300.0 < seconds:
+        rate = 500.0 / divisor * 1.5**step
+        if max_rate is not None:
+            rate = min(rate, max_rate)
+        total += rate * (min(seconds, (step + 1) * 300.0) - step * 300.0)
+        step += 1
+    return total
+
+
+# --- ramp-up -------------------------------------------------------------------------------
+
+
+def test_rate_follows_500_50_5_from_the_first_acquire() -> None:
+    throttle, clock = make()
+    assert throttle.rate() == 500.0  # before any traffic
+    clock.advance(3600.0)  # idle time before the first write does not count
+    assert throttle.rate() == 500.0
+    throttle.acquire(1)
+    start = clock.now
+    for elapsed, expected in [(0.0, 500.0), (299.9, 500.0), (300.0, 750.0), (600.0, 1125.0)]:
+        clock.now = start + elapsed
+        assert throttle.rate() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("divisor", "expected"), [(1, 500.0), (2, 250.0), (4, 125.0)])
+def test_divisor_splits_the_budget_between_shards(divisor: int, expected: float) -> None:
+    throttle, clock = make(ThrottleSettings(divisor=divisor))
+    throttle.acquire(1)
+    assert throttle.rate() == pytest.approx(expected)
+    clock.advance(300.0)
+    assert throttle.rate() == pytest.approx(expected * 1.5)
+
+
+def test_5000_operations_in_batches_of_500_take_ten_seconds_at_500_per_second() -> None:
+    throttle, clock = make()
+    start = clock.now
+    waits = [throttle.acquire(500) for _ in range(10)]
+    assert waits[0] == 0.0  # the first batch goes at once
+    assert waits[1:] == pytest.approx([1.0] * 9)  # then one batch a second
+    assert clock.now - start == pytest.approx(9.0)
+    # The tenth batch spent the budget up to t = 10 s: the next operation waits for it.
+    throttle.acquire(1)
+    assert clock.now - start == pytest.approx(10.0)
+    stats = throttle.statistics()
+    assert stats["waited_s"] == pytest.approx(10.0)
+    assert stats["delayed"] == 10.0
+    assert stats["operations"] == 5001.0
+
+
+def test_batch_larger_than_a_shards_rate_still_goes_then_the_next_one_waits() -> None:
+    throttle, _ = make(ThrottleSettings(divisor=4))  # 125/s
+    assert throttle.acquire(500) == 0.0
+    assert throttle.acquire(500) == pytest.approx(4.0)
+    assert throttle.acquire(500) == pytest.approx(4.0)
+
+
+def test_debt_is_paid_at_the_faster_rate_after_a_ramp_step() -> None:
+    throttle, clock = make()
+    throttle.acquire(1)
+    start = clock.now
+    clock.now = start + 299.5
+    throttle.acquire(500)  # spends the second's budget saved up while idle
+    throttle.acquire(500)  # the bucket is empty, not in debt: goes at once, into debt
+    # 250 operations accrue by t = 300 s at 500/s, the other 250 at 750/s.
+    assert throttle.acquire(1) == pytest.approx(0.5 + 250 / 750)
+
+
+def test_idle_time_builds_a_burst_of_at_most_one_second() -> None:
+    throttle, clock = make()
+    throttle.acquire(1)
+    clock.advance(60.0)
+    assert throttle.acquire(500) == 0.0  # one second's budget, saved up
+    assert throttle.acquire(500) == 0.0  # the bucket is empty, not in debt: one batch more
+    assert throttle.acquire(500) == pytest.approx(1.0)  # then back to the rate
+
+
+# --- hard cap ------------------------------------------------------------------------------
+
+
+def test_max_rate_caps_below_the_ramp_up() -> None:
+    throttle, clock = make(ThrottleSettings(max_rate=200.0))
+    assert throttle.rate() == 200.0
+    waits = [throttle.acquire(100) for _ in range(5)]
+    assert waits == pytest.approx([0.0, 0.5, 0.5, 0.5, 0.5])
+    clock.advance(600.0)
+    assert throttle.rate() == 200.0  # the ramp (1125/s) does not lift the cap
+
+
+def test_max_rate_above_the_ramp_does_not_raise_it() -> None:
+    throttle, clock = make(ThrottleSettings(max_rate=800.0))
+    throttle.acquire(1)
+    assert throttle.rate() == 500.0
+    clock.advance(300.0)
+    assert throttle.rate() == 750.0
+    clock.advance(300.0)
+    assert throttle.rate() == 800.0
+
+
+def test_max_rate_without_ramp_up_is_a_plain_rate_limit() -> None:
+    throttle, clock = make(ThrottleSettings(ramp_up=False, max_rate=50.0))
+    throttle.acquire(1)
+    clock.advance(3600.0)
+    assert throttle.rate() == 50.0
+    assert throttle.acquire(500) == 0.0  # 50 saved up while idle, 450 of debt
+    assert throttle.acquire(1) == pytest.approx(9.0)
+
+
+# --- disabled ------------------------------------------------------------------------------
+
+
+def test_disabled_never_waits_or_sleeps() -> None:
+    def no_sleep(seconds: float) -> None:
+        raise AssertionError(f"slept {seconds}")
+
+    throttle = Throttle(ThrottleSettings(ramp_up=False), clock=lambda: 0.0, sleep=no_sleep)
+    assert throttle.rate() is None
+    assert all(throttle.acquire(500) == 0.0 for _ in range(1000))
+    stats = throttle.statistics()
+    assert "rate" not in stats
+    assert stats["waited_s"] == 0.0
+    assert stats["operations"] == 500_000.0
+
+
+def test_disabled_costs_nothing_measurable() -> None:
+    throttle = Throttle(ThrottleSettings(ramp_up=False))
+    started = time.perf_counter()
+    for _ in range(10_000):
+        throttle.acquire(500)
+    # A few microseconds each; a delete RPC takes tens of milliseconds.
+    assert time.perf_counter() - started < 1.0
+
+
+# --- adaptive ------------------------------------------------------------------------------
+
+
+def record(throttle: Throttle, accepted: int, rejected: int) -> None:
+    for _ in range(accepted):
+        throttle.record(accepted=True)
+    for _ in range(rejected):
+        throttle.record(accepted=False)
+
+
+def probability(throttle: Throttle) -> float:
+    return throttle.statistics()["rejection_probability"]
+
+
+def test_rejection_probability_follows_the_sre_formula() -> None:
+    throttle, _ = make()
+    assert probability(throttle) == 0.0
+    record(throttle, accepted=20, rejected=80)
+    assert probability(throttle) == pytest.approx((100 - 1.25 * 20) / 101)
+
+
+def test_up_to_one_rejection_in_five_is_tolerated() -> None:
+    throttle, _ = make()
+    record(throttle, accepted=80, rejected=20)
+    assert probability(throttle) == 0.0
+    assert throttle.acquire(1) == 0.0
+
+
+def test_throttles_more_as_rejections_grow() -> None:
+    throttled = []
+    for rejected in (10, 50, 90):
+        throttle, _ = make(ThrottleSettings(ramp_up=False, window_s=3600.0), seed=7)
+        record(throttle, accepted=100 - rejected, rejected=rejected)
+        for _ in range(50):
+            throttle.acquire(1)
+        throttled.append(throttle.statistics()["throttled"])
+    assert throttled[0] == 0.0
+    assert throttled[0] < throttled[1] < throttled[2]
+
+
+def test_held_back_request_sleeps_the_backoff_then_goes() -> None:
+    throttle, clock = make(ThrottleSettings(ramp_up=False, backoff_s=2.0))
+    record(throttle, accepted=0, rejected=100)
+    waited = throttle.acquire(1)
+    assert waited > 0
+    assert waited % 2.0 == 0.0
+    # The refusals leave the 60 s window, so the request cannot be held back for ever.
+    assert waited <= 60.0 + 2.0
+    assert throttle.statistics()["throttled"] == waited / 2.0
+    assert all(s == 2.0 for s in clock.sleeps)
+
+
+def test_recovers_as_accepts_return() -> None:
+    throttle, _ = make()
+    record(throttle, accepted=0, rejected=50)
+    high = probability(throttle)
+    record(throttle, accepted=20, rejected=0)
+    assert 0.0 < probability(throttle) < high
+    record(throttle, accepted=200, rejected=0)
+    assert probability(throttle) == 0.0
+
+
+def test_recovers_when_the_refusals_age_out_of_the_window() -> None:
+    throttle, clock = make(ThrottleSettings(window_s=60.0))
+    record(throttle, accepted=0, rejected=50)
+    clock.advance(30.0)
+    assert probability(throttle) > 0.9
+    clock.advance(31.0)
+    assert probability(throttle) == 0.0
+
+
+def test_adaptive_off_ignores_refusals() -> None:
+    throttle, _ = make(ThrottleSettings(ramp_up=False, adaptive=False))
+    record(throttle, accepted=0, rejected=100)
+    assert probability(throttle) == 0.0
+    assert throttle.acquire(500) == 0.0
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("operations", [0, -1, -500])
+def test_non_positive_operations_are_refused(operations: int) -> None:
+    throttle, _ = make()
+    with pytest.raises(ValueError, match="operations"):
+        throttle.acquire(operations)
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: ThrottleSettings(divisor=0), "divisor"),
+        (lambda: ThrottleSettings(max_rate=0.0), "max_rate"),
+        (lambda: ThrottleSettings(max_rate=-1.0), "max_rate"),
+        (lambda: ThrottleSettings(max_rate=math.inf), "max_rate"),
+        (lambda: ThrottleSettings(max_rate=math.nan), "max_rate"),
+        (lambda: ThrottleSettings(overload_ratio=0.9), "overload_ratio"),
+        (lambda: ThrottleSettings(overload_ratio=math.nan), "overload_ratio"),
+        (lambda: ThrottleSettings(window_s=0.0), "window_s"),
+        (lambda: ThrottleSettings(backoff_s=0.0), "backoff_s"),
+    ],
+)
+def test_settings_are_validated(build: Callable[[], ThrottleSettings], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        build()
+
+
+def test_very_long_run_stays_finite() -> None:
+    throttle, clock = make()
+    throttle.acquire(1)
+    clock.advance(30 * 24 * 3600.0)
+    rate = throttle.rate()
+    assert rate is not None
+    assert math.isfinite(rate)
+    assert throttle.acquire(500) == 0.0
+
+
+# --- threads -------------------------------------------------------------------------------
+
+
+def test_concurrent_workers_share_one_budget() -> None:
+    throttle, clock = make(ThrottleSettings(divisor=2))
+    start = clock.now
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        try:
+            for call in range(50):
+                throttle.acquire(100)
+                throttle.record(accepted=(index + call) % 3 != 0)  # enough to hold some back
+                throttle.rate()
+                throttle.statistics()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors
+    assert not any(thread.is_alive() for thread in threads)
+    stats = throttle.statistics()
+    assert stats["operations"] == 8 * 50 * 100
+    assert stats["operations"] <= budget_integral(clock.now - start, divisor=2) + 100 + 1e-6
+
+
+# --- properties ----------------------------------------------------------------------------
+
+calls = st.lists(
+    st.tuples(st.integers(1, 500), st.floats(0.0, 400.0)),  # (operations, idle seconds before)
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    calls=calls,
+    divisor=st.integers(1, 8),
+    max_rate=st.none() | st.floats(1.0, 5000.0),
+)
+def test_grants_never_exceed_the_budget_plus_one_batch(
+    calls: list[tuple[int, float]], divisor: int, max_rate: float | None
+) -> None:
+    throttle, clock = make(ThrottleSettings(divisor=divisor, max_rate=max_rate))
+    start: float | None = None
+    granted = 0
+    for operations, idle in calls:
+        clock.advance(idle)
+        throttle.acquire(operations)
+        start = clock.now if start is None else start
+        granted += operations
+        allowed = budget_integral(clock.now - start, divisor, max_rate)
+        assert granted <= allowed + operations + 1e-6 * max(1.0, allowed)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 500), min_size=2, max_size=60),
+    divisor=st.integers(1, 8),
+    max_rate=st.none() | st.floats(1.0, 5000.0),
+)
+def test_back_to_back_calls_use_the_whole_budget(
+    sizes: list[int], divisor: int, max_rate: float | None
+) -> None:
+    """The throttle never waits longer than the budget needs: no idle budget is wasted."""
+    throttle, clock = make(ThrottleSettings(divisor=divisor, max_rate=max_rate))
+    throttle.acquire(sizes[0])
+    start = clock.now
+    granted = sizes[0]
+    for operations in sizes[1:]:
+        throttle.acquire(operations)
+        # Everything granted before this call was paid for exactly by now.
+        assert budget_integral(clock.now - start, divisor, max_rate) == pytest.approx(
+            granted, rel=1e-9, abs=1e-6
+        )
+        granted += operations
