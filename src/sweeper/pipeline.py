@@ -65,10 +65,13 @@ class Pipeline(Generic[T]):
         try:
             target(*args)
         except BaseException as exc:  # handed to run(), which re-raises it
-            with self._lock:
-                if self._error is None:
-                    self._error = exc
-            self._failed.set()
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = exc
+        self._failed.set()
 
     def _produce(self, stream: Iterable[T]) -> None:
         for item in stream:
@@ -76,12 +79,21 @@ class Pipeline(Generic[T]):
                 return
 
     def _consume(self) -> None:
+        """Process items until told to finish; after a failure, keep draining without work.
+
+        A worker never exits early, so the queue always empties and no producer or the final
+        hand-over of the end markers can block on a full queue.
+        """
         while True:
             item = self._queue.get()
             if item is _DONE:
                 return
-            if not self.stopping():
+            if self.stopping():
+                continue
+            try:
                 self._process(item)  # type: ignore[arg-type]
+            except BaseException as exc:
+                self._fail(exc)
 
     def _put(self, item: object, force: bool = False) -> bool:
         """Queue ``item``, waiting for room; give up (False) when the run is stopping."""
