@@ -9,9 +9,12 @@ Seeds identical runner-shaped copies (int epoch-second ``expires_at``, only it i
 - ``full-entity``: the incumbent's shape, whole entities read, deleted in batches;
 - ``per-entity``: one delete call per key, as many hand-written scripts do.
 
-Rounds alternate the order so drift in the machine's speed hits all alike. Prints deletes/s,
-the ratio to the bare loop, and the RPCs per 1000 deletes (counted by wrapping the client's
-API). Run with ``make bench`` (``python bench/bench_sweep.py --help``).
+Each approach runs in a fresh process (so its peak RSS, read from ``wait4``, is its own), and
+rounds alternate the order so drift in the machine's speed hits all alike. ``--latency-ms``
+puts a loopback proxy between the approaches and the emulator that delays every chunk each
+way, as production's round trips do. Prints deletes/s, the ratio to the bare loop, peak RSS,
+and the RPCs per 1000 deletes (counted by wrapping the client's API). Run with ``make bench``
+(``python bench/bench_sweep.py --help``).
 """
 
 from __future__ import annotations
@@ -19,11 +22,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import io
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.cloud import datastore
@@ -34,6 +41,7 @@ from sweeper.engine import Sweep
 from sweeper.logs import configure
 from sweeper.settings import SweepSettings
 from sweeper.testing.emulator import FLAVOURS, running
+from sweeper.testing.proxy import TcpProxy
 from sweeper.testing.seed import Session, encode, put_sessions
 
 
@@ -136,58 +144,101 @@ def counting_client(project: str) -> tuple[datastore.Client, CountingApi]:
     return client, api
 
 
+@dataclass
+class Tally:
+    """One approach's figures over all rounds."""
+
+    rates: list[float] = field(default_factory=list)
+    peak_rss_mib: list[float] = field(default_factory=list)
+    counts: Counter[str] = field(default_factory=Counter)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--expired", type=int, default=10_000)
     parser.add_argument("--live", type=int, default=1_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--emulator", choices=FLAVOURS, default="datastore")
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        help="delay added each way by a loopback proxy, as production has",
+    )
     parser.add_argument("--only", nargs="*", choices=list(APPROACHES), default=list(APPROACHES))
+    parser.add_argument("--child", nargs=2, metavar=("APPROACH", "KIND"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     configure("json", "warning", io.StringIO())  # keep sweeper's logs out of the table
+    if args.child:
+        run_child(*args.child)
+        return
 
-    rates: dict[str, list[float]] = {name: [] for name in args.only}
-    counts: dict[str, Counter[str]] = {name: Counter() for name in args.only}
-    with running(args.emulator) as emulator:
+    tallies = {name: Tally() for name in args.only}
+    with (
+        running(args.emulator) as emulator,
+        TcpProxy(("127.0.0.1", emulator.port), delay_s=args.latency_ms / 1000) as proxy,
+    ):
         os.environ.update(emulator.env)
+        seeder = datastore.Client(project=emulator.project)  # seeds directly, without delay
         for round_no in range(args.rounds):
             order = args.only if round_no % 2 == 0 else list(reversed(args.only))
             for name in order:
-                client, api = counting_client(emulator.project)
-                kind = f"bench-{name.replace(' ', '')}-{round_no}"
-                seed(client, kind, args.expired, args.live)
-                api.counts.clear()
-                started = time.perf_counter()
-                deleted = APPROACHES[name](client, kind)
-                elapsed = time.perf_counter() - started
-                if deleted != args.expired:
-                    raise SystemExit(f"{name} deleted {deleted}, expected {args.expired}")
-                rates[name].append(deleted / elapsed)
-                counts[name] += api.counts
-    report(args, rates, counts)
+                kind = f"bench-{name.replace(' ', '').replace('-', '')}-{round_no}"
+                seed(seeder, kind, args.expired, args.live)
+                child_env = {**os.environ, "DATASTORE_EMULATOR_HOST": proxy.host}
+                outcome, rss_kib = run_in_child(name, kind, child_env)
+                if outcome["deleted"] != args.expired:
+                    raise SystemExit(f"{name} deleted {outcome['deleted']}, not {args.expired}")
+                tally = tallies[name]
+                tally.rates.append(outcome["deleted"] / outcome["elapsed"])
+                tally.peak_rss_mib.append(rss_kib / 1024)
+                tally.counts.update(outcome["counts"])
+    report(args, tallies)
 
 
-def report(
-    args: argparse.Namespace, rates: dict[str, list[float]], counts: dict[str, Counter[str]]
-) -> None:
-    base = statistics.median(rates["bare loop"]) if "bare loop" in rates else None
+def run_in_child(name: str, kind: str, env: dict[str, str]) -> tuple[dict[str, Any], int]:
+    """Run one approach in a fresh process, so its peak RSS is its own (from wait4)."""
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", name, kind], env=env, stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    output = proc.stdout.read()
+    _pid, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed with exit code {proc.returncode}")
+    return json.loads(output), usage.ru_maxrss  # KiB on Linux
+
+
+def run_child(name: str, kind: str) -> None:
+    client, api = counting_client(os.environ.get("DATASTORE_PROJECT_ID", "sweeper-test"))
+    started = time.perf_counter()
+    deleted = APPROACHES[name](client, kind)
+    elapsed = time.perf_counter() - started
+    print(json.dumps({"deleted": deleted, "elapsed": elapsed, "counts": dict(api.counts)}))
+
+
+def report(args: argparse.Namespace, tallies: dict[str, Tally]) -> None:
+    bare = tallies.get("bare loop")
+    base = statistics.median(bare.rates) if bare else None
     per_k = 1000 / (args.expired * args.rounds)
     print(
-        f"\n{args.emulator} emulator, {args.expired} expired + {args.live} live sessions, "
-        f"median of {args.rounds} rounds"
+        f"\n{args.emulator} emulator, {args.latency_ms:g} ms added each way, {args.expired} "
+        f"expired + {args.live} live sessions, median of {args.rounds} rounds"
     )
     print(
-        "| approach | deletes/s | vs bare loop | per 1000 deleted: queries | entities read "
-        "| commits |"
+        "| approach | deletes/s | vs bare loop | peak RSS MiB | per 1000 deleted: queries "
+        "| entities read | commits |"
     )
-    print("|---|---|---|---|---|---|")
-    for name, values in rates.items():
-        median = statistics.median(values)
+    print("|---|---|---|---|---|---|---|")
+    for name, t in tallies.items():
+        median = statistics.median(t.rates)
         ratio = f"{median / base:.2f}x" if base else "-"
-        c = counts[name]
+        c = t.counts
         print(
-            f"| {name} | {median:.0f} | {ratio} | {c['run_query'] * per_k:.1f} "
-            f"| {c['entities_read'] * per_k:.0f} | {c['commit'] * per_k:.1f} |"
+            f"| {name} | {median:.0f} | {ratio} | {statistics.median(t.peak_rss_mib):.0f} "
+            f"| {c['run_query'] * per_k:.1f} | {c['entities_read'] * per_k:.0f} "
+            f"| {(c['commit']) * per_k:.1f} |"
         )
 
 

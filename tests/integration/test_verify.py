@@ -82,7 +82,8 @@ def test_a_session_refreshed_after_the_query_survives_only_with_verify(
     with emulator_env(emulator.env):
         racing = RefreshingClient(project=emulator.project, refresh=list(REFRESHED), kind=kind)
 
-    result = sweep(racing, kind, MS, verify=verify, batch_size=20)
+    # One worker: the injected refresh must land before every delete, not race another worker.
+    result = sweep(racing, kind, MS, verify=verify, batch_size=20, workers=1)
 
     left = remaining(client, kind, group_names(groups, "expired"))
     if verify:
