@@ -52,9 +52,15 @@ integration: $(STAMP)
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
 
+# Side by side in one run each: on the bare emulators, then with 60 ms added each way (as
+# production's round trips), then peak memory of the real CLI against the backlog's size.
+LATENCY_APPROACHES := sweeper "sweeper --verify" "bare loop" full-entity
 bench: $(STAMP)
 	$(BIN)/python bench/bench_sweep.py --emulator datastore
 	$(BIN)/python bench/bench_sweep.py --emulator firestore
+	$(BIN)/python bench/bench_sweep.py --emulator datastore --latency-ms 60 --only $(LATENCY_APPROACHES)
+	$(BIN)/python bench/bench_sweep.py --emulator firestore --latency-ms 60 --only $(LATENCY_APPROACHES)
+	$(BIN)/python bench/peak_memory.py
 
 bench-memory: $(STAMP)
 	$(BIN)/python bench/peak_memory.py

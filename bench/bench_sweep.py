@@ -44,13 +44,22 @@ from sweeper.testing.emulator import FLAVOURS, running
 from sweeper.testing.proxy import TcpProxy
 from sweeper.testing.seed import Session, encode, put_sessions
 
+S = Encoding.EPOCH_SECONDS
+
 
 def seed(client: datastore.Client, kind: str, expired: int, live: int) -> None:
+    # Expiries spread over the 5 hours before the grace, as a day of real sessions would be;
+    # live ones over the next hour.
     now = dt.datetime.now(dt.UTC)
-    old = encode(now - dt.timedelta(hours=5), Encoding.EPOCH_SECONDS)
-    new = encode(now + dt.timedelta(hours=1), Encoding.EPOCH_SECONDS)
-    sessions = [Session(f"e{i}", old) for i in range(expired)]
-    sessions += [Session(f"l{i}", new) for i in range(live)]
+    span = dt.timedelta(hours=5)
+    sessions = [
+        Session(f"e{i}", encode(now - dt.timedelta(minutes=20) - span * i / expired, S))
+        for i in range(expired)
+    ]
+    sessions += [
+        Session(f"l{i}", encode(now + dt.timedelta(hours=1) * i / max(live, 1), S))
+        for i in range(1, live + 1)
+    ]
     put_sessions(client, kind, sessions, data_bytes=700)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from sweeper.cli import main
 from sweeper.config import load_targets
@@ -124,3 +125,13 @@ def test_per_target_options_clash_with_config(
     monkeypatch.setenv("SWEEPER_KIND", "eq-session")
     assert main(["sweep", "--config", str(path)]) == 2
     assert "--kind cannot be combined" in capsys.readouterr().err
+
+
+def test_the_cronjob_carries_the_same_targets_as_the_example(tmp_path: Path) -> None:
+    deploy = Path(__file__).parents[2] / "deploy"
+    documents = list(yaml.safe_load_all((deploy / "cronjob.yaml").read_text()))
+    config_map = next(d for d in documents if d and d["kind"] == "ConfigMap")
+    embedded = tmp_path / "embedded.toml"
+    embedded.write_text(config_map["data"]["sweeper.toml"])
+    assert load_targets(embedded, dict(BASE)) == load_targets(deploy / "sweeper.toml", dict(BASE))
+    assert "SWEEPER_KIND" not in config_map["data"]  # would clash with --config
