@@ -32,7 +32,7 @@ typecheck: $(STAMP)
 # lacks (e.g. a mistyped apiVersion) with a mere WARN line and exit 0, so with --quiet any
 # output at all fails the target. The IAM role files are not Kubernetes objects: yamllint only.
 KUBERNETES_VERSIONS ?= 1.30 1.37
-KUBERNETES_MANIFESTS := deploy/cronjob.yaml
+KUBERNETES_MANIFESTS := deploy/cronjob.yaml deploy/backlog-job.yaml
 
 deploy-lint: $(STAMP)
 	$(BIN)/hadolint --failure-threshold warning Dockerfile

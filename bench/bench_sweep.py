@@ -83,10 +83,10 @@ def _expired_query(client: datastore.Client, kind: str, keys_only: bool) -> data
     return query
 
 
-def run_bare(client: datastore.Client, kind: str) -> int:
+def run_bare(client: datastore.Client, kind: str, keys_only: bool = True) -> int:
     """What a user would write: keys-only page of 500, delete_multi, repeat."""
     deleted = 0
-    while keys := [e.key for e in _expired_query(client, kind, True).fetch(limit=500)]:
+    while keys := [e.key for e in _expired_query(client, kind, keys_only).fetch(limit=500)]:
         client.delete_multi(keys)
         deleted += len(keys)
     return deleted
@@ -94,11 +94,7 @@ def run_bare(client: datastore.Client, kind: str) -> int:
 
 def run_full_entity(client: datastore.Client, kind: str) -> int:
     """The incumbent Dataflow purge's shape: read whole entities, delete them in batches."""
-    deleted = 0
-    while keys := [e.key for e in _expired_query(client, kind, False).fetch(limit=500)]:
-        client.delete_multi(keys)
-        deleted += len(keys)
-    return deleted
+    return run_bare(client, kind, keys_only=False)
 
 
 def run_per_entity(client: datastore.Client, kind: str) -> int:

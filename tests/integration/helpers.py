@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -95,3 +98,32 @@ def remaining(client: datastore.Client, kind: str, names: Sequence[str]) -> set[
 
 def group_names(groups: Mapping[str, Sequence[object]], *wanted: str) -> list[str]:
     return [f"{g}-{i}" for g in wanted for i in range(len(groups[g]))]
+
+
+def start_slow_sweep(emu: Emulator, kind: str, *args: str) -> subprocess.Popen[str]:
+    """A real ``sweeper sweep`` process deleting one key per commit (long enough to interrupt),
+    returned once it has started deleting."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sweeper",
+            "sweep",
+            "--kind",
+            kind,
+            "--batch-size",
+            "1",
+            "--log-format",
+            "json",
+            *args,
+        ],
+        env={**os.environ, **emu.env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if json.loads(line)["event"] == "query_range":
+            break
+    return proc

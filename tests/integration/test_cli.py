@@ -12,24 +12,8 @@ from google.cloud import datastore
 
 from sweeper.encodings import Encoding
 from sweeper.testing.emulator import Emulator
+from tests.contract import SWEEP_FINISHED_FIELDS
 from tests.integration.helpers import ago, ahead, group_names, remaining, seed, stored
-
-CONTRACT = {
-    "kind",
-    "namespace",
-    "database",
-    "property",
-    "format",
-    "cutoff",
-    "dry_run",
-    "matched",
-    "deleted",
-    "failed",
-    "retries",
-    "batches",
-    "duration_s",
-    "stopped_reason",
-}
 
 
 def run_cli(emulator: Emulator, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -64,7 +48,7 @@ def test_a_cron_run_logs_one_json_summary_and_exits_zero(
     finished = [e for e in logged if e["event"] == "sweep_finished"]
     assert len(finished) == 1
     summary = finished[0]
-    assert set(summary) >= CONTRACT
+    assert set(summary) >= SWEEP_FINISHED_FIELDS
     assert (summary["kind"], summary["deleted"], summary["stopped_reason"]) == (
         kind,
         40,

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -22,6 +19,7 @@ from tests.integration.helpers import (
     make_client,
     remaining,
     seed,
+    start_slow_sweep,
     stored,
     sweep,
 )
@@ -65,30 +63,7 @@ def test_when_the_database_dies_mid_run_the_sweep_fails_cleanly_and_a_rerun_fini
     groups = {"expired": stored(ago(hours=1), S, 3000), "live": stored(ahead(hours=1), S, 100)}
     seed(client, kind, groups)
     names = group_names(groups, *groups)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sweeper",
-            "sweep",
-            "--kind",
-            kind,
-            "--format",
-            "epoch-seconds",
-            "--batch-size",
-            "1",
-            "--log-format",
-            "json",
-        ],
-        env={**os.environ, **emu.env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if json.loads(line)["event"] == "query_range":
-            break
+    proc = start_slow_sweep(emu, kind, "--format", "epoch-seconds")
     time.sleep(1.0)
     # The database goes away mid-run. (A graceful shutdown: the legacy emulator writes its data
     # dir only then, and the test needs that data back for the rerun.)

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
 from sweeper.testing.emulator import Emulator
-from tests.integration.helpers import ago, group_names, remaining, seed, stored
+from tests.integration.helpers import ago, group_names, remaining, seed, start_slow_sweep, stored
 
 
 def test_sigterm_stops_before_the_next_batch_with_a_summary(
@@ -21,29 +18,7 @@ def test_sigterm_stops_before_the_next_batch_with_a_summary(
 ) -> None:
     groups = {"expired": stored(ago(hours=1), Encoding.EPOCH_SECONDS, 3000)}
     seed(client, kind, groups)
-    # One key per commit makes the run long enough to interrupt.
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sweeper",
-            "sweep",
-            "--kind",
-            kind,
-            "--batch-size",
-            "1",
-            "--log-format",
-            "json",
-        ],
-        env={**os.environ, **emulator.env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:  # wait until it is deleting
-        if json.loads(line)["event"] == "query_range":
-            break
+    proc = start_slow_sweep(emulator, kind)
     time.sleep(0.5)
     signalled = time.monotonic()
     proc.send_signal(signal.SIGTERM)

@@ -22,6 +22,7 @@ from sweeper.engine import Runtime, Sweep, SweepResult
 from sweeper.query import PAGE_SIZE
 from sweeper.retry import RetryPolicy
 from sweeper.settings import SweepSettings
+from tests.contract import SWEEP_FINISHED_FIELDS
 
 E = TypeVar("E", bound=Exception)
 
@@ -33,22 +34,6 @@ def api_error(cls: type[E], message: str) -> E:
 
 NOW = dt.datetime(2024, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
 POLICY = RetryPolicy(max_attempts=3, max_delay_s=3600.0, initial_wait_s=0.5, max_wait_s=1.0)
-CONTRACT_FIELDS = {
-    "kind",
-    "namespace",
-    "database",
-    "property",
-    "format",
-    "cutoff",
-    "dry_run",
-    "matched",
-    "deleted",
-    "failed",
-    "retries",
-    "batches",
-    "duration_s",
-    "stopped_reason",
-}
 
 
 class FakePage:
@@ -188,7 +173,7 @@ def test_sweep_finished_carries_every_contract_field_on_error() -> None:
     client.delete_error_always = api_error(gexc.ServiceUnavailable, "backend down")
     _result, logs = run(client, settings(namespace="ns", database="db"))
     event = finished(logs)
-    assert event.keys() >= CONTRACT_FIELDS
+    assert event.keys() >= SWEEP_FINISHED_FIELDS
     assert event["log_level"] == "error"
     assert event["kind"] == "eq-session"
     assert event["namespace"] == "ns"
