@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import threading
 from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Protocol, TypeVar
@@ -99,6 +100,7 @@ class VerifyingDeleter:
         self._prop = prop
         self._cutoff = cutoff
         self.transaction_size = MAX_BATCH_SIZE
+        self._lock = threading.Lock()
         self._log = structlog.get_logger("sweeper.verify")
 
     def delete(self, keys: Sequence[datastore.Key]) -> int:
@@ -118,13 +120,19 @@ class VerifyingDeleter:
         except gexc.InvalidArgument as exc:
             if "entity groups" not in str(exc) or len(keys) <= LEGACY_TRANSACTION_LIMIT:
                 raise
-            self.transaction_size = LEGACY_TRANSACTION_LIMIT
-            self._log.info(
-                "transaction_size_reduced",
-                keys=LEGACY_TRANSACTION_LIMIT,
-                reason="too many entity groups in one transaction",
-            )
+            self._shrink()
             return self.delete(keys)
+
+    def _shrink(self) -> None:
+        with self._lock:  # several workers may be refused at once: shrink and say so once
+            if self.transaction_size == LEGACY_TRANSACTION_LIMIT:
+                return
+            self.transaction_size = LEGACY_TRANSACTION_LIMIT
+        self._log.info(
+            "transaction_size_reduced",
+            keys=LEGACY_TRANSACTION_LIMIT,
+            reason="too many entity groups in one transaction",
+        )
 
     def _transaction(self, keys: list[datastore.Key]) -> int:
         """Look up, keep what is still expired, delete it; all or nothing."""
