@@ -31,7 +31,8 @@ from sweeper.errors import (
     describe_exception,
     one_line,
 )
-from sweeper.inspect import inspect_target, render_table
+from sweeper.inspect import inspect_target
+from sweeper.inspect_table import render_table
 from sweeper.logs import LogFormat, configure
 from sweeper.metrics import MetricsError, push_summary
 from sweeper.options import inspect_options, log_options, sweep_options, target_options

@@ -38,7 +38,7 @@ from sweeper.retry import (
     RetryCounter,
     RetryPolicy,
 )
-from sweeper.settings import SweepSettings, format_duration
+from sweeper.settings import SweepSettings
 
 Indexed = Literal["yes", "no", "unknown"]
 Action = Literal["sweep", "scan", "refuse", "nothing"]
@@ -50,11 +50,6 @@ MAX_EXAMPLES = 3
 # Datastore refuses a lookup of more than 1000 keys.
 LOOKUP_CHUNK = 500
 _ALIAS = "n"
-_INDEXED_NOTES = {
-    "yes": "",
-    "no": " (the sample holds values, but a range query cannot see them; a scan would)",
-    "unknown": " (no value in the sample or the index)",
-}
 
 
 @dataclass(frozen=True)
@@ -126,8 +121,8 @@ class InspectReport:
             "property": self.prop,
             "format_asked": self.format_asked,
             "grace_s": self.grace.total_seconds(),
-            "now": _iso(self.now),
-            "cutoff": _iso(self.cutoff),
+            "now": iso(self.now),
+            "cutoff": iso(self.cutoff),
             "sample_size": self.sample.asked,
             "sampled": self.sample.size,
             "sample_counts": {k.replace("-", "_"): v for k, v in self.sample.counts.items()},
@@ -136,14 +131,14 @@ class InspectReport:
             "action": self.action,
             "format": self.encoding.value if self.encoding else None,
             "refusal": self.refusal,
-            "range_lower": _json(lower),
-            "range_upper": _json(upper),
+            "range_lower": json_value(lower),
+            "range_upper": json_value(upper),
             "expired_count": expired.n if expired else None,
             "expired_count_is_lower_bound": bool(expired and expired.lower_bound),
             "count_method": expired.method if expired else None,
             "count_limit": expired.limit if expired else None,
-            "oldest_value": _json(oldest.value) if oldest else None,
-            "oldest_expiry": _iso(oldest.instant) if oldest else None,
+            "oldest_value": json_value(oldest.value) if oldest else None,
+            "oldest_expiry": iso(oldest.instant) if oldest else None,
             "sweep_would": sweep_would(self),
         }
 
@@ -311,7 +306,7 @@ def sweep_would(report: InspectReport) -> str:
         return f"refuse: {r.refusal}"
     if r.encoding is None:
         return f"nothing to sweep: {r.prop} holds no indexed value{note}"
-    which = f"whose {r.prop} ({r.encoding.value}) is before {_iso(r.cutoff)}"
+    which = f"whose {r.prop} ({r.encoding.value}) is before {iso(r.cutoff)}"
     if r.action == "scan":
         return f"scan every {r.kind} entity (one billed read each) and delete those {which}"
     which += note
@@ -321,72 +316,11 @@ def sweep_would(report: InspectReport) -> str:
     return f"delete {amount} {r.kind} entities {which}"
 
 
-def render_table(report: InspectReport) -> str:
-    """An aligned summary for a terminal, ending with the ``sweep would: ...`` line."""
-    rows = _rows(report)
-    width = max(len(label) for label, _ in rows)
-    lines = [f"{label:<{width}}  {value}".rstrip() for label, value in rows]
-    return "\n".join([*lines, f"sweep would: {sweep_would(report)}"])
+def json_value(value: QueryValue | None) -> int | str | None:
+    return iso(value) if isinstance(value, dt.datetime) else value
 
 
-def _rows(r: InspectReport) -> list[tuple[str, str]]:
-    sample = r.sample
-    digits = max(len(str(n)) for n in sample.counts.values())
-    examples = ", ".join(sample.unsupported_examples)
-    rows = [
-        ("target", f"{r.kind}.{r.prop}"),
-        ("namespace", r.namespace or "(default)"),
-        ("database", r.database or "(default)"),
-        ("format asked", r.format_asked),
-        ("grace", format_duration(r.grace)),
-        ("cutoff", f"{_iso(r.cutoff)} (now {_iso(r.now)} - grace)"),
-        ("sample", f"first {sample.size} entities in key order (at most {sample.asked})"),
-        *((f"  {name}", f"{n:>{digits}}") for name, n in sample.counts.items()),
-        *([("  e.g.", examples)] if examples else []),
-        ("indexed", r.indexed + _INDEXED_NOTES[r.indexed]),
-        ("format", _format_row(r)),
-    ]
-    if r.bounds is not None:
-        rows.append(("range", f"{_show(r.bounds[0])} <= {r.prop} < {_show(r.bounds[1])}"))
-    if r.expired is not None:
-        label = "past cutoff" if r.action != "scan" else "past cutoff (indexed)"
-        rows.append((label, _count_row(r.expired)))
-    if r.encoding is not None:
-        rows.append(("oldest expiry", _oldest_row(r.oldest)))
-    return rows
-
-
-def _format_row(r: InspectReport) -> str:
-    if r.encoding is not None:
-        return r.encoding.value + (" (detected)" if r.format_asked == "auto" else "")
-    return "refused" if r.action == "refuse" else "none (no indexed value)"
-
-
-def _count_row(expired: ExpiredCount) -> str:
-    if expired.method == "empty_range":
-        return "0 (the cutoff lies before the encoding's band)"
-    if expired.method == "aggregation":
-        return f"{expired.n} (aggregation)"
-    shown = f"≥ {expired.n}" if expired.lower_bound else str(expired.n)
-    return f"{shown} (keys-only count, bounded at {expired.limit})"
-
-
-def _oldest_row(oldest: Oldest | None) -> str:
-    if oldest is None:
-        return "none stored"
-    stored = "" if isinstance(oldest.value, dt.datetime) else f"{oldest.value} = "
-    return stored + _iso(oldest.instant)
-
-
-def _show(value: QueryValue) -> str:
-    return str(_json(value))
-
-
-def _json(value: QueryValue | None) -> int | str | None:
-    return _iso(value) if isinstance(value, dt.datetime) else value
-
-
-def _iso(instant: dt.datetime) -> str:
+def iso(instant: dt.datetime) -> str:
     """ISO 8601 UTC with a ``Z``, as ``sweep_finished`` writes its cutoff."""
     aware = instant if instant.tzinfo else instant.replace(tzinfo=dt.UTC)
     return aware.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")

@@ -11,7 +11,8 @@ from google.cloud import datastore
 
 from sweeper.encodings import EPOCH, Encoding, expired_range
 from sweeper.errors import DatastoreError
-from sweeper.inspect import InspectReport, inspect_target, render_table
+from sweeper.inspect import InspectReport, inspect_target
+from sweeper.inspect_table import render_table
 from sweeper.settings import FormatChoice
 from sweeper.testing.emulator import Emulator
 from sweeper.testing.seed import MISSING, UNINDEXED

@@ -20,8 +20,8 @@ from sweeper.inspect import (
     Oldest,
     Sample,
     inspect_target,
-    render_table,
 )
+from sweeper.inspect_table import render_table
 from sweeper.settings import SweepSettings
 
 NOW = dt.datetime(2024, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
