@@ -127,3 +127,14 @@ def start_slow_sweep(emu: Emulator, kind: str, *args: str) -> subprocess.Popen[s
         if json.loads(line)["event"] == "query_range":
             break
     return proc
+
+
+def run_cli(emulator: Emulator, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sweeper", "sweep", *args],
+        env={**os.environ, **emulator.env, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )

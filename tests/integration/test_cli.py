@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from typing import Any
 
 from google.cloud import datastore
@@ -13,18 +10,7 @@ from google.cloud import datastore
 from sweeper.encodings import Encoding
 from sweeper.testing.emulator import Emulator
 from tests.contract import SWEEP_FINISHED_FIELDS
-from tests.integration.helpers import ago, ahead, group_names, remaining, seed, stored
-
-
-def run_cli(emulator: Emulator, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sweeper", "sweep", *args],
-        env={**os.environ, **emulator.env, **env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+from tests.integration.helpers import ago, ahead, group_names, remaining, run_cli, seed, stored
 
 
 def events(stdout: str) -> list[dict[str, Any]]:

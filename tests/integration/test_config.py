@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from google.cloud import datastore
@@ -13,7 +10,7 @@ from google.cloud import datastore
 from sweeper.encodings import Encoding
 from sweeper.testing.emulator import Emulator
 from sweeper.testing.seed import MISSING, Session, put_sessions
-from tests.integration.helpers import ago, ahead, group_names, remaining, seed, stored
+from tests.integration.helpers import ago, ahead, group_names, remaining, run_cli, seed, stored
 
 S, TS = Encoding.EPOCH_SECONDS, Encoding.TIMESTAMP
 
@@ -66,14 +63,7 @@ format = "timestamp"
 grace = "1h"
 """)
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "sweeper", "sweep", "--config", str(config)],
-        env={**os.environ, **emulator.env, "SWEEPER_LOG_FORMAT": "json"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = run_cli(emulator, "--config", str(config), SWEEPER_LOG_FORMAT="json")
 
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -112,14 +102,7 @@ def test_a_failing_target_fails_the_run_but_not_the_others(
     config = tmp_path / "sweeper.toml"
     config.write_text(f'[[target]]\nkind = "{mixed}"\n\n[[target]]\nkind = "{fine}"\n')
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "sweeper", "sweep", "--config", str(config)],
-        env={**os.environ, **emulator.env, "SWEEPER_LOG_FORMAT": "json"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = run_cli(emulator, "--config", str(config), SWEEPER_LOG_FORMAT="json")
 
     assert proc.returncode == 1
     assert proc.stderr.startswith("sweeper: error: 1 of 2 targets failed")
