@@ -21,7 +21,7 @@ from google.cloud import datastore
 from sweeper import __version__
 from sweeper.config import load_targets
 from sweeper.connect import make_client
-from sweeper.engine import Runtime, SweepResult, sweep_targets
+from sweeper.engine import sweep_targets
 from sweeper.errors import (
     EXIT_FAILURE,
     EXIT_SIGINT,
@@ -36,6 +36,7 @@ from sweeper.inspect_table import render_table
 from sweeper.logs import LogFormat, configure
 from sweeper.metrics import MetricsError, push_summary
 from sweeper.options import inspect_options, log_options, sweep_options, target_options
+from sweeper.result import Runtime, SweepResult
 from sweeper.settings import (
     SweepSettings,
     parse_format,

@@ -8,11 +8,8 @@ exactly one ``sweep_finished`` event, which operators alert on.
 
 from __future__ import annotations
 
-import datetime as dt
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -23,92 +20,18 @@ from sweeper.deleter import BatchDeleter, BatchFailed, Deleter, VerifyingDeleter
 from sweeper.detect import check_indexed, detect_encoding
 from sweeper.encodings import Encoding
 from sweeper.errors import (
-    EXIT_FAILURE,
-    EXIT_OK,
     DatastoreError,
     SweeperError,
     describe_exception,
 )
 from sweeper.pipeline import Pipeline
-from sweeper.retry import PUSHBACK, Retrier, RetryCounter, RetryPolicy
+from sweeper.result import Runtime, SweepResult
+from sweeper.retry import PUSHBACK, Retrier, RetryCounter
 from sweeper.settings import SweepSettings
 from sweeper.sources import expired_streams
 from sweeper.throttle import Throttle, ThrottleSettings
 
-STOP_REASONS = ("complete", "max_deletes", "max_runtime", "signal", "error")
-
-
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """The outside world, injectable: tests pass a fake clock, a no-op sleep, a stop flag."""
-
-    now: Callable[[], dt.datetime] = utc_now
-    monotonic: Callable[[], float] = time.monotonic
-    sleep: Callable[[float], None] = time.sleep
-    stop_requested: Callable[[], bool] = lambda: False
-    # Called after every batch with the counts so far, the seconds elapsed and whether the run
-    # is over (the CLI draws a live line on a terminal); None for none.
-    on_progress: Callable[[SweepResult, float, bool], None] | None = None
-    retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
-    # Progress events on long runs, no more often than this.
-    progress_every_s: float = 10.0
-
-
-@dataclass
-class SweepResult:
-    """The counts of one run; :meth:`summary` is the ``sweep_finished`` contract."""
-
-    settings: SweepSettings
-    cutoff: dt.datetime
-    format: str
-    matched: int = 0
-    deleted: int = 0
-    failed: int = 0
-    skipped: int = 0
-    entities_read: int = 0
-    throttle_wait_s: float = 0.0
-    retries: int = 0
-    batches: int = 0
-    duration_s: float = 0.0
-    stopped_reason: str = "complete"
-    error: str | None = None
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_FAILURE if self.stopped_reason == "error" else EXIT_OK
-
-    def summary(self) -> dict[str, Any]:
-        s = self.settings
-        fields: dict[str, Any] = {
-            "kind": s.kind,
-            "namespace": s.namespace,
-            "database": s.database,
-            "property": s.prop,
-            "format": self.format,
-            "cutoff": self.cutoff.isoformat().replace("+00:00", "Z"),
-            "dry_run": s.dry_run,
-            "verify": s.verify,
-            "scan": s.scan,
-            "workers": s.workers,
-            "shard": str(s.shard),
-            "matched": self.matched,
-            "deleted": self.deleted,
-            "skipped": self.skipped,
-            "failed": self.failed,
-            "entities_read": self.entities_read,
-            "retries": self.retries,
-            "throttle_wait_s": round(self.throttle_wait_s, 3),
-            "batches": self.batches,
-            "duration_s": round(self.duration_s, 3),
-            "stopped_reason": self.stopped_reason,
-        }
-        if self.error is not None:
-            fields["error"] = self.error
-        return fields
+__all__ = ["Runtime", "Sweep", "SweepResult", "sweep_targets"]
 
 
 class Sweep:

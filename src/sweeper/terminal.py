@@ -7,8 +7,8 @@ import threading
 from types import FrameType
 from typing import Any, TextIO
 
-from sweeper.engine import SweepResult
 from sweeper.errors import EXIT_SIGINT, EXIT_SIGTERM
+from sweeper.result import SweepResult
 
 
 class ProgressLine:
