@@ -69,3 +69,26 @@ def test_parallel_streams_delete_exactly_the_expired_set(
     names = [f"{g}-{i}" for g, values in groups.items() for i in range(len(values))]
     assert remaining(client, kind, names) == {n for n in names if n.startswith("live")}
     assert (result.matched, result.deleted, result.failed) == (900, 900, 0)
+
+
+def test_max_rate_slows_the_deletes(client: datastore.Client, kind: str) -> None:
+    groups: dict[str, list[object]] = {"expired": [encode(ago(hours=1), S)] * 1500}
+    seed(client, kind, groups)
+
+    result = sweep(client, kind, S, max_rate=1000.0, batch_size=500)
+
+    # The first batch goes at once; the other two wait for the budget: about a second.
+    assert result.deleted == 1500
+    assert result.throttle_wait_s >= 0.9
+    assert result.duration_s >= 0.9
+
+
+def test_ramp_up_starts_at_500_deletes_per_second(client: datastore.Client, kind: str) -> None:
+    groups: dict[str, list[object]] = {"expired": [encode(ago(hours=1), S)] * 600}
+    seed(client, kind, groups)
+
+    result = sweep(client, kind, S, ramp_up=True, batch_size=200)
+
+    # Three batches of 200 at 500/s: the first goes at once, the others wait 0.4 s and 0.8 s.
+    assert result.deleted == 600
+    assert result.throttle_wait_s >= 0.5
