@@ -26,9 +26,13 @@ from sweeper.retry import Retrier
 def detect_encoding(
     client: datastore.Client, retrier: Retrier, kind: str, prop: str
 ) -> Encoding | None:
-    """The single encoding stored in ``kind.prop``; None when it holds no indexed value."""
-    smallest = fetch_keys(client, retrier, RangeQuery(kind, prop, ((">", None),)), 1)
+    """The single encoding stored in ``kind.prop``; None when it holds no value at all.
+
+    Refuses when entities carry values that no index holds (see :func:`check_indexed`).
+    """
+    smallest = _smallest_indexed(client, retrier, kind, prop)
     if not smallest:
+        _refuse_if_carried(client, retrier, kind, prop)
         return None
     largest = fetch_keys(client, retrier, RangeQuery(kind, prop), 1, descending=True)
     unique = list({k.flat_path: k for k in smallest + largest}.values())
@@ -74,8 +78,19 @@ def check_indexed(client: datastore.Client, retrier: Retrier, kind: str, prop: s
     A property excluded from indexes (the runner's used-JWT-id kind) is invisible to every range
     query: a sweep would report nothing to do forever. Only a scan reads such values.
     """
-    if fetch_keys(client, retrier, RangeQuery(kind, prop, ((">", None),)), 1):
-        return
+    if not _smallest_indexed(client, retrier, kind, prop):
+        _refuse_if_carried(client, retrier, kind, prop)
+
+
+def _smallest_indexed(
+    client: datastore.Client, retrier: Retrier, kind: str, prop: str
+) -> list[datastore.Key]:
+    """The key holding the smallest non-null indexed value, if any value is indexed at all."""
+    return fetch_keys(client, retrier, RangeQuery(kind, prop, ((">", None),)), 1)
+
+
+def _refuse_if_carried(client: datastore.Client, retrier: Retrier, kind: str, prop: str) -> None:
+    """No index entry holds a value: refuse if sampled entities carry one all the same."""
     sample = lookup(
         client, retrier, fetch_keys(client, retrier, RangeQuery(kind, prop), UNINDEXED_SAMPLE)
     )

@@ -89,7 +89,6 @@ class Sweep:
         s = self.settings
         encoding = detect_encoding(self.client, self._retrier, s.kind, s.prop)
         if encoding is None:
-            check_indexed(self.client, self._retrier, s.kind, s.prop)
             self._log.warning("no_expiry_values", property=s.prop, hint="nothing to sweep")
         return encoding
 

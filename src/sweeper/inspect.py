@@ -208,10 +208,8 @@ def _decide(s: SweepSettings, reader: _Reader) -> tuple[Action, Encoding | None,
         encoding = detect_encoding(reader.client, reader.retrier, s.kind, s.prop)
     except RefusedError as exc:
         return "refuse", None, exc.message
-    if encoding:
-        return "sweep", encoding, None
-    refusal = _unindexed_refusal(s, reader)
-    return ("refuse" if refusal else "nothing"), None, refusal
+    # detect_encoding has already refused values that no index holds.
+    return ("sweep", encoding, None) if encoding else ("nothing", None, None)
 
 
 def _unindexed_refusal(s: SweepSettings, reader: _Reader) -> str | None:
