@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 import structlog
@@ -79,7 +79,7 @@ def sweep(**options: Any) -> None:
     """
     ctx = click.get_current_context()
     targets = _targets(ctx, options)
-    log_format: LogFormat = options["log_format"] or ("console" if sys.stdout.isatty() else "json")
+    log_format = _log_format(options, sys.stdout)
     configure(log_format, options["log_level"])
     line = ProgressLine(sys.stderr) if log_format == "console" and sys.stderr.isatty() else None
     with StopOnSignal() as stop:
@@ -118,22 +118,9 @@ def inspect(**options: Any) -> None:
       sweeper inspect --kind eq-session --grace 3h
       sweeper inspect --kind used-jti-claim --format epoch-seconds --output json
     """
-    settings = SweepSettings(
-        kind=options["kind"],
-        prop=options["prop"],
-        format=parse_format(options["fmt"]),
-        grace=options["grace"],
-        scan=options["scan"],
-        project=options["project"] or None,
-        database=options["database"] or None,
-        namespace=options["namespace"] or None,
-    )
+    settings = SweepSettings(**_target_values(options))
     output = options["output"] or ("table" if sys.stdout.isatty() else "json")
-    configure(
-        options["log_format"] or ("console" if sys.stderr.isatty() else "json"),
-        options["log_level"],
-        sys.stderr,
-    )
+    configure(_log_format(options, sys.stderr), options["log_level"], sys.stderr)
     report = inspect_target(
         settings,
         _client_for(settings),
@@ -160,19 +147,12 @@ _PER_TARGET = {
 
 def _targets(ctx: click.Context, options: dict[str, Any]) -> list[SweepSettings]:
     values: dict[str, Any] = {
-        "kind": options["kind"],
-        "prop": options["prop"],
-        "format": parse_format(options["fmt"]),
-        "grace": options["grace"],
+        **_target_values(options),
         "batch_size": options["batch_size"],
         "dry_run": options["dry_run"],
         "verify": options["verify"],
-        "scan": options["scan"],
         "max_deletes": options["max_deletes"],
         "max_runtime": options["max_runtime"],
-        "project": options["project"] or None,
-        "database": options["database"] or None,
-        "namespace": options["namespace"] or None,
         "workers": options["workers"],
         "shard": Shard.parse(options["shard"]),
         "ramp_up": _ramp_up(options["ramp_up"]),
@@ -191,6 +171,26 @@ def _targets(ctx: click.Context, options: dict[str, Any]) -> list[SweepSettings]
         )
     values.pop("kind")
     return load_targets(Path(options["config"]), values)
+
+
+def _target_values(options: dict[str, Any]) -> dict[str, Any]:
+    """The SweepSettings fields that `sweep` and `inspect` both take from the target options."""
+    return {
+        "kind": options["kind"],
+        "prop": options["prop"],
+        "format": parse_format(options["fmt"]),
+        "grace": options["grace"],
+        "scan": options["scan"],
+        "project": options["project"] or None,
+        "database": options["database"] or None,
+        "namespace": options["namespace"] or None,
+    }
+
+
+def _log_format(options: dict[str, Any], stream: TextIO) -> LogFormat:
+    """The asked format, else console for a person at a terminal and JSON for a machine."""
+    chosen: LogFormat | None = options["log_format"]
+    return chosen or ("console" if stream.isatty() else "json")
 
 
 def _push_metrics(url: str, results: list[SweepResult]) -> None:
