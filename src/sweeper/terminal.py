@@ -19,22 +19,23 @@ class ProgressLine:
         self._shown = False
 
     def show(self, result: SweepResult, elapsed_s: float, finished: bool) -> None:
-        if not finished and elapsed_s - self._last < self._every_s:
-            return
-        self._last = elapsed_s
-        if finished and not self._shown:
-            return  # a run too short for a live line needs none
+        if finished:
+            if self._shown:  # a run too short for a live line needs no last one either
+                self._write(result, elapsed_s, "\n")
+            self._shown, self._last = False, 0.0  # the next target starts afresh
+        elif elapsed_s - self._last >= self._every_s:
+            self._write(result, elapsed_s, "")
+            self._shown, self._last = True, elapsed_s
+
+    def _write(self, result: SweepResult, elapsed_s: float, end: str) -> None:
         done = result.matched if result.settings.dry_run else result.deleted
         verb = "would delete" if result.settings.dry_run else "deleted"
         rate = done / elapsed_s if elapsed_s > 0 else 0.0
-        end = "\n" if finished else ""
         self._stream.write(
             f"\r{result.settings.kind}: {verb} {done} ({rate:.0f}/s), "
             f"{elapsed_s:.0f}s elapsed {end}"
         )
         self._stream.flush()
-        self._shown = not finished
-        self._last = 0.0 if finished else self._last
 
 
 class StopOnSignal:
