@@ -75,12 +75,15 @@ verify = true
 
 
 def test_the_shipped_example_config_loads() -> None:
+    """The runner stores every one of these properties as int epoch seconds (its marshmallow
+    ``Timestamp`` field), submitted_at included; tests/integration/test_runner_data.py sweeps
+    runner-shaped data with this very file."""
     example = Path(__file__).parents[2] / "deploy" / "sweeper.toml"
     targets = load_targets(example, dict(BASE))
-    assert [(t.kind, t.prop) for t in targets] == [
-        ("eq-session", "expires_at"),
-        ("questionnaire-state", "expires_at"),
-        ("questionnaire-state", "submitted_at"),
+    assert [(t.kind, t.prop, t.format, t.grace) for t in targets] == [
+        ("eq-session", "expires_at", Encoding.EPOCH_SECONDS, dt.timedelta(hours=3)),
+        ("questionnaire-state", "expires_at", Encoding.EPOCH_SECONDS, dt.timedelta(hours=3)),
+        ("questionnaire-state", "submitted_at", Encoding.EPOCH_SECONDS, dt.timedelta(hours=1)),
     ]
 
 
@@ -135,3 +138,11 @@ def test_the_cronjob_carries_the_same_targets_as_the_example(tmp_path: Path) -> 
     embedded.write_text(config_map["data"]["sweeper.toml"])
     assert load_targets(embedded, dict(BASE)) == load_targets(deploy / "sweeper.toml", dict(BASE))
     assert "SWEEPER_KIND" not in config_map["data"]  # would clash with --config
+    # ... and the CronJob mounts that very key where SWEEPER_CONFIG points.
+    cronjob = next(d for d in documents if d and d["kind"] == "CronJob")
+    pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["configMap"]["name"] == "sweeper-config"]
+    (item,) = volume["configMap"]["items"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
+    assert item["key"] == "sweeper.toml"
+    assert config_map["data"]["SWEEPER_CONFIG"] == f"{mount['mountPath']}/{item['path']}"
