@@ -15,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Protocol, TypeVar
 
@@ -23,15 +24,20 @@ import structlog
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
+from sweeper.concurrency import Degradation
 from sweeper.encodings import Encoding, is_expired
-from sweeper.retry import CALL_TIMEOUT_S, NO_CLIENT_RETRY, Retrier
+from sweeper.retry import NO_CLIENT_RETRY, Retrier
 from sweeper.settings import MAX_BATCH_SIZE
 
 T = TypeVar("T")
 
 # The legacy Datastore emulator (and Datastore before Firestore) lets one transaction touch at
 # most 25 entity groups; Firestore in Datastore mode takes a whole 500-key batch (CONTEXT trap 5).
-LEGACY_TRANSACTION_LIMIT = 25
+LEGACY_LIMIT = 25
+
+# What one commit should take, and the fewest keys worth a round trip (Beam's floor too).
+TARGET_COMMIT_S = 2.0
+MIN_COMMIT_KEYS = 5
 
 
 def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -48,6 +54,85 @@ class BatchFailed(Exception):
         self.cause = cause
 
 
+class BatchSizer:
+    """Keys per commit, sized to what the database answers in.
+
+    A fixed 500 keys fails on a database that takes longer than the call deadline to delete
+    them (a legacy emulator holding half a million entities takes over 20 s): every attempt
+    times out and the run fails having deleted nothing. As Apache Beam's Datastore connector
+    does, the size follows the recent time per key so that a commit takes about
+    ``target_s``; a commit that times out proves at least ``elapsed / keys`` per key, which
+    cuts the size at once, and the retry sends the smaller commit. Sweeper aims lower than
+    Beam's 6 s so that a commit in flight when the run must stop lands within the stop budget.
+    """
+
+    def __init__(
+        self,
+        maximum: int,
+        clock: Callable[[], float],
+        target_s: float = TARGET_COMMIT_S,
+        minimum: int = MIN_COMMIT_KEYS,
+    ) -> None:
+        self.maximum = maximum
+        self._minimum = min(minimum, maximum)
+        self._clock = clock
+        self._target_s = target_s
+        self._per_key: float | None = None  # smoothed seconds per key
+        self._lock = threading.Lock()
+        self.size = maximum
+        self._smallest = maximum
+        self._reductions = 0
+        self._reduced_since: float | None = None
+        self._reduced_s = 0.0
+
+    def observe(self, seconds: float, keys: int) -> None:
+        """A commit of ``keys`` keys answered in ``seconds``."""
+        with self._lock:
+            sample = seconds / max(keys, 1)
+            previous = self._per_key
+            self._per_key = sample if previous is None else 0.5 * previous + 0.5 * sample
+            self._resize()
+
+    def measure(self, keys: int, commit: Callable[[], T]) -> T:
+        """Run one commit of ``keys`` keys and learn from how long it took, or that it timed out."""
+        started = self._clock()
+        try:
+            value = commit()
+        except gexc.DeadlineExceeded:
+            self.timed_out(self._clock() - started, keys)
+            raise
+        self.observe(self._clock() - started, keys)
+        return value
+
+    def timed_out(self, seconds: float, keys: int) -> None:
+        """A commit of ``keys`` keys was still unanswered after ``seconds``."""
+        with self._lock:
+            self._per_key = max(self._per_key or 0.0, seconds / max(keys, 1))
+            self._resize()
+
+    def _resize(self) -> None:
+        assert self._per_key is not None
+        fits = int(self._target_s / self._per_key) if self._per_key > 0 else self.maximum
+        size = max(self._minimum, min(self.maximum, fits))
+        now = self._clock()
+        if size < self.size:
+            self._reductions += 1
+            self._smallest = min(self._smallest, size)
+        if size < self.maximum and self._reduced_since is None:
+            self._reduced_since = now
+        if size == self.maximum and self._reduced_since is not None:
+            self._reduced_s += now - self._reduced_since
+            self._reduced_since = None
+        self.size = size
+
+    def degradation(self) -> Degradation:
+        with self._lock:
+            ongoing = 0.0 if self._reduced_since is None else self._clock() - self._reduced_since
+            return Degradation(
+                self.maximum, self._smallest, self._reductions, self._reduced_s + ongoing
+            )
+
+
 class Deleter(Protocol):
     def delete(self, keys: Sequence[datastore.Key]) -> int:
         """Delete one batch; return how many keys were deleted."""
@@ -55,33 +140,46 @@ class Deleter(Protocol):
 
 
 class BatchDeleter:
-    """Blind deletes: one commit per batch, one billed delete per key, no reads."""
+    """Blind deletes: commits of ``sizer.size`` keys, one billed delete per key, no reads."""
 
-    def __init__(self, client: datastore.Client, retrier: Retrier) -> None:
+    def __init__(
+        self, client: datastore.Client, retrier: Retrier, sizer: BatchSizer | None = None
+    ) -> None:
         self._client = client
         self._retrier = retrier
+        self._sizer = sizer or BatchSizer(MAX_BATCH_SIZE, time.monotonic)
 
     def delete(self, keys: Sequence[datastore.Key]) -> int:
-        """Delete one batch, retrying transient failures; raise once the policy gives up."""
+        """Delete one batch, retrying transient failures; raise once the policy gives up.
+
+        Each attempt sends the keys not yet deleted, cut at the size the sizer allows *now*,
+        so a commit that timed out is retried smaller.
+        """
         if len(keys) > MAX_BATCH_SIZE:
             raise ValueError(f"a commit takes at most {MAX_BATCH_SIZE} mutations")
-        batch = list(keys)
-        try:
-            self._retrier.call(
-                "delete",
-                lambda: self._client.delete_multi(
-                    batch, retry=NO_CLIENT_RETRY, timeout=CALL_TIMEOUT_S
-                ),
-            )
-        except Exception as exc:
-            raise BatchFailed(0, exc) from exc
-        return len(batch)
+        done = 0
+        while done < len(keys):
+            try:
+                done += self._retrier.call("delete", partial(self._commit, keys, done))
+            except Exception as exc:
+                raise BatchFailed(done, exc) from exc
+        return done
+
+    def _commit(self, keys: Sequence[datastore.Key], done: int) -> int:
+        chunk = list(keys[done : done + self._sizer.size])
+        self._sizer.measure(
+            len(chunk),
+            lambda: self._client.delete_multi(
+                chunk, retry=NO_CLIENT_RETRY, timeout=self._retrier.timeout
+            ),
+        )
+        return len(chunk)
 
 
 class VerifyingDeleter:
     """Re-checks each key in a transaction and deletes only entities still expired.
 
-    Costs one entity read per key on top of the delete. Transactions start at the batch size
+    Costs one entity read per key on top of the delete. Transactions take the sizer's size,
     and shrink to 25 keys, for the rest of the run, the first time the database refuses a
     transaction over too many entity groups.
     """
@@ -93,54 +191,62 @@ class VerifyingDeleter:
         encoding: Encoding,
         prop: str,
         cutoff: dt.datetime,
+        *,
+        sizer: BatchSizer | None = None,
     ) -> None:
         self._client = client
         self._retrier = retrier
         self._encoding = encoding
         self._prop = prop
         self._cutoff = cutoff
+        self._sizer = sizer or BatchSizer(MAX_BATCH_SIZE, time.monotonic)
         self.transaction_size = MAX_BATCH_SIZE
         self._lock = threading.Lock()
         self._log = structlog.get_logger("sweeper.verify")
 
     def delete(self, keys: Sequence[datastore.Key]) -> int:
-        deleted = 0
-        for chunk in chunks(keys, self.transaction_size):
+        done = deleted = 0
+        tried: list[int] = []  # the size of each transaction sent, to tell why one was refused
+        while done < len(keys):
             try:
-                deleted += self._delete_chunk(chunk)
-            except BatchFailed as exc:
-                raise BatchFailed(deleted + exc.deleted, exc.cause) from exc.cause
+                checked, removed = self._retrier.call(
+                    "verify", partial(self._next, keys, done, tried)
+                )
+            except gexc.InvalidArgument as exc:
+                if "entity groups" not in str(exc) or tried[-1] <= LEGACY_LIMIT:
+                    raise BatchFailed(deleted, exc) from exc
+                self._shrink()
+                continue
             except Exception as exc:
                 raise BatchFailed(deleted, exc) from exc
+            done, deleted = done + checked, deleted + removed
         return deleted
 
-    def _delete_chunk(self, keys: Sequence[datastore.Key]) -> int:
-        try:
-            return self._retrier.call("verify", partial(self._transaction, list(keys)))
-        except gexc.InvalidArgument as exc:
-            if "entity groups" not in str(exc) or len(keys) <= LEGACY_TRANSACTION_LIMIT:
-                raise
-            self._shrink()
-            return self.delete(keys)
+    def _next(self, keys: Sequence[datastore.Key], done: int, tried: list[int]) -> tuple[int, int]:
+        """One transaction over the next keys: (keys checked, keys deleted)."""
+        chunk = list(keys[done : done + min(self.transaction_size, self._sizer.size)])
+        tried.append(len(chunk))
+        return len(chunk), self._sizer.measure(len(chunk), partial(self._transaction, chunk))
 
     def _shrink(self) -> None:
         with self._lock:  # several workers may be refused at once: shrink and say so once
-            if self.transaction_size == LEGACY_TRANSACTION_LIMIT:
+            if self.transaction_size == LEGACY_LIMIT:
                 return
-            self.transaction_size = LEGACY_TRANSACTION_LIMIT
+            self.transaction_size = LEGACY_LIMIT
         self._log.info(
             "transaction_size_reduced",
-            keys=LEGACY_TRANSACTION_LIMIT,
+            keys=LEGACY_LIMIT,
             reason="too many entity groups in one transaction",
         )
 
     def _transaction(self, keys: list[datastore.Key]) -> int:
         """Look up, keep what is still expired, delete it; all or nothing."""
+        timeout = self._retrier.timeout
         transaction = self._client.transaction()
-        transaction.begin(retry=NO_CLIENT_RETRY, timeout=CALL_TIMEOUT_S)
+        transaction.begin(retry=NO_CLIENT_RETRY, timeout=timeout)
         try:
             entities = self._client.get_multi(
-                keys, transaction=transaction, retry=NO_CLIENT_RETRY, timeout=CALL_TIMEOUT_S
+                keys, transaction=transaction, retry=NO_CLIENT_RETRY, timeout=timeout
             )
             doomed = [
                 entity.key
@@ -149,14 +255,14 @@ class VerifyingDeleter:
             ]
             for key in doomed:
                 transaction.delete(key)
-            transaction.commit(retry=NO_CLIENT_RETRY, timeout=CALL_TIMEOUT_S)
+            transaction.commit(retry=NO_CLIENT_RETRY, timeout=timeout)
         except BaseException:
-            _rollback(transaction)
+            _rollback(transaction, timeout)
             raise
         return len(doomed)
 
 
-def _rollback(transaction: datastore.Transaction) -> None:
+def _rollback(transaction: datastore.Transaction, timeout: float) -> None:
     """Best effort: a failed transaction expires on its own; never mask the real error."""
     with contextlib.suppress(Exception):
-        transaction.rollback(retry=NO_CLIENT_RETRY, timeout=CALL_TIMEOUT_S)
+        transaction.rollback(retry=NO_CLIENT_RETRY, timeout=timeout)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import structlog
 from google.cloud import datastore
 
-from sweeper.encodings import Encoding, classify, describe_value
+from sweeper.encodings import Encoding, ExpiredRange, classify, describe_value
 from sweeper.errors import RefusedError
 from sweeper.query import RangeQuery, fetch_keys, lookup
 from sweeper.retry import Retrier
@@ -66,6 +66,55 @@ def _what(found: list[Encoding | None]) -> str:
     if None in found:
         return "values of no supported encoding"
     return "more than one encoding"
+
+
+def check_explicit(
+    client: datastore.Client, retrier: Retrier, kind: str, prop: str, encoding: Encoding
+) -> tuple[str, ...]:
+    """Before an explicit ``--format`` sweep: the other encodings the property holds.
+
+    Refuses when the chosen encoding's band holds no value at all while the property holds
+    values of another encoding (or values no index holds): such a sweep could never match
+    anything, and would report success forever. Costs three limit-1 keys-only queries and a
+    lookup of at most three entities.
+    """
+    smallest = _smallest_indexed(client, retrier, kind, prop)
+    if not smallest:
+        _refuse_if_carried(client, retrier, kind, prop)
+        return ()
+    largest = fetch_keys(client, retrier, RangeQuery(kind, prop), 1, descending=True)
+    ends = _values(client, retrier, prop, smallest + largest)
+    found = {classify(value) for value in ends}
+    if found <= {encoding}:
+        return ()
+    others = tuple(sorted(e.value if e else "unsupported" for e in found if e is not encoding))
+    lo, hi = ExpiredRange(encoding, encoding.band.lo, encoding.band.hi).values()
+    inside = fetch_keys(client, retrier, RangeQuery(kind, prop, ((">=", lo), ("<", hi))), 1)
+    # The index cannot tell a Timestamp from an int of microseconds: look the value up.
+    if any(classify(v) is encoding for v in _values(client, retrier, prop, inside)):
+        return others
+    raise RefusedError(
+        f"refusing --format {encoding.value} on {kind}.{prop}: it holds no {encoding.value} "
+        f"value at all, so this sweep could never delete anything. Its values run from "
+        f"{_describe(ends[0])} to {_describe(ends[-1])}; {_suggest(found)} Nothing was deleted."
+    )
+
+
+def _values(
+    client: datastore.Client, retrier: Retrier, prop: str, keys: list[datastore.Key]
+) -> list[object]:
+    """The stored values of ``keys``, in the order given, as a lookup returns them."""
+    unique = list({k.flat_path: k for k in keys}.values())
+    by_key = {e.key.flat_path: e.get(prop) for e in lookup(client, retrier, unique)}
+    return [by_key[k.flat_path] for k in keys if k.flat_path in by_key]
+
+
+def _suggest(found: set[Encoding | None]) -> str:
+    if len(found) == 1 and None not in found:
+        (only,) = found
+        assert only is not None
+        return f"--format {only.value} would match them."
+    return "no single --format matches them all: see `sweeper inspect`."
 
 
 # Entities looked up to tell "no values" from "values no index holds".

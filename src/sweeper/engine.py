@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import structlog
 from google.cloud import datastore
 from google.cloud.datastore import Key
 
-from sweeper.deleter import BatchDeleter, BatchFailed, Deleter, VerifyingDeleter, chunks
-from sweeper.detect import check_indexed, detect_encoding
+from sweeper.concurrency import CallLimiter
+from sweeper.deleter import (
+    BatchDeleter,
+    BatchFailed,
+    BatchSizer,
+    Deleter,
+    VerifyingDeleter,
+    chunks,
+)
+from sweeper.detect import check_explicit, detect_encoding
 from sweeper.encodings import Encoding
 from sweeper.errors import (
     DatastoreError,
@@ -29,77 +38,161 @@ from sweeper.result import Runtime, SweepResult
 from sweeper.retry import PUSHBACK, Retrier, RetryCounter
 from sweeper.settings import SweepSettings
 from sweeper.sources import expired_streams
+from sweeper.stopping import Stopped, Stopper, StopReason
 from sweeper.throttle import Throttle, ThrottleSettings
 
 __all__ = ["Runtime", "Sweep", "SweepResult", "sweep_targets"]
 
 
 class Sweep:
-    """One run over one kind. Create, then call :meth:`run` once."""
+    """One run over one kind. Create, then call :meth:`run` once.
+
+    ``client`` is a Datastore client, or a function that builds one: building it can fail
+    (no credentials, no project), and that failure still owes the operator a
+    ``sweep_finished`` event.
+    """
 
     def __init__(
-        self, settings: SweepSettings, client: datastore.Client, runtime: Runtime | None = None
+        self,
+        settings: SweepSettings,
+        client: datastore.Client | Callable[[], datastore.Client],
+        runtime: Runtime | None = None,
     ) -> None:
         self.settings = settings
-        self.client = client
-        self.runtime = runtime or Runtime()
+        self._connect: Callable[[], datastore.Client] = (
+            client if callable(client) else lambda: client
+        )
+        self.runtime = rt = runtime or Runtime()
         self._counter = RetryCounter()
+        self._stopper = Stopper(rt.stop_requested, rt.monotonic, rt.sleep)
+        # A query stream and a delete worker per worker: nothing waits for a place unless
+        # connection loss has cut the limit.
+        self._limiter = CallLimiter(2 * settings.workers, rt.monotonic, self._stopper.check)
+        self._sizer = BatchSizer(settings.batch_size, rt.monotonic)
         self._throttle = Throttle(
             ThrottleSettings(
                 ramp_up=settings.ramp_up, max_rate=settings.max_rate, divisor=settings.shard.count
             ),
-            clock=self.runtime.monotonic,
-            sleep=self.runtime.sleep,
+            clock=rt.monotonic,
+            sleep=self._stopper.pause,
         )
         self._retrier = Retrier(
-            self.runtime.retry_policy, self._counter, self.runtime.sleep, self._pushed_back
+            rt.retry_policy,
+            self._counter,
+            on_failure=self._pushed_back,
+            clock=rt.monotonic,
+            stopper=self._stopper,
+            limiter=self._limiter,
         )
         self._log = structlog.get_logger("sweeper").bind(kind=settings.kind)
         self._lock = threading.Lock()  # the result's counts, updated by every worker
+        self._in_flight = 0  # keys handed to a delete call not yet answered
+        self._abandoned = False
 
     def run(self) -> SweepResult:
+        """Sweep in a thread of its own, so that a stop is honoured whatever it is doing.
+
+        Once the run must stop (signal or deadline), calls in flight get ``drain_s`` to land;
+        a call still hanging after that is abandoned and the summary says how many keys it
+        carried. The process can exit under it: the thread is a daemon.
+        """
         rt, s = self.runtime, self.settings
         started = rt.monotonic()
-        cutoff = rt.now() - s.grace
-        result = SweepResult(s, cutoff, s.format_label)
+        if s.max_runtime is not None:
+            self._stopper.deadline = started + s.max_runtime.total_seconds()
+        result = SweepResult(s, rt.now() - s.grace, s.format_label)
         self._log.info(
             "sweep_started",
             **{k: v for k, v in result.summary().items() if k in _START_FIELDS},
             grace_s=s.grace.total_seconds(),
         )
-        try:
-            encoding = s.format if isinstance(s.format, Encoding) else self._detect()
-            if encoding is not None:
-                result.format = encoding.value
-                self._sweep(encoding, result, started)
-        except SweeperError as exc:
-            result.stopped_reason, result.error = "error", exc.message
-        except Exception as exc:  # anything the client raises once retries are spent
-            result.stopped_reason, result.error = "error", _datastore_failure(exc)
-        finally:
+        body = threading.Thread(
+            target=self._body, args=(result, started), name=f"sweep-{s.kind}", daemon=True
+        )
+        body.start()
+        self._await(body)
+        with self._lock:
+            if body.is_alive():
+                self._abandoned = True
+                result.stop(self._stopper.reason() or StopReason.SIGNAL)
+                result.unconfirmed = self._in_flight
             result.retries = self._counter.retries
             result.duration_s = rt.monotonic() - started
-            if rt.on_progress is not None:
-                rt.on_progress(result, result.duration_s, True)
-            log = self._log.error if result.stopped_reason == "error" else self._log.info
-            log("sweep_finished", **result.summary())
+            result.concurrency = self._limiter.degradation()
+            result.commit_size = self._sizer.degradation()
+            summary = result.summary()
+        if rt.on_progress is not None:
+            rt.on_progress(result, result.duration_s, True)
+        log = self._log.error if result.stopped_reason == StopReason.ERROR else self._log.info
+        log("sweep_finished", **summary)
         return result
 
-    def _detect(self) -> Encoding | None:
+    def _await(self, body: threading.Thread) -> None:
+        while body.is_alive():
+            body.join(self.runtime.poll_s)
+            if self._stopper.reason() is not None:
+                body.join(self.runtime.drain_s)
+                return
+
+    def _body(self, result: SweepResult, started: float) -> None:
+        try:
+            self._sweep(self._connect(), result)
+        except Stopped as stop:
+            self._end(result, stop.reason)
+        except SweeperError as exc:
+            self._end(result, StopReason.ERROR, exc.message)
+        except Exception as exc:  # anything the client raises once retries are spent
+            self._end(result, StopReason.ERROR, _datastore_failure(exc))
+
+    def _end(self, result: SweepResult, reason: StopReason, error: str | None = None) -> None:
+        with self._lock:
+            if self._abandoned:  # the summary is out already: leave it as logged
+                return
+            if reason == StopReason.ERROR:
+                result.stopped_reason, result.error = reason, error
+            else:
+                result.stop(reason)
+
+    def _sweep(self, client: datastore.Client, result: SweepResult) -> None:
         s = self.settings
-        encoding = detect_encoding(self.client, self._retrier, s.kind, s.prop)
+        if isinstance(s.format, Encoding):
+            encoding: Encoding | None = s.format
+            if not s.scan:
+                result.other_encodings = check_explicit(
+                    client, self._retrier, s.kind, s.prop, s.format
+                )
+                if result.other_encodings:
+                    self._log.warning(
+                        "other_encodings_present",
+                        property=s.prop,
+                        swept=s.format.value,
+                        left_alone=list(result.other_encodings),
+                    )
+        else:
+            encoding = self._detect(client)
+        if encoding is not None:
+            result.format = encoding.value
+            self._delete_expired(client, encoding, result)
+
+    def _detect(self, client: datastore.Client) -> Encoding | None:
+        s = self.settings
+        encoding = detect_encoding(client, self._retrier, s.kind, s.prop)
         if encoding is None:
             self._log.warning("no_expiry_values", property=s.prop, hint="nothing to sweep")
         return encoding
 
-    def _sweep(self, encoding: Encoding, result: SweepResult, started: float) -> None:
-        s = self.settings
+    def _delete_expired(
+        self, client: datastore.Client, encoding: Encoding, result: SweepResult
+    ) -> None:
+        s, rt = self.settings, self.runtime
         deleter: Deleter = (
-            VerifyingDeleter(self.client, self._retrier, encoding, s.prop, result.cutoff)
+            VerifyingDeleter(
+                client, self._retrier, encoding, s.prop, result.cutoff, sizer=self._sizer
+            )
             if s.verify
-            else BatchDeleter(self.client, self._retrier)
+            else BatchDeleter(client, self._retrier, sizer=self._sizer)
         )
-        progress = _Progress(self._log, self.runtime, self._counter, started, s.dry_run)
+        progress = _Progress(self._log, rt, self._counter, rt.monotonic(), s.dry_run)
         budget = _Budget(s.max_deletes)
 
         def batches(pages: Iterator[list[Key]]) -> Iterator[Sequence[Key]]:
@@ -116,11 +209,9 @@ class Sweep:
                 progress.maybe_log(result)
 
         def should_stop() -> bool:
-            reason = self._stop_reason(started)
+            reason = self._stopper.reason()
             if reason is not None:
-                with self._lock:
-                    if result.stopped_reason == "complete":
-                        result.stopped_reason = reason
+                self._end(result, reason)
             return reason is not None
 
         def count_reads(n: int) -> None:
@@ -128,19 +219,11 @@ class Sweep:
                 result.entities_read += n
 
         streams = expired_streams(
-            self.client,
-            self._retrier,
-            s,
-            encoding,
-            result.cutoff,
-            log=self._log,
-            on_read=count_reads,
+            client, self._retrier, s, encoding, result.cutoff, log=self._log, on_read=count_reads
         )
         Pipeline(s.workers, process, should_stop).run([batches(st) for st in streams])
-        if budget.capped and result.stopped_reason == "complete":
-            result.stopped_reason = "max_deletes"
-        if result.matched == 0 and not s.scan and isinstance(s.format, Encoding):
-            check_indexed(self.client, self._retrier, s.kind, s.prop)
+        if budget.capped:
+            self._end(result, StopReason.MAX_DELETES)
 
     def _process(self, deleter: Deleter, batch: Sequence[Key], result: SweepResult) -> None:
         with self._lock:
@@ -160,14 +243,17 @@ class Sweep:
 
     def _delete(self, deleter: Deleter, batch: Sequence[Key], result: SweepResult) -> None:
         waited = self._throttle.acquire(len(batch))
-        if waited:
-            with self._lock:
-                result.throttle_wait_s += waited
+        with self._lock:
+            result.throttle_wait_s += waited
+            self._in_flight += len(batch)
         try:
             deleted = deleter.delete(batch)
         except BatchFailed as exc:
             with self._lock:
+                self._in_flight -= len(batch)
                 result.deleted += exc.deleted
+                if isinstance(exc.cause, Stopped):  # stopping, not failing: the rest is kept
+                    raise exc.cause from None
                 result.failed += len(batch) - exc.deleted
             raise DatastoreError(
                 f"deleting a batch of {len(batch)} keys failed after "
@@ -175,17 +261,10 @@ class Sweep:
             ) from exc
         self._throttle.record(accepted=True)
         with self._lock:
+            self._in_flight -= len(batch)
             result.deleted += deleted
             result.skipped += len(batch) - deleted
         self._log.debug("batch_deleted", keys=len(batch), deleted=deleted)
-
-    def _stop_reason(self, started: float) -> str | None:
-        s, rt = self.settings, self.runtime
-        if rt.stop_requested():
-            return "signal"
-        if s.max_runtime is not None and rt.monotonic() - started >= s.max_runtime.total_seconds():
-            return "max_runtime"
-        return None
 
 
 _START_FIELDS = ("namespace", "database", "property", "format", "cutoff", "dry_run")
@@ -208,6 +287,8 @@ class _Budget:
                 return ()
             taken = batch[: self._left]
             self._left -= len(taken)
+            if len(taken) < len(batch):  # the cap fell inside this batch: keys are left
+                self.capped = True
             return taken
 
 
@@ -261,7 +342,7 @@ def sweep_targets(
     for settings in targets:
         if rt.stop_requested():
             break
-        results.append(Sweep(settings, client_for(settings), rt).run())
+        results.append(Sweep(settings, partial(client_for, settings), rt).run())
     if overall:
         failed = [f"{r.settings.kind}.{r.settings.prop}" for r in results if r.error]
         log = structlog.get_logger("sweeper")
@@ -273,6 +354,10 @@ def sweep_targets(
             matched=sum(r.matched for r in results),
             deleted=sum(r.deleted for r in results),
             duration_s=round(rt.monotonic() - started, 3),
-            stopped_reason="signal" if rt.stop_requested() else ("error" if failed else "complete"),
+            stopped_reason=(
+                StopReason.SIGNAL
+                if rt.stop_requested()
+                else (StopReason.ERROR if failed else StopReason.COMPLETE)
+            ).value,
         )
     return results

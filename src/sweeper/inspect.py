@@ -31,7 +31,6 @@ from sweeper.encodings import (
 from sweeper.errors import DatastoreError, RefusedError, UsageError, describe_exception
 from sweeper.query import PAGE_SIZE, Bound, RangeQuery, fetch_keys, key_pages, lookup
 from sweeper.retry import (
-    CALL_TIMEOUT_S,
     NO_CLIENT_RETRY,
     TRANSIENT,
     Retrier,
@@ -271,7 +270,7 @@ class _Reader:
 
     def _aggregate(self, query: RangeQuery) -> int:
         aggregation = self.client.aggregation_query(query.build(self.client)).count(alias=_ALIAS)
-        rows = aggregation.fetch(retry=NO_CLIENT_RETRY, timeout=CALL_TIMEOUT_S)
+        rows = aggregation.fetch(retry=NO_CLIENT_RETRY, timeout=self.retrier.timeout)
         # A count of zero arrives as 0.0: the client reads ``integer_value or double_value``.
         return next(int(r.value) for row in rows for r in row if r.alias == _ALIAS)
 

@@ -18,7 +18,7 @@ from google.cloud import datastore
 from google.cloud.datastore.query import PropertyFilter
 
 from sweeper.encodings import QueryValue
-from sweeper.retry import CALL_TIMEOUT_S, NO_CLIENT_RETRY, Retrier
+from sweeper.retry import NO_CLIENT_RETRY, Retrier
 
 # Keys per query page: small enough for any response limit (a key is ~100 bytes), large
 # enough to fill a whole 500-key delete batch per round trip.
@@ -62,7 +62,10 @@ def fetch_keys(
     descending: bool = False,
 ) -> list[datastore.Key]:
     """The first ``limit`` keys of ``query`` (used for small probes)."""
-    found, _cursor = retrier.call("query", lambda: _page(client, query, limit, None, descending))
+    found, _cursor = retrier.call(
+        "query",
+        lambda: _page(client, query, limit, None, timeout=retrier.timeout, descending=descending),
+    )
     return [entity.key for entity in found]
 
 
@@ -86,7 +89,9 @@ def entity_pages(
     """Every result of ``query`` (keys only, or whole entities), one page at a time."""
     cursor: bytes | None = None
     while True:
-        found, cursor = retrier.call("query", partial(_page, client, query, page_size, cursor))
+        found, cursor = retrier.call(
+            "query", partial(_page, client, query, page_size, cursor, timeout=retrier.timeout)
+        )
         if found:
             yield found
         if len(found) < page_size or cursor is None:
@@ -101,7 +106,7 @@ def lookup(
         return []
     return retrier.call(
         "lookup",
-        lambda: list(client.get_multi(list(keys), retry=NO_CLIENT_RETRY, timeout=CALL_TIMEOUT_S)),
+        lambda: list(client.get_multi(list(keys), retry=NO_CLIENT_RETRY, timeout=retrier.timeout)),
     )
 
 
@@ -110,10 +115,12 @@ def _page(
     query: RangeQuery,
     limit: int,
     cursor: bytes | None,
+    *,
+    timeout: float,
     descending: bool = False,
 ) -> tuple[list[datastore.Entity], bytes | None]:
     iterator = query.build(client, descending).fetch(
-        limit=limit, start_cursor=cursor, retry=NO_CLIENT_RETRY, timeout=CALL_TIMEOUT_S
+        limit=limit, start_cursor=cursor, retry=NO_CLIENT_RETRY, timeout=timeout
     )
     found = list(iterator)
     token: bytes | None = iterator.next_page_token
@@ -151,7 +158,7 @@ def first_value(client: datastore.Client, retrier: Retrier, query: RangeQuery) -
     def fetch() -> list[datastore.Entity]:
         projected = query.build(client)
         projected.projection = [query.prop]
-        return list(projected.fetch(limit=1, retry=NO_CLIENT_RETRY, timeout=CALL_TIMEOUT_S))
+        return list(projected.fetch(limit=1, retry=NO_CLIENT_RETRY, timeout=retrier.timeout))
 
     found = retrier.call("query", fetch)
     value = found[0].get(query.prop) if found else None

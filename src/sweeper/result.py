@@ -8,11 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sweeper.concurrency import Degradation
 from sweeper.errors import EXIT_FAILURE, EXIT_OK
 from sweeper.retry import RetryPolicy
 from sweeper.settings import SweepSettings
-
-STOP_REASONS = ("complete", "max_deletes", "max_runtime", "signal", "error")
+from sweeper.stopping import StopReason
 
 
 def utc_now() -> dt.datetime:
@@ -33,6 +33,10 @@ class Runtime:
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
     # Progress events on long runs, no more often than this.
     progress_every_s: float = 10.0
+    # How often the waiting thread looks at the stop flag, and how long calls in flight may
+    # take to land once the run must stop: together well inside STOP_BUDGET_S.
+    poll_s: float = 0.1
+    drain_s: float = 5.0
 
 
 @dataclass
@@ -51,12 +55,24 @@ class SweepResult:
     retries: int = 0
     batches: int = 0
     duration_s: float = 0.0
-    stopped_reason: str = "complete"
+    stopped_reason: StopReason = StopReason.COMPLETE
     error: str | None = None
+    # Keys whose delete was sent but not answered when the run stopped without waiting for it
+    # (they may or may not be gone; deleting them again next run is harmless).
+    unconfirmed: int = 0
+    # Encodings other than the swept one found in the property (left alone, but named).
+    other_encodings: tuple[str, ...] = ()
+    concurrency: Degradation | None = None
+    commit_size: Degradation | None = None
 
     @property
     def exit_code(self) -> int:
-        return EXIT_FAILURE if self.stopped_reason == "error" else EXIT_OK
+        return EXIT_FAILURE if self.stopped_reason == StopReason.ERROR else EXIT_OK
+
+    def stop(self, reason: StopReason) -> None:
+        """Record why the run ended; the first reason other than "complete" wins."""
+        if self.stopped_reason == StopReason.COMPLETE:
+            self.stopped_reason = reason
 
     def summary(self) -> dict[str, Any]:
         s = self.settings
@@ -81,8 +97,24 @@ class SweepResult:
             "throttle_wait_s": round(self.throttle_wait_s, 3),
             "batches": self.batches,
             "duration_s": round(self.duration_s, 3),
-            "stopped_reason": self.stopped_reason,
+            "stopped_reason": StopReason(self.stopped_reason).value,
+            "unconfirmed": self.unconfirmed,
+            "other_encodings": list(self.other_encodings),
+            **_degradation("concurrency", self.concurrency),
+            **_degradation("commit_size", self.commit_size),
         }
         if self.error is not None:
             fields["error"] = self.error
         return fields
+
+
+def _degradation(name: str, d: Degradation | None) -> dict[str, Any]:
+    """What a bad network or a slow database cost the run: how low a limit went, for how long."""
+    if d is None:
+        return {}
+    return {
+        f"{name}_max": d.maximum,
+        f"{name}_min": d.minimum,
+        f"{name}_reductions": d.reductions,
+        f"{name}_reduced_s": round(d.reduced_s, 3),
+    }

@@ -4,6 +4,16 @@
 trap 3), so sweeper turns the client's retries off and retries every call itself: one policy,
 one place that counts retries and logs them. A retried delete re-sends the whole batch, which is
 safe because deleting a key that is already gone is a silent no-op.
+
+Every call also passes through here on its way out, which makes this the place to look at the
+stop flag before each call (:mod:`sweeper.stopping`) and to hold a place in the AIMD limit on
+calls in flight (:mod:`sweeper.concurrency`).
+
+A retry budget counted in attempts fails a healthy run on a bad network: one dropped connection
+fails every call in flight together, and a handful of drops exhaust any small count. So a call
+is retried for as long as the run as a whole makes progress (some call succeeded within
+``stall_s``) and the call itself is younger than ``max_delay_s``; a database that is really
+gone makes no progress, and every call gives up ``stall_s`` after the last success.
 """
 
 from __future__ import annotations
@@ -24,10 +34,14 @@ from tenacity import (
     retry_if_exception,
     stop_after_attempt,
     stop_after_delay,
+    stop_never,
     wait_random_exponential,
 )
+from tenacity.stop import stop_base
 
+from sweeper.concurrency import CallLimiter
 from sweeper.errors import describe_exception
+from sweeper.stopping import Stopper
 
 T = TypeVar("T")
 
@@ -50,8 +64,13 @@ PUSHBACK = (gexc.ResourceExhausted, gexc.Aborted)
 # Handed to the client so it does not retry behind our back (and outside our counts).
 NO_CLIENT_RETRY = Retry(predicate=lambda _exc: False)
 
-# Per-call deadline. A black-holed host costs at most this per attempt.
+# Per-call deadline. A black-holed host costs at most this per attempt. Deletes are sized to
+# answer well within it (``deleter.BatchSizer``), and a call that times out shrinks them.
 CALL_TIMEOUT_S = 20.0
+
+# From SIGTERM, SIGINT or the --max-runtime deadline to the sweep_finished summary, in every
+# phase. Kubernetes kills a pod 30 s after SIGTERM by default; this leaves room to spare.
+STOP_BUDGET_S = 10.0
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -60,29 +79,50 @@ def is_transient(exc: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Jittered exponential backoff, bounded by attempts *and* elapsed time.
+    """Jittered exponential backoff, bounded by time and by the run's progress.
 
-    The defaults give up on an unreachable database within about a minute of backoff (two at
-    worst, when every attempt hangs until ``CALL_TIMEOUT_S``), so a CronJob fails visibly
-    instead of hanging.
+    With the defaults an unreachable database fails the run about ``stall_s`` after the last
+    call that succeeded (plus one ``call_timeout_s`` when every attempt hangs): within two
+    minutes, so a CronJob fails visibly instead of hanging. ``max_attempts`` is for tests.
     """
 
-    max_attempts: int = 6
-    max_delay_s: float = 60.0
+    max_attempts: int | None = None
+    max_delay_s: float = 120.0
     initial_wait_s: float = 0.5
     max_wait_s: float = 10.0
+    stall_s: float = 60.0
+    call_timeout_s: float = CALL_TIMEOUT_S
 
 
 @dataclass
 class RetryCounter:
-    """How many calls were re-sent, over the whole run (queries and deletes alike)."""
+    """Retries over the whole run (queries and deletes alike), and when a call last succeeded."""
 
     retries: int = 0
+    last_success: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self) -> None:
         with self._lock:  # delete workers retry concurrently
             self.retries += 1
+
+    def succeeded(self, now: float) -> None:
+        with self._lock:
+            self.last_success = now
+
+
+class _Stalled(stop_base):
+    """Stop once no call of the run has succeeded for ``stall_s`` (the database is gone)."""
+
+    def __init__(self, counter: RetryCounter, clock: Callable[[], float], stall_s: float) -> None:
+        self._counter, self._clock, self._stall_s = counter, clock, stall_s
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        now = self._clock()
+        if self._counter.last_success is None:  # the first failure of the run starts the clock
+            self._counter.succeeded(now)
+            return False
+        return now - self._counter.last_success >= self._stall_s
 
 
 class Retrier:
@@ -94,25 +134,61 @@ class Retrier:
         counter: RetryCounter,
         sleep: Callable[[float], None] = time.sleep,
         on_failure: Callable[[BaseException], None] | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        stopper: Stopper | None = None,
+        limiter: CallLimiter | None = None,
     ) -> None:
-        self._policy = policy
+        self.policy = policy
         self._counter = counter
-        self._sleep = sleep
+        # A stopper makes backoff interruptible: the run stops mid-wait, not after it.
+        self._sleep = stopper.pause if stopper is not None else sleep
         self._on_failure = on_failure  # told of every failed attempt (adaptive throttling)
+        self._clock = clock
+        self._stopper = stopper
+        self._limiter = limiter
+        self._stalled = _Stalled(counter, clock, policy.stall_s)
         self._log = structlog.get_logger("sweeper.retry")
 
+    @property
+    def timeout(self) -> float:
+        """The deadline to give each call."""
+        return self.policy.call_timeout_s
+
     def call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run ``fn``; retry transient errors; re-raise the last error once the policy gives up."""
-        policy = self._policy
+        """Run ``fn``; retry transient errors; re-raise the last error once the policy gives up.
+
+        Raises :class:`sweeper.stopping.Stopped` instead of calling when the run is stopping.
+        """
+        policy = self._policy_stop()
         retrying = Retrying(
             retry=retry_if_exception(is_transient),
-            stop=stop_after_attempt(policy.max_attempts) | stop_after_delay(policy.max_delay_s),
-            wait=wait_random_exponential(multiplier=policy.initial_wait_s, max=policy.max_wait_s),
+            stop=policy,
+            wait=wait_random_exponential(
+                multiplier=self.policy.initial_wait_s, max=self.policy.max_wait_s
+            ),
             sleep=self._sleep,
             before_sleep=lambda state: self._before_sleep(what, state),
             reraise=True,
         )
-        return retrying(fn)
+        value: T = retrying(self._attempt, fn)
+        return value
+
+    def _policy_stop(self) -> stop_base:
+        p = self.policy
+        attempts = stop_never if p.max_attempts is None else stop_after_attempt(p.max_attempts)
+        return attempts | stop_after_delay(p.max_delay_s) | self._stalled
+
+    def _attempt(self, fn: Callable[[], T]) -> T:
+        if self._stopper is not None:
+            self._stopper.check()
+        if self._limiter is None:
+            value = fn()
+        else:
+            with self._limiter.slot():
+                value = fn()
+        self._counter.succeeded(self._clock())
+        return value
 
     def _before_sleep(self, what: str, state: RetryCallState) -> None:
         self._counter.add()

@@ -142,6 +142,13 @@ class SweepSettings:
             raise UsageError("max rate must be greater than 0")
         if self.scan and self.format == "auto":
             raise UsageError("--scan needs an explicit --format: a scan reads values one by one")
+        if self.scan and self.shard.count > 1:
+            # A scan has no expiry range to cut into shards: every pod would read, and delete
+            # from, the whole kind.
+            raise UsageError(
+                "--scan cannot be combined with --shard: every shard would read the whole kind; "
+                "run one scan (it deletes in parallel with --workers)"
+            )
 
     @property
     def format_label(self) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from sweeper.errors import UsageError
@@ -48,21 +49,34 @@ def split_even(lo: int, hi: int, parts: int) -> list[Slice]:
     return [(a, b) for a, b in itertools.pairwise(bounds) if a < b]
 
 
-def shard_slices(lo: int, hi: int, shard: Shard, bucket: int) -> list[Slice]:
-    """The parts of ``[lo, hi)`` that belong to ``shard``, oldest first.
+def shard_slices(
+    lo: int, hi: int, shard: Shard, bucket: int, next_value: Callable[[int, int], int | None]
+) -> Iterator[Slice]:
+    """The non-empty parts of ``[lo, hi)`` that belong to ``shard``, oldest first, found lazily.
 
     The grid of buckets (multiples of ``bucket`` from 0) is fixed, and bucket ``b`` belongs to
     shard ``b % count``, so every pod computes the same assignment whatever its own clock says
     the cutoff is and whatever ``lo`` it starts from: pods never overlap. Neighbouring buckets
     go to different shards, which spreads a burst of sessions that expired together.
+
+    Walking the grid bucket by bucket would cost one query per bucket of the whole span: one
+    stray value from 2001 makes that ~220,000 one-hour buckets, nearly all empty. Instead
+    ``next_value(pos, hi)`` (one limit-1 query) finds the smallest stored value at or after
+    ``pos``: if its bucket is ours, that bucket is yielded and the walk moves past it; if not,
+    the walk jumps to our next bucket after it. Every probe either yields a non-empty bucket
+    or steps over a non-empty bucket of another shard, so a shard makes at most one probe per
+    non-empty bucket, plus one: the work follows the data, not its span.
     """
-    if hi <= lo:
-        return []
-    if shard.count == 1:
-        return [(lo, hi)]
-    first, last = lo // bucket, (hi - 1) // bucket
-    return [
-        (max(lo, b * bucket), min(hi, (b + 1) * bucket))
-        for b in range(first, last + 1)
-        if b % shard.count == shard.index
-    ]
+    pos = lo
+    while pos < hi:
+        value = next_value(pos, hi)
+        if value is None:
+            return
+        b = value // bucket
+        owner = b % shard.count
+        if owner == shard.index:
+            end = min(hi, (b + 1) * bucket)
+            yield (max(pos, b * bucket), end)
+            pos = end
+        else:  # no value lies in [pos, value); buckets b.. up to our next one are not ours
+            pos = (b + (shard.index - owner) % shard.count) * bucket

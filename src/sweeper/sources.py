@@ -8,7 +8,7 @@ over disjoint slices of the expired range keep several queries in flight at once
 from __future__ import annotations
 
 import datetime as dt
-import itertools
+import threading
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
@@ -53,31 +53,50 @@ def expired_streams(
     log.info("query_range", format=encoding.value, lower=str(lo), upper=str(hi), shard=str(s.shard))
     if window.empty:
         return []
-    if s.workers == 1 and s.shard.count == 1:
+    if s.shard.count > 1:
+        return _shard_streams(client, retrier, s, window)
+    if s.workers == 1:
         return [_pages(client, retrier, s, window)]
     # Start the slices at the oldest stored value, not at 2001: the old part is empty.
     start = first_value(client, retrier, _query(s, window))
     if start is None:
         return []
-    if s.shard.count > 1:
-        bucket = max(1, SHARD_BUCKET // dt.timedelta(microseconds=encoding.unit_us))
-        slices = shard_slices(start, window.hi, s.shard, bucket)
-    else:
-        slices = split_even(start, window.hi, s.workers)
-    groups = [slices[i :: s.workers] for i in range(s.workers)]
-    return [_chained(client, retrier, s, encoding, group) for group in groups if group]
+    slices = split_even(start, window.hi, s.workers)
+    return [_pages(client, retrier, s, ExpiredRange(encoding, a, b)) for a, b in slices]
 
 
-def _chained(
-    client: datastore.Client,
-    retrier: Retrier,
-    settings: SweepSettings,
-    encoding: Encoding,
-    slices: list[Slice],
-) -> KeyPages:
-    return itertools.chain.from_iterable(
-        _pages(client, retrier, settings, ExpiredRange(encoding, lo, hi)) for lo, hi in slices
-    )
+def _shard_streams(
+    client: datastore.Client, retrier: Retrier, settings: SweepSettings, window: ExpiredRange
+) -> list[KeyPages]:
+    """``workers`` streams that share this shard's buckets, found as they are needed."""
+    encoding = window.encoding
+
+    def next_value(pos: int, hi: int) -> int | None:
+        return first_value(client, retrier, _query(settings, ExpiredRange(encoding, pos, hi)))
+
+    bucket = max(1, SHARD_BUCKET // dt.timedelta(microseconds=encoding.unit_us))
+    shared = _Shared(shard_slices(window.lo, window.hi, settings.shard, bucket, next_value))
+
+    def stream() -> KeyPages:
+        for a, b in shared:
+            yield from _pages(client, retrier, settings, ExpiredRange(encoding, a, b))
+
+    return [stream() for _ in range(settings.workers)]
+
+
+class _Shared:
+    """One iterator of slices drawn from by several streams (generators are not thread-safe)."""
+
+    def __init__(self, slices: Iterator[Slice]) -> None:
+        self._slices = slices
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> Iterator[Slice]:
+        return self
+
+    def __next__(self) -> Slice:
+        with self._lock:
+            return next(self._slices)
 
 
 def _pages(

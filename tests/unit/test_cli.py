@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import io
 import json
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +22,10 @@ from sweeper import engine as engine_module
 from sweeper.cli import cli, main
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, SweepResult
+from sweeper.retry import RetryPolicy
 from sweeper.settings import SweepSettings
 from sweeper.slices import Shard
+from sweeper.stopping import StopReason
 from sweeper.terminal import ProgressLine
 
 NOW = dt.datetime(2024, 6, 1, tzinfo=dt.UTC)
@@ -164,7 +168,7 @@ class StubSweep:
     """Stands in for ``sweeper.engine.Sweep``: records what the CLI built, returns a set result."""
 
     on_run: Callable[[Runtime], None] = lambda _rt: None
-    stopped_reason: str = "complete"
+    stopped_reason: StopReason = StopReason.COMPLETE
     error: str | None = None
     calls: list[tuple[SweepSettings, object, Runtime]] = field(default_factory=list)
 
@@ -200,8 +204,9 @@ def stub(monkeypatch: pytest.MonkeyPatch) -> StubSweep:
 def test_defaults_reach_settings(stub: StubSweep, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("DATASTORE_EMULATOR_HOST", raising=False)
     assert main(["sweep", "--log-format", "json"]) == 0
-    settings, client, _rt = stub.calls[0]
-    assert client is CLIENT
+    settings, connect, _rt = stub.calls[0]
+    assert callable(connect)  # the client is built inside the run, which owes a summary
+    assert connect() is CLIENT
     assert settings == SweepSettings(
         kind="eq-session",
         prop="expires_at",
@@ -272,7 +277,7 @@ def test_option_overrides_env_var(stub: StubSweep, monkeypatch: pytest.MonkeyPat
 def test_sweep_error_is_exit_1_with_one_line(
     stub: StubSweep, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    stub.stopped_reason, stub.error = "error", "Datastore call failed: Aborted: busy"
+    stub.stopped_reason, stub.error = StopReason.ERROR, "Datastore call failed: Aborted: busy"
     assert main(["sweep", "--log-format", "json"]) == 1
     line = one_error_line(capsys.readouterr().err)
     assert line == "sweeper: error: Datastore call failed: Aborted: busy"
@@ -291,7 +296,7 @@ def test_signal_stops_with_its_exit_code(
         signal.raise_signal(signum)
         assert runtime.stop_requested()
 
-    stub.on_run, stub.stopped_reason = receive_signal, "signal"
+    stub.on_run, stub.stopped_reason = receive_signal, StopReason.SIGNAL
     assert main(["sweep", "--log-format", "json"]) == code
     assert capsys.readouterr().err == ""
     assert signal.getsignal(signum) == before
@@ -310,10 +315,17 @@ def closed_port() -> int:
 def test_unreachable_database_fails_after_retries(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Really backs off (about 15 s): the only unit test that waits."""
+    """Really backs off: the only unit test that waits (a 5 s stall instead of the 60 s default).
+
+    The integration suite checks the default policy's two-minute bound against a dead emulator.
+    """
     monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{closed_port()}")
     monkeypatch.setenv("DATASTORE_PROJECT_ID", "p")
+    quick = RetryPolicy(stall_s=5.0, initial_wait_s=0.5, max_wait_s=1.0)
+    monkeypatch.setattr(cli_module, "Runtime", functools.partial(Runtime, retry_policy=quick))
+    started = time.monotonic()
     assert main(["sweep", "--format", "epoch-seconds", "--log-format", "json"]) == 1
+    assert time.monotonic() - started < quick.stall_s + 5
     out, err = capsys.readouterr()
     assert "ServiceUnavailable" in one_error_line(err)
     events = [json.loads(line) for line in out.splitlines()]
@@ -321,8 +333,8 @@ def test_unreachable_database_fails_after_retries(
     assert len(finished) == 1
     assert finished[0]["stopped_reason"] == "error"
     assert finished[0]["severity"] == "ERROR"
-    assert finished[0]["retries"] == 5
-    assert sum(e["event"] == "call_retrying" for e in events) == 5
+    assert finished[0]["retries"] >= 2
+    assert sum(e["event"] == "call_retrying" for e in events) == finished[0]["retries"]
 
 
 def test_the_live_progress_line_is_throttled_and_ends_with_a_newline() -> None:

@@ -33,7 +33,11 @@ def api_error(cls: type[E], message: str) -> E:
 
 
 NOW = dt.datetime(2024, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
-POLICY = RetryPolicy(max_attempts=3, max_delay_s=3600.0, initial_wait_s=0.5, max_wait_s=1.0)
+EXPIRED_SECONDS = int(NOW.timestamp()) - 86_400
+# Queries an explicit --format makes before sweeping: the smallest and the largest value.
+CHECK_FETCHES = 2
+ATTEMPTS = 3
+POLICY = RetryPolicy(max_attempts=ATTEMPTS, max_delay_s=3600.0, initial_wait_s=0.5, max_wait_s=1.0)
 
 
 class FakePage:
@@ -77,6 +81,7 @@ class FakeClient:
         self.delete_calls: list[list[datastore.Key]] = []
         self.deleted: list[datastore.Key] = []
         self.queries: list[FakeQuery] = []
+        self.lookups = 0
 
     def query(self, *, kind: str) -> FakeQuery:
         assert kind == "eq-session"
@@ -105,7 +110,14 @@ class FakeClient:
     def get_multi(
         self, keys: Sequence[datastore.Key], *, retry: object, timeout: float
     ) -> list[Any]:
-        raise AssertionError("lookups only happen for --format auto")
+        """The check before an explicit --format looks a probe's entities up: all epoch seconds."""
+        self.lookups += 1
+        found = []
+        for key in keys:
+            entity = datastore.Entity(key)
+            entity["expires_at"] = EXPIRED_SECONDS
+            found.append(entity)
+        return found
 
 
 class Clock:
@@ -161,8 +173,8 @@ def test_delete_always_failing_stops_with_error() -> None:
     assert result.stopped_reason == "error"
     assert result.failed == 3
     assert result.deleted == 0
-    assert result.retries == POLICY.max_attempts - 1
-    assert len(client.delete_calls) == POLICY.max_attempts
+    assert result.retries == ATTEMPTS - 1
+    assert len(client.delete_calls) == ATTEMPTS
     assert result.exit_code == 1
     assert result.error is not None
     assert "ServiceUnavailable: backend down" in result.error
@@ -183,7 +195,7 @@ def test_sweep_finished_carries_every_contract_field_on_error() -> None:
     assert event["cutoff"] == "2024-06-01T09:00:00Z"
     assert event["dry_run"] is False
     assert (event["matched"], event["deleted"], event["failed"]) == (3, 0, 3)
-    assert event["retries"] == POLICY.max_attempts - 1
+    assert event["retries"] == ATTEMPTS - 1
     assert event["batches"] == 0
     assert event["stopped_reason"] == "error"
     assert "ServiceUnavailable" in event["error"]
@@ -202,11 +214,11 @@ def test_transient_delete_failure_is_retried_and_counted() -> None:
 
 def test_failed_page_is_retried_from_its_own_cursor() -> None:
     client = FakeClient(PAGE_SIZE + 100)
-    client.fetch_errors = {2: api_error(gexc.DeadlineExceeded, "slow")}
+    client.fetch_errors = {CHECK_FETCHES + 2: api_error(gexc.DeadlineExceeded, "slow")}
     result, _logs = run(client, settings(batch_size=500))
     assert result.stopped_reason == "complete"
     assert result.retries == 1
-    assert client.fetches == 3
+    assert client.fetches == CHECK_FETCHES + 3
     assert client.deleted == client.keys
     assert result.deleted == PAGE_SIZE + 100
 
@@ -248,19 +260,22 @@ def test_stop_requested_mid_run_finishes_current_batch_only() -> None:
 def test_max_runtime_stops_cleanly() -> None:
     client = FakeClient(20)
     s = settings(batch_size=1, max_runtime=dt.timedelta(seconds=5))
-    # Read once at start, then once per batch by the stop check and once by progress.
-    result, logs = run(client, s, runtime(monotonic=Clock(step=1.0)))
+    # Each delete takes one second; the run stops at the first check past five.
+    result, logs = run(client, s, runtime(monotonic=lambda: 1000.0 + len(client.deleted)))
     assert result.stopped_reason == "max_runtime"
-    assert 0 < result.deleted < 20
+    assert result.deleted == 5
     assert len(client.deleted) == result.deleted
     assert result.exit_code == 0
     assert finished(logs)["stopped_reason"] == "max_runtime"
 
 
 def test_duration_comes_from_monotonic_clock() -> None:
-    result, logs = run(FakeClient(0), rt=runtime(monotonic=Clock(step=2.5)))
-    assert result.duration_s == 2.5
-    assert finished(logs)["duration_s"] == 2.5
+    client = FakeClient(0)
+    # Each query takes 2.5 s on this clock, and nothing else takes any time.
+    result, logs = run(client, rt=runtime(monotonic=lambda: 1000.0 + 2.5 * client.fetches))
+    assert client.fetches > 0
+    assert result.duration_s == 2.5 * client.fetches
+    assert finished(logs)["duration_s"] == result.duration_s
 
 
 def test_progress_events_are_rate_limited() -> None:

@@ -19,7 +19,8 @@ def api_error(cls: type[E], message: str) -> E:
     return cls(message)
 
 
-POLICY = RetryPolicy(max_attempts=4, max_delay_s=3600.0, initial_wait_s=0.5, max_wait_s=2.0)
+ATTEMPTS = 4
+POLICY = RetryPolicy(max_attempts=ATTEMPTS, max_delay_s=3600.0, initial_wait_s=0.5, max_wait_s=2.0)
 
 TRANSIENT_ERRORS: list[Callable[[], Exception]] = [
     lambda: api_error(gexc.ServiceUnavailable, "unavailable"),
@@ -91,10 +92,10 @@ def test_gives_up_after_max_attempts_with_last_error() -> None:
     fn = Flaky(*errors)
     with pytest.raises(gexc.ServiceUnavailable) as info:
         retrier.call("delete", fn)
-    assert info.value is errors[POLICY.max_attempts - 1]
-    assert fn.calls == POLICY.max_attempts
-    assert counter.retries == POLICY.max_attempts - 1
-    assert len(waits) == POLICY.max_attempts - 1
+    assert info.value is errors[ATTEMPTS - 1]
+    assert fn.calls == ATTEMPTS
+    assert counter.retries == ATTEMPTS - 1
+    assert len(waits) == ATTEMPTS - 1
 
 
 def test_waits_are_bounded_by_max_wait() -> None:

@@ -1,0 +1,134 @@
+"""How many Datastore calls may be in flight at once: cut on connection loss, regrown on success.
+
+A client's calls all share one gRPC channel, so a dropped connection fails every call in flight
+at the same instant. With four delete workers and four query streams, each call also takes
+longer (they queue behind each other at the server), so on a network that drops connections
+every second or so almost no call finishes before the next drop, and retrying all of them at
+once only repeats the loss. With one call at a time the same network lets most calls through.
+
+So the limit follows AIMD, as TCP does for congestion and Apache Beam's Datastore connector does
+for throughput: it halves when a call fails at the connection level, and grows by one after as
+many successes in a row as the limit itself (about one round of calls). One drop fails every
+call in flight together, so only the first failure *of calls started since the last cut* halves
+the limit again; the rest belong to the same event.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from google.api_core import exceptions as gexc
+from google.auth import exceptions as auth_exc
+
+# Failures that say the connection (not the request) is the problem.
+CONNECTION_LEVEL = (
+    gexc.ServiceUnavailable,
+    gexc.DeadlineExceeded,
+    ConnectionError,
+    TimeoutError,
+    auth_exc.TransportError,
+)
+
+# How long a blocked caller waits before looking at the stop flag again.
+_POLL_S = 0.1
+
+
+def is_connection_level(exc: BaseException) -> bool:
+    return isinstance(exc, CONNECTION_LEVEL)
+
+
+@dataclass(frozen=True)
+class Degradation:
+    """What the limiter did over a run, for ``sweep_finished``."""
+
+    maximum: int
+    minimum: int
+    reductions: int
+    reduced_s: float
+
+
+class CallLimiter:
+    """An AIMD-sized semaphore over Datastore calls; safe to share between threads."""
+
+    def __init__(
+        self,
+        maximum: int,
+        clock: Callable[[], float],
+        check_stop: Callable[[], None] = lambda: None,
+    ) -> None:
+        if maximum < 1:
+            raise ValueError(f"maximum must be at least 1, got {maximum}")
+        self.maximum = maximum
+        self.limit = maximum
+        self._clock = clock
+        self._check_stop = check_stop
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self._epoch = 0  # bumped at every cut: calls started before it do not cut again
+        self._successes = 0
+        self._minimum = maximum
+        self._reductions = 0
+        self._reduced_since: float | None = None
+        self._reduced_s = 0.0
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one of ``limit`` places for the duration of one call, recording its outcome."""
+        epoch = self._acquire()
+        try:
+            yield
+        except BaseException as exc:
+            self._release(epoch, exc)
+            raise
+        self._release(epoch, None)
+
+    def _acquire(self) -> int:
+        with self._cond:
+            while self._in_flight >= self.limit:
+                self._cond.wait(_POLL_S)
+                self._check_stop()
+            self._in_flight += 1
+            return self._epoch
+
+    def _release(self, epoch: int, error: BaseException | None) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            if error is None:
+                self._grow()
+            elif is_connection_level(error) and epoch == self._epoch:
+                self._cut()
+            self._cond.notify_all()
+
+    def _cut(self) -> None:
+        now = self._clock()
+        self._epoch += 1
+        self._successes = 0
+        if self.limit == 1:
+            return
+        self.limit = max(1, self.limit // 2)
+        self._reductions += 1
+        self._minimum = min(self._minimum, self.limit)
+        if self._reduced_since is None:
+            self._reduced_since = now
+
+    def _grow(self) -> None:
+        if self.limit >= self.maximum:
+            return
+        self._successes += 1
+        if self._successes < self.limit:
+            return
+        self._successes = 0
+        self.limit += 1
+        if self.limit == self.maximum and self._reduced_since is not None:
+            self._reduced_s += self._clock() - self._reduced_since
+            self._reduced_since = None
+
+    def degradation(self) -> Degradation:
+        with self._cond:
+            ongoing = 0.0 if self._reduced_since is None else self._clock() - self._reduced_since
+            return Degradation(
+                self.maximum, self._minimum, self._reductions, self._reduced_s + ongoing
+            )
