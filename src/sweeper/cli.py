@@ -42,7 +42,7 @@ from sweeper.settings import (
     parse_format,
 )
 from sweeper.slices import Shard
-from sweeper.terminal import ProgressLine, StopOnSignal
+from sweeper.terminal import ProgressLine, StopOnSignal, run_until_signal
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -121,13 +121,18 @@ def inspect(**options: Any) -> None:
     settings = SweepSettings(**_target_values(options))
     output = options["output"] or ("table" if sys.stdout.isatty() else "json")
     configure(_log_format(options, sys.stderr), options["log_level"], sys.stderr)
-    report = inspect_target(
-        settings,
-        _client_for(settings),
-        dt.datetime.now(dt.UTC),
-        sample_size=options["sample_size"],
-        count_limit=options["count_limit"],
-    )
+    with StopOnSignal() as stop:
+        report = run_until_signal(
+            stop,
+            "inspect",
+            lambda: inspect_target(
+                settings,
+                _client_for(settings),
+                dt.datetime.now(dt.UTC),
+                sample_size=options["sample_size"],
+                count_limit=options["count_limit"],
+            ),
+        )
     click.echo(render_table(report) if output == "table" else json.dumps(report.as_dict()))
 
 

@@ -128,11 +128,17 @@ class Sweep:
         return result
 
     def _await(self, body: threading.Thread) -> None:
+        rt = self.runtime
         while body.is_alive():
-            body.join(self.runtime.poll_s)
+            body.join(rt.poll_s)
             if self._stopper.reason() is not None:
-                body.join(self.runtime.drain_s)
-                return
+                break
+        # Stopping: deletes in flight get up to drain_s to land, so the counts stay exact; a
+        # query or a wait has nothing worth waiting for beyond one more poll to unwind.
+        drain_until = rt.monotonic() + rt.drain_s
+        body.join(rt.poll_s)
+        while body.is_alive() and self._in_flight and rt.monotonic() < drain_until:
+            body.join(rt.poll_s)
 
     def _body(self, result: SweepResult, started: float) -> None:
         try:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
-from sweeper.errors import EXIT_SIGINT, EXIT_SIGTERM
+from sweeper.errors import EXIT_SIGINT, EXIT_SIGTERM, SweeperError
 from sweeper.result import SweepResult
+
+T = TypeVar("T")
 
 
 class ProgressLine:
@@ -62,3 +65,38 @@ class StopOnSignal:
     def __exit__(self, *_exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+class StoppedBySignal(SweeperError):
+    """A command without a summary of its own (``inspect``) was stopped by a signal."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run_until_signal(stop: StopOnSignal, what: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in a daemon thread; on SIGTERM/SIGINT stop waiting for it at once.
+
+    For read-only work such as ``inspect``: there is nothing to drain, so the command ends
+    (one line, exit 143/130) within a poll of the signal, whatever call is in flight.
+    """
+    box: list[T] = []
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            box.append(fn())
+        except BaseException as exc:  # handed to the caller's thread
+            errors.append(exc)
+
+    worker = threading.Thread(target=target, name=what, daemon=True)
+    worker.start()
+    while worker.is_alive() and not stop.is_set():
+        worker.join(0.1)
+    if worker.is_alive():
+        name = "SIGINT" if stop.exit_code == EXIT_SIGINT else "SIGTERM"
+        raise StoppedBySignal(f"{what} stopped by {name}; nothing was changed", stop.exit_code)
+    if errors:
+        raise errors[0]
+    return box[0]
