@@ -7,7 +7,9 @@ Seeds identical runner-shaped copies (int epoch-second ``expires_at``, only it i
 - ``sweeper --verify``: the same, re-checking each batch in a transaction;
 - ``bare loop``: keys-only query page of 500 on the expiry range, ``delete_multi``, repeat;
 - ``full-entity``: the incumbent's shape, whole entities read, deleted in batches;
-- ``per-entity``: one delete call per key, as many hand-written scripts do.
+- ``per-entity``: one delete call per key, as many hand-written scripts do;
+- ``sweeper --scan`` against ``scan loop``: for an expiry no index holds, the whole kind read
+  page by page (500 entities) and the expired ones deleted, by sweeper and by a bare loop.
 
 Each approach runs in a fresh process (so its peak RSS, read from ``wait4``, is its own), and
 rounds alternate the order so drift in the machine's speed hits all alike. ``--latency-ms``
@@ -74,6 +76,29 @@ def run_sweeper_verify(client: datastore.Client, kind: str) -> int:
     return run_sweeper(client, kind, verify=True)
 
 
+def run_sweeper_scan(client: datastore.Client, kind: str) -> int:
+    settings = SweepSettings(
+        kind=kind, prop="expires_at", format=S, grace=dt.timedelta(minutes=15), scan=True
+    )
+    return Sweep(settings, client).run().deleted
+
+
+def run_scan_loop(client: datastore.Client, kind: str) -> int:
+    """What a user would write for an unindexed expiry: read the whole kind, delete the expired."""
+    cutoff = int(time.time()) - 15 * 60
+    deleted, cursor = 0, None
+    while True:
+        page = client.query(kind=kind).fetch(limit=500, start_cursor=cursor)
+        found = list(page)
+        cursor = page.next_page_token
+        doomed = [e.key for e in found if 10**9 <= e.get("expires_at", 0) < cutoff]
+        if doomed:
+            client.delete_multi(doomed)
+            deleted += len(doomed)
+        if len(found) < 500 or cursor is None:
+            return deleted
+
+
 def _expired_query(client: datastore.Client, kind: str, keys_only: bool) -> datastore.Query:
     query: datastore.Query = client.query(kind=kind)
     if keys_only:
@@ -113,6 +138,8 @@ APPROACHES: dict[str, Callable[[datastore.Client, str], int]] = {
     "bare loop": run_bare,
     "full-entity": run_full_entity,
     "per-entity": run_per_entity,
+    "sweeper --scan": run_sweeper_scan,
+    "scan loop": run_scan_loop,
 }
 
 _KEY_ONLY = 3  # EntityResult.ResultType.KEY_ONLY
@@ -236,9 +263,13 @@ def report(args: argparse.Namespace, tallies: dict[str, Tally]) -> None:
         "| entities read | commits |"
     )
     print("|---|---|---|---|---|---|---|")
+    scan_loop = tallies.get("scan loop")
+    scan_base = statistics.median(scan_loop.rates) if scan_loop else None
     for name, t in tallies.items():
         median = statistics.median(t.rates)
         ratio = f"{median / base:.2f}x" if base else "-"
+        if name == "sweeper --scan" and scan_base:  # a scan is compared with a scan
+            ratio = f"{median / scan_base:.2f}x the scan loop"
         c = t.counts
         print(
             f"| {name} | {median:.0f} | {ratio} | {statistics.median(t.peak_rss_mib):.0f} "

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from google.cloud import datastore
+from google.cloud.datastore.helpers import entity_to_protobuf
 from google.cloud.datastore.query import PropertyFilter
 
 from sweeper.encodings import QueryValue
@@ -23,9 +24,13 @@ from sweeper.retry import NO_CLIENT_RETRY, Retrier
 # Keys per query page: small enough for any response limit (a key is ~100 bytes), large
 # enough to fill a whole 500-key delete batch per round trip.
 PAGE_SIZE = 500
-# Full entities per page in scan mode: session data can be large, and the Firestore emulator
-# refuses responses over 4 MiB (CONTEXT trap 2); 100 entities of 40 KiB still fit.
-SCAN_PAGE_SIZE = 100
+# Full entities per page in scan mode: session data can be large, and a response over 4 MiB
+# fails (gRPC's default limit; the Firestore emulator reports RESOURCE_EXHAUSTED, CONTEXT trap
+# 2). The first page is small; later pages hold as many entities as fit in 2 MiB at twice the
+# largest size sampled from the page before, up to a delete batch's worth.
+SCAN_FIRST_PAGE = 100
+SCAN_PAGE_BYTES = 2 * 1024 * 1024
+SCAN_MIN_PAGE = 10
 
 Bound = tuple[str, QueryValue | None]
 
@@ -138,14 +143,38 @@ def scan_expired(
 ) -> Iterator[list[datastore.Key]]:
     """Keys of every entity of ``kind`` whose ``prop`` value is ``expired``, by reading them all.
 
-    For properties no index holds: costs one billed entity read per entity of the kind.
+    For properties no index holds: costs one billed entity read per entity of the kind. Keys
+    are handed on in pages of up to ``PAGE_SIZE`` (one full commit), whatever the read pages.
     """
     query = RangeQuery(kind, prop, keys_only=False)
-    for page in entity_pages(client, retrier, query, SCAN_PAGE_SIZE):
-        on_read(len(page))
-        keys = [entity.key for entity in page if expired(entity.get(prop))]
-        if keys:
-            yield keys
+    cursor: bytes | None = None
+    size, pending = SCAN_FIRST_PAGE, []
+    while True:
+        found, cursor = retrier.call(
+            "query", partial(_page, client, query, size, cursor, timeout=retrier.timeout)
+        )
+        on_read(len(found))
+        pending += [entity.key for entity in found if expired(entity.get(prop))]
+        if len(pending) >= PAGE_SIZE:
+            yield pending[:PAGE_SIZE]
+            pending = pending[PAGE_SIZE:]
+        if len(found) < size or cursor is None:
+            break
+        size = _scan_page_size(found)
+    if pending:
+        yield pending
+
+
+def _scan_page_size(page: Sequence[datastore.Entity]) -> int:
+    """Entities per page that keep a response within ``SCAN_PAGE_BYTES``, judged by a sample."""
+    sample = page[:: max(1, len(page) // 8)]
+    largest = max(_encoded_size(entity) for entity in sample)
+    return max(SCAN_MIN_PAGE, min(PAGE_SIZE, SCAN_PAGE_BYTES // (2 * max(largest, 1))))
+
+
+def _encoded_size(entity: datastore.Entity) -> int:
+    message = entity_to_protobuf(entity)
+    return int(type(message).pb(message).ByteSize())
 
 
 def first_value(client: datastore.Client, retrier: Retrier, query: RangeQuery) -> int | None:

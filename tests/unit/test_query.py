@@ -1,0 +1,352 @@
+"""Paged, keys-only range queries on a fake client: pages followed by cursor until a short one,
+one page held at a time, a failed page retried from its own cursor; probes (``fetch_keys``,
+``first_value``), the filters ``RangeQuery.build`` sets, and ``scan_expired``."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from typing import Any, TypeVar, cast
+
+import pytest
+from google.api_core import exceptions as gexc
+from google.cloud import datastore
+from google.cloud.datastore.query import PropertyFilter
+
+from sweeper.query import (
+    PAGE_SIZE,
+    SCAN_FIRST_PAGE,
+    RangeQuery,
+    fetch_keys,
+    first_value,
+    key_pages,
+    scan_expired,
+)
+from sweeper.retry import Retrier, RetryCounter, RetryPolicy
+
+E = TypeVar("E", bound=Exception)
+
+QUERY = RangeQuery("eq-session", "expires_at", ((">=", 10**9), ("<", 1_700_000_000)))
+
+
+def api_error(cls: type[E], message: str) -> E:
+    """google.api_core's exception classes are unannotated; build them in one typed place."""
+    return cls(message)
+
+
+def retrier() -> tuple[Retrier, RetryCounter]:
+    counter = RetryCounter()
+    return Retrier(RetryPolicy(max_attempts=3), counter, sleep=lambda _s: None), counter
+
+
+class FakePage:
+    def __init__(self, entities: list[datastore.Entity], token: bytes | None) -> None:
+        self._entities = entities
+        self.next_page_token = token
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._entities)
+
+
+class FakeQuery:
+    """Records what the caller set, and answers ``fetch`` from the client's entities."""
+
+    def __init__(self, client: FakeClient, kind: str) -> None:
+        self.client = client
+        self.kind = kind
+        self.filters: list[PropertyFilter] = []
+        self.order: list[str] = []
+        self.projection: list[str] = []
+        self.fetched: list[tuple[int, bytes | None]] = []
+
+    def keys_only(self) -> None:
+        self.projection = ["__key__"]  # what the client library does
+
+    @property
+    def is_keys_only(self) -> bool:
+        return self.projection == ["__key__"]
+
+    def add_filter(self, *, filter: PropertyFilter) -> FakeQuery:
+        self.filters.append(filter)
+        return self
+
+    def fetch(
+        self,
+        *,
+        limit: int,
+        start_cursor: bytes | None = None,
+        retry: object,
+        timeout: float,
+    ) -> FakePage:
+        self.fetched.append((limit, start_cursor))
+        return self.client.page(self, limit, start_cursor)
+
+
+class FakeClient:
+    """Serves ``entities`` in order, ``limit`` at a time; a cursor is the next position.
+
+    ``errors`` fail fetches by their 1-based number. A page that reaches the end still
+    carries a cursor, as the service's does, unless ``final_cursor`` is off.
+    """
+
+    def __init__(self, entities: list[datastore.Entity]) -> None:
+        self.entities = entities
+        self.errors: dict[int, Exception] = {}
+        self.final_cursor = True
+        self.queries: list[FakeQuery] = []
+        self.fetches = 0
+        self.cursors: list[bytes | None] = []
+
+    def query(self, *, kind: str) -> FakeQuery:
+        query = FakeQuery(self, kind)
+        self.queries.append(query)
+        return query
+
+    def page(self, query: FakeQuery, limit: int, cursor: bytes | None) -> FakePage:
+        self.fetches += 1
+        self.cursors.append(cursor)
+        if self.fetches in self.errors:
+            raise self.errors.pop(self.fetches)
+        start = 0 if cursor is None else int(cursor.decode())
+        found = self.entities[start : start + limit]
+        if query.projection:  # only the projected properties come back
+            found = [project(e, query.projection) for e in found]
+        end = start + len(found)
+        done = end >= len(self.entities) and not self.final_cursor
+        return FakePage(found, None if done else str(end).encode())
+
+
+def project(entity: datastore.Entity, names: list[str]) -> datastore.Entity:
+    projected = datastore.Entity(entity.key)
+    projected.update({n: entity[n] for n in names if n in entity})
+    return projected
+
+
+def entities(values: list[object], data: str = "") -> list[datastore.Entity]:
+    found = []
+    for i, value in enumerate(values):
+        entity = datastore.Entity(datastore.Key("eq-session", i + 1, project="p"))
+        entity["expires_at"] = value
+        if data:
+            entity["session_data"] = data
+        found.append(entity)
+    return found
+
+
+def keys_of(found: list[datastore.Entity]) -> list[datastore.Key]:
+    return [e.key for e in found]
+
+
+def as_client(client: FakeClient) -> datastore.Client:
+    return cast(datastore.Client, client)
+
+
+# --- key_pages -----------------------------------------------------------------------------
+
+
+def test_key_pages_follow_cursors_until_a_short_page() -> None:
+    client = FakeClient(entities([1] * 1200))
+    retry, _counter = retrier()
+    pages = list(key_pages(as_client(client), retry, QUERY, page_size=500))
+    assert [len(p) for p in pages] == [500, 500, 200]
+    assert [k for p in pages for k in p] == keys_of(client.entities)
+    assert client.cursors == [None, b"500", b"1000"]
+
+
+def test_key_pages_end_with_an_empty_page_when_the_last_one_is_full() -> None:
+    client = FakeClient(entities([1] * 1000))
+    retry, _counter = retrier()
+    pages = list(key_pages(as_client(client), retry, QUERY, page_size=500))
+    assert [len(p) for p in pages] == [500, 500]  # the empty third page is not yielded
+    assert client.fetches == 3
+
+
+def test_key_pages_stop_when_the_server_gives_no_cursor() -> None:
+    client = FakeClient(entities([1] * 500))
+    client.final_cursor = False
+    retry, _counter = retrier()
+    pages = list(key_pages(as_client(client), retry, QUERY, page_size=500))
+    assert [len(p) for p in pages] == [500]
+    assert client.fetches == 1
+
+
+def test_key_pages_hold_one_page_at_a_time() -> None:
+    client = FakeClient(entities([1] * 1200))
+    retry, _counter = retrier()
+    pages = key_pages(as_client(client), retry, QUERY, page_size=500)
+    assert client.fetches == 0
+    next(pages)
+    assert client.fetches == 1
+    next(pages)
+    assert client.fetches == 2
+
+
+def test_key_pages_ask_for_keys_only_with_an_explicit_limit() -> None:
+    client = FakeClient(entities([1] * 30))
+    retry, _counter = retrier()
+    list(key_pages(as_client(client), retry, QUERY, page_size=25))
+    assert all(q.is_keys_only for q in client.queries)
+    assert [q.fetched[0][0] for q in client.queries] == [25, 25]
+
+
+def test_failed_page_is_retried_from_its_own_cursor() -> None:
+    client = FakeClient(entities([1] * 1200))
+    client.errors = {2: api_error(gexc.DeadlineExceeded, "slow")}
+    retry, counter = retrier()
+    pages = list(key_pages(as_client(client), retry, QUERY, page_size=500))
+    assert client.cursors == [None, b"500", b"500", b"1000"]
+    assert [k for p in pages for k in p] == keys_of(client.entities)  # none skipped or repeated
+    assert counter.retries == 1
+
+
+def test_permanent_page_failure_is_raised() -> None:
+    client = FakeClient(entities([1] * 1200))
+    error = api_error(gexc.PermissionDenied, "no")
+    client.errors = {2: error}
+    retry, _counter = retrier()
+    pages = key_pages(as_client(client), retry, QUERY, page_size=500)
+    assert len(next(pages)) == 500
+    with pytest.raises(gexc.PermissionDenied) as info:
+        next(pages)
+    assert info.value is error
+
+
+# --- probes --------------------------------------------------------------------------------
+
+
+def test_fetch_keys_descending_orders_by_the_property_descending() -> None:
+    client = FakeClient(entities([1, 2, 3]))
+    retry, _counter = retrier()
+    fetch_keys(as_client(client), retry, QUERY, 1, descending=True)
+    (query,) = client.queries
+    assert query.order == ["-expires_at"]
+    assert query.fetched == [(1, None)]
+
+
+def test_fetch_keys_ascending_sets_no_order() -> None:
+    client = FakeClient(entities([1, 2, 3]))
+    retry, _counter = retrier()
+    found = fetch_keys(as_client(client), retry, QUERY, 2)
+    assert found == keys_of(client.entities[:2])
+    assert client.queries[0].order == []
+
+
+@pytest.mark.parametrize(
+    ("stored", "expected"),
+    [
+        (1_700_000_000, 1_700_000_000),
+        (1_700_000_000_000_000, 1_700_000_000_000_000),  # a timestamp, as a projection gives it
+        (0, 0),
+        (True, None),
+        (False, None),
+        (None, None),
+        (1.7e9, None),
+        ("1700000000", None),
+        (dt.datetime(2024, 1, 1, tzinfo=dt.UTC), None),
+    ],
+)
+def test_first_value_is_an_int_only_for_int_values(stored: object, expected: int | None) -> None:
+    client = FakeClient(entities([stored]))
+    retry, _counter = retrier()
+    value = first_value(as_client(client), retry, QUERY)
+    assert value == expected
+    assert value is None or type(value) is int
+
+
+def test_first_value_of_an_empty_range_is_none() -> None:
+    client = FakeClient([])
+    retry, _counter = retrier()
+    assert first_value(as_client(client), retry, QUERY) is None
+
+
+def test_first_value_projects_the_property_with_limit_one() -> None:
+    client = FakeClient(entities([5, 6]))
+    retry, _counter = retrier()
+    first_value(as_client(client), retry, QUERY)
+    (query,) = client.queries
+    assert query.projection == ["expires_at"]
+    assert query.fetched == [(1, None)]
+
+
+# --- RangeQuery.build ----------------------------------------------------------------------
+
+
+def filters(query: FakeQuery) -> list[tuple[str, str, object]]:
+    return [(f.property_name, f.operator, f.value) for f in query.filters]
+
+
+def test_build_adds_both_bounds() -> None:
+    client = FakeClient([])
+    built = cast(FakeQuery, QUERY.build(as_client(client)))
+    assert built.kind == "eq-session"
+    assert filters(built) == [
+        ("expires_at", ">=", 10**9),
+        ("expires_at", "<", 1_700_000_000),
+    ]
+    assert built.is_keys_only
+    assert built.order == []
+
+
+def test_build_without_bounds_lists_the_kind() -> None:
+    client = FakeClient([])
+    built = cast(FakeQuery, RangeQuery("eq-session", "expires_at").build(as_client(client)))
+    assert built.filters == []
+
+
+def test_build_of_whole_entities_is_not_keys_only() -> None:
+    client = FakeClient([])
+    query = RangeQuery("eq-session", "expires_at", keys_only=False)
+    built = cast(FakeQuery, query.build(as_client(client)))
+    assert not built.is_keys_only
+
+
+# --- scan_expired --------------------------------------------------------------------------
+
+
+def test_scan_expired_yields_only_expired_keys_and_reports_reads() -> None:
+    # Three pages: some expired in the first and the last, none in the middle one.
+    values: list[object] = ["live"] * 250
+    for i in (0, 3, 7, 99, 200, 249):
+        values[i] = "expired"
+    values[5] = None
+    client = FakeClient(entities(values))
+    retry, _counter = retrier()
+    reads: list[int] = []
+    pages = list(
+        scan_expired(
+            as_client(client),
+            retry,
+            "eq-session",
+            "expires_at",
+            expired=lambda value: value == "expired",
+            on_read=reads.append,
+        )
+    )
+    # A small first page; then, the entities being small, pages of a full delete batch.
+    assert reads == [SCAN_FIRST_PAGE, 150]
+    keys = keys_of(client.entities)
+    # Expired keys are handed on together, a commit's worth at a time, not page by page.
+    assert pages == [[keys[0], keys[3], keys[7], keys[99], keys[200], keys[249]]]
+    assert not any(q.is_keys_only for q in client.queries)  # whole entities, to read values
+    assert all(q.filters == [] for q in client.queries)  # every entity of the kind
+
+
+def test_scan_pages_shrink_for_large_entities_and_keys_come_in_full_batches() -> None:
+    big = "x" * 100_000  # 100 kB of session data: 10 of them per page keep a response small
+    values: list[object] = ["expired"] * (SCAN_FIRST_PAGE + 2 * PAGE_SIZE)
+    client = FakeClient(entities(values, data=big))
+    retry, _counter = retrier()
+    reads: list[int] = []
+    pages = list(
+        scan_expired(
+            as_client(client),
+            retry,
+            "eq-session",
+            "expires_at",
+            expired=lambda value: value == "expired",
+            on_read=reads.append,
+        )
+    )
+    assert reads[0] == SCAN_FIRST_PAGE
+    assert set(reads[1:-1]) == {10}
+    assert [len(page) for page in pages] == [PAGE_SIZE, PAGE_SIZE, SCAN_FIRST_PAGE]
