@@ -30,14 +30,17 @@ def detect_encoding(
 
     Refuses when entities carry values that no index holds (see :func:`check_indexed`).
     """
-    smallest = _smallest_indexed(client, retrier, kind, prop)
-    if not smallest:
-        _refuse_if_carried(client, retrier, kind, prop)
-        return None
-    largest = fetch_keys(client, retrier, RangeQuery(kind, prop), 1, descending=True)
-    unique = list({k.flat_path: k for k in smallest + largest}.values())
-    by_key = {e.key.flat_path: e.get(prop) for e in lookup(client, retrier, unique)}
-    ends = [by_key[k.flat_path] for k in smallest + largest if k.flat_path in by_key]
+    for _attempt in range(_PROBES):
+        smallest = _smallest_indexed(client, retrier, kind, prop)
+        if not smallest:
+            _refuse_if_carried(client, retrier, kind, prop)
+            return None
+        largest = fetch_keys(client, retrier, RangeQuery(kind, prop), 1, descending=True)
+        ends = _values(client, retrier, prop, smallest + largest)
+        if len(ends) != 1:
+            break
+        # One end was deleted between the query and the lookup (another sweep, the app):
+        # look again rather than judge from a single value.
     found = [classify(value) for value in ends]
     structlog.get_logger("sweeper.detect").info(
         "format_detected",
@@ -49,12 +52,22 @@ def detect_encoding(
         return found[0]
     if not ends:  # both entities vanished between query and lookup: nothing left to sweep
         return None
+    if len(ends) == 1:
+        raise RefusedError(
+            f"refusing --format auto on {kind}.{prop}: an end of its values was deleted "
+            f"during detection {_PROBES} times in a row, so the stored encoding could not be "
+            "read. Nothing was deleted; run again, or pass --format."
+        )
     raise RefusedError(
         f"refusing --format auto on {kind}.{prop}: its values run from "
         f"{_describe(ends[0])} to {_describe(ends[-1])}, so it holds "
         f"{_what(found)}. Nothing was deleted. Sweep one encoding with --format "
         f"{'|'.join(e.value for e in Encoding)}; values of other encodings are left alone."
     )
+
+
+# Rounds of end probes before detection gives up on a property that keeps changing under it.
+_PROBES = 3
 
 
 def _describe(value: object) -> str:

@@ -1,0 +1,506 @@
+"""Batched deletes on fakes: ``chunks``; the ``BatchSizer`` that follows the database's answer
+time (and cuts at once on a timeout); ``BatchDeleter`` commits, retries and failures; and the
+``VerifyingDeleter`` that re-reads in a transaction and shrinks transactions to 25 keys when the
+database refuses too many entity groups."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar, cast
+
+import pytest
+from google.api_core import exceptions as gexc
+from google.cloud import datastore
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
+
+from sweeper.concurrency import Degradation
+from sweeper.deleter import (
+    LEGACY_LIMIT,
+    BatchDeleter,
+    BatchFailed,
+    BatchSizer,
+    VerifyingDeleter,
+    chunks,
+)
+from sweeper.encodings import Encoding
+from sweeper.retry import Retrier, RetryCounter, RetryPolicy
+from sweeper.settings import MAX_BATCH_SIZE
+
+E = TypeVar("E", bound=Exception)
+
+CUTOFF = dt.datetime(2024, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
+CUTOFF_S = int(CUTOFF.timestamp())
+EXPIRED = CUTOFF_S - 3600
+LIVE = CUTOFF_S + 3600
+TOO_MANY_GROUPS = "operating on too many entity groups in a single transaction."
+
+
+def api_error(cls: type[E], message: str) -> E:
+    """google.api_core's exception classes are unannotated; build them in one typed place."""
+    return cls(message)
+
+
+def make_keys(n: int, start: int = 1) -> list[datastore.Key]:
+    return [datastore.Key("eq-session", start + i, project="p") for i in range(n)]
+
+
+def retrier(attempts: int = 3) -> tuple[Retrier, RetryCounter]:
+    counter = RetryCounter()
+    return Retrier(RetryPolicy(max_attempts=attempts), counter, sleep=lambda _s: None), counter
+
+
+class FakeClock:
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# --- chunks --------------------------------------------------------------------------------
+
+
+def test_chunks_of_nothing_is_nothing() -> None:
+    assert list(chunks([], 3)) == []
+
+
+def test_chunks_cut_in_order_with_a_short_last_one() -> None:
+    assert [list(c) for c in chunks(range(7), 3)] == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+@given(items=st.lists(st.integers(), max_size=60), size=st.integers(1, 20))
+@settings(max_examples=100)
+def test_chunks_reassemble_to_the_input(items: list[int], size: int) -> None:
+    parts = [list(c) for c in chunks(items, size)]
+    assert [x for part in parts for x in part] == items
+    assert all(len(part) == size for part in parts[:-1])
+    assert all(1 <= len(part) <= size for part in parts)
+
+
+# --- BatchSizer ----------------------------------------------------------------------------
+
+
+def test_sizer_starts_at_its_maximum() -> None:
+    sizer = BatchSizer(500, FakeClock())
+    assert sizer.size == 500
+    assert sizer.degradation() == Degradation(500, 500, 0, 0.0)
+
+
+def test_sizer_shrinks_to_what_fits_the_target_time() -> None:
+    sizer = BatchSizer(500, FakeClock(), target_s=2.0)
+    sizer.observe(4.0, 256)  # 1/64 s per key: 128 keys take 2 s
+    assert sizer.size == 128
+
+
+def test_sizer_follows_the_observed_time_per_key_toward_the_target() -> None:
+    sizer = BatchSizer(500, FakeClock(), target_s=2.0)
+    sizer.observe(4.0, 256)  # 1/64 s per key
+    sizer.observe(1.0, 128)  # now 1/128 s per key: the estimate moves halfway
+    assert sizer.size == 170  # 2 s / (3/256 s per key)
+    for _ in range(60):
+        sizer.observe(sizer.size / 128, sizer.size)
+    assert sizer.size == 256  # 256 keys at 1/128 s each take the target's 2 s
+
+
+def test_sizer_grows_back_to_its_maximum_when_commits_are_fast() -> None:
+    sizer = BatchSizer(500, FakeClock())
+    sizer.observe(40.0, 500)
+    assert sizer.size < 500
+    for _ in range(20):
+        sizer.observe(0.01, sizer.size)
+    assert sizer.size == 500
+
+
+def test_sizer_never_exceeds_its_maximum() -> None:
+    sizer = BatchSizer(300, FakeClock())
+    sizer.observe(0.0, 300)
+    assert sizer.size == 300
+    sizer.observe(0.000001, 300)
+    assert sizer.size == 300
+
+
+def test_sizer_never_goes_below_its_minimum() -> None:
+    sizer = BatchSizer(500, FakeClock(), minimum=5)
+    sizer.observe(1000.0, 5)
+    assert sizer.size == 5
+    sizer.timed_out(10_000.0, 5)
+    assert sizer.size == 5
+
+
+def test_sizer_minimum_is_capped_by_its_maximum() -> None:
+    sizer = BatchSizer(3, FakeClock(), minimum=5)
+    sizer.observe(1000.0, 3)
+    assert sizer.size == 3
+
+
+def test_timed_out_commit_cuts_the_size_at_once_to_what_the_timeout_proves() -> None:
+    sizer = BatchSizer(500, FakeClock(), target_s=2.0)
+    sizer.timed_out(20.0, 500)  # at least 0.04 s per key: 50 keys take 2 s
+    assert sizer.size == 50
+
+
+def test_timed_out_commit_never_lowers_the_time_per_key() -> None:
+    sizer = BatchSizer(500, FakeClock(), target_s=2.0)
+    sizer.observe(4.0, 256)  # 1/64 s per key: 128
+    sizer.timed_out(1.0, 128)  # proves only 1/128 s per key: no news
+    assert sizer.size == 128
+
+
+def test_measure_learns_from_a_timeout_and_lets_it_through() -> None:
+    clock = FakeClock()
+    sizer = BatchSizer(500, clock, target_s=2.0)
+    error = api_error(gexc.DeadlineExceeded, "slow")
+
+    def commit() -> None:
+        clock.now += 20.0
+        raise error
+
+    with pytest.raises(gexc.DeadlineExceeded) as info:
+        sizer.measure(500, commit)
+    assert info.value is error
+    assert sizer.size == 50
+
+
+def test_measure_returns_the_commit_value_and_times_it() -> None:
+    clock = FakeClock()
+    sizer = BatchSizer(500, clock, target_s=2.0)
+
+    def commit() -> str:
+        clock.now += 4.0
+        return "done"
+
+    assert sizer.measure(256, commit) == "done"
+    assert sizer.size == 128
+
+
+def test_sizer_degradation_reports_smallest_reductions_and_reduced_time() -> None:
+    clock = FakeClock(10.0)
+    sizer = BatchSizer(500, clock, target_s=2.0)
+    sizer.observe(2.0, 256)  # 1/128 s per key: 256 keys, reduced from t = 10
+    clock.now = 30.0
+    assert sizer.degradation() == Degradation(500, 256, 1, 20.0)
+    clock.now = 40.0
+    sizer.observe(0.0, 256)  # the estimate halves: 512 keys fit, back at the maximum
+    assert sizer.size == 500
+    clock.now = 100.0
+    assert sizer.degradation() == Degradation(500, 256, 1, 30.0)
+
+
+# --- BatchDeleter --------------------------------------------------------------------------
+
+
+class FakeClient:
+    """``delete_multi`` records each commit; ``script`` decides, per call, how long it takes
+    on ``clock`` and whether it fails (before deleting anything)."""
+
+    def __init__(
+        self,
+        clock: FakeClock,
+        script: Callable[[int, int], Exception | None] = lambda _call, _n: None,
+        seconds_per_key: float = 0.001,
+    ) -> None:
+        self.clock = clock
+        self.script = script
+        self.seconds_per_key = seconds_per_key
+        self.commits: list[list[datastore.Key]] = []
+        self.deleted: list[datastore.Key] = []
+
+    def delete_multi(self, keys: Sequence[datastore.Key], *, retry: object, timeout: float) -> None:
+        self.commits.append(list(keys))
+        error = self.script(len(self.commits), len(keys))
+        if error is not None:
+            raise error
+        self.clock.now += self.seconds_per_key * len(keys)
+        self.deleted.extend(keys)
+
+
+def batch_deleter(
+    client: FakeClient, attempts: int = 3, maximum: int = MAX_BATCH_SIZE
+) -> tuple[BatchDeleter, RetryCounter]:
+    retry, counter = retrier(attempts)
+    sizer = BatchSizer(maximum, client.clock)
+    return BatchDeleter(cast(datastore.Client, client), retry, sizer), counter
+
+
+def test_one_commit_per_batch_normally() -> None:
+    client = FakeClient(FakeClock())
+    deleter, counter = batch_deleter(client)
+    keys = make_keys(500)
+    assert deleter.delete(keys) == 500
+    assert client.commits == [keys]
+    assert counter.retries == 0
+
+
+def test_more_keys_than_one_commit_takes_are_refused() -> None:
+    client = FakeClient(FakeClock())
+    deleter, _counter = batch_deleter(client)
+    with pytest.raises(ValueError, match="500"):
+        deleter.delete(make_keys(501))
+    assert client.commits == []
+
+
+def test_timed_out_commit_is_retried_smaller_and_the_batch_ends_fully_deleted() -> None:
+    clock = FakeClock()
+
+    def script(call: int, _n: int) -> Exception | None:
+        if call == 1:
+            clock.now += 20.0  # the call deadline: 500 keys were not deleted within 20 s
+            return api_error(gexc.DeadlineExceeded, "Deadline Exceeded")
+        return None
+
+    client = FakeClient(clock, script)
+    deleter, counter = batch_deleter(client)
+    keys = make_keys(500)
+    assert deleter.delete(keys) == 500
+    sizes = [len(c) for c in client.commits]
+    assert sizes[0] == 500
+    assert sizes[1] == 50  # 2 s at the 0.04 s per key the timeout proved
+    assert client.deleted == keys  # each key once, in order
+    assert counter.retries == 1
+
+
+def test_permanent_failure_raises_batch_failed_with_keys_deleted_before_it() -> None:
+    error = api_error(gexc.PermissionDenied, "missing datastore.entities.delete")
+    client = FakeClient(FakeClock(), lambda call, _n: error if call == 3 else None)
+    deleter, counter = batch_deleter(client, maximum=100)
+    with pytest.raises(BatchFailed) as info:
+        deleter.delete(make_keys(300))
+    assert info.value.deleted == 200
+    assert info.value.cause is error
+    assert info.value.__cause__ is error
+    assert len(client.commits) == 3  # a permanent error is not retried
+    assert counter.retries == 0
+
+
+def test_transient_failure_that_outlasts_the_policy_raises_batch_failed() -> None:
+    error = api_error(gexc.ServiceUnavailable, "down")
+    client = FakeClient(FakeClock(), lambda _call, _n: error)
+    deleter, counter = batch_deleter(client, attempts=3)
+    with pytest.raises(BatchFailed) as info:
+        deleter.delete(make_keys(10))
+    assert info.value.deleted == 0
+    assert info.value.cause is error
+    assert len(client.commits) == 3
+    assert counter.retries == 2
+
+
+@given(
+    n=st.integers(1, MAX_BATCH_SIZE),
+    maximum=st.integers(1, 2 * MAX_BATCH_SIZE),
+    timeouts=st.sets(st.integers(1, 12), max_size=6),
+    seconds_per_key=st.sampled_from([0.0, 0.001, 0.01, 0.2]),
+)
+@settings(max_examples=60, deadline=None)
+def test_no_commit_ever_exceeds_500_keys_and_every_key_is_deleted_once(
+    n: int, maximum: int, timeouts: set[int], seconds_per_key: float
+) -> None:
+    clock = FakeClock()
+
+    def script(call: int, _n: int) -> Exception | None:
+        if call in timeouts:
+            clock.now += 20.0
+            return api_error(gexc.DeadlineExceeded, "slow")
+        return None
+
+    client = FakeClient(clock, script, seconds_per_key)
+    deleter, _counter = batch_deleter(client, attempts=20, maximum=maximum)
+    keys = make_keys(n)
+    assert deleter.delete(keys) == n
+    assert all(1 <= len(c) <= min(MAX_BATCH_SIZE, maximum) for c in client.commits)
+    assert client.deleted == keys
+
+
+# --- VerifyingDeleter ----------------------------------------------------------------------
+
+MISSING = object()  # an entity without the property
+
+
+class FakeTransaction:
+    def __init__(self, client: FakeStore) -> None:
+        self.client = client
+        self.began = False
+        self.read: list[datastore.Key] = []
+        self.deletes: list[datastore.Key] = []
+        self.rolled_back = False
+
+    def begin(self, *, retry: object, timeout: float) -> None:
+        self.began = True
+
+    def delete(self, key: datastore.Key) -> None:
+        self.deletes.append(key)
+
+    def commit(self, *, retry: object, timeout: float) -> None:
+        self.client.commit(self)
+
+    def rollback(self, *, retry: object, timeout: float) -> None:
+        self.rolled_back = True
+
+
+class FakeStore:
+    """Entities by key; a transaction touching more than ``group_limit`` keys is refused at
+    commit, as the legacy emulator refuses over 25 entity groups."""
+
+    def __init__(self, values: dict[datastore.Key, object], group_limit: int = 10_000) -> None:
+        self.values = dict(values)
+        self.group_limit = group_limit
+        self.commit_errors: dict[int, Exception] = {}  # by 1-based commit number
+        self.commits = 0
+        self.on_commit_error: Callable[[], None] = lambda: None
+        self.transactions: list[FakeTransaction] = []
+
+    def transaction(self) -> FakeTransaction:
+        txn = FakeTransaction(self)
+        self.transactions.append(txn)
+        return txn
+
+    def get_multi(
+        self,
+        keys: Sequence[datastore.Key],
+        *,
+        transaction: FakeTransaction,
+        retry: object,
+        timeout: float,
+    ) -> list[Any]:
+        assert transaction.began
+        transaction.read.extend(keys)
+        found = []
+        for key in keys:
+            if key not in self.values:
+                continue
+            entity = datastore.Entity(key)
+            if self.values[key] is not MISSING:
+                entity["expires_at"] = self.values[key]
+            found.append(entity)
+        return found
+
+    def commit(self, txn: FakeTransaction) -> None:
+        self.commits += 1
+        error = self.commit_errors.pop(self.commits, None)
+        if error is not None:
+            self.on_commit_error()
+            raise error
+        if len(txn.read) > self.group_limit:
+            raise api_error(gexc.InvalidArgument, TOO_MANY_GROUPS)
+        for key in txn.deletes:
+            del self.values[key]
+
+
+def verifying(
+    store: FakeStore, maximum: int = MAX_BATCH_SIZE
+) -> tuple[VerifyingDeleter, RetryCounter]:
+    retry, counter = retrier()
+    sizer = BatchSizer(maximum, FakeClock())  # a clock that never moves: the size stays put
+    deleter = VerifyingDeleter(
+        cast(datastore.Client, store),
+        retry,
+        Encoding.EPOCH_SECONDS,
+        "expires_at",
+        CUTOFF,
+        sizer=sizer,
+    )
+    return deleter, counter
+
+
+def size_events(logs: list[Any]) -> list[Any]:
+    return [e for e in logs if e["event"] == "transaction_size_reduced"]
+
+
+def test_verify_deletes_only_entities_still_expired() -> None:
+    keys = make_keys(8)
+    values: dict[datastore.Key, object] = {
+        keys[0]: EXPIRED,
+        keys[1]: LIVE,  # refreshed since the query
+        keys[2]: None,
+        keys[3]: MISSING,
+        keys[4]: EXPIRED * 1000,  # expired, but epoch-millis: another encoding
+        keys[5]: True,
+        keys[7]: CUTOFF_S - 1,
+    }  # keys[6] is already gone
+    store = FakeStore(values)
+    deleter, _counter = verifying(store)
+    assert deleter.delete(keys) == 2
+    assert set(store.values) == set(values) - {keys[0], keys[7]}
+    (txn,) = store.transactions
+    assert txn.read == keys
+    assert txn.deletes == [keys[0], keys[7]]
+
+
+def test_verify_keeps_a_value_exactly_at_the_cutoff() -> None:
+    keys = make_keys(1)
+    store = FakeStore({keys[0]: CUTOFF_S})
+    deleter, _counter = verifying(store)
+    assert deleter.delete(keys) == 0
+    assert keys[0] in store.values
+
+
+def test_verify_retry_rereads_after_an_aborted_commit() -> None:
+    keys = make_keys(3)
+    store = FakeStore(dict.fromkeys(keys, EXPIRED))
+    store.commit_errors = {1: api_error(gexc.Aborted, "contention")}
+
+    def refresh() -> None:  # the concurrent write that aborted the commit
+        store.values[keys[1]] = LIVE
+
+    store.on_commit_error = refresh
+    deleter, counter = verifying(store)
+    assert deleter.delete(keys) == 2
+    assert set(store.values) == {keys[1]}
+    assert store.transactions[0].rolled_back
+    assert counter.retries == 1
+
+
+def test_verify_shrinks_transactions_to_25_keys_once_on_too_many_entity_groups() -> None:
+    first, second = make_keys(60), make_keys(60, start=1000)
+    store = FakeStore(dict.fromkeys(first + second, EXPIRED), group_limit=LEGACY_LIMIT)
+    deleter, counter = verifying(store)
+    with capture_logs() as logs:
+        assert deleter.delete(first) == 60
+        assert deleter.delete(second) == 60
+    assert store.values == {}
+    assert deleter.transaction_size == LEGACY_LIMIT
+    assert [len(t.read) for t in store.transactions] == [60, 25, 25, 10, 25, 25, 10]
+    assert store.transactions[0].rolled_back
+    assert counter.retries == 0  # a refusal is not a transient error
+    (event,) = size_events(logs)
+    assert event["keys"] == LEGACY_LIMIT
+    assert event["log_level"] == "info"
+
+
+def test_verify_fails_when_even_25_keys_are_too_many_entity_groups() -> None:
+    keys = make_keys(60)
+    store = FakeStore(dict.fromkeys(keys, EXPIRED), group_limit=10)
+    deleter, _counter = verifying(store)
+    with capture_logs() as logs, pytest.raises(BatchFailed) as info:
+        deleter.delete(keys)
+    assert info.value.deleted == 0
+    assert isinstance(info.value.cause, gexc.InvalidArgument)
+    assert [len(t.read) for t in store.transactions] == [60, 25]
+    assert len(size_events(logs)) == 1
+
+
+def test_verify_other_invalid_argument_fails_without_shrinking() -> None:
+    keys = make_keys(60)
+    store = FakeStore(dict.fromkeys(keys, EXPIRED))
+    store.commit_errors = {1: api_error(gexc.InvalidArgument, "key path element must not be empty")}
+    deleter, _counter = verifying(store)
+    with capture_logs() as logs, pytest.raises(BatchFailed) as info:
+        deleter.delete(keys)
+    assert info.value.deleted == 0
+    assert deleter.transaction_size == MAX_BATCH_SIZE
+    assert size_events(logs) == []
+
+
+def test_verify_failure_reports_entities_deleted_before_it() -> None:
+    keys = make_keys(60)
+    store = FakeStore(dict.fromkeys(keys, EXPIRED))
+    error = api_error(gexc.PermissionDenied, "missing datastore.entities.delete")
+    store.commit_errors = {2: error}
+    deleter, _counter = verifying(store, maximum=25)
+    with pytest.raises(BatchFailed) as info:
+        deleter.delete(keys)
+    assert info.value.deleted == 25
+    assert info.value.cause is error
+    assert len(store.values) == 35

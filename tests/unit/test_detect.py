@@ -1,0 +1,280 @@
+"""``--format auto`` detection and the check before an explicit ``--format``, on a fake client
+that orders values as Datastore's index does and whose lookups return true types."""
+
+from __future__ import annotations
+
+import datetime as dt
+import operator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import pytest
+from google.cloud import datastore
+from google.cloud.datastore.query import PropertyFilter
+from structlog.testing import capture_logs
+
+from sweeper.detect import UNINDEXED_SAMPLE, check_explicit, detect_encoding
+from sweeper.encodings import Encoding, to_micros
+from sweeper.errors import RefusedError
+from sweeper.retry import Retrier, RetryCounter, RetryPolicy
+
+KIND, PROP = "eq-session", "expires_at"
+MISSING = object()  # an entity without the property
+
+SECONDS = 1_700_000_000
+MILLIS = SECONDS * 1000
+MICROS = SECONDS * 1_000_000  # an int of epoch microseconds: sorts with timestamps
+STAMP = dt.datetime(2023, 11, 14, 22, 13, 20, tzinfo=dt.UTC)
+
+
+def index_order(value: object) -> tuple[int, Any]:
+    """Datastore's order of one property's values: null; ints and timestamps together (a
+    timestamp as its microseconds); booleans; strings; floats."""
+    if value is None:
+        return (0, 0)
+    if isinstance(value, bool):
+        return (2, value)
+    if isinstance(value, int):
+        return (1, value)
+    if isinstance(value, dt.datetime):
+        return (1, to_micros(value))
+    if isinstance(value, str):
+        return (3, value)
+    if isinstance(value, float):
+        return (4, value)
+    raise TypeError(f"no index order for {value!r}")
+
+
+OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+}
+
+
+@dataclass
+class Stored:
+    key: datastore.Key
+    value: object
+    indexed: bool = True
+
+
+class FakePage:
+    def __init__(self, keys: list[datastore.Key]) -> None:
+        self._keys = keys
+        self.next_page_token = None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(datastore.Entity(key) for key in self._keys)
+
+
+class FakeQuery:
+    def __init__(self, client: FakeClient) -> None:
+        self._client = client
+        self.filters: list[PropertyFilter] = []
+        self.order: list[str] = []
+
+    def keys_only(self) -> None:
+        pass
+
+    def add_filter(self, *, filter: PropertyFilter) -> FakeQuery:
+        assert filter.property_name == PROP
+        self.filters.append(filter)
+        return self
+
+    def fetch(
+        self, *, limit: int, start_cursor: bytes | None = None, retry: object, timeout: float
+    ) -> FakePage:
+        rows = self._client.rows
+        if self.filters or self.order:  # only entities with an indexed value are in the index
+            rows = [r for r in rows if r.indexed and r.value is not MISSING]
+            for f in self.filters:
+                test = OPERATORS[f.operator]
+                rows = [r for r in rows if test(index_order(r.value), index_order(f.value))]
+            rows = sorted(rows, key=lambda r: index_order(r.value))  # stable: then by key
+            if self.order == ["-" + PROP]:
+                rows.reverse()
+            else:
+                assert self.order in ([], [PROP])
+        return FakePage([r.key for r in rows[:limit]])
+
+
+class FakeClient:
+    """One kind's entities, in key order; queries use the index, lookups read true types."""
+
+    def __init__(self, values: Sequence[object], unindexed: bool = False) -> None:
+        self.rows = [
+            Stored(datastore.Key(KIND, i + 1, project="p"), value, indexed=not unindexed)
+            for i, value in enumerate(values)
+        ]
+        self.vanish_before_lookup: set[int] = set()  # ids deleted by someone else meanwhile
+
+    def query(self, *, kind: str) -> FakeQuery:
+        assert kind == KIND
+        return FakeQuery(self)
+
+    def get_multi(
+        self, keys: Sequence[datastore.Key], *, retry: object, timeout: float
+    ) -> list[Any]:
+        self.rows = [r for r in self.rows if r.key.id not in self.vanish_before_lookup]
+        by_key = {r.key: r for r in self.rows}
+        found = []
+        for key in keys:
+            if key in by_key:
+                entity = datastore.Entity(key)
+                if by_key[key].value is not MISSING:
+                    entity[PROP] = by_key[key].value
+                found.append(entity)
+        return found
+
+
+def retrier() -> Retrier:
+    return Retrier(RetryPolicy(max_attempts=2), RetryCounter(), sleep=lambda _s: None)
+
+
+def detect(values: Sequence[object], unindexed: bool = False) -> Encoding | None:
+    client = cast(datastore.Client, FakeClient(values, unindexed))
+    return detect_encoding(client, retrier(), KIND, PROP)
+
+
+def check(values: Sequence[object], encoding: Encoding) -> tuple[str, ...]:
+    client = cast(datastore.Client, FakeClient(values))
+    return check_explicit(client, retrier(), KIND, PROP, encoding)
+
+
+# --- the fake orders values as Datastore does ----------------------------------------------
+
+
+def test_fake_index_order_matches_datastore() -> None:
+    values: list[object] = [2.5, "a", True, STAMP, SECONDS, None, MILLIS, False, MICROS + 1]
+    ordered = sorted(values, key=index_order)
+    assert ordered == [None, SECONDS, MILLIS, STAMP, MICROS + 1, False, True, "a", 2.5]
+
+
+# --- detect_encoding -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([SECONDS, SECONDS - 86_400, SECONDS + 60], Encoding.EPOCH_SECONDS),
+        ([MILLIS], Encoding.EPOCH_MILLIS),
+        ([STAMP, STAMP + dt.timedelta(days=3)], Encoding.TIMESTAMP),
+    ],
+    ids=["epoch-seconds", "epoch-millis-single-value", "timestamp"],
+)
+def test_one_encoding_is_detected(values: list[object], expected: Encoding) -> None:
+    assert detect(values) is expected
+
+
+def test_nulls_and_missing_values_do_not_disturb_detection() -> None:
+    with capture_logs() as logs:
+        assert detect([None, SECONDS, MISSING, SECONDS + 1, None]) is Encoding.EPOCH_SECONDS
+    (event,) = [e for e in logs if e["event"] == "format_detected"]
+    assert event["encodings"] == ["epoch-seconds"]
+    assert event["smallest"] == f"{SECONDS} (int)"
+    assert event["largest"] == f"{SECONDS + 1} (int)"
+
+
+def test_mixed_encodings_are_refused_naming_both() -> None:
+    with pytest.raises(RefusedError) as info:
+        detect([SECONDS, None, MILLIS])
+    message = info.value.message
+    assert f"{SECONDS} (int), epoch-seconds" in message
+    assert f"{MILLIS} (int), epoch-millis" in message
+    assert "more than one encoding" in message
+    assert "Nothing was deleted" in message
+
+
+def test_a_stray_value_beyond_the_ints_is_refused() -> None:
+    with pytest.raises(RefusedError) as info:
+        detect([SECONDS, SECONDS + 1, "1700000000"])
+    assert "values of no supported encoding" in info.value.message
+    assert "'1700000000' (str)" in info.value.message
+
+
+def test_ints_of_microseconds_beside_timestamps_are_refused() -> None:
+    # The index sorts both as the same numbers; only the lookup's true types tell them apart.
+    with pytest.raises(RefusedError) as info:
+        detect([STAMP, MICROS + 10])
+    assert "no supported encoding" in info.value.message
+
+
+def test_no_values_at_all_is_none() -> None:
+    assert detect([None, MISSING, None]) is None
+    assert detect([]) is None
+
+
+def test_unindexed_values_are_refused() -> None:
+    with pytest.raises(RefusedError) as info:
+        detect([SECONDS] * 30 + [MISSING], unindexed=True)
+    message = info.value.message
+    assert "looks unindexed" in message
+    assert f"{UNINDEXED_SAMPLE} of {UNINDEXED_SAMPLE} sampled entities" in message
+    assert "--scan" in message
+
+
+def test_an_end_deleted_before_the_lookup_is_looked_for_again() -> None:
+    fake = FakeClient([SECONDS, SECONDS + 1, SECONDS + 2])
+    fake.vanish_before_lookup = {1}  # the oldest session, deleted by another pod meanwhile
+    found = detect_encoding(cast(datastore.Client, fake), retrier(), KIND, PROP)
+    assert found is Encoding.EPOCH_SECONDS  # not refused as "more than one encoding"
+
+
+# --- check_explicit ------------------------------------------------------------------------
+
+
+def test_explicit_band_holding_all_values_has_no_others() -> None:
+    assert check([None, SECONDS, SECONDS + 5, MISSING], Encoding.EPOCH_SECONDS) == ()
+
+
+def test_explicit_band_with_other_encodings_beside_it_names_them() -> None:
+    assert check([SECONDS, MILLIS], Encoding.EPOCH_SECONDS) == ("epoch-millis",)
+    assert check([SECONDS, MILLIS], Encoding.EPOCH_MILLIS) == ("epoch-seconds",)
+
+
+def test_explicit_band_between_other_values_names_them_all() -> None:
+    # 5 (no encoding) is the smallest, a string the largest; the seconds lie between.
+    values: list[object] = [5, SECONDS, "x", SECONDS + 1]
+    assert check(values, Encoding.EPOCH_SECONDS) == ("unsupported",)
+    assert check([5, SECONDS, MILLIS], Encoding.EPOCH_SECONDS) == ("epoch-millis", "unsupported")
+
+
+def test_explicit_empty_band_is_refused_naming_what_is_stored_and_the_format_to_use() -> None:
+    with pytest.raises(RefusedError) as info:
+        check([MILLIS, MILLIS + 1], Encoding.EPOCH_SECONDS)
+    message = info.value.message
+    assert "refusing --format epoch-seconds" in message
+    assert "holds no epoch-seconds value at all" in message
+    assert f"{MILLIS} (int), epoch-millis" in message
+    assert "--format epoch-millis would match them" in message
+
+
+def test_explicit_empty_band_with_timestamps_suggests_timestamp() -> None:
+    with pytest.raises(RefusedError) as info:
+        check([STAMP], Encoding.EPOCH_MILLIS)
+    assert "--format timestamp would match them" in info.value.message
+
+
+def test_explicit_empty_band_with_several_encodings_suggests_none() -> None:
+    with pytest.raises(RefusedError) as info:
+        check([SECONDS, "x"], Encoding.EPOCH_MILLIS)
+    assert "no single --format matches them all" in info.value.message
+
+
+def test_ints_of_microseconds_do_not_fill_the_timestamp_band() -> None:
+    with pytest.raises(RefusedError) as info:
+        check([MICROS, MICROS + 1], Encoding.TIMESTAMP)
+    assert "holds no timestamp value at all" in info.value.message
+
+
+def test_explicit_with_no_value_at_all_is_nothing_to_check() -> None:
+    assert check([None, MISSING], Encoding.TIMESTAMP) == ()
+    assert check([], Encoding.EPOCH_SECONDS) == ()
+
+
+def test_explicit_with_unindexed_values_is_refused() -> None:
+    client = cast(datastore.Client, FakeClient([MILLIS, MILLIS], unindexed=True))
+    with pytest.raises(RefusedError, match="looks unindexed"):
+        check_explicit(client, retrier(), KIND, PROP, Encoding.EPOCH_MILLIS)
