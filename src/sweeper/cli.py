@@ -78,9 +78,9 @@ def sweep(**options: Any) -> None:
       DATASTORE_EMULATOR_HOST=127.0.0.1:8081 sweeper sweep --project demo --format epoch-seconds
     """
     ctx = click.get_current_context()
-    targets = _targets(ctx, options)
     log_format = _log_format(options, sys.stdout)
     configure(log_format, options["log_level"])
+    targets = _targets(ctx, options)
     line = ProgressLine(sys.stderr) if log_format == "console" and sys.stderr.isatty() else None
     with StopOnSignal() as stop:
         runtime = Runtime(stop_requested=stop.is_set, on_progress=line.show if line else None)
@@ -175,7 +175,12 @@ def _targets(ctx: click.Context, options: dict[str, Any]) -> list[SweepSettings]
             "set it in the file, per target or under [defaults]"
         )
     values.pop("kind")
-    return load_targets(Path(options["config"]), values)
+    # Options a target may also set: an explicit command-line value wins (see load_targets).
+    overridable = ("batch_size", "verify")
+    explicit_values = {
+        name: values[name] for name in overridable if ctx.get_parameter_source(name) in explicit
+    }
+    return load_targets(Path(options["config"]), values, explicit_values)
 
 
 def _target_values(options: dict[str, Any]) -> dict[str, Any]:

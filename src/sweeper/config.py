@@ -18,6 +18,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from sweeper.errors import UsageError
 from sweeper.settings import SweepSettings, parse_duration, parse_format
 
@@ -39,11 +41,17 @@ _TARGET_KEYS: dict[str, tuple[str, Any]] = {
 _RUN_WIDE = ("project", "dry_run")
 
 
-def load_targets(path: Path, base: dict[str, Any]) -> list[SweepSettings]:
+def load_targets(
+    path: Path, base: dict[str, Any], explicit: dict[str, Any] | None = None
+) -> list[SweepSettings]:
     """One validated :class:`SweepSettings` per ``[[target]]``.
 
-    ``base`` holds run-wide values and defaults from the command line (field names of
-    :class:`SweepSettings`); ``[defaults]`` overrides them and each target overrides both.
+    Precedence, highest first: what the command line (or a ``SWEEPER_*`` variable) set
+    explicitly (``explicit``), the target's own keys, ``[defaults]``, then ``base`` (the
+    command line's built-in defaults and run-wide values; field names of
+    :class:`SweepSettings`). A safety option is never switched off that way: ``verify`` is on
+    when the command line *or* the file turns it on. Each value the command line overrides
+    is logged (``option_overridden``), so nothing in the file is dropped silently.
     """
     document = _read(path)
     unknown = set(document) - {"defaults", "target"}
@@ -53,14 +61,38 @@ def load_targets(path: Path, base: dict[str, Any]) -> list[SweepSettings]:
     if not isinstance(targets, list) or not targets:
         raise UsageError(f"config {path}: no [[target]] tables")
     defaults = _fields(path, "[defaults]", document.get("defaults", {}))
-    return [
-        _settings(
-            path,
-            f"target {number}",
-            {**base, **defaults, **_fields(path, f"target {number}", table)},
+    settings = []
+    for number, table in enumerate(targets, start=1):
+        where = f"target {number}"
+        from_file = {**defaults, **_fields(path, where, table)}
+        values = {**base, **from_file, **_merge(where, from_file, explicit or {})}
+        settings.append(_settings(path, where, values))
+    return settings
+
+
+# Options where the safe value wins whoever sets it.
+_SAFE_WINS = {"verify": True}
+
+
+def _merge(where: str, from_file: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
+    """The command line's explicit values, as they apply over one target's file values."""
+    merged: dict[str, Any] = {}
+    for name, value in explicit.items():
+        if name not in from_file or from_file[name] == value:
+            merged[name] = value
+            continue
+        safe = _SAFE_WINS.get(name)
+        chosen = safe if safe is not None and safe in (value, from_file[name]) else value
+        merged[name] = chosen
+        structlog.get_logger("sweeper.config").warning(
+            "option_overridden",
+            target=where,
+            option=name,
+            file=from_file[name],
+            command_line=value,
+            used=chosen,
         )
-        for number, table in enumerate(targets, start=1)
-    ]
+    return merged
 
 
 def _read(path: Path) -> dict[str, Any]:

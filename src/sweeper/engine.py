@@ -117,6 +117,9 @@ class Sweep:
                 result.stop(self._stopper.reason() or StopReason.SIGNAL)
                 result.unconfirmed = self._in_flight
             result.retries = self._counter.retries
+            calls = self._counter.calls
+            result.queries, result.lookups = calls["query"], calls["lookup"]
+            result.commits = calls["delete"] + calls["verify"]
             result.duration_s = rt.monotonic() - started
             result.concurrency = self._limiter.degradation()
             result.commit_size = self._sizer.degradation()

@@ -2,7 +2,8 @@
 
 A CronJob lives for minutes, too briefly for Prometheus to scrape it, so the run pushes its
 figures once at the end instead. Each target (kind, namespace, database, property) is its own
-Pushgateway group, so sweeping two kinds never overwrites the other's figures.
+Pushgateway group, and so is each shard of it, so sweeping two kinds (or two shards of one)
+never overwrites the other's figures.
 
 The push is a POST (``pushadd``), which replaces only the metric names it carries within the
 group. A failed run therefore leaves ``sweeper_last_success_timestamp_seconds`` from the last
@@ -98,6 +99,8 @@ def grouping_key(summary: Mapping[str, Any]) -> dict[str, str]:
         "namespace": _label(summary, "namespace"),
         "database": _label(summary, "database"),
         "property": _label(summary, "property"),
+        # Shards of one target push apart, or they would overwrite each other's figures.
+        "shard": _label(summary, "shard"),
     }
 
 

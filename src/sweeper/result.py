@@ -64,6 +64,10 @@ class SweepResult:
     other_encodings: tuple[str, ...] = ()
     concurrency: Degradation | None = None
     commit_size: Degradation | None = None
+    # Datastore calls that succeeded: queries (pages and probes), lookups, commits.
+    queries: int = 0
+    lookups: int = 0
+    commits: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -99,6 +103,9 @@ class SweepResult:
             "duration_s": round(self.duration_s, 3),
             "stopped_reason": StopReason(self.stopped_reason).value,
             "unconfirmed": self.unconfirmed,
+            "queries": self.queries,
+            "lookups": self.lookups,
+            "commits": self.commits,
             "other_encodings": list(self.other_encodings),
             **_degradation("concurrency", self.concurrency),
             **_degradation("commit_size", self.commit_size),

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -100,15 +101,19 @@ class RetryCounter:
 
     retries: int = 0
     last_success: float | None = None
+    # Calls that succeeded, by kind ("query", "lookup", "delete", "verify"): what was billed.
+    calls: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self) -> None:
         with self._lock:  # delete workers retry concurrently
             self.retries += 1
 
-    def succeeded(self, now: float) -> None:
+    def succeeded(self, now: float, what: str | None = None) -> None:
         with self._lock:
             self.last_success = now
+            if what is not None:
+                self.calls[what] += 1
 
 
 class _Stalled(stop_base):
@@ -171,7 +176,7 @@ class Retrier:
             before_sleep=lambda state: self._before_sleep(what, state),
             reraise=True,
         )
-        value: T = retrying(self._attempt, fn)
+        value: T = retrying(self._attempt, what, fn)
         return value
 
     def _policy_stop(self) -> stop_base:
@@ -179,7 +184,7 @@ class Retrier:
         attempts = stop_never if p.max_attempts is None else stop_after_attempt(p.max_attempts)
         return attempts | stop_after_delay(p.max_delay_s) | self._stalled
 
-    def _attempt(self, fn: Callable[[], T]) -> T:
+    def _attempt(self, what: str, fn: Callable[[], T]) -> T:
         if self._stopper is not None:
             self._stopper.check()
         if self._limiter is None:
@@ -187,7 +192,7 @@ class Retrier:
         else:
             with self._limiter.slot():
                 value = fn()
-        self._counter.succeeded(self._clock())
+        self._counter.succeeded(self._clock(), what)
         return value
 
     def _before_sleep(self, what: str, state: RetryCallState) -> None:

@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 import yaml
+from structlog.testing import capture_logs
 
+from sweeper import cli as cli_module
 from sweeper.cli import main
 from sweeper.config import load_targets
 from sweeper.encodings import Encoding
@@ -146,3 +148,78 @@ def test_the_cronjob_carries_the_same_targets_as_the_example(tmp_path: Path) -> 
     (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"]]
     assert item["key"] == "sweeper.toml"
     assert config_map["data"]["SWEEPER_CONFIG"] == f"{mount['mountPath']}/{item['path']}"
+
+
+# --- precedence: command line, then the target, then [defaults] ------------------------
+
+PRECEDENCE = """
+[defaults]
+batch_size = 200
+
+[[target]]
+kind = "a"
+
+[[target]]
+kind = "b"
+batch_size = 50
+verify = false
+
+[[target]]
+kind = "c"
+verify = true
+"""
+
+
+def test_a_target_beats_defaults_and_defaults_beat_the_built_in_values(tmp_path: Path) -> None:
+    path = tmp_path / "sweeper.toml"
+    path.write_text(PRECEDENCE)
+    a, b, c = load_targets(path, dict(BASE))
+    assert (a.batch_size, b.batch_size, c.batch_size) == (200, 50, 200)
+    assert (a.verify, b.verify, c.verify) == (False, False, True)
+
+
+def test_an_explicit_command_line_value_beats_the_file_and_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "sweeper.toml"
+    path.write_text(PRECEDENCE)
+    with capture_logs() as logs:
+        a, b, c = load_targets(path, dict(BASE), {"batch_size": 100, "verify": True})
+    assert (a.batch_size, b.batch_size, c.batch_size) == (100, 100, 100)
+    assert (a.verify, b.verify, c.verify) == (True, True, True)  # --verify is never dropped
+    overridden = {(e["target"], e["option"]) for e in logs if e["event"] == "option_overridden"}
+    assert overridden == {
+        ("target 1", "batch_size"),
+        ("target 2", "batch_size"),
+        ("target 2", "verify"),
+        ("target 3", "batch_size"),
+    }
+
+
+def test_the_command_line_cannot_switch_off_a_targets_verify(tmp_path: Path) -> None:
+    path = tmp_path / "sweeper.toml"
+    path.write_text(PRECEDENCE)
+    with capture_logs() as logs:
+        _a, _b, c = load_targets(path, dict(BASE), {"verify": False})
+    assert c.verify is True
+    (event,) = [e for e in logs if e["event"] == "option_overridden"]
+    assert (event["option"], event["file"], event["command_line"], event["used"]) == (
+        "verify",
+        True,
+        False,
+        True,
+    )
+
+
+def test_verify_on_the_command_line_reaches_every_target_of_a_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "sweeper.toml"
+    path.write_text(PRECEDENCE)
+    seen: list[SweepSettings] = []
+
+    def record(targets: list[SweepSettings], *_args: Any, **_kwargs: Any) -> list[Any]:
+        seen.extend(targets)
+        return []
+
+    monkeypatch.setattr(cli_module, "sweep_targets", record)
+    assert main(["sweep", "--config", str(path), "--verify", "--log-format", "json"]) == 0
+    assert [t.verify for t in seen] == [True, True, True]

@@ -27,6 +27,7 @@ NOW = 1_717_243_200.0
 # prometheus_client puts the grouping labels in sorted order after the job.
 GROUP = "/metrics/job/sweeper/database/%28default%29/kind/eq-session"
 GROUP += "/namespace/%28default%29/property/expires_at"
+GROUP += "/shard@base64/MC8x"  # "0/1": a shard is I/N, and a "/" is base64-encoded in the path
 
 
 @dataclass
@@ -168,7 +169,13 @@ def test_named_namespace_and_database_are_in_the_group() -> None:
     (request,) = push(summary(namespace="prod", database="sessions"), job="eq").requests
     assert request.url == (
         URL + "/metrics/job/eq/database/sessions/kind/eq-session/namespace/prod/property/expires_at"
+        "/shard@base64/MC8x"
     )
+
+
+def test_each_shard_of_a_target_pushes_to_a_group_of_its_own() -> None:
+    urls = {push({**summary(), "shard": f"{i}/3"}).requests[0].url for i in range(3)}
+    assert len(urls) == 3
 
 
 def test_empty_target_labels_get_the_placeholder() -> None:
