@@ -9,6 +9,7 @@ exactly one ``sweep_finished`` event, which operators alert on.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
@@ -30,6 +31,7 @@ from sweeper.detect import check_explicit, detect_encoding
 from sweeper.encodings import Encoding
 from sweeper.errors import (
     DatastoreError,
+    RefusedError,
     SweeperError,
     describe_exception,
 )
@@ -167,16 +169,8 @@ class Sweep:
         if isinstance(s.format, Encoding):
             encoding: Encoding | None = s.format
             if not s.scan:
-                result.other_encodings = check_explicit(
-                    client, self._retrier, s.kind, s.prop, s.format
-                )
-                if result.other_encodings:
-                    self._log.warning(
-                        "other_encodings_present",
-                        property=s.prop,
-                        swept=s.format.value,
-                        left_alone=list(result.other_encodings),
-                    )
+                others = check_explicit(client, self._retrier, s.kind, s.prop, s.format)
+                self._note_others(result, others)
         else:
             encoding = self._detect(client)
         if encoding is not None:
@@ -227,12 +221,33 @@ class Sweep:
             with self._lock:
                 result.entities_read += n
 
+        seen: Counter[str] = Counter()
         streams = expired_streams(
-            client, self._retrier, s, encoding, result.cutoff, log=self._log, on_read=count_reads
+            client,
+            self._retrier,
+            s,
+            encoding,
+            result.cutoff,
+            log=self._log,
+            on_read=count_reads,
+            seen=seen,
         )
         Pipeline(s.workers, process, should_stop).run([batches(st) for st in streams])
         if budget.capped:
             self._end(result, StopReason.MAX_DELETES)
+        if s.scan and result.stopped_reason == StopReason.COMPLETE:
+            self._note_others(result, _scan_census(s, encoding, seen))
+
+    def _note_others(self, result: SweepResult, others: tuple[str, ...]) -> None:
+        """Values of other encodings are left alone, but an operator should know they exist."""
+        result.other_encodings = others
+        if others:
+            self._log.warning(
+                "other_encodings_present",
+                property=self.settings.prop,
+                swept=result.format,
+                left_alone=list(others),
+            )
 
     def _process(self, deleter: Deleter, batch: Sequence[Key], result: SweepResult) -> None:
         with self._lock:
@@ -328,6 +343,19 @@ class _Progress:
             elapsed_s=round(elapsed, 1),
             per_s=round(done / elapsed, 1),
         )
+
+
+def _scan_census(s: SweepSettings, encoding: Encoding, seen: Counter[str]) -> tuple[str, ...]:
+    """After a whole scan: the other encodings read, or a refusal if none was ``encoding``."""
+    others = tuple(sorted(name for name in seen if name != encoding.value))
+    if seen and not seen[encoding.value]:
+        held = ", ".join(f"{seen[name]} {name}" for name in others)
+        raise RefusedError(
+            f"--scan --format {encoding.value} of {s.kind}.{s.prop} could never delete "
+            f"anything: of the {sum(seen.values())} values it read, none is "
+            f"{encoding.value} ({held}). Nothing was deleted; choose the --format they hold."
+        )
+    return others
 
 
 def _datastore_failure(exc: BaseException) -> str:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
 from google.cloud import datastore
 
-from sweeper.encodings import Encoding, ExpiredRange, expired_range, is_expired
+from sweeper.encodings import Encoding, ExpiredRange, classify, expired_range, is_expired
 from sweeper.query import RangeQuery, first_value, key_pages, scan_expired
 from sweeper.retry import Retrier
 from sweeper.settings import SweepSettings
@@ -36,8 +37,13 @@ def expired_streams(
     *,
     log: Any,
     on_read: Callable[[int], None],
+    seen: Counter[str] | None = None,
 ) -> list[KeyPages]:
-    """Up to ``settings.workers`` independent streams of expired-key pages."""
+    """Up to ``settings.workers`` independent streams of expired-key pages.
+
+    A scan counts in ``seen`` the encodings of the non-null values it reads, so the engine can
+    tell a scan that found nothing to do from one that could never have matched anything.
+    """
     s = settings
     if s.scan:
         log.warning(
@@ -46,7 +52,7 @@ def expired_streams(
             format=encoding.value,
             cost="one billed entity read per entity of the kind",
         )
-        expired = partial(is_expired, encoding, cutoff=cutoff)
+        expired = partial(_tallied, seen, encoding, cutoff)
         return [scan_expired(client, retrier, s.kind, s.prop, expired=expired, on_read=on_read)]
     window = expired_range(encoding, cutoff)
     lo, hi = window.values()
@@ -63,6 +69,15 @@ def expired_streams(
         return []
     slices = split_even(start, window.hi, s.workers)
     return [_pages(client, retrier, s, ExpiredRange(encoding, a, b)) for a, b in slices]
+
+
+def _tallied(
+    seen: Counter[str] | None, encoding: Encoding, cutoff: dt.datetime, value: object
+) -> bool:
+    if seen is not None and value is not None:
+        found = classify(value)
+        seen[found.value if found else "unsupported"] += 1
+    return is_expired(encoding, value, cutoff)
 
 
 def _shard_streams(
