@@ -18,6 +18,7 @@ import structlog
 from google.cloud import datastore
 from google.cloud.datastore import Key
 
+from sweeper.clock import SKEW_WARNING_S, read_clock
 from sweeper.concurrency import CallLimiter
 from sweeper.deleter import (
     BatchDeleter,
@@ -102,12 +103,8 @@ class Sweep:
         started = rt.monotonic()
         if s.max_runtime is not None:
             self._stopper.deadline = started + s.max_runtime.total_seconds()
+        # Provisional, for a summary of a run that fails before it reads the database's clock.
         result = SweepResult(s, rt.now() - s.grace, s.format_label)
-        self._log.info(
-            "sweep_started",
-            **{k: v for k, v in result.summary().items() if k in _START_FIELDS},
-            grace_s=s.grace.total_seconds(),
-        )
         body = threading.Thread(
             target=self._body, args=(result, started), name=f"sweep-{s.kind}", daemon=True
         )
@@ -147,13 +144,45 @@ class Sweep:
 
     def _body(self, result: SweepResult, started: float) -> None:
         try:
-            self._sweep(self._connect(), result)
+            client = self._connect()
+            self._set_cutoff(client, result)
+            self._sweep(client, result)
         except Stopped as stop:
             self._end(result, stop.reason)
         except SweeperError as exc:
             self._end(result, StopReason.ERROR, exc.message)
         except Exception as exc:  # anything the client raises once retries are spent
             self._end(result, StopReason.ERROR, _datastore_failure(exc))
+
+    def _set_cutoff(self, client: datastore.Client, result: SweepResult) -> None:
+        """One cutoff per run, from the database's clock where it reports one.
+
+        ``--verify`` re-checks against this same cutoff.
+        """
+        s = self.settings
+        reading = read_clock(client, self._retrier, s.kind, self.runtime.now)
+        with self._lock:
+            result.cutoff = reading.now - s.grace
+            result.clock_source, result.clock_skew_s = reading.source, reading.skew_s
+            # A database that reports no read time is not Firestore in Datastore mode: its
+            # queries may return stale index entries, and a session refreshed after its entry
+            # was read would be deleted blindly. Re-check each key there unless told otherwise.
+            result.verify = s.verify if s.verify is not None else reading.source == "local"
+            fields = result.summary()
+        self._log.info(
+            "sweep_started",
+            **{k: v for k, v in fields.items() if k in _START_FIELDS},
+            grace_s=s.grace.total_seconds(),
+        )
+        skew = reading.skew_s
+        if reading.source == "local":
+            self._log.info("clock_local", hint="the database reports no time: local clock used")
+        elif skew is not None and abs(skew) > SKEW_WARNING_S:
+            self._log.warning(
+                "clock_skew",
+                skew_s=round(skew, 3),
+                hint="this host's clock is off; the cutoff uses the database's time",
+            )
 
     def _end(self, result: SweepResult, reason: StopReason, error: str | None = None) -> None:
         with self._lock:
@@ -192,7 +221,7 @@ class Sweep:
             VerifyingDeleter(
                 client, self._retrier, encoding, s.prop, result.cutoff, sizer=self._sizer
             )
-            if s.verify
+            if result.verify
             else BatchDeleter(client, self._retrier, sizer=self._sizer)
         )
         progress = _Progress(self._log, rt, self._counter, rt.monotonic(), s.dry_run)
@@ -253,7 +282,7 @@ class Sweep:
         with self._lock:
             result.matched += len(batch)
         if not self.settings.dry_run:
-            if self.settings.verify:
+            if result.verify:
                 with self._lock:
                     result.entities_read += len(batch)  # the transaction looks each key up
             self._delete(deleter, batch, result)
@@ -291,7 +320,16 @@ class Sweep:
         self._log.debug("batch_deleted", keys=len(batch), deleted=deleted)
 
 
-_START_FIELDS = ("namespace", "database", "property", "format", "cutoff", "dry_run")
+_START_FIELDS = (
+    "namespace",
+    "database",
+    "property",
+    "format",
+    "cutoff",
+    "clock_source",
+    "clock_skew_s",
+    "dry_run",
+)
 
 
 class _Budget:

@@ -125,10 +125,12 @@ sweep_options = stack(
         help="Run the same queries, delete nothing, report what would go.",
     ),
     option(
-        "--verify",
-        is_flag=True,
+        "--verify/--no-verify",
+        default=None,
         help="Re-read each batch in a transaction and delete only entities still expired, so "
-        "a session refreshed mid-run is never lost. Costs one entity read per key.",
+        "a session refreshed mid-run is never lost. Costs one entity read per key. Default: "
+        "on where the database does not report its time (the legacy Datastore emulator, "
+        "whose queries are eventually consistent), off on Firestore in Datastore mode.",
     ),
     option(
         "--scan",

@@ -64,10 +64,18 @@ class SweepResult:
     other_encodings: tuple[str, ...] = ()
     concurrency: Degradation | None = None
     commit_size: Degradation | None = None
+    # Whether batches are re-checked in a transaction (--verify, or decided for the database).
+    verify: bool = False
+    # Whose clock the cutoff came from, and the local clock's error against the server's.
+    clock_source: str = "local"
+    clock_skew_s: float | None = None
     # Datastore calls that succeeded: queries (pages and probes), lookups, commits.
     queries: int = 0
     lookups: int = 0
     commits: int = 0
+
+    def __post_init__(self) -> None:
+        self.verify = bool(self.settings.verify)  # until the run decides an automatic one
 
     @property
     def exit_code(self) -> int:
@@ -87,8 +95,10 @@ class SweepResult:
             "property": s.prop,
             "format": self.format,
             "cutoff": self.cutoff.isoformat().replace("+00:00", "Z"),
+            "clock_source": self.clock_source,
+            "clock_skew_s": None if self.clock_skew_s is None else round(self.clock_skew_s, 3),
             "dry_run": s.dry_run,
-            "verify": s.verify,
+            "verify": self.verify,
             "scan": s.scan,
             "workers": s.workers,
             "shard": str(s.shard),

@@ -108,7 +108,8 @@ class SweepSettings:
     grace: dt.timedelta
     batch_size: int = MAX_BATCH_SIZE
     dry_run: bool = False
-    verify: bool = False
+    # None: decided per run, on where the database's queries may be stale (see engine).
+    verify: bool | None = False
     scan: bool = False
     # Delete workers, and as many query streams over slices of the expired range.
     workers: int = DEFAULT_WORKERS

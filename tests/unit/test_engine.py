@@ -68,8 +68,30 @@ class FakeQuery:
         return self._client.page(limit, start_cursor)
 
 
+class FakeBatch:
+    """A query result batch as the client's API object returns it: maybe with ``read_time``."""
+
+    def __init__(self, read_time: dt.datetime | None) -> None:
+        self.read_time = read_time
+
+    def __contains__(self, name: str) -> bool:
+        return name == "read_time" and self.read_time is not None
+
+
+class FakeApi:
+    """``client._datastore_api``: only the clock query is sent through it."""
+
+    def __init__(self) -> None:
+        self.read_time: dt.datetime | None = None  # like the legacy emulator: no server time
+
+    def run_query(self, *, request: object, retry: object, timeout: float) -> Any:
+        return type("Response", (), {"batch": FakeBatch(self.read_time)})()
+
+
 class FakeClient:
     """Every query returns ``keys`` (page by page); failures are injected per call kind."""
+
+    project, database, namespace = "p", None, None
 
     def __init__(self, n_keys: int) -> None:
         self.keys = [datastore.Key("eq-session", i + 1, project="p") for i in range(n_keys)]
@@ -82,6 +104,7 @@ class FakeClient:
         self.deleted: list[datastore.Key] = []
         self.queries: list[FakeQuery] = []
         self.lookups = 0
+        self._datastore_api = FakeApi()
 
     def query(self, *, kind: str) -> FakeQuery:
         assert kind == "eq-session"

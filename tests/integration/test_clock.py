@@ -1,0 +1,106 @@
+"""A host whose clock is a day off deletes nothing live: the cutoff is the database's time.
+
+The real CLI runs under ``faketime`` (Debian's libfaketime), so its clock, and nothing else's,
+is a day ahead or behind, against sessions seeded the way the runner writes them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from google.cloud import datastore
+
+from sweeper.testing.emulator import Emulator
+from sweeper.testing.seed import names, put_entities, runner_eq_session
+
+NOW = dt.datetime.now(dt.UTC)
+# Expired beyond the 15-minute default grace; live ones expire within the next day (what a
+# clock a day ahead would delete) and after it.
+EXPIRED = [NOW - dt.timedelta(hours=1, minutes=i) for i in range(100)]
+LIVE = [NOW + dt.timedelta(minutes=10 + 14 * i) for i in range(100)]
+LATER = [NOW + dt.timedelta(days=2, minutes=i) for i in range(20)]
+DAY_S = 86_400
+
+
+def seed(client: datastore.Client, kind: str) -> None:
+    sessions = [
+        runner_eq_session(client, kind, f"{group}-{i}", expires)
+        for group, instants in (("expired", EXPIRED), ("live", LIVE), ("later", LATER))
+        for i, expires in enumerate(instants)
+    ]
+    put_entities(client, sessions)
+
+
+def sweep_with_clock(emulator: Emulator, kind: str, shift: str) -> dict[str, Any]:
+    faketime = shutil.which("faketime")
+    if faketime is None:
+        pytest.fail("faketime is missing: apt-get install faketime (.ci/run does)")
+    done = subprocess.run(
+        [
+            faketime,
+            "-f",
+            shift,
+            sys.executable,
+            "-m",
+            "sweeper",
+            "sweep",
+            "--kind",
+            kind,
+            "--log-format",
+            "json",
+        ],
+        env={**os.environ, **emulator.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    (summary,) = [e for e in events if e["event"] == "sweep_finished"]
+    assert isinstance(summary, dict)
+    summary["warnings"] = [e["event"] for e in events if e["severity"] == "WARNING"]
+    return summary
+
+
+def live_names() -> set[str]:
+    return {f"live-{i}" for i in range(len(LIVE))} | {f"later-{i}" for i in range(len(LATER))}
+
+
+@pytest.mark.parametrize(("shift", "skew"), [("+1d", DAY_S), ("-1d", -DAY_S)])
+def test_a_host_clock_a_day_off_deletes_exactly_the_expired_sessions(
+    emulator: Emulator, client: datastore.Client, kind: str, shift: str, skew: int
+) -> None:
+    if emulator.flavour == "datastore":
+        pytest.skip("the legacy emulator reports no time: see the clock_source test below")
+    seed(client, kind)
+
+    summary = sweep_with_clock(emulator, kind, shift)
+
+    assert names(client, kind) == live_names()  # 0 live lost; every expired one gone
+    assert summary["deleted"] == len(EXPIRED)
+    assert summary["clock_source"] == "server"
+    assert abs(summary["clock_skew_s"] - skew) < 60
+    assert "clock_skew" in summary["warnings"]
+
+
+def test_where_the_database_reports_no_time_the_summary_says_the_local_clock_was_used(
+    emulator: Emulator, client: datastore.Client, kind: str
+) -> None:
+    seed(client, kind)
+
+    summary = sweep_with_clock(emulator, kind, "+0")
+
+    expected = "server" if emulator.flavour == "firestore" else "local"
+    assert summary["clock_source"] == expected
+    assert (summary["clock_skew_s"] is None) == (expected == "local")
+    # A database without a clock of its own is one whose queries may be stale: re-checked.
+    assert summary["verify"] is (expected == "local")
+    assert names(client, kind) == live_names()
