@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -138,3 +139,59 @@ def run_cli(emulator: Emulator, *args: str, **env: str) -> subprocess.CompletedP
         timeout=120,
         check=False,
     )
+
+
+# --- What sweeper hands over for deletion, and sessions the runner refreshes ---------------
+
+
+class RecordingClient(datastore.Client):
+    """A real client that records the names of the keys sweeper hands over for deletion.
+
+    It records the keys of every blind ``delete_multi`` and of every lookup made inside a
+    transaction (``--verify``'s re-check). With ``delete=False`` a blind delete is recorded and
+    not sent, so a run reports what it would have deleted while the data stays in place: runs
+    made one after another, or at once, each show the whole set of keys they match.
+    """
+
+    def __init__(self, *args: Any, delete: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self.sends_deletes = delete
+        self.handed_over: list[str] = []
+        self._recording = threading.Lock()
+
+    def _record(self, keys: Sequence[datastore.Key]) -> None:
+        with self._recording:
+            self.handed_over.extend(str(key.name) for key in keys)
+
+    def delete_multi(self, keys: Any, retry: Any = None, timeout: Any = None) -> Any:
+        keys = list(keys)
+        self._record(keys)
+        if not self.sends_deletes:
+            return None
+        return super().delete_multi(keys, retry=retry, timeout=timeout)  # type: ignore[no-untyped-call]
+
+    def get_multi(self, keys: Any, *args: Any, **kwargs: Any) -> Any:
+        keys = list(keys)
+        if kwargs.get("transaction") is not None:
+            self._record(keys)
+        return super().get_multi(keys, *args, **kwargs)  # type: ignore[no-untyped-call]
+
+
+def recording_client(
+    emu: Emulator, delete: bool = True, namespace: str | None = None
+) -> RecordingClient:
+    with emulator_env(emu.env):
+        return RecordingClient(project=emu.project, namespace=namespace, delete=delete)
+
+
+def refresh(client: datastore.Client, kind: str, names: Sequence[str], expiry: object) -> None:
+    """Refresh sessions as the runner does: read each whole entity, set a new expiry, write it
+    back (in commits of 500)."""
+    for start in range(0, len(names), 500):
+        keys = [client.key(kind, name) for name in names[start : start + 500]]
+        entities = client.get_multi(keys)
+        now = dt.datetime.now(dt.UTC)
+        for entity in entities:
+            entity["expires_at"] = expiry
+            entity["updated_at"] = now
+        client.put_multi(entities)

@@ -2,24 +2,71 @@
 
 from __future__ import annotations
 
+import uuid
+from dataclasses import dataclass
+
 import pytest
 from google.cloud import datastore
 
 from sweeper.cli import main
 from sweeper.encodings import Encoding
+from sweeper.settings import DEFAULT_KIND
 from sweeper.testing.emulator import Emulator, free_port
-from tests.integration.helpers import ago, group_names, remaining, seed, stored
+from tests.integration.helpers import ago, group_names, make_client, remaining, seed, stored
 from tests.unit.test_cli import BAD_ARGS
 
 S = Encoding.EPOCH_SECONDS
 
 
+@dataclass
+class Doomed:
+    """Sessions expired a day ago, which sweeper's default settings sweep, in three places.
+
+    The command under test names a private namespace and a kind of its own. Were a bad option
+    dropped, that command would sweep the first set; were a bad ``--kind`` or ``--namespace``
+    replaced by its default, the run would sweep the default kind in that namespace, or the
+    kind in the default namespace: a set waits in each. (A reserved kind such as ``__x__``
+    cannot hold entities, so a sweep of it, had it been allowed, could not delete anything.)
+    """
+
+    kind: str
+    namespace: str
+    places: dict[str, tuple[datastore.Client, str]]
+
+    @property
+    def command(self) -> list[str]:
+        """What the tests run: only the target, every other setting at its default."""
+        return ["sweep", "--namespace", self.namespace, "--kind", self.kind]
+
+    def seed(self) -> None:
+        for client, kind in self.places.values():
+            seed(client, kind, GROUPS)
+
+    def left(self) -> dict[str, int]:
+        """How many of each place's sessions are still there."""
+        return {
+            place: len(remaining(client, kind, NAMES))
+            for place, (client, kind) in self.places.items()
+        }
+
+
+GROUPS = {"expired": stored(ago(days=1), S, 50)}
+NAMES = group_names(GROUPS, "expired")
+ALL = {"target": 50, "default kind": 50, "default namespace": 50}
+
+
 @pytest.fixture
-def doomed(client: datastore.Client, kind: str) -> list[str]:
-    """Expired sessions that any sweep that got as far as deleting would remove."""
-    groups = {"expired": stored(ago(days=1), S, 50)}
-    seed(client, kind, groups)
-    return group_names(groups, "expired")
+def doomed(emulator: Emulator, client: datastore.Client, kind: str) -> Doomed:
+    namespace = f"bad-input-{uuid.uuid4().hex[:10]}"
+    private = make_client(emulator, namespace=namespace)
+    places = {
+        "target": (private, kind),
+        "default kind": (private, DEFAULT_KIND),
+        "default namespace": (client, kind),
+    }
+    found = Doomed(kind, namespace, places)
+    found.seed()
+    return found
 
 
 def point_at(monkeypatch: pytest.MonkeyPatch, host: str, project: str) -> None:
@@ -36,12 +83,26 @@ def the_error(err: str) -> str:
     return lines[0]
 
 
+def test_the_doomed_sessions_are_what_the_defaults_sweep(
+    emulator: Emulator,
+    doomed: Doomed,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The control: each set is swept by a run that falls back to the defaults."""
+    point_at(monkeypatch, emulator.host, emulator.project)
+
+    assert main(["sweep", "--namespace", doomed.namespace]) == 0
+    assert doomed.left() == {**ALL, "default kind": 0}
+    assert main(["sweep", "--kind", doomed.kind]) == 0
+    assert doomed.left() == {**ALL, "default kind": 0, "default namespace": 0}
+    assert main(doomed.command) == 0
+    assert doomed.left() == {"target": 0, "default kind": 0, "default namespace": 0}
+
+
 @pytest.mark.parametrize(("args", "mentions"), BAD_ARGS)
 def test_a_bad_option_deletes_nothing(
     emulator: Emulator,
-    client: datastore.Client,
-    kind: str,
-    doomed: list[str],
+    doomed: Doomed,
     args: list[str],
     mentions: str,
     monkeypatch: pytest.MonkeyPatch,
@@ -49,41 +110,48 @@ def test_a_bad_option_deletes_nothing(
 ) -> None:
     point_at(monkeypatch, emulator.host, emulator.project)
 
-    assert main(["sweep", "--kind", kind, "--grace", "0", *args]) == 2
+    assert main([*doomed.command, *args]) == 2
 
     assert mentions in the_error(capsys.readouterr().err)
-    assert remaining(client, kind, doomed) == set(doomed)
+    assert doomed.left() == ALL
+    # Without the bad option the same command deletes: the sessions were at risk.
+    assert main(doomed.command) == 0
+    assert doomed.left() == {**ALL, "target": 0}
 
 
 def test_an_unreachable_host_is_exit_1_with_one_line(
     emulator: Emulator,
-    client: datastore.Client,
-    kind: str,
-    doomed: list[str],
+    doomed: Doomed,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    point_at(monkeypatch, f"127.0.0.1:{free_port()}", emulator.project)
+    # First the same command in this process against the real host deletes the target set: it
+    # was at risk, and anything the process keeps from a run (a cached client, a host read once)
+    # is now pointing at the data.
+    point_at(monkeypatch, emulator.host, emulator.project)
+    assert main(doomed.command) == 0
+    assert doomed.left() == {**ALL, "target": 0}
+    doomed.seed()
+    capsys.readouterr()
 
-    assert main(["sweep", "--kind", kind]) == 1
+    point_at(monkeypatch, f"127.0.0.1:{free_port()}", emulator.project)
+    assert main(doomed.command) == 1
 
     assert "ServiceUnavailable" in the_error(capsys.readouterr().err)
-    assert remaining(client, kind, doomed) == set(doomed)
+    assert doomed.left() == ALL
 
 
 def test_another_project_never_touches_this_one(
     emulator: Emulator,
-    client: datastore.Client,
-    kind: str,
-    doomed: list[str],
+    doomed: Doomed,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     point_at(monkeypatch, emulator.host, emulator.project)
 
     # An emulator serves any project id; production answers PermissionDenied (exit 1) instead.
-    code = main(["sweep", "--kind", kind, "--project", "some-other-project"])
+    code = main([*doomed.command, "--project", "some-other-project"])
 
     assert code == 0
     assert '"deleted": 0' in capsys.readouterr().out
-    assert remaining(client, kind, doomed) == set(doomed)
+    assert doomed.left() == ALL

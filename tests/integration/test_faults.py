@@ -12,12 +12,15 @@ from google.cloud import datastore
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime
 from sweeper.testing.emulator import Emulator
+from sweeper.testing.seed import encode
 from tests.integration.helpers import (
     ago,
     ahead,
     emulator_env,
     group_names,
     make_client,
+    recording_client,
+    refresh,
     remaining,
     seed,
     stored,
@@ -52,6 +55,19 @@ class FlakyClient(datastore.Client):
         return super().get_multi(keys, *args, **kwargs)  # type: ignore[no-untyped-call]
 
 
+class FakeClock:
+    """A monotonic clock that only moves when the run sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def test_transient_failures_are_retried_and_counted(emulator: Emulator, kind: str) -> None:
     client = make_client(emulator)
     groups = {"expired": stored(ago(hours=3), S, 250), "live": stored(ahead(hours=3), S, 10)}
@@ -63,7 +79,7 @@ def test_transient_failures_are_retried_and_counted(emulator: Emulator, kind: st
     result = sweep(flaky, kind, runtime=Runtime(sleep=waits.append), batch_size=100)
 
     assert (result.deleted, result.failed, result.retries) == (250, 0, 3)
-    assert len(waits) == 3
+    assert sum(waits) > 0  # backed off (in slices of a fifth of a second, to stay stoppable)
     assert remaining(client, kind, group_names(groups, *groups)) == set(group_names(groups, "live"))
 
 
@@ -74,7 +90,8 @@ def test_a_batch_that_keeps_failing_ends_the_run_non_zero(emulator: Emulator, ki
     with emulator_env(emulator.env):
         flaky = FlakyClient(project=emulator.project, fail_deletes=100, fail_lookups=0)
 
-    result = sweep(flaky, kind, S, runtime=Runtime(sleep=lambda _s: None))
+    clock = FakeClock()  # backoff advances it: the run gives up after 60 s without progress
+    result = sweep(flaky, kind, S, runtime=Runtime(sleep=clock.sleep, monotonic=clock))
 
     assert (result.exit_code, result.stopped_reason, result.failed, result.deleted) == (
         1,
@@ -82,7 +99,8 @@ def test_a_batch_that_keeps_failing_ends_the_run_non_zero(emulator: Emulator, ki
         20,
         0,
     )
-    assert result.retries == 5  # six attempts in all
+    assert result.retries >= 5
+    assert 60 <= clock.now - FakeClock().now < 60 + 11  # the stall limit, plus one last wait
     assert len(remaining(client, kind, group_names(groups, "expired"))) == 20
 
 
@@ -109,32 +127,81 @@ def test_a_backlog_of_tens_of_thousands_is_emptied_in_one_run(
     )
 
 
+# Each query applies each write still pending in the legacy emulator with this probability
+# (a lookup applies its entity group's writes at once). sweeper makes several queries before
+# its range query finds a key (an explicit format is checked for other encodings, the slices
+# start at the oldest value, commits too move the emulator on), and at the emulator's default
+# of 0.9 hardly a stale entry is left by then: 0.1 ** 3 of them after three. At 0.1 a run still
+# finds about a third of the refreshed sessions through their stale entries.
+EVENTUAL_CONSISTENCY = 0.1
+
+
 @pytest.fixture(scope="module")
 def eventual_emulator() -> Iterator[Emulator]:
-    """The legacy emulator at its default 0.9 consistency: queries may return stale results."""
-    emu = Emulator("datastore", consistency=0.9).start()
+    """The legacy emulator with eventually consistent queries: they may return stale results."""
+    emu = Emulator("datastore", consistency=EVENTUAL_CONSISTENCY).start()
     try:
         yield emu
     finally:
         emu.stop()
 
 
+def stale_index_race(emulator: Emulator, kind: str, verify: bool | None) -> tuple[int, set[str]]:
+    """Live sessions whose index entry was expired a moment ago, swept back to back.
+
+    They are written expired, then refreshed by the runner (read, new expiry, write back).
+    Until the refresh reaches the index, a query still finds them with their old, expired
+    value. Returns (how many of them reached the deleter, the live sessions lost).
+    """
+    client = make_client(emulator)
+    groups = {
+        "expired": stored(ago(hours=2), S, 600),
+        "refreshed": stored(ago(hours=2), S, 400),
+        "live": stored(ahead(hours=2), S, 100),
+    }
+    seed(client, kind, groups)
+    names = group_names(groups, *groups)
+    remaining(client, kind, names)  # lookups apply the seeding writes: the index holds them
+    refreshed = group_names(groups, "refreshed")
+    refresh(client, kind, refreshed, encode(ahead(hours=2), S))
+    # Written moments before the first run: it may miss them, a later run finds them.
+    fresh = {"fresh": stored(ago(hours=2), S, 100)}
+    seed(client, kind, fresh)
+    names += group_names(fresh, "fresh")
+    kept = set(group_names(groups, "refreshed", "live"))
+    sweeper = recording_client(emulator)
+
+    # Back to back, with no lookup in between (a lookup would settle the entity groups).
+    runs = [sweep(sweeper, kind, S, verify=verify, batch_size=100) for _ in range(3)]
+    while len(runs) < 20 and remaining(client, kind, names) != kept:
+        runs.append(sweep(sweeper, kind, S, verify=verify, batch_size=100))
+    assert all(run.exit_code == 0 and run.failed == 0 for run in runs)
+    at_risk = set(sweeper.handed_over) & set(refreshed)
+    assert at_risk, "no stale index entry of a refreshed session was matched: nothing tested"
+    left = remaining(client, kind, names)
+    if kept <= left:
+        assert left == kept, "expired sessions left after 20 runs"
+        assert sum(run.deleted for run in runs) >= 700
+    return len(at_risk), kept - left
+
+
+@pytest.mark.parametrize("verify", [True, None], ids=["verify", "default"])
 def test_eventual_consistency_never_costs_a_live_session(
+    eventual_emulator: Emulator, kind: str, verify: bool | None
+) -> None:
+    """A stale index entry of a refreshed session never gets it deleted.
+
+    --verify re-reads each key in a transaction (strongly consistent) and keeps it. By default
+    (``verify=None``) sweeper turns that re-check on by itself on a database that reports no
+    read time, as the legacy emulator (eventually consistent) does.
+    """
+    at_risk, lost = stale_index_race(eventual_emulator, kind, verify)
+    assert not lost, f"{len(lost)} of {at_risk} refreshed sessions were deleted: {sorted(lost)[:5]}"
+
+
+def test_without_the_re_check_a_stale_index_entry_costs_live_sessions(
     eventual_emulator: Emulator, kind: str
 ) -> None:
-    client = make_client(eventual_emulator)
-    groups = {"expired": stored(ago(hours=2), S, 1500), "live": stored(ahead(hours=2), S, 300)}
-    seed(client, kind, groups)
-    live = set(group_names(groups, "live"))
-    names = group_names(groups, *groups)
-
-    # Back to back, with no lookup in between (a lookup would settle the entity groups):
-    # the first run may miss fresh writes, the next may see keys already deleted.
-    runs = [sweep(client, kind, S, batch_size=100) for _ in range(3)]
-    while len(runs) < 10 and remaining(client, kind, names) != live:
-        runs.append(sweep(client, kind, S, batch_size=100))
-
-    assert remaining(client, kind, names) == live
-    assert all(run.exit_code == 0 and run.failed == 0 for run in runs)
-    assert all(run.deleted == run.matched for run in runs)
-    assert sum(run.deleted for run in runs) >= 1500
+    """Why the default re-checks there: with --no-verify the same sweeps lose sessions."""
+    at_risk, lost = stale_index_race(eventual_emulator, kind, verify=False)
+    assert 0 < len(lost) <= at_risk

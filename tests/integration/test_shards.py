@@ -3,19 +3,57 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import threading
 
 import pytest
 from google.cloud import datastore
 
-from sweeper.encodings import Encoding
+from sweeper.encodings import Encoding, to_micros
 from sweeper.engine import SweepResult
 from sweeper.slices import Shard
 from sweeper.testing.emulator import Emulator
 from sweeper.testing.seed import encode
-from tests.integration.helpers import ago, ahead, make_client, remaining, seed, sweep
+from tests.integration.helpers import (
+    RecordingClient,
+    ago,
+    ahead,
+    recording_client,
+    remaining,
+    seed,
+    sweep,
+)
 
 S = Encoding.EPOCH_SECONDS
+
+
+SHARDS = 3
+HOUR_US = 3_600_000_000
+
+
+def expiry_hour(value: object) -> int:
+    """The one-hour bucket of expiry time a stored value lies in (the grid shards are cut on)."""
+    if isinstance(value, dt.datetime):
+        return to_micros(value) // HOUR_US
+    assert isinstance(value, int)
+    return value // 3600
+
+
+def run_pods(clients: list[RecordingClient], kind: str, encoding: Encoding) -> list[SweepResult]:
+    """One sweep per shard, all at once, each pod with its own client."""
+    results: dict[int, SweepResult] = {}
+
+    def pod(index: int) -> None:
+        results[index] = sweep(
+            clients[index], kind, encoding, shard=Shard(index, SHARDS), workers=2, batch_size=50
+        )
+
+    pods = [threading.Thread(target=pod, args=(i,)) for i in range(SHARDS)]
+    for thread in pods:
+        thread.start()
+    for thread in pods:
+        thread.join()
+    return [results[i] for i in range(SHARDS)]
 
 
 @pytest.mark.parametrize("encoding", [Encoding.EPOCH_SECONDS, Encoding.TIMESTAMP])
@@ -27,31 +65,37 @@ def test_shards_together_delete_exactly_the_expired_set(
     live: list[object] = [encode(ahead(minutes=i + 1), encoding) for i in range(60)]
     groups: dict[str, list[object]] = {"expired": expired, "live": live, "null": [None] * 10}
     seed(client, kind, groups)
-    results: list[SweepResult] = []
-
-    def pod(index: int) -> None:
-        results.append(
-            sweep(
-                make_client(emulator),
-                kind,
-                encoding,
-                shard=Shard(index, 3),
-                workers=2,
-                batch_size=50,
-            )
-        )
-
-    pods = [threading.Thread(target=pod, args=(i,)) for i in range(3)]
-    for thread in pods:
-        thread.start()
-    for thread in pods:
-        thread.join()
-
     names = [f"{g}-{i}" for g, values in groups.items() for i in range(len(values))]
-    assert remaining(client, kind, names) == {n for n in names if not n.startswith("expired")}
-    assert sorted(r.deleted for r in results) == sorted(r.matched for r in results)
-    assert sum(r.deleted for r in results) == 600  # nothing deleted twice
-    assert all(r.deleted > 0 and r.exit_code == 0 for r in results)
+    expired_names = {f"expired-{i}" for i in range(len(expired))}
+    hour_of = {f"expired-{i}": expiry_hour(value) for i, value in enumerate(expired)}
+
+    # First the pods only record what they would delete: with nothing deleted, no pod can hide
+    # an overlap by deleting first, so each pod's keys are exactly the part it claims.
+    dry = [recording_client(emulator, delete=False) for _ in range(SHARDS)]
+    results = run_pods(dry, kind, encoding)
+
+    claimed = [pod.handed_over for pod in dry]
+    for index, (keys, result) in enumerate(zip(claimed, results, strict=True)):
+        assert len(keys) == len(set(keys)), f"shard {index} matched keys twice"
+        assert (result.matched, result.deleted, result.exit_code) == (len(keys), len(keys), 0)
+        assert keys, f"shard {index} matched nothing"
+        # README: bucket b of expiry time belongs to shard b % N.
+        owners = {hour_of[k] % SHARDS if k in hour_of else None for k in keys}
+        assert owners == {index}, f"shard {index} matched keys of {owners}"
+    for a, b in itertools.combinations(range(SHARDS), 2):
+        assert not set(claimed[a]) & set(claimed[b]), f"shards {a} and {b} overlap"
+    assert set().union(*claimed) == expired_names, "a bucket was skipped or a live key matched"
+    assert sum(len(keys) for keys in claimed) == len(expired)
+    assert len(remaining(client, kind, names)) == len(names)
+
+    # Then for real, all at once: exactly the expired set goes, each key deleted by one pod.
+    pods = [recording_client(emulator) for _ in range(SHARDS)]
+    results = run_pods(pods, kind, encoding)
+
+    assert remaining(client, kind, names) == {n for n in names if n not in expired_names}
+    assert [set(pod.handed_over) for pod in pods] == [set(keys) for keys in claimed]
+    assert sum(r.deleted for r in results) == len(expired)  # nothing deleted twice
+    assert all(r.exit_code == 0 and r.failed == 0 for r in results)
 
 
 def test_parallel_streams_delete_exactly_the_expired_set(

@@ -74,6 +74,10 @@ def test_explicit_format_leaves_other_encodings_alone(
     groups = {e.value: stored(ago(days=2), e, 10) for e in Encoding}
     groups["small-int"] = [5, 0, -1]
     groups["string"] = ["2020-01-01T00:00:00Z"]
+    # Expired instants as floats (seconds, milliseconds, microseconds), and booleans.
+    two_days_ago = ago(days=2).timestamp()
+    groups["float"] = [two_days_ago, two_days_ago * 1e3, two_days_ago * 1e6, 1.7e9 + 0.5]
+    groups["boolean"] = [True, False]
     seed(client, kind, groups)
 
     result = sweep(client, kind, encoding)
@@ -109,8 +113,8 @@ def test_auto_refuses_mixed_encodings_and_deletes_nothing(
 
 @pytest.mark.parametrize(
     "odd",
-    [5, "tomorrow", 1.7e9, 1_672_531_200_000_000],
-    ids=["small-int", "string", "float", "epoch-micros-int"],
+    [5, "tomorrow", 1.7e9, True, 1_672_531_200_000_000],
+    ids=["small-int", "string", "float", "boolean", "epoch-micros-int"],
 )
 def test_auto_refuses_values_it_cannot_read(
     client: datastore.Client, kind: str, odd: object
@@ -124,6 +128,57 @@ def test_auto_refuses_values_it_cannot_read(
     assert result.error is not None
     assert "no supported encoding" in result.error
     assert len(remaining(client, kind, group_names(groups, *groups))) == 21
+
+
+def index_order(client: datastore.Client, kind: str) -> list[str]:
+    """The names of ``kind``'s entities in the index order of ``expires_at`` (nulls first)."""
+    query = client.query(kind=kind)
+    query.keys_only()
+    query.order = ["expires_at"]
+    return [entity.key.name for entity in query.fetch()]
+
+
+# Datastore orders values by type first: null < integers and timestamps (together, by
+# magnitude) < booleans < byte strings < strings < floats < geo points < keys. A float or a
+# boolean therefore never sits between two integers, whatever its numeric value: 1.75e9 sorts
+# after 1.8e9 and True after every timestamp, and both emulators agree (checked below). Every
+# supported encoding is an integer or a timestamp, so no value sweeper cannot read can hide
+# strictly between two values it can: any such value lies above them all, and the largest value,
+# which auto-detection reads, is one sweeper cannot read. Here the float and the boolean sit at
+# neither end, which is as far inside as they can get: below them epoch seconds whose numbers
+# surround theirs (expired and live), above them a string, a float or a key. Only epoch seconds
+# lie below, so the refusal cannot come from a mix of encodings: auto must still refuse, for the
+# values it cannot read, and delete nothing.
+BETWEEN = {
+    "float-below-a-key": (1_750_000_000.0, "key"),
+    "float-below-a-bigger-float": (1_750_000_000.0, 1e300),
+    "boolean-below-a-string": (True, "tomorrow"),
+    "boolean-below-a-float": (False, 1_750_000_000.0),
+}
+
+
+@pytest.mark.parametrize("case", list(BETWEEN))
+def test_auto_refuses_floats_and_booleans_between_other_values(
+    client: datastore.Client, kind: str, case: str
+) -> None:
+    odd, top = BETWEEN[case]
+    groups: dict[str, list[object]] = {
+        "low": [1_700_000_000] * 10,  # expired epoch seconds below the float's number...
+        "high": [1_800_000_000] * 10,  # ...and live ones above it
+        "odd": [odd],
+        "top": [client.key("elsewhere", "k") if top == "key" else top],
+    }
+    seed(client, kind, groups)
+    names = group_names(groups, *groups)
+    order = index_order(client, kind)
+    assert order.index("odd-0") == len(order) - 2, order  # after every integer
+
+    result = sweep(client, kind)
+
+    assert (result.exit_code, result.deleted) == (1, 0)
+    assert result.error is not None
+    assert "no supported encoding" in result.error
+    assert remaining(client, kind, names) == set(names)
 
 
 def test_dry_run_deletes_nothing_and_reports_what_it_matched(
@@ -163,6 +218,37 @@ def test_max_deletes_stops_cleanly_and_the_next_run_resumes(
 
     second = sweep(client, kind, MS)
     assert (second.deleted, second.stopped_reason) == (450, "complete")
+    assert remaining(client, kind, names) == set(group_names(groups, "live"))
+
+
+@pytest.mark.parametrize(
+    ("cap", "reason"),
+    [(700, "max_deletes"), (1000, "complete")],
+    ids=["cap-inside-the-last-batch", "cap-equals-the-expired-count"],
+)
+def test_max_deletes_reached_in_the_last_batch(
+    client: datastore.Client, kind: str, cap: int, reason: str
+) -> None:
+    # 1000 expired in batches of 500: the cap is reached inside (700) or at the end of (1000)
+    # the second batch, the last one there is, so no further batch shows that keys are left.
+    groups = {"expired": stored(ago(hours=2), MS, 1000), "live": stored(ahead(hours=2), MS, 5)}
+    seed(client, kind, groups)
+    names = group_names(groups, *groups)
+
+    first = sweep(client, kind, MS, max_deletes=cap, batch_size=500)
+
+    # 700: keys are left, so the run must not claim it finished. 1000: the cap is spent exactly
+    # as the last key goes; the run stops for want of keys, not of budget, and says complete.
+    assert (first.matched, first.deleted, first.stopped_reason, first.exit_code) == (
+        cap,
+        cap,
+        reason,
+        0,
+    )
+    assert len(remaining(client, kind, group_names(groups, "expired"))) == 1000 - cap
+
+    second = sweep(client, kind, MS)
+    assert (second.deleted, second.stopped_reason) == (1000 - cap, "complete")
     assert remaining(client, kind, names) == set(group_names(groups, "live"))
 
 
