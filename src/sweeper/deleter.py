@@ -91,7 +91,10 @@ class BatchSizer:
             sample = seconds / max(keys, 1)
             previous = self._per_key
             self._per_key = sample if previous is None else 0.5 * previous + 0.5 * sample
-            self._resize()
+            # A commit answered within the target is no reason to send smaller ones: a first
+            # call that also sets up the connection, or a small batch that is mostly round
+            # trip, overstates the time per key.
+            self._resize(shrink=seconds > self._target_s)
 
     def measure(self, keys: int, commit: Callable[[], T]) -> T:
         """Run one commit of ``keys`` keys and learn from how long it took, or that it timed out."""
@@ -110,10 +113,12 @@ class BatchSizer:
             self._per_key = max(self._per_key or 0.0, seconds / max(keys, 1))
             self._resize()
 
-    def _resize(self) -> None:
+    def _resize(self, shrink: bool = True) -> None:
         assert self._per_key is not None
         fits = int(self._target_s / self._per_key) if self._per_key > 0 else self.maximum
         size = max(self._minimum, min(self.maximum, fits))
+        if not shrink:
+            size = max(size, self.size)
         now = self._clock()
         if size < self.size:
             self._reductions += 1

@@ -88,8 +88,9 @@ def check_explicit(
 
     Refuses when the chosen encoding's band holds no value at all while the property holds
     values of another encoding (or values no index holds): such a sweep could never match
-    anything, and would report success forever. Costs three limit-1 keys-only queries and a
-    lookup of at most three entities.
+    anything, and would report success forever. Costs two limit-1 keys-only queries and a
+    lookup of two entities; when the ends are not both of ``encoding``, one more query and
+    lookup per other band.
     """
     smallest = _smallest_indexed(client, retrier, kind, prop)
     if not smallest:
@@ -100,17 +101,28 @@ def check_explicit(
     found = {classify(value) for value in ends}
     if found <= {encoding}:
         return ()
+    # Values between the ends may be of a third encoding: ask each band in turn.
+    found |= {e for e in Encoding if e not in found and _in_band(client, retrier, kind, prop, e)}
     others = tuple(sorted(e.value if e else "unsupported" for e in found if e is not encoding))
-    lo, hi = ExpiredRange(encoding, encoding.band.lo, encoding.band.hi).values()
-    inside = fetch_keys(client, retrier, RangeQuery(kind, prop, ((">=", lo), ("<", hi))), 1)
-    # The index cannot tell a Timestamp from an int of microseconds: look the value up.
-    if any(classify(v) is encoding for v in _values(client, retrier, prop, inside)):
+    if encoding in found:
         return others
     raise RefusedError(
         f"refusing --format {encoding.value} on {kind}.{prop}: it holds no {encoding.value} "
         f"value at all, so this sweep could never delete anything. Its values run from "
         f"{_describe(ends[0])} to {_describe(ends[-1])}; {_suggest(found)} Nothing was deleted."
     )
+
+
+def _in_band(
+    client: datastore.Client, retrier: Retrier, kind: str, prop: str, encoding: Encoding
+) -> bool:
+    """Whether ``encoding``'s band holds a value of it (one limit-1 query and a lookup).
+
+    The index cannot tell a Timestamp from an int of microseconds: the value found is looked up.
+    """
+    lo, hi = ExpiredRange(encoding, encoding.band.lo, encoding.band.hi).values()
+    inside = fetch_keys(client, retrier, RangeQuery(kind, prop, ((">=", lo), ("<", hi))), 1)
+    return any(classify(v) is encoding for v in _values(client, retrier, prop, inside))
 
 
 def _values(

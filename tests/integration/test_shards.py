@@ -98,6 +98,35 @@ def test_shards_together_delete_exactly_the_expired_set(
     assert all(r.exit_code == 0 and r.failed == 0 for r in results)
 
 
+@pytest.mark.parametrize("encoding", [Encoding.EPOCH_SECONDS, Encoding.TIMESTAMP])
+def test_a_stray_value_from_2001_costs_a_shard_a_query_or_two_not_thousands(
+    client: datastore.Client, kind: str, encoding: Encoding
+) -> None:
+    """Buckets are found by probing, so a shard's queries follow the data, not its span.
+
+    Walking every one-hour bucket from 2001 to now would take ~55,000 queries per shard of 4.
+    """
+    recent: list[object] = [encode(ago(minutes=20 + 2 * i), encoding) for i in range(300)]
+    stray = dt.datetime(2001, 9, 10, tzinfo=dt.UTC)  # just inside every encoding's band
+    seed(client, kind, {"recent": recent})
+    seed(client, f"{kind}-stray", {"recent": recent, "stray": [encode(stray, encoding)]})
+
+    def queries_per_shard(target: str) -> list[int]:
+        runs = [sweep(client, target, encoding, shard=Shard(i, 4), workers=2) for i in range(4)]
+        assert all(r.exit_code == 0 for r in runs)
+        return [r.queries for r in runs]
+
+    without = queries_per_shard(kind)
+    with_stray = queries_per_shard(f"{kind}-stray")
+
+    assert remaining(client, f"{kind}-stray", ["stray-0", "recent-0", "recent-299"]) == set()
+    assert max(without) < 40
+    assert all(b - a <= 3 for a, b in zip(without, with_stray, strict=True)), (
+        without,
+        with_stray,
+    )
+
+
 def test_parallel_streams_delete_exactly_the_expired_set(
     client: datastore.Client, kind: str
 ) -> None:

@@ -6,6 +6,7 @@ import datetime as dt
 
 import pytest
 from google.cloud import datastore
+from structlog.testing import capture_logs
 
 from sweeper.encodings import Encoding
 from sweeper.settings import FormatChoice
@@ -87,6 +88,62 @@ def test_explicit_format_leaves_other_encodings_alone(
         group_names(groups, *others)
     )
     assert result.deleted == 10
+
+
+@pytest.mark.parametrize("encoding", list(Encoding))
+def test_explicit_format_names_the_other_encodings_it_leaves_alone(
+    client: datastore.Client, kind: str, encoding: Encoding
+) -> None:
+    groups = {e.value: stored(ago(days=2), e, 10) for e in Encoding}
+    seed(client, kind, groups)
+
+    with capture_logs() as logs:
+        result = sweep(client, kind, encoding)
+
+    others = sorted(e.value for e in Encoding if e is not encoding)
+    assert (result.exit_code, result.deleted) == (0, 10)
+    assert list(result.other_encodings) == others
+    (warning,) = [e for e in logs if e["event"] == "other_encodings_present"]
+    assert warning["left_alone"] == others
+
+
+@pytest.mark.parametrize(
+    ("stored_as", "asked"),
+    [(S, Encoding.TIMESTAMP), (Encoding.TIMESTAMP, S), (S, MS)],
+    ids=["seconds-asked-timestamp", "timestamp-asked-seconds", "seconds-asked-millis"],
+)
+def test_an_explicit_format_that_can_match_nothing_is_refused(
+    client: datastore.Client, kind: str, stored_as: Encoding, asked: Encoding
+) -> None:
+    """The shipped config once swept the runner's int submitted_at as timestamps: forever 0."""
+    groups: dict[str, list[object]] = {
+        "expired": stored(ago(days=2), stored_as, 20),
+        "null": [None] * 3,
+    }
+    seed(client, kind, groups)
+
+    result = sweep(client, kind, asked)
+
+    assert (result.exit_code, result.stopped_reason, result.deleted) == (1, "error", 0)
+    assert result.error is not None
+    assert f"holds no {asked.value} value" in result.error
+    assert f"--format {stored_as.value} would match them" in result.error
+    assert remaining(client, kind, group_names(groups, *groups)) == set(
+        group_names(groups, *groups)
+    )
+
+
+def test_a_scan_that_reads_no_value_of_its_format_is_refused(
+    client: datastore.Client, kind: str
+) -> None:
+    groups = {"expired": stored(ago(days=2), Encoding.TIMESTAMP, 20)}
+    seed(client, kind, groups)
+
+    result = sweep(client, kind, S, scan=True)
+
+    assert (result.exit_code, result.deleted, result.entities_read) == (1, 0, 20)
+    assert result.error is not None
+    assert "none is epoch-seconds (20 timestamp)" in result.error
 
 
 def test_auto_refuses_mixed_encodings_and_deletes_nothing(

@@ -164,6 +164,14 @@ def test_measure_learns_from_a_timeout_and_lets_it_through() -> None:
     assert sizer.size == 50
 
 
+def test_a_commit_within_the_target_never_shrinks_the_size() -> None:
+    sizer = BatchSizer(500, FakeClock(), target_s=2.0)
+    sizer.observe(1.5, 90)  # a first call that also set up the connection: 60 keys "fit"
+    assert sizer.size == 500
+    sizer.observe(2.5, 500)  # over the target: now it shrinks
+    assert sizer.size < 500
+
+
 def test_measure_returns_the_commit_value_and_times_it() -> None:
     clock = FakeClock()
     sizer = BatchSizer(500, clock, target_s=2.0)
@@ -179,7 +187,7 @@ def test_measure_returns_the_commit_value_and_times_it() -> None:
 def test_sizer_degradation_reports_smallest_reductions_and_reduced_time() -> None:
     clock = FakeClock(10.0)
     sizer = BatchSizer(500, clock, target_s=2.0)
-    sizer.observe(2.0, 256)  # 1/128 s per key: 256 keys, reduced from t = 10
+    sizer.observe(3.0, 384)  # 1/128 s per key, over the 2 s target: 256 keys, from t = 10
     clock.now = 30.0
     assert sizer.degradation() == Degradation(500, 256, 1, 20.0)
     clock.now = 40.0
