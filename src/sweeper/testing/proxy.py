@@ -5,6 +5,11 @@ emulators do neither. Tests and benchmarks put this proxy between sweeper and an
 get both: ``delay_s`` is added to every chunk in each direction (without serialising chunks, so
 throughput is kept), and ``cut_every_s=(lo, hi)`` closes every open connection at random
 intervals in that range. It listens on 127.0.0.1 only.
+
+``TcpProxy.hold()`` makes every connection, open or new, a black hole until ``release()``: bytes
+are still read but none is forwarded, so a call in flight never gets its answer and the peer
+never sees the connection drop. :class:`BlackHole` is a listener that does that from the start:
+it accepts connections and never sends a byte.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class _Pipe:
     source: socket.socket
     sink: socket.socket
     delay_s: float
+    held: threading.Event = field(default_factory=threading.Event)
     _queue: list[tuple[float, int, bytes]] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _closed: bool = False
@@ -58,6 +64,11 @@ class _Pipe:
                     self._cond.wait()
                 if not self._queue:
                     break
+                if self.held.is_set():  # a black hole: keep the bytes, send none
+                    if self._closed:
+                        break
+                    self._cond.wait(0.1)
+                    continue
                 due, _, data = self._queue[0]
                 wait = due - time.monotonic()
                 if wait > 0:
@@ -86,10 +97,32 @@ class TcpProxy:
     _conns: set[socket.socket] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _held: threading.Event = field(default_factory=threading.Event)
 
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def hold(self) -> None:
+        """From now on forward nothing, either way, on any connection: calls hang unanswered."""
+        self._held.set()
+
+    def release(self) -> None:
+        """Forward again what :meth:`hold` kept back, and everything after it."""
+        self._held.clear()
+
+    def refuse(self) -> None:
+        """Close the port for good, now: new connections are refused and open ones are cut.
+
+        Unlike :meth:`stop`, which only closes the listener: on Linux a thread blocked in
+        ``accept`` keeps a closed socket listening, and one more connection gets through.
+        Shutting the listener down first wakes that thread.
+        """
+        self._stop.set()
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+        self.stop()
 
     def start(self) -> TcpProxy:
         listener = socket.socket()
@@ -137,12 +170,16 @@ class TcpProxy:
             except OSError:
                 client.close()
                 continue
+            if self._stop.is_set():  # accepted as the port was being refused: drop it
+                for sock in (client, server):
+                    sock.close()
+                return
             for sock in (client, server):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._conns.update((client, server))
-            _Pipe(client, server, self.delay_s).start()
-            _Pipe(server, client, self.delay_s).start()
+            _Pipe(client, server, self.delay_s, self._held).start()
+            _Pipe(server, client, self.delay_s, self._held).start()
 
     def _cutter(self) -> None:
         assert self.cut_every_s is not None
@@ -153,3 +190,76 @@ class TcpProxy:
             if busy:
                 self.cuts += 1
                 self.cut()
+
+
+@dataclass
+class BlackHole:
+    """Listens on 127.0.0.1:<port>, accepts every connection, reads and never answers.
+
+    A peer's connect succeeds and its requests go out, but no reply (not even a protocol
+    handshake) ever comes back: the worst case for a client, which can only time out.
+    """
+
+    port: int = 0
+    accepted: int = 0
+    received: int = 0  # bytes read (and dropped) over all connections
+    _listener: socket.socket | None = None
+    _conns: set[socket.socket] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> BlackHole:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener, self.port = listener, listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread in accept()
+            with contextlib.suppress(OSError):
+                self._listener.close()
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    def __enter__(self) -> BlackHole:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._conns.add(conn)
+                self.accepted += 1
+            threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
+
+    def _drain(self, conn: socket.socket) -> None:
+        while True:
+            try:
+                data = conn.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            with self._lock:
+                self.received += len(data)
