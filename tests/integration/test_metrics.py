@@ -144,6 +144,7 @@ def summary(kind: str = "eq-session", **overrides: Any) -> dict[str, Any]:
         "namespace": None,
         "database": None,
         "property": "expires_at",
+        "shard": "0/1",
         "format": "epoch-seconds",
         "cutoff": "2024-06-01T09:00:00Z",
         "dry_run": False,
@@ -173,7 +174,17 @@ def target(kind: str = "eq-session") -> dict[str, str]:
         "namespace": "(default)",
         "database": "(default)",
         "property": "expires_at",
+        "shard": "0/1",
     }
+
+
+def test_the_shards_of_one_target_keep_their_own_figures(pushgateway: Pushgateway) -> None:
+    for index, deleted in enumerate((100, 200, 300)):
+        data = summary(shard=f"{index}/3", deleted=deleted)
+        push_summary(pushgateway.url, data, now=lambda: T_OK)
+    for index, deleted in enumerate((100, 200, 300)):
+        labels = {**target(), "shard": f"{index}/3"}
+        assert pushgateway.value("sweeper_deleted", **labels) == float(deleted)
 
 
 def test_a_success_shows_every_gauge_under_the_targets_labels(pushgateway: Pushgateway) -> None:
@@ -246,6 +257,7 @@ def test_named_targets_and_awkward_kind_names_round_trip(pushgateway: Pushgatewa
         "namespace": "prod",
         "database": "sessions-db",
         "property": "expires_at",
+        "shard": "0/1",
     }
     assert pushgateway.value("sweeper_deleted", **labels) == 1200.0
 

@@ -4,7 +4,8 @@ Production Datastore answers in tens of milliseconds and networks drop connectio
 emulators do neither. Tests and benchmarks put this proxy between sweeper and an emulator to
 get both: ``delay_s`` is added to every chunk in each direction (without serialising chunks, so
 throughput is kept), and ``cut_every_s=(lo, hi)`` closes every open connection at random
-intervals in that range. It listens on 127.0.0.1 only.
+intervals in that range. ``upload_bytes_per_s`` narrows the link toward the upstream, so that a
+request takes time in proportion to its size. It listens on 127.0.0.1 only.
 
 ``TcpProxy.hold()`` makes every connection, open or new, a black hole until ``release()``: bytes
 are still read but none is forwarded, so a call in flight never gets its answer and the peer
@@ -32,6 +33,7 @@ class _Pipe:
     sink: socket.socket
     delay_s: float
     held: threading.Event = field(default_factory=threading.Event)
+    bytes_per_s: float | None = None  # a narrow link: each chunk takes len / rate to send
     _queue: list[tuple[float, int, bytes]] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
     _closed: bool = False
@@ -75,6 +77,8 @@ class _Pipe:
                     self._cond.wait(wait)
                     continue
                 heapq.heappop(self._queue)
+            if self.bytes_per_s is not None:  # the chunk arrives once it has crossed the link
+                time.sleep(len(data) / self.bytes_per_s)
             try:
                 self.sink.sendall(data)
             except OSError:
@@ -90,6 +94,9 @@ class TcpProxy:
     upstream: tuple[str, int]
     delay_s: float = 0.0
     cut_every_s: tuple[float, float] | None = None
+    # Bytes per second from the client to the upstream: a request's time grows with its size,
+    # as a slow database's answer to a large commit does.
+    upload_bytes_per_s: float | None = None
     seed: int = 0
     cuts: int = 0
     port: int = 0
@@ -178,7 +185,7 @@ class TcpProxy:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._conns.update((client, server))
-            _Pipe(client, server, self.delay_s, self._held).start()
+            _Pipe(client, server, self.delay_s, self._held, self.upload_bytes_per_s).start()
             _Pipe(server, client, self.delay_s, self._held).start()
 
     def _cutter(self) -> None:
