@@ -42,7 +42,7 @@ from sweeper.settings import (
     parse_format,
 )
 from sweeper.slices import Shard
-from sweeper.terminal import ProgressLine, StopOnSignal, run_until_signal
+from sweeper.terminal import ProgressLine, StopOnSignal, ask_before_deleting, run_until_signal
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -82,8 +82,13 @@ def sweep(**options: Any) -> None:
     configure(log_format, options["log_level"])
     targets = _targets(ctx, options)
     line = ProgressLine(sys.stderr) if log_format == "console" and sys.stderr.isatty() else None
+    asks = not options["yes"] and not options["dry_run"] and sys.stdin.isatty()
     with StopOnSignal() as stop:
-        runtime = Runtime(stop_requested=stop.is_set, on_progress=line.show if line else None)
+        runtime = Runtime(
+            stop_requested=stop.is_set,
+            on_progress=line.show if line else None,
+            confirm=ask_before_deleting if asks and sys.stderr.isatty() else None,
+        )
         results = sweep_targets(
             targets, _client_for, runtime, overall=options["config"] is not None
         )
@@ -146,6 +151,7 @@ _PER_TARGET = {
     "database": "--database",
     "max_deletes": "--max-deletes",
     "max_runtime": "--max-runtime",
+    "max_fraction": "--max-fraction",
     "scan": "--scan",
 }
 
@@ -162,6 +168,7 @@ def _targets(ctx: click.Context, options: dict[str, Any]) -> list[SweepSettings]
         "shard": Shard.parse(options["shard"]),
         "ramp_up": _ramp_up(options["ramp_up"]),
         "max_rate": options["max_rate"],
+        "max_fraction": options["max_fraction"],
     }
     if options["config"] is None:
         return [SweepSettings(**values)]

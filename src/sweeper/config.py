@@ -34,6 +34,7 @@ _TARGET_KEYS: dict[str, tuple[str, Any]] = {
     "max_deletes": ("max_deletes", int),
     "max_runtime": ("max_runtime", parse_duration),
     "batch_size": ("batch_size", int),
+    "max_fraction": ("max_fraction", float),
     "verify": ("verify", bool),
     "scan": ("scan", bool),
 }
@@ -124,12 +125,19 @@ def _fields(path: Path, where: str, table: object) -> dict[str, Any]:
     return fields
 
 
+# The TOML types each converter accepts, and how a message names them.
+_TYPES: dict[Any, tuple[type | tuple[type, ...], str]] = {
+    str: (str, "str"),
+    int: (int, "int"),
+    bool: (bool, "bool"),
+    float: ((int, float), "number"),
+}
+
+
 def _convert(path: Path, where: str, key: str, value: object, convert: Any) -> Any:
-    expected = {str: str, int: int, bool: bool}.get(convert, str)
-    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise UsageError(
-            f"config {path}: {where}: {key} must be a {expected.__name__}, not {value!r}"
-        )
+    expected, name = _TYPES.get(convert, (str, "string"))
+    if not isinstance(value, expected) or (convert is not bool and isinstance(value, bool)):
+        raise UsageError(f"config {path}: {where}: {key} must be a {name}, not {value!r}")
     try:
         return convert(value)
     except UsageError as exc:

@@ -29,15 +29,17 @@ from sweeper.deleter import (
     chunks,
 )
 from sweeper.detect import check_explicit, detect_encoding
-from sweeper.encodings import Encoding
+from sweeper.encodings import Encoding, expired_range
 from sweeper.errors import (
     DatastoreError,
     RefusedError,
     SweeperError,
     describe_exception,
 )
+from sweeper.guard import Plan, check_fraction, measure
 from sweeper.pipeline import Pipeline
 from sweeper.result import Runtime, SweepResult
+from sweeper.retention import measure_retention
 from sweeper.retry import PUSHBACK, Retrier, RetryCounter
 from sweeper.settings import SweepSettings
 from sweeper.sources import expired_streams
@@ -204,7 +206,56 @@ class Sweep:
             encoding = self._detect(client)
         if encoding is not None:
             result.format = encoding.value
+            self._guard(client, encoding, result)
             self._delete_expired(client, encoding, result)
+        if result.stopped_reason in (StopReason.COMPLETE, StopReason.MAX_DELETES):
+            self._measure_retention(client, encoding, result)
+
+    def _guard(self, client: datastore.Client, encoding: Encoding, result: SweepResult) -> None:
+        """Before the first batch: refuse a run over --max-fraction; on a terminal, ask."""
+        s, confirm = self.settings, self.runtime.confirm
+        window = expired_range(encoding, result.cutoff)
+        if s.dry_run or s.scan or window.empty or (s.max_fraction >= 1 and confirm is None):
+            return
+        exposure = measure(client, self._retrier, s.kind, s.prop, window)
+        result.due_fraction = exposure.fraction
+        self._log.info(
+            "exposure_counted",
+            due=exposure.due.n,
+            carrying=exposure.carrying.n,
+            fraction=exposure.fraction,
+            max_fraction=s.max_fraction,
+        )
+        check_fraction(exposure, s.max_fraction, s.kind, s.prop)
+        if exposure.due.n == 0 or confirm is None:
+            return
+        plan = Plan(
+            client.project,
+            client.database or None,
+            client.namespace or None,
+            s.kind,
+            s.prop,
+            encoding,
+            result.cutoff,
+            exposure,
+        )
+        if not confirm(plan):
+            raise RefusedError("not confirmed at the prompt; nothing was deleted")
+
+    def _measure_retention(
+        self, client: datastore.Client, encoding: Encoding | None, result: SweepResult
+    ) -> None:
+        s = self.settings
+        retention = measure_retention(
+            client, self._retrier, s.kind, s.prop, encoding=encoding, cutoff=result.cutoff
+        )
+        result.retention = retention
+        if retention.empty:
+            self._log.warning(
+                "target_empty",
+                property=s.prop,
+                hint="no entity carries this property: check the kind, namespace and property",
+            )
 
     def _detect(self, client: datastore.Client) -> Encoding | None:
         s = self.settings

@@ -13,6 +13,7 @@ from sweeper.logs import LOG_LEVELS
 from sweeper.settings import (
     DEFAULT_GRACE,
     DEFAULT_KIND,
+    DEFAULT_MAX_FRACTION,
     DEFAULT_PROPERTY,
     DEFAULT_WORKERS,
     FORMAT_CHOICES,
@@ -180,6 +181,22 @@ sweep_options = stack(
         help="Also push each target's counts and last-success time to this Prometheus "
         "Pushgateway (e.g. http://pushgateway:9091). A failed push is logged as a warning and "
         "does not change the exit code.",
+    ),
+    option(
+        "--max-fraction",
+        type=click.FloatRange(0, 1, min_open=True),
+        default=DEFAULT_MAX_FRACTION,
+        show_default=True,
+        metavar="SHARE",
+        help="Refuse a run that would delete more than this share of the entities carrying the "
+        "property (a wrong --property or --grace looks like that). 1 turns the guard off, e.g. "
+        "for a first run over a large backlog.",
+    ),
+    option(
+        "--yes",
+        is_flag=True,
+        help="On a terminal, delete without showing the plan and asking first. Without a "
+        "terminal (a CronJob, CI) nothing asks.",
     ),
     option(
         "--max-deletes",

@@ -10,6 +10,8 @@ from typing import Any
 
 from sweeper.concurrency import Degradation
 from sweeper.errors import EXIT_FAILURE, EXIT_OK
+from sweeper.guard import Plan
+from sweeper.retention import Retention
 from sweeper.retry import RetryPolicy
 from sweeper.settings import SweepSettings
 from sweeper.stopping import StopReason
@@ -31,6 +33,9 @@ class Runtime:
     # is over (the CLI draws a live line on a terminal); None for none.
     on_progress: Callable[[SweepResult, float, bool], None] | None = None
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
+    # Asked before a sweep deletes, with what it is about to do (a person at a terminal);
+    # None: nothing asks (a CronJob, CI, --yes).
+    confirm: Callable[[Plan], bool] | None = None
     # Progress events on long runs, no more often than this.
     progress_every_s: float = 10.0
     # How often the waiting thread looks at the stop flag, and how long calls in flight may
@@ -69,6 +74,10 @@ class SweepResult:
     # Whose clock the cutoff came from, and the local clock's error against the server's.
     clock_source: str = "local"
     clock_skew_s: float | None = None
+    # Before the run: the share of what carries the property that it would delete.
+    due_fraction: float | None = None
+    # After the run: what is left past the cutoff, and how much carries the property at all.
+    retention: Retention | None = None
     # Datastore calls that succeeded: queries (pages and probes), lookups, commits.
     queries: int = 0
     lookups: int = 0
@@ -113,6 +122,8 @@ class SweepResult:
             "duration_s": round(self.duration_s, 3),
             "stopped_reason": StopReason(self.stopped_reason).value,
             "unconfirmed": self.unconfirmed,
+            "due_fraction": None if self.due_fraction is None else round(self.due_fraction, 4),
+            **(self.retention.fields() if self.retention else _NOT_MEASURED),
             "queries": self.queries,
             "lookups": self.lookups,
             "commits": self.commits,
@@ -123,6 +134,17 @@ class SweepResult:
         if self.error is not None:
             fields["error"] = self.error
         return fields
+
+
+# Retention is measured only after a run that got to the end of its work.
+_NOT_MEASURED: dict[str, Any] = {
+    "carrying": None,
+    "carrying_is_lower_bound": False,
+    "empty": None,
+    "expired_left": None,
+    "expired_left_is_lower_bound": False,
+    "oldest_expired": None,
+}
 
 
 def _degradation(name: str, d: Degradation | None) -> dict[str, Any]:

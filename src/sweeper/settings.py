@@ -12,6 +12,11 @@ from sweeper.errors import UsageError
 from sweeper.slices import Shard
 
 FormatChoice = Encoding | Literal["auto"]
+
+# Default --max-fraction (see guard.py). A run every 15 minutes deletes what expired in the last
+# interval: a small share of what is stored (live sessions, and those still within the grace).
+# More than half of everything at once is a mistake, or a first run over a backlog.
+DEFAULT_MAX_FRACTION = 0.5
 FORMAT_CHOICES = ("auto", *(e.value for e in Encoding))
 
 # Datastore refuses more than 500 mutations in one commit (CONTEXT trap 3).
@@ -119,6 +124,8 @@ class SweepSettings:
     max_rate: float | None = None
     max_deletes: int | None = None
     max_runtime: dt.timedelta | None = None
+    # Refuse a run that would delete more than this share of what carries the property.
+    max_fraction: float = DEFAULT_MAX_FRACTION
     project: str | None = None
     database: str | None = None
     namespace: str | None = None
@@ -141,6 +148,8 @@ class SweepSettings:
             raise UsageError(f"workers must be between 1 and {MAX_WORKERS}")
         if self.max_rate is not None and self.max_rate <= 0:
             raise UsageError("max rate must be greater than 0")
+        if not 0 < self.max_fraction <= 1:
+            raise UsageError("max fraction must be greater than 0 and at most 1 (1: no limit)")
         if self.scan and self.format == "auto":
             raise UsageError("--scan needs an explicit --format: a scan reads values one by one")
         if self.scan and self.shard.count > 1:

@@ -8,7 +8,10 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any, TextIO, TypeVar
 
+import click
+
 from sweeper.errors import EXIT_SIGINT, EXIT_SIGTERM, SweeperError
+from sweeper.guard import Plan, describe
 from sweeper.result import SweepResult
 
 T = TypeVar("T")
@@ -65,6 +68,13 @@ class StopOnSignal:
     def __exit__(self, *_exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+def ask_before_deleting(plan: Plan) -> bool:
+    """Show a person at a terminal what the sweep is about to delete, and ask (default: no)."""
+    click.echo("sweeper is about to delete:", err=True)
+    click.echo(describe(plan), err=True)
+    return click.confirm(f"Delete these {plan.exposure.due.n} entities?", default=False, err=True)
 
 
 class StoppedBySignal(SweeperError):

@@ -1,0 +1,116 @@
+"""Guards on the blast radius: how much of a target a run would delete, and who agreed to it.
+
+The mistakes that destroy live data all look alike from the database's side: the wrong
+property (``--property created_at``: every entity is "in the past"), a grace of ``0`` on a
+property whose "expiry" means something else, or a run against the wrong project. Each makes
+one run delete most of what carries the property, where a healthy scheduled run deletes what
+expired during one schedule interval: a small share. So before the first batch sweeper counts
+what the run would delete against what carries the property, and refuses a run above
+``--max-fraction``. On a terminal it also shows the operator what it is about to do and asks.
+
+Counting costs little next to deleting: two aggregation COUNTs, billed one entity read per
+1,000 index entries each, at most ``COUNT_LIMIT / 1000`` reads (a kind of 100 million entities
+costs 2 x 10,000 reads, where the deletes of a backlog cost one each).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from google.cloud import datastore
+
+from sweeper.encodings import Encoding, ExpiredRange
+from sweeper.errors import RefusedError
+from sweeper.query import Count, RangeQuery, count
+from sweeper.retry import Retrier
+
+COUNT_LIMIT = 10_000_000
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """What a run would delete (``due``), against what carries the property (``carrying``)."""
+
+    due: Count
+    carrying: Count
+
+    @property
+    def fraction(self) -> float | None:
+        """due / carrying when both counts are exact; None when a limit leaves it unknown."""
+        if self.carrying.n == 0:
+            return 0.0
+        if self.due.lower_bound or self.carrying.lower_bound:
+            return None
+        return self.due.n / self.carrying.n
+
+    def within(self, share: float) -> bool:
+        """Whether the run surely deletes at most ``share``; an unknown fraction is not within,
+        unless even the largest it could be (exact due over a capped carrying) is."""
+        if share >= 1.0:
+            return True
+        fraction = self.fraction
+        if fraction is not None:
+            return fraction <= share
+        return not self.due.lower_bound and self.due.n / self.carrying.n <= share
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an operator is shown before a sweep deletes, and asked to agree to."""
+
+    project: str
+    database: str | None
+    namespace: str | None
+    kind: str
+    prop: str
+    encoding: Encoding
+    cutoff: dt.datetime
+    exposure: Exposure
+
+
+def measure(
+    client: datastore.Client, retrier: Retrier, kind: str, prop: str, window: ExpiredRange
+) -> Exposure:
+    """Count the run's range and every non-null indexed value of ``prop``."""
+    lo, hi = window.values()
+    due = count(client, retrier, RangeQuery(kind, prop, ((">=", lo), ("<", hi))), COUNT_LIMIT)
+    carrying = count(client, retrier, RangeQuery(kind, prop, ((">", None),)), COUNT_LIMIT)
+    return Exposure(due, carrying)
+
+
+def check_fraction(exposure: Exposure, share: float, kind: str, prop: str) -> None:
+    """Refuse a run that would delete more than ``share`` of what carries ``prop``."""
+    if exposure.within(share):
+        return
+    due, carrying = exposure.due, exposure.carrying
+    fraction = exposure.fraction
+    how_much = (
+        f"{due.n} of the {carrying.n} {kind} entities that carry {prop} ({fraction:.0%})"
+        if fraction is not None
+        else f"at least {due.n} {kind} entities (more than could be counted, {COUNT_LIMIT})"
+    )
+    raise RefusedError(
+        f"refusing: this run would delete {how_much}, more than --max-fraction {share:g}. "
+        "A wrong --property, --kind or --grace looks like this. So does the first run over a "
+        "large backlog: if that is what this is, run it once with --max-fraction 1. Nothing "
+        "was deleted."
+    )
+
+
+def describe(plan: Plan) -> str:
+    """The lines shown before the question on a terminal."""
+    exposure = plan.exposure
+    amount = f"{'at least ' if exposure.due.lower_bound else ''}{exposure.due.n}"
+    share = "" if exposure.fraction is None else f" ({exposure.fraction:.0%})"
+    return "\n".join(
+        [
+            f"  project    {plan.project}",
+            f"  database   {plan.database or '(default)'}",
+            f"  namespace  {plan.namespace or '(default)'}",
+            f"  kind       {plan.kind}",
+            f"  property   {plan.prop} ({plan.encoding.value})",
+            f"  cutoff     {plan.cutoff.isoformat().replace('+00:00', 'Z')}",
+            f"  matches    {amount} of {exposure.carrying.n} entities carrying it{share}",
+        ]
+    )

@@ -1,0 +1,225 @@
+"""Guards on the blast radius: each operator mistake tried against the emulator, 0 live lost.
+
+Every run here is the real CLI in its own process, as an operator would start it: without a
+terminal (a CronJob) or through a real pseudo-terminal (a person at a shell).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+from google.cloud import datastore
+
+from sweeper.testing.emulator import Emulator
+from sweeper.testing.seed import names, put_entities, runner_eq_session, runner_questionnaire_state
+from tests.integration.helpers import make_client
+
+NOW = dt.datetime.now(dt.UTC)
+
+
+def sessions(client: datastore.Client, kind: str, expired: int, live: int) -> set[str]:
+    """Runner-shaped sessions; returns the names of the live ones."""
+    put_entities(
+        client,
+        [
+            runner_eq_session(client, kind, f"expired-{i}", NOW - dt.timedelta(hours=1))
+            for i in range(expired)
+        ]
+        + [
+            runner_eq_session(client, kind, f"live-{i}", NOW + dt.timedelta(hours=1))
+            for i in range(live)
+        ],
+    )
+    return {f"live-{i}" for i in range(live)}
+
+
+def cli(
+    emulator: Emulator, *args: str, project: str | None = None
+) -> tuple[int, dict[str, Any], str]:
+    env = {**os.environ, **emulator.env}
+    if project:
+        env["DATASTORE_PROJECT_ID"] = project
+    done = subprocess.run(
+        [sys.executable, "-m", "sweeper", "sweep", "--log-format", "json", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert "Traceback" not in done.stderr
+    events = [json.loads(line) for line in done.stdout.splitlines()]
+    (summary,) = [e for e in events if e["event"] == "sweep_finished"]
+    assert isinstance(summary, dict)
+    summary["events"] = [e["event"] for e in events]
+    return done.returncode, summary, done.stderr
+
+
+def test_a_wrong_property_is_refused_before_the_first_batch(
+    emulator: Emulator, client: datastore.Client, kind: str
+) -> None:
+    """``--property created_at`` on a store that indexes it: every entity is in the past."""
+    entities = []
+    for i in range(100):
+        entity = runner_eq_session(client, kind, f"live-{i}", NOW + dt.timedelta(hours=1))
+        entity["created_at"] = NOW - dt.timedelta(minutes=30)  # a Timestamp, indexed here
+        entity.exclude_from_indexes.discard("created_at")
+        entities.append(entity)
+    put_entities(client, entities)
+
+    code, summary, err = cli(emulator, "--kind", kind, "--property", "created_at")
+
+    assert code == 1
+    assert "would delete 100 of the 100" in err
+    assert "--max-fraction 1" in err
+    assert (summary["deleted"], summary["due_fraction"]) == (0, 1.0)
+    assert names(client, kind) == {f"live-{i}" for i in range(100)}
+
+
+def test_grace_zero_on_a_property_that_is_not_an_expiry_is_refused(
+    emulator: Emulator, client: datastore.Client, kind: str
+) -> None:
+    """submitted_at is when a questionnaire was submitted; with no grace, all of them are due."""
+    states = [
+        runner_questionnaire_state(
+            client,
+            kind,
+            f"user-{i}",
+            expires_at=NOW + dt.timedelta(days=30),
+            submitted_at=NOW - dt.timedelta(minutes=5),
+        )
+        for i in range(50)
+    ]
+    put_entities(client, states)
+
+    code, summary, _err = cli(
+        emulator, "--kind", kind, "--property", "submitted_at", "--grace", "0"
+    )
+
+    assert (code, summary["deleted"]) == (1, 0)
+    assert len(names(client, kind)) == 50
+
+
+def test_a_misspelt_kind_deletes_nothing_and_is_flagged_empty(
+    emulator: Emulator, client: datastore.Client, kind: str
+) -> None:
+    live = sessions(client, kind, expired=20, live=20)
+
+    code, summary, _err = cli(emulator, "--kind", kind.replace("-", "_"))
+
+    assert code == 0
+    assert (summary["empty"], summary["carrying"], summary["expired_left"]) == (True, 0, 0)
+    assert "target_empty" in summary["events"]
+    assert names(client, kind) >= live
+    assert len(names(client, kind)) == 40
+
+
+def test_the_first_run_over_a_large_backlog_needs_max_fraction_1(
+    emulator: Emulator, client: datastore.Client, kind: str
+) -> None:
+    live = sessions(client, kind, expired=970, live=30)
+
+    code, _summary, err = cli(emulator, "--kind", kind)
+    assert code == 1
+    assert "would delete 970 of the 1000" in err
+    assert "(97%)" in err
+    assert len(names(client, kind)) == 1000
+
+    code, summary, _err = cli(emulator, "--kind", kind, "--max-fraction", "1")
+    assert (code, summary["deleted"], summary["expired_left"]) == (0, 970, 0)
+    assert summary["oldest_expired"] is None
+    assert summary["empty"] is False
+    assert names(client, kind) == live
+
+
+def test_a_steady_state_run_passes_the_default_guard(
+    emulator: Emulator, client: datastore.Client, kind: str
+) -> None:
+    live = sessions(client, kind, expired=10, live=90)
+
+    code, summary, _err = cli(emulator, "--kind", kind)
+
+    assert (code, summary["deleted"], summary["due_fraction"]) == (0, 10, 0.1)
+    assert names(client, kind) == live
+
+
+# --- a person at a terminal ---------------------------------------------------------------
+
+
+def run_on_a_terminal(emulator: Emulator, answer: str, *args: str) -> tuple[int, str]:
+    """The CLI with a real pseudo-terminal as stdin, stdout and stderr; ``answer`` is typed
+    once the question appears. Returns the exit code and everything the terminal showed."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sweeper", "sweep", *args],
+        env={**os.environ, **emulator.env, "TERM": "dumb"},
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        close_fds=True,
+    )
+    os.close(follower)
+    shown, answered = b"", False
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the process closed the terminal
+                break
+            shown += chunk
+        if not answered and b"[y/N]" in shown:
+            os.write(leader, answer.encode() + b"\n")
+            answered = True
+        if proc.poll() is not None and not ready:
+            break
+    os.close(leader)
+    return proc.wait(timeout=30), shown.decode(errors="replace")
+
+
+@pytest.mark.parametrize(("answer", "deleted"), [("n", False), ("y", True)])
+def test_on_a_terminal_the_plan_is_shown_and_nothing_goes_without_a_yes(
+    emulator: Emulator, kind: str, answer: str, deleted: bool
+) -> None:
+    """The wrong project (a laptop's default credentials point at production) shows here."""
+    prod = make_client(Emulator(emulator.flavour, project="prod-sessions", port=emulator.port))
+    live = sessions(prod, kind, expired=10, live=90)
+
+    code, shown = run_on_a_terminal(emulator, answer, "--project", "prod-sessions", "--kind", kind)
+
+    for line in (
+        "project    prod-sessions",
+        f"kind       {kind}",
+        "property   expires_at (epoch-seconds)",
+        "matches    10 of 100",
+    ):
+        assert line in shown, shown
+    assert "Delete these 10 entities? [y/N]" in shown
+    left = names(prod, kind)
+    if deleted:
+        assert (code, left) == (0, live)
+    else:
+        assert code == 1
+        assert "not confirmed" in shown
+        assert len(left) == 100
+
+
+def test_yes_skips_the_question_on_a_terminal(emulator: Emulator, kind: str) -> None:
+    client = make_client(emulator)
+    live = sessions(client, kind, expired=10, live=90)
+
+    code, shown = run_on_a_terminal(emulator, "", "--kind", kind, "--yes")
+
+    assert code == 0
+    assert "[y/N]" not in shown
+    assert names(client, kind) == live
