@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import math
 import socket
 import urllib.error
 from collections.abc import Callable
@@ -261,3 +262,35 @@ def test_a_summary_missing_a_count_is_a_metrics_error() -> None:
     del data["deleted"]
     with pytest.raises(MetricsError, match="'deleted' is None, not a number"):
         push(data)
+
+
+# --- retention: what is left after a run --------------------------------------------------
+
+
+def test_what_is_left_is_pushed_when_the_run_measured_it() -> None:
+    data = {
+        **summary(),
+        "carrying": 5000,
+        "empty": False,
+        "expired_left": 12,
+        "oldest_expired": "2024-06-01T08:00:00Z",
+    }
+    samples = push(data).samples()
+    assert samples["sweeper_expired_left"][1] == 12.0
+    assert samples["sweeper_carrying"][1] == 5000.0
+    assert samples["sweeper_target_empty"][1] == 0.0
+    expected = dt.datetime(2024, 6, 1, 8, tzinfo=dt.UTC).timestamp()
+    assert samples["sweeper_oldest_expired_timestamp_seconds"][1] == expected
+
+
+def test_nothing_expired_left_is_nan_so_an_old_alarming_value_is_replaced() -> None:
+    data = {**summary(), "carrying": 0, "empty": True, "expired_left": 0, "oldest_expired": None}
+    samples = push(data).samples()
+    assert math.isnan(samples["sweeper_oldest_expired_timestamp_seconds"][1])
+    assert samples["sweeper_target_empty"][1] == 1.0
+
+
+def test_a_run_that_did_not_measure_what_is_left_pushes_none_of_it() -> None:
+    samples = push(summary()).samples()  # e.g. stopped by its deadline: fields are null
+    assert "sweeper_expired_left" not in samples
+    assert "sweeper_oldest_expired_timestamp_seconds" not in samples
