@@ -21,7 +21,6 @@ from google.cloud import datastore
 from sweeper import __version__
 from sweeper.config import load_targets
 from sweeper.connect import make_client
-from sweeper.engine import sweep_targets
 from sweeper.errors import (
     EXIT_FAILURE,
     EXIT_SIGINT,
@@ -42,6 +41,7 @@ from sweeper.settings import (
     parse_format,
 )
 from sweeper.slices import Shard
+from sweeper.targets import sweep_targets
 from sweeper.terminal import ProgressLine, StopOnSignal, ask_before_deleting, run_until_signal
 
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from functools import partial
-from typing import Any
 
 import structlog
 from google.cloud import datastore
 from google.cloud.datastore import Key
 
+from sweeper.checks import Checks
 from sweeper.clock import SKEW_WARNING_S, read_clock
 from sweeper.concurrency import CallLimiter
 from sweeper.deleter import (
@@ -28,25 +27,22 @@ from sweeper.deleter import (
     VerifyingDeleter,
     chunks,
 )
-from sweeper.detect import check_explicit, detect_encoding
-from sweeper.encodings import Encoding, expired_range
+from sweeper.encodings import Encoding
 from sweeper.errors import (
     DatastoreError,
-    RefusedError,
     SweeperError,
     describe_exception,
 )
-from sweeper.guard import Plan, check_fraction, measure
 from sweeper.pipeline import Pipeline
+from sweeper.progress import DeleteBudget, ProgressLog
 from sweeper.result import Runtime, SweepResult
-from sweeper.retention import measure_retention
 from sweeper.retry import PUSHBACK, Retrier, RetryCounter
 from sweeper.settings import SweepSettings
 from sweeper.sources import expired_streams
 from sweeper.stopping import Stopped, Stopper, StopReason
 from sweeper.throttle import Throttle, ThrottleSettings
 
-__all__ = ["Runtime", "Sweep", "SweepResult", "sweep_targets"]
+__all__ = ["Runtime", "Sweep", "SweepResult"]
 
 
 class Sweep:
@@ -196,76 +192,17 @@ class Sweep:
                 result.stop(reason)
 
     def _sweep(self, client: datastore.Client, result: SweepResult) -> None:
-        s = self.settings
-        if isinstance(s.format, Encoding):
-            encoding: Encoding | None = s.format
-            if not s.scan:
-                others = check_explicit(client, self._retrier, s.kind, s.prop, s.format)
-                self._note_others(result, others)
-        else:
-            encoding = self._detect(client)
+        checks = Checks(client, self._retrier, self.settings, self._log)
+        encoding = checks.encoding(result)
         if encoding is not None:
             result.format = encoding.value
-            self._guard(client, encoding, result)
-            self._delete_expired(client, encoding, result)
+            checks.guard(encoding, result, self.runtime.confirm)
+            self._delete_expired(client, encoding, result, checks)
         if result.stopped_reason in (StopReason.COMPLETE, StopReason.MAX_DELETES):
-            self._measure_retention(client, encoding, result)
-
-    def _guard(self, client: datastore.Client, encoding: Encoding, result: SweepResult) -> None:
-        """Before the first batch: refuse a run over --max-fraction; on a terminal, ask."""
-        s, confirm = self.settings, self.runtime.confirm
-        window = expired_range(encoding, result.cutoff)
-        if s.dry_run or s.scan or window.empty or (s.max_fraction >= 1 and confirm is None):
-            return
-        exposure = measure(client, self._retrier, s.kind, s.prop, window)
-        result.due_fraction = exposure.fraction
-        self._log.info(
-            "exposure_counted",
-            due=exposure.due.n,
-            carrying=exposure.carrying.n,
-            fraction=exposure.fraction,
-            max_fraction=s.max_fraction,
-        )
-        check_fraction(exposure, s.max_fraction, s.kind, s.prop)
-        if exposure.due.n == 0 or confirm is None:
-            return
-        plan = Plan(
-            client.project,
-            client.database or None,
-            client.namespace or None,
-            s.kind,
-            s.prop,
-            encoding,
-            result.cutoff,
-            exposure,
-        )
-        if not confirm(plan):
-            raise RefusedError("not confirmed at the prompt; nothing was deleted")
-
-    def _measure_retention(
-        self, client: datastore.Client, encoding: Encoding | None, result: SweepResult
-    ) -> None:
-        s = self.settings
-        retention = measure_retention(
-            client, self._retrier, s.kind, s.prop, encoding=encoding, cutoff=result.cutoff
-        )
-        result.retention = retention
-        if retention.empty:
-            self._log.warning(
-                "target_empty",
-                property=s.prop,
-                hint="no entity carries this property: check the kind, namespace and property",
-            )
-
-    def _detect(self, client: datastore.Client) -> Encoding | None:
-        s = self.settings
-        encoding = detect_encoding(client, self._retrier, s.kind, s.prop)
-        if encoding is None:
-            self._log.warning("no_expiry_values", property=s.prop, hint="nothing to sweep")
-        return encoding
+            checks.retention(encoding, result)
 
     def _delete_expired(
-        self, client: datastore.Client, encoding: Encoding, result: SweepResult
+        self, client: datastore.Client, encoding: Encoding, result: SweepResult, checks: Checks
     ) -> None:
         s, rt = self.settings, self.runtime
         deleter: Deleter = (
@@ -275,8 +212,8 @@ class Sweep:
             if result.verify
             else BatchDeleter(client, self._retrier, sizer=self._sizer)
         )
-        progress = _Progress(self._log, rt, self._counter, rt.monotonic(), s.dry_run)
-        budget = _Budget(s.max_deletes)
+        progress = ProgressLog(self._log, rt, self._counter, rt.monotonic(), s.dry_run)
+        budget = DeleteBudget(s.max_deletes)
 
         def batches(pages: Iterator[list[Key]]) -> Iterator[Sequence[Key]]:
             for page in pages:
@@ -316,18 +253,7 @@ class Sweep:
         if budget.capped:
             self._end(result, StopReason.MAX_DELETES)
         if s.scan and result.stopped_reason == StopReason.COMPLETE:
-            self._note_others(result, _scan_census(s, encoding, seen))
-
-    def _note_others(self, result: SweepResult, others: tuple[str, ...]) -> None:
-        """Values of other encodings are left alone, but an operator should know they exist."""
-        result.other_encodings = others
-        if others:
-            self._log.warning(
-                "other_encodings_present",
-                property=self.settings.prop,
-                swept=result.format,
-                left_alone=list(others),
-            )
+            checks.scan_census(encoding, seen, result)
 
     def _process(self, deleter: Deleter, batch: Sequence[Key], result: SweepResult) -> None:
         with self._lock:
@@ -383,107 +309,5 @@ _START_FIELDS = (
 )
 
 
-class _Budget:
-    """``--max-deletes``: hands out keys until the cap, then notes whether more were waiting."""
-
-    def __init__(self, limit: int | None) -> None:
-        self._left = limit
-        self.capped = False
-        self._lock = threading.Lock()
-
-    def take(self, batch: Sequence[Key]) -> Sequence[Key]:
-        with self._lock:
-            if self._left is None:
-                return batch
-            if self._left == 0:
-                self.capped = True
-                return ()
-            taken = batch[: self._left]
-            self._left -= len(taken)
-            if len(taken) < len(batch):  # the cap fell inside this batch: keys are left
-                self.capped = True
-            return taken
-
-
-class _Progress:
-    """``sweep_progress`` events, at most one per ``progress_every_s``."""
-
-    def __init__(
-        self, log: Any, runtime: Runtime, counter: RetryCounter, started: float, dry_run: bool
-    ) -> None:
-        self._log, self._rt, self._counter, self._started = log, runtime, counter, started
-        self._next = started + runtime.progress_every_s
-        self._dry_run = dry_run
-
-    def maybe_log(self, result: SweepResult) -> None:
-        now = self._rt.monotonic()
-        if self._rt.on_progress is not None:
-            self._rt.on_progress(result, now - self._started, False)
-        if now < self._next:
-            return
-        self._next = now + self._rt.progress_every_s
-        elapsed = max(now - self._started, 1e-9)
-        done = result.matched if self._dry_run else result.deleted
-        self._log.info(
-            "sweep_progress",
-            matched=result.matched,
-            deleted=result.deleted,
-            retries=self._counter.retries,
-            elapsed_s=round(elapsed, 1),
-            per_s=round(done / elapsed, 1),
-        )
-
-
-def _scan_census(s: SweepSettings, encoding: Encoding, seen: Counter[str]) -> tuple[str, ...]:
-    """After a whole scan: the other encodings read, or a refusal if none was ``encoding``."""
-    others = tuple(sorted(name for name in seen if name != encoding.value))
-    if seen and not seen[encoding.value]:
-        held = ", ".join(f"{seen[name]} {name}" for name in others)
-        raise RefusedError(
-            f"--scan --format {encoding.value} of {s.kind}.{s.prop} could never delete "
-            f"anything: of the {sum(seen.values())} values it read, none is "
-            f"{encoding.value} ({held}). Nothing was deleted; choose the --format they hold."
-        )
-    return others
-
-
 def _datastore_failure(exc: BaseException) -> str:
     return f"Datastore call failed: {describe_exception(exc)}"
-
-
-def sweep_targets(
-    targets: Sequence[SweepSettings],
-    client_for: Callable[[SweepSettings], datastore.Client],
-    runtime: Runtime | None = None,
-    overall: bool = False,
-) -> list[SweepResult]:
-    """Sweep each target in turn, each with its own ``sweep_finished``; a signal stops them all.
-
-    A failed target does not stop the others (they are independent kinds); with ``overall``
-    a final ``run_finished`` event sums the run up for the operator's alert.
-    """
-    rt = runtime or Runtime()
-    started = rt.monotonic()
-    results: list[SweepResult] = []
-    for settings in targets:
-        if rt.stop_requested():
-            break
-        results.append(Sweep(settings, partial(client_for, settings), rt).run())
-    if overall:
-        failed = [f"{r.settings.kind}.{r.settings.prop}" for r in results if r.error]
-        log = structlog.get_logger("sweeper")
-        (log.error if failed else log.info)(
-            "run_finished",
-            targets=len(targets),
-            swept=len(results),
-            failed_targets=failed,
-            matched=sum(r.matched for r in results),
-            deleted=sum(r.deleted for r in results),
-            duration_s=round(rt.monotonic() - started, 3),
-            stopped_reason=(
-                StopReason.SIGNAL
-                if rt.stop_requested()
-                else (StopReason.ERROR if failed else StopReason.COMPLETE)
-            ).value,
-        )
-    return results

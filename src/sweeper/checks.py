@@ -1,0 +1,122 @@
+"""What a run checks around its deletes: which encoding, how much, who agreed, what is left.
+
+Each step is a few small reads, made once per run: the encoding of the stored values (auto
+detection, or the check that an explicit ``--format`` can match anything), the guards on the
+blast radius before the first batch (``sweeper.guard``), and what is left afterwards
+(``sweeper.retention``). A step that finds the run unsafe raises :class:`RefusedError`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from google.cloud import datastore
+
+from sweeper.detect import check_explicit, detect_encoding
+from sweeper.encodings import Encoding, expired_range
+from sweeper.errors import RefusedError
+from sweeper.guard import Plan, check_fraction, measure
+from sweeper.result import SweepResult
+from sweeper.retention import measure_retention
+from sweeper.retry import Retrier
+from sweeper.settings import SweepSettings
+
+
+class Checks:
+    """The checks of one run over one target."""
+
+    def __init__(
+        self, client: datastore.Client, retrier: Retrier, settings: SweepSettings, log: Any
+    ) -> None:
+        self._client, self._retrier, self.settings, self._log = client, retrier, settings, log
+
+    def encoding(self, result: SweepResult) -> Encoding | None:
+        """The encoding to sweep; None when the property holds no value at all."""
+        s = self.settings
+        if not isinstance(s.format, Encoding):
+            return self._detect()
+        if not s.scan:
+            self._note_others(
+                result, check_explicit(self._client, self._retrier, s.kind, s.prop, s.format)
+            )
+        return s.format
+
+    def guard(
+        self, encoding: Encoding, result: SweepResult, confirm: Callable[[Plan], bool] | None
+    ) -> None:
+        """Before the first batch: refuse a run over --max-fraction; on a terminal, ask."""
+        s, client = self.settings, self._client
+        window = expired_range(encoding, result.cutoff)
+        if s.dry_run or s.scan or window.empty or (s.max_fraction >= 1 and confirm is None):
+            return
+        exposure = measure(client, self._retrier, s.kind, s.prop, window)
+        result.due_fraction = exposure.fraction
+        self._log.info(
+            "exposure_counted",
+            due=exposure.due.n,
+            carrying=exposure.carrying.n,
+            fraction=exposure.fraction,
+            max_fraction=s.max_fraction,
+        )
+        check_fraction(exposure, s.max_fraction, s.kind, s.prop)
+        if exposure.due.n == 0 or confirm is None:
+            return
+        plan = Plan(
+            client.project,
+            client.database or None,
+            client.namespace or None,
+            s.kind,
+            s.prop,
+            encoding,
+            result.cutoff,
+            exposure,
+        )
+        if not confirm(plan):
+            raise RefusedError("not confirmed at the prompt; nothing was deleted")
+
+    def retention(self, encoding: Encoding | None, result: SweepResult) -> None:
+        """After the run: what is left past the cutoff; whether anything carries the property."""
+        s = self.settings
+        retention = measure_retention(
+            self._client, self._retrier, s.kind, s.prop, encoding=encoding, cutoff=result.cutoff
+        )
+        result.retention = retention
+        if retention.empty:
+            self._log.warning(
+                "target_empty",
+                property=s.prop,
+                hint="no entity carries this property: check the kind, namespace and property",
+            )
+
+    def _detect(self) -> Encoding | None:
+        s = self.settings
+        encoding = detect_encoding(self._client, self._retrier, s.kind, s.prop)
+        if encoding is None:
+            self._log.warning("no_expiry_values", property=s.prop, hint="nothing to sweep")
+        return encoding
+
+    def scan_census(self, encoding: Encoding, seen: Counter[str], result: SweepResult) -> None:
+        """After a whole scan: the other encodings read, or a refusal if none was ``encoding``."""
+        s = self.settings
+        others = tuple(sorted(name for name in seen if name != encoding.value))
+        if seen and not seen[encoding.value]:
+            held = ", ".join(f"{seen[name]} {name}" for name in others)
+            raise RefusedError(
+                f"--scan --format {encoding.value} of {s.kind}.{s.prop} could never delete "
+                f"anything: of the {sum(seen.values())} values it read, none is "
+                f"{encoding.value} ({held}). Nothing was deleted; choose the --format they hold."
+            )
+        self._note_others(result, others)
+
+    def _note_others(self, result: SweepResult, others: tuple[str, ...]) -> None:
+        """Values of other encodings are left alone, but an operator should know they exist."""
+        result.other_encodings = others
+        if others:
+            self._log.warning(
+                "other_encodings_present",
+                property=self.settings.prop,
+                swept=result.format,
+                left_alone=list(others),
+            )
