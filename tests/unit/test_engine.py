@@ -19,9 +19,11 @@ from structlog.typing import EventDict
 
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, Sweep, SweepResult
+from sweeper.errors import DatastoreError
 from sweeper.query import PAGE_SIZE
 from sweeper.retry import RetryPolicy
 from sweeper.settings import SweepSettings
+from sweeper.targets import sweep_targets
 from tests.contract import SWEEP_FINISHED_FIELDS
 
 E = TypeVar("E", bound=Exception)
@@ -325,3 +327,16 @@ def test_no_progress_events_on_short_run() -> None:
     client = FakeClient(6)
     _result, logs = run(client, rt=runtime(monotonic=Clock(step=0.001)))
     assert not any(e["event"] == "sweep_progress" for e in logs)
+
+
+def test_a_client_that_cannot_be_built_still_owes_a_summary_and_run_finished() -> None:
+    def no_credentials(_settings: SweepSettings) -> datastore.Client:
+        raise DatastoreError("no Google Cloud credentials found")
+
+    with capture_logs() as logs:
+        (result,) = sweep_targets([settings()], no_credentials, runtime(), overall=True)
+
+    assert (result.stopped_reason, result.error) == ("error", "no Google Cloud credentials found")
+    assert finished(logs)["error"] == "no Google Cloud credentials found"
+    (run,) = [e for e in logs if e["event"] == "run_finished"]
+    assert (run["failed_targets"], run["stopped_reason"]) == (["eq-session.expires_at"], "error")
