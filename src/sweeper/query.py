@@ -3,9 +3,9 @@
 Pages have an explicit size and continue from the server's cursor: the Firestore emulator in
 Datastore mode answers an unbounded query in one response and fails past ~40k keys
 (RESOURCE_EXHAUSTED), while the legacy emulator returns ~300 results per batch whatever the limit
-(CONTEXT trap 2). The client's iterator follows short batches until the page's limit is met, so a
-page shorter than asked means the range is exhausted. A page that fails is retried from its
-starting cursor, so a retry never skips or repeats keys.
+(CONTEXT trap 2). Each page is one call, however short the server's batch; the range is
+exhausted when the server returns no cursor (no more results) or an empty batch. A page that
+fails is retried from its starting cursor, so a retry never skips or repeats keys.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def entity_pages(
         )
         if found:
             yield found
-        if len(found) < page_size or cursor is None:
+        if cursor is None or not found:
             return
 
 
@@ -126,10 +126,18 @@ def _page(
     timeout: float,
     descending: bool = False,
 ) -> tuple[list[datastore.Entity], bytes | None]:
+    """One RunQuery call: up to ``limit`` results and the cursor after them (None at the end).
+
+    Only the first batch the server answers is taken, so a retried page repeats one call, not
+    the several the client's iterator would chain to fill ``limit`` (the legacy emulator answers
+    ~300 results per batch): on a network that drops connections every second, a page of
+    several calls might never get through.
+    """
     iterator = query.build(client, descending).fetch(
         limit=limit, start_cursor=cursor, retry=NO_CLIENT_RETRY, timeout=timeout
     )
-    found = list(iterator)
+    batch = next(iterator.pages, None)
+    found = list(batch) if batch is not None else []
     token: bytes | None = iterator.next_page_token
     return found, token
 
@@ -155,12 +163,13 @@ def scan_expired(
         found, cursor = retrier.call(
             "query", partial(_page, client, query, size, cursor, timeout=retrier.timeout)
         )
-        on_read(len(found))
+        if found:
+            on_read(len(found))
         pending += [entity.key for entity in found if expired(entity.get(prop))]
         if len(pending) >= PAGE_SIZE:
             yield pending[:PAGE_SIZE]
             pending = pending[PAGE_SIZE:]
-        if len(found) < size or cursor is None:
+        if cursor is None or not found:
             break
         size = _scan_page_size(found)
     if pending:

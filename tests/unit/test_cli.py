@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from sweeper import cli as cli_module
-from sweeper import engine as engine_module
+from sweeper import targets as targets_module
 from sweeper.cli import cli, main
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, SweepResult
@@ -196,7 +196,7 @@ def stub(monkeypatch: pytest.MonkeyPatch) -> StubSweep:
         made.append(args)
         return CLIENT
 
-    monkeypatch.setattr(engine_module, "Sweep", sweep)
+    monkeypatch.setattr(targets_module, "Sweep", sweep)
     monkeypatch.setattr(cli_module, "make_client", make_client)
     return sweep
 

@@ -47,6 +47,11 @@ class FakePage:
         self._keys = keys
         self.next_page_token = token
 
+    @property
+    def pages(self) -> Iterator[FakePage]:
+        """The client's iterator by server batch: this fake answers in one batch."""
+        return iter([self])
+
     def __iter__(self) -> Iterator[Any]:
         return iter(datastore.Entity(key) for key in self._keys)
 

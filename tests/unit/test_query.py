@@ -44,6 +44,11 @@ class FakePage:
         self._entities = entities
         self.next_page_token = token
 
+    @property
+    def pages(self) -> Iterator[FakePage]:
+        """The client's iterator by server batch: this fake answers in one batch."""
+        return iter([self])
+
     def __iter__(self) -> Iterator[Any]:
         return iter(self._entities)
 
@@ -93,6 +98,7 @@ class FakeClient:
         self.entities = entities
         self.errors: dict[int, Exception] = {}
         self.final_cursor = True
+        self.batch: int | None = None  # the most results one call returns (None: the limit)
         self.queries: list[FakeQuery] = []
         self.fetches = 0
         self.cursors: list[bytes | None] = []
@@ -108,7 +114,7 @@ class FakeClient:
         if self.fetches in self.errors:
             raise self.errors.pop(self.fetches)
         start = 0 if cursor is None else int(cursor.decode())
-        found = self.entities[start : start + limit]
+        found = self.entities[start : start + min(limit, self.batch or limit)]
         if query.projection:  # only the projected properties come back
             found = [project(e, query.projection) for e in found]
         end = start + len(found)
@@ -144,8 +150,9 @@ def as_client(client: FakeClient) -> datastore.Client:
 # --- key_pages -----------------------------------------------------------------------------
 
 
-def test_key_pages_follow_cursors_until_a_short_page() -> None:
+def test_key_pages_follow_cursors_until_the_server_has_no_more() -> None:
     client = FakeClient(entities([1] * 1200))
+    client.final_cursor = False  # the last batch says "no more results"
     retry, _counter = retrier()
     pages = list(key_pages(as_client(client), retry, QUERY, page_size=500))
     assert [len(p) for p in pages] == [500, 500, 200]
@@ -181,8 +188,21 @@ def test_key_pages_hold_one_page_at_a_time() -> None:
     assert client.fetches == 2
 
 
+def test_a_short_batch_with_a_cursor_is_followed_one_call_at_a_time() -> None:
+    """The legacy emulator answers ~300 results per batch whatever the limit: each page is
+    one call (a retry repeats one call), and a short batch does not end the range."""
+    client = FakeClient(entities([1] * 1000))
+    client.batch = 300
+    client.final_cursor = False
+    retry, _counter = retrier()
+    pages = list(key_pages(as_client(client), retry, QUERY, page_size=500))
+    assert [len(p) for p in pages] == [300, 300, 300, 100]
+    assert [k for p in pages for k in p] == keys_of(client.entities)
+
+
 def test_key_pages_ask_for_keys_only_with_an_explicit_limit() -> None:
     client = FakeClient(entities([1] * 30))
+    client.final_cursor = False
     retry, _counter = retrier()
     list(key_pages(as_client(client), retry, QUERY, page_size=25))
     assert all(q.is_keys_only for q in client.queries)
@@ -191,6 +211,7 @@ def test_key_pages_ask_for_keys_only_with_an_explicit_limit() -> None:
 
 def test_failed_page_is_retried_from_its_own_cursor() -> None:
     client = FakeClient(entities([1] * 1200))
+    client.final_cursor = False
     client.errors = {2: api_error(gexc.DeadlineExceeded, "slow")}
     retry, counter = retrier()
     pages = list(key_pages(as_client(client), retry, QUERY, page_size=500))
