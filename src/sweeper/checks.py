@@ -51,12 +51,15 @@ class Checks:
         window = expired_range(encoding, result.cutoff)
         if s.dry_run or s.scan or window.empty or (s.max_fraction >= 1 and confirm is None):
             return
-        exposure = measure(client, self._retrier, s.kind, s.prop, window)
+        share = s.max_fraction if confirm is None else 1.0  # a person sees the whole count
+        exposure = measure(client, self._retrier, (s.kind, s.prop, window), share)
         result.due_fraction = exposure.fraction
         self._log.info(
             "exposure_counted",
             due=exposure.due.n,
             carrying=exposure.carrying.n,
+            # Counted only as far as the guard needed: "at least" this many.
+            carrying_is_lower_bound=exposure.carrying.lower_bound,
             fraction=exposure.fraction,
             max_fraction=s.max_fraction,
         )

@@ -148,7 +148,9 @@ def test_a_steady_state_run_passes_the_default_guard(
 
     code, summary, _err = cli(emulator, "--kind", kind)
 
-    assert (code, summary["deleted"], summary["due_fraction"]) == (0, 10, 0.1)
+    assert (code, summary["deleted"]) == (0, 10)
+    # Counted only as far as needed: 20 carrying the property settle "10 of them is within 0.5".
+    assert summary["due_fraction"] is None
     assert names(client, kind) == live
 
 
