@@ -31,7 +31,7 @@ from sweeper.errors import (
     one_line,
 )
 from sweeper.inspect import inspect_target
-from sweeper.inspect_table import render_table
+from sweeper.inspect_table import render_table, report_dict
 from sweeper.logs import LogFormat, configure
 from sweeper.metrics import MetricsError, push_summary
 from sweeper.options import inspect_options, log_options, sweep_options, target_options
@@ -114,16 +114,29 @@ def inspect(**options: Any) -> None:
     """Show what is stored in a target and what `sweep` would do with it. Deletes nothing.
 
     Reports the encodings present in the property (counted over a sample), whether it looks
-    indexed, how many entities lie past the cutoff (an aggregation COUNT where the database
-    has one, else a bounded keys-only count), the oldest expiry, and the sweep's decision.
-    Logs go to stderr, the report to stdout.
+    indexed, how many entities carry it, how many lie past the cutoff (an aggregation COUNT
+    where the database has one, else a bounded keys-only count) and how old they are (by hour
+    or by day), the oldest expiry, the sweep's decision, and a forecast of that sweep: its
+    Datastore calls, their price at list prices, and its time under the ramp-up rule (with
+    --workers, --verify, --shards, ... as it would run). Logs go to stderr, the report to
+    stdout.
 
     \b
     Examples:
       sweeper inspect --kind eq-session --grace 3h
+      sweeper inspect --kind eq-session --grace 3h --shards 16 --max-fraction 1
       sweeper inspect --kind used-jti-claim --format epoch-seconds --output json
     """
-    settings = SweepSettings(**_target_values(options))
+    settings = SweepSettings(
+        **_target_values(options),
+        workers=options["workers"],
+        batch_size=options["batch_size"],
+        verify=options["verify"],
+        shard=Shard(0, options["shards"]),
+        ramp_up=_ramp_up(options["ramp_up"]),
+        max_rate=options["max_rate"],
+        max_fraction=options["max_fraction"],
+    )
     output = options["output"] or ("table" if sys.stdout.isatty() else "json")
     configure(_log_format(options, sys.stderr), options["log_level"], sys.stderr)
     with StopOnSignal() as stop:
@@ -138,7 +151,7 @@ def inspect(**options: Any) -> None:
                 count_limit=options["count_limit"],
             ),
         )
-    click.echo(render_table(report) if output == "table" else json.dumps(report.as_dict()))
+    click.echo(render_table(report) if output == "table" else json.dumps(report_dict(report)))
 
 
 # Options that describe one target: with --config they belong in the file.

@@ -1,10 +1,11 @@
-"""``sweeper inspect``: what a sweep of one target would meet and do, deleting nothing.
+"""``sweeper inspect``: what a sweep of one target would meet, do and cost, deleting nothing.
 
 Before a first run an operator needs more than ``--dry-run`` tells: which encodings the property
 really holds (only a lookup shows a value's true type), whether it is indexed at all (a range
-query cannot see an unindexed value), what ``--format auto`` would decide, and how large the
-backlog is. It costs a few keys-only queries, one COUNT (a bounded key count where the database
-has no aggregation queries) and ``sample_size + 1`` entity reads, all under the sweep's retries.
+query cannot see an unindexed value), what ``--format auto`` would decide, how large the backlog
+is, how old, and what clearing it will cost (:mod:`sweeper.forecast`). It costs a few keys-only
+queries, a COUNT per age bucket and per query stream (bounded key counts where the database has
+no aggregation queries) and ``sample_size + 1`` entity reads, all under the sweep's retries.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
+from sweeper.clock import ClockSource, read_clock
 from sweeper.detect import check_indexed, detect_encoding
 from sweeper.encodings import (
     Encoding,
@@ -29,14 +31,17 @@ from sweeper.encodings import (
     from_micros,
 )
 from sweeper.errors import DatastoreError, RefusedError, UsageError, describe_exception
-from sweeper.query import PAGE_SIZE, Bound, RangeQuery, fetch_keys, key_pages, lookup
-from sweeper.retry import (
-    NO_CLIENT_RETRY,
-    TRANSIENT,
-    Retrier,
-    RetryCounter,
-    RetryPolicy,
+from sweeper.forecast import (
+    Forecast,
+    forecast,
+    plan_backlog,
+    run_settings,
+    scan_backlog,
+    scan_due,
 )
+from sweeper.histogram import Bucket, Histogram, age_buckets, stream_slices
+from sweeper.query import PAGE_SIZE, Bound, RangeQuery, fetch_keys, key_pages, lookup
+from sweeper.retry import NO_CLIENT_RETRY, TRANSIENT, Retrier, RetryCounter, RetryPolicy
 from sweeper.settings import SweepSettings
 
 Indexed = Literal["yes", "no", "unknown"]
@@ -58,6 +63,8 @@ class Sample:
     asked: int
     counts: Mapping[str, int]
     unsupported_examples: tuple[str, ...] = ()
+    # The values read (None for null or missing): what a scan's deletes are estimated from.
+    values: tuple[object, ...] = field(default=(), repr=False, compare=False)
 
     @property
     def size(self) -> int:
@@ -70,7 +77,7 @@ class Sample:
 
 @dataclass(frozen=True)
 class ExpiredCount:
-    """Entities past the cutoff; ``limit`` is the bound of a keys-only count, if one was used."""
+    """A count of entities; ``limit`` is the bound of a keys-only count, if one was used."""
 
     n: int
     method: CountMethod
@@ -91,7 +98,7 @@ class Oldest:
 
 @dataclass(frozen=True)
 class InspectReport:
-    """Everything ``inspect`` found for one target; :meth:`as_dict` is its JSON contract."""
+    """Everything ``inspect`` found for one target (``inspect_table`` shows it)."""
 
     kind: str
     prop: str
@@ -109,37 +116,25 @@ class InspectReport:
     bounds: tuple[QueryValue, QueryValue] | None = None
     expired: ExpiredCount | None = None
     oldest: Oldest | None = None
+    # Entities whose property holds an indexed non-null value (None: not counted).
+    carrying: ExpiredCount | None = None
+    # "server" where the database reports its time (Firestore in Datastore mode), else "local".
+    clock_source: ClockSource | None = None
+    histogram: Histogram | None = None
+    forecast: Forecast | None = None
+    # With --scan: the entities of the kind, every one of which the scan reads.
+    kind_size: ExpiredCount | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        lower, upper = self.bounds or (None, None)
-        expired, oldest = self.expired, self.oldest
-        return {
-            "kind": self.kind,
-            "namespace": self.namespace,
-            "database": self.database,
-            "property": self.prop,
-            "format_asked": self.format_asked,
-            "grace_s": self.grace.total_seconds(),
-            "now": iso(self.now),
-            "cutoff": iso(self.cutoff),
-            "sample_size": self.sample.asked,
-            "sampled": self.sample.size,
-            "sample_counts": {k.replace("-", "_"): v for k, v in self.sample.counts.items()},
-            "unsupported_examples": list(self.sample.unsupported_examples),
-            "indexed": self.indexed,
-            "action": self.action,
-            "format": self.encoding.value if self.encoding else None,
-            "refusal": self.refusal,
-            "range_lower": json_value(lower),
-            "range_upper": json_value(upper),
-            "expired_count": expired.n if expired else None,
-            "expired_count_is_lower_bound": bool(expired and expired.lower_bound),
-            "count_method": expired.method if expired else None,
-            "count_limit": expired.limit if expired else None,
-            "oldest_value": json_value(oldest.value) if oldest else None,
-            "oldest_expiry": iso(oldest.instant) if oldest else None,
-            "sweep_would": sweep_would(self),
-        }
+    @property
+    def oldest_expired(self) -> Oldest | None:
+        """The oldest value still past the cutoff: the band's smallest, if it is expired."""
+        oldest = self.oldest
+        return oldest if oldest is not None and oldest.instant < self.cutoff else None
+
+    @property
+    def empty(self) -> bool:
+        """Nothing carries the property: neither an index entry nor a sampled entity."""
+        return self.carrying is not None and self.carrying.n == 0 and self.sample.non_null == 0
 
 
 def inspect_target(
@@ -154,32 +149,35 @@ def inspect_target(
 ) -> InspectReport:
     """Inspect one target; a Datastore failure becomes one :class:`DatastoreError` line.
 
-    ``now`` (timezone-aware) is the caller's, so the cutoff is reproducible, as in a sweep.
+    ``now`` (timezone-aware) is the caller's, so the cutoff is reproducible, as in a sweep. The
+    forecast is for a sweep with ``settings`` (workers, batch size, verify, shard count as the
+    number of pods, ramp-up, max rate).
     """
     if sample_size < 1 or count_limit < 1:
         raise UsageError("sample size and count limit must be at least 1")
     retrier = retrier or Retrier(RetryPolicy(), RetryCounter(), sleep)
-    reader = _Reader(client, retrier, settings.kind, settings.prop)
+    reader = _Reader(client, retrier, settings.kind, settings.prop, count_limit)
     try:
-        return _inspect(settings, reader, now, sample_size, count_limit)
+        return _inspect(settings, reader, now, sample_size)
     except (gexc.GoogleAPIError, *TRANSIENT) as exc:
         raise DatastoreError(f"Datastore call failed: {describe_exception(exc)}") from exc
 
 
 def _inspect(
-    s: SweepSettings, reader: _Reader, now: dt.datetime, sample_size: int, count_limit: int
+    s: SweepSettings, reader: _Reader, now: dt.datetime, sample_size: int
 ) -> InspectReport:
     cutoff = now - s.grace
+    clock = read_clock(reader.client, reader.retrier, s.kind, lambda: now)
     sample = reader.sample(sample_size)
     probe = reader.keys((">", None))  # detection's first probe: is any value indexed?
     indexed: Indexed = "yes" if probe else "no" if sample.non_null else "unknown"
     action, encoding, refusal = _decide(s, reader)
     window = expired_range(encoding, cutoff) if encoding else None
-    expired = reader.count(window, count_limit) if window else None
+    expired = reader.count(window) if window else None
     if action == "sweep" and s.format != "auto" and expired and expired.n == 0:
         refusal = _unindexed_refusal(s, reader)
         action = "refuse" if refusal else action
-    return InspectReport(
+    report = InspectReport(
         kind=s.kind,
         prop=s.prop,
         namespace=reader.client.namespace or None,  # the client's: what was queried
@@ -196,7 +194,39 @@ def _inspect(
         bounds=window.values() if window else None,
         expired=expired,
         oldest=reader.oldest(encoding) if encoding else None,
+        carrying=reader.count_query(RangeQuery(s.kind, s.prop, ((">", None),))),
+        clock_source=clock.source,
     )
+    if window is None or action not in ("sweep", "scan"):
+        return report
+    return _forecast(report, s, reader, window)
+
+
+def _forecast(
+    report: InspectReport, s: SweepSettings, reader: _Reader, window: ExpiredRange
+) -> InspectReport:
+    """The age histogram and the forecast of a sweep with ``s``'s settings."""
+    carrying = report.carrying or ExpiredCount(0, "aggregation")
+    server, aggregation = report.clock_source == "server", carrying.method == "aggregation"
+    run = run_settings(s, reports_read_time=server, aggregation=aggregation)
+    if s.scan:
+        kind = reader.count_query(RangeQuery(s.kind, s.prop))
+        expired = report.expired if report.indexed == "yes" else None
+        values = report.sample.values
+        due = expired.n if expired else scan_due(kind.n, values, window.encoding, report.cutoff)
+        bounded = kind.lower_bound or expired is None or expired.lower_bound
+        backlog = scan_backlog(kind.n, due, carrying.n, bounded)
+        return replace(report, kind_size=kind, forecast=forecast(backlog, run))
+    oldest = report.oldest_expired
+    histogram = reader.histogram(window, oldest.instant, report.cutoff) if oldest else None
+    histogram = histogram or Histogram("hour", ())
+    slices = None
+    if oldest and run.shards == 1 and run.workers > 1:  # the streams' slices, counted
+        slices = [
+            reader.count(part).n for part in stream_slices(window, oldest.instant, run.workers)
+        ]
+    backlog = plan_backlog(histogram, run, carrying.n, slices)
+    return replace(report, histogram=histogram, forecast=forecast(backlog, run))
 
 
 def _decide(s: SweepSettings, reader: _Reader) -> tuple[Action, Encoding | None, str | None]:
@@ -223,8 +253,11 @@ def _unindexed_refusal(s: SweepSettings, reader: _Reader) -> str | None:
 class _Reader:
     """The target's queries and lookups, every one through the sweep's retry policy."""
 
-    def __init__(self, client: datastore.Client, retrier: Retrier, kind: str, prop: str) -> None:
+    def __init__(
+        self, client: datastore.Client, retrier: Retrier, kind: str, prop: str, limit: int
+    ) -> None:
         self.client, self.retrier, self.kind, self.prop = client, retrier, kind, prop
+        self.limit = limit  # where a count has to page through keys, it stops here
 
     def keys(self, *bounds: Bound, limit: int = 1) -> list[datastore.Key]:
         query = RangeQuery(self.kind, self.prop, bounds)
@@ -238,30 +271,35 @@ class _Reader:
         """The first ``size`` entities by the *true* type of their value: only a lookup shows it."""
         counts = dict.fromkeys(BUCKETS, 0)
         examples: list[str] = []
+        values: list[object] = []
         for entity in self.entities(self.keys(limit=size)):
             bucket = _bucket(entity, self.prop)
             counts[bucket] += 1
+            values.append(entity.get(self.prop))
             if bucket == "unsupported" and len(examples) < MAX_EXAMPLES:
                 text = describe_value(entity[self.prop])
                 examples += [] if text in examples else [text]
-        return Sample(size, counts, tuple(examples))
+        return Sample(size, counts, tuple(examples), tuple(values))
 
-    def count(self, window: ExpiredRange, limit: int) -> ExpiredCount:
+    def count(self, window: ExpiredRange) -> ExpiredCount:
+        """Entities with a value in ``window``."""
+        if window.empty:
+            return ExpiredCount(0, "empty_range")
+        lo, hi = window.values()
+        return self.count_query(RangeQuery(self.kind, self.prop, ((">=", lo), ("<", hi))))
+
+    def count_query(self, query: RangeQuery) -> ExpiredCount:
         """One COUNT where the database has aggregation queries; a bounded key count otherwise.
 
         The legacy emulator answers RunAggregationQuery with 501 ``MethodNotImplemented``, a
         permanent error, so the retrier raises it at once and the key count takes over.
         """
-        if window.empty:
-            return ExpiredCount(0, "empty_range")
-        lo, hi = window.values()
-        query = RangeQuery(self.kind, self.prop, ((">=", lo), ("<", hi)))
         try:
             n = self.retrier.call("query", lambda: self._aggregate(query))
             return ExpiredCount(n, "aggregation")
         except gexc.MethodNotImplemented:
             pass
-        counted = 0
+        counted, limit = 0, self.limit
         for page in key_pages(self.client, self.retrier, query, page_size=min(PAGE_SIZE, limit)):
             counted += len(page)
             if counted >= limit:
@@ -285,6 +323,14 @@ class _Reader:
             return Oldest(value, from_micros(value * encoding.unit_us))
         return None
 
+    def histogram(
+        self, window: ExpiredRange, oldest: dt.datetime, cutoff: dt.datetime
+    ) -> Histogram:
+        """The expired entities counted per age bucket (one COUNT each)."""
+        unit, buckets = age_buckets(window, oldest, cutoff)
+        counts = [(start, end, self.count(part)) for start, end, part in buckets]
+        return Histogram(unit, tuple(Bucket(a, b, c.n, c.lower_bound) for a, b, c in counts))
+
 
 def _bucket(entity: datastore.Entity, prop: str) -> str:
     if prop not in entity:
@@ -293,31 +339,3 @@ def _bucket(entity: datastore.Entity, prop: str) -> str:
         return "null"
     encoding = classify(entity[prop])
     return encoding.value if encoding else "unsupported"
-
-
-def sweep_would(report: InspectReport) -> str:
-    """One line an operator can act on: what ``sweep`` with these settings would do now."""
-    r = report
-    note = "" if r.indexed != "no" else f"; {r.prop} looks unindexed: a scan would be needed"
-    if r.action == "refuse":
-        return f"refuse: {r.refusal}"
-    if r.encoding is None:
-        return f"nothing to sweep: {r.prop} holds no indexed value{note}"
-    which = f"whose {r.prop} ({r.encoding.value}) is before {iso(r.cutoff)}"
-    if r.action == "scan":
-        return f"scan every {r.kind} entity (one billed read each) and delete those {which}"
-    which += note
-    if r.expired is None or r.expired.n == 0:
-        return f"delete nothing: no {r.kind} entity {which}"
-    amount = f"at least {r.expired.n}" if r.expired.lower_bound else str(r.expired.n)
-    return f"delete {amount} {r.kind} entities {which}"
-
-
-def json_value(value: QueryValue | None) -> int | str | None:
-    return iso(value) if isinstance(value, dt.datetime) else value
-
-
-def iso(instant: dt.datetime) -> str:
-    """ISO 8601 UTC with a ``Z``, as ``sweep_finished`` writes its cutoff."""
-    aware = instant if instant.tzinfo else instant.replace(tzinfo=dt.UTC)
-    return aware.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")

@@ -1,11 +1,15 @@
-"""``sweeper inspect`` as a person reads it: an aligned table ending in what a sweep would do."""
+"""``sweeper inspect`` as it is read: an aligned table for a person, a JSON object for a script."""
 
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import asdict
+from typing import Any
 
 from sweeper.encodings import QueryValue
-from sweeper.inspect import ExpiredCount, InspectReport, Oldest, iso, json_value, sweep_would
+from sweeper.forecast import Forecast
+from sweeper.histogram import Histogram
+from sweeper.inspect import ExpiredCount, InspectReport, Oldest
 from sweeper.settings import format_duration
 
 _INDEXED_NOTES = {
@@ -13,6 +17,84 @@ _INDEXED_NOTES = {
     "no": " (the sample holds values, but a range query cannot see them; a scan would)",
     "unknown": " (no value in the sample or the index)",
 }
+_BAR_WIDTH = 30
+
+
+def report_dict(r: InspectReport) -> dict[str, Any]:
+    """The JSON contract: stable snake_case keys, every instant ISO 8601 UTC with a ``Z``."""
+    lower, upper = r.bounds or (None, None)
+    expired, oldest, carrying = r.expired, r.oldest, r.carrying
+    oldest_expired = r.oldest_expired
+    return {
+        "kind": r.kind,
+        "namespace": r.namespace,
+        "database": r.database,
+        "property": r.prop,
+        "format_asked": r.format_asked,
+        "grace_s": r.grace.total_seconds(),
+        "now": iso(r.now),
+        "cutoff": iso(r.cutoff),
+        "clock_source": r.clock_source,
+        "sample_size": r.sample.asked,
+        "sampled": r.sample.size,
+        "sample_counts": {k.replace("-", "_"): v for k, v in r.sample.counts.items()},
+        "unsupported_examples": list(r.sample.unsupported_examples),
+        "indexed": r.indexed,
+        "action": r.action,
+        "format": r.encoding.value if r.encoding else None,
+        "refusal": r.refusal,
+        "range_lower": json_value(lower),
+        "range_upper": json_value(upper),
+        "expired_count": expired.n if expired else None,
+        "expired_count_is_lower_bound": bool(expired and expired.lower_bound),
+        "count_method": expired.method if expired else None,
+        "count_limit": expired.limit if expired else None,
+        # The names sweep_finished reports after a run, for the same figures before it.
+        "expired_left": expired.n if expired else None,
+        "expired_left_is_lower_bound": bool(expired and expired.lower_bound),
+        "oldest_expired": iso(oldest_expired.instant) if oldest_expired else None,
+        "carrying": carrying.n if carrying else None,
+        "carrying_is_lower_bound": bool(carrying and carrying.lower_bound),
+        "empty": r.empty,
+        "oldest_value": json_value(oldest.value) if oldest else None,
+        "oldest_expiry": iso(oldest.instant) if oldest else None,
+        "kind_size": r.kind_size.n if r.kind_size else None,
+        "histogram": _histogram_dict(r.histogram) if r.histogram else None,
+        "forecast": forecast_dict(r.forecast) if r.forecast else None,
+        "sweep_would": sweep_would(r),
+    }
+
+
+def _histogram_dict(h: Histogram) -> dict[str, Any]:
+    return {
+        "unit": h.unit,
+        "total": h.total,
+        "total_is_lower_bound": h.lower_bound,
+        "buckets": [
+            {
+                "start": iso(b.start) if b.start else None,
+                "end": iso(b.end),
+                "count": b.count,
+                "count_is_lower_bound": b.lower_bound,
+            }
+            for b in h.buckets
+        ],
+    }
+
+
+def forecast_dict(f: Forecast) -> dict[str, Any]:
+    return {
+        "settings": asdict(f.settings),
+        "guard_refuses": f.guard_refuses,
+        "operations": asdict(f.operations),
+        "cost_usd": round(f.cost_usd, 6),
+        "reads_usd": round(f.reads_usd, 6),
+        "deletes_usd": round(f.deletes_usd, 6),
+        "prices": asdict(f.prices),
+        "duration_s": None if f.duration_s is None else round(f.duration_s, 1),
+        "final_rate": None if f.final_rate is None else round(f.final_rate, 1),
+        "estimated": f.estimated,
+    }
 
 
 def render_table(report: InspectReport) -> str:
@@ -27,8 +109,10 @@ def _rows(r: InspectReport) -> list[tuple[str, str]]:
     sample = r.sample
     digits = max(len(str(n)) for n in sample.counts.values())
     examples = ", ".join(sample.unsupported_examples)
+    empty = f"YES: no {r.kind} entity carries {r.prop}; check --kind, --property, --namespace"
     rows = [
         ("target", f"{r.kind}.{r.prop}"),
+        *([("EMPTY", empty)] if r.empty else []),
         ("namespace", r.namespace or "(default)"),
         ("database", r.database or "(default)"),
         ("format asked", r.format_asked),
@@ -40,6 +124,8 @@ def _rows(r: InspectReport) -> list[tuple[str, str]]:
         ("indexed", r.indexed + _INDEXED_NOTES[r.indexed]),
         ("format", _format_row(r)),
     ]
+    if r.carrying is not None:
+        rows.append(("carrying", _count_row(r.carrying)))
     if r.bounds is not None:
         rows.append(("range", f"{_show(r.bounds[0])} <= {r.prop} < {_show(r.bounds[1])}"))
     if r.expired is not None:
@@ -47,7 +133,81 @@ def _rows(r: InspectReport) -> list[tuple[str, str]]:
         rows.append((label, _count_row(r.expired)))
     if r.encoding is not None:
         rows.append(("oldest expiry", _oldest_row(r.oldest)))
+        rows.append(("oldest expired", _oldest_row(r.oldest_expired)))
+    if r.kind_size is not None:
+        rows.append(("kind size", _count_row(r.kind_size) + " (a scan reads each)"))
+    if r.histogram is not None and r.histogram.buckets:
+        rows += _histogram_rows(r.histogram)
+    if r.forecast is not None:
+        rows += _forecast_rows(r.forecast)
     return rows
+
+
+def _histogram_rows(h: Histogram) -> list[tuple[str, str]]:
+    most = max(b.count for b in h.buckets) or 1
+    digits = len(str(most))
+    rows = [(f"expired by {h.unit}", f"{len(h.buckets)} buckets of expiry time, UTC")]
+    for b in h.buckets:
+        start = (
+            b.start.strftime("%Y-%m-%dT%H:%MZ" if h.unit == "hour" else "%Y-%m-%d")
+            if b.start
+            else None
+        )
+        label = f"  {start}" if start else f"  before {b.end.strftime('%Y-%m-%d')}"
+        bar = "#" * round(_BAR_WIDTH * b.count / most)
+        count = f"{'≥' if b.lower_bound else ''}{b.count:>{digits}}"
+        rows.append((label, f"{count} {bar}".rstrip()))
+    return rows
+
+
+def _forecast_rows(f: Forecast) -> list[tuple[str, str]]:
+    s, ops, p = f.settings, f.operations, f.prices
+    workers = f"{s.workers} worker{'s' if s.workers > 1 else ''}"
+    pods = f"{s.shards} pod{'s' if s.shards > 1 else ''}"
+    rows = [
+        (
+            "forecast",
+            f"a sweep with {workers} on {pods}, batches of {s.batch_size}, "
+            f"verify {'on' if s.verify else 'off'}, ramp-up {'on' if s.ramp_up else 'off'}"
+            + (f", at most {s.max_rate:g}/s" if s.max_rate else "")
+            + (" (estimated)" if f.estimated else ""),
+        ),
+    ]
+    if f.guard_refuses:
+        rows.append(("  guard", "--max-fraction would refuse this run; forecast with 1"))
+    return [
+        *rows,
+        ("  queries", str(ops.queries)),
+        ("  lookups", str(ops.lookups)),
+        ("  commits", str(ops.commits)),
+        ("  entities read", f"{ops.entities_read} (billed reads in all: {ops.billed_reads})"),
+        ("  deletes", str(ops.deleted)),
+        ("  cost", f"${f.cost_usd:.4f} (reads ${f.reads_usd:.4f}, deletes ${f.deletes_usd:.4f})"),
+        (
+            "  prices",
+            f"${p.reads_per_100k:g} per 100,000 reads, ${p.deletes_per_100k:g} per 100,000 "
+            f"deletes ({p.location}, list prices of {p.as_of}; check {p.source})",
+        ),
+        ("  time", _time_row(f)),
+    ]
+
+
+def _time_row(f: Forecast) -> str:
+    if f.duration_s is None or f.final_rate is None:
+        return "not limited by sweeper (no ramp-up, no --max-rate): as fast as the database"
+    rule = "the ramp-up rule" if f.settings.ramp_up else "--max-rate"
+    return (
+        f"{_duration(f.duration_s)} of deletes under {rule}, "
+        f"ending at {f.final_rate:,.0f} deletes/s in all"
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _format_row(r: InspectReport) -> str:
@@ -56,13 +216,13 @@ def _format_row(r: InspectReport) -> str:
     return "refused" if r.action == "refuse" else "none (no indexed value)"
 
 
-def _count_row(expired: ExpiredCount) -> str:
-    if expired.method == "empty_range":
+def _count_row(counted: ExpiredCount) -> str:
+    if counted.method == "empty_range":
         return "0 (the cutoff lies before the encoding's band)"
-    if expired.method == "aggregation":
-        return f"{expired.n} (aggregation)"
-    shown = f"≥ {expired.n}" if expired.lower_bound else str(expired.n)
-    return f"{shown} (keys-only count, bounded at {expired.limit})"
+    if counted.method == "aggregation":
+        return f"{counted.n} (aggregation)"
+    shown = f"≥ {counted.n}" if counted.lower_bound else str(counted.n)
+    return f"{shown} (keys-only count, bounded at {counted.limit})"
 
 
 def _oldest_row(oldest: Oldest | None) -> str:
@@ -74,3 +234,31 @@ def _oldest_row(oldest: Oldest | None) -> str:
 
 def _show(value: QueryValue) -> str:
     return str(json_value(value))
+
+
+def sweep_would(report: InspectReport) -> str:
+    """One line an operator can act on: what ``sweep`` with these settings would do now."""
+    r = report
+    note = "" if r.indexed != "no" else f"; {r.prop} looks unindexed: a scan would be needed"
+    if r.action == "refuse":
+        return f"refuse: {r.refusal}"
+    if r.encoding is None:
+        return f"nothing to sweep: {r.prop} holds no indexed value{note}"
+    which = f"whose {r.prop} ({r.encoding.value}) is before {iso(r.cutoff)}"
+    if r.action == "scan":
+        return f"scan every {r.kind} entity (one billed read each) and delete those {which}"
+    which += note
+    if r.expired is None or r.expired.n == 0:
+        return f"delete nothing: no {r.kind} entity {which}"
+    amount = f"at least {r.expired.n}" if r.expired.lower_bound else str(r.expired.n)
+    return f"delete {amount} {r.kind} entities {which}"
+
+
+def json_value(value: QueryValue | None) -> int | str | None:
+    return iso(value) if isinstance(value, dt.datetime) else value
+
+
+def iso(instant: dt.datetime) -> str:
+    """ISO 8601 UTC with a ``Z``, as ``sweep_finished`` writes its cutoff."""
+    aware = instant if instant.tzinfo else instant.replace(tzinfo=dt.UTC)
+    return aware.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")

@@ -220,6 +220,57 @@ inspect_options = stack(
         help="The same grace as the sweep you plan, so the count matches it.",
     ),
     option("--scan", is_flag=True, help="Report as for a sweep with --scan."),
+    # How the forecast sweep runs: the same options (and variables) as `sweep`'s.
+    option(
+        "--workers",
+        type=click.IntRange(1, MAX_WORKERS),
+        default=DEFAULT_WORKERS,
+        show_default=True,
+        help="Forecast a sweep with this many --workers.",
+    ),
+    option(
+        "--batch-size",
+        type=click.IntRange(1, MAX_BATCH_SIZE),
+        default=MAX_BATCH_SIZE,
+        show_default=True,
+        help="Forecast a sweep with this --batch-size.",
+    ),
+    option(
+        "--verify/--no-verify",
+        default=None,
+        help="Forecast a sweep with or without --verify. Default: as the sweep decides, on "
+        "where the database reports no read time (the legacy Datastore emulator).",
+    ),
+    option(
+        "--shards",
+        type=click.IntRange(1, 10_000),
+        default=1,
+        show_default=True,
+        metavar="N",
+        help="Forecast N pods sweeping together (--shard 0/N to N-1/N): the whole backlog, "
+        "each pod's share of the ramp-up budget.",
+    ),
+    option(
+        "--ramp-up/--no-ramp-up",
+        default=None,
+        help="Forecast under Datastore's 500/50/5 ramp-up. Default: as the sweep's, on, off "
+        "when DATASTORE_EMULATOR_HOST is set.",
+    ),
+    option(
+        "--max-rate",
+        type=click.FloatRange(min=0, min_open=True),
+        metavar="OPS",
+        help="Forecast a sweep capped at this many deletes per second.",
+    ),
+    option(
+        "--max-fraction",
+        type=click.FloatRange(0, 1, min_open=True),
+        default=DEFAULT_MAX_FRACTION,
+        show_default=True,
+        metavar="SHARE",
+        help="Forecast a sweep with this --max-fraction: below 1 its guard counts first, and "
+        "the forecast says whether the guard would refuse the run.",
+    ),
     option(
         "--sample-size",
         type=click.IntRange(1, 1000),

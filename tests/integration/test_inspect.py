@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -10,12 +14,15 @@ from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
 from sweeper.encodings import EPOCH, Encoding, expired_range
+from sweeper.engine import Sweep, SweepResult
 from sweeper.errors import DatastoreError
+from sweeper.forecast import plan_backlog, retention_calls
 from sweeper.inspect import InspectReport, inspect_target
-from sweeper.inspect_table import render_table
+from sweeper.inspect_table import render_table, report_dict
 from sweeper.settings import FormatChoice
+from sweeper.slices import Shard
 from sweeper.testing.emulator import Emulator
-from sweeper.testing.seed import MISSING, UNINDEXED
+from sweeper.testing.seed import MISSING, UNINDEXED, encode
 from tests.integration.helpers import (
     ago,
     ahead,
@@ -67,7 +74,7 @@ def test_runner_shaped_kind(emulator: Emulator, client: datastore.Client, kind: 
 
     report = inspect_target(settings(kind), client, now)
 
-    fields = report.as_dict()
+    fields = report_dict(report)
     assert fields["sample_counts"] == {
         "timestamp": 0,
         "epoch_seconds": 171,
@@ -310,3 +317,202 @@ def test_a_permanent_failure_is_one_line(emulator: Emulator, kind: str) -> None:
     assert raised.value.message == (
         "Datastore call failed: PermissionDenied: injected: missing datastore.entities.get"
     )
+
+
+# --- the forecast against a real run ----------------------------------------------------------
+
+
+def backlog_groups(expired_hours: int = 8, per_hour: int = 750) -> dict[str, list[object]]:
+    """An expired backlog spread over ``expired_hours`` hours (one value every few seconds),
+    with live, just-expired (within the grace), null and missing sessions beside it."""
+    spacing = 3600 / per_hour
+    expired: list[object] = [
+        encode(ago(hours=1 + h, seconds=i * spacing), S)
+        for h in range(expired_hours)
+        for i in range(per_hour)
+    ]
+    return {
+        "expired": expired,
+        "live": [encode(ahead(minutes=30, seconds=i), S) for i in range(1000)],
+        "within-grace": [encode(ago(minutes=5, seconds=i), S) for i in range(100)],
+        "in-flight": [None] * 200,
+        "missing": [MISSING] * 50,
+    }
+
+
+def within(forecast: int, actual: int, share: float = 0.05) -> bool:
+    return abs(forecast - actual) <= share * actual
+
+
+CASES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "verify-as-decided": {"verify": None},
+    "verify": {"verify": True},
+    "guard-on": {"max_fraction": 0.9},
+    "one-worker": {"workers": 1},
+    "batches-of-200": {"batch_size": 200, "workers": 2},
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forecast_matches_the_run_it_forecasts(
+    emulator: Emulator, client: datastore.Client, kind: str, case: str
+) -> None:
+    groups = backlog_groups()
+    seed(client, kind, groups)
+    run = settings(kind, S, **CASES[case])
+
+    report = inspect_target(run, client, dt.datetime.now(dt.UTC))
+    result = Sweep(run, client).run()
+
+    assert report.forecast is not None
+    assert report.histogram is not None
+    assert report.expired is not None
+    assert report.carrying is not None
+    ops, expired = report.forecast.operations, len(groups["expired"])
+    assert report.histogram.unit == "hour"
+    assert report.histogram.total == report.expired.n == expired
+    assert report.carrying.n == expired + 1100
+    assert result.stopped_reason == "complete"
+    assert result.verify == report.forecast.settings.verify
+    measured = {
+        "queries": (ops.queries, result.queries),
+        "lookups": (ops.lookups, result.lookups),
+        "commits": (ops.commits, result.commits),
+        "entities_read": (ops.entities_read, result.entities_read),
+        "deleted": (ops.deleted, result.deleted),
+    }
+    print(emulator.flavour, case, measured)  # shown with -s: the figures docs/forecast.md quotes
+    assert ops.deleted == result.deleted == expired
+    assert ops.entities_read == result.entities_read
+    assert all(within(f, a) for f, a in measured.values()), measured
+
+
+def test_forecast_of_three_shards_matches_their_runs(
+    emulator: Emulator, client: datastore.Client, kind: str
+) -> None:
+    """Three pods (``--shard I/3``) starting together over an eight-hour backlog. Each pod runs
+    here on a copy of its own, so that it meets the others' buckets as a pod does when all
+    start at once. What each counts after its run depends on what the others have left by then
+    (the forecast assumes they finish together: nothing left), so those counts are compared as
+    each pod made them."""
+    groups = backlog_groups()
+    copies = [f"{kind}-{i}" for i in range(3)]
+    for copy in copies:
+        seed(client, copy, groups)
+    pods = [settings(copy, S, shard=Shard(i, 3)) for i, copy in enumerate(copies)]
+
+    report = inspect_target(pods[0], client, dt.datetime.now(dt.UTC))
+    results = [Sweep(pod, client).run() for pod in pods]
+
+    assert report.forecast is not None
+    assert report.carrying is not None
+    run, ops = report.forecast.settings, report.forecast.operations
+    after_run = [retention_calls(*left(result), run)[0] for result in results]
+    assumed = 3 * retention_calls(report.carrying.n - ops.deleted, 0, run)[0]
+    measured = {
+        "queries": (ops.queries - assumed, sum(r.queries for r in results) - sum(after_run)),
+        "lookups": (ops.lookups, sum(r.lookups for r in results)),
+        "commits": (ops.commits, sum(r.commits for r in results)),
+        "deleted": (ops.deleted, sum(r.deleted for r in results)),
+    }
+    print(emulator.flavour, "3 shards", measured, "retention", assumed, sum(after_run))
+    assert ops.deleted == len(groups["expired"])
+    assert all(within(f, a) for f, a in measured.values()), measured
+    assert [r.deleted for r in results] == [sum(s) for s in plan_streams(report)]
+
+
+def left(result: SweepResult) -> tuple[int, int]:
+    """What a run counted after it: carrying the property, and still past the cutoff."""
+    retention = result.retention
+    assert retention is not None
+    assert retention.expired_left is not None
+    return retention.carrying.n, retention.expired_left.n
+
+
+def plan_streams(report: InspectReport) -> list[tuple[int, ...]]:
+    assert report.forecast is not None
+    assert report.histogram is not None
+    assert report.carrying is not None
+    return list(plan_backlog(report.histogram, report.forecast.settings, report.carrying.n).streams)
+
+
+def test_forecast_of_a_scan_matches_its_run(
+    emulator: Emulator, client: datastore.Client, kind: str
+) -> None:
+    """An unindexed expiry: the scan reads the whole kind; what it deletes is estimated from the
+    sample's expired share (every fourth session here is live)."""
+    put_unindexed(
+        client,
+        kind,
+        [encode(ahead(hours=1) if i % 4 == 0 else ago(hours=2), S) for i in range(2000)],
+    )
+    scan = settings(kind, S, scan=True)
+
+    report = inspect_target(scan, client, dt.datetime.now(dt.UTC))
+    result = Sweep(scan, client).run()
+
+    assert report.action == "scan"
+    assert report.forecast is not None
+    assert report.kind_size is not None
+    assert report.kind_size.n == 2000
+    ops = report.forecast.operations
+    assert report.forecast.estimated
+    measured = {
+        "queries": (ops.queries, result.queries),
+        "lookups": (ops.lookups, result.lookups),
+        "commits": (ops.commits, result.commits),
+        "entities_read": (ops.entities_read, result.entities_read),
+        "deleted": (ops.deleted, result.deleted),
+    }
+    print(emulator.flavour, "scan", measured)
+    assert result.deleted == 1500
+    assert ops.entities_read == result.entities_read == 2000
+    assert all(within(f, a) for f, a in measured.values()), measured
+
+
+def test_forecast_time_under_the_ramp_up(
+    emulator: Emulator, client: datastore.Client, kind: str
+) -> None:
+    """The ramp-up's 500 deletes/s hold a 3,000-key backlog for (3000 - 500) / 500 = 5 s: the
+    first batch goes at once, the last once the budget covers the others."""
+    seed(client, kind, backlog_groups(expired_hours=4, per_hour=750))
+    run = settings(kind, S, ramp_up=True)
+
+    report = inspect_target(run, client, dt.datetime.now(dt.UTC))
+    result = Sweep(run, client).run()
+
+    assert report.forecast is not None
+    assert report.forecast.duration_s is not None
+    assert report.forecast.duration_s == pytest.approx(5.0)
+    assert report.forecast.final_rate == pytest.approx(500.0)
+    print(emulator.flavour, "ramp-up", report.forecast.duration_s, result.duration_s)
+    assert result.deleted == 3000
+    # The run also reads the clock, checks the format and counts what is left afterwards.
+    assert 5.0 <= result.duration_s <= 5.0 * 1.05 + 1.0
+
+
+def test_the_cli_forecasts_with_the_sweeps_options(emulator: Emulator, kind: str) -> None:
+    seed(make_client(emulator), kind, backlog_groups(expired_hours=2, per_hour=300))
+    args = ["--kind", kind, "--workers", "2", "--batch-size", "250", "--shards", "2"]
+    args += ["--no-verify", "--ramp-up", "--max-rate", "100", "--max-fraction", "0.9"]
+
+    done = subprocess.run(
+        [sys.executable, "-m", "sweeper", "inspect", *args, "--output", "json"],
+        env={**os.environ, **emulator.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    fields = json.loads(done.stdout)
+    run = fields["forecast"]["settings"]
+    assert (run["workers"], run["batch_size"], run["shards"]) == (2, 250, 2)
+    assert (run["verify"], run["ramp_up"], run["max_rate"]) == (False, True, 100.0)
+    assert (run["max_fraction"], fields["forecast"]["guard_refuses"]) == (0.9, False)
+    assert fields["histogram"]["total"] == fields["expired_left"] == 600
+    assert (fields["carrying"], fields["empty"]) == (1700, False)
+    # Each pod deletes its share at 100/s, but for its last batch of 250, which goes at once.
+    assert 0 < fields["forecast"]["duration_s"] <= (600 - 250) / 100

@@ -13,6 +13,8 @@ from google.cloud import datastore
 
 from sweeper.encodings import Encoding, expired_range
 from sweeper.errors import UsageError
+from sweeper.forecast import RunSettings, forecast, plan_backlog
+from sweeper.histogram import Bucket, Histogram
 from sweeper.inspect import (
     BUCKETS,
     ExpiredCount,
@@ -21,7 +23,7 @@ from sweeper.inspect import (
     Sample,
     inspect_target,
 )
-from sweeper.inspect_table import render_table
+from sweeper.inspect_table import render_table, report_dict
 from sweeper.settings import SweepSettings
 
 NOW = dt.datetime(2024, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
@@ -54,6 +56,16 @@ AS_DICT_KEYS = {
     "oldest_value",
     "oldest_expiry",
     "sweep_would",
+    "clock_source",
+    "expired_left",
+    "expired_left_is_lower_bound",
+    "oldest_expired",
+    "carrying",
+    "carrying_is_lower_bound",
+    "empty",
+    "kind_size",
+    "histogram",
+    "forecast",
 }
 
 
@@ -85,6 +97,8 @@ def sweeping(
         bounds=expired_range(encoding, CUTOFF).values(),
         expired=expired or ExpiredCount(120, "aggregation"),
         oldest=Oldest(OLDEST_S, dt.datetime(2024, 5, 29, 16, 26, 40, tzinfo=dt.UTC)),
+        carrying=ExpiredCount(190, "aggregation"),
+        clock_source="server",
     )
     return replace(report, **changes)
 
@@ -137,9 +151,11 @@ def test_table_shows_each_finding() -> None:
         "unsupported": "  0",
         "indexed": "yes",
         "format": "epoch-seconds (detected)",
+        "carrying": "190 (aggregation)",
         "range": "1000000000 <= expires_at < 1717242300",
         "past cutoff": "120 (aggregation)",
         "oldest expiry": "1717000000 = 2024-05-29T16:26:40Z",
+        "oldest expired": "1717000000 = 2024-05-29T16:26:40Z",
     }
 
 
@@ -160,7 +176,7 @@ def test_bounded_key_count_is_a_lower_bound() -> None:
 
     assert table_rows(report)["past cutoff"] == "≥ 100000 (keys-only count, bounded at 100000)"
     assert last_line(report).startswith("sweep would: delete at least 100000 eq-session entities")
-    fields = report.as_dict()
+    fields = report_dict(report)
     assert fields["expired_count"] == 100_000
     assert fields["expired_count_is_lower_bound"] is True
     assert (fields["count_method"], fields["count_limit"]) == ("keys_only_bounded", 100_000)
@@ -171,7 +187,7 @@ def test_key_count_under_its_bound_is_exact() -> None:
 
     assert table_rows(report)["past cutoff"] == "42 (keys-only count, bounded at 100000)"
     assert last_line(report).startswith("sweep would: delete 42 eq-session entities")
-    assert report.as_dict()["expired_count_is_lower_bound"] is False
+    assert report_dict(report)["expired_count_is_lower_bound"] is False
 
 
 def test_nothing_past_the_cutoff() -> None:
@@ -205,7 +221,7 @@ def test_refusal_is_the_last_line() -> None:
     assert rows["format"].startswith("refused")
     assert rows["e.g."] == "'x' (str)"
     assert not {"range", "past cutoff", "oldest expiry"} & set(rows)
-    fields = report.as_dict()
+    fields = report_dict(report)
     assert (fields["action"], fields["format"], fields["refusal"]) == ("refuse", None, message)
     assert fields["unsupported_examples"] == ["'x' (str)"]
     assert fields["range_lower"] is fields["expired_count"] is fields["oldest_value"] is None
@@ -248,7 +264,10 @@ def test_unindexed_refusal_keeps_the_explicit_format() -> None:
 
     assert table_rows(report)["format"] == "epoch-seconds"
     assert last_line(report) == f"sweep would: refuse: {message}"
-    assert (report.as_dict()["action"], report.as_dict()["format"]) == ("refuse", "epoch-seconds")
+    assert (report_dict(report)["action"], report_dict(report)["format"]) == (
+        "refuse",
+        "epoch-seconds",
+    )
 
 
 def test_scan_says_it_reads_every_entity() -> None:
@@ -274,8 +293,8 @@ def test_no_values_anywhere_is_unknown() -> None:
     assert last_line(report) == "sweep would: nothing to sweep: expires_at holds no indexed value"
 
 
-def test_as_dict_is_json_ready_with_stable_snake_case_keys() -> None:
-    fields = sweeping(namespace="tenant-a", database="sessions").as_dict()
+def test_json_is_ready_with_stable_snake_case_keys() -> None:
+    fields = report_dict(sweeping(namespace="tenant-a", database="sessions"))
 
     assert set(fields) == AS_DICT_KEYS
     assert json.loads(json.dumps(fields)) == fields
@@ -309,7 +328,7 @@ def test_timestamps_become_iso_strings() -> None:
     oldest = dt.datetime(2024, 5, 29, 16, 26, 40, 123456, tzinfo=dt.UTC)
     report = sweeping(Encoding.TIMESTAMP, oldest=Oldest(oldest, oldest))
 
-    fields = report.as_dict()
+    fields = report_dict(report)
     assert (fields["range_lower"], fields["range_upper"]) == (
         "2001-09-09T01:46:40Z",
         "2024-06-01T11:45:00Z",
@@ -324,7 +343,7 @@ def test_times_in_another_zone_are_shown_in_utc() -> None:
     paris = dt.timezone(dt.timedelta(hours=2))
     report = sweeping(now=NOW.astimezone(paris), cutoff=CUTOFF.astimezone(paris))
 
-    assert report.as_dict()["cutoff"] == "2024-06-01T11:45:00Z"
+    assert report_dict(report)["cutoff"] == "2024-06-01T11:45:00Z"
     assert table_rows(report)["cutoff"] == "2024-06-01T11:45:00Z (now 2024-06-01T12:00:00Z - grace)"
 
 
@@ -335,3 +354,113 @@ def test_sizes_below_one_are_refused_before_any_call(sample_size: int, count_lim
 
     with pytest.raises(UsageError):
         inspect_target(settings, no_client, NOW, sample_size=sample_size, count_limit=count_limit)
+
+
+# --- retention figures, the histogram and the forecast --------------------------------------
+
+
+def test_oldest_expired_is_the_oldest_value_while_it_is_past_the_cutoff() -> None:
+    live = Oldest(1_717_300_000, dt.datetime(2024, 6, 2, 3, 46, 40, tzinfo=dt.UTC))
+
+    assert sweeping().oldest_expired == sweeping().oldest
+    assert report_dict(sweeping())["oldest_expired"] == "2024-05-29T16:26:40Z"
+    assert sweeping(oldest=live).oldest_expired is None
+    assert report_dict(sweeping(oldest=live))["oldest_expired"] is None
+    assert table_rows(sweeping(oldest=live))["oldest expired"] == "none stored"
+
+
+def test_retention_figures_have_sweep_finisheds_names() -> None:
+    bounded = ExpiredCount(100_000, "keys_only_bounded", 100_000)
+    fields = report_dict(sweeping(expired=bounded, carrying=bounded))
+
+    assert (fields["expired_left"], fields["expired_left_is_lower_bound"]) == (100_000, True)
+    assert (fields["carrying"], fields["carrying_is_lower_bound"]) == (100_000, True)
+    assert fields["empty"] is False
+    assert fields["clock_source"] == "server"
+
+
+def test_an_empty_target_says_so_at_the_top() -> None:
+    report = nothing(sample=Sample(200, counts()), carrying=ExpiredCount(0, "aggregation"))
+
+    lines = render_table(report).splitlines()
+    assert lines[1].startswith("EMPTY")
+    assert "no eq-session entity carries expires_at" in lines[1]
+    assert report_dict(report)["empty"] is True
+    assert report_dict(report)["carrying"] == 0
+
+
+def test_values_no_index_holds_are_not_empty() -> None:
+    report = nothing(
+        indexed="no",
+        sample=Sample(200, counts(epoch_seconds=200)),
+        carrying=ExpiredCount(0, "aggregation"),
+    )
+
+    assert report.empty is False
+    assert "EMPTY" not in table_rows(report)
+
+
+def forecasting(**run: Any) -> InspectReport:
+    """``sweeping()`` with its 120 expired sessions counted by hour, and a forecast."""
+    hours = [dt.datetime(2024, 6, 1, h, tzinfo=dt.UTC) for h in (9, 10, 11)]
+    edges = [(hours[0], hours[1]), (hours[1], hours[2]), (hours[2], CUTOFF)]
+    histogram = Histogram(
+        "hour", tuple(Bucket(a, b, n) for (a, b), n in zip(edges, (20, 0, 100), strict=True))
+    )
+    settings = RunSettings(**{"workers": 1, "max_fraction": 1.0, **run})
+    backlog = plan_backlog(histogram, settings, carrying=190)
+    return sweeping(histogram=histogram, forecast=forecast(backlog, settings))
+
+
+def test_the_histogram_is_a_bar_per_hour() -> None:
+    rows = table_rows(forecasting())
+
+    assert rows["expired by hour"] == "3 buckets of expiry time, UTC"
+    assert rows["2024-06-01T09:00Z"] == " 20 ######"
+    assert rows["2024-06-01T10:00Z"] == "  0"
+    assert rows["2024-06-01T11:00Z"] == "100 ##############################"
+
+
+def test_the_forecast_rows() -> None:
+    rows = table_rows(forecasting(ramp_up=True))
+
+    assert rows["forecast"] == (
+        "a sweep with 1 worker on 1 pod, batches of 500, verify off, ramp-up on"
+    )
+    assert (rows["queries"], rows["lookups"], rows["commits"]) == ("6", "1", "1")
+    assert rows["deletes"] == "120"
+    assert rows["entities read"] == "0 (billed reads in all: 8)"
+    assert rows["cost"] == "$0.0000 (reads $0.0000, deletes $0.0000)"
+    assert rows["prices"].startswith("$0.06 per 100,000 reads, $0.02 per 100,000 deletes (nam5")
+    # The one batch of 120 goes at once.
+    assert rows["time"] == "0.0 s of deletes under the ramp-up rule, ending at 500 deletes/s in all"
+    assert table_rows(forecasting(ramp_up=False))["time"].startswith("not limited by sweeper")
+
+
+def test_the_forecast_in_json() -> None:
+    fields = report_dict(forecasting(verify=True, max_fraction=0.5))
+
+    assert json.loads(json.dumps(fields)) == fields
+    histogram, forecast_ = fields["histogram"], fields["forecast"]
+    assert (histogram["unit"], histogram["total"]) == ("hour", 120)
+    assert histogram["buckets"][0] == {
+        "start": "2024-06-01T09:00:00Z",
+        "end": "2024-06-01T10:00:00Z",
+        "count": 20,
+        "count_is_lower_bound": False,
+    }
+    # 120 of 190 is over half: the guard would refuse, and the forecast is of the run with
+    # --max-fraction 1, which makes no counts before it deletes.
+    assert forecast_["guard_refuses"] is True
+    assert forecast_["settings"]["max_fraction"] == 1.0
+    assert forecast_["operations"] == {
+        "queries": 6,
+        "lookups": 1,
+        "commits": 1,
+        "entities_read": 120,
+        "deleted": 120,
+        "billed_reads": 128,
+    }
+    assert forecast_["settings"]["verify"] is True
+    assert forecast_["prices"]["as_of"] == "2026-11-23"
+    assert set(forecast_) >= {"cost_usd", "reads_usd", "deletes_usd", "duration_s", "final_rate"}
