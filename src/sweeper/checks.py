@@ -18,8 +18,9 @@ from sweeper.detect import check_explicit, detect_encoding
 from sweeper.encodings import Encoding, expired_range
 from sweeper.errors import RefusedError
 from sweeper.guard import Plan, check_fraction, measure
+from sweeper.query import Count
 from sweeper.result import SweepResult
-from sweeper.retention import measure_retention
+from sweeper.retention import Retention, measure_retention
 from sweeper.retry import Retrier
 from sweeper.settings import SweepSettings
 
@@ -31,6 +32,7 @@ class Checks:
         self, client: datastore.Client, retrier: Retrier, settings: SweepSettings, log: Any
     ) -> None:
         self._client, self._retrier, self.settings, self._log = client, retrier, settings, log
+        self._scanned = 0  # non-null values a scan read
 
     def encoding(self, result: SweepResult) -> Encoding | None:
         """The encoding to sweep; None when the property holds no value at all."""
@@ -82,8 +84,12 @@ class Checks:
     def retention(self, encoding: Encoding | None, result: SweepResult) -> None:
         """After the run: what is left past the cutoff; whether anything carries the property."""
         s = self.settings
-        retention = measure_retention(
-            self._client, self._retrier, s.kind, s.prop, encoding=encoding, cutoff=result.cutoff
+        retention = (
+            Retention(Count(self._scanned, "scan", self._scanned + 1), scanned=True)
+            if s.scan
+            else measure_retention(
+                self._client, self._retrier, s.kind, s.prop, encoding=encoding, cutoff=result.cutoff
+            )
         )
         result.retention = retention
         if retention.empty:
@@ -103,6 +109,7 @@ class Checks:
     def scan_census(self, encoding: Encoding, seen: Counter[str], result: SweepResult) -> None:
         """After a whole scan: the other encodings read, or a refusal if none was ``encoding``."""
         s = self.settings
+        self._scanned = sum(seen.values())
         others = tuple(sorted(name for name in seen if name != encoding.value))
         if seen and not seen[encoding.value]:
             held = ", ".join(f"{seen[name]} {name}" for name in others)

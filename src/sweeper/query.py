@@ -216,7 +216,7 @@ class Count:
     """How many entities a query matches, counted up to ``limit``."""
 
     n: int
-    method: Literal["aggregation", "keys_only"]
+    method: Literal["aggregation", "keys_only", "scan"]
     limit: int
 
     @property

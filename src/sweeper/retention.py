@@ -32,6 +32,9 @@ class Retention:
     carrying: Count
     expired_left: Count | None = None  # None: no encoding, nothing could be past the cutoff
     oldest_expired: dt.datetime | None = None
+    # A scan's values are in no index: what it read is all that is known, and what is left
+    # past the cutoff would take another full read to count.
+    scanned: bool = False
 
     @property
     def empty(self) -> bool:
@@ -44,7 +47,7 @@ class Retention:
             "carrying": self.carrying.n,
             "carrying_is_lower_bound": self.carrying.lower_bound,
             "empty": self.empty,
-            "expired_left": left.n if left else 0,
+            "expired_left": None if self.scanned else (left.n if left else 0),
             "expired_left_is_lower_bound": bool(left and left.lower_bound),
             "oldest_expired": oldest.isoformat().replace("+00:00", "Z") if oldest else None,
         }
