@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -31,7 +32,7 @@ from sweeper.errors import (
     one_line,
 )
 from sweeper.inspect import inspect_target
-from sweeper.inspect_table import render_table, report_dict
+from sweeper.inspect_table import forecast_dict, render_table, report_dict
 from sweeper.logs import LogFormat, configure
 from sweeper.metrics import MetricsError, push_summary
 from sweeper.options import inspect_options, log_options, sweep_options, target_options
@@ -92,6 +93,8 @@ def sweep(**options: Any) -> None:
         results = sweep_targets(
             targets, _client_for, runtime, overall=options["config"] is not None
         )
+    if options["dry_run"] and not stop.is_set():
+        _log_forecasts(targets, results)
     if options["pushgateway"]:
         _push_metrics(options["pushgateway"], results)
     if any(r.stopped_reason == "signal" for r in results):
@@ -221,6 +224,27 @@ def _log_format(options: dict[str, Any], stream: TextIO) -> LogFormat:
     """The asked format, else console for a person at a terminal and JSON for a machine."""
     chosen: LogFormat | None = options["log_format"]
     return chosen or ("console" if stream.isatty() else "json")
+
+
+def _log_forecasts(targets: list[SweepSettings], results: list[SweepResult]) -> None:
+    """After a dry run: what the real run would cost, as ``inspect`` forecasts it.
+
+    One ``forecast`` event per target, from the same reads ``inspect`` makes (a sample lookup
+    and a few COUNTs): its calls, billed reads and deletes, price, and time under the ramp-up.
+    """
+    log = structlog.get_logger("sweeper")
+    for settings, result in zip(targets, results, strict=False):
+        if result.error is not None:
+            continue
+        try:
+            report = inspect_target(
+                replace(settings, dry_run=False), _client_for(settings), dt.datetime.now(dt.UTC)
+            )
+        except SweeperError as exc:
+            log.warning("forecast_failed", kind=settings.kind, error=exc.message)
+            continue
+        if report.forecast is not None:
+            log.info("forecast", kind=settings.kind, **forecast_dict(report.forecast))
 
 
 def _push_metrics(url: str, results: list[SweepResult]) -> None:

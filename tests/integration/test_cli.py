@@ -84,6 +84,26 @@ def test_dry_run_from_the_environment(
     )
 
     assert proc.returncode == 0, proc.stderr
-    summary = events(proc.stdout)[-1]
+    (summary,) = [e for e in events(proc.stdout) if e["event"] == "sweep_finished"]
     assert (summary["dry_run"], summary["matched"], summary["deleted"]) == (True, 12, 0)
     assert len(remaining(client, kind, group_names(groups, "expired"))) == 12
+
+
+def test_a_dry_run_ends_with_a_forecast_of_the_real_run(
+    emulator: Emulator, client: datastore.Client, kind: str
+) -> None:
+    groups = {
+        "expired": stored(ago(hours=4), Encoding.EPOCH_SECONDS, 40),
+        "live": stored(ahead(hours=1), Encoding.EPOCH_SECONDS, 60),
+    }
+    seed(client, kind, groups)
+
+    proc = run_cli(emulator, "--dry-run", "--grace", "3h", SWEEPER_KIND=kind)
+
+    assert proc.returncode == 0, proc.stderr
+    (forecast,) = [e for e in events(proc.stdout) if e["event"] == "forecast"]
+    assert forecast["operations"]["deleted"] == 40
+    assert forecast["cost_usd"] > 0
+    assert remaining(client, kind, group_names(groups, *groups)) == set(
+        group_names(groups, *groups)
+    )
