@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck deploy-lint unit integration bench bench-memory clean
+.PHONY: demo test lint typecheck deploy-lint unit integration bench bench-memory soak clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "sweeper needs Python 3.11+")'
@@ -53,7 +53,8 @@ clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
 
 # Side by side in one run each: on the bare emulators, then with 60 ms added each way (as
-# production's round trips), then peak memory of the real CLI against the backlog's size.
+# production's round trips), then peak memory of the real CLI against the backlog's size, then
+# the soak (about 8.5 minutes).
 LATENCY_APPROACHES := sweeper "sweeper --verify" "bare loop" full-entity
 bench: $(STAMP)
 	$(BIN)/python bench/bench_sweep.py --emulator datastore
@@ -61,6 +62,13 @@ bench: $(STAMP)
 	$(BIN)/python bench/bench_sweep.py --emulator datastore --latency-ms 60 --only $(LATENCY_APPROACHES)
 	$(BIN)/python bench/bench_sweep.py --emulator firestore --latency-ms 60 --only $(LATENCY_APPROACHES)
 	$(BIN)/python bench/peak_memory.py
+	$(BIN)/python bench/soak.py
 
 bench-memory: $(STAMP)
 	$(BIN)/python bench/peak_memory.py
+
+# Sessions written, refreshed and swept on a 15 s schedule for 6 minutes, then drained: the delay
+# after expiry + grace, live sessions lost, the backlog over time; writes docs/soak.png. About
+# 8.5 minutes. See docs/retention.md.
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py

@@ -186,7 +186,9 @@ def operations(backlog: Backlog, settings: RunSettings) -> Operations:
     queries = lookups = commits = billed = 0
     left = max(backlog.carrying - backlog.due, 0)
     for keys, probes in zip(backlog.streams, backlog.probes, strict=True):
-        calls = [retention_calls(left, 0, settings), *_guard_calls(backlog, settings)]
+        # A scan's retention is what it read: no counts after it (``checks.Checks.retention``).
+        after = [] if backlog.scan_reads is not None else [retention_calls(left, 0, settings)]
+        calls = [*after, *_guard_calls(backlog, settings)] or [(0, 0)]
         counted, counted_reads = map(sum, zip(*calls, strict=True))
         fixed = CLOCK_QUERIES + probes + counted
         if backlog.scan_reads is not None:

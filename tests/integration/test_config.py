@@ -44,6 +44,7 @@ def test_three_targets_in_one_run(
     config.write_text(f"""
 [defaults]
 max_runtime = "4m"
+max_fraction = 1  # these kinds hold mostly expired sessions; test_guards.py has the guard
 
 [[target]]
 kind = "{sessions}"
@@ -100,7 +101,10 @@ def test_a_failing_target_fails_the_run_but_not_the_others(
     seed(client, mixed, {"s": stored(ago(days=1), S, 3), "ts": stored(ago(days=1), TS, 3)})
     seed(client, fine, {"old": stored(ago(days=1), S, 7)})
     config = tmp_path / "sweeper.toml"
-    config.write_text(f'[[target]]\nkind = "{mixed}"\n\n[[target]]\nkind = "{fine}"\n')
+    config.write_text(
+        f'[defaults]\nmax_fraction = 1\n\n[[target]]\nkind = "{mixed}"\n\n'
+        f'[[target]]\nkind = "{fine}"\n'
+    )
 
     proc = run_cli(emulator, "--config", str(config), SWEEPER_LOG_FORMAT="json")
 

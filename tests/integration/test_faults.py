@@ -116,12 +116,9 @@ def test_a_backlog_of_tens_of_thousands_is_emptied_in_one_run(
 
     result = sweep(client, kind)
 
-    assert (result.matched, result.deleted, result.batches, result.failed) == (
-        20_000,
-        20_000,
-        40,
-        0,
-    )
+    assert (result.matched, result.deleted, result.failed) == (20_000, 20_000, 0)
+    # A batch per query call: 500 keys on the Firestore emulator, ~300 on the legacy one.
+    assert 40 <= result.batches <= 20_000 // 250
     assert remaining(client, kind, group_names(groups, *groups)) == set(
         group_names(groups, "live", "in-flight")
     )
@@ -131,9 +128,10 @@ def test_a_backlog_of_tens_of_thousands_is_emptied_in_one_run(
 # (a lookup applies its entity group's writes at once). sweeper makes several queries before
 # its range query finds a key (an explicit format is checked for other encodings, the slices
 # start at the oldest value, commits too move the emulator on), and at the emulator's default
-# of 0.9 hardly a stale entry is left by then: 0.1 ** 3 of them after three. At 0.1 a run still
-# finds about a third of the refreshed sessions through their stale entries.
-EVENTUAL_CONSISTENCY = 0.1
+# of 0.9 hardly a stale entry is left by then: 0.1 ** 3 of them after three. Since each page is
+# one call (twice the queries on this emulator), 0.1 left none often enough to make the test
+# vacuous; at 0.01 a run finds most refreshed sessions through their stale entries.
+EVENTUAL_CONSISTENCY = 0.01
 
 
 @pytest.fixture(scope="module")

@@ -48,11 +48,15 @@ Instant = dt.datetime | None
 
 
 def sessions() -> dict[str, Sequence[Instant]]:
-    """eq-session ``expires_at`` values, relative to now; the shipped grace is 3 h."""
+    """eq-session ``expires_at`` values, relative to now; the shipped grace is 3 h.
+
+    More live than due, as in a steady state: the shipped config keeps the default fraction
+    guard, which refuses a run that would delete more than half of what carries the property.
+    """
     return {
         "expired": [ago(hours=4)] * 12 + [ago(days=30)] * 3,
         "within-grace": [ago(hours=2)] * 5,
-        "live": [ahead(minutes=45)] * 5,
+        "live": [ahead(minutes=45)] * 25,
         "null": [None] * 3,
     }
 
@@ -65,7 +69,7 @@ def states() -> dict[str, Sequence[tuple[Instant, Instant]]]:
         "submitted-and-expired": [(ago(hours=6), ago(hours=5))] * 3,
         "submitted-long-ago": [(ago(hours=2), ahead(days=30))] * 8,
         "submitted-no-expiry": [(ago(days=2), None)] * 2,
-        "submitted-recently": [(ago(minutes=10), ahead(days=30))] * 4,
+        "submitted-recently": [(ago(minutes=10), ahead(days=30))] * 20,
         "expired-within-grace": [(None, ago(hours=2))] * 3,
         "live": [(None, ahead(days=7))] * 5,
         "null-expiry": [(None, None)] * 3,
