@@ -240,8 +240,8 @@ def _log_forecasts(targets: list[SweepSettings], results: list[SweepResult]) -> 
             report = inspect_target(
                 replace(settings, dry_run=False), _client_for(settings), dt.datetime.now(dt.UTC)
             )
-        except SweeperError as exc:
-            log.warning("forecast_failed", kind=settings.kind, error=exc.message)
+        except Exception as exc:  # a forecast is extra: it never fails the dry run
+            log.warning("forecast_failed", kind=settings.kind, error=describe_exception(exc))
             continue
         if report.forecast is not None:
             log.info("forecast", kind=settings.kind, **forecast_dict(report.forecast))

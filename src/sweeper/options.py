@@ -104,6 +104,35 @@ log_options = stack(
     ),
 )
 
+# How a sweep runs: `sweep` takes these, and `inspect` takes them to forecast a sweep. One
+# spec each (type, default, metavar); each command words its own help.
+RUN_OPTIONS: dict[str, dict[str, Any]] = {
+    "--batch-size": {
+        "type": click.IntRange(1, MAX_BATCH_SIZE),
+        "default": MAX_BATCH_SIZE,
+        "show_default": True,
+    },
+    "--verify/--no-verify": {"default": None},
+    "--workers": {
+        "type": click.IntRange(1, MAX_WORKERS),
+        "default": DEFAULT_WORKERS,
+        "show_default": True,
+    },
+    "--ramp-up/--no-ramp-up": {"default": None},
+    "--max-rate": {"type": click.FloatRange(min=0, min_open=True), "metavar": "OPS"},
+    "--max-fraction": {
+        "type": click.FloatRange(0, 1, min_open=True),
+        "default": DEFAULT_MAX_FRACTION,
+        "show_default": True,
+        "metavar": "SHARE",
+    },
+}
+
+
+def run_option(decl: str, help: str) -> Callable[[F], F]:
+    return option(decl, help=help, **RUN_OPTIONS[decl])
+
+
 # What `sweep` does with a target, and how it runs.
 sweep_options = stack(
     option(
@@ -113,11 +142,8 @@ sweep_options = stack(
         show_default=True,
         help="Delete only entities expired longer ago than this (0, 90s, 15m, 3h, 2d).",
     ),
-    option(
+    run_option(
         "--batch-size",
-        type=click.IntRange(1, MAX_BATCH_SIZE),
-        default=MAX_BATCH_SIZE,
-        show_default=True,
         help="Keys per delete commit (Datastore allows at most 500).",
     ),
     option(
@@ -125,9 +151,8 @@ sweep_options = stack(
         is_flag=True,
         help="Run the same queries, delete nothing, report what would go.",
     ),
-    option(
+    run_option(
         "--verify/--no-verify",
-        default=None,
         help="Re-read each batch in a transaction and delete only entities still expired, so "
         "a session refreshed mid-run is never lost. Costs one entity read per key. Default: "
         "on where the database does not report its time (the legacy Datastore emulator, "
@@ -146,11 +171,8 @@ sweep_options = stack(
         help="TOML file listing several targets to sweep one after another ([[target]] "
         "tables; see the README). Per-target options then go in the file.",
     ),
-    option(
+    run_option(
         "--workers",
-        type=click.IntRange(1, MAX_WORKERS),
-        default=DEFAULT_WORKERS,
-        show_default=True,
         help="Delete workers, and as many query streams over disjoint slices of the expired "
         "range: overlaps round trips to Datastore.",
     ),
@@ -163,16 +185,13 @@ sweep_options = stack(
         "backlog together (e.g. an Indexed Job's $(JOB_COMPLETION_INDEX)/N). Shards never "
         "overlap; the ramp-up budget is split N ways.",
     ),
-    option(
+    run_option(
         "--ramp-up/--no-ramp-up",
-        default=None,
         help="Respect Datastore's 500/50/5 rule: start at 500 deletes/s (divided among shards) "
         "and grow 50% every 5 minutes. Default: on, off when DATASTORE_EMULATOR_HOST is set.",
     ),
-    option(
+    run_option(
         "--max-rate",
-        type=click.FloatRange(min=0, min_open=True),
-        metavar="OPS",
         help="Never delete faster than this many entities per second.",
     ),
     option(
@@ -182,12 +201,8 @@ sweep_options = stack(
         "Pushgateway (e.g. http://pushgateway:9091). A failed push is logged as a warning and "
         "does not change the exit code.",
     ),
-    option(
+    run_option(
         "--max-fraction",
-        type=click.FloatRange(0, 1, min_open=True),
-        default=DEFAULT_MAX_FRACTION,
-        show_default=True,
-        metavar="SHARE",
         help="Refuse a run that would delete more than this share of the entities carrying the "
         "property (a wrong --property or --grace looks like that). 1 turns the guard off, e.g. "
         "for a first run over a large backlog.",
@@ -221,23 +236,16 @@ inspect_options = stack(
     ),
     option("--scan", is_flag=True, help="Report as for a sweep with --scan."),
     # How the forecast sweep runs: the same options (and variables) as `sweep`'s.
-    option(
+    run_option(
         "--workers",
-        type=click.IntRange(1, MAX_WORKERS),
-        default=DEFAULT_WORKERS,
-        show_default=True,
         help="Forecast a sweep with this many --workers.",
     ),
-    option(
+    run_option(
         "--batch-size",
-        type=click.IntRange(1, MAX_BATCH_SIZE),
-        default=MAX_BATCH_SIZE,
-        show_default=True,
         help="Forecast a sweep with this --batch-size.",
     ),
-    option(
+    run_option(
         "--verify/--no-verify",
-        default=None,
         help="Forecast a sweep with or without --verify. Default: as the sweep decides, on "
         "where the database reports no read time (the legacy Datastore emulator).",
     ),
@@ -250,24 +258,17 @@ inspect_options = stack(
         help="Forecast N pods sweeping together (--shard 0/N to N-1/N): the whole backlog, "
         "each pod's share of the ramp-up budget.",
     ),
-    option(
+    run_option(
         "--ramp-up/--no-ramp-up",
-        default=None,
         help="Forecast under Datastore's 500/50/5 ramp-up. Default: as the sweep's, on, off "
         "when DATASTORE_EMULATOR_HOST is set.",
     ),
-    option(
+    run_option(
         "--max-rate",
-        type=click.FloatRange(min=0, min_open=True),
-        metavar="OPS",
         help="Forecast a sweep capped at this many deletes per second.",
     ),
-    option(
+    run_option(
         "--max-fraction",
-        type=click.FloatRange(0, 1, min_open=True),
-        default=DEFAULT_MAX_FRACTION,
-        show_default=True,
-        metavar="SHARE",
         help="Forecast a sweep with this --max-fraction: below 1 its guard counts first, and "
         "the forecast says whether the guard would refuse the run.",
     ),
