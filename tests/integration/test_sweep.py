@@ -312,16 +312,18 @@ def test_max_deletes_reached_in_the_last_batch(
 def test_max_runtime_stops_cleanly_and_the_next_run_resumes(
     client: datastore.Client, kind: str
 ) -> None:
-    groups = {"expired": stored(ago(hours=2), TS, 600)}
+    groups = {"expired": stored(ago(hours=2), TS, 2000)}
     seed(client, kind, groups)
 
-    # One key per commit takes well over 0.3 s for 600 keys: the limit must cut the run short.
-    first = sweep(client, kind, TS, max_runtime=dt.timedelta(seconds=0.3), batch_size=1)
+    # One key per commit, one worker: 2000 keys take far longer than 2 s, so the limit must cut
+    # the run short, yet 2 s leave room for the checks before the first delete on a loaded
+    # machine.
+    first = sweep(client, kind, TS, max_runtime=dt.timedelta(seconds=2), batch_size=1, workers=1)
     assert first.stopped_reason == "max_runtime"
-    assert 0 < first.deleted < 600
+    assert 0 < first.deleted < 2000
 
     second = sweep(client, kind, TS)
-    assert first.deleted + second.deleted == 600
+    assert first.deleted + second.deleted == 2000
     assert remaining(client, kind, group_names(groups, *groups)) == set()
 
 

@@ -84,10 +84,22 @@ def _put(client: datastore.Client, batch: list[datastore.Entity]) -> int:
 
 
 def names(client: datastore.Client, kind: str) -> set[str]:
-    """The names of every entity left in ``kind`` (keys-only, paged by the client)."""
-    query = client.query(kind=kind)
-    query.keys_only()
-    return {entity.key.name for entity in query.fetch()}
+    """The names of every entity left in ``kind``: keys-only pages of 1,000 from the cursor.
+
+    An explicit limit: the Firestore emulator answers an unbounded query in one response and
+    fails past 4 MiB (~30,000 keys).
+    """
+    found: set[str] = set()
+    cursor: bytes | None = None
+    while True:
+        query = client.query(kind=kind)
+        query.keys_only()
+        page = query.fetch(limit=1000, start_cursor=cursor)
+        batch = [entity.key.name for entity in page]
+        found.update(batch)
+        cursor = page.next_page_token
+        if not batch or cursor is None:
+            return found
 
 
 def sessions(prefix: str, expiries: Sequence[Expiry]) -> list[Session]:
