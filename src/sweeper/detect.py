@@ -1,7 +1,7 @@
 """``--format auto``: find out how the expiry is stored, from the values actually stored.
 
 Datastore keeps one index order for all values of a property: nulls, then integers and
-timestamps together by magnitude, then booleans, strings, floats and the rest (CONTEXT trap 1).
+timestamps together by magnitude, then booleans, strings, floats and the rest.
 Each encoding owns one contiguous band of that order, so if the smallest and the largest
 non-null values both lie in the same band, *every* value does: two keys-only queries decide it
 exactly, however rare a stray value is among millions, and however slow a full scan would be.

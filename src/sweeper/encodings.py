@@ -1,7 +1,7 @@
 """How an expiry can be stored, and the query range that matches only expired values.
 
 Datastore orders integers and timestamps together, numerically (a timestamp compares as its
-microseconds since the epoch), with nulls before both (CONTEXT trap 1). A one-sided filter such
+microseconds since the epoch), with nulls before both. A one-sided filter such
 as ``expires_at < now`` therefore also matches nulls and values of other encodings. What does
 separate the encodings is magnitude: for dates after 2001-09-09, epoch seconds lie in
 [1e9, 1e10), epoch milliseconds in [1e12, 1e13) and timestamps in [1e15, 1e16) microseconds. A

@@ -33,7 +33,7 @@ CLOCK_QUERIES = 1
 CHECK_QUERIES = 2
 CHECK_LOOKUPS = 1
 CHECK_LOOKUP_ENTITIES = 2
-# Results per call from the legacy Datastore emulator, whatever the limit (CONTEXT trap 2).
+# Results per call from the legacy Datastore emulator, whatever the limit.
 LEGACY_BATCH_KEYS = 300
 
 

@@ -3,7 +3,7 @@
 Pages have an explicit size and continue from the server's cursor: the Firestore emulator in
 Datastore mode answers an unbounded query in one response and fails past ~40k keys
 (RESOURCE_EXHAUSTED), while the legacy emulator returns ~300 results per batch whatever the limit
-(CONTEXT trap 2). Each page is one call, however short the server's batch; the range is
+(both seen on the emulators). Each page is one call, however short the server's batch; the range is
 exhausted when the server returns no cursor (no more results) or an empty batch. A page that
 fails is retried from its starting cursor, so a retry never skips or repeats keys.
 """
@@ -27,8 +27,8 @@ from sweeper.retry import NO_CLIENT_RETRY, Retrier
 # enough to fill a whole 500-key delete batch per round trip.
 PAGE_SIZE = 500
 # Full entities per page in scan mode: session data can be large, and a response over 4 MiB
-# fails (gRPC's default limit; the Firestore emulator reports RESOURCE_EXHAUSTED, CONTEXT trap
-# 2). The first page is small; later pages hold as many entities as fit in 2 MiB at twice the
+# fails (gRPC's default limit; the Firestore emulator reports RESOURCE_EXHAUSTED). The
+# first page is small; later pages hold as many entities as fit in 2 MiB at twice the
 # largest size sampled from the page before, up to a delete batch's worth.
 SCAN_FIRST_PAGE = 100
 SCAN_PAGE_BYTES = 2 * 1024 * 1024
@@ -191,7 +191,7 @@ def _encoded_size(entity: datastore.Entity) -> int:
 def first_value(client: datastore.Client, retrier: Retrier, query: RangeQuery) -> int | None:
     """The smallest value of ``query``'s range, as the index orders it, or None if empty.
 
-    A projection returns a timestamp as its microseconds (CONTEXT trap 1): exactly the index
+    Both emulators return a projected timestamp as its microseconds since the epoch: the index
     unit the slices are cut in. One small read.
     """
 

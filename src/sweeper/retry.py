@@ -1,9 +1,10 @@
 """The one retry policy for every Datastore call sweeper makes.
 
-``google-cloud-datastore`` retries queries on its own but never retries commits (CONTEXT
-trap 3), so sweeper turns the client's retries off and retries every call itself: one policy,
-one place that counts retries and logs them. A retried delete re-sends the whole batch, which is
-safe because deleting a key that is already gone is a silent no-op.
+``google-cloud-datastore`` retries queries on its own but never retries commits (a commit is
+not idempotent in general), so sweeper turns the client's retries off and retries every call
+itself: one policy, one place that counts retries and logs them. A retried delete re-sends the
+keys not yet deleted, which is safe because deleting a key that is already gone is a silent
+no-op.
 
 Every call also passes through here on its way out, which makes this the place to look at the
 stop flag before each call (:mod:`sweeper.stopping`) and to hold a place in the AIMD limit on

@@ -19,7 +19,7 @@ FormatChoice = Encoding | Literal["auto"]
 DEFAULT_MAX_FRACTION = 0.5
 FORMAT_CHOICES = ("auto", *(e.value for e in Encoding))
 
-# Datastore refuses more than 500 mutations in one commit (CONTEXT trap 3).
+# Datastore refuses more than 500 mutations in one commit.
 MAX_BATCH_SIZE = 500
 
 DEFAULT_KIND = "eq-session"

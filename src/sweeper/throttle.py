@@ -1,8 +1,8 @@
 """Client-side throttling of deletes: Datastore's 500/50/5 ramp-up, server push-back, a hard cap.
 
 Datastore asks new traffic to start at no more than 500 operations per second and grow by at
-most 50% every five minutes, so that it has time to split the key ranges being hit (CONTEXT,
-"production facts"). A sweep that deletes at full speed from the first second meets
+most 50% every five minutes, so that it has time to split the key ranges being hit (Google's
+"500/50/5" guidance for Datastore). A sweep that deletes at full speed from the first second meets
 RESOURCE_EXHAUSTED and contention instead, and slows the sessions the runner is serving.
 
 Three limits combine here, in the spirit of Apache Beam's Datastore connector:
