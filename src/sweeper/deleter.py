@@ -1,10 +1,10 @@
 """Batched deletes: at most 500 keys per commit, each commit under the retry policy.
 
 Datastore refuses more than 500 mutations per commit and ``delete_multi`` sends all its keys in
-one commit (CONTEXT trap 3), so callers hand over batches already cut to size. A retried batch is
+one commit, so callers hand over batches already cut to size. A retried batch is
 re-sent whole; that is safe because deleting a key that no longer exists is a silent no-op.
 
-:class:`VerifyingDeleter` closes the refresh race (CONTEXT trap 4): a session refreshed between
+:class:`VerifyingDeleter` closes the refresh race: a session refreshed between
 the query and the delete would be lost by a blind delete, so it looks each entity up inside a
 transaction and deletes only those still expired. A concurrent write to one of them aborts the
 commit, and the retry re-reads it.
@@ -28,11 +28,12 @@ from sweeper.concurrency import Degradation
 from sweeper.encodings import Encoding, is_expired
 from sweeper.retry import NO_CLIENT_RETRY, Retrier
 from sweeper.settings import MAX_BATCH_SIZE
+from sweeper.stopping import Stopped
 
 T = TypeVar("T")
 
 # The legacy Datastore emulator (and Datastore before Firestore) lets one transaction touch at
-# most 25 entity groups; Firestore in Datastore mode takes a whole 500-key batch (CONTEXT trap 5).
+# most 25 entity groups; Firestore in Datastore mode takes a whole 500-key batch.
 LEGACY_LIMIT = 25
 
 # What one commit should take, and the fewest keys worth a round trip (Beam's floor too).
@@ -46,9 +47,9 @@ def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 
 
 class BatchFailed(Exception):
-    """A batch whose delete failed for good, after ``deleted`` of its keys were deleted."""
+    """A batch whose delete failed for good (or was stopped), after ``deleted`` of its keys."""
 
-    def __init__(self, deleted: int, cause: Exception) -> None:
+    def __init__(self, deleted: int, cause: BaseException) -> None:
         super().__init__(str(cause))
         self.deleted = deleted
         self.cause = cause
@@ -166,7 +167,7 @@ class BatchDeleter:
         while done < len(keys):
             try:
                 done += self._retrier.call("delete", partial(self._commit, keys, done))
-            except Exception as exc:
+            except (Exception, Stopped) as exc:  # a stop mid-batch still counts what went
                 raise BatchFailed(done, exc) from exc
         return done
 
@@ -222,7 +223,7 @@ class VerifyingDeleter:
                     raise BatchFailed(deleted, exc) from exc
                 self._shrink()
                 continue
-            except Exception as exc:
+            except (Exception, Stopped) as exc:  # a stop mid-batch still counts what went
                 raise BatchFailed(deleted, exc) from exc
             done, deleted = done + checked, deleted + removed
         return deleted

@@ -28,6 +28,7 @@ from sweeper.deleter import (
 from sweeper.encodings import Encoding
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.settings import MAX_BATCH_SIZE
+from sweeper.stopping import Stopped, StopReason
 
 E = TypeVar("E", bound=Exception)
 
@@ -207,7 +208,7 @@ class FakeClient:
     def __init__(
         self,
         clock: FakeClock,
-        script: Callable[[int, int], Exception | None] = lambda _call, _n: None,
+        script: Callable[[int, int], BaseException | None] = lambda _call, _n: None,
         seconds_per_key: float = 0.001,
     ) -> None:
         self.clock = clock
@@ -512,3 +513,13 @@ def test_verify_failure_reports_entities_deleted_before_it() -> None:
     assert info.value.deleted == 25
     assert info.value.cause is error
     assert len(store.values) == 35
+
+
+def test_a_stop_mid_batch_says_how_many_keys_went_before_it() -> None:
+    """The engine counts them as deleted, and the rest as neither deleted nor failed."""
+    stop = Stopped(StopReason.SIGNAL)
+    client = FakeClient(FakeClock(), lambda call, _n: stop if call == 3 else None)
+    deleter, _counter = batch_deleter(client, maximum=100)
+    with pytest.raises(BatchFailed) as info:
+        deleter.delete(make_keys(300))
+    assert (info.value.deleted, info.value.cause) == (200, stop)
