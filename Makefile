@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck deploy-lint unit integration bench bench-memory soak clean
+.PHONY: demo test lint cog typecheck deploy-lint unit integration bench bench-memory soak clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "sweeper needs Python 3.11+")'
@@ -14,14 +14,19 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m sweeper.testing.demo
+	$(BIN)/python scripts/demo.py
 
 test: lint typecheck deploy-lint
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
+	$(BIN)/cog --check docs/options.md
+
+# docs/options.md: the options of both commands and the --config keys, from src/sweeper/options.py.
+cog: $(STAMP)
+	$(BIN)/cog -r docs/options.md
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

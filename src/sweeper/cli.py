@@ -1,13 +1,13 @@
 """The ``sweeper`` command line: parse, build settings, call the engine, map to exit codes.
 
-No logic lives here beyond that; every option can also be set as ``SWEEPER_<OPTION>``.
+No logic lives here beyond that. The options themselves, each also settable as
+``SWEEPER_<OPTION>``, and the settings they make are declared once, in options.py.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -35,13 +35,16 @@ from sweeper.inspect import inspect_target
 from sweeper.inspect_table import forecast_dict, render_table, report_dict
 from sweeper.logs import LogFormat, configure
 from sweeper.metrics import MetricsError, push_summary
-from sweeper.options import inspect_options, log_options, sweep_options, target_options
-from sweeper.result import Runtime, SweepResult
-from sweeper.settings import (
-    SweepSettings,
-    parse_format,
+from sweeper.options import (
+    INSPECT,
+    SWEEP,
+    command_options,
+    file_options,
+    options_of,
+    settings_fields,
 )
-from sweeper.slices import Shard
+from sweeper.result import Runtime, SweepResult
+from sweeper.settings import SweepSettings
 from sweeper.targets import sweep_targets
 from sweeper.terminal import ProgressLine, StopOnSignal, ask_before_deleting, run_until_signal
 
@@ -58,9 +61,7 @@ def cli() -> None:
 
 
 @cli.command()
-@target_options
-@sweep_options
-@log_options
+@command_options(SWEEP)
 def sweep(**options: Any) -> None:
     """Delete the entities of one kind whose expiry lies before now minus --grace.
 
@@ -110,9 +111,7 @@ def sweep(**options: Any) -> None:
 
 
 @cli.command()
-@target_options
-@inspect_options
-@log_options
+@command_options(INSPECT)
 def inspect(**options: Any) -> None:
     """Show what is stored in a target and what `sweep` would do with it. Deletes nothing.
 
@@ -130,16 +129,7 @@ def inspect(**options: Any) -> None:
       sweeper inspect --kind eq-session --grace 3h --shards 16 --max-fraction 1
       sweeper inspect --kind used-jti-claim --format epoch-seconds --output json
     """
-    settings = SweepSettings(
-        **_target_values(options),
-        workers=options["workers"],
-        batch_size=options["batch_size"],
-        verify=options["verify"],
-        shard=Shard(0, options["shards"]),
-        ramp_up=_ramp_up(options["ramp_up"]),
-        max_rate=options["max_rate"],
-        max_fraction=options["max_fraction"],
-    )
+    settings = SweepSettings(**settings_fields(INSPECT, options))
     output = options["output"] or ("table" if sys.stdout.isatty() else "json")
     configure(_log_format(options, sys.stderr), options["log_level"], sys.stderr)
     with StopOnSignal() as stop:
@@ -157,67 +147,25 @@ def inspect(**options: Any) -> None:
     click.echo(render_table(report) if output == "table" else json.dumps(report_dict(report)))
 
 
-# Options that describe one target: with --config they belong in the file.
-_PER_TARGET = {
-    "kind": "--kind",
-    "prop": "--property",
-    "fmt": "--format",
-    "grace": "--grace",
-    "namespace": "--namespace",
-    "database": "--database",
-    "max_deletes": "--max-deletes",
-    "max_runtime": "--max-runtime",
-    "max_fraction": "--max-fraction",
-    "scan": "--scan",
-}
-
-
 def _targets(ctx: click.Context, options: dict[str, Any]) -> list[SweepSettings]:
-    values: dict[str, Any] = {
-        **_target_values(options),
-        "batch_size": options["batch_size"],
-        "dry_run": options["dry_run"],
-        "verify": options["verify"],
-        "max_deletes": options["max_deletes"],
-        "max_runtime": options["max_runtime"],
-        "workers": options["workers"],
-        "shard": Shard.parse(options["shard"]),
-        "ramp_up": _ramp_up(options["ramp_up"]),
-        "max_rate": options["max_rate"],
-        "max_fraction": options["max_fraction"],
-    }
+    """The run's settings; with --config one per target (options.py says which options a
+    target sets, and which of them the command line may override)."""
+    values = settings_fields(SWEEP, options)
     if options["config"] is None:
         return [SweepSettings(**values)]
-    explicit = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-    clashing = [
-        flag for name, flag in _PER_TARGET.items() if ctx.get_parameter_source(name) in explicit
-    ]
+    given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    explicit = {o for o in options_of(SWEEP) if ctx.get_parameter_source(o.param) in given}
+    clashing = [o.primary for o in file_options() if o.per_target and o in explicit]
     if clashing:
         raise UsageError(
             f"{', '.join(clashing)} cannot be combined with --config: "
             "set it in the file, per target or under [defaults]"
         )
-    values.pop("kind")
     # Options a target may also set: an explicit command-line value wins (see load_targets).
-    overridable = ("batch_size", "verify")
-    explicit_values = {
-        name: values[name] for name in overridable if ctx.get_parameter_source(name) in explicit
+    overriding = {
+        o.sets: values[o.sets] for o in file_options() if o.sets and o.overrides and o in explicit
     }
-    return load_targets(Path(options["config"]), values, explicit_values)
-
-
-def _target_values(options: dict[str, Any]) -> dict[str, Any]:
-    """The SweepSettings fields that `sweep` and `inspect` both take from the target options."""
-    return {
-        "kind": options["kind"],
-        "prop": options["prop"],
-        "format": parse_format(options["fmt"]),
-        "grace": options["grace"],
-        "scan": options["scan"],
-        "project": options["project"] or None,
-        "database": options["database"] or None,
-        "namespace": options["namespace"] or None,
-    }
+    return load_targets(Path(options["config"]), values, overriding)
 
 
 def _log_format(options: dict[str, Any], stream: TextIO) -> LogFormat:
@@ -253,11 +201,6 @@ def _push_metrics(url: str, results: list[SweepResult]) -> None:
             push_summary(url, result.summary())
         except MetricsError as exc:
             structlog.get_logger("sweeper").warning("metrics_push_failed", error=exc.message)
-
-
-def _ramp_up(choice: bool | None) -> bool:
-    """On against production; an emulator (DATASTORE_EMULATOR_HOST) needs no ramp-up."""
-    return choice if choice is not None else not os.environ.get("DATASTORE_EMULATOR_HOST")
 
 
 def _client_for(settings: SweepSettings) -> datastore.Client:

@@ -21,25 +21,20 @@ from typing import Any
 import structlog
 
 from sweeper.errors import UsageError
-from sweeper.settings import SweepSettings, parse_duration, parse_format
+from sweeper.options import TomlType, file_options, run_wide_options
+from sweeper.settings import SweepSettings
 
-# TOML key -> (SweepSettings field, converter)
-_TARGET_KEYS: dict[str, tuple[str, Any]] = {
-    "kind": ("kind", str),
-    "property": ("prop", str),
-    "format": ("format", parse_format),
-    "grace": ("grace", parse_duration),
-    "namespace": ("namespace", str),
-    "database": ("database", str),
-    "max_deletes": ("max_deletes", int),
-    "max_runtime": ("max_runtime", parse_duration),
-    "batch_size": ("batch_size", int),
-    "max_fraction": ("max_fraction", float),
-    "verify": ("verify", bool),
-    "scan": ("scan", bool),
+# TOML key -> (SweepSettings field, what the key holds), in the order messages list them. Which
+# options a target may set, and how, is declared in options.py.
+_TARGET_KEYS: dict[str, tuple[str, TomlType]] = {
+    o.key: (o.sets, o.toml) for o in file_options() if o.sets is not None and o.toml is not None
 }
 # Keys that only make sense for the whole run, not per target.
-_RUN_WIDE = ("project", "dry_run")
+_RUN_WIDE = tuple(o.key for o in run_wide_options())
+# Keys every target must name itself (key -> field): the command line's default does not count.
+_REQUIRED = {o.key: o.sets for o in file_options() if o.required}
+# Options where the safe value wins whoever sets it.
+_SAFE_WINS = {o.sets: o.safe for o in file_options() if o.safe is not None}
 
 
 def load_targets(
@@ -50,9 +45,10 @@ def load_targets(
     Precedence, highest first: what the command line (or a ``SWEEPER_*`` variable) set
     explicitly (``explicit``), the target's own keys, ``[defaults]``, then ``base`` (the
     command line's built-in defaults and run-wide values; field names of
-    :class:`SweepSettings`). A safety option is never switched off that way: ``verify`` is on
-    when the command line *or* the file turns it on. Each value the command line overrides
-    is logged (``option_overridden``), so nothing in the file is dropped silently.
+    :class:`SweepSettings`), less what every target must name itself (``kind``). A safety
+    option is never switched off that way: ``verify`` is on when the command line *or* the
+    file turns it on. Each value the command line overrides is logged
+    (``option_overridden``), so nothing in the file is dropped silently.
     """
     document = _read(path)
     unknown = set(document) - {"defaults", "target"}
@@ -62,6 +58,7 @@ def load_targets(
     if not isinstance(targets, list) or not targets:
         raise UsageError(f"config {path}: no [[target]] tables")
     defaults = _fields(path, "[defaults]", document.get("defaults", {}))
+    base = {name: value for name, value in base.items() if name not in _REQUIRED.values()}
     settings = []
     for number, table in enumerate(targets, start=1):
         where = f"target {number}"
@@ -69,10 +66,6 @@ def load_targets(
         values = {**base, **from_file, **_merge(where, from_file, explicit or {})}
         settings.append(_settings(path, where, values))
     return settings
-
-
-# Options where the safe value wins whoever sets it.
-_SAFE_WINS = {"verify": True}
 
 
 def _merge(where: str, from_file: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
@@ -120,33 +113,26 @@ def _fields(path: Path, where: str, table: object) -> dict[str, Any]:
             raise UsageError(
                 f"config {path}: {where}: unknown key {key!r} (known: {', '.join(_TARGET_KEYS)})"
             )
-        field, convert = _TARGET_KEYS[key]
-        fields[field] = _convert(path, where, key, value, convert)
+        field, toml = _TARGET_KEYS[key]
+        fields[field] = _convert(path, where, key, value, toml)
     return fields
 
 
-# The TOML types each converter accepts, and how a message names them.
-_TYPES: dict[Any, tuple[type | tuple[type, ...], str]] = {
-    str: (str, "str"),
-    int: (int, "int"),
-    bool: (bool, "bool"),
-    float: ((int, float), "number"),
-}
-
-
-def _convert(path: Path, where: str, key: str, value: object, convert: Any) -> Any:
-    expected, name = _TYPES.get(convert, (str, "string"))
-    if not isinstance(value, expected) or (convert is not bool and isinstance(value, bool)):
-        raise UsageError(f"config {path}: {where}: {key} must be a {name}, not {value!r}")
+def _convert(path: Path, where: str, key: str, value: object, toml: TomlType) -> Any:
+    if not isinstance(value, toml.accepts) or (
+        toml.accepts is not bool and isinstance(value, bool)
+    ):
+        raise UsageError(f"config {path}: {where}: {key} must be a {toml.name}, not {value!r}")
     try:
-        return convert(value)
+        return toml.convert(value)
     except UsageError as exc:
         raise UsageError(f"config {path}: {where}: {exc.message}") from None
 
 
 def _settings(path: Path, where: str, values: dict[str, Any]) -> SweepSettings:
-    if "kind" not in values:
-        raise UsageError(f"config {path}: {where}: kind is required")
+    for key, field in _REQUIRED.items():
+        if field not in values:
+            raise UsageError(f"config {path}: {where}: {key} is required")
     try:
         return SweepSettings(**values)
     except UsageError as exc:

@@ -1,9 +1,20 @@
-"""Shared click options: each settable as ``SWEEPER_<NAME>``, declared once, shown in --help."""
+"""Every option of ``sweeper sweep`` and ``sweeper inspect``, each declared once in :data:`OPTIONS`.
+
+One :class:`Option` says all there is about an option: its flag, the click type, default and
+help of each command that takes it, the :class:`SweepSettings` field it sets, and whether (and
+how) a ``--config`` file may set it. Built from the table: both commands' click options (each
+also settable as ``SWEEPER_<NAME>``, shown in ``--help``), the settings a command's values make
+(:func:`settings_fields`), the clash check with ``--config`` (cli.py), the keys a config file
+knows (config.py), and the reference in docs/options.md (:func:`reference`, run by ``make cog``).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, TypeVar
 
 import click
@@ -19,10 +30,17 @@ from sweeper.settings import (
     FORMAT_CHOICES,
     MAX_BATCH_SIZE,
     MAX_WORKERS,
+    decide_ramp_up,
     parse_duration,
+    parse_format,
 )
+from sweeper.slices import Shard
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+SWEEP = "sweep"
+INSPECT = "inspect"
+COMMANDS = (SWEEP, INSPECT)
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]
@@ -40,256 +58,547 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
 DURATION = Duration()
 
 
-def option(*decls: str, **attrs: Any) -> Callable[[F], F]:
-    """A click option that can also be set as ``SWEEPER_<NAME>``, shown in ``--help``."""
-    name = next(d for d in decls if d.startswith("--"))[2:].split("/")[0]
-    attrs.setdefault("envvar", "SWEEPER_" + name.upper().replace("-", "_"))
-    return click.option(*decls, show_envvar=True, **attrs)
+@dataclass(frozen=True)
+class TomlType:
+    """What a ``--config`` key must hold, and how its value becomes the setting."""
+
+    accepts: type | tuple[type, ...]  # the TOML values taken (a bool is never an int here)
+    name: str  # in "<key> must be a <name>" errors
+    convert: Callable[[Any], Any]
+    doc: str  # in docs/options.md
 
 
-def stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
-    """Apply options in the order listed (the order ``--help`` shows them)."""
+TOML_STR = TomlType(str, "str", str, "string")
+TOML_INT = TomlType(int, "int", int, "integer")
+TOML_NUMBER = TomlType((int, float), "number", float, "number")
+TOML_BOOL = TomlType(bool, "bool", bool, "boolean")
+TOML_DURATION = TomlType(str, "string", parse_duration, 'string: a duration, e.g. `"3h"`')
+TOML_FORMAT = TomlType(
+    str, "string", parse_format, "string: " + ", ".join(f"`{c}`" for c in FORMAT_CHOICES)
+)
+
+
+class _Unset(Enum):
+    UNSET = "unset"
+
+
+_UNSET = _Unset.UNSET
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _none_if_empty(value: str | None) -> str | None:
+    return value or None
+
+
+def _pods(count: int) -> Shard:
+    """``inspect --shards N``: forecast the first of N pods sweeping together."""
+    return Shard(0, count)
+
+
+@dataclass(frozen=True, eq=False)
+class Option:
+    """One option: everything about it, for every command that takes it.
+
+    The table's order is ``sweep --help``'s, and every other command's too except where
+    ``follows`` says otherwise. Its variable is ``SWEEPER_<KEY>`` (then ``envvars``).
+    """
+
+    flag: str  # "--kind"; a switch: "--verify/--no-verify"
+    help: Mapping[str, str]  # each command that takes the option -> its help there
+    # How click parses it. ``name``: the keyword the command gets when not the flag's
+    # (--property: prop). No ``default``: click's own (none; off for a flag).
+    name: str | None = None
+    type: click.ParamType[Any, Any] | None = None
+    default: Any = _UNSET
+    show_default: bool = False
+    metavar: str | None = None
+    is_flag: bool = False
+    envvars: tuple[str, ...] = ()  # read after SWEEPER_<KEY>
+    follows: Mapping[str, str] = field(default_factory=dict)  # command -> the flag it follows
+    # The SweepSettings field the option sets (None: none), and how from click's value.
+    sets: str | None = None
+    to_setting: Callable[[Any], Any] = _same
+    # --config. A target may set the option when ``toml`` says what its key (``key``) holds.
+    # Given explicitly on the command line (or by its variable) as well, it is then a usage
+    # error; unless ``overrides``: then the command line's value wins for every target (logged
+    # where it replaces the file's), but ``safe`` wins whichever side sets it. ``required``:
+    # every target must name it, the command line's default does not count. ``key_order``:
+    # where messages and docs list the key (None: after the others, in table order).
+    toml: TomlType | None = None
+    overrides: bool = False
+    safe: object = None
+    required: bool = False
+    key_order: int | None = None
+    # Not in a file, which is told it applies to the whole run (rather than "unknown key").
+    run_wide: bool = False
+
+    @property
+    def primary(self) -> str:
+        """The flag that turns the option on: ``--verify`` for ``--verify/--no-verify``."""
+        return self.flag.split("/")[0]
+
+    @property
+    def key(self) -> str:
+        """Its name without dashes: the ``--config`` key, and ``SWEEPER_<KEY>`` upper-cased."""
+        return self.primary[2:].replace("-", "_")
+
+    @property
+    def param(self) -> str:
+        """The name click passes the value under (and ``ctx.get_parameter_source`` takes)."""
+        return self.name or self.key
+
+    @property
+    def envvar(self) -> str:
+        return "SWEEPER_" + self.key.upper()
+
+    @property
+    def per_target(self) -> bool:
+        """With ``--config`` it belongs in the file: the command line setting it is an error."""
+        return self.toml is not None and not self.overrides
+
+    def click_option(self, command: str) -> Callable[[F], F]:
+        attrs: dict[str, Any] = {
+            "envvar": [self.envvar, *self.envvars] if self.envvars else self.envvar,
+            "show_envvar": True,
+            "help": self.help[command],
+        }
+        if self.type is not None:
+            attrs["type"] = self.type
+        if self.default is not _UNSET:
+            attrs["default"] = self.default
+        if self.show_default:
+            attrs["show_default"] = True
+        if self.metavar is not None:
+            attrs["metavar"] = self.metavar
+        if self.is_flag:
+            attrs["is_flag"] = True
+        decls = (self.flag, self.name) if self.name else (self.flag,)
+        return click.option(*decls, **attrs)
+
+
+def every(text: str) -> dict[str, str]:
+    """The same help in every command."""
+    return dict.fromkeys(COMMANDS, text)
+
+
+# Every option of both commands, in `sweep --help` order. `inspect` lists those it takes in the
+# same order, but where `follows` says. A new option: one entry here (and its SweepSettings field
+# if it sets one), then `make cog` for docs/options.md.
+OPTIONS: tuple[Option, ...] = (
+    # Where to sweep. Shared by every command that reads or deletes.
+    Option(
+        "--project",
+        every("Google Cloud project. Default: the client's (ADC) project."),
+        envvars=("DATASTORE_PROJECT_ID", "GOOGLE_CLOUD_PROJECT"),
+        sets="project",
+        to_setting=_none_if_empty,
+        run_wide=True,
+    ),
+    Option(
+        "--database",
+        every("Named database. Default: the (default) database."),
+        sets="database",
+        to_setting=_none_if_empty,
+        toml=TOML_STR,
+        key_order=6,
+    ),
+    Option(
+        "--namespace",
+        every("Namespace. Default: the default namespace."),
+        sets="namespace",
+        to_setting=_none_if_empty,
+        toml=TOML_STR,
+        key_order=5,
+    ),
+    Option(
+        "--kind",
+        every("Kind to sweep."),
+        default=DEFAULT_KIND,
+        show_default=True,
+        sets="kind",
+        toml=TOML_STR,
+        required=True,
+        key_order=1,
+    ),
+    Option(
+        "--property",
+        every("Indexed property that holds the expiry."),
+        name="prop",
+        default=DEFAULT_PROPERTY,
+        show_default=True,
+        sets="prop",
+        toml=TOML_STR,
+        key_order=2,
+    ),
+    Option(
+        "--format",
+        every(
+            "How the expiry is stored. 'auto' reads the stored values and refuses if it "
+            "finds more than one encoding or values it cannot read; an explicit format leaves "
+            "values of every other encoding alone."
+        ),
+        name="fmt",
+        type=click.Choice(FORMAT_CHOICES),
+        default="auto",
+        show_default=True,
+        sets="format",
+        to_setting=parse_format,
+        toml=TOML_FORMAT,
+        key_order=3,
+    ),
+    # What a command does with the target, and how a sweep runs (`inspect` forecasts one).
+    Option(
+        "--grace",
+        {
+            SWEEP: "Delete only entities expired longer ago than this (0, 90s, 15m, 3h, 2d).",
+            INSPECT: "The same grace as the sweep you plan, so the count matches it.",
+        },
+        type=DURATION,
+        default=DEFAULT_GRACE,
+        show_default=True,
+        sets="grace",
+        toml=TOML_DURATION,
+        key_order=4,
+    ),
+    Option(
+        "--batch-size",
+        {
+            SWEEP: "Keys per delete commit (Datastore allows at most 500).",
+            INSPECT: "Forecast a sweep with this --batch-size.",
+        },
+        type=click.IntRange(1, MAX_BATCH_SIZE),
+        default=MAX_BATCH_SIZE,
+        show_default=True,
+        sets="batch_size",
+        toml=TOML_INT,
+        overrides=True,
+        key_order=9,
+    ),
+    Option(
+        "--dry-run",
+        {SWEEP: "Run the same queries, delete nothing, report what would go."},
+        is_flag=True,
+        sets="dry_run",
+        run_wide=True,
+    ),
+    Option(
+        "--verify/--no-verify",
+        {
+            SWEEP: "Re-read each batch in a transaction and delete only entities still expired, "
+            "so a session refreshed mid-run is never lost. Costs one entity read per key. "
+            "Default: on where the database does not report its time (the legacy Datastore "
+            "emulator, whose queries are eventually consistent), off on Firestore in Datastore "
+            "mode.",
+            INSPECT: "Forecast a sweep with or without --verify. Default: as the sweep decides, "
+            "on where the database reports no read time (the legacy Datastore emulator).",
+        },
+        default=None,  # decided per run, from the database (see engine)
+        sets="verify",
+        toml=TOML_BOOL,
+        overrides=True,
+        safe=True,  # a refreshed session is never lost because one side said no
+        key_order=11,
+    ),
+    Option(
+        "--scan",
+        {
+            SWEEP: "For an expiry excluded from indexes, which no range query can see: read "
+            "every entity of the kind and delete those expired. Costs one billed read per "
+            "entity; needs an explicit --format.",
+            INSPECT: "Report as for a sweep with --scan.",
+        },
+        is_flag=True,
+        follows={INSPECT: "--grace"},
+        sets="scan",
+        toml=TOML_BOOL,
+        key_order=12,
+    ),
+    Option(
+        "--with-descendants",
+        {
+            SWEEP: "Delete each expired session together with the entities under its key (its "
+            "entity group: events, messages, state pages), in the same commit where they fit; "
+            "never those of a session that is not deleted. Costs one ancestor query per session.",
+            INSPECT: "Forecast a sweep with --with-descendants (the descendants of expired "
+            "sessions are sampled either way).",
+        },
+        is_flag=True,
+        follows={INSPECT: "--max-fraction"},
+        sets="with_descendants",
+        toml=TOML_BOOL,
+    ),
+    Option(
+        "--config",
+        {
+            SWEEP: "TOML file listing several targets to sweep one after another ([[target]] "
+            "tables; see the README). Per-target options then go in the file."
+        },
+        type=click.Path(dir_okay=False),
+    ),
+    Option(
+        "--workers",
+        {
+            SWEEP: "Delete workers, and as many query streams over disjoint slices of the "
+            "expired range: overlaps round trips to Datastore.",
+            INSPECT: "Forecast a sweep with this many --workers.",
+        },
+        type=click.IntRange(1, MAX_WORKERS),
+        default=DEFAULT_WORKERS,
+        show_default=True,
+        follows={INSPECT: "--scan"},
+        sets="workers",
+    ),
+    Option(
+        "--shard",
+        {
+            SWEEP: "Sweep only shard I of N (0-based) of the expired range, for N pods clearing "
+            "a backlog together (e.g. an Indexed Job's $(JOB_COMPLETION_INDEX)/N). Shards never "
+            "overlap; the ramp-up budget is split N ways."
+        },
+        metavar="I/N",
+        default="0/1",
+        show_default=True,
+        sets="shard",
+        to_setting=Shard.parse,
+    ),
+    Option(
+        "--shards",
+        {
+            INSPECT: "Forecast N pods sweeping together (--shard 0/N to N-1/N): the whole "
+            "backlog, each pod's share of the ramp-up budget."
+        },
+        type=click.IntRange(1, 10_000),
+        default=1,
+        show_default=True,
+        metavar="N",
+        sets="shard",
+        to_setting=_pods,
+    ),
+    Option(
+        "--ramp-up/--no-ramp-up",
+        {
+            SWEEP: "Respect Datastore's 500/50/5 rule: start at 500 deletes/s (divided among "
+            "shards) and grow 50% every 5 minutes. Default: on, off when "
+            "DATASTORE_EMULATOR_HOST is set.",
+            INSPECT: "Forecast under Datastore's 500/50/5 ramp-up. Default: as the sweep's, on, "
+            "off when DATASTORE_EMULATOR_HOST is set.",
+        },
+        default=None,
+        sets="ramp_up",
+        to_setting=decide_ramp_up,
+    ),
+    Option(
+        "--max-rate",
+        {
+            SWEEP: "Never delete faster than this many entities per second.",
+            INSPECT: "Forecast a sweep capped at this many deletes per second.",
+        },
+        type=click.FloatRange(min=0, min_open=True),
+        metavar="OPS",
+        sets="max_rate",
+    ),
+    Option(
+        "--pushgateway",
+        {
+            SWEEP: "Also push each target's counts and last-success time to this Prometheus "
+            "Pushgateway (e.g. http://pushgateway:9091). A failed push is logged as a warning "
+            "and does not change the exit code."
+        },
+        metavar="URL",
+    ),
+    Option(
+        "--max-fraction",
+        {
+            SWEEP: "Refuse a run that would delete more than this share of the entities "
+            "carrying the property (a wrong --property or --grace looks like that). 1 turns "
+            "the guard off, e.g. for a first run over a large backlog.",
+            INSPECT: "Forecast a sweep with this --max-fraction: below 1 its guard counts "
+            "first, and the forecast says whether the guard would refuse the run.",
+        },
+        type=click.FloatRange(0, 1, min_open=True),
+        default=DEFAULT_MAX_FRACTION,
+        show_default=True,
+        metavar="SHARE",
+        sets="max_fraction",
+        toml=TOML_NUMBER,
+        key_order=10,
+    ),
+    Option(
+        "--yes",
+        {
+            SWEEP: "On a terminal, delete without showing the plan and asking first. Without a "
+            "terminal (a CronJob, CI) nothing asks."
+        },
+        is_flag=True,
+    ),
+    Option(
+        "--max-deletes",
+        {SWEEP: "Stop cleanly after this many deletes; the next run resumes."},
+        type=click.IntRange(min=1),
+        sets="max_deletes",
+        toml=TOML_INT,
+        key_order=7,
+    ),
+    Option(
+        "--max-runtime",
+        {SWEEP: "Stop cleanly after this long (e.g. 10m); the next run resumes."},
+        type=DURATION,
+        sets="max_runtime",
+        toml=TOML_DURATION,
+        key_order=8,
+    ),
+    # What `inspect` looks at, and how it reports.
+    Option(
+        "--sample-size",
+        {INSPECT: "Entities looked up to count the encodings present (one read each)."},
+        type=click.IntRange(1, 1000),
+        default=200,
+        show_default=True,
+    ),
+    Option(
+        "--count-limit",
+        {INSPECT: "Where aggregation COUNT is unavailable, stop counting keys here."},
+        type=click.IntRange(min=1),
+        default=100_000,
+        show_default=True,
+    ),
+    Option(
+        "--output",
+        {INSPECT: "Default: a table on a terminal, JSON otherwise."},
+        type=click.Choice(["table", "json"]),
+        default=None,
+    ),
+    # Logs.
+    Option(
+        "--log-format",
+        every(
+            "json: one object per line with severity (Cloud Logging). "
+            "Default: console on a terminal, json otherwise."
+        ),
+        type=click.Choice(["json", "console"]),
+        default=None,
+    ),
+    Option(
+        "--log-level",
+        every("Least severe event to log."),
+        type=click.Choice(LOG_LEVELS),
+        default="info",
+        show_default=True,
+    ),
+)
+
+
+def options_of(command: str) -> tuple[Option, ...]:
+    """The options ``command`` takes, in the order its ``--help`` lists them."""
+    taken = [o for o in OPTIONS if command in o.help]
+    ordered = [o for o in taken if command not in o.follows]
+    for moved in (o for o in taken if command in o.follows):
+        (anchor,) = [o for o in ordered if o.flag == moved.follows[command]]
+        ordered.insert(ordered.index(anchor) + 1, moved)
+    return tuple(ordered)
+
+
+def command_options(command: str) -> Callable[[F], F]:
+    """Decorate ``command``'s function with its click options, in ``--help`` order."""
 
     def apply(fn: F) -> F:
-        for decorator in reversed(decorators):
-            fn = decorator(fn)
+        for option in reversed(options_of(command)):
+            fn = option.click_option(command)(fn)
         return fn
 
     return apply
 
 
-# Where to sweep. Shared by every command that reads or deletes.
-target_options = stack(
-    option(
-        "--project",
-        envvar=["SWEEPER_PROJECT", "DATASTORE_PROJECT_ID", "GOOGLE_CLOUD_PROJECT"],
-        help="Google Cloud project. Default: the client's (ADC) project.",
-    ),
-    option("--database", help="Named database. Default: the (default) database."),
-    option("--namespace", help="Namespace. Default: the default namespace."),
-    option("--kind", default=DEFAULT_KIND, show_default=True, help="Kind to sweep."),
-    option(
-        "--property",
-        "prop",
-        default=DEFAULT_PROPERTY,
-        show_default=True,
-        help="Indexed property that holds the expiry.",
-    ),
-    option(
-        "--format",
-        "fmt",
-        type=click.Choice(FORMAT_CHOICES),
-        default="auto",
-        show_default=True,
-        help="How the expiry is stored. 'auto' reads the stored values and refuses if it "
-        "finds more than one encoding or values it cannot read; an explicit format leaves "
-        "values of every other encoding alone.",
-    ),
-)
-
-log_options = stack(
-    option(
-        "--log-format",
-        type=click.Choice(["json", "console"]),
-        default=None,
-        help="json: one object per line with severity (Cloud Logging). "
-        "Default: console on a terminal, json otherwise.",
-    ),
-    option(
-        "--log-level",
-        type=click.Choice(LOG_LEVELS),
-        default="info",
-        show_default=True,
-        help="Least severe event to log.",
-    ),
-)
-
-# How a sweep runs: `sweep` takes these, and `inspect` takes them to forecast a sweep. One
-# spec each (type, default, metavar); each command words its own help.
-RUN_OPTIONS: dict[str, dict[str, Any]] = {
-    "--batch-size": {
-        "type": click.IntRange(1, MAX_BATCH_SIZE),
-        "default": MAX_BATCH_SIZE,
-        "show_default": True,
-    },
-    "--verify/--no-verify": {"default": None},
-    "--workers": {
-        "type": click.IntRange(1, MAX_WORKERS),
-        "default": DEFAULT_WORKERS,
-        "show_default": True,
-    },
-    "--ramp-up/--no-ramp-up": {"default": None},
-    "--max-rate": {"type": click.FloatRange(min=0, min_open=True), "metavar": "OPS"},
-    "--max-fraction": {
-        "type": click.FloatRange(0, 1, min_open=True),
-        "default": DEFAULT_MAX_FRACTION,
-        "show_default": True,
-        "metavar": "SHARE",
-    },
-}
+def settings_fields(command: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`SweepSettings` fields that ``command``'s parsed options set."""
+    return {
+        o.sets: o.to_setting(values[o.param]) for o in options_of(command) if o.sets is not None
+    }
 
 
-def run_option(decl: str, help: str) -> Callable[[F], F]:
-    return option(decl, help=help, **RUN_OPTIONS[decl])
+def file_options() -> tuple[Option, ...]:
+    """The options a ``--config`` target may set, in the order their keys are listed."""
+    keyed = [o for o in OPTIONS if o.toml is not None]
+    return tuple(sorted(keyed, key=lambda o: len(OPTIONS) if o.key_order is None else o.key_order))
 
 
-# What `sweep` does with a target, and how it runs.
-sweep_options = stack(
-    option(
-        "--grace",
-        type=DURATION,
-        default=DEFAULT_GRACE,
-        show_default=True,
-        help="Delete only entities expired longer ago than this (0, 90s, 15m, 3h, 2d).",
-    ),
-    run_option(
-        "--batch-size",
-        help="Keys per delete commit (Datastore allows at most 500).",
-    ),
-    option(
-        "--dry-run",
-        is_flag=True,
-        help="Run the same queries, delete nothing, report what would go.",
-    ),
-    run_option(
-        "--verify/--no-verify",
-        help="Re-read each batch in a transaction and delete only entities still expired, so "
-        "a session refreshed mid-run is never lost. Costs one entity read per key. Default: "
-        "on where the database does not report its time (the legacy Datastore emulator, "
-        "whose queries are eventually consistent), off on Firestore in Datastore mode.",
-    ),
-    option(
-        "--scan",
-        is_flag=True,
-        help="For an expiry excluded from indexes, which no range query can see: read every "
-        "entity of the kind and delete those expired. Costs one billed read per entity; needs "
-        "an explicit --format.",
-    ),
-    option(
-        "--config",
-        type=click.Path(dir_okay=False),
-        help="TOML file listing several targets to sweep one after another ([[target]] "
-        "tables; see the README). Per-target options then go in the file.",
-    ),
-    run_option(
-        "--workers",
-        help="Delete workers, and as many query streams over disjoint slices of the expired "
-        "range: overlaps round trips to Datastore.",
-    ),
-    option(
-        "--shard",
-        metavar="I/N",
-        default="0/1",
-        show_default=True,
-        help="Sweep only shard I of N (0-based) of the expired range, for N pods clearing a "
-        "backlog together (e.g. an Indexed Job's $(JOB_COMPLETION_INDEX)/N). Shards never "
-        "overlap; the ramp-up budget is split N ways.",
-    ),
-    run_option(
-        "--ramp-up/--no-ramp-up",
-        help="Respect Datastore's 500/50/5 rule: start at 500 deletes/s (divided among shards) "
-        "and grow 50% every 5 minutes. Default: on, off when DATASTORE_EMULATOR_HOST is set.",
-    ),
-    run_option(
-        "--max-rate",
-        help="Never delete faster than this many entities per second.",
-    ),
-    option(
-        "--pushgateway",
-        metavar="URL",
-        help="Also push each target's counts and last-success time to this Prometheus "
-        "Pushgateway (e.g. http://pushgateway:9091). A failed push is logged as a warning and "
-        "does not change the exit code.",
-    ),
-    run_option(
-        "--max-fraction",
-        help="Refuse a run that would delete more than this share of the entities carrying the "
-        "property (a wrong --property or --grace looks like that). 1 turns the guard off, e.g. "
-        "for a first run over a large backlog.",
-    ),
-    option(
-        "--yes",
-        is_flag=True,
-        help="On a terminal, delete without showing the plan and asking first. Without a "
-        "terminal (a CronJob, CI) nothing asks.",
-    ),
-    option(
-        "--max-deletes",
-        type=click.IntRange(min=1),
-        help="Stop cleanly after this many deletes; the next run resumes.",
-    ),
-    option(
-        "--max-runtime",
-        type=DURATION,
-        help="Stop cleanly after this long (e.g. 10m); the next run resumes.",
-    ),
-)
+def run_wide_options() -> tuple[Option, ...]:
+    """The options a ``--config`` file is told apply to the whole run."""
+    return tuple(o for o in OPTIONS if o.run_wide)
 
-# What `inspect` looks at.
-inspect_options = stack(
-    option(
-        "--grace",
-        type=DURATION,
-        default=DEFAULT_GRACE,
-        show_default=True,
-        help="The same grace as the sweep you plan, so the count matches it.",
-    ),
-    option("--scan", is_flag=True, help="Report as for a sweep with --scan."),
-    # How the forecast sweep runs: the same options (and variables) as `sweep`'s.
-    run_option(
-        "--workers",
-        help="Forecast a sweep with this many --workers.",
-    ),
-    run_option(
-        "--batch-size",
-        help="Forecast a sweep with this --batch-size.",
-    ),
-    run_option(
-        "--verify/--no-verify",
-        help="Forecast a sweep with or without --verify. Default: as the sweep decides, on "
-        "where the database reports no read time (the legacy Datastore emulator).",
-    ),
-    option(
-        "--shards",
-        type=click.IntRange(1, 10_000),
-        default=1,
-        show_default=True,
-        metavar="N",
-        help="Forecast N pods sweeping together (--shard 0/N to N-1/N): the whole backlog, "
-        "each pod's share of the ramp-up budget.",
-    ),
-    run_option(
-        "--ramp-up/--no-ramp-up",
-        help="Forecast under Datastore's 500/50/5 ramp-up. Default: as the sweep's, on, off "
-        "when DATASTORE_EMULATOR_HOST is set.",
-    ),
-    run_option(
-        "--max-rate",
-        help="Forecast a sweep capped at this many deletes per second.",
-    ),
-    run_option(
-        "--max-fraction",
-        help="Forecast a sweep with this --max-fraction: below 1 its guard counts first, and "
-        "the forecast says whether the guard would refuse the run.",
-    ),
-    option(
-        "--sample-size",
-        type=click.IntRange(1, 1000),
-        default=200,
-        show_default=True,
-        help="Entities looked up to count the encodings present (one read each).",
-    ),
-    option(
-        "--count-limit",
-        type=click.IntRange(min=1),
-        default=100_000,
-        show_default=True,
-        help="Where aggregation COUNT is unavailable, stop counting keys here.",
-    ),
-    option(
-        "--output",
-        type=click.Choice(["table", "json"]),
-        default=None,
-        help="Default: a table on a terminal, JSON otherwise.",
-    ),
-)
+
+# --- docs/options.md (generated: `make cog`) -------------------------------------------------
+
+
+def reference(command: click.Command) -> str:
+    """``command``'s options as a markdown table: flag, variables, default, help."""
+    ctx = click.Context(command, info_name=command.name)
+    rows = ["| option | env var | default | description |", "|---|---|---|---|"]
+    for param in command.params:
+        record = param.get_help_record(ctx)
+        if not isinstance(param, click.Option) or record is None:
+            continue
+        envvars = param.envvar if isinstance(param.envvar, list | tuple) else [param.envvar]
+        description = param.help or ""
+        if isinstance(param.type, click.IntRange | click.FloatRange):
+            description += f" Range: `{_describe_range(param.type)}`."
+        rows.append(
+            _row(
+                f"`{record[0]}`",
+                ", ".join(f"`{v}`" for v in envvars if v),
+                _default(param),
+                description,
+            )
+        )
+    return "\n".join(rows) + "\n"
+
+
+def config_reference() -> str:
+    """The keys of a ``--config`` file as a markdown table, then those it refuses."""
+    rows = [
+        "| key | holds | option | the option given on the command line (or its variable) too |",
+        "|---|---|---|---|",
+    ]
+    for option in file_options():
+        key = f"`{option.key}`" + (" (required in every target)" if option.required else "")
+        if option.overrides:
+            rule = "wins over every target's value, logged as `option_overridden`"
+            if option.safe is not None:
+                rule += f"; but `{json.dumps(option.safe)}` wins, whoever sets it"
+        else:
+            rule = "a usage error"
+        holds = option.toml.doc if option.toml else ""
+        rows.append(_row(key, holds, f"`{option.primary}`", rule))
+    run_wide = " and ".join(f"`{o.key}`" for o in run_wide_options())
+    return (
+        "\n".join(rows)
+        + f"\n\n{run_wide} apply to the whole run: a file that sets one is refused. The other "
+        "options of `sweep` are not keys either; like those, they come from the command line "
+        "or the environment and apply to every target.\n"
+    )
+
+
+def _default(param: click.Option) -> str:
+    if param.show_default and param.default not in (None, ""):
+        return f"`{param.default}`"
+    if param.is_flag and not param.secondary_opts:
+        return "off"
+    return "—"  # none, or decided at run time: the description says
+
+
+def _describe_range(bounds: click.IntRange | click.FloatRange) -> str:
+    """As ``--help`` shows it: ``1<=x<=500``, ``x>0``."""
+    if bounds.max is None:
+        return f"x{'>' if bounds.min_open else '>='}{bounds.min}"
+    high = f"{'<' if bounds.max_open else '<='}{bounds.max}"
+    if bounds.min is None:
+        return f"x{high}"
+    return f"{bounds.min}{'<' if bounds.min_open else '<='}x{high}"
+
+
+def _row(*cells: str) -> str:
+    """A markdown table row; a ``|`` inside a cell (``[json|console]``) is escaped."""
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"

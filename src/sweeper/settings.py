@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -103,6 +104,13 @@ def parse_format(text: str) -> FormatChoice:
         ) from None
 
 
+def decide_ramp_up(choice: bool | None) -> bool:
+    """``--ramp-up``/``--no-ramp-up`` when given; else on against production (Datastore's
+    500/50/5 rule), off against an emulator (DATASTORE_EMULATOR_HOST set), which has no key
+    ranges to split."""
+    return choice if choice is not None else not os.environ.get("DATASTORE_EMULATOR_HOST")
+
+
 @dataclass(frozen=True)
 class SweepSettings:
     """What one sweep does; an impossible value raises :class:`UsageError` on construction."""
@@ -119,11 +127,14 @@ class SweepSettings:
     # Delete workers, and as many query streams over slices of the expired range.
     workers: int = DEFAULT_WORKERS
     shard: Shard = field(default_factory=Shard)
-    # Datastore's 500/50/5 ramp-up: on against production, off against an emulator.
+    # Datastore's 500/50/5 ramp-up: on against production, off against an emulator (the
+    # command line's default: decide_ramp_up).
     ramp_up: bool = False
     max_rate: float | None = None
     max_deletes: int | None = None
     max_runtime: dt.timedelta | None = None
+    # Delete each session's descendants (its entity group below it) with it.
+    with_descendants: bool = False
     # Refuse a run that would delete more than this share of what carries the property.
     max_fraction: float = DEFAULT_MAX_FRACTION
     project: str | None = None

@@ -190,10 +190,6 @@ class Throttle:
         self._start: float | None = None  # clock at the first acquire
         self._tokens = 0.0  # negative while in debt
         self._updated = 0.0  # seconds since _start at which _tokens holds
-        self._waited_s = 0.0
-        self._throttled = 0
-        self._delayed = 0
-        self._operations = 0
 
     def acquire(self, operations: int) -> float:
         """Block until ``operations`` may be sent; return the seconds spent waiting.
@@ -225,31 +221,6 @@ class Throttle:
         with self._lock:
             self._window.add(self._clock(), accepted)
 
-    def rate(self) -> float | None:
-        """The operations per second allowed now (None when unlimited), for progress logs."""
-        with self._lock:
-            rate = self._schedule.rate_at(self._elapsed(self._clock()))
-        return None if math.isinf(rate) else rate
-
-    def statistics(self) -> dict[str, float]:
-        """Totals for the run summary; ``rate`` is left out when nothing limits the rate."""
-        with self._lock:
-            now = self._clock()
-            stats = {
-                "waited_s": self._waited_s,
-                "throttled": float(self._throttled),
-                "delayed": float(self._delayed),
-                "operations": float(self._operations),
-                "rejection_probability": self._rejection_probability(now),
-            }
-            rate = self._schedule.rate_at(self._elapsed(now))
-        if not math.isinf(rate):
-            stats["rate"] = rate
-        return stats
-
-    def _elapsed(self, now: float) -> float:
-        return 0.0 if self._start is None else now - self._start
-
     def _rejection_probability(self, now: float) -> float:
         window = self._window
         window.expire(now)
@@ -262,16 +233,11 @@ class Throttle:
         """Draw whether the server's recent refusals say this request should wait."""
         with self._lock:
             probability = self._rejection_probability(self._clock())
-            if probability <= 0.0 or self._rng.random() >= probability:
-                return False
-            self._throttled += 1
-            self._waited_s += self._settings.backoff_s
-            return True
+            return probability > 0.0 and self._rng.random() < probability
 
     def _reserve(self, operations: int) -> float:
         """Take ``operations`` from the bucket; return how long the caller must wait first."""
         with self._lock:
-            self._operations += operations
             if self._schedule.unlimited:
                 return 0.0
             now = self._clock()
@@ -281,9 +247,6 @@ class Throttle:
             wait = max(0.0, grant - (now - self._start))
             self._tokens -= operations
             self._updated = grant
-            if wait > 0:
-                self._delayed += 1
-                self._waited_s += wait
             return wait
 
     def _grant_time(self, elapsed: float) -> float:

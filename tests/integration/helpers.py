@@ -17,8 +17,8 @@ from google.cloud import datastore
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, Sweep, SweepResult
 from sweeper.settings import FormatChoice, SweepSettings
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.seed import Session, encode, put_sessions
+from tests.support.emulator import Emulator
+from tests.support.seed import Session, encode, put_sessions
 
 
 @contextmanager
@@ -102,6 +102,29 @@ def remaining(client: datastore.Client, kind: str, names: Sequence[str]) -> set[
 
 def group_names(groups: Mapping[str, Sequence[object]], *wanted: str) -> list[str]:
     return [f"{g}-{i}" for g in wanted for i in range(len(groups[g]))]
+
+
+def survivors(
+    client: datastore.Client, kind: str, groups: Mapping[str, Sequence[object]]
+) -> set[str]:
+    """The groups ``seed`` wrote to ``kind`` that are still stored whole, by key lookup: so
+    ``survivors(client, kind, groups) == {"live", "null"}`` says that exactly the sessions of
+    those two groups are left.
+
+    A group partly left is named ``"<group>: <k> of <n> left"``, which no expected set holds, so
+    such an assertion fails and says how much is left. An empty group cannot tell whether it
+    survived: it fails here.
+    """
+    left = remaining(client, kind, group_names(groups, *groups))
+    found: set[str] = set()
+    for group, sessions in groups.items():
+        assert sessions, f"group {group!r} has no sessions"
+        kept = sum(name in left for name in group_names(groups, group))
+        if kept == len(sessions):
+            found.add(group)
+        elif kept:
+            found.add(f"{group}: {kept} of {len(sessions)} left")
+    return found
 
 
 def start_slow_sweep(emu: Emulator, kind: str, *args: str) -> subprocess.Popen[str]:

@@ -8,9 +8,9 @@ from pathlib import Path
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.seed import MISSING, Session, put_sessions
-from tests.integration.helpers import ago, ahead, group_names, remaining, run_cli, seed, stored
+from tests.integration.helpers import ago, ahead, run_cli, seed, stored, survivors
+from tests.support.emulator import Emulator
+from tests.support.seed import MISSING, Session, put_sessions
 
 S, TS = Encoding.EPOCH_SECONDS, Encoding.TIMESTAMP
 
@@ -80,18 +80,13 @@ grace = "1h"
         65,
         [],
     )
-    assert remaining(client, sessions, group_names(session_groups, *session_groups)) == set(
-        group_names(session_groups, "recent", "live")
-    )
-    left = remaining(
-        client,
-        state,
-        group_names(state_by_expiry, *state_by_expiry) + group_names(submitted, *submitted),
-    )
-    assert left == set(
-        group_names(state_by_expiry, "kept")
-        + group_names(submitted, "fresh", "unsubmitted", "nofield")
-    )
+    assert survivors(client, sessions, session_groups) == {"recent", "live"}
+    assert survivors(client, state, {**state_by_expiry, **submitted}) == {
+        "kept",
+        "fresh",
+        "unsubmitted",
+        "nofield",
+    }
 
 
 def test_a_failing_target_fails_the_run_but_not_the_others(

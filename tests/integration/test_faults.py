@@ -11,8 +11,6 @@ from google.cloud import datastore
 
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.seed import encode
 from tests.integration.helpers import (
     ago,
     ahead,
@@ -24,8 +22,11 @@ from tests.integration.helpers import (
     remaining,
     seed,
     stored,
+    survivors,
     sweep,
 )
+from tests.support.emulator import Emulator
+from tests.support.seed import encode
 
 S = Encoding.EPOCH_SECONDS
 
@@ -80,7 +81,7 @@ def test_transient_failures_are_retried_and_counted(emulator: Emulator, kind: st
 
     assert (result.deleted, result.failed, result.retries) == (250, 0, 3)
     assert sum(waits) > 0  # backed off (in slices of a fifth of a second, to stay stoppable)
-    assert remaining(client, kind, group_names(groups, *groups)) == set(group_names(groups, "live"))
+    assert survivors(client, kind, groups) == {"live"}
 
 
 def test_a_batch_that_keeps_failing_ends_the_run_non_zero(emulator: Emulator, kind: str) -> None:
@@ -101,7 +102,7 @@ def test_a_batch_that_keeps_failing_ends_the_run_non_zero(emulator: Emulator, ki
     )
     assert result.retries >= 5
     assert 60 <= clock.now - FakeClock().now < 60 + 11  # the stall limit, plus one last wait
-    assert len(remaining(client, kind, group_names(groups, "expired"))) == 20
+    assert survivors(client, kind, groups) == {"expired"}
 
 
 def test_a_backlog_of_tens_of_thousands_is_emptied_in_one_run(
@@ -119,9 +120,7 @@ def test_a_backlog_of_tens_of_thousands_is_emptied_in_one_run(
     assert (result.matched, result.deleted, result.failed) == (20_000, 20_000, 0)
     # A batch per query call: 500 keys on the Firestore emulator, ~300 on the legacy one.
     assert 40 <= result.batches <= 20_000 // 250
-    assert remaining(client, kind, group_names(groups, *groups)) == set(
-        group_names(groups, "live", "in-flight")
-    )
+    assert survivors(client, kind, groups) == {"live", "in-flight"}
 
 
 # Each query applies each write still pending in the legacy emulator with this probability

@@ -21,19 +21,18 @@ from sweeper.inspect import InspectReport, inspect_target
 from sweeper.inspect_table import render_table, report_dict
 from sweeper.settings import FormatChoice
 from sweeper.slices import Shard
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.seed import MISSING, UNINDEXED, encode
 from tests.integration.helpers import (
     ago,
     ahead,
     emulator_env,
-    group_names,
     make_client,
-    remaining,
     seed,
     settings,
     stored,
+    survivors,
 )
+from tests.support.emulator import Emulator
+from tests.support.seed import MISSING, UNINDEXED, encode
 
 S, MS, TS = Encoding.EPOCH_SECONDS, Encoding.EPOCH_MILLIS, Encoding.TIMESTAMP
 
@@ -264,8 +263,7 @@ def test_inspect_deletes_nothing(client: datastore.Client, kind: str, fmt: Forma
 
     inspect(client, kind, fmt, count_limit=50)
 
-    names = group_names(groups, *groups)
-    assert remaining(client, kind, names) == set(names)
+    assert survivors(client, kind, groups) == set(groups)
 
 
 class FailingClient(datastore.Client):

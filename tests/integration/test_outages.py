@@ -10,19 +10,18 @@ import pytest
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.proxy import TcpProxy
 from tests.integration.helpers import (
     ago,
     ahead,
-    group_names,
     make_client,
-    remaining,
     seed,
     start_slow_sweep,
     stored,
+    survivors,
     sweep,
 )
+from tests.support.emulator import Emulator
+from tests.support.proxy import TcpProxy
 
 S = Encoding.EPOCH_SECONDS
 
@@ -41,7 +40,7 @@ def test_a_sweep_survives_connections_cut_every_one_to_two_seconds(
     assert proxy.cuts >= 1
     assert result.retries > 0
     assert (result.exit_code, result.failed) == (0, 0)
-    assert remaining(client, kind, group_names(groups, *groups)) == set(group_names(groups, "live"))
+    assert survivors(client, kind, groups) == {"live"}
 
 
 @pytest.fixture
@@ -62,7 +61,6 @@ def test_when_the_database_dies_mid_run_the_sweep_fails_cleanly_and_a_rerun_fini
     client = make_client(emu)
     groups = {"expired": stored(ago(hours=1), S, 3000), "live": stored(ahead(hours=1), S, 100)}
     seed(client, kind, groups)
-    names = group_names(groups, *groups)
     proc = start_slow_sweep(emu, kind, "--format", "epoch-seconds")
     time.sleep(1.0)
     # The database goes away mid-run. (A graceful shutdown: the legacy emulator writes its data
@@ -83,4 +81,4 @@ def test_when_the_database_dies_mid_run_the_sweep_fails_cleanly_and_a_rerun_fini
     emu.start()  # same port, same data dir
     rerun = sweep(make_client(emu), kind, S)
     assert rerun.exit_code == 0
-    assert remaining(make_client(emu), kind, names) == set(group_names(groups, "live"))
+    assert survivors(make_client(emu), kind, groups) == {"live"}

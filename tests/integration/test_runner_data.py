@@ -1,6 +1,6 @@
 """The shipped ``deploy/sweeper.toml`` against data shaped exactly as the eQ runner writes it.
 
-The seed comes from ``sweeper.testing.seed``'s ``runner_*`` functions: int epoch seconds for
+The seed comes from ``tests.support.seed``'s ``runner_*`` functions: int epoch seconds for
 every expiry and for ``submitted_at``, null where unset, ISO strings for ``created_at`` and
 ``updated_at``, and only the runner's index fields indexed. The shipped file names the
 runner's real kinds, while each test needs kinds of its own; so the test sweeps a temporary
@@ -26,15 +26,15 @@ from google.cloud import datastore
 
 from sweeper.config import load_targets
 from sweeper.settings import DEFAULT_GRACE, DEFAULT_PROPERTY, parse_duration
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.seed import (
+from tests.integration.helpers import ago, ahead, run_cli, survivors
+from tests.support.emulator import Emulator
+from tests.support.seed import (
     put_entities,
     runner_epoch_seconds,
     runner_eq_session,
     runner_questionnaire_state,
     runner_used_jti_claim,
 )
-from tests.integration.helpers import ago, ahead, remaining, run_cli
 
 SHIPPED = Path(__file__).parents[2] / "deploy" / "sweeper.toml"
 RUNNER_KINDS = ("eq-session", "questionnaire-state", "used-jti-claim")
@@ -79,10 +79,6 @@ def states() -> dict[str, Sequence[tuple[Instant, Instant]]]:
 def jtis() -> dict[str, Sequence[dt.datetime]]:
     """used-jti-claim ``expires_at`` values: nothing indexed, so no range query sees them."""
     return {"expired": [ago(days=1)] * 6, "live": [ahead(hours=1)] * 4}
-
-
-def names(groups: Mapping[str, Sequence[object]], *wanted: str) -> list[str]:
-    return [f"{g}-{i}" for g in (wanted or groups) for i in range(len(groups[g]))]
 
 
 def shipped_config_for(tmp_path: Path, kinds: Mapping[str, str]) -> Path:
@@ -175,21 +171,16 @@ def test_the_shipped_config_sweeps_the_runners_expired_data(
         38,
         [],
     )
-    assert remaining(client, session, names(sessions())) == set(
-        names(sessions(), "within-grace", "live", "null")
-    )
-    assert remaining(client, state, names(states())) == set(
-        names(
-            states(),
-            "submitted-recently",
-            "expired-within-grace",
-            "live",
-            "null-expiry",
-        )
-    )
+    assert survivors(client, session, sessions()) == {"within-grace", "live", "null"}
+    assert survivors(client, state, states()) == {
+        "submitted-recently",
+        "expired-within-grace",
+        "live",
+        "null-expiry",
+    }
     # The shipped file has no target for used-jti-claim (its --scan target is commented out,
     # and the runner keeps those claims in Redis): the kind is untouched, expired ones included.
-    assert remaining(client, jti, names(jtis())) == set(names(jtis()))
+    assert survivors(client, jti, jtis()) == set(jtis())
 
 
 SUBMITTED_LONG_AGO = ("submitted-long-ago", "submitted-no-expiry", "submitted-and-expired")
@@ -216,7 +207,7 @@ def test_submitted_at_is_swept_as_epoch_seconds(
     (summary,) = [e for e in events(proc.stdout) if e["event"] == "sweep_finished"]
     assert (summary["format"], summary["deleted"]) == ("epoch-seconds", 13)
     kept = [g for g in states() if g not in SUBMITTED_LONG_AGO]
-    assert remaining(client, kind, names(states())) == set(names(states(), *kept))
+    assert survivors(client, kind, states()) == set(kept)
 
 
 def test_a_timestamp_target_never_deletes_the_runners_submitted_at(
@@ -234,7 +225,7 @@ def test_a_timestamp_target_never_deletes_the_runners_submitted_at(
         [],
         [0],
     )
-    assert remaining(client, kind, names(states())) == set(names(states()))
+    assert survivors(client, kind, states()) == set(states())
 
 
 def test_runner_entities_read_back_with_the_runners_types(

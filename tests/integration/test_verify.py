@@ -9,8 +9,6 @@ from google.cloud import datastore
 from structlog.testing import capture_logs
 
 from sweeper.encodings import Encoding
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.seed import encode
 from tests.integration.helpers import (
     ago,
     ahead,
@@ -20,8 +18,11 @@ from tests.integration.helpers import (
     remaining,
     seed,
     stored,
+    survivors,
     sweep,
 )
+from tests.support.emulator import Emulator
+from tests.support.seed import encode
 
 MS = Encoding.EPOCH_MILLIS
 
@@ -38,9 +39,7 @@ def test_verify_deletes_exactly_the_expired_sessions(client: datastore.Client, k
 
     assert (result.matched, result.deleted, result.skipped, result.failed) == (700, 700, 0, 0)
     assert result.summary()["verify"] is True
-    assert remaining(client, kind, group_names(groups, *groups)) == set(
-        group_names(groups, "live", "null")
-    )
+    assert survivors(client, kind, groups) == {"live", "null"}
 
 
 class RefreshingClient(datastore.Client):
@@ -103,7 +102,7 @@ def test_verify_sizes_transactions_for_the_database(emulator: Emulator, kind: st
         result = sweep(client, kind, MS, verify=True)
 
     assert (result.deleted, result.failed, result.exit_code) == (120, 0, 0)
-    assert remaining(client, kind, group_names(groups, "expired")) == set()
+    assert survivors(client, kind, groups) == set()
     reduced = [e for e in logs if e["event"] == "transaction_size_reduced"]
     # The legacy emulator refuses more than 25 entity groups per transaction; Firestore does not.
     assert len(reduced) == (1 if emulator.flavour == "datastore" else 0)

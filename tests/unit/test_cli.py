@@ -14,14 +14,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner
 
 from sweeper import cli as cli_module
 from sweeper import targets as targets_module
-from sweeper.cli import cli, main
+from sweeper.cli import cli, inspect, main, sweep
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, SweepResult
+from sweeper.errors import SweeperError
+from sweeper.options import COMMANDS, OPTIONS, file_options, options_of
 from sweeper.retry import RetryPolicy
 from sweeper.settings import SweepSettings
 from sweeper.slices import Shard
@@ -76,6 +79,97 @@ def test_main_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
 def test_main_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == "sweeper, version 0.1.0"
+
+
+# Every option --help listed when the table in options.py was made, in that order: options
+# added since may come anywhere, but these keep their places (and none goes missing).
+SWEEP_ORDER = [
+    "--project",
+    "--database",
+    "--namespace",
+    "--kind",
+    "--property",
+    "--format",
+    "--grace",
+    "--batch-size",
+    "--dry-run",
+    "--verify",
+    "--scan",
+    "--config",
+    "--workers",
+    "--shard",
+    "--ramp-up",
+    "--max-rate",
+    "--pushgateway",
+    "--max-fraction",
+    "--yes",
+    "--max-deletes",
+    "--max-runtime",
+    "--log-format",
+    "--log-level",
+]
+INSPECT_ORDER = [
+    "--project",
+    "--database",
+    "--namespace",
+    "--kind",
+    "--property",
+    "--format",
+    "--grace",
+    "--scan",
+    "--workers",
+    "--batch-size",
+    "--verify",
+    "--shards",
+    "--ramp-up",
+    "--max-rate",
+    "--max-fraction",
+    "--sample-size",
+    "--count-limit",
+    "--output",
+    "--log-format",
+    "--log-level",
+]
+
+
+@pytest.mark.parametrize(
+    ("command", "order"), [(sweep, SWEEP_ORDER), (inspect, INSPECT_ORDER)], ids=COMMANDS
+)
+def test_help_keeps_every_option_in_its_place(command: click.Command, order: list[str]) -> None:
+    listed = [p.opts[0] for p in command.params if isinstance(p, click.Option)]
+    assert [flag for flag in listed if flag in order] == order
+    assert listed == [o.primary for o in options_of(str(command.name))]
+
+
+@pytest.mark.parametrize("command", [sweep, inspect], ids=COMMANDS)
+def test_every_option_has_a_variable_named_after_it(command: click.Command) -> None:
+    for param in command.params:
+        assert isinstance(param, click.Option)
+        envvars = param.envvar if isinstance(param.envvar, list) else [param.envvar]
+        assert envvars[0] == "SWEEPER_" + param.opts[0][2:].upper().replace("-", "_")
+        extra = ["DATASTORE_PROJECT_ID", "GOOGLE_CLOUD_PROJECT"] if param.name == "project" else []
+        assert envvars[1:] == extra
+        assert param.show_envvar
+
+
+def test_the_option_table_is_consistent() -> None:
+    for command in COMMANDS:
+        flags = [o.primary for o in options_of(command)]
+        assert len(flags) == len(set(flags)), command
+        for option in OPTIONS:
+            assert set(option.follows) <= set(option.help), option.flag
+            if command in option.follows:
+                assert option.follows[command] in flags, option.flag
+    for option in OPTIONS:
+        assert set(option.help) <= set(COMMANDS), option.flag
+        # What a --config file names is a setting, and one `sweep` takes.
+        if option.toml is not None or option.run_wide:
+            assert option.sets is not None, option.flag
+            assert "sweep" in option.help, option.flag
+        assert not (option.toml is not None and option.run_wide), option.flag
+        assert option.safe is None or option.overrides, option.flag
+    orders = [o.key_order for o in file_options() if o.key_order is not None]
+    assert len(orders) == len(set(orders))
 
 
 # --- bad usage --------------------------------------------------------------------------
@@ -267,6 +361,59 @@ def test_env_vars_configure_the_sweep(stub: StubSweep, monkeypatch: pytest.Monke
         ramp_up=False,
         max_rate=250.0,
         verify=None,
+    )
+
+
+class InspectStopped(SweeperError):
+    pass
+
+
+def test_inspect_builds_its_settings_from_its_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[SweepSettings, dict[str, Any]]] = []
+
+    def inspect_target(settings: SweepSettings, *_args: Any, **kwargs: Any) -> None:
+        seen.append((settings, kwargs))
+        raise InspectStopped("stub")
+
+    monkeypatch.setattr(cli_module, "inspect_target", inspect_target)
+    monkeypatch.setattr(cli_module, "make_client", lambda *_args: CLIENT)
+    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", "127.0.0.1:8081")
+    monkeypatch.setenv("SWEEPER_SAMPLE_SIZE", "50")
+    args = ["--log-format", "json", "--kind", "k", "--property", "p", "--format", "timestamp"]
+    args += ["--grace", "1h", "--namespace", "n", "--database", "", "--project", "pr"]
+    args += ["--workers", "2", "--batch-size", "100", "--no-verify", "--shards", "3"]
+    args += ["--max-rate", "20", "--max-fraction", "1", "--count-limit", "9"]
+    assert main(["inspect", *args]) == 1
+    (settings, kwargs) = seen[0]
+    assert settings == SweepSettings(
+        kind="k",
+        prop="p",
+        format=Encoding.TIMESTAMP,
+        grace=dt.timedelta(hours=1),
+        namespace="n",
+        database=None,
+        project="pr",
+        workers=2,
+        batch_size=100,
+        verify=False,
+        shard=Shard(0, 3),  # the first of three pods
+        ramp_up=False,  # an emulator: no ramp-up unless asked for
+        max_rate=20.0,
+        max_fraction=1.0,
+    )
+    assert kwargs == {"sample_size": 50, "count_limit": 9}
+    assert (
+        main(["inspect", "--log-format", "json", "--ramp-up", "--scan", "--format", "timestamp"])
+        == 1
+    )
+    assert seen[1][0] == SweepSettings(
+        kind="eq-session",
+        prop="expires_at",
+        format=Encoding.TIMESTAMP,
+        grace=dt.timedelta(minutes=15),
+        scan=True,
+        verify=None,
+        ramp_up=True,
     )
 
 

@@ -5,31 +5,16 @@ from __future__ import annotations
 
 import threading
 from contextlib import AbstractContextManager
-from typing import TypeVar
 
 import pytest
 from google.api_core import exceptions as gexc
 
 from sweeper.concurrency import CallLimiter, Degradation, is_connection_level
 from sweeper.stopping import Stopped, StopReason
-
-E = TypeVar("E", bound=Exception)
+from tests.unit.fakes import FakeClock, api_error
 
 # How long a thread is given to do what it must; the tests never wait this long when they pass.
 JOIN_S = 5.0
-
-
-def api_error(cls: type[E], message: str) -> E:
-    """google.api_core's exception classes are unannotated; build them in one typed place."""
-    return cls(message)
-
-
-class FakeClock:
-    def __init__(self, now: float = 100.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def start(limiter: CallLimiter) -> AbstractContextManager[None]:

@@ -15,7 +15,9 @@ from sweeper.cli import main
 from sweeper.config import load_targets
 from sweeper.encodings import Encoding
 from sweeper.errors import UsageError
+from sweeper.options import Option, file_options
 from sweeper.settings import SweepSettings
+from sweeper.slices import Shard
 
 BASE: dict[str, Any] = {
     "prop": "expires_at",
@@ -76,6 +78,53 @@ verify = true
     assert first.project == second.project == "p"
 
 
+def test_every_key_reaches_its_setting(tmp_path: Path) -> None:
+    (target,) = load(
+        tmp_path,
+        """
+[[target]]
+kind = "k"
+property = "p"
+format = "timestamp"
+grace = "1h30m"
+namespace = "n"
+database = "d"
+max_deletes = 5
+max_runtime = "2m"
+batch_size = 100
+max_fraction = 1
+verify = true
+scan = true
+""",
+    )
+    assert target == SweepSettings(
+        kind="k",
+        prop="p",
+        format=Encoding.TIMESTAMP,
+        grace=dt.timedelta(hours=1, minutes=30),
+        namespace="n",
+        database="d",
+        max_deletes=5,
+        max_runtime=dt.timedelta(minutes=2),
+        batch_size=100,
+        max_fraction=1.0,
+        verify=True,
+        scan=True,
+        project="p",
+    )
+
+
+def test_base_values_reach_every_target_but_its_kind_does_not(tmp_path: Path) -> None:
+    path = tmp_path / "sweeper.toml"
+    path.write_text('[[target]]\nkind = "a"\n[[target]]\nproperty = "x"\n')
+    base = {**BASE, "kind": "from-the-command-line", "workers": 2, "shard": Shard(1, 3)}
+    with pytest.raises(UsageError, match="target 2: kind is required"):
+        load_targets(path, base)
+    path.write_text('[[target]]\nkind = "a"\n')
+    (target,) = load_targets(path, base)
+    assert (target.kind, target.workers, target.shard) == ("a", 2, Shard(1, 3))
+
+
 def test_the_shipped_example_config_loads() -> None:
     """The runner stores every one of these properties as int epoch seconds (its marshmallow
     ``Timestamp`` field), submitted_at included; tests/integration/test_runner_data.py sweeps
@@ -106,6 +155,12 @@ def test_the_shipped_example_config_loads() -> None:
         ('[[target]]\nkind = "x"\nproject = "other"\n', "project applies to the whole run"),
         ('[[target]]\nkind = "x"\n[[target]]\nkind = ""\n', "target 2: kind must not be empty"),
         ("[[target]\nkind = 1", "invalid TOML"),
+        ('[[target]]\nkind = "x"\ndry_run = true\n', "dry_run applies to the whole run"),
+        ('[[target]]\nkind = "x"\nworkers = 2\n', "unknown key 'workers'"),
+        ("[[target]]\nkind = 1\n", "kind must be a str, not 1"),
+        ('[[target]]\nkind = "x"\nbatch_size = true\n', "batch_size must be a int, not True"),
+        ('[[target]]\nkind = "x"\nmax_fraction = "1"\n', "max_fraction must be a number"),
+        ('[[target]]\nkind = "x"\nmax_runtime = 60\n', "max_runtime must be a string, not 60"),
     ],
 )
 def test_a_bad_config_is_one_usage_error(tmp_path: Path, text: str, mentions: str) -> None:
@@ -113,6 +168,16 @@ def test_a_bad_config_is_one_usage_error(tmp_path: Path, text: str, mentions: st
         load(tmp_path, text)
     assert mentions in raised.value.message
     assert "\n" not in raised.value.message
+
+
+def test_an_unknown_key_is_told_the_known_ones_in_order(tmp_path: Path) -> None:
+    with pytest.raises(UsageError) as raised:
+        load(tmp_path, '[[target]]\nkind = "x"\nkidn = "y"\n')
+    assert (
+        "unknown key 'kidn' (known: kind, property, format, grace, namespace, database, "
+        "max_deletes, max_runtime, batch_size, max_fraction, verify, scan"
+    ) in raised.value.message
+    assert [o.key for o in file_options()][:3] == ["kind", "property", "format"]
 
 
 def test_a_missing_file_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -130,6 +195,26 @@ def test_per_target_options_clash_with_config(
     monkeypatch.setenv("SWEEPER_KIND", "eq-session")
     assert main(["sweep", "--config", str(path)]) == 2
     assert "--kind cannot be combined" in capsys.readouterr().err
+    # All of them at once: named in the order of the file's keys.
+    assert main(["sweep", "--config", str(path), "--scan", "--namespace", "n"]) == 2
+    assert "--kind, --namespace, --scan cannot be combined" in capsys.readouterr().err
+
+
+# A value for each per-target option that takes one (its default, where it has one).
+SAMPLE = {"namespace": "n", "database": "d", "max_deletes": "5", "max_runtime": "1m"}
+
+
+@pytest.mark.parametrize(
+    "option", [o for o in file_options() if o.per_target], ids=lambda o: o.primary
+)
+def test_every_per_target_option_clashes_with_config(
+    option: Option, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "sweeper.toml"
+    path.write_text('[[target]]\nkind = "x"\n')
+    value = [] if option.is_flag else [SAMPLE.get(option.key, str(option.default))]
+    assert main(["sweep", "--config", str(path), option.primary, *value]) == 2
+    assert f"{option.primary} cannot be combined with --config" in capsys.readouterr().err
 
 
 def test_the_cronjob_carries_the_same_targets_as_the_example(tmp_path: Path) -> None:
@@ -223,3 +308,25 @@ def test_verify_on_the_command_line_reaches_every_target_of_a_config(
     monkeypatch.setattr(cli_module, "sweep_targets", record)
     assert main(["sweep", "--config", str(path), "--verify", "--log-format", "json"]) == 0
     assert [t.verify for t in seen] == [True, True, True]
+
+
+def test_a_batch_size_variable_overrides_every_targets_but_not_a_targets_verify(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "sweeper.toml"
+    path.write_text(PRECEDENCE)
+    seen: list[SweepSettings] = []
+
+    def record(targets: list[SweepSettings], *_args: Any, **_kwargs: Any) -> list[Any]:
+        seen.extend(targets)
+        return []
+
+    monkeypatch.setattr(cli_module, "sweep_targets", record)
+    monkeypatch.setenv("SWEEPER_BATCH_SIZE", "7")
+    monkeypatch.setenv("SWEEPER_VERIFY", "false")
+    assert main(["sweep", "--config", str(path), "--log-format", "json"]) == 0
+    assert [(t.kind, t.batch_size, t.verify) for t in seen] == [
+        ("a", 7, False),
+        ("b", 7, False),
+        ("c", 7, True),
+    ]

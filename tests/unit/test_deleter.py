@@ -6,8 +6,7 @@ database refuses too many entity groups."""
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import pytest
 from google.api_core import exceptions as gexc
@@ -29,19 +28,12 @@ from sweeper.encodings import Encoding
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.settings import MAX_BATCH_SIZE
 from sweeper.stopping import Stopped, StopReason
-
-E = TypeVar("E", bound=Exception)
+from tests.unit.fakes import MISSING, FakeClient, FakeClock, api_error, entities
 
 CUTOFF = dt.datetime(2024, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
 CUTOFF_S = int(CUTOFF.timestamp())
 EXPIRED = CUTOFF_S - 3600
 LIVE = CUTOFF_S + 3600
-TOO_MANY_GROUPS = "operating on too many entity groups in a single transaction."
-
-
-def api_error(cls: type[E], message: str) -> E:
-    """google.api_core's exception classes are unannotated; build them in one typed place."""
-    return cls(message)
 
 
 def make_keys(n: int, start: int = 1) -> list[datastore.Key]:
@@ -51,14 +43,6 @@ def make_keys(n: int, start: int = 1) -> list[datastore.Key]:
 def retrier(attempts: int = 3) -> tuple[Retrier, RetryCounter]:
     counter = RetryCounter()
     return Retrier(RetryPolicy(max_attempts=attempts), counter, sleep=lambda _s: None), counter
-
-
-class FakeClock:
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # --- chunks --------------------------------------------------------------------------------
@@ -201,31 +185,6 @@ def test_sizer_degradation_reports_smallest_reductions_and_reduced_time() -> Non
 # --- BatchDeleter --------------------------------------------------------------------------
 
 
-class FakeClient:
-    """``delete_multi`` records each commit; ``script`` decides, per call, how long it takes
-    on ``clock`` and whether it fails (before deleting anything)."""
-
-    def __init__(
-        self,
-        clock: FakeClock,
-        script: Callable[[int, int], BaseException | None] = lambda _call, _n: None,
-        seconds_per_key: float = 0.001,
-    ) -> None:
-        self.clock = clock
-        self.script = script
-        self.seconds_per_key = seconds_per_key
-        self.commits: list[list[datastore.Key]] = []
-        self.deleted: list[datastore.Key] = []
-
-    def delete_multi(self, keys: Sequence[datastore.Key], *, retry: object, timeout: float) -> None:
-        self.commits.append(list(keys))
-        error = self.script(len(self.commits), len(keys))
-        if error is not None:
-            raise error
-        self.clock.now += self.seconds_per_key * len(keys)
-        self.deleted.extend(keys)
-
-
 def batch_deleter(
     client: FakeClient, attempts: int = 3, maximum: int = MAX_BATCH_SIZE
 ) -> tuple[BatchDeleter, RetryCounter]:
@@ -235,36 +194,29 @@ def batch_deleter(
 
 
 def test_one_commit_per_batch_normally() -> None:
-    client = FakeClient(FakeClock())
+    client = FakeClient()
     deleter, counter = batch_deleter(client)
     keys = make_keys(500)
     assert deleter.delete(keys) == 500
-    assert client.commits == [keys]
+    assert client.delete_calls == [keys]
     assert counter.retries == 0
 
 
 def test_more_keys_than_one_commit_takes_are_refused() -> None:
-    client = FakeClient(FakeClock())
+    client = FakeClient()
     deleter, _counter = batch_deleter(client)
     with pytest.raises(ValueError, match="500"):
         deleter.delete(make_keys(501))
-    assert client.commits == []
+    assert client.delete_calls == []
 
 
 def test_timed_out_commit_is_retried_smaller_and_the_batch_ends_fully_deleted() -> None:
-    clock = FakeClock()
-
-    def script(call: int, _n: int) -> Exception | None:
-        if call == 1:
-            clock.now += 20.0  # the call deadline: 500 keys were not deleted within 20 s
-            return api_error(gexc.DeadlineExceeded, "Deadline Exceeded")
-        return None
-
-    client = FakeClient(clock, script)
+    client = FakeClient()  # a timeout takes the call deadline: 20 s, and deletes nothing
+    client.delete_errors = {1: api_error(gexc.DeadlineExceeded, "Deadline Exceeded")}
     deleter, counter = batch_deleter(client)
     keys = make_keys(500)
     assert deleter.delete(keys) == 500
-    sizes = [len(c) for c in client.commits]
+    sizes = [len(c) for c in client.delete_calls]
     assert sizes[0] == 500
     assert sizes[1] == 50  # 2 s at the 0.04 s per key the timeout proved
     assert client.deleted == keys  # each key once, in order
@@ -273,26 +225,28 @@ def test_timed_out_commit_is_retried_smaller_and_the_batch_ends_fully_deleted() 
 
 def test_permanent_failure_raises_batch_failed_with_keys_deleted_before_it() -> None:
     error = api_error(gexc.PermissionDenied, "missing datastore.entities.delete")
-    client = FakeClient(FakeClock(), lambda call, _n: error if call == 3 else None)
+    client = FakeClient()
+    client.delete_errors = {3: error}
     deleter, counter = batch_deleter(client, maximum=100)
     with pytest.raises(BatchFailed) as info:
         deleter.delete(make_keys(300))
     assert info.value.deleted == 200
     assert info.value.cause is error
     assert info.value.__cause__ is error
-    assert len(client.commits) == 3  # a permanent error is not retried
+    assert len(client.delete_calls) == 3  # a permanent error is not retried
     assert counter.retries == 0
 
 
 def test_transient_failure_that_outlasts_the_policy_raises_batch_failed() -> None:
     error = api_error(gexc.ServiceUnavailable, "down")
-    client = FakeClient(FakeClock(), lambda _call, _n: error)
+    client = FakeClient()
+    client.delete_error_always = error
     deleter, counter = batch_deleter(client, attempts=3)
     with pytest.raises(BatchFailed) as info:
         deleter.delete(make_keys(10))
     assert info.value.deleted == 0
     assert info.value.cause is error
-    assert len(client.commits) == 3
+    assert len(client.delete_calls) == 3
     assert counter.retries == 2
 
 
@@ -306,99 +260,20 @@ def test_transient_failure_that_outlasts_the_policy_raises_batch_failed() -> Non
 def test_no_commit_ever_exceeds_500_keys_and_every_key_is_deleted_once(
     n: int, maximum: int, timeouts: set[int], seconds_per_key: float
 ) -> None:
-    clock = FakeClock()
-
-    def script(call: int, _n: int) -> Exception | None:
-        if call in timeouts:
-            clock.now += 20.0
-            return api_error(gexc.DeadlineExceeded, "slow")
-        return None
-
-    client = FakeClient(clock, script, seconds_per_key)
+    client = FakeClient(seconds_per_key=seconds_per_key)
+    client.delete_errors = {call: api_error(gexc.DeadlineExceeded, "slow") for call in timeouts}
     deleter, _counter = batch_deleter(client, attempts=20, maximum=maximum)
     keys = make_keys(n)
     assert deleter.delete(keys) == n
-    assert all(1 <= len(c) <= min(MAX_BATCH_SIZE, maximum) for c in client.commits)
+    assert all(1 <= len(c) <= min(MAX_BATCH_SIZE, maximum) for c in client.delete_calls)
     assert client.deleted == keys
 
 
 # --- VerifyingDeleter ----------------------------------------------------------------------
 
-MISSING = object()  # an entity without the property
-
-
-class FakeTransaction:
-    def __init__(self, client: FakeStore) -> None:
-        self.client = client
-        self.began = False
-        self.read: list[datastore.Key] = []
-        self.deletes: list[datastore.Key] = []
-        self.rolled_back = False
-
-    def begin(self, *, retry: object, timeout: float) -> None:
-        self.began = True
-
-    def delete(self, key: datastore.Key) -> None:
-        self.deletes.append(key)
-
-    def commit(self, *, retry: object, timeout: float) -> None:
-        self.client.commit(self)
-
-    def rollback(self, *, retry: object, timeout: float) -> None:
-        self.rolled_back = True
-
-
-class FakeStore:
-    """Entities by key; a transaction touching more than ``group_limit`` keys is refused at
-    commit, as the legacy emulator refuses over 25 entity groups."""
-
-    def __init__(self, values: dict[datastore.Key, object], group_limit: int = 10_000) -> None:
-        self.values = dict(values)
-        self.group_limit = group_limit
-        self.commit_errors: dict[int, Exception] = {}  # by 1-based commit number
-        self.commits = 0
-        self.on_commit_error: Callable[[], None] = lambda: None
-        self.transactions: list[FakeTransaction] = []
-
-    def transaction(self) -> FakeTransaction:
-        txn = FakeTransaction(self)
-        self.transactions.append(txn)
-        return txn
-
-    def get_multi(
-        self,
-        keys: Sequence[datastore.Key],
-        *,
-        transaction: FakeTransaction,
-        retry: object,
-        timeout: float,
-    ) -> list[Any]:
-        assert transaction.began
-        transaction.read.extend(keys)
-        found = []
-        for key in keys:
-            if key not in self.values:
-                continue
-            entity = datastore.Entity(key)
-            if self.values[key] is not MISSING:
-                entity["expires_at"] = self.values[key]
-            found.append(entity)
-        return found
-
-    def commit(self, txn: FakeTransaction) -> None:
-        self.commits += 1
-        error = self.commit_errors.pop(self.commits, None)
-        if error is not None:
-            self.on_commit_error()
-            raise error
-        if len(txn.read) > self.group_limit:
-            raise api_error(gexc.InvalidArgument, TOO_MANY_GROUPS)
-        for key in txn.deletes:
-            del self.values[key]
-
 
 def verifying(
-    store: FakeStore, maximum: int = MAX_BATCH_SIZE
+    store: FakeClient, maximum: int = MAX_BATCH_SIZE
 ) -> tuple[VerifyingDeleter, RetryCounter]:
     retry, counter = retrier()
     sizer = BatchSizer(maximum, FakeClock())  # a clock that never moves: the size stays put
@@ -428,7 +303,7 @@ def test_verify_deletes_only_entities_still_expired() -> None:
         keys[5]: True,
         keys[7]: CUTOFF_S - 1,
     }  # keys[6] is already gone
-    store = FakeStore(values)
+    store = FakeClient(entities(values))
     deleter, _counter = verifying(store)
     assert deleter.delete(keys) == 2
     assert set(store.values) == set(values) - {keys[0], keys[7]}
@@ -439,7 +314,7 @@ def test_verify_deletes_only_entities_still_expired() -> None:
 
 def test_verify_keeps_a_value_exactly_at_the_cutoff() -> None:
     keys = make_keys(1)
-    store = FakeStore({keys[0]: CUTOFF_S})
+    store = FakeClient(entities({keys[0]: CUTOFF_S}))
     deleter, _counter = verifying(store)
     assert deleter.delete(keys) == 0
     assert keys[0] in store.values
@@ -447,11 +322,11 @@ def test_verify_keeps_a_value_exactly_at_the_cutoff() -> None:
 
 def test_verify_retry_rereads_after_an_aborted_commit() -> None:
     keys = make_keys(3)
-    store = FakeStore(dict.fromkeys(keys, EXPIRED))
+    store = FakeClient(entities(dict.fromkeys(keys, EXPIRED)))
     store.commit_errors = {1: api_error(gexc.Aborted, "contention")}
 
     def refresh() -> None:  # the concurrent write that aborted the commit
-        store.values[keys[1]] = LIVE
+        store.put(keys[1], LIVE)
 
     store.on_commit_error = refresh
     deleter, counter = verifying(store)
@@ -463,7 +338,7 @@ def test_verify_retry_rereads_after_an_aborted_commit() -> None:
 
 def test_verify_shrinks_transactions_to_25_keys_once_on_too_many_entity_groups() -> None:
     first, second = make_keys(60), make_keys(60, start=1000)
-    store = FakeStore(dict.fromkeys(first + second, EXPIRED), group_limit=LEGACY_LIMIT)
+    store = FakeClient(entities(dict.fromkeys(first + second, EXPIRED)), group_limit=LEGACY_LIMIT)
     deleter, counter = verifying(store)
     with capture_logs() as logs:
         assert deleter.delete(first) == 60
@@ -480,7 +355,7 @@ def test_verify_shrinks_transactions_to_25_keys_once_on_too_many_entity_groups()
 
 def test_verify_fails_when_even_25_keys_are_too_many_entity_groups() -> None:
     keys = make_keys(60)
-    store = FakeStore(dict.fromkeys(keys, EXPIRED), group_limit=10)
+    store = FakeClient(entities(dict.fromkeys(keys, EXPIRED)), group_limit=10)
     deleter, _counter = verifying(store)
     with capture_logs() as logs, pytest.raises(BatchFailed) as info:
         deleter.delete(keys)
@@ -492,7 +367,7 @@ def test_verify_fails_when_even_25_keys_are_too_many_entity_groups() -> None:
 
 def test_verify_other_invalid_argument_fails_without_shrinking() -> None:
     keys = make_keys(60)
-    store = FakeStore(dict.fromkeys(keys, EXPIRED))
+    store = FakeClient(entities(dict.fromkeys(keys, EXPIRED)))
     store.commit_errors = {1: api_error(gexc.InvalidArgument, "key path element must not be empty")}
     deleter, _counter = verifying(store)
     with capture_logs() as logs, pytest.raises(BatchFailed) as info:
@@ -504,7 +379,7 @@ def test_verify_other_invalid_argument_fails_without_shrinking() -> None:
 
 def test_verify_failure_reports_entities_deleted_before_it() -> None:
     keys = make_keys(60)
-    store = FakeStore(dict.fromkeys(keys, EXPIRED))
+    store = FakeClient(entities(dict.fromkeys(keys, EXPIRED)))
     error = api_error(gexc.PermissionDenied, "missing datastore.entities.delete")
     store.commit_errors = {2: error}
     deleter, _counter = verifying(store, maximum=25)
@@ -518,7 +393,8 @@ def test_verify_failure_reports_entities_deleted_before_it() -> None:
 def test_a_stop_mid_batch_says_how_many_keys_went_before_it() -> None:
     """The engine counts them as deleted, and the rest as neither deleted nor failed."""
     stop = Stopped(StopReason.SIGNAL)
-    client = FakeClient(FakeClock(), lambda call, _n: stop if call == 3 else None)
+    client = FakeClient()
+    client.delete_errors = {3: stop}
     deleter, _counter = batch_deleter(client, maximum=100)
     with pytest.raises(BatchFailed) as info:
         deleter.delete(make_keys(300))

@@ -4,23 +4,18 @@ that orders values as Datastore's index does and whose lookups return true types
 from __future__ import annotations
 
 import datetime as dt
-import operator
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, cast
+from collections.abc import Sequence
+from typing import cast
 
 import pytest
 from google.cloud import datastore
-from google.cloud.datastore.query import PropertyFilter
 from structlog.testing import capture_logs
 
 from sweeper.detect import UNINDEXED_SAMPLE, check_explicit, detect_encoding
-from sweeper.encodings import Encoding, to_micros
+from sweeper.encodings import Encoding
 from sweeper.errors import RefusedError
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
-
-KIND, PROP = "eq-session", "expires_at"
-MISSING = object()  # an entity without the property
+from tests.unit.fakes import KIND, MISSING, PROP, FakeClient, entities, index_order
 
 SECONDS = 1_700_000_000
 MILLIS = SECONDS * 1000
@@ -28,123 +23,22 @@ MICROS = SECONDS * 1_000_000  # an int of epoch microseconds: sorts with timesta
 STAMP = dt.datetime(2023, 11, 14, 22, 13, 20, tzinfo=dt.UTC)
 
 
-def index_order(value: object) -> tuple[int, Any]:
-    """Datastore's order of one property's values: null; ints and timestamps together (a
-    timestamp as its microseconds); booleans; strings; floats."""
-    if value is None:
-        return (0, 0)
-    if isinstance(value, bool):
-        return (2, value)
-    if isinstance(value, int):
-        return (1, value)
-    if isinstance(value, dt.datetime):
-        return (1, to_micros(value))
-    if isinstance(value, str):
-        return (3, value)
-    if isinstance(value, float):
-        return (4, value)
-    raise TypeError(f"no index order for {value!r}")
-
-
-OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
-    ">": operator.gt,
-    ">=": operator.ge,
-    "<": operator.lt,
-}
-
-
-@dataclass
-class Stored:
-    key: datastore.Key
-    value: object
-    indexed: bool = True
-
-
-class FakePage:
-    def __init__(self, keys: list[datastore.Key]) -> None:
-        self._keys = keys
-        self.next_page_token = None
-
-    @property
-    def pages(self) -> Iterator[FakePage]:
-        """The client's iterator by server batch: this fake answers in one batch."""
-        return iter([self])
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(datastore.Entity(key) for key in self._keys)
-
-
-class FakeQuery:
-    def __init__(self, client: FakeClient) -> None:
-        self._client = client
-        self.filters: list[PropertyFilter] = []
-        self.order: list[str] = []
-
-    def keys_only(self) -> None:
-        pass
-
-    def add_filter(self, *, filter: PropertyFilter) -> FakeQuery:
-        assert filter.property_name == PROP
-        self.filters.append(filter)
-        return self
-
-    def fetch(
-        self, *, limit: int, start_cursor: bytes | None = None, retry: object, timeout: float
-    ) -> FakePage:
-        rows = self._client.rows
-        if self.filters or self.order:  # only entities with an indexed value are in the index
-            rows = [r for r in rows if r.indexed and r.value is not MISSING]
-            for f in self.filters:
-                test = OPERATORS[f.operator]
-                rows = [r for r in rows if test(index_order(r.value), index_order(f.value))]
-            rows = sorted(rows, key=lambda r: index_order(r.value))  # stable: then by key
-            if self.order == ["-" + PROP]:
-                rows.reverse()
-            else:
-                assert self.order in ([], [PROP])
-        return FakePage([r.key for r in rows[:limit]])
-
-
-class FakeClient:
-    """One kind's entities, in key order; queries use the index, lookups read true types."""
-
-    def __init__(self, values: Sequence[object], unindexed: bool = False) -> None:
-        self.rows = [
-            Stored(datastore.Key(KIND, i + 1, project="p"), value, indexed=not unindexed)
-            for i, value in enumerate(values)
-        ]
-        self.vanish_before_lookup: set[int] = set()  # ids deleted by someone else meanwhile
-
-    def query(self, *, kind: str) -> FakeQuery:
-        assert kind == KIND
-        return FakeQuery(self)
-
-    def get_multi(
-        self, keys: Sequence[datastore.Key], *, retry: object, timeout: float
-    ) -> list[Any]:
-        self.rows = [r for r in self.rows if r.key.id not in self.vanish_before_lookup]
-        by_key = {r.key: r for r in self.rows}
-        found = []
-        for key in keys:
-            if key in by_key:
-                entity = datastore.Entity(key)
-                if by_key[key].value is not MISSING:
-                    entity[PROP] = by_key[key].value
-                found.append(entity)
-        return found
-
-
 def retrier() -> Retrier:
     return Retrier(RetryPolicy(max_attempts=2), RetryCounter(), sleep=lambda _s: None)
 
 
+def stored(values: Sequence[object], unindexed: bool = False) -> FakeClient:
+    """One kind's entities, in key order; queries use the index, lookups read true types."""
+    return FakeClient(entities(values, unindexed=unindexed), index=True)
+
+
 def detect(values: Sequence[object], unindexed: bool = False) -> Encoding | None:
-    client = cast(datastore.Client, FakeClient(values, unindexed))
+    client = cast(datastore.Client, stored(values, unindexed))
     return detect_encoding(client, retrier(), KIND, PROP)
 
 
 def check(values: Sequence[object], encoding: Encoding) -> tuple[str, ...]:
-    client = cast(datastore.Client, FakeClient(values))
+    client = cast(datastore.Client, stored(values))
     return check_explicit(client, retrier(), KIND, PROP, encoding)
 
 
@@ -221,8 +115,9 @@ def test_unindexed_values_are_refused() -> None:
 
 
 def test_an_end_deleted_before_the_lookup_is_looked_for_again() -> None:
-    fake = FakeClient([SECONDS, SECONDS + 1, SECONDS + 2])
-    fake.vanish_before_lookup = {1}  # the oldest session, deleted by another pod meanwhile
+    fake = stored([SECONDS, SECONDS + 1, SECONDS + 2])
+    oldest = fake.keys[0]
+    fake.on_lookup = lambda: fake.drop(oldest)  # deleted by another pod meanwhile
     found = detect_encoding(cast(datastore.Client, fake), retrier(), KIND, PROP)
     assert found is Encoding.EPOCH_SECONDS  # not refused as "more than one encoding"
 
@@ -280,6 +175,6 @@ def test_explicit_with_no_value_at_all_is_nothing_to_check() -> None:
 
 
 def test_explicit_with_unindexed_values_is_refused() -> None:
-    client = cast(datastore.Client, FakeClient([MILLIS, MILLIS], unindexed=True))
+    client = cast(datastore.Client, stored([MILLIS, MILLIS], unindexed=True))
     with pytest.raises(RefusedError, match="looks unindexed"):
         check_explicit(client, retrier(), KIND, PROP, Encoding.EPOCH_MILLIS)

@@ -1,19 +1,17 @@
 """Engine paths no emulator can reach: failing RPCs, signals, the clock.
 
-The fake client below implements only what ``query``/``deleter`` call; everything else about
-real query behaviour is covered by the integration tests against both emulators.
+The fake client (``tests/unit/fakes.py``) implements only what sweeper calls; everything else
+about real query behaviour is covered by the integration tests against both emulators.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import itertools
-from collections.abc import Iterator, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
-from google.cloud.datastore.query import PropertyFilter
 from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
@@ -25,14 +23,7 @@ from sweeper.retry import RetryPolicy
 from sweeper.settings import SweepSettings
 from sweeper.targets import sweep_targets
 from tests.contract import SWEEP_FINISHED_FIELDS
-
-E = TypeVar("E", bound=Exception)
-
-
-def api_error(cls: type[E], message: str) -> E:
-    """google.api_core's exception classes are unannotated; build them in one typed place."""
-    return cls(message)
-
+from tests.unit.fakes import FakeClient, FakeClock, api_error, entities
 
 NOW = dt.datetime(2024, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
 EXPIRED_SECONDS = int(NOW.timestamp()) - 86_400
@@ -42,128 +33,9 @@ ATTEMPTS = 3
 POLICY = RetryPolicy(max_attempts=ATTEMPTS, max_delay_s=3600.0, initial_wait_s=0.5, max_wait_s=1.0)
 
 
-class FakePage:
-    def __init__(self, keys: list[datastore.Key], token: bytes | None) -> None:
-        self._keys = keys
-        self.next_page_token = token
-
-    @property
-    def pages(self) -> Iterator[FakePage]:
-        """The client's iterator by server batch: this fake answers in one batch."""
-        return iter([self])
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(datastore.Entity(key) for key in self._keys)
-
-
-class FakeQuery:
-    def __init__(self, client: FakeClient) -> None:
-        self._client = client
-        self.filters: list[PropertyFilter] = []
-        self.order: list[str] = []
-
-    def keys_only(self) -> None:
-        pass
-
-    def add_filter(self, *, filter: PropertyFilter) -> FakeQuery:
-        self.filters.append(filter)
-        return self
-
-    def fetch(
-        self, *, limit: int, start_cursor: bytes | None = None, retry: object, timeout: float
-    ) -> FakePage:
-        return self._client.page(limit, start_cursor)
-
-
-class FakeBatch:
-    """A query result batch as the client's API object returns it: maybe with ``read_time``."""
-
-    def __init__(self, read_time: dt.datetime | None) -> None:
-        self.read_time = read_time
-
-    def __contains__(self, name: str) -> bool:
-        return name == "read_time" and self.read_time is not None
-
-
-class FakeApi:
-    """``client._datastore_api``: only the clock query is sent through it."""
-
-    def __init__(self) -> None:
-        self.read_time: dt.datetime | None = None  # like the legacy emulator: no server time
-
-    def run_query(self, *, request: object, retry: object, timeout: float) -> Any:
-        return type("Response", (), {"batch": FakeBatch(self.read_time)})()
-
-
-class FakeClient:
-    """Every query returns ``keys`` (page by page); failures are injected per call kind."""
-
-    project, database, namespace = "p", None, None
-
-    def __init__(self, n_keys: int) -> None:
-        self.keys = [datastore.Key("eq-session", i + 1, project="p") for i in range(n_keys)]
-        self.fetch_errors: dict[int, Exception] = {}  # by 1-based fetch number
-        self.query_error_always: Exception | None = None
-        self.delete_errors: list[Exception] = []
-        self.delete_error_always: Exception | None = None
-        self.fetches = 0
-        self.delete_calls: list[list[datastore.Key]] = []
-        self.deleted: list[datastore.Key] = []
-        self.queries: list[FakeQuery] = []
-        self.lookups = 0
-        self._datastore_api = FakeApi()
-
-    def aggregation_query(self, query: object) -> Any:
-        """Like the legacy emulator: no aggregation queries, so counts page through keys."""
-        raise api_error(gexc.MethodNotImplemented, "RunAggregationQuery")
-
-    def query(self, *, kind: str) -> FakeQuery:
-        assert kind == "eq-session"
-        query = FakeQuery(self)
-        self.queries.append(query)
-        return query
-
-    def page(self, limit: int, cursor: bytes | None) -> FakePage:
-        self.fetches += 1
-        if self.query_error_always is not None:
-            raise self.query_error_always
-        if self.fetches in self.fetch_errors:
-            raise self.fetch_errors.pop(self.fetches)
-        start = int(cursor.decode()) if cursor else 0
-        keys = self.keys[start : start + limit]
-        return FakePage(keys, str(start + len(keys)).encode())
-
-    def delete_multi(self, keys: Sequence[datastore.Key], *, retry: object, timeout: float) -> None:
-        self.delete_calls.append(list(keys))
-        if self.delete_error_always is not None:
-            raise self.delete_error_always
-        if self.delete_errors:
-            raise self.delete_errors.pop(0)
-        self.deleted.extend(keys)
-
-    def get_multi(
-        self, keys: Sequence[datastore.Key], *, retry: object, timeout: float
-    ) -> list[Any]:
-        """The check before an explicit --format looks a probe's entities up: all epoch seconds."""
-        self.lookups += 1
-        found = []
-        for key in keys:
-            entity = datastore.Entity(key)
-            entity["expires_at"] = EXPIRED_SECONDS
-            found.append(entity)
-        return found
-
-
-class Clock:
-    """A monotonic clock that moves ``step`` seconds every time it is read."""
-
-    def __init__(self, step: float) -> None:
-        self.now = 1000.0
-        self.step = step
-
-    def __call__(self) -> float:
-        self.now += self.step
-        return self.now
+def expired_sessions(n: int) -> FakeClient:
+    """``n`` sessions, all expired; every query returns them all, page by page."""
+    return FakeClient(entities([EXPIRED_SECONDS] * n))
 
 
 def settings(**overrides: Any) -> SweepSettings:
@@ -203,7 +75,7 @@ def finished(logs: list[EventDict]) -> EventDict:
 
 
 def test_delete_always_failing_stops_with_error() -> None:
-    client = FakeClient(5)
+    client = expired_sessions(5)
     client.delete_error_always = api_error(gexc.ServiceUnavailable, "backend down")
     result, _logs = run(client)
     assert result.stopped_reason == "error"
@@ -217,7 +89,7 @@ def test_delete_always_failing_stops_with_error() -> None:
 
 
 def test_sweep_finished_carries_every_contract_field_on_error() -> None:
-    client = FakeClient(5)
+    client = expired_sessions(5)
     client.delete_error_always = api_error(gexc.ServiceUnavailable, "backend down")
     _result, logs = run(client, settings(namespace="ns", database="db"))
     event = finished(logs)
@@ -238,8 +110,8 @@ def test_sweep_finished_carries_every_contract_field_on_error() -> None:
 
 
 def test_transient_delete_failure_is_retried_and_counted() -> None:
-    client = FakeClient(4)
-    client.delete_errors = [api_error(gexc.Aborted, "contention")]
+    client = expired_sessions(4)
+    client.delete_errors = {1: api_error(gexc.Aborted, "contention")}
     result, logs = run(client)
     assert result.stopped_reason == "complete"
     assert client.deleted == client.keys
@@ -249,7 +121,7 @@ def test_transient_delete_failure_is_retried_and_counted() -> None:
 
 
 def test_failed_page_is_retried_from_its_own_cursor() -> None:
-    client = FakeClient(PAGE_SIZE + 100)
+    client = expired_sessions(PAGE_SIZE + 100)
     client.fetch_errors = {CHECK_FETCHES + 2: api_error(gexc.DeadlineExceeded, "slow")}
     result, _logs = run(client, settings(batch_size=500))
     assert result.stopped_reason == "complete"
@@ -260,8 +132,8 @@ def test_failed_page_is_retried_from_its_own_cursor() -> None:
 
 
 def test_permission_denied_on_query_fails_without_retries() -> None:
-    client = FakeClient(5)
-    client.query_error_always = api_error(gexc.PermissionDenied, "missing datastore.entities.list")
+    client = expired_sessions(5)
+    client.fetch_error_always = api_error(gexc.PermissionDenied, "missing datastore.entities.list")
     result, logs = run(client)
     assert result.stopped_reason == "error"
     assert result.retries == 0
@@ -275,7 +147,7 @@ def test_permission_denied_on_query_fails_without_retries() -> None:
 
 
 def test_stop_requested_stops_before_any_delete() -> None:
-    client = FakeClient(5)
+    client = expired_sessions(5)
     result, logs = run(client, rt=runtime(stop_requested=lambda: True))
     assert result.stopped_reason == "signal"
     assert (result.matched, result.deleted, result.batches) == (0, 0, 0)
@@ -285,7 +157,7 @@ def test_stop_requested_stops_before_any_delete() -> None:
 
 
 def test_stop_requested_mid_run_finishes_current_batch_only() -> None:
-    client = FakeClient(9)
+    client = expired_sessions(9)
     # The signal arrives while the first batch is being deleted.
     result, _logs = run(client, rt=runtime(stop_requested=lambda: len(client.deleted) >= 3))
     assert result.stopped_reason == "signal"
@@ -294,7 +166,7 @@ def test_stop_requested_mid_run_finishes_current_batch_only() -> None:
 
 
 def test_max_runtime_stops_cleanly() -> None:
-    client = FakeClient(20)
+    client = expired_sessions(20)
     s = settings(batch_size=1, max_runtime=dt.timedelta(seconds=5))
     # Each delete takes one second; the run stops at the first check past five.
     result, logs = run(client, s, runtime(monotonic=lambda: 1000.0 + len(client.deleted)))
@@ -306,7 +178,7 @@ def test_max_runtime_stops_cleanly() -> None:
 
 
 def test_duration_comes_from_monotonic_clock() -> None:
-    client = FakeClient(0)
+    client = expired_sessions(0)
     # Each query takes 2.5 s on this clock, and nothing else takes any time.
     result, logs = run(client, rt=runtime(monotonic=lambda: 1000.0 + 2.5 * client.fetches))
     assert client.fetches > 0
@@ -315,9 +187,9 @@ def test_duration_comes_from_monotonic_clock() -> None:
 
 
 def test_progress_events_are_rate_limited() -> None:
-    client = FakeClient(30)
+    client = expired_sessions(30)
     s = settings(batch_size=1)
-    result, logs = run(client, s, runtime(monotonic=Clock(step=1.0), progress_every_s=5.0))
+    result, logs = run(client, s, runtime(monotonic=FakeClock(step=1.0), progress_every_s=5.0))
     assert result.deleted == 30
     progress = [e for e in logs if e["event"] == "sweep_progress"]
     assert len(progress) >= 3
@@ -329,8 +201,8 @@ def test_progress_events_are_rate_limited() -> None:
 
 
 def test_no_progress_events_on_short_run() -> None:
-    client = FakeClient(6)
-    _result, logs = run(client, rt=runtime(monotonic=Clock(step=0.001)))
+    client = expired_sessions(6)
+    _result, logs = run(client, rt=runtime(monotonic=FakeClock(step=0.001)))
     assert not any(e["event"] == "sweep_progress" for e in logs)
 
 

@@ -13,6 +13,7 @@ from sweeper.encodings import Encoding
 from sweeper.errors import EXIT_USAGE, UsageError
 from sweeper.settings import (
     SweepSettings,
+    decide_ramp_up,
     format_duration,
     parse_duration,
     parse_format,
@@ -73,6 +74,19 @@ def test_parse_format() -> None:
 def test_parse_format_rejects(text: str) -> None:
     with pytest.raises(UsageError, match="invalid format"):
         parse_format(text)
+
+
+def test_ramp_up_is_on_against_production_and_off_against_an_emulator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("DATASTORE_EMULATOR_HOST", raising=False)
+    assert decide_ramp_up(None) is True
+    assert decide_ramp_up(False) is False
+    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", "127.0.0.1:8081")
+    assert decide_ramp_up(None) is False
+    assert decide_ramp_up(True) is True  # asked for: the emulator does not switch it off
+    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", "")
+    assert decide_ramp_up(None) is True  # set but empty: no emulator
 
 
 def make(**overrides: Any) -> SweepSettings:

@@ -7,31 +7,27 @@ from __future__ import annotations
 import pytest
 
 from sweeper.stopping import WAIT_SLICE_S, Stopped, Stopper, StopReason
+from tests.unit.fakes import FakeClock
 
 
-class World:
-    """The stop flag, a monotonic clock moved only by the sleeps, and the sleeps made."""
+class World(FakeClock):
+    """The stop flag, and the monotonic clock moved only by the sleeps, which it records."""
 
     def __init__(self, stop_after_sleeps: int | None = None) -> None:
+        super().__init__(now=1000.0)
         self.stop = False
-        self.now = 1000.0
-        self.sleeps: list[float] = []
         self._stop_after_sleeps = stop_after_sleeps
 
     def stop_requested(self) -> bool:
         return self.stop
 
-    def monotonic(self) -> float:
-        return self.now
-
     def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
+        super().sleep(seconds)
         if self._stop_after_sleeps is not None and len(self.sleeps) >= self._stop_after_sleeps:
             self.stop = True
 
     def stopper(self, deadline: float | None = None) -> Stopper:
-        return Stopper(self.stop_requested, self.monotonic, self.sleep, deadline)
+        return Stopper(self.stop_requested, self, self.sleep, deadline)
 
 
 def test_no_reason_without_signal_or_deadline() -> None:

@@ -13,39 +13,65 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sweeper.throttle import Throttle, ThrottleSettings
+from tests.unit.fakes import FakeClock
 
 
-class FakeClock:
-    """A clock that only moves when someone sleeps on it; safe to share between threads."""
+class ScriptedRandom(random.Random):
+    """Hands out the draws a test scripts, then 1.0 (never held back), and counts every draw.
 
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-        self.sleeps: list[float] = []
-        self._lock = threading.Lock()
+    The throttle draws only while its rejection probability is above 0, and holds a request
+    back when the draw falls below that probability: what the draws do shows the probability.
+    """
 
-    def __call__(self) -> float:
-        with self._lock:
-            return self.now
+    def __init__(self) -> None:
+        super().__init__(0)
+        self.script: list[float] = []
+        self.draws = 0
 
-    def sleep(self, seconds: float) -> None:
-        assert seconds >= 0
-        with self._lock:
-            self.sleeps.append(seconds)
-            self.now += seconds
-
-    def advance(self, seconds: float) -> None:
-        self.sleep(seconds)
+    def random(self) -> float:
+        self.draws += 1
+        return self.script.pop(0) if self.script else 1.0
 
 
-def make(settings: ThrottleSettings | None = None, seed: int = 0) -> tuple[Throttle, FakeClock]:
+def make(
+    settings: ThrottleSettings | None = None, seed: int = 0, rng: random.Random | None = None
+) -> tuple[Throttle, FakeClock]:
     clock = FakeClock()
     throttle = Throttle(
         settings or ThrottleSettings(),
         clock=clock,
         sleep=clock.sleep,
-        rng=random.Random(seed),
+        rng=rng or random.Random(seed),
     )
     return throttle, clock
+
+
+def allowed_rate(throttle: Throttle, batch: int = 10) -> float:
+    """The operations per second the throttle lets through now, measured with acquire alone.
+
+    Spends what the bucket holds (calls that go at once) until a call waits: the bucket is then
+    exactly empty and ``batch`` in debt, so the next call waits ``batch / rate``. Moves the fake
+    clock on by about two batches' time. ``inf`` when nothing ever waits.
+    """
+    for _ in range(10_000):
+        if throttle.acquire(batch) > 0.0:
+            return batch / throttle.acquire(batch)
+    return math.inf
+
+
+def draws_for_one_request(throttle: Throttle, rng: ScriptedRandom, draw: float) -> int:
+    """Send one request with ``draw`` scripted: 0 draws while nothing is held back (probability
+    0), 1 when ``draw`` is at or above the probability (sent), 2 when below it (held back once,
+    then sent on the next draw, 1.0)."""
+    rng.script = [draw]
+    before = rng.draws
+    throttle.acquire(1)
+    return rng.draws - before
+
+
+def assert_rejection_probability(throttle: Throttle, rng: ScriptedRandom, expected: float) -> None:
+    assert draws_for_one_request(throttle, rng, expected + 1e-9) == 1  # sent just above it
+    assert draws_for_one_request(throttle, rng, expected - 1e-9) == 2  # held back just below
 
 
 def budget_integral(seconds: float, divisor: int = 1, max_rate: float | None = None) -> float:
@@ -65,23 +91,21 @@ def budget_integral(seconds: float, divisor: int = 1, max_rate: float | None = N
 
 def test_rate_follows_500_50_5_from_the_first_acquire() -> None:
     throttle, clock = make()
-    assert throttle.rate() == 500.0  # before any traffic
     clock.advance(3600.0)  # idle time before the first write does not count
-    assert throttle.rate() == 500.0
-    throttle.acquire(1)
     start = clock.now
-    for elapsed, expected in [(0.0, 500.0), (299.9, 500.0), (300.0, 750.0), (600.0, 1125.0)]:
+    assert allowed_rate(throttle) == pytest.approx(500.0)  # from the first write on
+    for elapsed, expected in [(299.9, 500.0), (300.0, 750.0), (600.0, 1125.0)]:
         clock.now = start + elapsed
-        assert throttle.rate() == pytest.approx(expected)
+        assert allowed_rate(throttle) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(("divisor", "expected"), [(1, 500.0), (2, 250.0), (4, 125.0)])
 def test_divisor_splits_the_budget_between_shards(divisor: int, expected: float) -> None:
     throttle, clock = make(ThrottleSettings(divisor=divisor))
     throttle.acquire(1)
-    assert throttle.rate() == pytest.approx(expected)
+    assert allowed_rate(throttle) == pytest.approx(expected)
     clock.advance(300.0)
-    assert throttle.rate() == pytest.approx(expected * 1.5)
+    assert allowed_rate(throttle) == pytest.approx(expected * 1.5)
 
 
 def test_5000_operations_in_batches_of_500_take_ten_seconds_at_500_per_second() -> None:
@@ -92,12 +116,10 @@ def test_5000_operations_in_batches_of_500_take_ten_seconds_at_500_per_second() 
     assert waits[1:] == pytest.approx([1.0] * 9)  # then one batch a second
     assert clock.now - start == pytest.approx(9.0)
     # The tenth batch spent the budget up to t = 10 s: the next operation waits for it.
-    throttle.acquire(1)
+    waits.append(throttle.acquire(1))
     assert clock.now - start == pytest.approx(10.0)
-    stats = throttle.statistics()
-    assert stats["waited_s"] == pytest.approx(10.0)
-    assert stats["delayed"] == 10.0
-    assert stats["operations"] == 5001.0
+    assert sum(waits) == pytest.approx(10.0)  # every second waited is reported to a caller
+    assert sum(wait > 0 for wait in waits) == 10
 
 
 def test_batch_larger_than_a_shards_rate_still_goes_then_the_next_one_waits() -> None:
@@ -132,30 +154,29 @@ def test_idle_time_builds_a_burst_of_at_most_one_second() -> None:
 
 def test_max_rate_caps_below_the_ramp_up() -> None:
     throttle, clock = make(ThrottleSettings(max_rate=200.0))
-    assert throttle.rate() == 200.0
-    waits = [throttle.acquire(100) for _ in range(5)]
+    waits = [throttle.acquire(100) for _ in range(5)]  # 200/s from the first write
     assert waits == pytest.approx([0.0, 0.5, 0.5, 0.5, 0.5])
     clock.advance(600.0)
-    assert throttle.rate() == 200.0  # the ramp (1125/s) does not lift the cap
+    assert allowed_rate(throttle) == pytest.approx(200.0)  # the ramp (1125/s) does not lift it
 
 
 def test_max_rate_above_the_ramp_does_not_raise_it() -> None:
     throttle, clock = make(ThrottleSettings(max_rate=800.0))
     throttle.acquire(1)
-    assert throttle.rate() == 500.0
+    assert allowed_rate(throttle) == pytest.approx(500.0)
     clock.advance(300.0)
-    assert throttle.rate() == 750.0
+    assert allowed_rate(throttle) == pytest.approx(750.0)
     clock.advance(300.0)
-    assert throttle.rate() == 800.0
+    assert allowed_rate(throttle) == pytest.approx(800.0)
 
 
 def test_max_rate_without_ramp_up_is_a_plain_rate_limit() -> None:
     throttle, clock = make(ThrottleSettings(ramp_up=False, max_rate=50.0))
     throttle.acquire(1)
     clock.advance(3600.0)
-    assert throttle.rate() == 50.0
     assert throttle.acquire(500) == 0.0  # 50 saved up while idle, 450 of debt
-    assert throttle.acquire(1) == pytest.approx(9.0)
+    assert throttle.acquire(1) == pytest.approx(9.0)  # paid at 50/s
+    assert allowed_rate(throttle) == pytest.approx(50.0)
 
 
 # --- disabled ------------------------------------------------------------------------------
@@ -166,12 +187,8 @@ def test_disabled_never_waits_or_sleeps() -> None:
         raise AssertionError(f"slept {seconds}")
 
     throttle = Throttle(ThrottleSettings(ramp_up=False), clock=lambda: 0.0, sleep=no_sleep)
-    assert throttle.rate() is None
     assert all(throttle.acquire(500) == 0.0 for _ in range(1000))
-    stats = throttle.statistics()
-    assert "rate" not in stats
-    assert stats["waited_s"] == 0.0
-    assert stats["operations"] == 500_000.0
+    assert allowed_rate(throttle) == math.inf
 
 
 def test_disabled_costs_nothing_measurable() -> None:
@@ -193,33 +210,31 @@ def record(throttle: Throttle, accepted: int, rejected: int) -> None:
         throttle.record(accepted=False)
 
 
-def probability(throttle: Throttle) -> float:
-    return throttle.statistics()["rejection_probability"]
-
-
 def test_rejection_probability_follows_the_sre_formula() -> None:
-    throttle, _ = make()
-    assert probability(throttle) == 0.0
+    rng = ScriptedRandom()
+    throttle, _ = make(rng=rng)
+    assert draws_for_one_request(throttle, rng, 0.0) == 0  # nothing refused: never held back
     record(throttle, accepted=20, rejected=80)
-    assert probability(throttle) == pytest.approx((100 - 1.25 * 20) / 101)
+    assert_rejection_probability(throttle, rng, (100 - 1.25 * 20) / 101)
 
 
 def test_up_to_one_rejection_in_five_is_tolerated() -> None:
-    throttle, _ = make()
+    rng = ScriptedRandom()
+    throttle, _ = make(rng=rng)
     record(throttle, accepted=80, rejected=20)
-    assert probability(throttle) == 0.0
     assert throttle.acquire(1) == 0.0
+    assert rng.draws == 0  # a probability of 0: nothing drawn, nothing held back
 
 
 def test_throttles_more_as_rejections_grow() -> None:
     throttled = []
     for rejected in (10, 50, 90):
-        throttle, _ = make(ThrottleSettings(ramp_up=False, window_s=3600.0), seed=7)
+        throttle, clock = make(ThrottleSettings(ramp_up=False, window_s=3600.0), seed=7)
         record(throttle, accepted=100 - rejected, rejected=rejected)
         for _ in range(50):
             throttle.acquire(1)
-        throttled.append(throttle.statistics()["throttled"])
-    assert throttled[0] == 0.0
+        throttled.append(len(clock.sleeps))  # no rate limit: each sleep is one hold-back
+    assert throttled[0] == 0
     assert throttled[0] < throttled[1] < throttled[2]
 
 
@@ -231,34 +246,38 @@ def test_held_back_request_sleeps_the_backoff_then_goes() -> None:
     assert waited % 2.0 == 0.0
     # The refusals leave the 60 s window, so the request cannot be held back for ever.
     assert waited <= 60.0 + 2.0
-    assert throttle.statistics()["throttled"] == waited / 2.0
+    assert len(clock.sleeps) == waited / 2.0
     assert all(s == 2.0 for s in clock.sleeps)
 
 
 def test_recovers_as_accepts_return() -> None:
-    throttle, _ = make()
+    rng = ScriptedRandom()
+    throttle, _ = make(rng=rng)
     record(throttle, accepted=0, rejected=50)
-    high = probability(throttle)
+    assert_rejection_probability(throttle, rng, 50 / 51)
     record(throttle, accepted=20, rejected=0)
-    assert 0.0 < probability(throttle) < high
+    assert_rejection_probability(throttle, rng, (70 - 1.25 * 20) / 71)  # lower, still above 0
     record(throttle, accepted=200, rejected=0)
-    assert probability(throttle) == 0.0
+    assert draws_for_one_request(throttle, rng, 0.0) == 0  # 0: nothing held back
 
 
 def test_recovers_when_the_refusals_age_out_of_the_window() -> None:
-    throttle, clock = make(ThrottleSettings(window_s=60.0))
+    rng = ScriptedRandom()
+    throttle, clock = make(ThrottleSettings(window_s=60.0), rng=rng)
+    start = clock.now
     record(throttle, accepted=0, rejected=50)
     clock.advance(30.0)
-    assert probability(throttle) > 0.9
-    clock.advance(31.0)
-    assert probability(throttle) == 0.0
+    assert draws_for_one_request(throttle, rng, 0.9) == 2  # above 0.9: held back
+    clock.now = start + 61.0
+    assert draws_for_one_request(throttle, rng, 0.0) == 0  # 0: nothing held back
 
 
 def test_adaptive_off_ignores_refusals() -> None:
-    throttle, _ = make(ThrottleSettings(ramp_up=False, adaptive=False))
+    rng = ScriptedRandom()
+    throttle, _ = make(ThrottleSettings(ramp_up=False, adaptive=False), rng=rng)
     record(throttle, accepted=0, rejected=100)
-    assert probability(throttle) == 0.0
     assert throttle.acquire(500) == 0.0
+    assert rng.draws == 0  # a probability of 0: nothing drawn, nothing held back
 
 
 # --- validation ----------------------------------------------------------------------------
@@ -294,10 +313,9 @@ def test_very_long_run_stays_finite() -> None:
     throttle, clock = make()
     throttle.acquire(1)
     clock.advance(30 * 24 * 3600.0)
-    rate = throttle.rate()
-    assert rate is not None
-    assert math.isfinite(rate)
     assert throttle.acquire(500) == 0.0
+    # The ramp stopped growing after 60 steps: a finite rate, however long the run.
+    assert allowed_rate(throttle, batch=10**14) == pytest.approx(500.0 * 1.5**60)
 
 
 # --- threads -------------------------------------------------------------------------------
@@ -313,8 +331,6 @@ def test_concurrent_workers_share_one_budget() -> None:
             for call in range(50):
                 throttle.acquire(100)
                 throttle.record(accepted=(index + call) % 3 != 0)  # enough to hold some back
-                throttle.rate()
-                throttle.statistics()
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -325,9 +341,8 @@ def test_concurrent_workers_share_one_budget() -> None:
         thread.join(timeout=30)
     assert not errors
     assert not any(thread.is_alive() for thread in threads)
-    stats = throttle.statistics()
-    assert stats["operations"] == 8 * 50 * 100
-    assert stats["operations"] <= budget_integral(clock.now - start, divisor=2) + 100 + 1e-6
+    granted = 8 * 50 * 100  # every call returned: all were let through
+    assert granted <= budget_integral(clock.now - start, divisor=2) + 100 + 1e-6
 
 
 # --- properties ----------------------------------------------------------------------------

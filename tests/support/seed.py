@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from google.cloud import datastore
 
-from sweeper.encodings import EPOCH, Encoding
+from sweeper.encodings import Encoding, QueryValue
 
 # Every property but the expiry is excluded from indexes, as the runner writes them.
 UNINDEXED = ("eq_session_id", "user_id", "session_data", "created_at", "updated_at")
@@ -22,11 +22,9 @@ Expiry = object  # whatever goes in expires_at: int, datetime, None, or a missin
 MISSING = object()
 
 
-def encode(instant: dt.datetime, encoding: Encoding) -> int | dt.datetime:
-    if encoding is Encoding.TIMESTAMP:
-        return instant
-    micros = (instant - EPOCH) // dt.timedelta(microseconds=1)
-    return micros // encoding.unit_us
+def encode(instant: dt.datetime, encoding: Encoding) -> QueryValue:
+    """``instant`` as ``encoding`` stores it (cut to its unit, as writers round down)."""
+    return encoding.store(instant)
 
 
 @dataclass(frozen=True)

@@ -1,2 +1,0 @@
-"""Helpers for running sweeper against local emulators: used by its tests, demo and benchmarks,
-and usable in your own CI."""

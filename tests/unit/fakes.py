@@ -1,0 +1,384 @@
+"""The unit tests' fakes: one monotonic clock, and one Datastore client over one kind's entities.
+
+The client implements only what sweeper calls (queries, lookups, blind deletes, transactions,
+the clock query, a refused aggregation) and lets a test inject failures and races; what real
+queries do beyond that is covered by the integration tests against both emulators.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import operator
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+from google.api_core import exceptions as gexc
+from google.cloud import datastore
+from google.cloud.datastore.query import PropertyFilter
+
+from sweeper.encodings import to_micros
+
+E = TypeVar("E", bound=Exception)
+
+KIND, PROP = "eq-session", "expires_at"
+MISSING = object()  # an entity without the property
+TOO_MANY_GROUPS = "operating on too many entity groups in a single transaction."
+
+
+def api_error(cls: type[E], message: str) -> E:
+    """google.api_core's exception classes are unannotated; build them in one typed place."""
+    return cls(message)
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told: by ``sleep`` (each one recorded), by
+    ``advance``, by setting ``now``, or by ``step`` seconds every time it is read. Safe to share
+    between threads."""
+
+    def __init__(self, now: float = 1000.0, step: float = 0.0) -> None:
+        self.now = now
+        self.step = step
+        self.sleeps: list[float] = []
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            self.now += self.step
+            return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0
+        with self._lock:
+            self.sleeps.append(seconds)
+            self.now += seconds
+
+    def advance(self, seconds: float) -> None:
+        self.sleep(seconds)
+
+
+def entities(
+    values: Sequence[object] | Mapping[datastore.Key, object],
+    *,
+    unindexed: bool = False,
+    data: str = "",
+) -> list[datastore.Entity]:
+    """Entities of ``KIND`` whose ``PROP`` holds each value (none where it is ``MISSING``): keyed
+    1, 2, ... in order, or by the mapping's keys; ``data`` as their session data."""
+    pairs = (
+        list(values.items())
+        if isinstance(values, Mapping)
+        else [(datastore.Key(KIND, i + 1, project="p"), v) for i, v in enumerate(values)]
+    )
+    found = []
+    for key, value in pairs:
+        entity = datastore.Entity(key, exclude_from_indexes=(PROP,) if unindexed else ())
+        if value is not MISSING:
+            entity[PROP] = value
+        if data:
+            entity["session_data"] = data
+        found.append(entity)
+    return found
+
+
+def index_order(value: object) -> tuple[int, Any]:
+    """Datastore's order of one property's values: null; ints and timestamps together (a
+    timestamp as its microseconds); booleans; strings; floats."""
+    if value is None:
+        return (0, 0)
+    if isinstance(value, bool):
+        return (2, value)
+    if isinstance(value, int):
+        return (1, value)
+    if isinstance(value, dt.datetime):
+        return (1, to_micros(value))
+    if isinstance(value, str):
+        return (3, value)
+    if isinstance(value, float):
+        return (4, value)
+    raise TypeError(f"no index order for {value!r}")
+
+
+OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
+    ">": operator.gt,
+    ">=": operator.ge,
+    "<": operator.lt,
+}
+
+
+def project(entity: datastore.Entity, names: Sequence[str]) -> datastore.Entity:
+    """What a projection query returns of ``entity``: its key and the projected properties."""
+    projected = datastore.Entity(entity.key)
+    projected.update({n: entity[n] for n in names if n in entity})
+    return projected
+
+
+class FakePage:
+    def __init__(self, found: list[datastore.Entity], token: bytes | None) -> None:
+        self._found = found
+        self.next_page_token = token
+
+    @property
+    def pages(self) -> Iterator[FakePage]:
+        """The client's iterator by server batch: this fake answers in one batch."""
+        return iter([self])
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._found)
+
+
+class FakeQuery:
+    """Records what the caller set, and answers ``fetch`` from the client's entities."""
+
+    def __init__(self, client: FakeClient, kind: str) -> None:
+        self.client = client
+        self.kind = kind
+        self.filters: list[PropertyFilter] = []
+        self.order: list[str] = []
+        self.projection: list[str] = []
+        self.fetched: list[tuple[int, bytes | None]] = []
+
+    def keys_only(self) -> None:
+        self.projection = ["__key__"]  # what the client library does
+
+    @property
+    def is_keys_only(self) -> bool:
+        return self.projection == ["__key__"]
+
+    def add_filter(self, *, filter: PropertyFilter) -> FakeQuery:
+        self.filters.append(filter)
+        return self
+
+    def fetch(
+        self,
+        *,
+        limit: int,
+        start_cursor: bytes | None = None,
+        retry: object,
+        timeout: float,
+    ) -> FakePage:
+        self.fetched.append((limit, start_cursor))
+        return self.client.page(self, limit, start_cursor)
+
+
+class FakeTransaction:
+    def __init__(self, client: FakeClient) -> None:
+        self.client = client
+        self.began = False
+        self.read: list[datastore.Key] = []
+        self.deletes: list[datastore.Key] = []
+        self.rolled_back = False
+
+    def begin(self, *, retry: object, timeout: float) -> None:
+        self.began = True
+
+    def delete(self, key: datastore.Key) -> None:
+        self.deletes.append(key)
+
+    def commit(self, *, retry: object, timeout: float) -> None:
+        self.client.commit(self)
+
+    def rollback(self, *, retry: object, timeout: float) -> None:
+        self.rolled_back = True
+
+
+class FakeBatch:
+    """A query result batch as the client's API object returns it: maybe with ``read_time``."""
+
+    def __init__(self, read_time: dt.datetime | None) -> None:
+        self.read_time = read_time
+
+    def __contains__(self, name: str) -> bool:
+        return name == "read_time" and self.read_time is not None
+
+
+class FakeApi:
+    """``client._datastore_api``: only the clock query is sent through it."""
+
+    def __init__(self) -> None:
+        self.read_time: dt.datetime | None = None  # like the legacy emulator: no server time
+
+    def run_query(self, *, request: object, retry: object, timeout: float) -> Any:
+        return type("Response", (), {"batch": FakeBatch(self.read_time)})()
+
+
+class FakeClient:
+    """One kind's entities, in the order given, and the calls sweeper makes on them.
+
+    Queries: by default every query pages through every stored entity in that order, its
+    filters and order recorded and not applied (the tests of paging and of the engine page by
+    position, not by value). With ``index`` a query with filters or an order reads the index as
+    Datastore does: only entities whose property is set and indexed, in Datastore's order of
+    values (ties by key). A cursor is the position after the last entity read; a page holds at
+    most ``limit`` entities and at most ``batch`` when set, and one that reaches the end still
+    carries a cursor, as the service's does, unless ``final_cursor`` is off. Deleted entities
+    keep their place, so deletes never move a cursor, and are left out of every answer.
+
+    Failures by the 1-based number of the call (``fetch_errors``, ``delete_errors``,
+    ``commit_errors``) or on every call (``fetch_error_always``, ``delete_error_always``). A blind
+    delete takes ``seconds_per_key`` for each key on ``clock``; one failed with DeadlineExceeded
+    takes ``deadline_s`` and deletes nothing. A transaction reading more than ``group_limit``
+    keys is refused at commit, as the legacy emulator refuses over 25 entity groups.
+    """
+
+    project, database, namespace = "p", None, None
+
+    def __init__(
+        self,
+        stored: Sequence[datastore.Entity] = (),
+        *,
+        index: bool = False,
+        clock: FakeClock | None = None,
+        seconds_per_key: float = 0.001,
+        deadline_s: float = 20.0,
+        group_limit: int = 10_000,
+    ) -> None:
+        self.entities = list(stored)
+        self.index = index
+        self.clock = clock or FakeClock(now=0.0)  # the time its calls took, from 0
+        self.seconds_per_key = seconds_per_key
+        self.deadline_s = deadline_s
+        self.group_limit = group_limit
+        self._gone: set[datastore.Key] = set()
+        self._datastore_api = FakeApi()
+        # queries
+        self.batch: int | None = None  # the most results one call returns (None: the limit)
+        self.final_cursor = True
+        self.fetch_errors: dict[int, Exception] = {}
+        self.fetch_error_always: Exception | None = None
+        self.queries: list[FakeQuery] = []
+        self.fetches = 0
+        self.cursors: list[bytes | None] = []
+        # lookups
+        self.on_lookup: Callable[[], None] = lambda: None  # e.g. someone else deletes
+        # blind deletes
+        self.delete_errors: dict[int, BaseException] = {}
+        self.delete_error_always: BaseException | None = None
+        self.delete_calls: list[list[datastore.Key]] = []
+        self.deleted: list[datastore.Key] = []
+        # transactions
+        self.commit_errors: dict[int, Exception] = {}
+        self.on_commit_error: Callable[[], None] = lambda: None  # e.g. the write that aborted it
+        self.transactions: list[FakeTransaction] = []
+        self._commits = 0
+
+    @property
+    def keys(self) -> list[datastore.Key]:
+        """Every stored key, deleted ones included, in order."""
+        return [e.key for e in self.entities]
+
+    @property
+    def values(self) -> dict[datastore.Key, object]:
+        """What is left: each key's ``PROP`` (``MISSING`` where it has none)."""
+        return {e.key: e.get(PROP, MISSING) for e in self.entities if e.key not in self._gone}
+
+    def put(self, key: datastore.Key, value: object) -> None:
+        """Someone else writes ``PROP`` of a stored entity."""
+        (entity,) = [e for e in self.entities if e.key == key]
+        entity[PROP] = value
+
+    def drop(self, key: datastore.Key) -> None:
+        """Someone else deletes an entity."""
+        self._gone.add(key)
+
+    # --- queries -------------------------------------------------------------------------
+
+    def query(self, *, kind: str) -> FakeQuery:
+        assert kind == KIND
+        query = FakeQuery(self, kind)
+        self.queries.append(query)
+        return query
+
+    def aggregation_query(self, query: object) -> Any:
+        """Like the legacy emulator: no aggregation queries, so counts page through keys."""
+        raise api_error(gexc.MethodNotImplemented, "RunAggregationQuery")
+
+    def _answer(self, query: FakeQuery) -> list[datastore.Entity]:
+        if not (self.index and (query.filters or query.order)):
+            return self.entities
+        props = {f.property_name for f in query.filters} | {o.lstrip("-") for o in query.order}
+        assert len(props) == 1, props
+        (prop,) = props
+        # Only entities with an indexed value are in the index.
+        rows = [e for e in self.entities if prop in e and prop not in e.exclude_from_indexes]
+        for f in query.filters:
+            test = OPERATORS[f.operator]
+            rows = [e for e in rows if test(index_order(e[prop]), index_order(f.value))]
+        rows = sorted(rows, key=lambda e: index_order(e[prop]))  # stable: then by key
+        if query.order == ["-" + prop]:
+            rows.reverse()
+        else:
+            assert query.order in ([], [prop])
+        return rows
+
+    def page(self, query: FakeQuery, limit: int, cursor: bytes | None) -> FakePage:
+        self.fetches += 1
+        self.cursors.append(cursor)
+        if self.fetch_error_always is not None:
+            raise self.fetch_error_always
+        if self.fetches in self.fetch_errors:
+            raise self.fetch_errors.pop(self.fetches)
+        rows = self._answer(query)
+        end = 0 if cursor is None else int(cursor.decode())
+        found: list[datastore.Entity] = []
+        while end < len(rows) and len(found) < min(limit, self.batch or limit):
+            if rows[end].key not in self._gone:
+                found.append(rows[end])
+            end += 1
+        if query.projection:  # only the projected properties come back
+            found = [project(e, query.projection) for e in found]
+        done = end >= len(rows) and not self.final_cursor
+        return FakePage(found, None if done else str(end).encode())
+
+    # --- lookups -------------------------------------------------------------------------
+
+    def get_multi(
+        self,
+        keys: Sequence[datastore.Key],
+        *,
+        transaction: FakeTransaction | None = None,
+        retry: object,
+        timeout: float,
+    ) -> list[Any]:
+        """Whole entities, with their values' true types."""
+        self.on_lookup()
+        if transaction is not None:
+            assert transaction.began
+            transaction.read.extend(keys)
+        by_key = {e.key: e for e in self.entities if e.key not in self._gone}
+        found = []
+        for key in keys:
+            if key in by_key:
+                entity = datastore.Entity(key)
+                entity.update(by_key[key])
+                found.append(entity)
+        return found
+
+    # --- deletes -------------------------------------------------------------------------
+
+    def delete_multi(self, keys: Sequence[datastore.Key], *, retry: object, timeout: float) -> None:
+        self.delete_calls.append(list(keys))
+        error = self.delete_errors.pop(len(self.delete_calls), self.delete_error_always)
+        if isinstance(error, gexc.DeadlineExceeded):
+            self.clock.now += self.deadline_s  # the call deadline: the keys were not deleted
+        if error is not None:
+            raise error
+        self.clock.now += self.seconds_per_key * len(keys)
+        self.deleted.extend(keys)
+        self._gone.update(keys)
+
+    def transaction(self) -> FakeTransaction:
+        txn = FakeTransaction(self)
+        self.transactions.append(txn)
+        return txn
+
+    def commit(self, txn: FakeTransaction) -> None:
+        self._commits += 1
+        error = self.commit_errors.pop(self._commits, None)
+        if error is not None:
+            self.on_commit_error()
+            raise error
+        if len(txn.read) > self.group_limit:
+            raise api_error(gexc.InvalidArgument, TOO_MANY_GROUPS)
+        self.deleted.extend(txn.deletes)
+        self._gone.update(txn.deletes)
