@@ -8,6 +8,10 @@ re-sent whole; that is safe because deleting a key that no longer exists is a si
 the query and the delete would be lost by a blind delete, so it looks each entity up inside a
 transaction and deletes only those still expired. A concurrent write to one of them aborts the
 commit, and the retry re-reads it.
+
+With ``--with-descendants`` each session goes with the entities under it in its entity group
+(:class:`Pending`): the whole group in one commit where it fits, descendants before the session
+where it does not, and never a descendant of a session that is not deleted.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import contextlib
 import datetime as dt
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Protocol, TypeVar
 
@@ -139,23 +144,85 @@ class BatchSizer:
             )
 
 
+Descendants = Mapping[datastore.Key, Sequence[datastore.Key]]
+# One part of a commit: (session, keys): the keys to delete if the session may go. The session
+# itself is the last key of its group's last part.
+Part = tuple[datastore.Key, list[datastore.Key]]
+
+
+class Pending:
+    """What is left to delete of one batch: per session, its descendants and then itself.
+
+    A commit takes whole groups while they fit; a group larger than a commit goes over several,
+    descendants first and the session last, so a run that stops in between leaves the session
+    (still expired) for the next run to find its remaining descendants through.
+    """
+
+    def __init__(self, keys: Sequence[datastore.Key], descendants: Descendants | None) -> None:
+        under = descendants or {}
+        self._groups: deque[Part] = deque((k, [*under.get(k, ()), k]) for k in keys)
+
+    def __bool__(self) -> bool:
+        return bool(self._groups)
+
+    def take(self, size: int, max_groups: int = MAX_BATCH_SIZE) -> list[Part]:
+        """The next commit: at most ``size`` keys over at most ``max_groups`` sessions."""
+        taken: list[Part] = []
+        room = size
+        for session, keys in self._groups:
+            if len(taken) == max_groups:
+                break
+            if len(keys) > room:
+                if not taken:  # a group larger than a commit: its first keys
+                    taken.append((session, keys[:size]))
+                break
+            taken.append((session, keys))
+            room -= len(keys)
+        return taken
+
+    def done(self, taken: list[Part], kept: frozenset[datastore.Key] = frozenset()) -> None:
+        """``taken`` (from :meth:`take`) went, except the groups of sessions in ``kept``."""
+        for session, keys in taken:
+            rest = self._groups[0][1]
+            if session in kept or len(keys) == len(rest):
+                self._groups.popleft()
+            else:
+                del rest[: len(keys)]
+
+
+def count_parts(parts: list[Part]) -> tuple[int, int]:
+    """(sessions, descendants) among the keys of ``parts``."""
+    sessions = sum(1 for session, keys in parts if keys[-1] is session)
+    return sessions, sum(len(keys) for _s, keys in parts) - sessions
+
+
 class Deleter(Protocol):
-    def delete(self, keys: Sequence[datastore.Key]) -> int:
-        """Delete one batch; return how many keys were deleted."""
+    def delete(self, keys: Sequence[datastore.Key], descendants: Descendants | None = None) -> int:
+        """Delete one batch of sessions (and their ``descendants``); return sessions deleted."""
         ...
+
+
+def _no_descendants(n: int) -> None:
+    pass
 
 
 class BatchDeleter:
     """Blind deletes: commits of ``sizer.size`` keys, one billed delete per key, no reads."""
 
     def __init__(
-        self, client: datastore.Client, retrier: Retrier, sizer: BatchSizer | None = None
+        self,
+        client: datastore.Client,
+        retrier: Retrier,
+        sizer: BatchSizer | None = None,
+        *,
+        on_descendants: Callable[[int], None] = _no_descendants,
     ) -> None:
         self._client = client
         self._retrier = retrier
         self._sizer = sizer or BatchSizer(MAX_BATCH_SIZE, time.monotonic)
+        self._on_descendants = on_descendants
 
-    def delete(self, keys: Sequence[datastore.Key]) -> int:
+    def delete(self, keys: Sequence[datastore.Key], descendants: Descendants | None = None) -> int:
         """Delete one batch, retrying transient failures; raise once the policy gives up.
 
         Each attempt sends the keys not yet deleted, cut at the size the sizer allows *now*,
@@ -163,31 +230,37 @@ class BatchDeleter:
         """
         if len(keys) > MAX_BATCH_SIZE:
             raise ValueError(f"a commit takes at most {MAX_BATCH_SIZE} mutations")
-        done = 0
-        while done < len(keys):
+        pending, done = Pending(keys, descendants), 0
+        while pending:
             try:
-                done += self._retrier.call("delete", partial(self._commit, keys, done))
+                done += self._retrier.call("delete", partial(self._commit, pending))
             except (Exception, Stopped) as exc:  # a stop mid-batch still counts what went
                 raise BatchFailed(done, exc) from exc
         return done
 
-    def _commit(self, keys: Sequence[datastore.Key], done: int) -> int:
-        chunk = list(keys[done : done + self._sizer.size])
+    def _commit(self, pending: Pending) -> int:
+        parts = pending.take(self._sizer.size)
+        chunk = [key for _session, keys in parts for key in keys]
         self._sizer.measure(
             len(chunk),
             lambda: self._client.delete_multi(
                 chunk, retry=NO_CLIENT_RETRY, timeout=self._retrier.timeout
             ),
         )
-        return len(chunk)
+        pending.done(parts)
+        sessions, under = count_parts(parts)
+        if under:
+            self._on_descendants(under)
+        return sessions
 
 
 class VerifyingDeleter:
-    """Re-checks each key in a transaction and deletes only entities still expired.
+    """Re-checks each session in a transaction and deletes only those still expired.
 
-    Costs one entity read per key on top of the delete. Transactions take the sizer's size,
-    and shrink to 25 keys, for the rest of the run, the first time the database refuses a
-    transaction over too many entity groups.
+    Costs one entity read per session on top of the deletes. Transactions take the sizer's
+    size, and shrink to 25 sessions (entity groups), for the rest of the run, the first time
+    the database refuses a transaction over too many entity groups. A session's descendants
+    go in the transaction that re-checks it.
     """
 
     def __init__(
@@ -199,6 +272,7 @@ class VerifyingDeleter:
         cutoff: dt.datetime,
         *,
         sizer: BatchSizer | None = None,
+        on_descendants: Callable[[int], None] = _no_descendants,
     ) -> None:
         self._client = client
         self._retrier = retrier
@@ -206,18 +280,18 @@ class VerifyingDeleter:
         self._prop = prop
         self._cutoff = cutoff
         self._sizer = sizer or BatchSizer(MAX_BATCH_SIZE, time.monotonic)
+        self._on_descendants = on_descendants
+        # Sessions (entity groups) per transaction.
         self.transaction_size = MAX_BATCH_SIZE
         self._lock = threading.Lock()
         self._log = structlog.get_logger("sweeper.verify")
 
-    def delete(self, keys: Sequence[datastore.Key]) -> int:
-        done = deleted = 0
-        tried: list[int] = []  # the size of each transaction sent, to tell why one was refused
-        while done < len(keys):
+    def delete(self, keys: Sequence[datastore.Key], descendants: Descendants | None = None) -> int:
+        pending, deleted = Pending(keys, descendants), 0
+        tried: list[int] = []  # the groups in each transaction sent, to tell why one was refused
+        while pending:
             try:
-                checked, removed = self._retrier.call(
-                    "verify", partial(self._next, keys, done, tried)
-                )
+                deleted += self._retrier.call("verify", partial(self._next, pending, tried))
             except gexc.InvalidArgument as exc:
                 if "entity groups" not in str(exc) or tried[-1] <= LEGACY_LIMIT:
                     raise BatchFailed(deleted, exc) from exc
@@ -225,14 +299,19 @@ class VerifyingDeleter:
                 continue
             except (Exception, Stopped) as exc:  # a stop mid-batch still counts what went
                 raise BatchFailed(deleted, exc) from exc
-            done, deleted = done + checked, deleted + removed
         return deleted
 
-    def _next(self, keys: Sequence[datastore.Key], done: int, tried: list[int]) -> tuple[int, int]:
-        """One transaction over the next keys: (keys checked, keys deleted)."""
-        chunk = list(keys[done : done + min(self.transaction_size, self._sizer.size)])
-        tried.append(len(chunk))
-        return len(chunk), self._sizer.measure(len(chunk), partial(self._transaction, chunk))
+    def _next(self, pending: Pending, tried: list[int]) -> int:
+        """One transaction over the next groups: the sessions it deleted."""
+        parts = pending.take(self._sizer.size, self.transaction_size)
+        tried.append(len(parts))
+        keys = sum(len(k) for _s, k in parts)
+        kept = self._sizer.measure(keys, partial(self._transaction, parts))
+        pending.done(parts, kept)
+        sessions, under = count_parts([p for p in parts if p[0] not in kept])
+        if under:
+            self._on_descendants(under)
+        return sessions
 
     def _shrink(self) -> None:
         with self._lock:  # several workers may be refused at once: shrink and say so once
@@ -245,27 +324,34 @@ class VerifyingDeleter:
             reason="too many entity groups in one transaction",
         )
 
-    def _transaction(self, keys: list[datastore.Key]) -> int:
-        """Look up, keep what is still expired, delete it; all or nothing."""
+    def _transaction(self, parts: list[Part]) -> frozenset[datastore.Key]:
+        """Look the sessions up, delete the parts of those still expired; all or nothing.
+
+        Returns the sessions kept (not expired any more, or gone).
+        """
         timeout = self._retrier.timeout
+        sessions = list({session.flat_path: session for session, _keys in parts}.values())
         transaction = self._client.transaction()
         transaction.begin(retry=NO_CLIENT_RETRY, timeout=timeout)
         try:
             entities = self._client.get_multi(
-                keys, transaction=transaction, retry=NO_CLIENT_RETRY, timeout=timeout
+                sessions, transaction=transaction, retry=NO_CLIENT_RETRY, timeout=timeout
             )
-            doomed = [
-                entity.key
+            expired = {
+                entity.key.flat_path
                 for entity in entities
                 if is_expired(self._encoding, entity.get(self._prop), self._cutoff)
-            ]
-            for key in doomed:
-                transaction.delete(key)
+            }
+            kept = frozenset(s for s in sessions if s.flat_path not in expired)
+            for session, keys in parts:
+                if session not in kept:
+                    for key in keys:
+                        transaction.delete(key)
             transaction.commit(retry=NO_CLIENT_RETRY, timeout=timeout)
         except BaseException:
             _rollback(transaction, timeout)
             raise
-        return len(doomed)
+        return kept
 
 
 def _rollback(transaction: datastore.Transaction, timeout: float) -> None:

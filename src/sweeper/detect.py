@@ -19,7 +19,7 @@ from google.cloud import datastore
 
 from sweeper.encodings import Encoding, ExpiredRange, classify, describe_value
 from sweeper.errors import RefusedError
-from sweeper.query import RangeQuery, fetch_keys, lookup
+from sweeper.query import FIRST_VALUE_PROBE, RangeQuery, fetch_keys, lookup
 from sweeper.retry import Retrier
 
 
@@ -48,8 +48,9 @@ def detect_encoding(
         largest=describe_value(ends[-1]) if ends else None,
         encodings=sorted({e.value if e else "unsupported" for e in found}),
     )
-    if len(ends) == 2 and found[0] is not None and found[0] is found[1]:
-        return found[0]
+    single = _single(ends, found)
+    if single is not None:
+        return single
     if not ends:  # both entities vanished between query and lookup: nothing left to sweep
         return None
     if len(ends) == 1:
@@ -68,6 +69,22 @@ def detect_encoding(
 
 # Rounds of end probes before detection gives up on a property that keeps changing under it.
 _PROBES = 3
+
+
+def _single(ends: list[object], found: list[Encoding | None]) -> Encoding | None:
+    """The one encoding both ends agree on, if they do.
+
+    Text owns one part of the order: with both ends text, every value between them is text
+    too. The canonical ISO-8601 values among them are swept, and text in any other form is
+    left alone (and counted), so one canonical end is enough to name the encoding.
+    """
+    if len(ends) != 2:
+        return None
+    if found[0] is not None and found[0] is found[1]:
+        return found[0]
+    if all(isinstance(v, str | bytes) for v in ends) and Encoding.ISO_8601 in found:
+        return Encoding.ISO_8601
+    return None
 
 
 def _describe(value: object) -> str:
@@ -116,12 +133,14 @@ def check_explicit(
 def _in_band(
     client: datastore.Client, retrier: Retrier, kind: str, prop: str, encoding: Encoding
 ) -> bool:
-    """Whether ``encoding``'s band holds a value of it (one limit-1 query and a lookup).
+    """Whether ``encoding``'s band holds a value of it (one small query and a lookup).
 
     The index cannot tell a Timestamp from an int of microseconds: the value found is looked up.
     """
     lo, hi = ExpiredRange(encoding, encoding.band.lo, encoding.band.hi).values()
-    inside = fetch_keys(client, retrier, RangeQuery(kind, prop, ((">=", lo), ("<", hi))), 1)
+    # Text of other forms may come first in a text band: look a little further there.
+    limit = FIRST_VALUE_PROBE if encoding.needs_values else 1
+    inside = fetch_keys(client, retrier, RangeQuery(kind, prop, ((">=", lo), ("<", hi))), limit)
     return any(classify(v) is encoding for v in _values(client, retrier, prop, inside))
 
 

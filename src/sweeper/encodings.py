@@ -1,86 +1,48 @@
 """How an expiry can be stored, and the query range that matches only expired values.
 
-Datastore orders integers and timestamps together, numerically (a timestamp compares as its
-microseconds since the epoch), with nulls before both. A one-sided filter such
-as ``expires_at < now`` therefore also matches nulls and values of other encodings. What does
-separate the encodings is magnitude: for dates after 2001-09-09, epoch seconds lie in
-[1e9, 1e10), epoch milliseconds in [1e12, 1e13) and timestamps in [1e15, 1e16) microseconds. A
-range bounded on both sides inside one band can match only values of that encoding, never null.
+Datastore keeps one index order for all values of a property, by type first: nulls, then
+integers and timestamps *together* (a timestamp compares as its microseconds since the epoch),
+then booleans, then text and byte strings (together), then doubles, then the rest. Both local
+emulators order them so. Two consequences:
 
-The index cannot tell a Timestamp from an *integer* of epoch microseconds (both sort as the same
-number); ``detect`` looks sampled entities up to catch that case.
+* A one-sided filter such as ``expires_at < now`` also matches nulls and values of other
+  encodings. Every range here is bounded on both sides, inside one encoding's *band*.
+* Integers and timestamps share one part of the order, told apart by magnitude: for instants
+  from 2001-09-09 to 2286-11-20, epoch seconds lie in [1e9, 1e10), epoch milliseconds in
+  [1e12, 1e13) and timestamps in [1e15, 1e16) microseconds. Doubles own a part of the order of
+  their own (a double never sorts among integers), split the same way: seconds in [1e9, 1e10),
+  milliseconds in [1e12, 1e13). Strings own another: ISO-8601 text in one canonical UTC form
+  (``2026-11-22T10:15:00.000Z``, as JavaScript's ``toISOString()`` writes it) sorts as text in
+  time order, because every field has a fixed width.
+
+Each band is kept in *ordinals*: whole units of ``unit_us`` microseconds (seconds, milliseconds
+or microseconds), so slices, shards and histograms cut every encoding the same way. An
+encoding maps an ordinal to the value a filter carries (``stored``), and a stored value back to
+the largest ordinal at or below it (``ordinal``); ``stored`` never decreases, so disjoint
+ordinal slices are disjoint ranges of stored values.
+
+What a range cannot tell apart, the value must: the index cannot tell a Timestamp from an
+integer of epoch microseconds (both sort as the same number), nor canonical text from other
+text that happens to sort between two canonical strings (``2026-11-22``,
+``2026-11-22T10:15:00+01:00``). Text ranges are therefore read with their values (a
+projection) and only canonical text is taken; lookups (``detect``, ``--verify``, ``--scan``)
+see each value's true type. Byte strings sort among text and a projection returns them as
+text, so a byte string holding canonical ISO-8601 text is read as that text, the same way
+by the query, the re-check and a scan.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import enum
+import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from fractions import Fraction
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 ONE_MICROSECOND = dt.timedelta(microseconds=1)
-
-
-class Encoding(enum.StrEnum):
-    """A supported way of storing an expiry instant."""
-
-    TIMESTAMP = "timestamp"
-    EPOCH_SECONDS = "epoch-seconds"
-    EPOCH_MILLIS = "epoch-millis"
-
-    @property
-    def unit_us(self) -> int:
-        """Microseconds per stored unit: how the index compares this encoding."""
-        return _UNIT_US[self]
-
-    @property
-    def band(self) -> Band:
-        """The stored values this encoding can take for dates from 2001-09-09 to 2286-11-20."""
-        return _BANDS[self]
-
-
-@dataclass(frozen=True)
-class Band:
-    """A half-open range [lo, hi) of index order, in the encoding's own unit."""
-
-    lo: int
-    hi: int
-
-    def __contains__(self, number: object) -> bool:
-        return isinstance(number, int) and self.lo <= number < self.hi
-
-
-_UNIT_US = {
-    Encoding.TIMESTAMP: 1,
-    Encoding.EPOCH_MILLIS: 1_000,
-    Encoding.EPOCH_SECONDS: 1_000_000,
-}
-_BANDS = {
-    Encoding.EPOCH_SECONDS: Band(10**9, 10**10),
-    Encoding.EPOCH_MILLIS: Band(10**12, 10**13),
-    Encoding.TIMESTAMP: Band(10**15, 10**16),
-}
-
-QueryValue = int | dt.datetime
-
-
-@dataclass(frozen=True)
-class ExpiredRange:
-    """Filter values for ``lo <= property < hi``; empty when ``hi <= lo``."""
-
-    encoding: Encoding
-    lo: int
-    hi: int
-
-    @property
-    def empty(self) -> bool:
-        return self.hi <= self.lo
-
-    def values(self) -> tuple[QueryValue, QueryValue]:
-        """The bounds as the values a query filter must carry for this encoding."""
-        if self.encoding is Encoding.TIMESTAMP:
-            return from_micros(self.lo), from_micros(self.hi)
-        return self.lo, self.hi
 
 
 def to_micros(instant: dt.datetime) -> int:
@@ -94,10 +56,209 @@ def from_micros(micros: int) -> dt.datetime:
     return EPOCH + dt.timedelta(microseconds=micros)
 
 
-def cutoff_bound(encoding: Encoding, cutoff: dt.datetime) -> int:
-    """Smallest stored value that is *not* expired: ``v < bound`` iff ``v`` is before cutoff.
+class Encoding(enum.StrEnum):
+    """A supported way of storing an expiry instant."""
 
-    Stored values are whole units, so ``v < cutoff`` equals ``v < ceil(cutoff)``; a value exactly
+    TIMESTAMP = "timestamp"
+    EPOCH_SECONDS = "epoch-seconds"
+    EPOCH_MILLIS = "epoch-millis"
+    DOUBLE_SECONDS = "double-seconds"
+    DOUBLE_MILLIS = "double-millis"
+    ISO_8601 = "iso-8601"
+
+    @property
+    def unit_us(self) -> int:
+        """Microseconds per ordinal: the unit ranges, slices and buckets are cut in."""
+        return _CODECS[self].unit_us
+
+    @property
+    def band(self) -> Band:
+        """The ordinals this encoding can take for instants from 2001-09-09 to 2286-11-20."""
+        return _CODECS[self].band
+
+    @property
+    def needs_values(self) -> bool:
+        """Whether a range of this encoding can hold values of no encoding (strings can)."""
+        return self is Encoding.ISO_8601
+
+    def stored(self, ordinal: int) -> QueryValue:
+        """The value a filter carries for ``ordinal``: never decreasing as ordinals grow."""
+        return _CODECS[self].stored(ordinal)
+
+    def ordinal(self, value: object) -> int | None:
+        """The largest ordinal whose :meth:`stored` value is at or below ``value``.
+
+        ``value`` as a lookup or a projection returns it (a projected timestamp arrives as
+        its integer microseconds). None for a value of another type.
+        """
+        return _CODECS[self].ordinal(value)
+
+    def store(self, instant: dt.datetime) -> QueryValue:
+        """``instant`` as this encoding stores it, cut to the encoding's precision."""
+        return self.stored(to_micros(instant) // self.unit_us)
+
+
+@dataclass(frozen=True)
+class Band:
+    """A half-open range [lo, hi) of ordinals."""
+
+    lo: int
+    hi: int
+
+    def __contains__(self, ordinal: object) -> bool:
+        return isinstance(ordinal, int) and self.lo <= ordinal < self.hi
+
+
+QueryValue = int | float | str | dt.datetime
+
+
+@dataclass(frozen=True)
+class _Codec:
+    unit_us: int
+    band: Band
+    stored: Callable[[int], QueryValue]
+    ordinal: Callable[[object], int | None]
+    # Whether a value is of this encoding by its true type and form (band aside).
+    reads: Callable[[object], bool]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_ordinal(value: object) -> int | None:
+    return value if _is_int(value) else None  # type: ignore[return-value]
+
+
+def _timestamp_ordinal(value: object) -> int | None:
+    if isinstance(value, dt.datetime):
+        return to_micros(_aware(value))
+    return _int_ordinal(value)  # a projected timestamp: its microseconds
+
+
+def _double(unit_us: int) -> tuple[Callable[[int], float], Callable[[object], int | None]]:
+    """Doubles of whole ``unit_us``: an ordinal (µs) maps to the largest double at or below it.
+
+    Rounding down means ``value < stored(hi)`` implies the value is before ``hi`` exactly.
+    """
+
+    def stored(ordinal: int) -> float:
+        exact = Fraction(ordinal, unit_us)
+        value = float(exact)  # nearest double
+        return value if Fraction(value) <= exact else math.nextafter(value, -math.inf)
+
+    def ordinal(value: object) -> int | None:
+        if not isinstance(value, float) or not math.isfinite(value):
+            return None
+        above = math.nextafter(value, math.inf)
+        if not math.isfinite(above):
+            return None
+        # stored(n) <= value iff n / unit_us < the next double above value.
+        return math.ceil(Fraction(above) * unit_us) - 1
+
+    return stored, ordinal
+
+
+# The one text form sweeper reads: UTC, milliseconds, "Z" (JavaScript's toISOString()).
+_ISO = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
+
+
+def iso_text(millis: int) -> str:
+    instant = EPOCH + dt.timedelta(milliseconds=millis)
+    return instant.strftime("%Y-%m-%dT%H:%M:%S.") + f"{instant.microsecond // 1000:03d}Z"
+
+
+def _iso_millis(text: str) -> int | None:
+    """Milliseconds of a canonical ISO-8601 text; None for any other text."""
+    if not _ISO.fullmatch(text):
+        return None
+    try:
+        instant = dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
+    except ValueError:  # month 13, February 30th, ...
+        return None
+    millis = to_micros(instant) // 1000
+    return millis if iso_text(millis) == text else None
+
+
+def _text(value: object) -> str | None:
+    """Text as the index compares it: a string, or a byte string (the two sort together)."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    return value if isinstance(value, str) else None
+
+
+def _iso_ordinal(stored: object) -> int | None:
+    """Canonical text: its milliseconds. Other text: the last canonical form at or below it."""
+    value = _text(stored)
+    if value is None:
+        return None
+    exact = _iso_millis(value)
+    if exact is not None:
+        return exact
+    lo, hi = _ISO_SEARCH
+    if value < iso_text(lo) or value >= iso_text(hi):  # outside the band
+        return lo - 1 if value < iso_text(lo) else hi
+    while hi - lo > 1:  # iso_text never decreases: bisect for the floor
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if iso_text(mid) <= value else (lo, mid)
+    return lo
+
+
+def _reads_iso(value: object) -> bool:
+    text = _text(value)
+    return text is not None and _iso_millis(text) is not None
+
+
+_SECONDS, _MILLIS = 10**6, 10**3
+_double_s, _double_s_ordinal = _double(_SECONDS)
+_double_ms, _double_ms_ordinal = _double(_MILLIS)
+_CODECS = {
+    Encoding.EPOCH_SECONDS: _Codec(_SECONDS, Band(10**9, 10**10), int, _int_ordinal, _is_int),
+    Encoding.EPOCH_MILLIS: _Codec(_MILLIS, Band(10**12, 10**13), int, _int_ordinal, _is_int),
+    Encoding.TIMESTAMP: _Codec(
+        1,
+        Band(10**15, 10**16),
+        from_micros,
+        _timestamp_ordinal,
+        lambda v: isinstance(v, dt.datetime),
+    ),
+    # Doubles are cut in microseconds (so a cutoff inside a unit is honoured exactly): both
+    # take the instants of the other bands.
+    Encoding.DOUBLE_SECONDS: _Codec(
+        1, Band(10**15, 10**16), _double_s, _double_s_ordinal, lambda v: isinstance(v, float)
+    ),
+    Encoding.DOUBLE_MILLIS: _Codec(
+        1, Band(10**15, 10**16), _double_ms, _double_ms_ordinal, lambda v: isinstance(v, float)
+    ),
+    Encoding.ISO_8601: _Codec(_MILLIS, Band(10**12, 10**13), iso_text, _iso_ordinal, _reads_iso),
+}
+_ISO_SEARCH = (_CODECS[Encoding.ISO_8601].band.lo, _CODECS[Encoding.ISO_8601].band.hi)
+
+
+@dataclass(frozen=True)
+class ExpiredRange:
+    """Ordinals ``lo <= n < hi`` of one encoding; empty when ``hi <= lo``."""
+
+    encoding: Encoding
+    lo: int
+    hi: int
+
+    @property
+    def empty(self) -> bool:
+        return self.hi <= self.lo
+
+    def values(self) -> tuple[QueryValue, QueryValue]:
+        """The bounds as the values a query filter must carry for this encoding."""
+        return self.encoding.stored(self.lo), self.encoding.stored(self.hi)
+
+
+def cutoff_bound(encoding: Encoding, cutoff: dt.datetime) -> int:
+    """Smallest ordinal that is *not* expired: ``n < bound`` iff ordinal ``n`` is before cutoff.
+
+    Ordinals are whole units, so ``n < cutoff`` equals ``n < ceil(cutoff)``; a value exactly
     at the cutoff is kept.
     """
     return -(-to_micros(cutoff) // encoding.unit_us)
@@ -114,25 +275,28 @@ def classify(value: object) -> Encoding | None:
     """The encoding of a value as a lookup returns it (true type), or None if unsupported.
 
     Booleans are ints in Python but a different type in Datastore; an int in the timestamp band
-    is epoch microseconds, which sweeper does not sweep.
+    is epoch microseconds, which sweeper does not sweep; text in any form but the canonical
+    ISO-8601 one is no encoding.
     """
-    if isinstance(value, dt.datetime):
-        return Encoding.TIMESTAMP if to_micros(_aware(value)) in Encoding.TIMESTAMP.band else None
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None
-    for encoding in (Encoding.EPOCH_SECONDS, Encoding.EPOCH_MILLIS):
-        if value in encoding.band:
+    for encoding, codec in _CODECS.items():
+        if codec.reads(value) and codec.ordinal(value) in codec.band:
             return encoding
     return None
 
 
 def is_expired(encoding: Encoding, value: object, cutoff: dt.datetime) -> bool:
-    """True only for a value stored in ``encoding`` that lies before ``cutoff``."""
+    """True only for a value stored in ``encoding`` that lies before ``cutoff``.
+
+    The same comparison the range query makes: the value against the filter's upper bound.
+    """
     if classify(value) is not encoding:
         return False
+    bound = encoding.stored(cutoff_bound(encoding, cutoff))
     if isinstance(value, dt.datetime):
-        return to_micros(_aware(value)) < cutoff_bound(encoding, cutoff)
-    return isinstance(value, int) and value < cutoff_bound(encoding, cutoff)
+        return _aware(value) < bound  # type: ignore[operator]
+    if isinstance(value, bytes):
+        return _text(value) < bound  # type: ignore[operator]
+    return value < bound  # type: ignore[operator]
 
 
 def _aware(value: dt.datetime) -> dt.datetime:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import structlog
 from google.cloud import datastore
@@ -35,6 +35,7 @@ from sweeper.errors import (
 )
 from sweeper.pipeline import Pipeline
 from sweeper.progress import DeleteBudget, ProgressLog
+from sweeper.query import descendant_keys
 from sweeper.result import Runtime, SweepResult
 from sweeper.retry import PUSHBACK, Retrier, RetryCounter
 from sweeper.settings import SweepSettings
@@ -205,12 +206,25 @@ class Sweep:
         self, client: datastore.Client, encoding: Encoding, result: SweepResult, checks: Checks
     ) -> None:
         s, rt = self.settings, self.runtime
+
+        def count_descendants(n: int) -> None:
+            with self._lock:
+                result.descendants_deleted += n
+
         deleter: Deleter = (
             VerifyingDeleter(
-                client, self._retrier, encoding, s.prop, result.cutoff, sizer=self._sizer
+                client,
+                self._retrier,
+                encoding,
+                s.prop,
+                result.cutoff,
+                sizer=self._sizer,
+                on_descendants=count_descendants,
             )
             if result.verify
-            else BatchDeleter(client, self._retrier, sizer=self._sizer)
+            else BatchDeleter(
+                client, self._retrier, sizer=self._sizer, on_descendants=count_descendants
+            )
         )
         progress = ProgressLog(self._log, rt, self._counter, rt.monotonic(), s.dry_run)
         budget = DeleteBudget(s.max_deletes)
@@ -224,7 +238,7 @@ class Sweep:
                     yield taken
 
         def process(batch: Sequence[Key]) -> None:
-            self._process(deleter, batch, result)
+            self._process(client, deleter, batch, result)
             with self._lock:
                 progress.maybe_log(result)
 
@@ -238,6 +252,10 @@ class Sweep:
             with self._lock:
                 result.entities_read += n
 
+        def count_left_alone(n: int) -> None:
+            with self._lock:
+                result.left_alone += n
+
         seen: Counter[str] = Counter()
         streams = expired_streams(
             client,
@@ -248,6 +266,7 @@ class Sweep:
             log=self._log,
             on_read=count_reads,
             seen=seen,
+            on_left_alone=count_left_alone,
         )
         Pipeline(s.workers, process, should_stop).run([batches(st) for st in streams])
         if budget.capped:
@@ -255,14 +274,19 @@ class Sweep:
         if s.scan and result.stopped_reason == StopReason.COMPLETE:
             checks.scan_census(encoding, seen, result)
 
-    def _process(self, deleter: Deleter, batch: Sequence[Key], result: SweepResult) -> None:
+    def _process(
+        self, client: datastore.Client, deleter: Deleter, batch: Sequence[Key], result: SweepResult
+    ) -> None:
         with self._lock:
             result.matched += len(batch)
+        under = self._descendants(client, batch) if self.settings.with_descendants else {}
+        with self._lock:
+            result.descendants_matched += sum(map(len, under.values()))
         if not self.settings.dry_run:
             if result.verify:
                 with self._lock:
                     result.entities_read += len(batch)  # the transaction looks each key up
-            self._delete(deleter, batch, result)
+            self._delete(deleter, batch, under, result)
         with self._lock:
             result.batches += 1
 
@@ -271,16 +295,27 @@ class Sweep:
         if isinstance(error, PUSHBACK):
             self._throttle.record(accepted=False)
 
-    def _delete(self, deleter: Deleter, batch: Sequence[Key], result: SweepResult) -> None:
-        waited = self._throttle.acquire(len(batch))
+    def _descendants(self, client: datastore.Client, batch: Sequence[Key]) -> dict[Key, list[Key]]:
+        """Each session's descendants: one ancestor query per session (more for > 500)."""
+        return {key: descendant_keys(client, self._retrier, key) for key in batch}
+
+    def _delete(
+        self,
+        deleter: Deleter,
+        batch: Sequence[Key],
+        under: Mapping[Key, Sequence[Key]],
+        result: SweepResult,
+    ) -> None:
+        keys = len(batch) + sum(map(len, under.values()))
+        waited = self._throttle.acquire(keys)
         with self._lock:
             result.throttle_wait_s += waited
-            self._in_flight += len(batch)
+            self._in_flight += keys
         try:
-            deleted = deleter.delete(batch)
+            deleted = deleter.delete(batch, under)
         except BatchFailed as exc:
             with self._lock:
-                self._in_flight -= len(batch)
+                self._in_flight -= keys
                 result.deleted += exc.deleted
                 if isinstance(exc.cause, Stopped):  # stopping, not failing: the rest is kept
                     raise exc.cause from None
@@ -291,7 +326,7 @@ class Sweep:
             ) from exc
         self._throttle.record(accepted=True)
         with self._lock:
-            self._in_flight -= len(batch)
+            self._in_flight -= keys
             result.deleted += deleted
             result.skipped += len(batch) - deleted
         self._log.debug("batch_deleted", keys=len(batch), deleted=deleted)

@@ -60,11 +60,25 @@ class RunSettings:
     # the call that ends a range says so (Firestore) or an empty one follows (legacy).
     batch_keys: int = PAGE_SIZE
     says_last_page: bool = True
+    # Text ranges are read with their values (a projection): priced as one read per entity,
+    # the higher of the two ways a projection may be billed.
+    projected: bool = False
+    # --with-descendants: the entities under each session, as inspect sampled them.
+    descendants_per_session: float | None = None
 
 
-def run_settings(s: SweepSettings, *, reports_read_time: bool, aggregation: bool) -> RunSettings:
+def run_settings(
+    s: SweepSettings,
+    *,
+    reports_read_time: bool,
+    aggregation: bool,
+    encoding: Encoding | None = None,
+    descendants_per_session: float = 0.0,
+) -> RunSettings:
     """What a sweep with ``s`` will do on a database that does (not) report its read time."""
     return RunSettings(
+        projected=encoding is not None and encoding.needs_values and not s.scan,
+        descendants_per_session=descendants_per_session if s.with_descendants else None,
         workers=s.workers,
         batch_size=s.batch_size,
         # As the sweep decides it: on where the database reports no read time.
@@ -204,7 +218,18 @@ def operations(backlog: Backlog, settings: RunSettings) -> Operations:
         per = PAGE_SIZE if backlog.scan_reads is not None else _per_call(settings)
         commits += sum(_commits(batch, settings) for batch in _batches(keys, per, settings))
     read = (backlog.due if settings.verify else 0) + (backlog.scan_reads or 0)
-    return Operations(queries, lookups, commits, read, backlog.due, billed + read)
+    deleted = backlog.due
+    billed += backlog.due if settings.projected else 0
+    if settings.descendants_per_session is not None:
+        # One ancestor query per session (a page per 500 under it), and its descendants
+        # deleted in the same commits as far as they fit.
+        under = round(backlog.due * settings.descendants_per_session)
+        pages = max(1, math.ceil((settings.descendants_per_session + 1) / PAGE_SIZE))
+        queries += backlog.due * pages
+        billed += backlog.due * pages
+        commits += math.ceil(under / min(settings.batch_size, settings.transaction_keys))
+        deleted += under
+    return Operations(queries, lookups, commits, read, deleted, billed + read)
 
 
 def _guard_calls(backlog: Backlog, settings: RunSettings) -> list[tuple[int, int]]:
@@ -321,7 +346,9 @@ def forecast(backlog: Backlog, settings: RunSettings, prices: Prices = LIST_PRIC
         settings = replace(settings, max_fraction=1.0)
     duration, rate = ramp_time(backlog.per_shard, settings)
     ops = operations(backlog, settings)
-    return Forecast(settings, ops, prices, duration, rate, backlog.estimated, refused)
+    # Descendants are estimated from a sample of sessions.
+    estimated = backlog.estimated or bool(settings.descendants_per_session)
+    return Forecast(settings, ops, prices, duration, rate, estimated, refused)
 
 
 def ramp_time(per_shard: Sequence[int], settings: RunSettings) -> tuple[float | None, float | None]:

@@ -40,7 +40,15 @@ from sweeper.forecast import (
     scan_due,
 )
 from sweeper.histogram import Bucket, Histogram, age_buckets, stream_slices
-from sweeper.query import PAGE_SIZE, Bound, RangeQuery, fetch_keys, key_pages, lookup
+from sweeper.query import (
+    PAGE_SIZE,
+    Bound,
+    RangeQuery,
+    descendant_keys,
+    fetch_keys,
+    key_pages,
+    lookup,
+)
 from sweeper.retry import NO_CLIENT_RETRY, TRANSIENT, Retrier, RetryCounter, RetryPolicy
 from sweeper.settings import SweepSettings
 
@@ -89,6 +97,23 @@ class ExpiredCount:
 
 
 @dataclass(frozen=True)
+class DescendantSample:
+    """Entities under each of the first ``sampled`` expired sessions (``--with-descendants``)."""
+
+    sampled: int
+    total: int
+    most: int
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.sampled if self.sampled else 0.0
+
+
+# Expired sessions whose descendants inspect counts: one ancestor query each.
+DESCENDANT_SAMPLE = 20
+
+
+@dataclass(frozen=True)
 class Oldest:
     """The smallest stored value of the encoding, and the instant it denotes."""
 
@@ -124,6 +149,8 @@ class InspectReport:
     forecast: Forecast | None = None
     # With --scan: the entities of the kind, every one of which the scan reads.
     kind_size: ExpiredCount | None = None
+    # What --with-descendants would delete under each expired session, sampled.
+    descendants: DescendantSample | None = None
 
     @property
     def oldest_expired(self) -> Oldest | None:
@@ -196,6 +223,7 @@ def _inspect(
         oldest=reader.oldest(encoding) if encoding else None,
         carrying=reader.count_query(RangeQuery(s.kind, s.prop, ((">", None),))),
         clock_source=clock.source,
+        descendants=reader.descendants(window) if window and not s.scan else None,
     )
     if window is None or action not in ("sweep", "scan"):
         return report
@@ -208,7 +236,14 @@ def _forecast(
     """The age histogram and the forecast of a sweep with ``s``'s settings."""
     carrying = report.carrying or ExpiredCount(0, "aggregation")
     server, aggregation = report.clock_source == "server", carrying.method == "aggregation"
-    run = run_settings(s, reports_read_time=server, aggregation=aggregation)
+    per_session = report.descendants.mean if report.descendants else 0.0
+    run = run_settings(
+        s,
+        reports_read_time=server,
+        aggregation=aggregation,
+        encoding=window.encoding,
+        descendants_per_session=per_session,
+    )
     if s.scan:
         kind = reader.count_query(RangeQuery(s.kind, s.prop))
         expired = report.expired if report.indexed == "yes" else None
@@ -317,11 +352,19 @@ class _Reader:
         lo, hi = ExpiredRange(encoding, encoding.band.lo, encoding.band.hi).values()
         found = [e.get(self.prop) for e in self.entities(self.keys((">=", lo), ("<", hi)))]
         value = found[0] if found else None  # none stored, or gone before the lookup
-        if isinstance(value, dt.datetime):
-            return Oldest(value, value if value.tzinfo else value.replace(tzinfo=dt.UTC))
-        if isinstance(value, int) and not isinstance(value, bool):
-            return Oldest(value, from_micros(value * encoding.unit_us))
-        return None
+        ordinal = encoding.ordinal(value) if classify(value) is encoding else None
+        if value is None or ordinal is None:  # or text of another form at the band's start
+            return None
+        return Oldest(value, from_micros(ordinal * encoding.unit_us))
+
+    def descendants(self, window: ExpiredRange) -> DescendantSample | None:
+        """Entities under the first expired sessions: what ``--with-descendants`` adds."""
+        if window.empty:
+            return None
+        lo, hi = window.values()
+        sessions = self.keys((">=", lo), ("<", hi), limit=DESCENDANT_SAMPLE)
+        counts = [len(descendant_keys(self.client, self.retrier, key)) for key in sessions]
+        return DescendantSample(len(counts), sum(counts), max(counts, default=0))
 
     def histogram(
         self, window: ExpiredRange, oldest: dt.datetime, cutoff: dt.datetime

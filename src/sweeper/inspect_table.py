@@ -9,7 +9,7 @@ from typing import Any
 from sweeper.encodings import QueryValue
 from sweeper.forecast import Forecast
 from sweeper.histogram import Histogram
-from sweeper.inspect import ExpiredCount, InspectReport, Oldest
+from sweeper.inspect import DescendantSample, ExpiredCount, InspectReport, Oldest
 from sweeper.settings import format_duration
 
 _INDEXED_NOTES = {
@@ -59,9 +59,18 @@ def report_dict(r: InspectReport) -> dict[str, Any]:
         "oldest_value": json_value(oldest.value) if oldest else None,
         "oldest_expiry": iso(oldest.instant) if oldest else None,
         "kind_size": r.kind_size.n if r.kind_size else None,
+        **_descendants_dict(r.descendants),
         "histogram": _histogram_dict(r.histogram) if r.histogram else None,
         "forecast": forecast_dict(r.forecast) if r.forecast else None,
         "sweep_would": sweep_would(r),
+    }
+
+
+def _descendants_dict(d: DescendantSample | None) -> dict[str, Any]:
+    return {
+        "descendants_sampled": d.sampled if d else None,
+        "descendants_mean": round(d.mean, 2) if d else None,
+        "descendants_max": d.most if d else None,
     }
 
 
@@ -136,6 +145,15 @@ def _rows(r: InspectReport) -> list[tuple[str, str]]:
         rows.append(("oldest expired", _oldest_row(r.oldest_expired)))
     if r.kind_size is not None:
         rows.append(("kind size", _count_row(r.kind_size) + " (a scan reads each)"))
+    if r.descendants is not None and r.descendants.sampled:
+        d = r.descendants
+        rows.append(
+            (
+                "descendants",
+                f"{d.mean:.1f} per expired session, at most {d.most} "
+                f"({d.sampled} sampled; --with-descendants deletes them)",
+            )
+        )
     if r.histogram is not None and r.histogram.buckets:
         rows += _histogram_rows(r.histogram)
     if r.forecast is not None:
@@ -254,7 +272,7 @@ def sweep_would(report: InspectReport) -> str:
     return f"delete {amount} {r.kind} entities {which}"
 
 
-def json_value(value: QueryValue | None) -> int | str | None:
+def json_value(value: QueryValue | None) -> int | float | str | None:
     return iso(value) if isinstance(value, dt.datetime) else value
 
 

@@ -20,7 +20,7 @@ from google.cloud import datastore
 from google.cloud.datastore.helpers import entity_to_protobuf
 from google.cloud.datastore.query import PropertyFilter
 
-from sweeper.encodings import QueryValue
+from sweeper.encodings import Encoding, QueryValue, classify
 from sweeper.retry import NO_CLIENT_RETRY, Retrier
 
 # Keys per query page: small enough for any response limit (a key is ~100 bytes), large
@@ -42,17 +42,21 @@ class RangeQuery:
     """Keys of ``kind`` whose ``prop`` meets every bound, e.g. ``((">=", lo), ("<", hi))``.
 
     With no bounds it lists the kind's keys, whatever their properties; with ``keys_only``
-    off it returns whole entities (one billed read each).
+    off it returns whole entities (one billed read each); ``projected`` returns each key with
+    its indexed value of ``prop`` (a projection), for ranges whose values must be read.
     """
 
     kind: str
     prop: str
     bounds: tuple[Bound, ...] = ()
     keys_only: bool = True
+    projected: bool = False
 
     def build(self, client: datastore.Client, descending: bool = False) -> datastore.Query:
         query: datastore.Query = client.query(kind=self.kind)
-        if self.keys_only:
+        if self.projected:
+            query.projection = [self.prop]
+        elif self.keys_only:
             query.keys_only()
         for op, value in self.bounds:
             query.add_filter(filter=PropertyFilter(self.prop, op, value))
@@ -133,13 +137,38 @@ def _page(
     ~300 results per batch): on a network that drops connections every second, a page of
     several calls might never get through.
     """
-    iterator = query.build(client, descending).fetch(
-        limit=limit, start_cursor=cursor, retry=NO_CLIENT_RETRY, timeout=timeout
-    )
+    return _first_batch(query.build(client, descending), limit, cursor, timeout=timeout)
+
+
+def _first_batch(
+    query: datastore.Query, limit: int, cursor: bytes | None, *, timeout: float
+) -> tuple[list[datastore.Entity], bytes | None]:
+    iterator = query.fetch(limit=limit, start_cursor=cursor, retry=NO_CLIENT_RETRY, timeout=timeout)
     batch = next(iterator.pages, None)
     found = list(batch) if batch is not None else []
     token: bytes | None = iterator.next_page_token
     return found, token
+
+
+def descendant_keys(
+    client: datastore.Client, retrier: Retrier, key: datastore.Key
+) -> list[datastore.Key]:
+    """Every key under ``key`` in its entity group, of any kind and depth (not ``key`` itself).
+
+    A kindless, keys-only ancestor query, paged like any other: one billed read per page.
+    Ancestor queries are strongly consistent, on the legacy emulator too.
+    """
+    found: list[datastore.Key] = []
+    cursor: bytes | None = None
+    while True:
+        query = client.query(ancestor=key)
+        query.keys_only()
+        page, cursor = retrier.call(
+            "query", partial(_first_batch, query, PAGE_SIZE, cursor, timeout=retrier.timeout)
+        )
+        found += [entity.key for entity in page if entity.key != key]
+        if cursor is None or not page:
+            return found
 
 
 def scan_expired(
@@ -188,21 +217,37 @@ def _encoded_size(entity: datastore.Entity) -> int:
     return int(type(message).pb(message).ByteSize())
 
 
-def first_value(client: datastore.Client, retrier: Retrier, query: RangeQuery) -> int | None:
-    """The smallest value of ``query``'s range, as the index orders it, or None if empty.
+def first_value(
+    client: datastore.Client,
+    retrier: Retrier,
+    query: RangeQuery,
+    encoding: Encoding,
+    *,
+    strict: bool = False,
+) -> int | None:
+    """The ordinal of the smallest value in ``query``'s range, or None if it holds none.
 
-    Both emulators return a projected timestamp as its microseconds since the epoch: the index
-    unit the slices are cut in. One small read.
+    One small projection read. Both emulators return a projected timestamp as its
+    microseconds since the epoch, which is its ordinal. Where the range can hold values of no
+    encoding (text), ``strict`` skips to the first value that is of ``encoding``, among the
+    first ``FIRST_VALUE_PROBE``; otherwise the first value's place in the order is taken.
     """
 
     def fetch() -> list[datastore.Entity]:
         projected = query.build(client)
         projected.projection = [query.prop]
-        return list(projected.fetch(limit=1, retry=NO_CLIENT_RETRY, timeout=retrier.timeout))
+        limit = FIRST_VALUE_PROBE if strict and encoding.needs_values else 1
+        return list(projected.fetch(limit=limit, retry=NO_CLIENT_RETRY, timeout=retrier.timeout))
 
-    found = retrier.call("query", fetch)
-    value = found[0].get(query.prop) if found else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    for entity in retrier.call("query", fetch):
+        value = entity.get(query.prop)
+        if not strict or not encoding.needs_values or classify(value) is encoding:
+            return encoding.ordinal(value)
+    return None
+
+
+# Projected values a strict first_value looks through for one of its encoding.
+FIRST_VALUE_PROBE = 20
 
 
 # Where aggregation queries are missing (the legacy emulator), counting pages through keys:

@@ -65,6 +65,11 @@ class SweepResult:
     # Keys whose delete was sent but not answered when the run stopped without waiting for it
     # (they may or may not be gone; deleting them again next run is harmless).
     unconfirmed: int = 0
+    # Values in the expired range of no encoding (text in another form): never deleted.
+    left_alone: int = 0
+    # --with-descendants: entities found under the sessions matched, and deleted with them.
+    descendants_matched: int = 0
+    descendants_deleted: int = 0
     # Encodings other than the swept one found in the property (left alone, but named).
     other_encodings: tuple[str, ...] = ()
     concurrency: Degradation | None = None
@@ -122,6 +127,10 @@ class SweepResult:
             "duration_s": round(self.duration_s, 3),
             "stopped_reason": StopReason(self.stopped_reason).value,
             "unconfirmed": self.unconfirmed,
+            "left_alone": self.left_alone,
+            "with_descendants": s.with_descendants,
+            "descendants_matched": self.descendants_matched,
+            "descendants_deleted": self.descendants_deleted,
             "due_fraction": None if self.due_fraction is None else round(self.due_fraction, 4),
             **(self.retention.fields() if self.retention else _NOT_MEASURED),
             "queries": self.queries,

@@ -70,6 +70,6 @@ def measure_retention(
     lo, hi = window.values()
     query = RangeQuery(kind, prop, ((">=", lo), ("<", hi)))
     left = count(client, retrier, query, RETENTION_COUNT_LIMIT)
-    first = first_value(client, retrier, query) if left.n else None
+    first = first_value(client, retrier, query, encoding, strict=True) if left.n else None
     oldest = None if first is None else from_micros(first * encoding.unit_us)
     return Retention(carrying, left, oldest)

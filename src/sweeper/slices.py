@@ -1,7 +1,7 @@
 """Disjoint slices of an expired range: parallel query streams, and shards across pods.
 
-Values are in the index order of one encoding (seconds, milliseconds, or microseconds for
-timestamps), so a slice ``[lo, hi)`` is itself a two-sided range query that can match only that
+Values are ordinals of one encoding (whole seconds, milliseconds or microseconds: see
+``encodings``), so a slice ``[lo, hi)`` is itself a two-sided range query that can match only that
 encoding. Slices never overlap, so no key is found by two streams or two pods.
 """
 
@@ -72,7 +72,9 @@ def shard_slices(
         value = next_value(pos, hi)
         if value is None:
             return
-        b = value // bucket
+        # The probe answers an ordinal at or below the value it found, never below ``pos``
+        # (each slice's range starts there); clamping keeps the walk moving whatever it says.
+        b = max(value, pos) // bucket
         owner = b % shard.count
         if owner == shard.index:
             end = min(hi, (b + 1) * bucket)

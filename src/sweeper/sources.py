@@ -17,7 +17,7 @@ from typing import Any
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding, ExpiredRange, classify, expired_range, is_expired
-from sweeper.query import RangeQuery, first_value, key_pages, scan_expired
+from sweeper.query import RangeQuery, entity_pages, first_value, key_pages, scan_expired
 from sweeper.retry import Retrier
 from sweeper.settings import SweepSettings
 from sweeper.slices import Slice, shard_slices, split_even
@@ -38,11 +38,14 @@ def expired_streams(
     log: Any,
     on_read: Callable[[int], None],
     seen: Counter[str] | None = None,
+    on_left_alone: Callable[[int], None] = lambda n: None,
 ) -> list[KeyPages]:
     """Up to ``settings.workers`` independent streams of expired-key pages.
 
     A scan counts in ``seen`` the encodings of the non-null values it reads, so the engine can
     tell a scan that found nothing to do from one that could never have matched anything.
+    Values in the range that are of no encoding (text in another form) are left alone and
+    counted through ``on_left_alone``.
     """
     s = settings
     if s.scan:
@@ -59,16 +62,17 @@ def expired_streams(
     log.info("query_range", format=encoding.value, lower=str(lo), upper=str(hi), shard=str(s.shard))
     if window.empty:
         return []
+    pages = partial(_pages, client, retrier, s, on_left_alone=on_left_alone)
     if s.shard.count > 1:
-        return _shard_streams(client, retrier, s, window)
+        return _shard_streams(client, retrier, s, window, pages)
     if s.workers == 1:
-        return [_pages(client, retrier, s, window)]
+        return [pages(window)]
     # Start the slices at the oldest stored value, not at 2001: the old part is empty.
-    start = first_value(client, retrier, _query(s, window))
+    start = first_value(client, retrier, _query(s, window), encoding)
     if start is None:
         return []
     slices = split_even(start, window.hi, s.workers)
-    return [_pages(client, retrier, s, ExpiredRange(encoding, a, b)) for a, b in slices]
+    return [pages(ExpiredRange(encoding, a, b)) for a, b in slices]
 
 
 def _tallied(
@@ -81,20 +85,25 @@ def _tallied(
 
 
 def _shard_streams(
-    client: datastore.Client, retrier: Retrier, settings: SweepSettings, window: ExpiredRange
+    client: datastore.Client,
+    retrier: Retrier,
+    settings: SweepSettings,
+    window: ExpiredRange,
+    pages: Callable[[ExpiredRange], KeyPages],
 ) -> list[KeyPages]:
     """``workers`` streams that share this shard's buckets, found as they are needed."""
     encoding = window.encoding
 
     def next_value(pos: int, hi: int) -> int | None:
-        return first_value(client, retrier, _query(settings, ExpiredRange(encoding, pos, hi)))
+        query = _query(settings, ExpiredRange(encoding, pos, hi))
+        return first_value(client, retrier, query, encoding)
 
     bucket = max(1, SHARD_BUCKET // dt.timedelta(microseconds=encoding.unit_us))
     shared = _Shared(shard_slices(window.lo, window.hi, settings.shard, bucket, next_value))
 
     def stream() -> KeyPages:
         for a, b in shared:
-            yield from _pages(client, retrier, settings, ExpiredRange(encoding, a, b))
+            yield from pages(ExpiredRange(encoding, a, b))
 
     return [stream() for _ in range(settings.workers)]
 
@@ -115,9 +124,40 @@ class _Shared:
 
 
 def _pages(
-    client: datastore.Client, retrier: Retrier, settings: SweepSettings, window: ExpiredRange
+    client: datastore.Client,
+    retrier: Retrier,
+    settings: SweepSettings,
+    window: ExpiredRange,
+    *,
+    on_left_alone: Callable[[int], None],
 ) -> KeyPages:
-    return key_pages(client, retrier, _query(settings, window))
+    if not window.encoding.needs_values:
+        return key_pages(client, retrier, _query(settings, window))
+    return _read_pages(client, retrier, settings, window, on_left_alone)
+
+
+def _read_pages(
+    client: datastore.Client,
+    retrier: Retrier,
+    settings: SweepSettings,
+    window: ExpiredRange,
+    on_left_alone: Callable[[int], None],
+) -> KeyPages:
+    """Keys whose value, read with the key (a projection), is of the range's encoding.
+
+    A text range also holds text in other forms and byte strings that sort between its ends
+    (``2026-11-22``, ``2026-11-22T10:15:00+01:00``): they are left alone, and counted.
+    """
+    query = RangeQuery(
+        settings.kind, settings.prop, _query(settings, window).bounds, projected=True
+    )
+    encoding = window.encoding
+    for page in entity_pages(client, retrier, query):
+        keys = [e.key for e in page if classify(e.get(settings.prop)) is encoding]
+        if len(keys) < len(page):
+            on_left_alone(len(page) - len(keys))
+        if keys:
+            yield keys
 
 
 def _query(settings: SweepSettings, window: ExpiredRange) -> RangeQuery:

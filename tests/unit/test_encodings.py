@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from fractions import Fraction
 
 import pytest
 from hypothesis import assume, given
@@ -108,7 +109,16 @@ def test_range_values_are_ints_for_epoch_encodings() -> None:
         (CUTOFF_S * 1_000_000, None),  # an int of epoch micros: unsupported
         (True, None),
         (False, None),
-        (float(CUTOFF_S), None),
+        (float(CUTOFF_S), Encoding.DOUBLE_SECONDS),
+        (float(CUTOFF_S) * 1000, Encoding.DOUBLE_MILLIS),
+        (float(CUTOFF_S) + 0.5, Encoding.DOUBLE_SECONDS),
+        (1e11, None),
+        (float("nan"), None),
+        (float("inf"), None),
+        ("2023-11-14T22:13:20.000Z", Encoding.ISO_8601),
+        ("2023-11-14T22:13:20Z", None),
+        (b"2023-11-14T22:13:20.000Z", Encoding.ISO_8601),  # bytes sort and project as text
+        (b"\xff2023-11-14T22:13:20.000Z", None),
         (str(CUTOFF_S), None),
         (None, None),
         (dt.datetime(1999, 1, 1, tzinfo=UTC), None),
@@ -161,13 +171,22 @@ cutoffs = st.datetimes(
 )
 
 
-def stored_values(encoding: Encoding) -> st.SearchStrategy[tuple[object, int]]:
-    """A value stored in ``encoding`` and its instant in epoch microseconds."""
+# Exact encodings: whole units, so "expired" is exactly "before the cutoff".
+EXACT = [e for e in Encoding if e not in (Encoding.DOUBLE_SECONDS, Encoding.DOUBLE_MILLIS)]
+DOUBLE_SCALE = {Encoding.DOUBLE_SECONDS: 10**6, Encoding.DOUBLE_MILLIS: 10**3}
+
+
+def stored_values(encoding: Encoding) -> st.SearchStrategy[tuple[object, Fraction]]:
+    """A value stored in ``encoding`` and its exact instant in epoch microseconds."""
     band = encoding.band
-    numbers = st.integers(min_value=band.lo, max_value=band.hi - 1)
-    if encoding is Encoding.TIMESTAMP:
-        return numbers.map(lambda us: (from_micros(us), us))
-    return numbers.map(lambda n: (n, n * encoding.unit_us))
+    if encoding in DOUBLE_SCALE:
+        scale = DOUBLE_SCALE[encoding]
+        doubles = st.floats(
+            min_value=band.lo / scale, max_value=band.hi / scale, exclude_max=True
+        ).filter(lambda v: band.lo <= Fraction(v) * scale < band.hi)
+        return doubles.map(lambda v: (v, Fraction(v) * scale))
+    ordinals = st.integers(min_value=band.lo, max_value=band.hi - 1)
+    return ordinals.map(lambda n: (encoding.stored(n), Fraction(n * encoding.unit_us)))
 
 
 any_stored = st.sampled_from(list(Encoding)).flatmap(
@@ -176,27 +195,32 @@ any_stored = st.sampled_from(list(Encoding)).flatmap(
 
 
 @given(stored=any_stored, cutoff=cutoffs)
-def test_is_expired_iff_instant_before_cutoff(
-    stored: tuple[Encoding, object, int], cutoff: dt.datetime
+def test_is_expired_only_before_the_cutoff(
+    stored: tuple[Encoding, object, Fraction], cutoff: dt.datetime
 ) -> None:
     encoding, value, instant_us = stored
-    assert is_expired(encoding, value, cutoff) == (instant_us < to_micros(cutoff))
+    expired = is_expired(encoding, value, cutoff)
+    if encoding in EXACT:
+        assert expired == (instant_us < to_micros(cutoff))
+    else:  # a double at the cutoff's last microsecond may be kept, never one after it
+        assert not expired or instant_us < to_micros(cutoff)
+        assert expired or instant_us >= to_micros(cutoff) - 1
 
 
 @given(stored=any_stored, cutoff=cutoffs)
-def test_expired_range_holds_exactly_the_expired_values(
-    stored: tuple[Encoding, object, int], cutoff: dt.datetime
+def test_expired_range_holds_exactly_what_is_expired(
+    stored: tuple[Encoding, object, Fraction], cutoff: dt.datetime
 ) -> None:
-    encoding, _value, instant_us = stored
-    window = expired_range(encoding, cutoff)
-    index_value = instant_us // encoding.unit_us
-    in_range = window.lo <= index_value < window.hi
-    assert in_range == (instant_us < to_micros(cutoff))
+    """The query's bounds, compared with the value as the index does, agree with is_expired."""
+    encoding, value, _instant = stored
+    lo, hi = expired_range(encoding, cutoff).values()
+    in_range = lo <= value < hi  # type: ignore[operator]
+    assert in_range == is_expired(encoding, value, cutoff)
 
 
 @given(stored=any_stored, other=st.sampled_from(list(Encoding)), cutoff=cutoffs)
 def test_value_of_another_encoding_is_never_expired(
-    stored: tuple[Encoding, object, int], other: Encoding, cutoff: dt.datetime
+    stored: tuple[Encoding, object, Fraction], other: Encoding, cutoff: dt.datetime
 ) -> None:
     encoding, value, _instant = stored
     assume(other is not encoding)
@@ -204,9 +228,27 @@ def test_value_of_another_encoding_is_never_expired(
 
 
 @given(stored=any_stored)
-def test_classify_recovers_the_encoding(stored: tuple[Encoding, object, int]) -> None:
+def test_classify_recovers_the_encoding(stored: tuple[Encoding, object, Fraction]) -> None:
     encoding, value, _instant = stored
     assert classify(value) is encoding
+
+
+@given(stored=any_stored)
+def test_ordinal_is_the_floor_of_the_stored_value(
+    stored: tuple[Encoding, object, Fraction],
+) -> None:
+    """``stored(ordinal(v)) <= v < stored(ordinal(v) + 1)``: slices cut at ordinals hold v once."""
+    encoding, value, _instant = stored
+    n = encoding.ordinal(value)
+    assert n is not None
+    assert encoding.stored(n) <= value < encoding.stored(n + 1)  # type: ignore[operator]
+
+
+@given(encoding=st.sampled_from(list(Encoding)), a=st.integers(), b=st.integers())
+def test_stored_never_decreases(encoding: Encoding, a: int, b: int) -> None:
+    band = encoding.band
+    a, b = sorted((band.lo + a % (band.hi - band.lo), band.lo + b % (band.hi - band.lo)))
+    assert encoding.stored(a) <= encoding.stored(b)  # type: ignore[operator]
 
 
 nows = st.datetimes(
@@ -217,21 +259,26 @@ graces = st.timedeltas(min_value=dt.timedelta(0), max_value=dt.timedelta(days=40
 
 @given(stored=any_stored, now=nows, grace=graces)
 def test_grace_arithmetic_keeps_everything_expired_for_less_than_the_grace(
-    stored: tuple[Encoding, object, int], now: dt.datetime, grace: dt.timedelta
+    stored: tuple[Encoding, object, Fraction], now: dt.datetime, grace: dt.timedelta
 ) -> None:
     encoding, value, instant_us = stored
-    expired_for = dt.timedelta(microseconds=to_micros(now) - instant_us)
-    assert is_expired(encoding, value, now - grace) == (expired_for > grace)
+    expired_for = to_micros(now) - instant_us
+    grace_us = grace // dt.timedelta(microseconds=1)
+    expired = is_expired(encoding, value, now - grace)
+    if encoding in EXACT:
+        assert expired == (expired_for > grace_us)
+    else:  # a double within a microsecond of the cutoff may be kept
+        assert not expired or expired_for > grace_us
+        assert expired or expired_for <= grace_us + 1
 
 
-@given(encoding=st.sampled_from(list(Encoding)), cutoff=nows, units=st.integers(-3, 3))
+@given(encoding=st.sampled_from(EXACT), cutoff=nows, units=st.integers(-3, 3))
 def test_a_value_exactly_at_the_cutoff_is_kept_and_one_unit_before_goes(
     encoding: Encoding, cutoff: dt.datetime, units: int
 ) -> None:
     whole = to_micros(cutoff) // encoding.unit_us * encoding.unit_us  # cutoff on a unit boundary
     at = dt.datetime(1970, 1, 1, tzinfo=UTC) + dt.timedelta(microseconds=whole)
-    number = whole // encoding.unit_us + units
-    value: object = from_micros(number) if encoding is Encoding.TIMESTAMP else number
+    value = encoding.stored(whole // encoding.unit_us + units)
     assert is_expired(encoding, value, at) == (units < 0)
 
 
@@ -243,8 +290,18 @@ def test_a_value_exactly_at_the_cutoff_is_kept_and_one_unit_before_goes(
         st.integers(min_value=10**16),  # far future, or microseconds as an int
         st.integers(min_value=10**10, max_value=10**12 - 1),  # between the bands
         st.booleans(),
-        st.floats(allow_nan=False),
+        st.floats(max_value=10**9, exclude_max=True),  # durations, NaN, -inf
+        st.floats(min_value=10**10, max_value=10**12, exclude_max=True),
+        st.floats(min_value=10**13),  # beyond milliseconds, inf
         st.text(max_size=5),
+        st.binary(max_size=30),
+        # text that sorts among canonical ISO-8601 but is not in that form
+        st.builds(
+            lambda d, tail: d.isoformat() + tail,
+            st.datetimes(min_value=dt.datetime(2002, 1, 1), max_value=dt.datetime(2200, 1, 1)),
+            st.sampled_from(["", "Z", "+00:00", "+01:00", ".5Z", "z"]),
+        ),
+        st.dates(min_value=dt.date(2002, 1, 1)).map(str),
         st.none(),
     ),
 )
@@ -254,9 +311,57 @@ def test_values_outside_every_band_are_never_expired(
     assert not is_expired(encoding, odd, cutoff)
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-11-22T10:15:00.000Z",
+        "2001-09-09T01:46:40.000Z",
+        "2286-11-20T17:46:39.999Z",
+    ],
+)
+def test_canonical_iso_text_is_read(text: str) -> None:
+    assert classify(text) is Encoding.ISO_8601
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-11-22T10:15:00Z",  # no milliseconds
+        "2026-11-22T10:15:00.000000Z",  # microseconds
+        "2026-11-22T10:15:00.000+00:00",  # an offset, even zero
+        "2026-11-22T11:15:00.000+01:00",
+        "2026-11-22",  # a date only
+        "2026-11-22 10:15:00.000Z",  # a space
+        "2026-11-22t10:15:00.000z",  # lower case
+        "2026-02-30T10:15:00.000Z",  # no such day
+        "2026-11-22T24:00:00.000Z",
+        "1999-11-22T10:15:00.000Z",  # before the band
+        " 2026-11-22T10:15:00.000Z",
+    ],
+)
+def test_iso_text_in_any_other_form_is_no_encoding(text: str) -> None:
+    assert classify(text) is None
+    assert not is_expired(Encoding.ISO_8601, text, dt.datetime(2100, 1, 1, tzinfo=UTC))
+
+
+def test_doubles_are_not_integers_and_back() -> None:
+    assert classify(float(CUTOFF_S)) is Encoding.DOUBLE_SECONDS
+    assert classify(float(CUTOFF_S) * 1000) is Encoding.DOUBLE_MILLIS
+    assert not is_expired(Encoding.EPOCH_SECONDS, float(CUTOFF_S - 10), CUTOFF)
+    assert not is_expired(Encoding.DOUBLE_SECONDS, CUTOFF_S - 10, CUTOFF)
+
+
+def test_a_double_cutoff_honours_microseconds() -> None:
+    cutoff = CUTOFF + dt.timedelta(microseconds=250_000)
+    assert is_expired(Encoding.DOUBLE_SECONDS, CUTOFF_S + 0.2, cutoff)
+    assert not is_expired(Encoding.DOUBLE_SECONDS, CUTOFF_S + 0.3, cutoff)
+    assert is_expired(Encoding.DOUBLE_MILLIS, CUTOFF_S * 1000 + 249.0, cutoff)
+    assert not is_expired(Encoding.DOUBLE_MILLIS, CUTOFF_S * 1000 + 250.0, cutoff)
+
+
 @given(seconds=stored_values(Encoding.EPOCH_SECONDS), cutoff=cutoffs)
 def test_seconds_are_never_read_as_milliseconds_or_back(
-    seconds: tuple[object, int], cutoff: dt.datetime
+    seconds: tuple[object, Fraction], cutoff: dt.datetime
 ) -> None:
     value, _ = seconds
     assert not is_expired(Encoding.EPOCH_MILLIS, value, cutoff)

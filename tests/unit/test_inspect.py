@@ -64,6 +64,9 @@ AS_DICT_KEYS = {
     "carrying_is_lower_bound",
     "empty",
     "kind_size",
+    "descendants_sampled",
+    "descendants_mean",
+    "descendants_max",
     "histogram",
     "forecast",
 }
@@ -146,6 +149,9 @@ def test_table_shows_each_finding() -> None:
         "timestamp": "  0",
         "epoch-seconds": "170",
         "epoch-millis": "  0",
+        "double-seconds": "  0",
+        "double-millis": "  0",
+        "iso-8601": "  0",
         "null": " 20",
         "missing": " 10",
         "unsupported": "  0",
@@ -163,8 +169,9 @@ def test_sample_buckets_are_indented_under_the_sample() -> None:
     lines = render_table(sweeping()).splitlines()
 
     start = next(i for i, line in enumerate(lines) if line.startswith("sample "))
-    assert [line.split()[0] for line in lines[start + 1 : start + 7]] == list(BUCKETS)
-    assert all(line.startswith("  ") for line in lines[start + 1 : start + 7])
+    rows = lines[start + 1 : start + 1 + len(BUCKETS)]
+    assert [line.split()[0] for line in rows] == list(BUCKETS)
+    assert all(line.startswith("  ") for line in rows)
 
 
 def test_explicit_format_is_not_called_detected() -> None:
@@ -302,6 +309,9 @@ def test_json_is_ready_with_stable_snake_case_keys() -> None:
         "timestamp": 0,
         "epoch_seconds": 170,
         "epoch_millis": 0,
+        "double_seconds": 0,
+        "double_millis": 0,
+        "iso_8601": 0,
         "null": 20,
         "missing": 10,
         "unsupported": 0,

@@ -5,15 +5,15 @@ one page held at a time, a failed page retried from its own cursor; probes (``fe
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
-from typing import Any, TypeVar, cast
+from typing import cast
 
 import pytest
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
-from google.cloud.datastore.query import PropertyFilter
 
+from sweeper.encodings import Encoding
 from sweeper.query import (
+    FIRST_VALUE_PROBE,
     PAGE_SIZE,
     SCAN_FIRST_PAGE,
     RangeQuery,
@@ -23,120 +23,14 @@ from sweeper.query import (
     scan_expired,
 )
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
-
-E = TypeVar("E", bound=Exception)
+from tests.unit.fakes import FakeClient, FakeQuery, api_error, entities
 
 QUERY = RangeQuery("eq-session", "expires_at", ((">=", 10**9), ("<", 1_700_000_000)))
-
-
-def api_error(cls: type[E], message: str) -> E:
-    """google.api_core's exception classes are unannotated; build them in one typed place."""
-    return cls(message)
 
 
 def retrier() -> tuple[Retrier, RetryCounter]:
     counter = RetryCounter()
     return Retrier(RetryPolicy(max_attempts=3), counter, sleep=lambda _s: None), counter
-
-
-class FakePage:
-    def __init__(self, entities: list[datastore.Entity], token: bytes | None) -> None:
-        self._entities = entities
-        self.next_page_token = token
-
-    @property
-    def pages(self) -> Iterator[FakePage]:
-        """The client's iterator by server batch: this fake answers in one batch."""
-        return iter([self])
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self._entities)
-
-
-class FakeQuery:
-    """Records what the caller set, and answers ``fetch`` from the client's entities."""
-
-    def __init__(self, client: FakeClient, kind: str) -> None:
-        self.client = client
-        self.kind = kind
-        self.filters: list[PropertyFilter] = []
-        self.order: list[str] = []
-        self.projection: list[str] = []
-        self.fetched: list[tuple[int, bytes | None]] = []
-
-    def keys_only(self) -> None:
-        self.projection = ["__key__"]  # what the client library does
-
-    @property
-    def is_keys_only(self) -> bool:
-        return self.projection == ["__key__"]
-
-    def add_filter(self, *, filter: PropertyFilter) -> FakeQuery:
-        self.filters.append(filter)
-        return self
-
-    def fetch(
-        self,
-        *,
-        limit: int,
-        start_cursor: bytes | None = None,
-        retry: object,
-        timeout: float,
-    ) -> FakePage:
-        self.fetched.append((limit, start_cursor))
-        return self.client.page(self, limit, start_cursor)
-
-
-class FakeClient:
-    """Serves ``entities`` in order, ``limit`` at a time; a cursor is the next position.
-
-    ``errors`` fail fetches by their 1-based number. A page that reaches the end still
-    carries a cursor, as the service's does, unless ``final_cursor`` is off.
-    """
-
-    def __init__(self, entities: list[datastore.Entity]) -> None:
-        self.entities = entities
-        self.errors: dict[int, Exception] = {}
-        self.final_cursor = True
-        self.batch: int | None = None  # the most results one call returns (None: the limit)
-        self.queries: list[FakeQuery] = []
-        self.fetches = 0
-        self.cursors: list[bytes | None] = []
-
-    def query(self, *, kind: str) -> FakeQuery:
-        query = FakeQuery(self, kind)
-        self.queries.append(query)
-        return query
-
-    def page(self, query: FakeQuery, limit: int, cursor: bytes | None) -> FakePage:
-        self.fetches += 1
-        self.cursors.append(cursor)
-        if self.fetches in self.errors:
-            raise self.errors.pop(self.fetches)
-        start = 0 if cursor is None else int(cursor.decode())
-        found = self.entities[start : start + min(limit, self.batch or limit)]
-        if query.projection:  # only the projected properties come back
-            found = [project(e, query.projection) for e in found]
-        end = start + len(found)
-        done = end >= len(self.entities) and not self.final_cursor
-        return FakePage(found, None if done else str(end).encode())
-
-
-def project(entity: datastore.Entity, names: list[str]) -> datastore.Entity:
-    projected = datastore.Entity(entity.key)
-    projected.update({n: entity[n] for n in names if n in entity})
-    return projected
-
-
-def entities(values: list[object], data: str = "") -> list[datastore.Entity]:
-    found = []
-    for i, value in enumerate(values):
-        entity = datastore.Entity(datastore.Key("eq-session", i + 1, project="p"))
-        entity["expires_at"] = value
-        if data:
-            entity["session_data"] = data
-        found.append(entity)
-    return found
 
 
 def keys_of(found: list[datastore.Entity]) -> list[datastore.Key]:
@@ -212,7 +106,7 @@ def test_key_pages_ask_for_keys_only_with_an_explicit_limit() -> None:
 def test_failed_page_is_retried_from_its_own_cursor() -> None:
     client = FakeClient(entities([1] * 1200))
     client.final_cursor = False
-    client.errors = {2: api_error(gexc.DeadlineExceeded, "slow")}
+    client.fetch_errors = {2: api_error(gexc.DeadlineExceeded, "slow")}
     retry, counter = retrier()
     pages = list(key_pages(as_client(client), retry, QUERY, page_size=500))
     assert client.cursors == [None, b"500", b"500", b"1000"]
@@ -223,7 +117,7 @@ def test_failed_page_is_retried_from_its_own_cursor() -> None:
 def test_permanent_page_failure_is_raised() -> None:
     client = FakeClient(entities([1] * 1200))
     error = api_error(gexc.PermissionDenied, "no")
-    client.errors = {2: error}
+    client.fetch_errors = {2: error}
     retry, _counter = retrier()
     pages = key_pages(as_client(client), retry, QUERY, page_size=500)
     assert len(next(pages)) == 500
@@ -252,38 +146,62 @@ def test_fetch_keys_ascending_sets_no_order() -> None:
     assert client.queries[0].order == []
 
 
+S, TS, DS, ISO = (
+    Encoding.EPOCH_SECONDS,
+    Encoding.TIMESTAMP,
+    Encoding.DOUBLE_SECONDS,
+    Encoding.ISO_8601,
+)
+
+
 @pytest.mark.parametrize(
-    ("stored", "expected"),
+    ("encoding", "stored", "expected"),
     [
-        (1_700_000_000, 1_700_000_000),
-        (1_700_000_000_000_000, 1_700_000_000_000_000),  # a timestamp, as a projection gives it
-        (0, 0),
-        (True, None),
-        (False, None),
-        (None, None),
-        (1.7e9, None),
-        ("1700000000", None),
-        (dt.datetime(2024, 1, 1, tzinfo=dt.UTC), None),
+        (S, 1_700_000_000, 1_700_000_000),
+        (TS, 1_700_000_000_000_000, 1_700_000_000_000_000),  # as a projection gives it
+        (TS, dt.datetime(2023, 11, 14, 22, 13, 20, tzinfo=dt.UTC), 1_700_000_000_000_000),
+        (S, 0, 0),
+        (S, True, None),
+        (S, False, None),
+        (S, None, None),
+        (S, 1.7e9, None),
+        (S, "1700000000", None),
+        (S, dt.datetime(2024, 1, 1, tzinfo=dt.UTC), None),
+        (DS, 1_700_000_000.5, 1_700_000_000_500_000),
+        (DS, 1_700_000_000, None),
+        (ISO, "2023-11-14T22:13:20.000Z", 1_700_000_000_000),
+        # Text in another form: the last canonical instant at or below it, for slicing.
+        (ISO, "2023-11-14T22:13:20Z", 1_700_000_000_999),  # "Z" sorts after ".999Z"
+        (ISO, "2023-11-14", 1_699_919_999_999),
     ],
 )
-def test_first_value_is_an_int_only_for_int_values(stored: object, expected: int | None) -> None:
+def test_first_value_is_the_ordinal_of_the_smallest_value(
+    encoding: Encoding, stored: object, expected: int | None
+) -> None:
     client = FakeClient(entities([stored]))
     retry, _counter = retrier()
-    value = first_value(as_client(client), retry, QUERY)
+    value = first_value(as_client(client), retry, QUERY, encoding)
     assert value == expected
     assert value is None or type(value) is int
+
+
+def test_a_strict_first_value_skips_text_in_other_forms() -> None:
+    client = FakeClient(entities(["2023-11-14", "2023-11-14T22:13:20.000Z"]))
+    retry, _counter = retrier()
+    assert first_value(as_client(client), retry, QUERY, ISO, strict=True) == 1_700_000_000_000
+    assert client.queries[0].fetched == [(FIRST_VALUE_PROBE, None)]
 
 
 def test_first_value_of_an_empty_range_is_none() -> None:
     client = FakeClient([])
     retry, _counter = retrier()
-    assert first_value(as_client(client), retry, QUERY) is None
+    assert first_value(as_client(client), retry, QUERY, S) is None
 
 
 def test_first_value_projects_the_property_with_limit_one() -> None:
     client = FakeClient(entities([5, 6]))
     retry, _counter = retrier()
-    first_value(as_client(client), retry, QUERY)
+    first_value(as_client(client), retry, QUERY, S)
     (query,) = client.queries
     assert query.projection == ["expires_at"]
     assert query.fetched == [(1, None)]
