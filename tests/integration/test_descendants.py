@@ -6,14 +6,29 @@ state pages under the session key). Deleting the session alone leaves them behin
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
-from tests.integration.helpers import ago, ahead, emulator_env, seed, stored, survivors, sweep
+from sweeper.inspect import inspect_target
+from sweeper.inspect_table import report_dict
+from tests.integration.helpers import (
+    ago,
+    ahead,
+    emulator_env,
+    run_cli,
+    seed,
+    settings,
+    stored,
+    survivors,
+    sweep,
+)
 from tests.support.emulator import Emulator
 from tests.support.seed import encode
 
@@ -178,3 +193,48 @@ def test_with_verify_a_refreshed_session_keeps_its_descendants(
     )
     assert existing(client, others) == 0
     assert (result.deleted, result.skipped, result.descendants_deleted) == (2, 1, 5)
+
+
+def test_the_cli_and_a_config_file_turn_it_on(
+    emulator: Emulator, client: datastore.Client, kind: str, tmp_path: Path
+) -> None:
+    groups = {"expired": stored(ago(hours=2), S, 2), "live": stored(ahead(hours=2), S, 2)}
+    seed(client, kind, groups)
+    first = add_children(client, kind, "expired-0", 3)
+    kept = add_children(client, kind, "live-0", 3)
+
+    run = run_cli(emulator, "--kind", kind, "--with-descendants", "--log-format", "json")
+
+    assert run.returncode == 0, run.stderr
+    assert existing(client, first) == 0
+    assert existing(client, kept) == 3
+    events = [json.loads(line) for line in run.stdout.splitlines()]
+    (summary,) = [e for e in events if e["event"] == "sweep_finished"]
+    assert summary["descendants_deleted"] == 3
+
+    seed(client, kind, groups)
+    second = add_children(client, kind, "expired-1", 4)
+    config = tmp_path / "sweeper.toml"
+    config.write_text(f'[[target]]\nkind = "{kind}"\nwith_descendants = true\nmax_fraction = 1.0\n')
+    run = run_cli(emulator, "--config", str(config))
+    assert run.returncode == 0, run.stderr
+    assert existing(client, second) == 0
+    assert existing(client, kept) == 3
+
+
+def test_inspect_samples_the_descendants_of_expired_sessions(
+    client: datastore.Client, kind: str
+) -> None:
+    groups = {"expired": stored(ago(hours=2), S, 4), "live": stored(ahead(hours=2), S, 2)}
+    seed(client, kind, groups)
+    add_children(client, kind, "expired-0", 6, grandchildren=2)
+    add_children(client, kind, "live-0", 50)  # not expired: not sampled
+
+    report = inspect_target(settings(kind, with_descendants=True), client, dt.datetime.now(dt.UTC))
+
+    assert report.descendants is not None
+    assert (report.descendants.sampled, report.descendants.total) == (4, 8)
+    assert report.descendants.most == 8
+    assert report.forecast is not None
+    assert report.forecast.operations.deleted == 4 + 8
+    assert report_dict(report)["descendants_mean"] == 2.0
