@@ -24,6 +24,7 @@ from sweeper.config import load_targets
 from sweeper.connect import make_client
 from sweeper.errors import (
     EXIT_FAILURE,
+    EXIT_OK,
     EXIT_SIGINT,
     EXIT_USAGE,
     SweeperError,
@@ -31,8 +32,8 @@ from sweeper.errors import (
     describe_exception,
     one_line,
 )
-from sweeper.inspect import inspect_target
 from sweeper.inspect_table import forecast_dict, render_table, report_dict
+from sweeper.inspection import inspect_target
 from sweeper.logs import LogFormat, configure
 from sweeper.metrics import MetricsError, push_summary
 from sweeper.options import (
@@ -100,7 +101,7 @@ def sweep(**options: Any) -> None:
         _push_metrics(options["pushgateway"], results)
     if any(r.stopped_reason == "signal" for r in results):
         raise click.exceptions.Exit(stop.exit_code)
-    failed = [r for r in results if r.error is not None]
+    failed = [r for r in results if r.exit_code != EXIT_OK]
     if len(failed) == 1 and len(results) == 1:
         raise SweeperError(failed[0].error or "")
     if failed:

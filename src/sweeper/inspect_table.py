@@ -9,7 +9,7 @@ from typing import Any
 from sweeper.encodings import QueryValue
 from sweeper.forecast import Forecast
 from sweeper.histogram import Histogram
-from sweeper.inspect import DescendantSample, ExpiredCount, InspectReport, Oldest
+from sweeper.inspection import DescendantSample, ExpiredCount, InspectReport, Oldest
 from sweeper.settings import format_duration
 
 _INDEXED_NOTES = {

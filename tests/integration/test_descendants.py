@@ -16,8 +16,8 @@ import pytest
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
-from sweeper.inspect import inspect_target
 from sweeper.inspect_table import report_dict
+from sweeper.inspection import inspect_target
 from tests.integration.helpers import (
     ago,
     ahead,

@@ -17,8 +17,8 @@ from sweeper.encodings import EPOCH, Encoding, expired_range
 from sweeper.engine import Sweep, SweepResult
 from sweeper.errors import DatastoreError
 from sweeper.forecast import plan_backlog, retention_calls
-from sweeper.inspect import InspectReport, inspect_target
 from sweeper.inspect_table import render_table, report_dict
+from sweeper.inspection import InspectReport, inspect_target
 from sweeper.settings import FormatChoice
 from sweeper.slices import Shard
 from tests.integration.helpers import (

@@ -15,7 +15,8 @@ from sweeper.encodings import Encoding, expired_range
 from sweeper.errors import UsageError
 from sweeper.forecast import RunSettings, forecast, plan_backlog
 from sweeper.histogram import Bucket, Histogram
-from sweeper.inspect import (
+from sweeper.inspect_table import render_table, report_dict
+from sweeper.inspection import (
     BUCKETS,
     ExpiredCount,
     InspectReport,
@@ -23,7 +24,6 @@ from sweeper.inspect import (
     Sample,
     inspect_target,
 )
-from sweeper.inspect_table import render_table, report_dict
 from sweeper.settings import SweepSettings
 
 NOW = dt.datetime(2024, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
