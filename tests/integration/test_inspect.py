@@ -78,6 +78,9 @@ def test_runner_shaped_kind(emulator: Emulator, client: datastore.Client, kind: 
         "timestamp": 0,
         "epoch_seconds": 171,
         "epoch_millis": 0,
+        "double_seconds": 0,
+        "double_millis": 0,
+        "iso_8601": 0,
         "null": 15,
         "missing": 10,
         "unsupported": 0,
@@ -148,7 +151,7 @@ def test_unreadable_values_are_refused_with_examples(client: datastore.Client, k
     seed(
         client,
         kind,
-        {"s": stored(ago(hours=4), S, 10), "odd": ["soon", 1.5e9, True, 0, "later", "never"]},
+        {"s": stored(ago(hours=4), S, 10), "odd": ["soon", 1.5e15, True, 0, "later", "never"]},
     )
 
     report = inspect(client, kind)
@@ -383,6 +386,12 @@ def test_forecast_matches_the_run_it_forecasts(
     print(emulator.flavour, case, measured)  # shown with -s: the figures docs/forecast.md quotes
     assert ops.deleted == result.deleted == expired
     assert ops.entities_read == result.entities_read
+    assert result.commit_size is not None
+    if result.commit_size.reductions:
+        # A commit slower than its 2 s target (a loaded machine) made the run send smaller
+        # ones; the forecast assumes full commits, so it is then a lower bound.
+        assert ops.commits <= result.commits, measured
+        del measured["commits"]
     assert all(within(f, a) for f, a in measured.values()), measured
 
 
@@ -416,6 +425,10 @@ def test_forecast_of_three_shards_matches_their_runs(
     }
     print(emulator.flavour, "3 shards", measured, "retention", assumed, sum(after_run))
     assert ops.deleted == len(groups["expired"])
+    if any(r.commit_size is not None and r.commit_size.reductions for r in results):
+        # Commits slower than their target made smaller ones (see the test above).
+        assert ops.commits <= sum(r.commits for r in results), measured
+        del measured["commits"]
     assert all(within(f, a) for f, a in measured.values()), measured
     assert [r.deleted for r in results] == [sum(s) for s in plan_streams(report)]
 
