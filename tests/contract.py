@@ -1,4 +1,4 @@
-"""The ``sweep_finished`` fields operators alert on (README, "the sweep_finished contract").
+"""The ``sweep_finished`` fields operators alert on (docs/reference.md, the sweep_finished fields).
 
 Stated here, apart from the code that emits them, so that dropping or renaming one fails a test.
 """

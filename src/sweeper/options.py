@@ -334,7 +334,7 @@ OPTIONS: tuple[Option, ...] = (
         "--config",
         {
             SWEEP: "TOML file listing several targets to sweep one after another ([[target]] "
-            "tables; see the README). Per-target options then go in the file."
+            "tables; see docs/reference.md). Per-target options then go in the file."
         },
         type=click.Path(dir_okay=False),
     ),

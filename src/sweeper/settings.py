@@ -30,7 +30,8 @@ DEFAULT_WORKERS = 4
 MAX_WORKERS = 32
 DEFAULT_PROPERTY = "expires_at"
 # Why 15 minutes: it dwarfs the runner's read-modify-write of a session (well under a second)
-# and any clock skew between the runner and the sweeper, yet frees storage promptly. See README.
+# and any clock skew between the runner and the sweeper, yet frees storage promptly. See
+# docs/design.md.
 DEFAULT_GRACE = "15m"
 # Beyond this, now - grace falls before year 1 and cannot be computed; any grace over ~25 years
 # already puts the cutoff before 2001, where no encoding's range holds anything.

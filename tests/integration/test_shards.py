@@ -79,7 +79,7 @@ def test_shards_together_delete_exactly_the_expired_set(
         assert len(keys) == len(set(keys)), f"shard {index} matched keys twice"
         assert (result.matched, result.deleted, result.exit_code) == (len(keys), len(keys), 0)
         assert keys, f"shard {index} matched nothing"
-        # README: bucket b of expiry time belongs to shard b % N.
+        # docs/performance.md: bucket b of expiry time belongs to shard b % N.
         owners = {hour_of[k] % SHARDS if k in hour_of else None for k in keys}
         assert owners == {index}, f"shard {index} matched keys of {owners}"
     for a, b in itertools.combinations(range(SHARDS), 2):
