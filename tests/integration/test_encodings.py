@@ -158,21 +158,26 @@ def test_scan_and_verify_read_each_value_as_the_query_does(
         assert result.deleted == 10, mode
 
 
-def test_a_double_cutoff_inside_a_second_is_exact(client: datastore.Client, kind: str) -> None:
-    """Doubles keep fractions of a second: one a few milliseconds on either side of the cutoff
-    goes or stays as its instant says (the cutoff is the database's time less the grace)."""
+def test_doubles_with_fractions_of_a_second_are_compared_by_their_instant(
+    client: datastore.Client, kind: str
+) -> None:
+    """Doubles keep fractions of a second; those on either side of the cutoff (the database's
+    time less the grace) go or stay as their instant says. The unit tests pin the microsecond
+    at the cutoff; here the margin covers the seconds between seeding and the sweep's clock."""
     grace = dt.timedelta(minutes=15)
-    before, after = ago(minutes=15, seconds=2), ago(minutes=15, seconds=-2)
+    before, after = ago(minutes=15, seconds=30), ago(minutes=15, seconds=-30)
     groups: dict[str, list[object]] = {
-        "before": [before.timestamp() - 0.001] * 3,
-        "after": [after.timestamp() + 0.001] * 3,
+        "before": [before.timestamp() + 0.999, before.timestamp() + 0.001],
+        "after": [after.timestamp() + 0.001, after.timestamp() + 0.999],
+        "before-ms": [before.timestamp() * 1000 + 0.5],
     }
     seed(client, kind, groups)
 
-    result = sweep(client, kind, DS, grace=grace)
+    seconds = sweep(client, kind, DS, grace=grace)
+    millis = sweep(client, kind, DMS, grace=grace)
 
     assert survivors(client, kind, groups) == {"after"}
-    assert result.deleted == 3
+    assert (seconds.deleted, millis.deleted) == (2, 1)
 
 
 def test_shards_split_a_text_range_without_overlap(client: datastore.Client, kind: str) -> None:
