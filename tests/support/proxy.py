@@ -23,7 +23,6 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Self
 
 
 @dataclass
@@ -88,39 +87,64 @@ class _Pipe:
             self.sink.shutdown(socket.SHUT_WR)
 
 
-@dataclass(kw_only=True)
-class _Listener:
-    """A loopback listener whose accepted connections :meth:`_serve` takes over."""
+@dataclass
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to ``upstream``; use as a context manager or start/stop."""
 
+    upstream: tuple[str, int]
+    delay_s: float = 0.0
+    cut_every_s: tuple[float, float] | None = None
+    # Bytes per second from the client to the upstream: a request's time grows with its size,
+    # as a slow database's answer to a large commit does.
+    upload_bytes_per_s: float | None = None
+    seed: int = 0
+    cuts: int = 0
     port: int = 0
     _listener: socket.socket | None = None
     _conns: set[socket.socket] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
+    _held: threading.Event = field(default_factory=threading.Event)
 
     @property
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> Self:
+    def hold(self) -> None:
+        """From now on forward nothing, either way, on any connection: calls hang unanswered."""
+        self._held.set()
+
+    def release(self) -> None:
+        """Forward again what :meth:`hold` kept back, and everything after it."""
+        self._held.clear()
+
+    def refuse(self) -> None:
+        """Close the port for good, now: new connections are refused and open ones are cut.
+
+        Unlike :meth:`stop`, which only closes the listener: on Linux a thread blocked in
+        ``accept`` keeps a closed socket listening, and one more connection gets through.
+        Shutting the listener down first wakes that thread.
+        """
+        self._stop.set()
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+        self.stop()
+
+    def start(self) -> TcpProxy:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
         listener.listen(64)
         self._listener, self.port = listener, listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
+        if self.cut_every_s is not None:
+            threading.Thread(target=self._cutter, daemon=True).start()
         return self
 
     def stop(self) -> None:
-        """Close the port for good, now: new connections are refused and open ones are cut.
-
-        The listener is shut down before it is closed: on Linux a thread blocked in ``accept``
-        keeps a merely closed socket listening, and one more connection gets through.
-        """
         self._stop.set()
         if self._listener is not None:
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread in accept()
             with contextlib.suppress(OSError):
                 self._listener.close()
         self.cut()
@@ -134,7 +158,7 @@ class _Listener:
                 conn.shutdown(socket.SHUT_RDWR)
             conn.close()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> TcpProxy:
         return self.start()
 
     def __exit__(self, *_exc: object) -> None:
@@ -144,64 +168,25 @@ class _Listener:
         assert self._listener is not None
         while not self._stop.is_set():
             try:
-                conn, _ = self._listener.accept()
+                client, _ = self._listener.accept()
             except OSError:
                 return
-            self._serve(conn)
-
-    def _serve(self, conn: socket.socket) -> None:
-        raise NotImplementedError
-
-
-@dataclass
-class TcpProxy(_Listener):
-    """Forwards 127.0.0.1:<port> to ``upstream``; use as a context manager or start/stop."""
-
-    upstream: tuple[str, int]
-    delay_s: float = 0.0
-    cut_every_s: tuple[float, float] | None = None
-    # Bytes per second from the client to the upstream: a request's time grows with its size,
-    # as a slow database's answer to a large commit does.
-    upload_bytes_per_s: float | None = None
-    seed: int = 0
-    cuts: int = 0
-    _held: threading.Event = field(default_factory=threading.Event)
-
-    def hold(self) -> None:
-        """From now on forward nothing, either way, on any connection: calls hang unanswered."""
-        self._held.set()
-
-    def release(self) -> None:
-        """Forward again what :meth:`hold` kept back, and everything after it."""
-        self._held.clear()
-
-    def refuse(self) -> None:
-        """Close the port for good, now (as :meth:`stop`), while a test goes on."""
-        self.stop()
-
-    def start(self) -> Self:
-        super().start()
-        if self.cut_every_s is not None:
-            threading.Thread(target=self._cutter, daemon=True).start()
-        return self
-
-    def _serve(self, client: socket.socket) -> None:
-        try:
-            server = socket.create_connection(self.upstream, timeout=5)
-            server.settimeout(None)
-        except OSError:
-            client.close()
-            return
-        if self._stop.is_set():  # accepted as the port was being refused: drop it
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+                server.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            if self._stop.is_set():  # accepted as the port was being refused: drop it
+                for sock in (client, server):
+                    sock.close()
+                return
             for sock in (client, server):
-                sock.close()
-            return
-        for sock in (client, server):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with self._lock:
-            self._conns.update((client, server))
-        _Pipe(client, server, self.delay_s, self._held, self.upload_bytes_per_s).start()
-        _Pipe(server, client, self.delay_s, self._held).start()
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._conns.update((client, server))
+            _Pipe(client, server, self.delay_s, self._held, self.upload_bytes_per_s).start()
+            _Pipe(server, client, self.delay_s, self._held).start()
 
     def _cutter(self) -> None:
         assert self.cut_every_s is not None
@@ -215,21 +200,65 @@ class TcpProxy(_Listener):
 
 
 @dataclass
-class BlackHole(_Listener):
+class BlackHole:
     """Listens on 127.0.0.1:<port>, accepts every connection, reads and never answers.
 
     A peer's connect succeeds and its requests go out, but no reply (not even a protocol
     handshake) ever comes back: the worst case for a client, which can only time out.
     """
 
+    port: int = 0
     accepted: int = 0
     received: int = 0  # bytes read (and dropped) over all connections
+    _listener: socket.socket | None = None
+    _conns: set[socket.socket] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _stop: threading.Event = field(default_factory=threading.Event)
 
-    def _serve(self, conn: socket.socket) -> None:
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> BlackHole:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener, self.port = listener, listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread in accept()
+            with contextlib.suppress(OSError):
+                self._listener.close()
         with self._lock:
-            self._conns.add(conn)
-            self.accepted += 1
-        threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
+            conns, self._conns = self._conns, set()
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    def __enter__(self) -> BlackHole:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._conns.add(conn)
+                self.accepted += 1
+            threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
 
     def _drain(self, conn: socket.socket) -> None:
         while True:
