@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint cog typecheck deploy-lint unit integration bench bench-memory soak clean
+.PHONY: demo test lint cog typecheck deploy-lint unit integration bench bench-memory bench-encodings soak clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "sweeper needs Python 3.11+")'
@@ -71,6 +71,12 @@ bench: $(STAMP)
 
 bench-memory: $(STAMP)
 	$(BIN)/python bench/peak_memory.py
+
+# Deletes/s of each expiry encoding against int epoch seconds, and the cost of
+# --with-descendants (0, 1 or 5 children per session), on both emulators.
+bench-encodings: $(STAMP)
+	$(BIN)/python bench/bench_encodings.py --emulator datastore
+	$(BIN)/python bench/bench_encodings.py --emulator firestore
 
 # Sessions written, refreshed and swept on a 15 s schedule for 6 minutes, then drained: the delay
 # after expiry + grace, live sessions lost, the backlog over time; writes docs/soak.png. About
