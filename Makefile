@@ -73,10 +73,11 @@ bench-memory: $(STAMP)
 	$(BIN)/python bench/peak_memory.py
 
 # Deletes/s of each expiry encoding against int epoch seconds, and the cost of
-# --with-descendants (0, 1 or 5 children per session), on both emulators.
+# --with-descendants (0, 1 or 5 children per session), on both emulators. A sweep that fails
+# on the first emulator fails the target, after the second has run too.
 bench-encodings: $(STAMP)
-	$(BIN)/python bench/bench_encodings.py --emulator datastore
-	$(BIN)/python bench/bench_encodings.py --emulator firestore
+	$(BIN)/python bench/bench_encodings.py --emulator datastore; status=$$?; \
+	$(BIN)/python bench/bench_encodings.py --emulator firestore && exit $$status
 
 # Sessions written, refreshed and swept on a 15 s schedule for 6 minutes, then drained: the delay
 # after expiry + grace, live sessions lost, the backlog over time; writes docs/soak.png. About
