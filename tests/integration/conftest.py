@@ -6,6 +6,11 @@ Datastore mode, unless ``DATASTORE_EMULATOR_HOST`` is set: then that one emulato
 its true flavour in their ids, and every test of the other flavour is skipped with a reason
 that ``-ra`` shows. The flavour is found out by asking the emulator (see :func:`flavour_of`);
 ``SWEEPER_TEST_EMULATOR_FLAVOUR=datastore|firestore``, if set, must agree with it.
+
+The emulators keep everything in memory, and the suite writes millions of entities (backlogs
+far larger than a page, on purpose). Left to pile up, they fill the legacy emulator's heap
+until it stops answering mid-suite, so every emulator the suite started is reset after each
+test module (a reused one is never reset: its data is not ours).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from tests.support.emulator import FLAVOURS, Emulator, Flavour
 pytestmark = pytest.mark.integration
 
 REUSED_HOST = os.environ.get("DATASTORE_EMULATOR_HOST")
+STARTED: list[Emulator] = []  # the emulators this suite started and may reset
 FLAVOUR_VARIABLE = "SWEEPER_TEST_EMULATOR_FLAVOUR"
 
 
@@ -103,10 +109,24 @@ def emulator(
         yield Emulator(flavour, project=project, port=int(REUSED_HOST.rsplit(":", 1)[1]))
         return
     emu = Emulator(flavour).start()
+    STARTED.append(emu)
     try:
         yield emu
     finally:
+        STARTED.remove(emu)
         emu.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _reset_after_module() -> Iterator[None]:
+    """Drop what a module wrote, so the next one starts with an emulator as light as new.
+
+    Tests never share data across modules (each uses kinds of its own), so this changes no
+    outcome; within a module, module-scoped seeded kinds stay until the module ends.
+    """
+    yield
+    for emu in STARTED:
+        emu.reset()
 
 
 @pytest.fixture
