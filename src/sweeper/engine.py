@@ -45,6 +45,11 @@ from sweeper.throttle import Throttle, ThrottleSettings
 
 __all__ = ["Runtime", "Sweep", "SweepResult"]
 
+# With --with-descendants each deleted session costs one ancestor query. Made one after the
+# other, a batch of 500 sessions waits 500 round trips before its first commit, so each delete
+# worker makes up to this many of them at once.
+DESCENDANT_QUERIES_PER_WORKER = 8
+
 
 class Sweep:
     """One run over one kind. Create, then call :meth:`run` once.
@@ -67,9 +72,10 @@ class Sweep:
         self.runtime = rt = runtime or Runtime()
         self._counter = RetryCounter()
         self._stopper = Stopper(rt.stop_requested, rt.monotonic, rt.sleep)
-        # A query stream and a delete worker per worker: nothing waits for a place unless
-        # connection loss has cut the limit.
-        self._limiter = CallLimiter(2 * settings.workers, rt.monotonic, self._stopper.check)
+        # A query stream and a delete worker per worker (and the delete worker's ancestor
+        # queries): nothing waits for a place unless connection loss has cut the limit.
+        calls = 2 + (DESCENDANT_QUERIES_PER_WORKER if settings.with_descendants else 0)
+        self._limiter = CallLimiter(calls * settings.workers, rt.monotonic, self._stopper.check)
         self._sizer = BatchSizer(settings.batch_size, rt.monotonic)
         self._throttle = Throttle(
             ThrottleSettings(
@@ -296,8 +302,19 @@ class Sweep:
             self._throttle.record(accepted=False)
 
     def _descendants(self, client: datastore.Client, batch: Sequence[Key]) -> dict[Key, list[Key]]:
-        """Each session's descendants: one ancestor query per session (more for > 500)."""
-        return {key: descendant_keys(client, self._retrier, key) for key in batch}
+        """Each session's descendants: one ancestor query per session (more for > 500).
+
+        The queries run ``DESCENDANT_QUERIES_PER_WORKER`` at a time. The first that fails (or
+        meets a stop) is raised once the others in flight are done, so a batch is deleted only
+        with every one of its sessions' descendants known.
+        """
+        found: dict[Key, list[Key]] = {}
+
+        def look_under(key: Key) -> None:
+            found[key] = descendant_keys(client, self._retrier, key)
+
+        Pipeline(DESCENDANT_QUERIES_PER_WORKER, look_under, lambda: False).run([batch])
+        return {key: found[key] for key in batch}
 
     def _delete(
         self,

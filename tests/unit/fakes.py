@@ -130,9 +130,12 @@ class FakePage:
 class FakeQuery:
     """Records what the caller set, and answers ``fetch`` from the client's entities."""
 
-    def __init__(self, client: FakeClient, kind: str) -> None:
+    def __init__(
+        self, client: FakeClient, kind: str | None, ancestor: datastore.Key | None = None
+    ) -> None:
         self.client = client
         self.kind = kind
+        self.ancestor = ancestor
         self.filters: list[PropertyFilter] = []
         self.order: list[str] = []
         self.projection: list[str] = []
@@ -240,6 +243,7 @@ class FakeClient:
         self.deadline_s = deadline_s
         self.group_limit = group_limit
         self._gone: set[datastore.Key] = set()
+        self._lock = threading.Lock()  # ancestor queries come from several threads at once
         self._datastore_api = FakeApi()
         # queries
         self.batch: int | None = None  # the most results one call returns (None: the limit)
@@ -249,6 +253,9 @@ class FakeClient:
         self.queries: list[FakeQuery] = []
         self.fetches = 0
         self.cursors: list[bytes | None] = []
+        # entity groups
+        self.children: dict[datastore.Key, list[datastore.Key]] = {}
+        self.on_ancestor_query: Callable[[datastore.Key], None] = lambda _key: None
         # lookups
         self.on_lookup: Callable[[], None] = lambda: None  # e.g. someone else deletes
         # blind deletes
@@ -283,10 +290,11 @@ class FakeClient:
 
     # --- queries -------------------------------------------------------------------------
 
-    def query(self, *, kind: str) -> FakeQuery:
-        assert kind == KIND
-        query = FakeQuery(self, kind)
-        self.queries.append(query)
+    def query(self, *, kind: str | None = None, ancestor: datastore.Key | None = None) -> FakeQuery:
+        assert (kind, ancestor is None) in ((KIND, True), (None, False))
+        query = FakeQuery(self, kind, ancestor)
+        with self._lock:
+            self.queries.append(query)
         return query
 
     def aggregation_query(self, query: object) -> Any:
@@ -294,6 +302,10 @@ class FakeClient:
         raise api_error(gexc.MethodNotImplemented, "RunAggregationQuery")
 
     def _answer(self, query: FakeQuery) -> list[datastore.Entity]:
+        if query.ancestor is not None:
+            self.on_ancestor_query(query.ancestor)
+            group = [query.ancestor, *self.children.get(query.ancestor, [])]
+            return [datastore.Entity(key) for key in group]
         if not (self.index and (query.filters or query.order)):
             return self.entities
         props = {f.property_name for f in query.filters} | {o.lstrip("-") for o in query.order}
@@ -312,12 +324,12 @@ class FakeClient:
         return rows
 
     def page(self, query: FakeQuery, limit: int, cursor: bytes | None) -> FakePage:
-        self.fetches += 1
-        self.cursors.append(cursor)
-        if self.fetch_error_always is not None:
-            raise self.fetch_error_always
-        if self.fetches in self.fetch_errors:
-            raise self.fetch_errors.pop(self.fetches)
+        with self._lock:
+            self.fetches += 1
+            self.cursors.append(cursor)
+            error = self.fetch_errors.pop(self.fetches, self.fetch_error_always)
+        if error is not None:
+            raise error
         rows = self._answer(query)
         end = 0 if cursor is None else int(cursor.decode())
         found: list[datastore.Entity] = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import threading
 from typing import Any, cast
 
 from google.api_core import exceptions as gexc
@@ -16,7 +17,7 @@ from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
 from sweeper.encodings import Encoding
-from sweeper.engine import Runtime, Sweep, SweepResult
+from sweeper.engine import DESCENDANT_QUERIES_PER_WORKER, Runtime, Sweep, SweepResult
 from sweeper.errors import DatastoreError
 from sweeper.query import PAGE_SIZE
 from sweeper.retry import RetryPolicy
@@ -144,6 +145,51 @@ def test_permission_denied_on_query_fails_without_retries() -> None:
     assert event["error"] == (
         "Datastore call failed: PermissionDenied: missing datastore.entities.list"
     )
+
+
+def sessions_with_children(n: int, children: int) -> FakeClient:
+    """``n`` expired sessions with ``children`` entities under each."""
+    client = expired_sessions(n)
+    for key in client.keys:
+        client.children[key] = [
+            datastore.Key(*key.flat_path, "Event", i + 1, project="p") for i in range(children)
+        ]
+    return client
+
+
+def test_the_ancestor_queries_of_a_batch_are_in_flight_together() -> None:
+    n = DESCENDANT_QUERIES_PER_WORKER
+    client = sessions_with_children(n, children=2)
+    # Each ancestor query waits until all of the batch's are in flight: made one after the
+    # other, the first would wait in vain and the run would fail.
+    together = threading.Barrier(n, timeout=10)
+
+    def wait_for_the_others(_key: datastore.Key) -> None:
+        together.wait()
+
+    client.on_ancestor_query = wait_for_the_others
+    result, _logs = run(client, settings(batch_size=n, with_descendants=True))
+    assert result.stopped_reason == "complete", result.error
+    assert (result.deleted, result.descendants_deleted) == (n, 2 * n)
+    assert set(client.deleted) == set(client.keys) | {
+        k for ks in client.children.values() for k in ks
+    }
+
+
+def test_a_failed_ancestor_query_deletes_nothing_of_its_batch() -> None:
+    client = sessions_with_children(6, children=1)
+    last = client.keys[-1]
+
+    def refuse(key: datastore.Key) -> None:
+        if key == last:
+            raise api_error(gexc.PermissionDenied, "missing datastore.entities.list")
+
+    client.on_ancestor_query = refuse
+    result, _logs = run(client, settings(batch_size=6, with_descendants=True))
+    assert result.stopped_reason == "error"
+    assert "PermissionDenied" in (result.error or "")
+    assert client.delete_calls == []
+    assert (result.deleted, result.descendants_deleted) == (0, 0)
 
 
 def test_stop_requested_stops_before_any_delete() -> None:
