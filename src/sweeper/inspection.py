@@ -40,16 +40,8 @@ from sweeper.forecast import (
     scan_due,
 )
 from sweeper.histogram import Bucket, Histogram, age_buckets, stream_slices
-from sweeper.query import (
-    PAGE_SIZE,
-    Bound,
-    RangeQuery,
-    descendant_keys,
-    fetch_keys,
-    key_pages,
-    lookup,
-)
-from sweeper.retry import NO_CLIENT_RETRY, TRANSIENT, Retrier, RetryCounter, RetryPolicy
+from sweeper.query import Bound, RangeQuery, count, descendant_keys, fetch_keys, lookup
+from sweeper.retry import TRANSIENT, Retrier, RetryCounter, RetryPolicy
 from sweeper.settings import SweepSettings
 
 Indexed = Literal["yes", "no", "unknown"]
@@ -61,7 +53,6 @@ BUCKETS = (*(e.value for e in Encoding), "null", "missing", "unsupported")
 MAX_EXAMPLES = 3
 # Datastore refuses a lookup of more than 1000 keys.
 LOOKUP_CHUNK = 500
-_ALIAS = "n"
 
 
 @dataclass(frozen=True)
@@ -324,28 +315,11 @@ class _Reader:
         return self.count_query(RangeQuery(self.kind, self.prop, ((">=", lo), ("<", hi))))
 
     def count_query(self, query: RangeQuery) -> ExpiredCount:
-        """One COUNT where the database has aggregation queries; a bounded key count otherwise.
-
-        The legacy emulator answers RunAggregationQuery with 501 ``MethodNotImplemented``, a
-        permanent error, so the retrier raises it at once and the key count takes over.
-        """
-        try:
-            n = self.retrier.call("query", lambda: self._aggregate(query))
-            return ExpiredCount(n, "aggregation")
-        except gexc.MethodNotImplemented:
-            pass
-        counted, limit = 0, self.limit
-        for page in key_pages(self.client, self.retrier, query, page_size=min(PAGE_SIZE, limit)):
-            counted += len(page)
-            if counted >= limit:
-                break
-        return ExpiredCount(min(counted, limit), "keys_only_bounded", limit)
-
-    def _aggregate(self, query: RangeQuery) -> int:
-        aggregation = self.client.aggregation_query(query.build(self.client)).count(alias=_ALIAS)
-        rows = aggregation.fetch(retry=NO_CLIENT_RETRY, timeout=self.retrier.timeout)
-        # A count of zero arrives as 0.0: the client reads ``integer_value or double_value``.
-        return next(int(r.value) for row in rows for r in row if r.alias == _ALIAS)
+        """All of them where the database has aggregation queries; keys up to the limit else."""
+        found = count(self.client, self.retrier, query, None, keys_limit=self.limit)
+        if found.method == "aggregation":
+            return ExpiredCount(found.n, "aggregation")
+        return ExpiredCount(found.n, "keys_only_bounded", found.limit)
 
     def oldest(self, encoding: Encoding) -> Oldest | None:
         """The smallest value in the encoding's whole band: how far behind sweeping is."""

@@ -258,32 +258,39 @@ _ALIAS = "n"
 
 @dataclass(frozen=True)
 class Count:
-    """How many entities a query matches, counted up to ``limit``."""
+    """How many entities a query matches, counted up to ``limit`` (None: all of them)."""
 
     n: int
     method: Literal["aggregation", "keys_only", "scan"]
-    limit: int
+    limit: int | None
 
     @property
     def lower_bound(self) -> bool:
         """True when the count stopped at its limit: there may be more."""
-        return self.n >= self.limit
+        return self.limit is not None and self.n >= self.limit
 
 
-def count(client: datastore.Client, retrier: Retrier, query: RangeQuery, limit: int) -> Count:
+def count(
+    client: datastore.Client,
+    retrier: Retrier,
+    query: RangeQuery,
+    limit: int | None,
+    *,
+    keys_limit: int = KEYS_ONLY_COUNT_LIMIT,
+) -> Count:
     """One COUNT, up to ``limit``, where the database has aggregation queries; keys otherwise.
 
     An aggregation COUNT is billed one entity read per 1,000 index entries counted, so a limit
     of a million costs at most 1,000 reads. The legacy emulator answers it with 501
     ``MethodNotImplemented``, a permanent error, so the retrier raises it at once and a keys-only
-    count (up to ``KEYS_ONLY_COUNT_LIMIT``) takes over.
+    count (up to ``keys_limit`` as well) takes over.
     """
     try:
         n = retrier.call("query", lambda: _aggregate(client, query, limit, retrier.timeout))
-        return Count(min(n, limit), "aggregation", limit)
+        return Count(n if limit is None else min(n, limit), "aggregation", limit)
     except gexc.MethodNotImplemented:
         pass
-    bound = min(limit, KEYS_ONLY_COUNT_LIMIT)
+    bound = keys_limit if limit is None else min(limit, keys_limit)
     counted = 0
     for page in key_pages(client, retrier, query, page_size=min(PAGE_SIZE, bound)):
         counted += len(page)
@@ -292,7 +299,9 @@ def count(client: datastore.Client, retrier: Retrier, query: RangeQuery, limit: 
     return Count(min(counted, bound), "keys_only", bound)
 
 
-def _aggregate(client: datastore.Client, query: RangeQuery, limit: int, timeout: float) -> int:
+def _aggregate(
+    client: datastore.Client, query: RangeQuery, limit: int | None, timeout: float
+) -> int:
     aggregation = client.aggregation_query(query.build(client)).count(alias=_ALIAS)
     rows = aggregation.fetch(limit=limit, retry=NO_CLIENT_RETRY, timeout=timeout)
     # A count of zero arrives as 0.0: the client reads ``integer_value or double_value``.

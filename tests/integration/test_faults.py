@@ -25,6 +25,7 @@ from tests.integration.helpers import (
     survivors,
     sweep,
 )
+from tests.support.clock import FakeClock
 from tests.support.emulator import Emulator
 from tests.support.seed import encode
 
@@ -54,19 +55,6 @@ class FlakyClient(datastore.Client):
             self.fail_lookups -= 1
             raise gexc.DeadlineExceeded("injected: deadline exceeded")
         return super().get_multi(keys, *args, **kwargs)  # type: ignore[no-untyped-call]
-
-
-class FakeClock:
-    """A monotonic clock that only moves when the run sleeps."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def test_transient_failures_are_retried_and_counted(emulator: Emulator, kind: str) -> None:

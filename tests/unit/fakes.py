@@ -1,4 +1,4 @@
-"""The unit tests' fakes: one monotonic clock, and one Datastore client over one kind's entities.
+"""The unit tests' fake Datastore client over one kind's entities (the fake clock is shared).
 
 The client implements only what sweeper calls (queries, lookups, blind deletes, transactions,
 the clock query, a refused aggregation) and lets a test inject failures and races; what real
@@ -18,6 +18,7 @@ from google.cloud import datastore
 from google.cloud.datastore.query import PropertyFilter
 
 from sweeper.encodings import to_micros
+from tests.support.clock import FakeClock
 
 E = TypeVar("E", bound=Exception)
 
@@ -29,32 +30,6 @@ TOO_MANY_GROUPS = "operating on too many entity groups in a single transaction."
 def api_error(cls: type[E], message: str) -> E:
     """google.api_core's exception classes are unannotated; build them in one typed place."""
     return cls(message)
-
-
-class FakeClock:
-    """A monotonic clock that moves only when told: by ``sleep`` (each one recorded), by
-    ``advance``, by setting ``now``, or by ``step`` seconds every time it is read. Safe to share
-    between threads."""
-
-    def __init__(self, now: float = 1000.0, step: float = 0.0) -> None:
-        self.now = now
-        self.step = step
-        self.sleeps: list[float] = []
-        self._lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self._lock:
-            self.now += self.step
-            return self.now
-
-    def sleep(self, seconds: float) -> None:
-        assert seconds >= 0
-        with self._lock:
-            self.sleeps.append(seconds)
-            self.now += seconds
-
-    def advance(self, seconds: float) -> None:
-        self.sleep(seconds)
 
 
 def entities(

@@ -11,7 +11,8 @@ from google.api_core import exceptions as gexc
 
 from sweeper.concurrency import CallLimiter, Degradation, is_connection_level
 from sweeper.stopping import Stopped, StopReason
-from tests.unit.fakes import FakeClock, api_error
+from tests.support.clock import FakeClock
+from tests.unit.fakes import api_error
 
 # How long a thread is given to do what it must; the tests never wait this long when they pass.
 JOIN_S = 5.0

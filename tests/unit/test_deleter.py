@@ -31,7 +31,8 @@ from sweeper.encodings import Encoding
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.settings import MAX_BATCH_SIZE
 from sweeper.stopping import Stopped, StopReason
-from tests.unit.fakes import MISSING, FakeClient, FakeClock, api_error, entities
+from tests.support.clock import FakeClock
+from tests.unit.fakes import MISSING, FakeClient, api_error, entities
 
 CUTOFF = dt.datetime(2024, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
 CUTOFF_S = int(CUTOFF.timestamp())

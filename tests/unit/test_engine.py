@@ -24,7 +24,8 @@ from sweeper.retry import RetryPolicy
 from sweeper.settings import SweepSettings
 from sweeper.targets import sweep_targets
 from tests.contract import SWEEP_FINISHED_FIELDS
-from tests.unit.fakes import FakeClient, FakeClock, api_error, entities
+from tests.support.clock import FakeClock
+from tests.unit.fakes import FakeClient, api_error, entities
 
 NOW = dt.datetime(2024, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
 EXPIRED_SECONDS = int(NOW.timestamp()) - 86_400

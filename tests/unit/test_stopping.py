@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from sweeper.stopping import WAIT_SLICE_S, Stopped, Stopper, StopReason
-from tests.unit.fakes import FakeClock
+from tests.support.clock import FakeClock
 
 
 class World(FakeClock):

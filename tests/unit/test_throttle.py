@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sweeper.throttle import Throttle, ThrottleSettings
-from tests.unit.fakes import FakeClock
+from tests.support.clock import FakeClock
 
 
 class ScriptedRandom(random.Random):
