@@ -10,7 +10,7 @@ that ``-ra`` shows. The flavour is found out by asking the emulator (see :func:`
 The emulators keep everything in memory, and the suite writes millions of entities (backlogs
 far larger than a page, on purpose). Left to pile up, they fill the legacy emulator's heap
 until it stops answering mid-suite, so every emulator the suite started is reset after each
-test module (a reused one is never reset: its data is not ours).
+test (a reused one is never reset: its data is not ours).
 """
 
 from __future__ import annotations
@@ -117,12 +117,13 @@ def emulator(
         emu.stop()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _reset_after_module() -> Iterator[None]:
-    """Drop what a module wrote, so the next one starts with an emulator as light as new.
+@pytest.fixture(autouse=True)
+def _reset_after_test() -> Iterator[None]:
+    """Drop what a test wrote, so the next one starts with an emulator as light as new.
 
-    Tests never share data across modules (each uses kinds of its own), so this changes no
-    outcome; within a module, module-scoped seeded kinds stay until the module ends.
+    Tests never share data (each uses kinds of its own, seeded by function-scoped fixtures),
+    so this changes no outcome. It keeps their timings honest too: the legacy emulator's
+    queries slow down as it fills, and a forecast compared with a run's time would fail.
     """
     yield
     for emu in STARTED:

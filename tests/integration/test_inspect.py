@@ -486,9 +486,13 @@ def test_forecast_time_under_the_ramp_up(
     emulator: Emulator, client: datastore.Client, kind: str
 ) -> None:
     """The ramp-up's 500 deletes/s hold a 3,000-key backlog for (3000 - 500) / 500 = 5 s: the
-    first batch goes at once, the last once the budget covers the others."""
+    first batch goes at once, the last once the budget covers the others.
+
+    Blind deletes, so that the database keeps ahead of 500 deletes/s and the throttle alone
+    sets the time: the legacy emulator, re-checking 3,000 keys in transactions of 25 on a busy
+    machine, has taken over 7 s, slower than the ramp-up it was meant to measure."""
     seed(client, kind, backlog_groups(expired_hours=4, per_hour=750))
-    run = settings(kind, S, ramp_up=True)
+    run = settings(kind, S, ramp_up=True, verify=False)
 
     report = inspect_target(run, client, dt.datetime.now(dt.UTC))
     result = Sweep(run, client).run()

@@ -291,9 +291,9 @@ def test_sigterm_while_deleting_stops_before_the_next_batch(
     assert summary["unconfirmed"] == 0
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def live_kind(emulator: Emulator) -> str:
-    """A kind of SCAN_ENTITIES sessions none of which has expired (seeded once per emulator)."""
+    """A kind of SCAN_ENTITIES sessions none of which has expired."""
     kind = f"eq-live-{time.monotonic_ns()}"
     seed(make_client(emulator), kind, {"live": stored(ahead(hours=2), S, SCAN_ENTITIES)})
     return kind
