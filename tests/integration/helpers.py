@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -125,6 +126,17 @@ def survivors(
         elif kept:
             found.add(f"{group}: {kept} of {len(sessions)} left")
     return found
+
+
+def wait_until_deleted(
+    client: datastore.Client, kind: str, names: Sequence[str], at_least: int, timeout: float = 60
+) -> None:
+    """Return once ``at_least`` of ``names`` are gone: a fixed sleep is no measure of how far
+    a process on a busy machine has got."""
+    deadline = time.monotonic() + timeout
+    while len(names) - len(remaining(client, kind, names)) < at_least:
+        assert time.monotonic() < deadline, f"fewer than {at_least} deleted in {timeout} s"
+        time.sleep(0.1)
 
 
 def start_slow_sweep(emu: Emulator, kind: str, *args: str) -> subprocess.Popen[str]:

@@ -13,12 +13,14 @@ from sweeper.encodings import Encoding
 from tests.integration.helpers import (
     ago,
     ahead,
+    group_names,
     make_client,
     seed,
     start_slow_sweep,
     stored,
     survivors,
     sweep,
+    wait_until_deleted,
 )
 from tests.support.emulator import Emulator
 from tests.support.proxy import TcpProxy
@@ -62,7 +64,8 @@ def test_when_the_database_dies_mid_run_the_sweep_fails_cleanly_and_a_rerun_fini
     groups = {"expired": stored(ago(hours=1), S, 3000), "live": stored(ahead(hours=1), S, 100)}
     seed(client, kind, groups)
     proc = start_slow_sweep(emu, kind, "--format", "epoch-seconds")
-    time.sleep(1.0)
+    # Four workers commit one key each at a time: with 20 gone, the first 16 are confirmed.
+    wait_until_deleted(client, kind, group_names(groups, "expired"), at_least=20)
     # The database goes away mid-run. (A graceful shutdown: the legacy emulator writes its data
     # dir only then, and the test needs that data back for the rerun.)
     emu.stop()
