@@ -11,7 +11,9 @@ Two measurements on one local emulator, in one run:
 - **Descendants**: expired sessions with 0, 1 or 5 children each (``event`` entities in the
   session's entity group), cleared plainly, with ``--with-descendants``, and with
   ``--with-descendants --verify``; the calls each deleted session costs, and the time against
-  the plain run with the same children.
+  the plain run with the same children. The reference for the ancestor queries runs beside
+  them: ``--with-descendants`` with each worker making them one at a time, as the engine did
+  before it made 8 at once.
 
 As in ``bench_sweep.py``, each sweep runs in a fresh process, rounds alternate the order so
 drift in the machine's speed hits all alike, and the figures are medians over the rounds; an
@@ -43,6 +45,7 @@ from typing import Any
 from bench_sweep import counting_client
 from google.cloud import datastore
 
+from sweeper import engine
 from sweeper.encodings import Encoding
 from sweeper.engine import Sweep
 from sweeper.logs import configure
@@ -54,11 +57,15 @@ from sweeper.stopping import StopReason
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.support.emulator import FLAVOURS, Emulator, Flavour
+from tests.support.proxy import TcpProxy
 from tests.support.seed import Session, encode, names, put_entities, put_sessions
 
 REFERENCE = Encoding.EPOCH_SECONDS
 CHILD_KIND = "event"
-MODES = ("plain", "with descendants", "with descendants + verify")
+# "one query at a time" is the reference for the ancestor queries: the engine as it was before
+# each delete worker made them 8 at a time (engine.DESCENDANT_QUERIES_PER_WORKER).
+SEQUENTIAL = "with descendants, one query at a time"
+MODES = ("plain", SEQUENTIAL, "with descendants", "with descendants + verify")
 _WIRE_CALLS = (
     "run_query",
     "run_aggregation_query",
@@ -77,6 +84,7 @@ class Spec:
     encoding: Encoding
     with_descendants: bool = False
     verify: bool = False
+    descendant_queries: int | None = None  # at once per worker; None: the engine's own
 
 
 @dataclass(frozen=True)
@@ -162,22 +170,6 @@ def children_of(client: datastore.Client, kind: str) -> list[datastore.Key]:
             return found
 
 
-def drop(client: datastore.Client, keys: Sequence[datastore.Key]) -> None:
-    """Delete what a run left (not timed)."""
-    for start in range(0, len(keys), 500):
-        client.delete_multi(keys[start : start + 500])
-
-
-def clear(client: datastore.Client, kind: str) -> None:
-    """Empty the store of ``kind`` and the children under it before the next run.
-
-    The legacy emulator's commits after ancestor queries slow down with everything it holds
-    (not only the kind), so each run starts from a store holding only its own entities.
-    """
-    drop(client, [client.key(kind, name) for name in names(client, kind)])
-    drop(client, children_of(client, kind))
-
-
 def sweep_in_child(spec: Spec, env: dict[str, str]) -> Outcome:
     """One sweep in a fresh process, as ``bench_sweep.py`` runs sweeper."""
     proc = subprocess.run(
@@ -204,6 +196,8 @@ def run_child(spec_json: str) -> None:
         verify=spec.verify,
         with_descendants=spec.with_descendants,
     )
+    if spec.descendant_queries is not None:
+        engine.DESCENDANT_QUERIES_PER_WORKER = spec.descendant_queries
     started = time.perf_counter()
     result = Sweep(settings, client).run()
     elapsed = time.perf_counter() - started
@@ -269,7 +263,9 @@ def rounds_order(items: Sequence[Any], round_no: int) -> list[Any]:
     return list(items) if round_no % 2 == 0 else list(reversed(items))
 
 
-def warm_up(seeder: datastore.Client, env: dict[str, str], sessions: int) -> None:
+def warm_up(
+    seeder: datastore.Client, env: dict[str, str], sessions: int, clear: Callable[[], None]
+) -> None:
     """Untimed sweeps first, of every encoding and of descendants: the emulator's first
     queries of each shape are slow (a JVM warming up), and would count against whichever run
     came first."""
@@ -277,13 +273,13 @@ def warm_up(seeder: datastore.Client, env: dict[str, str], sessions: int) -> Non
         kind = f"warm-up-{encoding}"
         put_sessions(seeder, kind, sessions_for(encoding, sessions, 0))
         sweep_in_child(Spec(kind, encoding), env)
-        clear(seeder, kind)
+        clear()
     kind = "warm-up-descendants"
     seeded = sessions_for(REFERENCE, 100, 0)
     put_sessions(seeder, kind, seeded)
     seed_children(seeder, kind, (s.name for s in seeded), 1)
     sweep_in_child(Spec(kind, REFERENCE, with_descendants=True), env)
-    clear(seeder, kind)
+    clear()
 
 
 class Lab:
@@ -293,32 +289,49 @@ class Lab:
     commits still running), so the emulator is replaced, and warmed up, after one.
     """
 
-    def __init__(self, flavour: Flavour, warm_up_sessions: int) -> None:
+    def __init__(self, flavour: Flavour, warm_up_sessions: int, latency_s: float) -> None:
         self.flavour = flavour
         self.warm_up_sessions = warm_up_sessions
+        self.latency_s = latency_s
         self.emulator = Emulator(flavour)
+        self.proxy: TcpProxy | None = None
         self.env: dict[str, str] = {}
 
     def start(self) -> None:
         self.emulator = Emulator(self.flavour).start()
         os.environ.update(self.emulator.env)
         self.env = dict(os.environ)
+        if self.latency_s:  # the sweeps go through the delay; seeding and checks do not
+            self.proxy = TcpProxy(("127.0.0.1", self.emulator.port), delay_s=self.latency_s)
+            self.env["DATASTORE_EMULATOR_HOST"] = self.proxy.start().host
         self.seeder = datastore.Client(project=self.emulator.project)
-        warm_up(self.seeder, self.env, self.warm_up_sessions)
+        warm_up(self.seeder, self.env, self.warm_up_sessions, self.clear)
+
+    def clear(self) -> None:
+        """Empty the emulator before the next sweep (not timed).
+
+        Both emulators slow down with everything they have held: deleting the entities of a
+        run is not enough (on the Firestore emulator the same sweep of 1,000 sessions with
+        ``--with-descendants --verify`` took 9.6 s in the first round and 56.7 s in the
+        second). So each sweep starts from an emulator emptied by its reset endpoint.
+        """
+        self.emulator.reset()
 
     def restart(self) -> None:
         print("restarting the emulator after a failed sweep", file=sys.stderr, flush=True)
-        self.emulator.stop()
+        self.stop()
         self.start()
 
     def stop(self) -> None:
+        if self.proxy is not None:
+            self.proxy.stop()
         self.emulator.stop()
 
 
 @contextmanager
-def lab_running(flavour: Flavour, warm_up_sessions: int) -> Iterator[Lab]:
+def lab_running(flavour: Flavour, warm_up_sessions: int, latency_s: float) -> Iterator[Lab]:
     """A started :class:`Lab`, its emulator stopped at the end whatever happens."""
-    started = Lab(flavour, warm_up_sessions)
+    started = Lab(flavour, warm_up_sessions, latency_s)
     try:
         started.start()
         yield started
@@ -347,7 +360,7 @@ def bench_encodings(args: argparse.Namespace, lab: Lab) -> dict[Encoding, Runs]:
                     f"{len(left)} left, {len(left - live)} of them expired, "
                     f"{len(live - left)} live ones gone"
                 )
-            clear(lab.seeder, kind)
+            lab.clear()
     return tallies
 
 
@@ -357,7 +370,8 @@ def report_encodings(args: argparse.Namespace, tallies: dict[Encoding, Runs]) ->
 
     base = tallies[REFERENCE].median(rate)
     print(
-        f"\nEncodings: {args.emulator} emulator, {args.expired} expired + {args.live} live "
+        f"\nEncodings: {args.emulator} emulator, {args.latency_ms:g} ms added each way, "
+        f"{args.expired} expired + {args.live} live "
         f"sessions, median of {args.repeat} rounds"
     )
     print(
@@ -385,12 +399,18 @@ def bench_descendants(args: argparse.Namespace, lab: Lab) -> dict[tuple[int, str
     tallies = {(c, m): Runs() for c in args.children for m in MODES}
     for round_no in range(args.repeat):
         for each, mode in rounds_order(list(tallies), round_no):
-            kind = f"desc-{each}-{mode.replace(' ', '').replace('+', '-')}-{round_no}"
+            kind = f"desc-{each}-{MODES.index(mode)}-{round_no}"
             seeded = sessions_for(REFERENCE, args.sessions, 0)
             put_sessions(lab.seeder, kind, seeded, data_bytes=700)
             seed_children(lab.seeder, kind, (s.name for s in seeded), each)
             with_descendants = mode != "plain"
-            spec = Spec(kind, REFERENCE, with_descendants, verify=mode.endswith("verify"))
+            spec = Spec(
+                kind,
+                REFERENCE,
+                with_descendants,
+                verify=mode.endswith("verify"),
+                descendant_queries=1 if mode == SEQUENTIAL else None,
+            )
             outcome = sweep_in_child(spec, lab.env)
             label = f"{each} children, {mode}"
             progress(label, round_no, outcome)
@@ -400,7 +420,7 @@ def bench_descendants(args: argparse.Namespace, lab: Lab) -> dict[tuple[int, str
             check_descendants(
                 lab.seeder, kind, outcome, args.sessions, each, with_descendants=with_descendants
             )
-            clear(lab.seeder, kind)
+            lab.clear()
     return tallies
 
 
@@ -442,7 +462,8 @@ def report_descendants(args: argparse.Namespace, tallies: dict[tuple[int, str], 
         return (o.deleted + o.descendants_deleted) / o.elapsed
 
     print(
-        f"\nDescendants: {args.emulator} emulator, {args.sessions} expired sessions, "
+        f"\nDescendants: {args.emulator} emulator, {args.latency_ms:g} ms added each way, "
+        f"{args.sessions} expired sessions, "
         f"median of {args.repeat} rounds; per session deleted, and time against the plain "
         "run with as many children"
     )
@@ -495,6 +516,13 @@ def main() -> None:
     parser.add_argument("--children", type=int, nargs="+", default=[0, 1, 5])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--emulator", choices=FLAVOURS, default="datastore")
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        help="delay added each way by a loopback proxy between the sweeps and the emulator, "
+        "as production's round trips add",
+    )
     parser.add_argument("--only", nargs="*", choices=("encodings", "descendants"), default=None)
     parser.add_argument("--child", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -505,7 +533,8 @@ def main() -> None:
 
     parts = args.only or ("encodings", "descendants")
     failed = False
-    with lab_running(args.emulator, min(args.expired, 1_000)) as bench:
+    latency_s = args.latency_ms / 1000
+    with lab_running(args.emulator, min(args.expired, 1_000), latency_s) as bench:
         if "encodings" in parts:
             by_encoding = bench_encodings(args, bench)
             report_encodings(args, by_encoding)
