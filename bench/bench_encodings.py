@@ -45,7 +45,7 @@ from typing import Any
 from bench_sweep import counting_client
 from google.cloud import datastore
 
-from sweeper import engine
+from sweeper import gate
 from sweeper.encodings import Encoding
 from sweeper.engine import Sweep
 from sweeper.logs import configure
@@ -63,7 +63,7 @@ from tests.support.seed import Session, encode, names, put_entities, put_session
 REFERENCE = Encoding.EPOCH_SECONDS
 CHILD_KIND = "event"
 # "one query at a time" is the reference for the ancestor queries: the engine as it was before
-# each delete worker made them 8 at a time (engine.DESCENDANT_QUERIES_PER_WORKER).
+# each delete worker made them 8 at a time (gate.DESCENDANT_QUERIES).
 SEQUENTIAL = "with descendants, one query at a time"
 MODES = ("plain", SEQUENTIAL, "with descendants", "with descendants + verify")
 _WIRE_CALLS = (
@@ -197,7 +197,7 @@ def run_child(spec_json: str) -> None:
         with_descendants=spec.with_descendants,
     )
     if spec.descendant_queries is not None:
-        engine.DESCENDANT_QUERIES_PER_WORKER = spec.descendant_queries
+        gate.DESCENDANT_QUERIES = spec.descendant_queries
     started = time.perf_counter()
     result = Sweep(settings, client).run()
     elapsed = time.perf_counter() - started

@@ -8,6 +8,7 @@ blast radius before the first batch (``sweeper.guard``), and what is left afterw
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -15,9 +16,17 @@ from typing import Any
 from google.cloud import datastore
 
 from sweeper.detect import check_explicit, detect_encoding
-from sweeper.encodings import Encoding, expired_range
+from sweeper.encodings import Encoding, ExpiredRange, expired_range, is_expired
 from sweeper.errors import RefusedError
-from sweeper.guard import Plan, check_fraction, measure
+from sweeper.guard import (
+    Exposure,
+    Plan,
+    check_fraction,
+    measure,
+    range_samples,
+    sample_descendants,
+    scan_exposure,
+)
 from sweeper.query import Count
 from sweeper.result import SweepResult
 from sweeper.retention import Retention, measure_retention
@@ -33,6 +42,8 @@ class Checks:
     ) -> None:
         self._client, self._retrier, self.settings, self._log = client, retrier, settings, log
         self._scanned = 0  # non-null values a scan read
+        # The entities the guard lets the run delete, and how to say so when it would pass it.
+        self.allowance: tuple[int | None, str] = (None, "")
 
     def encoding(self, result: SweepResult) -> Encoding | None:
         """The encoding to sweep; None when the property holds no value at all."""
@@ -48,13 +59,29 @@ class Checks:
     def guard(
         self, encoding: Encoding, result: SweepResult, confirm: Callable[[Plan], bool] | None
     ) -> None:
-        """Before the first batch: refuse a run over --max-fraction; on a terminal, ask."""
-        s, client = self.settings, self._client
+        """Before the first batch: refuse a run over --max-fraction; on a terminal, ask.
+
+        Counted in entities: with --with-descendants each session with what lies under it
+        (estimated from a sample). What passes sets the run's allowance (``self.allowance``),
+        which the gate holds every commit to, so an estimate that was too low stops the run
+        at the share instead of passing it.
+        """
+        s = self.settings
         window = expired_range(encoding, result.cutoff)
-        if s.dry_run or s.scan or window.empty or (s.max_fraction >= 1 and confirm is None):
+        if s.dry_run or (window.empty and not s.scan) or (s.max_fraction >= 1 and confirm is None):
             return
         share = s.max_fraction if confirm is None else 1.0  # a person sees the whole count
-        exposure = measure(client, self._retrier, (s.kind, s.prop, window), share)
+        exposure, samples = self._exposure(encoding, window, result, share)
+        sessions = exposure
+        if s.with_descendants:
+            under = sample_descendants(self._client, self._retrier, *samples)
+            exposure = under.exposure(sessions)
+            self._log.info(
+                "descendants_sampled",
+                per_due_session=round(under.per_due, 2),
+                per_live_session=round(under.per_live, 2),
+                sampled=sum(map(len, samples)),
+            )
         result.due_fraction = exposure.fraction
         self._log.info(
             "exposure_counted",
@@ -64,10 +91,45 @@ class Checks:
             carrying_is_lower_bound=exposure.carrying.lower_bound,
             fraction=exposure.fraction,
             max_fraction=s.max_fraction,
+            counted="entities" if s.with_descendants else "sessions",
         )
         check_fraction(exposure, s.max_fraction, s.kind, s.prop)
+        if s.max_fraction < 1:
+            self.allowance = (
+                math.floor(s.max_fraction * exposure.carrying.n),
+                f" ({s.max_fraction:g} of the {exposure.carrying.n} entities carrying {s.prop})",
+            )
         if exposure.due.n == 0 or confirm is None:
             return
+        self._confirm(encoding, result, exposure, confirm)
+
+    def _exposure(
+        self, encoding: Encoding, window: ExpiredRange, result: SweepResult, share: float
+    ) -> tuple[Exposure, tuple[list[datastore.Key], list[datastore.Key]]]:
+        s = self.settings
+        if s.scan:
+            exposure, due, live = scan_exposure(
+                self._client,
+                self._retrier,
+                s.kind,
+                s.prop,
+                expired=lambda v: is_expired(encoding, v, result.cutoff),
+                on_read=lambda n: setattr(result, "entities_read", result.entities_read + n),
+            )
+            return exposure, (due, live)
+        exposure = measure(self._client, self._retrier, (s.kind, s.prop, window), share)
+        if not s.with_descendants:
+            return exposure, ([], [])
+        return exposure, range_samples(self._client, self._retrier, s.kind, s.prop, window)
+
+    def _confirm(
+        self,
+        encoding: Encoding,
+        result: SweepResult,
+        exposure: Exposure,
+        confirm: Callable[[Plan], bool],
+    ) -> None:
+        s, client = self.settings, self._client
         plan = Plan(
             client.project,
             client.database or None,

@@ -39,6 +39,7 @@ from sweeper.metrics import MetricsError, push_summary
 from sweeper.options import (
     INSPECT,
     SWEEP,
+    OptionsCommand,
     command_options,
     file_options,
     options_of,
@@ -61,7 +62,7 @@ def cli() -> None:
     """
 
 
-@cli.command()
+@cli.command(cls=OptionsCommand)
 @command_options(SWEEP)
 def sweep(**options: Any) -> None:
     """Delete the entities of one kind whose expiry lies before now minus --grace.
@@ -111,7 +112,7 @@ def sweep(**options: Any) -> None:
         )
 
 
-@cli.command()
+@cli.command(cls=OptionsCommand)
 @command_options(INSPECT)
 def inspect(**options: Any) -> None:
     """Show what is stored in a target and what `sweep` would do with it. Deletes nothing.

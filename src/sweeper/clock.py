@@ -50,9 +50,15 @@ def read_clock(
     local_now: Callable[[], dt.datetime],
 ) -> ClockReading:
     """The database's time where it reports one, else the local clock (and say so)."""
-    before = local_now()
-    server = retrier.call("query", lambda: _read_time(client, kind, retrier.timeout))
-    after = local_now()
+
+    def attempt() -> tuple[dt.datetime, dt.datetime | None, dt.datetime]:
+        # Timed around the call that answered, not around its retries: a probe retried
+        # through an outage would otherwise report the outage as skew.
+        before = local_now()
+        server = _read_time(client, kind, retrier.timeout)
+        return before, server, local_now()
+
+    before, server, after = retrier.call("query", attempt)
     if server is None:
         return ClockReading(after, "local", None)
     # The server's instant lies between the two local readings: compare with their midpoint.

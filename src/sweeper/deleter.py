@@ -1,63 +1,27 @@
-"""Batched deletes: at most 500 keys per commit, each commit under the retry policy.
+"""How big each commit is: the batch sizer, and a batch's groups cut into commits.
 
-Datastore refuses more than 500 mutations per commit and ``delete_multi`` sends all its keys in
-one commit, so callers hand over batches already cut to size. A retried batch is
-re-sent whole; that is safe because deleting a key that no longer exists is a silent no-op.
-
-:class:`VerifyingDeleter` closes the refresh race: a session refreshed between
-the query and the delete would be lost by a blind delete, so it looks each entity up inside a
-transaction and deletes only those still expired. A concurrent write to one of them aborts the
-commit, and the retry re-reads it.
-
-With ``--with-descendants`` each session goes with the entities under it in its entity group
-(:class:`Pending`): the whole group in one commit where it fits, descendants before the session
-where it does not, and never a descendant of a session that is not deleted.
+Datastore refuses more than 500 mutations per commit; the gate (``sweeper.gate``) takes its
+commits from :class:`Pending`, each at most the size :class:`BatchSizer` allows now.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
 import threading
-import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from functools import partial
-from typing import Protocol, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
-import structlog
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
 from sweeper.concurrency import Degradation
-from sweeper.encodings import Encoding, is_expired
-from sweeper.retry import NO_CLIENT_RETRY, Retrier
 from sweeper.settings import MAX_BATCH_SIZE
-from sweeper.stopping import Stopped
 
 T = TypeVar("T")
-
-# The legacy Datastore emulator (and Datastore before Firestore) lets one transaction touch at
-# most 25 entity groups; Firestore in Datastore mode takes a whole 500-key batch.
-LEGACY_LIMIT = 25
 
 # What one commit should take, and the fewest keys worth a round trip (Beam's floor too).
 TARGET_COMMIT_S = 2.0
 MIN_COMMIT_KEYS = 5
-
-
-def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-class BatchFailed(Exception):
-    """A batch whose delete failed for good (or was stopped), after ``deleted`` of its keys."""
-
-    def __init__(self, deleted: int, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.deleted = deleted
-        self.cause = cause
 
 
 class BatchSizer:
@@ -118,6 +82,17 @@ class BatchSizer:
         with self._lock:
             self._per_key = max(self._per_key or 0.0, seconds / max(keys, 1))
             self._resize()
+
+    def refused(self, keys: int) -> None:
+        """The database refused a larger commit as too big: send at most ``keys`` for now.
+
+        Fast commits grow the size back (``observe``), so one heavy entity does not slow the
+        rest of the run.
+        """
+        with self._lock:
+            if keys < self.size:
+                self._per_key = max(self._per_key or 0.0, self._target_s / max(keys, 1))
+                self._resize()
 
     def _resize(self, shrink: bool = True) -> None:
         assert self._per_key is not None
@@ -188,173 +163,3 @@ class Pending:
                 self._groups.popleft()
             else:
                 del rest[: len(keys)]
-
-
-def count_parts(parts: list[Part]) -> tuple[int, int]:
-    """(sessions, descendants) among the keys of ``parts``."""
-    sessions = sum(1 for session, keys in parts if keys[-1] is session)
-    return sessions, sum(len(keys) for _s, keys in parts) - sessions
-
-
-class Deleter(Protocol):
-    def delete(self, keys: Sequence[datastore.Key], descendants: Descendants | None = None) -> int:
-        """Delete one batch of sessions (and their ``descendants``); return sessions deleted."""
-        ...
-
-
-def _no_descendants(n: int) -> None:
-    pass
-
-
-class BatchDeleter:
-    """Blind deletes: commits of ``sizer.size`` keys, one billed delete per key, no reads."""
-
-    def __init__(
-        self,
-        client: datastore.Client,
-        retrier: Retrier,
-        sizer: BatchSizer | None = None,
-        *,
-        on_descendants: Callable[[int], None] = _no_descendants,
-    ) -> None:
-        self._client = client
-        self._retrier = retrier
-        self._sizer = sizer or BatchSizer(MAX_BATCH_SIZE, time.monotonic)
-        self._on_descendants = on_descendants
-
-    def delete(self, keys: Sequence[datastore.Key], descendants: Descendants | None = None) -> int:
-        """Delete one batch, retrying transient failures; raise once the policy gives up.
-
-        Each attempt sends the keys not yet deleted, cut at the size the sizer allows *now*,
-        so a commit that timed out is retried smaller.
-        """
-        if len(keys) > MAX_BATCH_SIZE:
-            raise ValueError(f"a commit takes at most {MAX_BATCH_SIZE} mutations")
-        pending, done = Pending(keys, descendants), 0
-        while pending:
-            try:
-                done += self._retrier.call("delete", partial(self._commit, pending))
-            except (Exception, Stopped) as exc:  # a stop mid-batch still counts what went
-                raise BatchFailed(done, exc) from exc
-        return done
-
-    def _commit(self, pending: Pending) -> int:
-        parts = pending.take(self._sizer.size)
-        chunk = [key for _session, keys in parts for key in keys]
-        self._sizer.measure(
-            len(chunk),
-            lambda: self._client.delete_multi(
-                chunk, retry=NO_CLIENT_RETRY, timeout=self._retrier.timeout
-            ),
-        )
-        pending.done(parts)
-        sessions, under = count_parts(parts)
-        if under:
-            self._on_descendants(under)
-        return sessions
-
-
-class VerifyingDeleter:
-    """Re-checks each session in a transaction and deletes only those still expired.
-
-    Costs one entity read per session on top of the deletes. Transactions take the sizer's
-    size, and shrink to 25 sessions (entity groups), for the rest of the run, the first time
-    the database refuses a transaction over too many entity groups. A session's descendants
-    go in the transaction that re-checks it.
-    """
-
-    def __init__(
-        self,
-        client: datastore.Client,
-        retrier: Retrier,
-        encoding: Encoding,
-        prop: str,
-        cutoff: dt.datetime,
-        *,
-        sizer: BatchSizer | None = None,
-        on_descendants: Callable[[int], None] = _no_descendants,
-    ) -> None:
-        self._client = client
-        self._retrier = retrier
-        self._encoding = encoding
-        self._prop = prop
-        self._cutoff = cutoff
-        self._sizer = sizer or BatchSizer(MAX_BATCH_SIZE, time.monotonic)
-        self._on_descendants = on_descendants
-        # Sessions (entity groups) per transaction.
-        self.transaction_size = MAX_BATCH_SIZE
-        self._lock = threading.Lock()
-        self._log = structlog.get_logger("sweeper.verify")
-
-    def delete(self, keys: Sequence[datastore.Key], descendants: Descendants | None = None) -> int:
-        pending, deleted = Pending(keys, descendants), 0
-        tried: list[int] = []  # the groups in each transaction sent, to tell why one was refused
-        while pending:
-            try:
-                deleted += self._retrier.call("verify", partial(self._next, pending, tried))
-            except gexc.InvalidArgument as exc:
-                if "entity groups" not in str(exc) or tried[-1] <= LEGACY_LIMIT:
-                    raise BatchFailed(deleted, exc) from exc
-                self._shrink()
-                continue
-            except (Exception, Stopped) as exc:  # a stop mid-batch still counts what went
-                raise BatchFailed(deleted, exc) from exc
-        return deleted
-
-    def _next(self, pending: Pending, tried: list[int]) -> int:
-        """One transaction over the next groups: the sessions it deleted."""
-        parts = pending.take(self._sizer.size, self.transaction_size)
-        tried.append(len(parts))
-        keys = sum(len(k) for _s, k in parts)
-        kept = self._sizer.measure(keys, partial(self._transaction, parts))
-        pending.done(parts, kept)
-        sessions, under = count_parts([p for p in parts if p[0] not in kept])
-        if under:
-            self._on_descendants(under)
-        return sessions
-
-    def _shrink(self) -> None:
-        with self._lock:  # several workers may be refused at once: shrink and say so once
-            if self.transaction_size == LEGACY_LIMIT:
-                return
-            self.transaction_size = LEGACY_LIMIT
-        self._log.info(
-            "transaction_size_reduced",
-            keys=LEGACY_LIMIT,
-            reason="too many entity groups in one transaction",
-        )
-
-    def _transaction(self, parts: list[Part]) -> frozenset[datastore.Key]:
-        """Look the sessions up, delete the parts of those still expired; all or nothing.
-
-        Returns the sessions kept (not expired any more, or gone).
-        """
-        timeout = self._retrier.timeout
-        sessions = list({session.flat_path: session for session, _keys in parts}.values())
-        transaction = self._client.transaction()
-        transaction.begin(retry=NO_CLIENT_RETRY, timeout=timeout)
-        try:
-            entities = self._client.get_multi(
-                sessions, transaction=transaction, retry=NO_CLIENT_RETRY, timeout=timeout
-            )
-            expired = {
-                entity.key.flat_path
-                for entity in entities
-                if is_expired(self._encoding, entity.get(self._prop), self._cutoff)
-            }
-            kept = frozenset(s for s in sessions if s.flat_path not in expired)
-            for session, keys in parts:
-                if session not in kept:
-                    for key in keys:
-                        transaction.delete(key)
-            transaction.commit(retry=NO_CLIENT_RETRY, timeout=timeout)
-        except BaseException:
-            _rollback(transaction, timeout)
-            raise
-        return kept
-
-
-def _rollback(transaction: datastore.Transaction, timeout: float) -> None:
-    """Best effort: a failed transaction expires on its own; never mask the real error."""
-    with contextlib.suppress(Exception):
-        transaction.rollback(retry=NO_CLIENT_RETRY, timeout=timeout)

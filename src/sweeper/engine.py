@@ -8,47 +8,36 @@ exactly one ``sweep_finished`` event, which operators alert on.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable
+from functools import partial
 
 import structlog
 from google.cloud import datastore
-from google.cloud.datastore import Key
 
 from sweeper.checks import Checks
 from sweeper.clock import SKEW_WARNING_S, read_clock
 from sweeper.concurrency import CallLimiter
-from sweeper.deleter import (
-    BatchDeleter,
-    BatchFailed,
-    BatchSizer,
-    Deleter,
-    VerifyingDeleter,
-    chunks,
-)
+from sweeper.deleter import BatchSizer
 from sweeper.encodings import Encoding
 from sweeper.errors import (
-    DatastoreError,
     SweeperError,
     describe_exception,
 )
+from sweeper.gate import DESCENDANT_QUERIES, Allowance, Capped, Gate, Rule, refused_error
 from sweeper.pipeline import Pipeline
-from sweeper.progress import DeleteBudget, ProgressLog
-from sweeper.query import descendant_keys
+from sweeper.progress import ProgressLog
+from sweeper.query import RangeQuery
 from sweeper.result import Runtime, SweepResult
 from sweeper.retry import PUSHBACK, Retrier, RetryCounter
 from sweeper.settings import SweepSettings
-from sweeper.sources import expired_streams
+from sweeper.sources import Work, expired_streams
 from sweeper.stopping import Stopped, Stopper, StopReason
 from sweeper.throttle import Throttle, ThrottleSettings
 
 __all__ = ["Runtime", "Sweep", "SweepResult"]
-
-# With --with-descendants each deleted session costs one ancestor query. Made one after the
-# other, a batch of 500 sessions waits 500 round trips before its first commit, so each delete
-# worker makes up to this many of them at once.
-DESCENDANT_QUERIES_PER_WORKER = 8
 
 
 class Sweep:
@@ -74,7 +63,7 @@ class Sweep:
         self._stopper = Stopper(rt.stop_requested, rt.monotonic, rt.sleep)
         # A query stream and a delete worker per worker (and the delete worker's ancestor
         # queries): nothing waits for a place unless connection loss has cut the limit.
-        calls = 2 + (DESCENDANT_QUERIES_PER_WORKER if settings.with_descendants else 0)
+        calls = 2 + (DESCENDANT_QUERIES if settings.with_descendants else 0)
         self._limiter = CallLimiter(calls * settings.workers, rt.monotonic, self._stopper.check)
         self._sizer = BatchSizer(settings.batch_size, rt.monotonic)
         self._throttle = Throttle(
@@ -94,7 +83,7 @@ class Sweep:
         )
         self._log = structlog.get_logger("sweeper").bind(kind=settings.kind)
         self._lock = threading.Lock()  # the result's counts, updated by every worker
-        self._in_flight = 0  # keys handed to a delete call not yet answered
+        self._gate: Gate | None = None  # the run's one way to a delete, once it is set up
         self._abandoned = False
 
     def run(self) -> SweepResult:
@@ -119,11 +108,13 @@ class Sweep:
             if body.is_alive():
                 self._abandoned = True
                 result.stop(self._stopper.reason() or StopReason.SIGNAL)
-                result.unconfirmed = self._in_flight
+                result.unconfirmed = self._in_flight()
             result.retries = self._counter.retries
             calls = self._counter.calls
             result.queries, result.lookups = calls["query"], calls["lookup"]
-            result.commits = calls["delete"] + calls["verify"]
+            # A held page is one query and one commit.
+            result.queries += calls["held"]
+            result.commits = calls["delete"] + calls["verify"] + calls["held"]
             result.duration_s = rt.monotonic() - started
             result.concurrency = self._limiter.degradation()
             result.commit_size = self._sizer.degradation()
@@ -144,8 +135,12 @@ class Sweep:
         # query or a wait has nothing worth waiting for beyond one more poll to unwind.
         drain_until = rt.monotonic() + rt.drain_s
         body.join(rt.poll_s)
-        while body.is_alive() and self._in_flight and rt.monotonic() < drain_until:
+        while body.is_alive() and self._in_flight() and rt.monotonic() < drain_until:
             body.join(rt.poll_s)
+
+    def _in_flight(self) -> int:
+        """Keys handed to a delete call not yet answered."""
+        return 0 if self._gate is None else self._gate.ledger.in_flight
 
     def _body(self, result: SweepResult, started: float) -> None:
         try:
@@ -169,10 +164,7 @@ class Sweep:
         with self._lock:
             result.cutoff = reading.now - s.grace
             result.clock_source, result.clock_skew_s = reading.source, reading.skew_s
-            # A database that reports no read time is not Firestore in Datastore mode: its
-            # queries may return stale index entries, and a session refreshed after its entry
-            # was read would be deleted blindly. Re-check each key there unless told otherwise.
-            result.verify = s.verify if s.verify is not None else reading.source == "local"
+            result.verify = s.verify
             fields = result.summary()
         self._log.info(
             "sweep_started",
@@ -211,42 +203,34 @@ class Sweep:
     def _delete_expired(
         self, client: datastore.Client, encoding: Encoding, result: SweepResult, checks: Checks
     ) -> None:
+        """Drain the expired streams, every key through the one gate (``sweeper.gate``)."""
         s, rt = self.settings, self.runtime
-
-        def count_descendants(n: int) -> None:
-            with self._lock:
-                result.descendants_deleted += n
-
-        deleter: Deleter = (
-            VerifyingDeleter(
-                client,
-                self._retrier,
-                encoding,
-                s.prop,
-                result.cutoff,
-                sizer=self._sizer,
-                on_descendants=count_descendants,
-            )
-            if result.verify
-            else BatchDeleter(
-                client, self._retrier, sizer=self._sizer, on_descendants=count_descendants
-            )
-        )
         progress = ProgressLog(self._log, rt, self._counter, rt.monotonic(), s.dry_run)
-        budget = DeleteBudget(s.max_deletes)
+        gate = Gate(
+            client,
+            self._retrier,
+            Rule(s.kind, s.prop, encoding, result.cutoff),
+            verify=result.verify,
+            # Only Firestore in Datastore mode reports its time, and it alone runs range
+            # queries in transactions (the gate falls back if it does not after all).
+            queries_in_transactions=result.clock_source == "server",
+            dry_run=s.dry_run,
+            with_descendants=s.with_descendants,
+            sizer=self._sizer,
+            allowance=Allowance(s.max_deletes, *checks.allowance),
+            throttle=self._throttle,
+            result=result,
+            lock=self._lock,
+            should_stop=lambda: self._stopper.reason() is not None,
+            on_batch=lambda: self._progress(progress, result),
+        )
+        self._gate = gate
 
-        def batches(pages: Iterator[list[Key]]) -> Iterator[Sequence[Key]]:
-            for page in pages:
-                for batch in chunks(page, s.batch_size):
-                    taken = budget.take(batch)
-                    if not taken:
-                        return
-                    yield taken
-
-        def process(batch: Sequence[Key]) -> None:
-            self._process(client, deleter, batch, result)
-            with self._lock:
-                progress.maybe_log(result)
+        def take(work: Work) -> None:
+            if isinstance(work, RangeQuery):
+                gate.sweep_range(work)
+            else:
+                gate.delete(work)
 
         def should_stop() -> bool:
             reason = self._stopper.reason()
@@ -254,13 +238,9 @@ class Sweep:
                 self._end(result, reason)
             return reason is not None
 
-        def count_reads(n: int) -> None:
+        def count(name: str, n: int) -> None:
             with self._lock:
-                result.entities_read += n
-
-        def count_left_alone(n: int) -> None:
-            with self._lock:
-                result.left_alone += n
+                setattr(result, name, getattr(result, name) + n)
 
         seen: Counter[str] = Counter()
         streams = expired_streams(
@@ -270,83 +250,28 @@ class Sweep:
             encoding,
             result.cutoff,
             log=self._log,
-            on_read=count_reads,
+            on_read=partial(count, "entities_read"),
             seen=seen,
-            on_left_alone=count_left_alone,
+            on_left_alone=partial(count, "left_alone"),
         )
-        Pipeline(s.workers, process, should_stop).run([batches(st) for st in streams])
-        if budget.capped:
+        with contextlib.suppress(Capped):  # --max-deletes reached: the allowance says so
+            Pipeline(s.workers, take, should_stop).run(streams)
+        if gate.allowance.capped:
             self._end(result, StopReason.MAX_DELETES)
+        refused = refused_error(gate.ledger.refused)
+        if refused is not None:
+            self._end(result, StopReason.ERROR, refused)
         if s.scan and result.stopped_reason == StopReason.COMPLETE:
             checks.scan_census(encoding, seen, result)
 
-    def _process(
-        self, client: datastore.Client, deleter: Deleter, batch: Sequence[Key], result: SweepResult
-    ) -> None:
+    def _progress(self, progress: ProgressLog, result: SweepResult) -> None:
         with self._lock:
-            result.matched += len(batch)
-        under = self._descendants(client, batch) if self.settings.with_descendants else {}
-        with self._lock:
-            result.descendants_matched += sum(map(len, under.values()))
-        if not self.settings.dry_run:
-            if result.verify:
-                with self._lock:
-                    result.entities_read += len(batch)  # the transaction looks each key up
-            self._delete(deleter, batch, under, result)
-        with self._lock:
-            result.batches += 1
+            progress.maybe_log(result)
 
     def _pushed_back(self, error: BaseException) -> None:
         """Overload and contention make the adaptive throttle hold back (Beam's approach)."""
         if isinstance(error, PUSHBACK):
             self._throttle.record(accepted=False)
-
-    def _descendants(self, client: datastore.Client, batch: Sequence[Key]) -> dict[Key, list[Key]]:
-        """Each session's descendants: one ancestor query per session (more for > 500).
-
-        The queries run ``DESCENDANT_QUERIES_PER_WORKER`` at a time. The first that fails (or
-        meets a stop) is raised once the others in flight are done, so a batch is deleted only
-        with every one of its sessions' descendants known.
-        """
-        found: dict[Key, list[Key]] = {}
-
-        def look_under(key: Key) -> None:
-            found[key] = descendant_keys(client, self._retrier, key)
-
-        Pipeline(DESCENDANT_QUERIES_PER_WORKER, look_under, lambda: False).run([batch])
-        return {key: found[key] for key in batch}
-
-    def _delete(
-        self,
-        deleter: Deleter,
-        batch: Sequence[Key],
-        under: Mapping[Key, Sequence[Key]],
-        result: SweepResult,
-    ) -> None:
-        keys = len(batch) + sum(map(len, under.values()))
-        waited = self._throttle.acquire(keys)
-        with self._lock:
-            result.throttle_wait_s += waited
-            self._in_flight += keys
-        try:
-            deleted = deleter.delete(batch, under)
-        except BatchFailed as exc:
-            with self._lock:
-                self._in_flight -= keys
-                result.deleted += exc.deleted
-                if isinstance(exc.cause, Stopped):  # stopping, not failing: the rest is kept
-                    raise exc.cause from None
-                result.failed += len(batch) - exc.deleted
-            raise DatastoreError(
-                f"deleting a batch of {len(batch)} keys failed after "
-                f"{self._counter.retries} retries in this run: {describe_exception(exc.cause)}"
-            ) from exc
-        self._throttle.record(accepted=True)
-        with self._lock:
-            self._in_flight -= keys
-            result.deleted += deleted
-            result.skipped += len(batch) - deleted
-        self._log.debug("batch_deleted", keys=len(batch), deleted=deleted)
 
 
 _START_FIELDS = (

@@ -19,16 +19,20 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding, ExpiredRange
 from sweeper.errors import RefusedError
-from sweeper.query import Count, RangeQuery, count
+from sweeper.query import Count, RangeQuery, count, descendant_keys, fetch_keys, scan_pages
 from sweeper.retry import Retrier
 
 COUNT_LIMIT = 10_000_000
+# Sessions sampled on each side of the cutoff to estimate, with --with-descendants, how many
+# entities each one takes with it.
+DESCENDANT_SAMPLE = 20
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,87 @@ def measure(
     enough = COUNT_LIMIT if due.lower_bound or share >= 1 else math.ceil(due.n / share)
     carrying = count(client, retrier, RangeQuery(kind, prop, ((">", None),)), max(1, enough))
     return Exposure(due, carrying)
+
+
+def scan_exposure(
+    client: datastore.Client,
+    retrier: Retrier,
+    kind: str,
+    prop: str,
+    *,
+    expired: Callable[[object], bool],
+    on_read: Callable[[int], None],
+) -> tuple[Exposure, list[datastore.Key], list[datastore.Key]]:
+    """A scan's exposure, counted by reading the whole kind once before anything is deleted.
+
+    An unindexed property has no COUNT: the only way to know what share a scan would delete
+    is to read it all. Also returns up to ``DESCENDANT_SAMPLE`` keys on each side of the
+    cutoff (due, live), for :func:`with_descendants`.
+    """
+    due = carrying = 0
+    due_keys: list[datastore.Key] = []
+    live_keys: list[datastore.Key] = []
+    for page in scan_pages(client, retrier, kind):
+        on_read(len(page))
+        for entity in page:
+            value = entity.get(prop)
+            if value is None:
+                continue
+            carrying += 1
+            side = due_keys if expired(value) else live_keys
+            due += side is due_keys
+            if len(side) < DESCENDANT_SAMPLE:
+                side.append(entity.key)
+    return Exposure(Count(due, "scan", None), Count(carrying, "scan", None)), due_keys, live_keys
+
+
+def range_samples(
+    client: datastore.Client, retrier: Retrier, kind: str, prop: str, window: ExpiredRange
+) -> tuple[list[datastore.Key], list[datastore.Key]]:
+    """Up to ``DESCENDANT_SAMPLE`` keys due, and as many live ones (same encoding)."""
+    lo, hi = window.values()
+    top = window.encoding.stored(window.encoding.band.hi)
+    due = fetch_keys(
+        client, retrier, RangeQuery(kind, prop, ((">=", lo), ("<", hi))), DESCENDANT_SAMPLE
+    )
+    live = fetch_keys(
+        client, retrier, RangeQuery(kind, prop, ((">=", hi), ("<", top))), DESCENDANT_SAMPLE
+    )
+    return due, live
+
+
+@dataclass(frozen=True)
+class Descendants:
+    """Entities under each session, on average over a sample of due and of live sessions."""
+
+    per_due: float
+    per_live: float
+
+    def exposure(self, sessions: Exposure) -> Exposure:
+        """The exposure in entities: each session counted with what lies under it."""
+        due, carrying = sessions.due, sessions.carrying
+        due_n = round(due.n * (1 + self.per_due))
+        carrying_n = due_n + round(max(0, carrying.n - due.n) * (1 + self.per_live))
+        return Exposure(
+            Count(due_n, due.method, due_n if due.lower_bound else None),
+            Count(carrying_n, carrying.method, carrying_n if carrying.lower_bound else None),
+        )
+
+
+def sample_descendants(
+    client: datastore.Client,
+    retrier: Retrier,
+    due: list[datastore.Key],
+    live: list[datastore.Key],
+) -> Descendants:
+    """One ancestor query per sampled session (at most ``2 * DESCENDANT_SAMPLE``)."""
+
+    def mean(keys: list[datastore.Key]) -> float:
+        if not keys:
+            return 0.0
+        return sum(len(descendant_keys(client, retrier, k)) for k in keys) / len(keys)
+
+    return Descendants(mean(due), mean(live))
 
 
 def check_fraction(exposure: Exposure, share: float, kind: str, prop: str) -> None:

@@ -167,7 +167,8 @@ def inspect_target(
 ) -> InspectReport:
     """Inspect one target; a Datastore failure becomes one :class:`DatastoreError` line.
 
-    ``now`` (timezone-aware) is the caller's, so the cutoff is reproducible, as in a sweep. The
+    ``now`` (timezone-aware) is the caller's clock; as in a sweep, the cutoff comes from the
+    database's clock where it reports one, else from ``now``. The
     forecast is for a sweep with ``settings`` (workers, batch size, verify, shard count as the
     number of pods, ramp-up, max rate).
     """
@@ -184,8 +185,10 @@ def inspect_target(
 def _inspect(
     s: SweepSettings, reader: _Reader, now: dt.datetime, sample_size: int
 ) -> InspectReport:
-    cutoff = now - s.grace
+    # The cutoff a sweep would use: from the database's clock where it reports one.
     clock = read_clock(reader.client, reader.retrier, s.kind, lambda: now)
+    now = clock.now
+    cutoff = now - s.grace
     sample = reader.sample(sample_size)
     probe = reader.keys((">", None))  # detection's first probe: is any value indexed?
     indexed: Indexed = "yes" if probe else "no" if sample.non_null else "unknown"

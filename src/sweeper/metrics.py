@@ -68,7 +68,7 @@ def push_summary(
     ``handler`` is prometheus_client's transport hook, injectable so tests need no network.
     Raises :class:`MetricsError` for a bad URL, a bad summary, or any network or HTTP failure.
     """
-    _check_url(url)
+    check_url(url)
     registry = build_registry(summary, now())
     try:
         pushadd_to_gateway(
@@ -175,8 +175,12 @@ def _epoch_seconds(iso: str) -> float:
         raise MetricsError(f"cannot push metrics: oldest_expired is {iso!r}") from None
 
 
-def _check_url(url: str) -> None:
-    """Refuse what prometheus_client would silently "fix" (it prefixes http:// to anything)."""
+def check_url(url: str) -> None:
+    """Refuse what prometheus_client would silently "fix" (it prefixes http:// to anything).
+
+    Also ``--pushgateway``'s check when parsed (options.py), so a URL that cannot work is a
+    usage error before the run rather than a warning after its deletes.
+    """
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number

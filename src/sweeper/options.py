@@ -5,13 +5,16 @@ help of each command that takes it, the :class:`SweepSettings` field it sets, an
 how) a ``--config`` file may set it. Built from the table: both commands' click options (each
 also settable as ``SWEEPER_<NAME>``, shown in ``--help``), the settings a command's values make
 (:func:`settings_fields`), the clash check with ``--config`` (cli.py), the keys a config file
-knows (config.py), and the reference in docs/options.md (:func:`reference`, run by ``make cog``).
+knows (config.py), the refusal of a variable set but empty (:class:`OptionsCommand`), and the
+reference in docs/options.md (:func:`reference`, run by ``make cog``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import math
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -21,6 +24,7 @@ import click
 
 from sweeper.errors import SweeperError
 from sweeper.logs import LOG_LEVELS
+from sweeper.metrics import check_url
 from sweeper.settings import (
     DEFAULT_GRACE,
     DEFAULT_KIND,
@@ -34,7 +38,7 @@ from sweeper.settings import (
     parse_duration,
     parse_format,
 )
-from sweeper.slices import Shard
+from sweeper.slices import MAX_SHARDS, Shard
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -56,6 +60,55 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
 
 
 DURATION = Duration()
+
+
+class ShardType(click.ParamType):  # type: ignore[type-arg]
+    """``I/N``, parsed by click so that an error names the option (and its variable)."""
+
+    name = "shard"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, Shard):
+            return value
+        try:
+            return Shard.parse(str(value))
+        except SweeperError as exc:
+            self.fail(exc.message, param, ctx)
+
+
+SHARD = ShardType()
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A :class:`click.FloatRange` that also refuses ``nan`` and ``inf``.
+
+    click's range lets ``nan`` past every bound (each comparison with it is false) and ``inf``
+    past a range open at the top. The throttle's own check then refused either, once the run
+    had started: an internal error (exit 1) instead of a usage error.
+    """
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(
+                f"{value!r} is not a finite number in the range {_describe_range(self)}.",
+                param,
+                ctx,
+            )
+        return number
+
+
+class PushgatewayUrl(click.ParamType):  # type: ignore[type-arg]
+    """Checked when parsed: a URL that cannot work would otherwise fail only after the deletes."""
+
+    name = "url"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            check_url(str(value))
+        except SweeperError as exc:
+            self.fail(exc.message, param, ctx)
+        return str(value)
 
 
 @dataclass(frozen=True)
@@ -287,15 +340,17 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--verify/--no-verify",
         {
-            SWEEP: "Re-read each batch in a transaction and delete only entities still expired, "
-            "so a session refreshed mid-run is never lost. Costs one entity read per key. "
-            "Default: on where the database does not report its time (the legacy Datastore "
-            "emulator, whose queries are eventually consistent), off on Firestore in Datastore "
-            "mode.",
-            INSPECT: "Forecast a sweep with or without --verify. Default: as the sweep decides, "
-            "on where the database reports no read time (the legacy Datastore emulator).",
+            SWEEP: "Delete an entity only if a check made atomically with the delete (in the "
+            "same transaction) finds it still expired, so a session refreshed or re-created "
+            "under its key while the run holds it is never lost. On by default on every "
+            "database. --no-verify deletes blindly what the query returned: a session "
+            "refreshed, or re-created under an old key, between the query and the delete is "
+            "lost; it logs a warning.",
+            INSPECT: "Forecast a sweep with or without the check (on by default, as the sweep).",
         },
-        default=None,  # decided per run, from the database (see engine)
+        # On everywhere: even a strongly consistent query is stale by the time its keys are
+        # deleted, so only the transaction's own read can tell a refreshed session apart.
+        default=True,
         sets="verify",
         toml=TOML_BOOL,
         overrides=True,
@@ -358,11 +413,11 @@ OPTIONS: tuple[Option, ...] = (
             "a backlog together (e.g. an Indexed Job's $(JOB_COMPLETION_INDEX)/N). Shards never "
             "overlap; the ramp-up budget is split N ways."
         },
+        type=SHARD,
         metavar="I/N",
         default="0/1",
         show_default=True,
         sets="shard",
-        to_setting=Shard.parse,
     ),
     Option(
         "--shards",
@@ -370,7 +425,7 @@ OPTIONS: tuple[Option, ...] = (
             INSPECT: "Forecast N pods sweeping together (--shard 0/N to N-1/N): the whole "
             "backlog, each pod's share of the ramp-up budget."
         },
-        type=click.IntRange(1, 10_000),
+        type=click.IntRange(1, MAX_SHARDS),
         default=1,
         show_default=True,
         metavar="N",
@@ -396,7 +451,7 @@ OPTIONS: tuple[Option, ...] = (
             SWEEP: "Never delete faster than this many entities per second.",
             INSPECT: "Forecast a sweep capped at this many deletes per second.",
         },
-        type=click.FloatRange(min=0, min_open=True),
+        type=FiniteFloatRange(min=0, min_open=True),
         metavar="OPS",
         sets="max_rate",
     ),
@@ -407,6 +462,7 @@ OPTIONS: tuple[Option, ...] = (
             "Pushgateway (e.g. http://pushgateway:9091). A failed push is logged as a warning "
             "and does not change the exit code."
         },
+        type=PushgatewayUrl(),
         metavar="URL",
     ),
     Option(
@@ -418,7 +474,7 @@ OPTIONS: tuple[Option, ...] = (
             INSPECT: "Forecast a sweep with this --max-fraction: below 1 its guard counts "
             "first, and the forecast says whether the guard would refuse the run.",
         },
-        type=click.FloatRange(0, 1, min_open=True),
+        type=FiniteFloatRange(0, 1, min_open=True),
         default=DEFAULT_MAX_FRACTION,
         show_default=True,
         metavar="SHARE",
@@ -512,6 +568,49 @@ def command_options(command: str) -> Callable[[F], F]:
     return apply
 
 
+class OptionsCommand(click.Command):
+    """A command whose options come from :data:`OPTIONS`: it also checks their variables.
+
+    The check runs once the arguments are parsed (which touches nothing, and lets ``--help``
+    answer first) and before the command's function: no Datastore call precedes it.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if ctx.resilient_parsing:  # shell completion: nothing will run
+            return super().parse_args(ctx, args)
+        try:
+            rest = super().parse_args(ctx, args)
+        except click.UsageError:
+            # A blank variable may be why parsing failed (" " is no number): name it instead.
+            check_environment(str(self.name))
+            raise
+        check_environment(str(self.name))
+        return rest
+
+
+def check_environment(command: str) -> None:
+    """Refuse a ``SWEEPER_*`` variable of ``command``'s options that is set but blank.
+
+    click reads an empty variable as unset and falls back to the default, so ``SWEEPER_KIND=``
+    (a value a manifest or a template lost) would sweep the default kind. Blank is never a
+    value, whether or not the command line gives the option too. Only an option's own variable
+    is checked: its fallbacks (``DATASTORE_PROJECT_ID``, ``GOOGLE_CLOUD_PROJECT``) belong to
+    the Google client's conventions, where empty means unset.
+    """
+    blank = [o.envvar for o in options_of(command) if _is_blank(os.environ.get(o.envvar))]
+    if len(blank) == 1:
+        raise click.UsageError(f"{blank[0]} is set but empty: unset it or give a value")
+    if blank:
+        raise click.UsageError(
+            f"{', '.join(blank)} are set but empty: unset them or give them values"
+        )
+
+
+def _is_blank(value: str | None) -> bool:
+    """Set, but to nothing a value could be read from."""
+    return value is not None and not value.strip()
+
+
 def settings_fields(command: str, values: Mapping[str, Any]) -> dict[str, Any]:
     """The :class:`SweepSettings` fields that ``command``'s parsed options set."""
     return {
@@ -582,6 +681,8 @@ def config_reference() -> str:
 
 
 def _default(param: click.Option) -> str:
+    if param.is_flag and param.default is True:
+        return "on"
     if param.show_default and param.default not in (None, ""):
         return f"`{param.default}`"
     if param.is_flag and not param.secondary_opts:

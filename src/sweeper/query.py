@@ -10,6 +10,7 @@ fails is retried from its starting cursor, so a retry never skips or repeats key
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -17,8 +18,10 @@ from typing import Literal
 
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
-from google.cloud.datastore.helpers import entity_to_protobuf
+from google.cloud.datastore.helpers import entity_to_protobuf, key_from_protobuf
 from google.cloud.datastore.query import PropertyFilter
+from google.cloud.datastore_v1.types import entity as entity_pb2
+from google.cloud.datastore_v1.types import query as query_pb2
 
 from sweeper.encodings import Encoding, QueryValue, classify
 from sweeper.retry import NO_CLIENT_RETRY, Retrier
@@ -85,9 +88,11 @@ def key_pages(
     retrier: Retrier,
     query: RangeQuery,
     page_size: int = PAGE_SIZE,
+    *,
+    start: bytes | None = None,
 ) -> Iterator[list[datastore.Key]]:
-    """Every key of ``query``, page by page, holding one page in memory at a time."""
-    for page in entity_pages(client, retrier, query, page_size):
+    """Every key of ``query`` (from cursor ``start``), holding one page in memory at a time."""
+    for page in entity_pages(client, retrier, query, page_size, start=start):
         yield [entity.key for entity in page]
 
 
@@ -96,9 +101,11 @@ def entity_pages(
     retrier: Retrier,
     query: RangeQuery,
     page_size: int = PAGE_SIZE,
+    *,
+    start: bytes | None = None,
 ) -> Iterator[list[datastore.Entity]]:
     """Every result of ``query`` (keys only, or whole entities), one page at a time."""
-    cursor: bytes | None = None
+    cursor: bytes | None = start
     while True:
         found, cursor = retrier.call(
             "query", partial(_page, client, query, page_size, cursor, timeout=retrier.timeout)
@@ -150,6 +157,47 @@ def _first_batch(
     return found, token
 
 
+def held_page(
+    client: datastore.Client,
+    query: RangeQuery,
+    limit: int,
+    cursor: bytes | None,
+    *,
+    timeout: float,
+) -> tuple[list[datastore.Key], bytes | None, bytes]:
+    """One keys-only page read by a new read-write transaction: (keys, cursor, transaction id).
+
+    The transaction then holds what the query read (``sweeper.gate``). The client's query
+    iterator drops the transaction a query begins, so the call goes through the client's API
+    object, as the clock probe's does. Firestore in Datastore mode answers it; the legacy
+    emulator refuses it with INVALID_ARGUMENT ("Only ancestor queries are allowed inside
+    transactions").
+    """
+    message = query.build(client).fetch(limit=limit)._build_protobuf()
+    if cursor is not None:  # a page token, as the client's iterator hands them out
+        message.start_cursor = base64.urlsafe_b64decode(cursor)
+    request: dict[str, object] = {
+        "project_id": client.project,
+        "partition_id": entity_pb2.PartitionId(
+            project_id=client.project,
+            database_id=client.database or "",
+            namespace_id=client.namespace or "",
+        ),
+        "read_options": {"new_transaction": {"read_write": {}}},
+        "query": message,
+    }
+    if client.database:
+        request["database_id"] = client.database
+    response = client._datastore_api.run_query(
+        request=request, retry=NO_CLIENT_RETRY, timeout=timeout
+    )
+    batch = response.batch
+    keys = [key_from_protobuf(result.entity.key) for result in batch.entity_results]
+    done = batch.more_results == query_pb2.QueryResultBatch.MoreResultsType.NO_MORE_RESULTS
+    after = None if done or not keys else base64.urlsafe_b64encode(bytes(batch.end_cursor))
+    return keys, after, bytes(response.transaction)
+
+
 def descendant_keys(
     client: datastore.Client, retrier: Retrier, key: datastore.Key
 ) -> list[datastore.Key]:
@@ -171,6 +219,27 @@ def descendant_keys(
             return found
 
 
+def scan_pages(
+    client: datastore.Client, retrier: Retrier, kind: str
+) -> Iterator[list[datastore.Entity]]:
+    """Every entity of ``kind``, whole, in pages sized to keep each response small.
+
+    For properties no index holds: costs one billed entity read per entity of the kind.
+    """
+    query = RangeQuery(kind, "__key__", keys_only=False)
+    cursor: bytes | None = None
+    size = SCAN_FIRST_PAGE
+    while True:
+        found, cursor = retrier.call(
+            "query", partial(_page, client, query, size, cursor, timeout=retrier.timeout)
+        )
+        if found:
+            yield found
+        if cursor is None or not found:
+            return
+        size = _scan_page_size(found)
+
+
 def scan_expired(
     client: datastore.Client,
     retrier: Retrier,
@@ -182,25 +251,16 @@ def scan_expired(
 ) -> Iterator[list[datastore.Key]]:
     """Keys of every entity of ``kind`` whose ``prop`` value is ``expired``, by reading them all.
 
-    For properties no index holds: costs one billed entity read per entity of the kind. Keys
-    are handed on in pages of up to ``PAGE_SIZE`` (one full commit), whatever the read pages.
+    Keys are handed on in pages of up to ``PAGE_SIZE`` (one full commit), whatever the read
+    pages.
     """
-    query = RangeQuery(kind, prop, keys_only=False)
-    cursor: bytes | None = None
-    size, pending = SCAN_FIRST_PAGE, []
-    while True:
-        found, cursor = retrier.call(
-            "query", partial(_page, client, query, size, cursor, timeout=retrier.timeout)
-        )
-        if found:
-            on_read(len(found))
+    pending: list[datastore.Key] = []
+    for found in scan_pages(client, retrier, kind):
+        on_read(len(found))
         pending += [entity.key for entity in found if expired(entity.get(prop))]
-        if len(pending) >= PAGE_SIZE:
+        while len(pending) >= PAGE_SIZE:
             yield pending[:PAGE_SIZE]
             pending = pending[PAGE_SIZE:]
-        if cursor is None or not found:
-            break
-        size = _scan_page_size(found)
     if pending:
         yield pending
 

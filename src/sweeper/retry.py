@@ -48,8 +48,11 @@ from sweeper.stopping import Stopper
 T = TypeVar("T")
 
 # Transient by Datastore's own guidance: contention, overload, timeouts, lost connections.
+# UNKNOWN and CANCELLED are what gRPC reports when a connection breaks mid-call.
 TRANSIENT = (
     gexc.Aborted,
+    gexc.Unknown,
+    gexc.Cancelled,
     gexc.DeadlineExceeded,
     gexc.ServiceUnavailable,
     gexc.InternalServerError,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -122,8 +123,9 @@ class SweepSettings:
     grace: dt.timedelta
     batch_size: int = MAX_BATCH_SIZE
     dry_run: bool = False
-    # None: decided per run, on where the database's queries may be stale (see engine).
-    verify: bool | None = False
+    # Re-check each key in the transaction that deletes it: on by default on every database,
+    # since a session refreshed between the query and the delete is otherwise lost.
+    verify: bool = True
     scan: bool = False
     # Delete workers, and as many query streams over slices of the expired range.
     workers: int = DEFAULT_WORKERS
@@ -158,8 +160,8 @@ class SweepSettings:
         check_namespace(self.namespace)
         if not 1 <= self.workers <= MAX_WORKERS:
             raise UsageError(f"workers must be between 1 and {MAX_WORKERS}")
-        if self.max_rate is not None and self.max_rate <= 0:
-            raise UsageError("max rate must be greater than 0")
+        if self.max_rate is not None and not (math.isfinite(self.max_rate) and self.max_rate > 0):
+            raise UsageError("max rate must be a finite number greater than 0")
         if not 0 < self.max_fraction <= 1:
             raise UsageError("max fraction must be greater than 0 and at most 1 (1: no limit)")
         if self.scan and self.format == "auto":

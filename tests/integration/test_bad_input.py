@@ -11,7 +11,15 @@ from google.cloud import datastore
 from sweeper.cli import main
 from sweeper.encodings import Encoding
 from sweeper.settings import DEFAULT_KIND
-from tests.integration.helpers import ago, group_names, make_client, remaining, seed, stored
+from tests.integration.helpers import (
+    ago,
+    group_names,
+    make_client,
+    remaining,
+    run_cli,
+    seed,
+    stored,
+)
 from tests.support.emulator import Emulator, free_port
 from tests.unit.test_cli import BAD_ARGS
 
@@ -120,6 +128,47 @@ def test_a_bad_option_deletes_nothing(
     # Without the bad option the same command deletes: the sessions were at risk.
     assert main(doomed.command) == 0
     assert doomed.left() == {**ALL, "target": 0}
+
+
+# A variable that is set but empty (or blank) was read by click as unset, so the run fell back
+# to the option's default: each case names the set of sessions that default would have swept.
+BAD_VARIABLES = [
+    pytest.param("SWEEPER_KIND", "", "default kind", "set but empty", id="kind-empty"),
+    pytest.param("SWEEPER_KIND", "  ", "default kind", "set but empty", id="kind-blank"),
+    pytest.param(
+        "SWEEPER_NAMESPACE", "", "default namespace", "set but empty", id="namespace-empty"
+    ),
+    pytest.param("SWEEPER_GRACE", "", "target", "set but empty", id="grace-empty"),
+    pytest.param("SWEEPER_GRACE", " ", "target", "set but empty", id="grace-blank"),
+    pytest.param("SWEEPER_MAX_RATE", "inf", "target", "finite number", id="max-rate-inf"),
+    pytest.param("SWEEPER_PUSHGATEWAY", "not a url", "target", "Pushgateway", id="pushgateway"),
+    pytest.param("SWEEPER_SHARD", "0/1000000000", "target", "at most 10000", id="shard-too-many"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "place", "mentions"), BAD_VARIABLES)
+def test_a_bad_variable_deletes_nothing(
+    emulator: Emulator, doomed: Doomed, name: str, value: str, place: str, mentions: str
+) -> None:
+    """The real CLI in its own process, so the variable reaches it as a shell would set it."""
+    # Without the variable's option on the command line: the run takes its value from the
+    # variable, or (as click read an empty one) from the option's default.
+    args = {
+        "SWEEPER_KIND": ["--namespace", doomed.namespace],
+        "SWEEPER_NAMESPACE": ["--kind", doomed.kind],
+    }.get(name, doomed.command[1:])
+
+    proc = run_cli(emulator, *args, **{name: value})
+
+    assert proc.returncode == 2, proc.stderr
+    line = the_error(proc.stderr)
+    assert name in line
+    assert mentions in line
+    assert proc.stdout == ""  # not even sweep_started: nothing was read
+    assert doomed.left() == ALL
+    # Without the variable the same command deletes that set: it was at risk.
+    assert run_cli(emulator, *args).returncode == 0
+    assert doomed.left() == {**ALL, place: 0}
 
 
 def test_an_unreachable_host_is_exit_1_with_one_line(

@@ -245,14 +245,15 @@ def test_dry_run_deletes_nothing_and_reports_what_it_matched(
 
 
 def test_many_pages_and_batches_are_all_deleted(client: datastore.Client, kind: str) -> None:
-    # 1234 keys: three query pages of 500 and thirteen commits of 100.
+    # 1234 keys in commits of at most 100 (of 25 where a transaction takes 25 entity groups).
     groups = {"expired": stored(ago(hours=2), S, 1234), "live": stored(ahead(hours=2), S, 7)}
     seed(client, kind, groups)
 
     result = sweep(client, kind, S, batch_size=100)
 
     assert survivors(client, kind, groups) == {"live"}
-    assert (result.matched, result.deleted, result.batches) == (1234, 1234, 13)
+    assert (result.matched, result.deleted) == (1234, 1234)
+    assert result.batches >= 13
 
 
 def test_max_deletes_stops_cleanly_and_the_next_run_resumes(
@@ -353,7 +354,8 @@ def test_scan_mode_deletes_expired_unindexed_values(client: datastore.Client, ki
     result = sweep(client, kind, S, scan=True, batch_size=100)
 
     assert remaining(client, kind, names) == {n for n in names if n.startswith("new")}
-    assert (result.matched, result.deleted, result.entities_read) == (250, 250, 280)
+    # The scan reads all 280; each expired one is read again by the transaction deleting it.
+    assert (result.matched, result.deleted, result.entities_read) == (250, 250, 280 + 250)
     summary = result.summary()
     assert summary["scan"] is True
     # No index holds the values: what carries the property is what the scan read, not "empty".

@@ -25,6 +25,7 @@ E = TypeVar("E", bound=Exception)
 KIND, PROP = "eq-session", "expires_at"
 MISSING = object()  # an entity without the property
 TOO_MANY_GROUPS = "operating on too many entity groups in a single transaction."
+TOO_BIG = "transaction or write too big."
 
 
 def api_error(cls: type[E], message: str) -> E:
@@ -140,8 +141,10 @@ class FakeQuery:
 
 
 class FakeTransaction:
-    def __init__(self, client: FakeClient) -> None:
+    def __init__(self, client: FakeClient, begin_later: bool = False) -> None:
         self.client = client
+        self.begin_later = begin_later
+        self.id = b"fake-transaction"
         self.began = False
         self.read: list[datastore.Key] = []
         self.deletes: list[datastore.Key] = []
@@ -176,7 +179,12 @@ class FakeApi:
     def __init__(self) -> None:
         self.read_time: dt.datetime | None = None  # like the legacy emulator: no server time
 
-    def run_query(self, *, request: object, retry: object, timeout: float) -> Any:
+    def run_query(self, *, request: Any, retry: object, timeout: float) -> Any:
+        if "new_transaction" in request.get("read_options", {}):
+            # As the legacy emulator: the gate then re-checks each key by lookup.
+            raise api_error(
+                gexc.InvalidArgument, "Only ancestor queries are allowed inside transactions."
+            )
         return type("Response", (), {"batch": FakeBatch(self.read_time)})()
 
 
@@ -243,6 +251,10 @@ class FakeClient:
         self.on_commit_error: Callable[[], None] = lambda: None  # e.g. the write that aborted it
         self.transactions: list[FakeTransaction] = []
         self._commits = 0
+        # Datastore's "transaction or write too big": commits (and blind deletes) of more keys
+        # than this are refused, whatever they are; and commits applied whose answer is lost.
+        self.too_big_over: int | None = None
+        self.lose_replies: set[int] = set()
 
     @property
     def keys(self) -> list[datastore.Key]:
@@ -330,7 +342,8 @@ class FakeClient:
         """Whole entities, with their values' true types."""
         self.on_lookup()
         if transaction is not None:
-            assert transaction.began
+            assert transaction.began or transaction.begin_later
+            transaction.began = True
             transaction.read.extend(keys)
         by_key = {e.key: e for e in self.entities if e.key not in self._gone}
         found = []
@@ -345,6 +358,8 @@ class FakeClient:
 
     def delete_multi(self, keys: Sequence[datastore.Key], *, retry: object, timeout: float) -> None:
         self.delete_calls.append(list(keys))
+        if self.too_big_over is not None and len(keys) > self.too_big_over:
+            raise api_error(gexc.InvalidArgument, TOO_BIG)
         error = self.delete_errors.pop(len(self.delete_calls), self.delete_error_always)
         if isinstance(error, gexc.DeadlineExceeded):
             self.clock.now += self.deadline_s  # the call deadline: the keys were not deleted
@@ -354,8 +369,8 @@ class FakeClient:
         self.deleted.extend(keys)
         self._gone.update(keys)
 
-    def transaction(self) -> FakeTransaction:
-        txn = FakeTransaction(self)
+    def transaction(self, begin_later: bool = False) -> FakeTransaction:
+        txn = FakeTransaction(self, begin_later)
         self.transactions.append(txn)
         return txn
 
@@ -367,5 +382,9 @@ class FakeClient:
             raise error
         if len(txn.read) > self.group_limit:
             raise api_error(gexc.InvalidArgument, TOO_MANY_GROUPS)
+        if self.too_big_over is not None and len(txn.deletes) > self.too_big_over:
+            raise api_error(gexc.InvalidArgument, TOO_BIG)
         self.deleted.extend(txn.deletes)
         self._gone.update(txn.deletes)
+        if self._commits in self.lose_replies:  # applied, and the answer never came
+            raise api_error(gexc.DeadlineExceeded, "Deadline Exceeded")

@@ -24,10 +24,10 @@ from sweeper.cli import cli, inspect, main, sweep
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, SweepResult
 from sweeper.errors import SweeperError
-from sweeper.options import COMMANDS, OPTIONS, file_options, options_of
+from sweeper.options import COMMANDS, OPTIONS, FiniteFloatRange, file_options, options_of
 from sweeper.retry import RetryPolicy
 from sweeper.settings import SweepSettings
-from sweeper.slices import Shard
+from sweeper.slices import MAX_SHARDS, Shard
 from sweeper.stopping import StopReason
 from sweeper.terminal import ProgressLine
 
@@ -198,19 +198,89 @@ BAD_ARGS = [
     pytest.param(["--shard", "4/4"], "shard", id="shard-out-of-range"),
     pytest.param(["--shard", "x"], "shard", id="shard-garbage"),
     pytest.param(["--max-rate", "0"], "--max-rate", id="max-rate-0"),
+    pytest.param(["--max-rate", "inf"], "--max-rate", id="max-rate-inf"),
+    pytest.param(["--max-rate", "nan"], "--max-rate", id="max-rate-nan"),
+    pytest.param(["--max-fraction", "nan"], "--max-fraction", id="max-fraction-nan"),
+    pytest.param(["--max-fraction", "inf"], "--max-fraction", id="max-fraction-inf"),
+    pytest.param(["--pushgateway", "not a url"], "--pushgateway", id="pushgateway-not-a-url"),
+    pytest.param(["--pushgateway", "ftp://gw:9091"], "--pushgateway", id="pushgateway-ftp"),
+    pytest.param(["--pushgateway", "http://"], "--pushgateway", id="pushgateway-no-host"),
+    pytest.param(["--shard", "0/1000000000"], "at most 10000", id="shard-too-many"),
     pytest.param(["--scan"], "--scan needs an explicit --format", id="scan-auto"),
     pytest.param(["--no-such-option"], "--no-such-option", id="unknown-option"),
 ]
 
 
+@pytest.fixture
+def started(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What the CLI set in motion: a sweep, an inspection, a Datastore client (by name)."""
+    made: list[str] = []
+
+    def recorder(name: str) -> Callable[..., None]:
+        def record(*_args: Any, **_kwargs: Any) -> None:
+            made.append(name)
+
+        return record
+
+    for name in ("sweep_targets", "inspect_target", "make_client"):
+        monkeypatch.setattr(cli_module, name, recorder(name))
+    return made
+
+
 @pytest.mark.parametrize(("args", "mentions"), BAD_ARGS)
 def test_bad_option_is_one_line_usage_error(
-    args: list[str], mentions: str, capsys: pytest.CaptureFixture[str]
+    args: list[str], mentions: str, started: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["sweep", *args]) == 2
     out, err = capsys.readouterr()
     assert mentions in one_error_line(err)
     assert out == ""
+    assert started == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--max-rate", "inf"],
+        ["--max-rate", "nan"],
+        ["--max-fraction", "nan"],
+        ["--shards", str(MAX_SHARDS + 1)],
+    ],
+    ids=["max-rate-inf", "max-rate-nan", "max-fraction-nan", "shards-too-many"],
+)
+def test_bad_inspect_option_is_one_line_usage_error(
+    args: list[str], started: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["inspect", *args]) == 2
+    assert args[0] in one_error_line(capsys.readouterr().err)
+    assert started == []
+
+
+def test_every_float_option_refuses_nan_and_inf() -> None:
+    """click's FloatRange lets nan past every bound and inf past an open top."""
+    floats = [o for o in OPTIONS if isinstance(o.type, click.FloatRange)]
+    assert floats, "no float option left: drop this test"
+    for option in floats:
+        assert isinstance(option.type, FiniteFloatRange), option.flag
+
+
+def test_the_shard_limit_is_the_same_for_both_commands(stub: StubSweep) -> None:
+    (shards,) = [p for p in inspect.params if p.name == "shards"]
+    assert isinstance(shards.type, click.IntRange)
+    assert shards.type.max == MAX_SHARDS
+    assert main(["sweep", "--log-format", "json", "--shard", f"0/{MAX_SHARDS}"]) == 0
+    assert stub.calls[0][0].shard == Shard(0, MAX_SHARDS)
+    assert main(["sweep", "--shard", f"0/{MAX_SHARDS + 1}"]) == 2
+
+
+def test_a_good_pushgateway_url_is_pushed_to(
+    stub: StubSweep, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pushed: list[str] = []
+    monkeypatch.setattr(cli_module, "push_summary", lambda url, _summary: pushed.append(url))
+    url = "https://pushgateway.example:9091"
+    assert main(["sweep", "--log-format", "json", "--pushgateway", url]) == 0
+    assert pushed == [url]
 
 
 def test_bare_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -252,6 +322,100 @@ def test_bad_env_var_is_one_line_usage_error(
     monkeypatch.setenv(name, value)
     assert main(["sweep"]) == 2
     assert mentions in one_error_line(capsys.readouterr().err)
+
+
+# --- a variable set but empty ------------------------------------------------------------
+
+
+def blank_message(*names: str) -> str:
+    if len(names) == 1:
+        return f"sweeper: error: {names[0]} is set but empty: unset it or give a value"
+    return f"sweeper: error: {', '.join(names)} are set but empty: unset them or give them values"
+
+
+@pytest.mark.parametrize("value", ["", "  ", "\t"], ids=["empty", "spaces", "tab"])
+@pytest.mark.parametrize(
+    ("command", "name"),
+    [(c, o.envvar) for c in COMMANDS for o in options_of(c)],
+    ids=str,
+)
+def test_a_blank_variable_is_a_usage_error_before_anything_runs(
+    command: str,
+    name: str,
+    value: str,
+    started: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """click would read it as unset and use the default: SWEEPER_KIND= swept the default kind."""
+    monkeypatch.setenv(name, value)
+    assert main([command]) == 2
+    out, err = capsys.readouterr()
+    assert one_error_line(err) == blank_message(name)
+    assert out == ""
+    assert started == []
+
+
+def test_a_blank_variable_is_refused_even_where_the_command_line_sets_the_option(
+    started: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A blank variable is a broken configuration (a value a template lost), whoever wins."""
+    monkeypatch.setenv("SWEEPER_GRACE", "")
+    assert main(["sweep", "--grace", "3h"]) == 2
+    assert one_error_line(capsys.readouterr().err) == blank_message("SWEEPER_GRACE")
+    assert started == []
+
+
+def test_every_blank_variable_is_named_at_once(
+    started: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SWEEPER_KIND", "")
+    monkeypatch.setenv("SWEEPER_GRACE", " ")
+    monkeypatch.setenv("SWEEPER_BATCH_SIZE", "x")  # no number: still the blank ones are named
+    assert main(["inspect"]) == 2
+    assert one_error_line(capsys.readouterr().err) == blank_message("SWEEPER_KIND", "SWEEPER_GRACE")
+    assert started == []
+
+
+def test_a_blank_variable_of_another_commands_option_is_ignored(
+    stub: StubSweep, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One environment may serve both commands: only what the command reads must make sense."""
+    monkeypatch.setenv("SWEEPER_SHARDS", "")  # inspect's
+    monkeypatch.setenv("SWEEPER_SAMPLE_SIZE", "")  # inspect's
+    assert main(["sweep", "--log-format", "json"]) == 0
+    assert len(stub.calls) == 1
+
+
+def test_the_projects_fallback_variables_keep_reading_empty_as_unset(
+    stub: StubSweep, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DATASTORE_PROJECT_ID and GOOGLE_CLOUD_PROJECT are the Google client's conventions."""
+    monkeypatch.setenv("DATASTORE_PROJECT_ID", "")
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "from-google")
+    assert main(["sweep", "--log-format", "json"]) == 0
+    assert stub.calls[0][0].project == "from-google"
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "")
+    assert main(["sweep", "--log-format", "json"]) == 0
+    assert stub.calls[1][0].project is None  # the client's (ADC) project, as before
+
+
+def test_help_answers_despite_a_blank_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SWEEPER_KIND", "")
+    for command in COMMANDS:
+        result = CliRunner().invoke(cli, [command, "--help"])
+        assert result.exit_code == 0, result.output
+        assert "SWEEPER_KIND" in result.output
+
+
+def test_cli_runner_reports_a_blank_variable_with_exit_2(
+    started: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SWEEPER_KIND", "")
+    result = CliRunner().invoke(cli, ["sweep"])
+    assert result.exit_code == 2
+    assert "SWEEPER_KIND is set but empty" in result.stderr
+    assert started == []
 
 
 # --- wiring to the engine (engine and client replaced) ------------------------------------
@@ -309,8 +473,8 @@ def test_defaults_reach_settings(stub: StubSweep, monkeypatch: pytest.MonkeyPatc
         batch_size=500,
         workers=4,
         ramp_up=True,  # against production, Datastore's 500/50/5 rule applies
-        verify=None,  # decided by the run: on where the database's queries may be stale
     )
+    assert settings.verify is True  # on by default, on every database
 
 
 def test_an_emulator_needs_no_ramp_up(stub: StubSweep, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -360,7 +524,6 @@ def test_env_vars_configure_the_sweep(stub: StubSweep, monkeypatch: pytest.Monke
         shard=Shard(2, 5),
         ramp_up=False,
         max_rate=250.0,
-        verify=None,
     )
 
 
@@ -412,9 +575,45 @@ def test_inspect_builds_its_settings_from_its_options(monkeypatch: pytest.Monkey
         format=Encoding.TIMESTAMP,
         grace=dt.timedelta(minutes=15),
         scan=True,
-        verify=None,
         ramp_up=True,
     )
+    assert seen[1][0].verify is True
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_verify_is_on_by_default_and_off_only_when_asked(
+    command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[SweepSettings] = []
+
+    def record_sweep(targets: list[SweepSettings], *_args: Any, **_kwargs: Any) -> list[Any]:
+        seen.extend(targets)
+        return []
+
+    def record_inspect(settings: SweepSettings, *_args: Any, **_kwargs: Any) -> None:
+        seen.append(settings)
+        raise InspectStopped("stub")
+
+    monkeypatch.setattr(cli_module, "sweep_targets", record_sweep)
+    monkeypatch.setattr(cli_module, "inspect_target", record_inspect)
+    monkeypatch.setattr(cli_module, "make_client", lambda *_args: CLIENT)
+    run = [command, "--log-format", "json"]
+    main(run)
+    main([*run, "--no-verify"])
+    monkeypatch.setenv("SWEEPER_VERIFY", "false")
+    main(run)
+    main([*run, "--verify"])
+    assert [s.verify for s in seen] == [True, False, False, True]
+
+
+def test_the_verify_help_says_it_is_on_everywhere() -> None:
+    (sweep_verify,) = [p for p in sweep.params if p.name == "verify"]
+    (inspect_verify,) = [p for p in inspect.params if p.name == "verify"]
+    assert sweep_verify.default is True
+    assert inspect_verify.default is True
+    assert "On by default on every database" in str(getattr(sweep_verify, "help", ""))
+    assert "--no-verify deletes blindly" in str(getattr(sweep_verify, "help", ""))
+    assert "on by default, as the sweep" in str(getattr(inspect_verify, "help", ""))
 
 
 def test_option_overrides_env_var(stub: StubSweep, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,38 +1,23 @@
-"""Batched deletes on fakes: ``chunks``; the ``BatchSizer`` that follows the database's answer
-time (and cuts at once on a timeout); ``BatchDeleter`` commits, retries and failures; and the
-``VerifyingDeleter`` that re-reads in a transaction and shrinks transactions to 25 keys when the
-database refuses too many entity groups."""
+"""Commit sizes on fakes: the ``BatchSizer`` that follows the database's answer time (and cuts at
+once on a timeout or a commit refused as too big), and ``Pending``, a batch's groups cut into
+commits. What goes in each commit is the gate's (tests/unit/test_gate.py)."""
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, cast
 
 import pytest
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from structlog.testing import capture_logs
 
 from sweeper.concurrency import Degradation
-from sweeper.deleter import (
-    LEGACY_LIMIT,
-    BatchDeleter,
-    BatchFailed,
-    BatchSizer,
-    Part,
-    Pending,
-    VerifyingDeleter,
-    chunks,
-    count_parts,
-)
-from sweeper.encodings import Encoding
+from sweeper.deleter import BatchSizer, Part, Pending
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.settings import MAX_BATCH_SIZE
-from sweeper.stopping import Stopped, StopReason
 from tests.support.clock import FakeClock
-from tests.unit.fakes import MISSING, FakeClient, api_error, entities
+from tests.unit.fakes import api_error
 
 CUTOFF = dt.datetime(2024, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
 CUTOFF_S = int(CUTOFF.timestamp())
@@ -47,26 +32,6 @@ def make_keys(n: int, start: int = 1) -> list[datastore.Key]:
 def retrier(attempts: int = 3) -> tuple[Retrier, RetryCounter]:
     counter = RetryCounter()
     return Retrier(RetryPolicy(max_attempts=attempts), counter, sleep=lambda _s: None), counter
-
-
-# --- chunks --------------------------------------------------------------------------------
-
-
-def test_chunks_of_nothing_is_nothing() -> None:
-    assert list(chunks([], 3)) == []
-
-
-def test_chunks_cut_in_order_with_a_short_last_one() -> None:
-    assert [list(c) for c in chunks(range(7), 3)] == [[0, 1, 2], [3, 4, 5], [6]]
-
-
-@given(items=st.lists(st.integers(), max_size=60), size=st.integers(1, 20))
-@settings(max_examples=100)
-def test_chunks_reassemble_to_the_input(items: list[int], size: int) -> None:
-    parts = [list(c) for c in chunks(items, size)]
-    assert [x for part in parts for x in part] == items
-    assert all(len(part) == size for part in parts[:-1])
-    assert all(1 <= len(part) <= size for part in parts)
 
 
 # --- BatchSizer ----------------------------------------------------------------------------
@@ -186,225 +151,6 @@ def test_sizer_degradation_reports_smallest_reductions_and_reduced_time() -> Non
     assert sizer.degradation() == Degradation(500, 256, 1, 30.0)
 
 
-# --- BatchDeleter --------------------------------------------------------------------------
-
-
-def batch_deleter(
-    client: FakeClient, attempts: int = 3, maximum: int = MAX_BATCH_SIZE
-) -> tuple[BatchDeleter, RetryCounter]:
-    retry, counter = retrier(attempts)
-    sizer = BatchSizer(maximum, client.clock)
-    return BatchDeleter(cast(datastore.Client, client), retry, sizer), counter
-
-
-def test_one_commit_per_batch_normally() -> None:
-    client = FakeClient()
-    deleter, counter = batch_deleter(client)
-    keys = make_keys(500)
-    assert deleter.delete(keys) == 500
-    assert client.delete_calls == [keys]
-    assert counter.retries == 0
-
-
-def test_more_keys_than_one_commit_takes_are_refused() -> None:
-    client = FakeClient()
-    deleter, _counter = batch_deleter(client)
-    with pytest.raises(ValueError, match="500"):
-        deleter.delete(make_keys(501))
-    assert client.delete_calls == []
-
-
-def test_timed_out_commit_is_retried_smaller_and_the_batch_ends_fully_deleted() -> None:
-    client = FakeClient()  # a timeout takes the call deadline: 20 s, and deletes nothing
-    client.delete_errors = {1: api_error(gexc.DeadlineExceeded, "Deadline Exceeded")}
-    deleter, counter = batch_deleter(client)
-    keys = make_keys(500)
-    assert deleter.delete(keys) == 500
-    sizes = [len(c) for c in client.delete_calls]
-    assert sizes[0] == 500
-    assert sizes[1] == 50  # 2 s at the 0.04 s per key the timeout proved
-    assert client.deleted == keys  # each key once, in order
-    assert counter.retries == 1
-
-
-def test_permanent_failure_raises_batch_failed_with_keys_deleted_before_it() -> None:
-    error = api_error(gexc.PermissionDenied, "missing datastore.entities.delete")
-    client = FakeClient()
-    client.delete_errors = {3: error}
-    deleter, counter = batch_deleter(client, maximum=100)
-    with pytest.raises(BatchFailed) as info:
-        deleter.delete(make_keys(300))
-    assert info.value.deleted == 200
-    assert info.value.cause is error
-    assert info.value.__cause__ is error
-    assert len(client.delete_calls) == 3  # a permanent error is not retried
-    assert counter.retries == 0
-
-
-def test_transient_failure_that_outlasts_the_policy_raises_batch_failed() -> None:
-    error = api_error(gexc.ServiceUnavailable, "down")
-    client = FakeClient()
-    client.delete_error_always = error
-    deleter, counter = batch_deleter(client, attempts=3)
-    with pytest.raises(BatchFailed) as info:
-        deleter.delete(make_keys(10))
-    assert info.value.deleted == 0
-    assert info.value.cause is error
-    assert len(client.delete_calls) == 3
-    assert counter.retries == 2
-
-
-@given(
-    n=st.integers(1, MAX_BATCH_SIZE),
-    maximum=st.integers(1, 2 * MAX_BATCH_SIZE),
-    timeouts=st.sets(st.integers(1, 12), max_size=6),
-    seconds_per_key=st.sampled_from([0.0, 0.001, 0.01, 0.2]),
-)
-@settings(max_examples=60, deadline=None)
-def test_no_commit_ever_exceeds_500_keys_and_every_key_is_deleted_once(
-    n: int, maximum: int, timeouts: set[int], seconds_per_key: float
-) -> None:
-    client = FakeClient(seconds_per_key=seconds_per_key)
-    client.delete_errors = {call: api_error(gexc.DeadlineExceeded, "slow") for call in timeouts}
-    deleter, _counter = batch_deleter(client, attempts=20, maximum=maximum)
-    keys = make_keys(n)
-    assert deleter.delete(keys) == n
-    assert all(1 <= len(c) <= min(MAX_BATCH_SIZE, maximum) for c in client.delete_calls)
-    assert client.deleted == keys
-
-
-# --- VerifyingDeleter ----------------------------------------------------------------------
-
-
-def verifying(
-    store: FakeClient, maximum: int = MAX_BATCH_SIZE
-) -> tuple[VerifyingDeleter, RetryCounter]:
-    retry, counter = retrier()
-    sizer = BatchSizer(maximum, FakeClock())  # a clock that never moves: the size stays put
-    deleter = VerifyingDeleter(
-        cast(datastore.Client, store),
-        retry,
-        Encoding.EPOCH_SECONDS,
-        "expires_at",
-        CUTOFF,
-        sizer=sizer,
-    )
-    return deleter, counter
-
-
-def size_events(logs: list[Any]) -> list[Any]:
-    return [e for e in logs if e["event"] == "transaction_size_reduced"]
-
-
-def test_verify_deletes_only_entities_still_expired() -> None:
-    keys = make_keys(8)
-    values: dict[datastore.Key, object] = {
-        keys[0]: EXPIRED,
-        keys[1]: LIVE,  # refreshed since the query
-        keys[2]: None,
-        keys[3]: MISSING,
-        keys[4]: EXPIRED * 1000,  # expired, but epoch-millis: another encoding
-        keys[5]: True,
-        keys[7]: CUTOFF_S - 1,
-    }  # keys[6] is already gone
-    store = FakeClient(entities(values))
-    deleter, _counter = verifying(store)
-    assert deleter.delete(keys) == 2
-    assert set(store.values) == set(values) - {keys[0], keys[7]}
-    (txn,) = store.transactions
-    assert txn.read == keys
-    assert txn.deletes == [keys[0], keys[7]]
-
-
-def test_verify_keeps_a_value_exactly_at_the_cutoff() -> None:
-    keys = make_keys(1)
-    store = FakeClient(entities({keys[0]: CUTOFF_S}))
-    deleter, _counter = verifying(store)
-    assert deleter.delete(keys) == 0
-    assert keys[0] in store.values
-
-
-def test_verify_retry_rereads_after_an_aborted_commit() -> None:
-    keys = make_keys(3)
-    store = FakeClient(entities(dict.fromkeys(keys, EXPIRED)))
-    store.commit_errors = {1: api_error(gexc.Aborted, "contention")}
-
-    def refresh() -> None:  # the concurrent write that aborted the commit
-        store.put(keys[1], LIVE)
-
-    store.on_commit_error = refresh
-    deleter, counter = verifying(store)
-    assert deleter.delete(keys) == 2
-    assert set(store.values) == {keys[1]}
-    assert store.transactions[0].rolled_back
-    assert counter.retries == 1
-
-
-def test_verify_shrinks_transactions_to_25_keys_once_on_too_many_entity_groups() -> None:
-    first, second = make_keys(60), make_keys(60, start=1000)
-    store = FakeClient(entities(dict.fromkeys(first + second, EXPIRED)), group_limit=LEGACY_LIMIT)
-    deleter, counter = verifying(store)
-    with capture_logs() as logs:
-        assert deleter.delete(first) == 60
-        assert deleter.delete(second) == 60
-    assert store.values == {}
-    assert deleter.transaction_size == LEGACY_LIMIT
-    assert [len(t.read) for t in store.transactions] == [60, 25, 25, 10, 25, 25, 10]
-    assert store.transactions[0].rolled_back
-    assert counter.retries == 0  # a refusal is not a transient error
-    (event,) = size_events(logs)
-    assert event["keys"] == LEGACY_LIMIT
-    assert event["log_level"] == "info"
-
-
-def test_verify_fails_when_even_25_keys_are_too_many_entity_groups() -> None:
-    keys = make_keys(60)
-    store = FakeClient(entities(dict.fromkeys(keys, EXPIRED)), group_limit=10)
-    deleter, _counter = verifying(store)
-    with capture_logs() as logs, pytest.raises(BatchFailed) as info:
-        deleter.delete(keys)
-    assert info.value.deleted == 0
-    assert isinstance(info.value.cause, gexc.InvalidArgument)
-    assert [len(t.read) for t in store.transactions] == [60, 25]
-    assert len(size_events(logs)) == 1
-
-
-def test_verify_other_invalid_argument_fails_without_shrinking() -> None:
-    keys = make_keys(60)
-    store = FakeClient(entities(dict.fromkeys(keys, EXPIRED)))
-    store.commit_errors = {1: api_error(gexc.InvalidArgument, "key path element must not be empty")}
-    deleter, _counter = verifying(store)
-    with capture_logs() as logs, pytest.raises(BatchFailed) as info:
-        deleter.delete(keys)
-    assert info.value.deleted == 0
-    assert deleter.transaction_size == MAX_BATCH_SIZE
-    assert size_events(logs) == []
-
-
-def test_verify_failure_reports_entities_deleted_before_it() -> None:
-    keys = make_keys(60)
-    store = FakeClient(entities(dict.fromkeys(keys, EXPIRED)))
-    error = api_error(gexc.PermissionDenied, "missing datastore.entities.delete")
-    store.commit_errors = {2: error}
-    deleter, _counter = verifying(store, maximum=25)
-    with pytest.raises(BatchFailed) as info:
-        deleter.delete(keys)
-    assert info.value.deleted == 25
-    assert info.value.cause is error
-    assert len(store.values) == 35
-
-
-def test_a_stop_mid_batch_says_how_many_keys_went_before_it() -> None:
-    """The engine counts them as deleted, and the rest as neither deleted nor failed."""
-    stop = Stopped(StopReason.SIGNAL)
-    client = FakeClient()
-    client.delete_errors = {3: stop}
-    deleter, _counter = batch_deleter(client, maximum=100)
-    with pytest.raises(BatchFailed) as info:
-        deleter.delete(make_keys(300))
-    assert (info.value.deleted, info.value.cause) == (200, stop)
-
-
 # --- groups: a session and its descendants (--with-descendants) ----------------------------
 
 
@@ -421,6 +167,12 @@ def _groups(
         for i, (s, n) in enumerate(zip(sessions, sizes, strict=True))
     }
     return sessions, under
+
+
+def count_parts(parts: list[Part]) -> tuple[int, int]:
+    """(sessions, descendants) among the keys of ``parts``."""
+    sessions = sum(1 for session, keys in parts if keys[-1] is session)
+    return sessions, sum(len(keys) for _s, keys in parts) - sessions
 
 
 def _drain(pending: Pending, size: int, max_groups: int = MAX_BATCH_SIZE) -> list[list[Part]]:
@@ -480,3 +232,13 @@ def test_every_key_goes_once_and_each_session_after_its_descendants(
     position = {key: i for i, key in enumerate(sent)}
     for session in sessions:
         assert all(position[child] < position[session] for child in under[session])
+
+
+def test_a_refused_commit_caps_the_size_until_fast_commits_grow_it_back() -> None:
+    clock = FakeClock()
+    sizer = BatchSizer(500, clock)
+    sizer.refused(125)
+    assert sizer.size == 125
+    for _ in range(10):
+        sizer.observe(0.05, sizer.size)
+    assert sizer.size == 500

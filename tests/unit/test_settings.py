@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from sweeper.settings import (
     parse_duration,
     parse_format,
 )
+from sweeper.slices import MAX_SHARDS, Shard
 
 
 @pytest.mark.parametrize(
@@ -126,8 +128,39 @@ def test_valid_settings() -> None:
         ({"namespace": "n/s"}, "invalid namespace"),
         ({"namespace": "n" * 101}, "invalid namespace"),
         ({"namespace": "__reserved__"}, "invalid namespace"),
+        ({"max_rate": 0.0}, "max rate"),
+        ({"max_rate": -1.0}, "max rate"),
+        ({"max_rate": math.inf}, "max rate must be a finite number"),
+        ({"max_rate": math.nan}, "max rate must be a finite number"),
+        ({"max_fraction": math.nan}, "max fraction"),
+        ({"max_fraction": math.inf}, "max fraction"),
     ],
 )
 def test_settings_reject(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(UsageError, match=message):
         make(**overrides)
+
+
+def test_verify_is_on_unless_turned_off() -> None:
+    assert make().verify is True
+    assert make(verify=False).verify is False
+
+
+def test_a_finite_max_rate_is_kept() -> None:
+    assert make(max_rate=0.5).max_rate == 0.5
+
+
+def test_a_shard_count_may_reach_the_limit_and_not_pass_it() -> None:
+    assert Shard.parse(f"{MAX_SHARDS - 1}/{MAX_SHARDS}") == Shard(MAX_SHARDS - 1, MAX_SHARDS)
+    with pytest.raises(UsageError, match=f"N must be at most {MAX_SHARDS}"):
+        Shard.parse(f"0/{MAX_SHARDS + 1}")
+    with pytest.raises(UsageError, match=f"N must be at most {MAX_SHARDS}"):
+        Shard.parse("0/1000000000")
+
+
+def test_a_shard_too_long_to_be_a_number_is_a_usage_error() -> None:
+    """Python refuses to convert more than 4300 digits (ValueError): still a usage error."""
+    with pytest.raises(UsageError, match="at most"):
+        Shard.parse("0/" + "1" * 5000)
+    with pytest.raises(UsageError, match="at most"):
+        Shard.parse("1" * 5000 + "/4")

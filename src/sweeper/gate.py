@@ -1,0 +1,713 @@
+"""The one way to a delete. Every path (range, shards, scan, text, --with-descendants) ends here.
+
+The rules, each enforced below where it is named:
+
+1. **Checked atomically with the delete** (:meth:`Gate.sweep_range`, :meth:`Gate.delete`).
+   A session refreshed, or re-created under its old key, between the read that found it and
+   the delete would be lost by a blind delete; a grace period only covers sessions refreshed
+   *before* they expire. So by default every key is deleted in a transaction that has itself
+   seen it expired:
+
+   - *held*: on Firestore in Datastore mode a keys-only range query runs inside the
+     transaction that deletes its page, and the transaction holds what it read: a writer
+     re-saving one of those keys waits for the commit and re-creates the entity after it
+     (or, under optimistic concurrency, the commit aborts and the page is read again). This
+     costs the calls of a blind loop: one query and one commit per page.
+   - *lookup*: elsewhere (the legacy emulator refuses non-ancestor queries in transactions,
+     and scans and text ranges read outside one) each commit first looks its keys up in its
+     transaction and deletes only those still expired; one billed read per key.
+   - *blind* (``--no-verify``, an explicit opt-out that logs a warning): what the query
+     returned is deleted as it is; the race above is open again.
+
+2. **Descendants are checked too.** With ``--with-descendants`` an entity under a session that
+   is of the swept kind is a session itself: it goes only if it is expired by the same rule,
+   checked in the same transaction, and a live one keeps everything under it. A session under
+   another one of the same batch goes with its ancestor's group, never twice.
+3. **Counted in entities.** ``--max-deletes`` and the fraction guard's allowance
+   (:class:`Allowance`) count every entity a commit deletes, children included, reserved
+   before the commit is sent.
+4. **One key once per commit**, and a commit refused as too big (Datastore's "transaction or
+   write too big", which a smaller commit passes) is split; a single key still refused is
+   left, counted as failed and named, and the run goes on.
+5. **Counts never drift.** A commit whose answer is lost (DEADLINE_EXCEEDED, UNAVAILABLE, ...)
+   may have been applied: its keys are remembered, and the retry counts those it finds gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import enum
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import structlog
+from google.api_core import exceptions as gexc
+from google.cloud import datastore
+from google.cloud.datastore import Key
+
+from sweeper.deleter import BatchSizer, Pending
+from sweeper.encodings import Encoding, is_expired
+from sweeper.errors import DatastoreError, RefusedError, SweeperError, describe_exception
+from sweeper.pipeline import Pipeline
+from sweeper.query import RangeQuery, descendant_keys, held_page, key_pages
+from sweeper.result import SweepResult
+from sweeper.retry import NO_CLIENT_RETRY, Retrier
+from sweeper.settings import MAX_BATCH_SIZE
+from sweeper.stopping import Stopped
+from sweeper.throttle import Throttle
+
+# The legacy Datastore emulator (and Datastore before Firestore) lets one transaction touch at
+# most 25 entity groups; Firestore in Datastore mode takes a whole 500-key batch.
+LEGACY_LIMIT = 25
+
+# With --with-descendants each session costs one ancestor query: made one after the other, a
+# page of 500 sessions waits 500 round trips before its commit, so they go this many at once.
+DESCENDANT_QUERIES = 8
+
+# Errors after which a commit may have been applied although its answer never came.
+AMBIGUOUS = (
+    gexc.DeadlineExceeded,
+    gexc.ServiceUnavailable,
+    gexc.Unknown,
+    gexc.Cancelled,
+    gexc.InternalServerError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+class Mode(enum.StrEnum):
+    HELD = "held"
+    LOOKUP = "lookup"
+    BLIND = "blind"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What may be deleted: an entity of ``kind`` whose ``prop`` is expired in ``encoding``."""
+
+    kind: str
+    prop: str
+    encoding: Encoding
+    cutoff: dt.datetime
+
+    def expired(self, entity: datastore.Entity | None) -> bool:
+        return entity is not None and is_expired(self.encoding, entity.get(self.prop), self.cutoff)
+
+
+class Capped(Exception):
+    """--max-deletes is reached: what is left waits for the next run."""
+
+
+class Allowance:
+    """Entities a run may still delete: ``--max-deletes``, and the fraction guard's share.
+
+    A commit reserves its entities before it is sent (rule 3) and gives back what did not go.
+    Reaching ``--max-deletes`` ends the run quietly; passing the guard's share refuses it.
+    """
+
+    def __init__(self, cap: int | None, guard: int | None = None, guard_note: str = "") -> None:
+        self._cap, self._guard, self._note = cap, guard, guard_note
+        self._used = 0
+        self._lock = threading.Lock()
+        self.capped = False
+
+    def left(self) -> int | None:
+        """Entities left under --max-deletes (None: no cap); the guard's share is no cap."""
+        with self._lock:
+            return None if self._cap is None else max(0, self._cap - self._used)
+
+    def reserve(self, sizes: Sequence[int]) -> int:
+        """How many of the groups of ``sizes`` (in order) may go; reserves their entities."""
+        with self._lock:
+            taken, used = 0, self._used
+            for size in sizes:
+                if self._guard is not None and used + size > self._guard:
+                    raise RefusedError(
+                        f"refusing to go on: this run has deleted {self._used} entities, and "
+                        f"the next commit would pass --max-fraction's share of {self._guard} "
+                        f"entities{self._note}. Nothing more was deleted."
+                    )
+                if self._cap is not None and used + size > self._cap:
+                    self.capped = True
+                    break
+                used += size
+                taken += 1
+            self._used = used
+            return taken
+
+    def release(self, entities: int) -> None:
+        with self._lock:
+            self._used -= entities
+
+
+@dataclass
+class _Ledger:
+    """What the gate reports into the run's result, under the run's lock."""
+
+    result: SweepResult
+    lock: threading.Lock
+    in_flight: int = 0
+    refused: list[Key] = field(default_factory=list)
+
+    def add(self, **counts: int) -> None:
+        with self.lock:
+            for name, n in counts.items():
+                setattr(self.result, name, getattr(self.result, name) + n)
+
+
+@dataclass
+class _Commit:
+    """The keys of one commit, and what each deleted key counts as."""
+
+    parts: list[tuple[Key, list[Key]]]
+    sessions: int = 0
+    descendants: int = 0
+    kept: frozenset[Key] = frozenset()  # sessions whose group stays: not expired, or gone
+    capped: bool = False  # --max-deletes left no room for the rest of the batch
+
+
+class Gate:
+    """Deletes what may be deleted, and nothing else; one per run, shared by every worker."""
+
+    def __init__(
+        self,
+        client: datastore.Client,
+        retrier: Retrier,
+        rule: Rule,
+        *,
+        verify: bool,
+        queries_in_transactions: bool,
+        dry_run: bool,
+        with_descendants: bool,
+        sizer: BatchSizer,
+        allowance: Allowance,
+        throttle: Throttle,
+        result: SweepResult,
+        lock: threading.Lock,
+        should_stop: Callable[[], bool],
+        on_batch: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._client, self._retrier, self._rule = client, retrier, rule
+        held = Mode.HELD if queries_in_transactions else Mode.LOOKUP
+        self.mode = held if verify else Mode.BLIND
+        self._dry_run, self._descend = dry_run, with_descendants
+        self._sizer, self.allowance, self._throttle = sizer, allowance, throttle
+        self.ledger = _Ledger(result, lock)
+        self._should_stop = should_stop
+        self._on_batch = on_batch  # progress, after every commit
+        self._groups_per_txn = MAX_BATCH_SIZE
+        self._lock = threading.Lock()
+        self._log = structlog.get_logger("sweeper.gate").bind(kind=rule.kind)
+        self._per_session = 1.0  # entities per session seen so far (with descendants)
+        if not verify and not dry_run:
+            self._log.warning(
+                "verify_off",
+                hint="--no-verify: a session refreshed or re-created under its key between "
+                "the query and the delete is lost",
+            )
+
+    # -- entry points ---------------------------------------------------------------------
+
+    def sweep_range(self, query: RangeQuery) -> None:
+        """Every key of a keys-only range; held: each page read by the transaction deleting it."""
+        cursor: bytes | None = None
+        while not self._should_stop():
+            if self.mode is not Mode.HELD or self._dry_run:
+                for page in key_pages(self._client, self._retrier, query, start=cursor):
+                    if self._should_stop():
+                        return
+                    self.delete(page)
+                return
+            try:
+                cursor, more = self._held_step(query, cursor)
+            except gexc.InvalidArgument as exc:
+                if "ancestor" not in str(exc):
+                    raise
+                self._to_lookup()
+                continue
+            if not more:
+                return
+
+    def delete(self, keys: Sequence[Key], held: bool = False) -> None:
+        """Candidates read outside a transaction (or left by a held one): re-checked here.
+
+        ``held``: already counted as matched by the held page they came from.
+        """
+        keys = _unique(keys)
+        left = self.allowance.left()
+        if left is not None and len(keys) > left:  # a session is at least one entity
+            keys = keys[:left]
+            self.allowance.capped = True
+        if not keys:
+            raise Capped
+        groups, found = self._with_descendants(keys)
+        if self._dry_run:  # the commits a real run would make of this page
+            granted = self.allowance.reserve([len(g) for _s, g in groups])
+            entities = sum(len(g) for _s, g in groups[:granted])
+            self.ledger.add(batches=-(-entities // self._sizer.size))
+            self.ledger.add(
+                matched=sum(len(g) for _s, g in groups[:granted]) - found, descendants_matched=found
+            )
+            if granted < len(groups):
+                raise Capped
+            return
+        if not held:
+            self.ledger.add(matched=len(keys))
+        self.ledger.add(descendants_matched=found)
+        pending = Pending([s for s, _g in groups], {s: g[:-1] for s, g in groups})
+        size = self._sizer.size
+        while pending and not self._should_stop():
+            size = self._commit_next(pending, size)
+            self.ledger.add(batches=1)
+            self._on_batch()
+
+    # -- held pages -------------------------------------------------------------------------
+
+    def _held_step(self, query: RangeQuery, cursor: bytes | None) -> tuple[bytes | None, bool]:
+        """One page read and deleted in one transaction; (the cursor after it, more to come)."""
+        limit = self._page_limit()
+        if limit == 0:
+            self.allowance.capped = True
+            raise Capped
+        self._wait(limit)
+        while True:
+            outcome = self._retrier.call("held", partial(self._held_attempt, query, cursor, limit))
+            if outcome.too_big is None:
+                break
+            if outcome.too_big <= 1:  # one key the database will not delete: name it, go on
+                self._refuse(outcome.keys)
+                return outcome.cursor, outcome.cursor is not None
+            limit = self._shrink_for_too_big(outcome.too_big)
+        self.ledger.add(batches=1)
+        self._on_batch()
+        if outcome.rest:  # groups the commit had no room for: re-checked by lookup
+            self.delete(outcome.rest, held=True)
+        if outcome.capped:
+            raise Capped
+        return outcome.cursor, outcome.cursor is not None and bool(outcome.keys)
+
+    def _held_attempt(self, query: RangeQuery, cursor: bytes | None, limit: int) -> _HeldOutcome:
+        timeout = self._retrier.timeout
+        transaction = self._client.transaction()
+        txn_id: bytes | None = None
+        try:
+            keys, after, txn_id = held_page(self._client, query, limit, cursor, timeout=timeout)
+            transaction._begin_with_id(txn_id)
+            if not keys:
+                _rollback(self._client, transaction, txn_id, timeout)
+                return _HeldOutcome([], after)
+            groups, found = self._with_descendants(keys, transaction, held=True)
+            commit, rest = self._fit(groups)
+            granted = self.allowance.reserve([len(g) for _s, g in commit])
+            capped = granted < len(commit)
+            commit = commit[:granted]
+            entities = sum(len(g) for _s, g in commit)
+            for _session, group in commit:
+                for key in group:
+                    transaction.delete(key)
+            try:
+                self._send(
+                    entities, partial(transaction.commit, retry=NO_CLIENT_RETRY, timeout=timeout)
+                )
+            except gexc.InvalidArgument as exc:
+                self.allowance.release(entities)
+                if not _too_big(exc):
+                    raise
+                return _HeldOutcome(keys, after, too_big=entities)
+            except BaseException:
+                self.allowance.release(entities)
+                raise
+        except BaseException:
+            _rollback(self._client, transaction, txn_id, timeout)
+            raise
+        sessions = len(commit)
+        self.ledger.add(
+            matched=len(keys),
+            descendants_matched=found,
+            deleted=sessions,
+            descendants_deleted=entities - sessions,
+        )
+        return _HeldOutcome(keys, after, rest=[s for s, _g in rest], capped=capped)
+
+    def _page_limit(self) -> int:
+        size = self._sizer.size
+        if self._descend:
+            size = max(1, int(size / self._per_session))
+        left = self.allowance.left()
+        return size if left is None else min(size, left)
+
+    def _fit(
+        self, groups: list[tuple[Key, list[Key]]]
+    ) -> tuple[list[tuple[Key, list[Key]]], list[tuple[Key, list[Key]]]]:
+        """The groups that fit in one commit, whole, and the rest."""
+        room, taken = self._sizer.size, 0
+        for _session, group in groups:
+            if len(group) > room or taken == self._groups_per_txn:
+                break
+            room -= len(group)
+            taken += 1
+        return groups[:taken], groups[taken:]
+
+    def _to_lookup(self) -> None:
+        with self._lock:
+            if self.mode is not Mode.HELD:
+                return
+            self.mode = Mode.LOOKUP
+        self._log.info(
+            "verify_by_lookup",
+            reason="the database runs no range query inside a transaction: each key is "
+            "looked up in the transaction that deletes it (one billed read per key)",
+        )
+
+    # -- checked commits ------------------------------------------------------------------
+
+    def _commit_next(self, pending: Pending, size: int) -> int:
+        """One commit of what ``pending`` holds next; the commit size to go on with.
+
+        Each attempt takes its keys anew at the size the sizer allows then, so a commit that
+        timed out is retried smaller.
+        """
+        gone: dict[tuple[Any, ...], bool] = {}  # keys of a commit whose answer was lost
+        taken: list[list[tuple[Key, list[Key]]]] = [[]]
+        what = "verify" if self.mode is not Mode.BLIND else "delete"
+        try:
+            commit = self._retrier.call(
+                what,
+                partial(self._checked_attempt, pending, min(size, self._sizer.size), gone, taken),
+            )
+        except gexc.InvalidArgument as exc:
+            parts = taken[0]
+            keys = sum(len(k) for _s, k in parts)
+            if "entity groups" in str(exc) and self._groups_per_txn > LEGACY_LIMIT:
+                self._shrink_groups()
+                return size
+            if not _too_big(exc):
+                self.ledger.add(failed=sum(1 for s, ks in parts if ks[-1] is s))
+                raise self._failed(exc) from exc
+            if keys <= 1:
+                self._refuse(_keys(parts))
+                pending.done(parts, frozenset(s for s, _k in parts))
+                return self._sizer.size
+            return self._shrink_for_too_big(keys)
+        except (Stopped, Capped, SweeperError):
+            raise
+        except Exception as exc:
+            self.ledger.add(failed=sum(1 for s, ks in taken[0] if ks[-1] is s))
+            raise self._failed(exc) from exc
+        self.ledger.add(
+            deleted=commit.sessions,
+            descendants_deleted=commit.descendants,
+            skipped=len(commit.kept),
+        )
+        if commit.capped:
+            raise Capped
+        return min(size, self._sizer.size)
+
+    def _checked_attempt(
+        self,
+        pending: Pending,
+        size: int,
+        gone: dict[tuple[Any, ...], bool],
+        taken: list[list[tuple[Key, list[Key]]]],
+    ) -> _Commit:
+        """Take the next commit's groups, re-check and delete them in one transaction (blind:
+        one plain commit); reserve them in the allowance for as long as they may have gone."""
+        parts = pending.take(min(size, self._sizer.size), self._groups_per_txn)
+        granted = self.allowance.reserve([len(k) for _s, k in parts])
+        if granted == 0:
+            raise Capped
+        capped, parts = granted < len(parts), parts[:granted]
+        taken[0] = parts
+        keys = sum(len(k) for _s, k in parts)
+        try:
+            commit = self._delete_checked(parts, gone)
+        except AMBIGUOUS:
+            raise  # it may have gone: its reservation stays until the retry knows
+        except BaseException:
+            self.allowance.release(keys)
+            raise
+        self.allowance.release(keys - commit.sessions - commit.descendants)
+        pending.done(parts, commit.kept)
+        commit.capped = capped
+        return commit
+
+    def _delete_checked(
+        self, parts: list[tuple[Key, list[Key]]], gone: dict[tuple[Any, ...], bool]
+    ) -> _Commit:
+        timeout = self._retrier.timeout
+        if self.mode is Mode.BLIND:
+            keys = _keys(parts)
+            self._wait(len(keys))
+            self._send(
+                len(keys),
+                lambda: self._client.delete_multi(keys, retry=NO_CLIENT_RETRY, timeout=timeout),
+            )
+            return _counted(parts)
+        # Begun by its own call: the client's begin_later over a lookup left the Firestore
+        # emulator holding a second transaction's locks, and every commit timed out on them.
+        transaction = self._client.transaction()
+        txn_id: bytes | None = None
+        try:
+            transaction.begin(retry=NO_CLIENT_RETRY, timeout=timeout)
+            txn_id = transaction.id
+            self._wait(sum(len(k) for _s, k in parts))
+            wanted = _to_check(parts, self._rule.kind)
+            lost = [k for k in _keys(parts) if k.flat_path in gone]
+            found = self._lookup(_unique([*wanted, *lost]), transaction)
+            commit, already = self._decide(parts, found, gone)
+            for _session, keys in commit.parts:
+                for key in keys:
+                    transaction.delete(key)
+            if not commit.parts:
+                _rollback(self._client, transaction, txn_id, timeout)
+                return _merge(commit, already)
+            sent = {k.flat_path: k is s for s, ks in commit.parts for k in ks}
+            try:
+                self._send(
+                    len(sent), partial(transaction.commit, retry=NO_CLIENT_RETRY, timeout=timeout)
+                )
+            except AMBIGUOUS:
+                gone.update(sent)
+                raise
+        except BaseException:
+            _rollback(self._client, transaction, txn_id, timeout)
+            raise
+        return _merge(commit, already)
+
+    def _decide(
+        self,
+        parts: list[tuple[Key, list[Key]]],
+        found: dict[tuple[Any, ...], datastore.Entity],
+        gone: dict[tuple[Any, ...], bool],
+    ) -> tuple[_Commit, _Commit]:
+        """The keys that may go now, and those an earlier, unanswered commit deleted (rule 5).
+
+        A session no longer expired (or gone) keeps its whole group; a key of the swept kind
+        under it that is not expired keeps itself and everything under it (rule 2).
+        """
+        lost = {p for p in gone if p not in found}
+        already = _Commit([])
+        already.sessions = sum(1 for p in lost if gone[p])
+        already.descendants = len(lost) - already.sessions
+        gone.clear()
+        kind = self._rule.kind
+        blocked = {p for p in _to_check_paths(parts, kind) if not self._rule.expired(found.get(p))}
+        commit = _Commit([])
+        for session, keys in parts:
+            if session.flat_path in blocked:
+                continue
+            kept = [
+                k
+                for k in keys
+                if k.flat_path not in lost and not _under_blocked(k, session, blocked)
+            ]
+            if kept:
+                commit.parts.append((session, kept))
+        counted = _counted(commit.parts)
+        counted.kept = frozenset(s for s, _k in parts if s.flat_path in blocked - lost)
+        return counted, already
+
+    def _lookup(
+        self, keys: list[Key], transaction: datastore.Transaction | None
+    ) -> dict[tuple[Any, ...], datastore.Entity]:
+        if not keys:
+            return {}
+        entities = self._client.get_multi(
+            keys, transaction=transaction, retry=NO_CLIENT_RETRY, timeout=self._retrier.timeout
+        )
+        self.ledger.add(entities_read=len(keys))
+        return {e.key.flat_path: e for e in entities}
+
+    # -- descendants ------------------------------------------------------------------------
+
+    def _with_descendants(
+        self,
+        sessions: Sequence[Key],
+        transaction: datastore.Transaction | None = None,
+        held: bool = False,
+    ) -> tuple[list[tuple[Key, list[Key]]], int]:
+        """Each session with the keys to delete for it (descendants first, the session last),
+        and how many entities were found under the sessions that are not sessions of the batch.
+
+        A session under another of the same batch goes with its ancestor's group (rule 2).
+        In a held transaction, descendants of the swept kind are looked up in it and a live
+        one is dropped with everything under it; elsewhere each commit checks them.
+        """
+        if not self._descend:
+            return [(s, [s]) for s in sessions], 0
+        paths = {s.flat_path for s in sessions}
+        roots = [s for s in sessions if not _has_ancestor_in(s, paths)]
+        under = self._find_descendants(roots)
+        groups = [(s, [*_unique(under[s]), s]) for s in roots]
+        found = sum(len(g) - 1 for _s, g in groups) - (len(sessions) - len(roots))
+        with self._lock:
+            self._per_session = 0.5 * self._per_session + 0.5 * (1 + found / len(roots))
+        same_kind = [k for _s, ks in groups for k in ks[:-1] if k.kind == self._rule.kind]
+        # Lookup mode checks them in each commit; a held transaction, a blind run and a dry
+        # run look them up here (a blind run too: a live child is no race to opt out of).
+        if not same_kind or (self.mode is Mode.LOOKUP and not self._dry_run and not held):
+            return groups, found
+        found_now = self._lookup(same_kind, transaction if held else None)
+        blocked = {
+            k.flat_path for k in same_kind if not self._rule.expired(found_now.get(k.flat_path))
+        }
+        return [
+            (s, [k for k in ks if not _under_blocked(k, s, blocked)]) for s, ks in groups
+        ], found
+
+    def _find_descendants(self, sessions: Sequence[Key]) -> dict[Key, list[Key]]:
+        """One ancestor query per session, ``DESCENDANT_QUERIES`` at a time; all or nothing."""
+        found: dict[Key, list[Key]] = {}
+
+        def look_under(key: Key) -> None:
+            found[key] = descendant_keys(self._client, self._retrier, key)
+
+        Pipeline(DESCENDANT_QUERIES, look_under, lambda: False).run([sessions])
+        return {key: found[key] for key in sessions}
+
+    # -- shared mechanics -------------------------------------------------------------------
+
+    def _send(self, keys: int, commit: Callable[[], object]) -> None:
+        with self.ledger.lock:
+            self.ledger.in_flight += keys
+        try:
+            self._sizer.measure(keys, commit)
+        finally:
+            with self.ledger.lock:
+                self.ledger.in_flight -= keys
+        self._throttle.record(accepted=True)
+
+    def _wait(self, keys: int) -> None:
+        waited = self._throttle.acquire(keys)
+        with self.ledger.lock:
+            self.ledger.result.throttle_wait_s += waited
+
+    def _shrink_for_too_big(self, keys: int) -> int:
+        smaller = max(1, keys // 2)
+        self._sizer.refused(smaller)
+        self._log.info(
+            "commit_split", keys=keys, now=smaller, reason="transaction or write too big"
+        )
+        return smaller
+
+    def _shrink_groups(self) -> None:
+        with self._lock:  # several workers may be refused at once: shrink and say so once
+            if self._groups_per_txn == LEGACY_LIMIT:
+                return
+            self._groups_per_txn = LEGACY_LIMIT
+        self._log.info(
+            "transaction_size_reduced",
+            keys=LEGACY_LIMIT,
+            reason="too many entity groups in one transaction",
+        )
+
+    def _refuse(self, keys: Sequence[Key]) -> None:
+        with self.ledger.lock:
+            self.ledger.refused.extend(keys)
+            self.ledger.result.failed += len(keys)
+        for key in keys:
+            self._log.error(
+                "delete_refused",
+                key=str(key.flat_path),
+                reason="transaction or write too big, even alone: left in place",
+            )
+
+    def _failed(self, exc: BaseException) -> DatastoreError:
+        return DatastoreError(f"deleting a batch failed after retries: {describe_exception(exc)}")
+
+
+@dataclass
+class _HeldOutcome:
+    keys: list[Key]
+    cursor: bytes | None
+    rest: list[Key] = field(default_factory=list)
+    capped: bool = False
+    too_big: int | None = None  # the commit was refused as too big with this many keys
+
+
+def refused_error(refused: Sequence[Key]) -> str | None:
+    """The run's error when the database would not delete some keys even one at a time."""
+    if not refused:
+        return None
+    return (
+        f"Datastore refused to delete {len(refused)} entities even one per commit "
+        f"(transaction or write too big), first {refused[0].flat_path}; they were left, "
+        "everything else due was deleted"
+    )
+
+
+def _too_big(exc: BaseException) -> bool:
+    return "too big" in str(exc).lower()
+
+
+def _unique(keys: Iterable[Key]) -> list[Key]:
+    """Rule 4: a key once, in its first place (Datastore refuses a commit naming one twice)."""
+    seen: dict[tuple[Any, ...], Key] = {}
+    for key in keys:
+        seen.setdefault(key.flat_path, key)
+    return list(seen.values())
+
+
+def _has_ancestor_in(key: Key, paths: set[tuple[Any, ...]]) -> bool:
+    path = key.flat_path
+    return any(path[:n] in paths for n in range(2, len(path), 2))
+
+
+def _under_blocked(key: Key, session: Key, blocked: set[tuple[Any, ...]]) -> bool:
+    """Whether ``key`` is, or lies under, a blocked (live) entity below ``session``."""
+    path, top = key.flat_path, len(session.flat_path)
+    return any(path[:n] in blocked for n in range(top + 2, len(path) + 1, 2))
+
+
+def _to_check(parts: list[tuple[Key, list[Key]]], kind: str) -> list[Key]:
+    """The keys a commit must look up: its sessions and every key of the swept kind."""
+    return _unique([s for s, _ks in parts] + [k for _s, ks in parts for k in ks if k.kind == kind])
+
+
+def _to_check_paths(parts: list[tuple[Key, list[Key]]], kind: str) -> set[tuple[Any, ...]]:
+    return {k.flat_path for k in _to_check(parts, kind)}
+
+
+def _counted(parts: list[tuple[Key, list[Key]]]) -> _Commit:
+    sessions = sum(1 for s, ks in parts if ks and ks[-1] is s)
+    return _Commit(parts, sessions, sum(len(ks) for _s, ks in parts) - sessions)
+
+
+def _keys(parts: list[tuple[Key, list[Key]]]) -> list[Key]:
+    return [k for _s, ks in parts for k in ks]
+
+
+def _merge(commit: _Commit, already: _Commit) -> _Commit:
+    return _Commit(
+        commit.parts,
+        commit.sessions + already.sessions,
+        commit.descendants + already.descendants,
+        commit.kept,
+    )
+
+
+def _rollback(
+    client: datastore.Client,
+    transaction: datastore.Transaction,
+    txn_id: bytes | None,
+    timeout: float,
+) -> None:
+    """Best effort (never mask the real error), but by the transaction's id if need be.
+
+    The client forgets a transaction's id when its commit fails, so its own ``rollback`` then
+    does nothing, and on Firestore in Datastore mode the keys the transaction read stay locked
+    for about a minute: the runner's writes to them would wait, and so would our retry.
+    """
+    with contextlib.suppress(Exception):
+        if transaction.id:
+            transaction.rollback(retry=NO_CLIENT_RETRY, timeout=timeout)
+        elif txn_id:
+            request: dict[str, object] = {"project_id": client.project, "transaction": txn_id}
+            if client.database:
+                request["database_id"] = client.database
+            client._datastore_api.rollback(request=request, retry=NO_CLIENT_RETRY, timeout=timeout)
