@@ -35,7 +35,6 @@ The rules, each enforced below where it is named:
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import enum
 import threading
@@ -55,7 +54,7 @@ from sweeper.errors import DatastoreError, RefusedError, SweeperError, describe_
 from sweeper.pipeline import Pipeline
 from sweeper.query import RangeQuery, descendant_keys, held_page, key_pages
 from sweeper.result import SweepResult
-from sweeper.retry import NO_CLIENT_RETRY, Retrier
+from sweeper.retry import NO_CLIENT_RETRY, TRANSIENT, Retrier
 from sweeper.settings import MAX_BATCH_SIZE
 from sweeper.stopping import Stopped
 from sweeper.throttle import Throttle
@@ -67,6 +66,9 @@ LEGACY_LIMIT = 25
 # With --with-descendants each session costs one ancestor query: made one after the other, a
 # page of 500 sessions waits 500 round trips before its commit, so they go this many at once.
 DESCENDANT_QUERIES = 8
+
+# A rollback lost to a bad network is sent again this many times (it is idempotent).
+ROLLBACK_ATTEMPTS = 3
 
 # Errors after which a commit may have been applied although its answer never came.
 AMBIGUOUS = (
@@ -275,8 +277,11 @@ class Gate:
             self.allowance.capped = True
             raise Capped
         self._wait(limit)
+        gone: dict[tuple[Any, ...], tuple[Key, bool]] = {}  # a commit whose answer was lost
         while True:
-            outcome = self._retrier.call("held", partial(self._held_attempt, query, cursor, limit))
+            outcome = self._retrier.call(
+                "held", partial(self._held_attempt, query, cursor, limit, gone)
+            )
             if outcome.too_big is None:
                 break
             if outcome.too_big <= 1:  # one key the database will not delete: name it, go on
@@ -291,15 +296,23 @@ class Gate:
             raise Capped
         return outcome.cursor, outcome.cursor is not None and bool(outcome.keys)
 
-    def _held_attempt(self, query: RangeQuery, cursor: bytes | None, limit: int) -> _HeldOutcome:
+    def _held_attempt(
+        self,
+        query: RangeQuery,
+        cursor: bytes | None,
+        limit: int,
+        gone: dict[tuple[Any, ...], tuple[Key, bool]],
+    ) -> _HeldOutcome:
         timeout = self._retrier.timeout
         transaction = self._client.transaction()
         txn_id: bytes | None = None
         try:
             keys, after, txn_id = held_page(self._client, query, limit, cursor, timeout=timeout)
             transaction._begin_with_id(txn_id)
+            already = self._already_gone(gone, transaction)
             if not keys:
                 _rollback(self._client, transaction, txn_id, timeout)
+                self.ledger.add(deleted=already.sessions, descendants_deleted=already.descendants)
                 return _HeldOutcome([], after)
             groups, found = self._with_descendants(keys, transaction, held=True)
             commit, rest = self._fit(groups)
@@ -314,10 +327,14 @@ class Gate:
                 self._send(
                     entities, partial(transaction.commit, retry=NO_CLIENT_RETRY, timeout=timeout)
                 )
+            except AMBIGUOUS:  # it may have gone: the retry counts what it finds gone
+                gone.update({k.flat_path: (k, k is s) for s, ks in commit for k in ks})
+                raise
             except gexc.InvalidArgument as exc:
                 self.allowance.release(entities)
                 if not _too_big(exc):
                     raise
+                _rollback(self._client, transaction, txn_id, timeout)
                 return _HeldOutcome(keys, after, too_big=entities)
             except BaseException:
                 self.allowance.release(entities)
@@ -329,10 +346,23 @@ class Gate:
         self.ledger.add(
             matched=len(keys),
             descendants_matched=found,
-            deleted=sessions,
-            descendants_deleted=entities - sessions,
+            deleted=sessions + already.sessions,
+            descendants_deleted=entities - sessions + already.descendants,
         )
         return _HeldOutcome(keys, after, rest=[s for s, _g in rest], capped=capped)
+
+    def _already_gone(
+        self, gone: dict[tuple[Any, ...], tuple[Key, bool]], transaction: datastore.Transaction
+    ) -> _Commit:
+        """Of the keys of a commit whose answer was lost, those now gone: it went (rule 5)."""
+        if not gone:
+            return _Commit([])
+        found = self._lookup([key for key, _s in gone.values()], transaction)
+        lost = [p for p in gone if p not in found]
+        already = _Commit([], sessions=sum(1 for p in lost if gone[p][1]))
+        already.descendants = len(lost) - already.sessions
+        gone.clear()
+        return already
 
     def _page_limit(self) -> int:
         size = self._sizer.size
@@ -697,17 +727,29 @@ def _rollback(
     txn_id: bytes | None,
     timeout: float,
 ) -> None:
-    """Best effort (never mask the real error), but by the transaction's id if need be.
+    """Best effort (never mask the real error), but by the transaction's id, and a few times.
 
     The client forgets a transaction's id when its commit fails, so its own ``rollback`` then
-    does nothing, and on Firestore in Datastore mode the keys the transaction read stay locked
-    for about a minute: the runner's writes to them would wait, and so would our retry.
+    does nothing; and on Firestore in Datastore mode the keys a transaction read stay locked
+    until it ends or about a minute passes: the runner's writes to them would wait, and so
+    would our own retry. A rollback that fails on a bad network is sent again.
     """
-    with contextlib.suppress(Exception):
-        if transaction.id:
-            transaction.rollback(retry=NO_CLIENT_RETRY, timeout=timeout)
-        elif txn_id:
-            request: dict[str, object] = {"project_id": client.project, "transaction": txn_id}
-            if client.database:
-                request["database_id"] = client.database
-            client._datastore_api.rollback(request=request, retry=NO_CLIENT_RETRY, timeout=timeout)
+    txn = transaction.id or txn_id
+    if not txn:
+        return
+    request: dict[str, object] = {"project_id": client.project, "transaction": txn}
+    if client.database:
+        request["database_id"] = client.database
+    for _attempt in range(ROLLBACK_ATTEMPTS):
+        try:
+            if transaction.id:
+                transaction.rollback(retry=NO_CLIENT_RETRY, timeout=timeout)
+            else:
+                client._datastore_api.rollback(
+                    request=request, retry=NO_CLIENT_RETRY, timeout=timeout
+                )
+        except Exception as exc:
+            if not isinstance(exc, TRANSIENT):
+                return
+            continue
+        return

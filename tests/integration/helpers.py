@@ -19,6 +19,7 @@ from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, Sweep, SweepResult
 from sweeper.settings import FormatChoice, SweepSettings
 from tests.support.emulator import Emulator
+from tests.support.faults import FaultInjector
 from tests.support.seed import Session, encode, put_sessions
 
 
@@ -40,6 +41,14 @@ def emulator_env(env: dict[str, str]) -> Iterator[None]:
 def make_client(emu: Emulator, namespace: str | None = None) -> datastore.Client:
     with emulator_env(emu.env):
         return datastore.Client(project=emu.project, namespace=namespace)
+
+
+def client_via(injector: FaultInjector, emulator: Emulator) -> datastore.Client:
+    """A client whose every call goes through ``injector``. (The client refuses explicit
+    credentials while DATASTORE_EMULATOR_HOST is set: it uses anonymous ones itself.)"""
+    env = {**emulator.env, "DATASTORE_EMULATOR_HOST": injector.host}
+    with emulator_env(env):
+        return datastore.Client(project=emulator.project)
 
 
 def ago(**delta: float) -> dt.datetime:

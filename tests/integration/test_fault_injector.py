@@ -16,20 +16,12 @@ from google.api_core import exceptions as gexc
 from google.api_core.retry import Retry
 from google.cloud import datastore
 
-from tests.integration.helpers import emulator_env, remaining
+from tests.integration.helpers import client_via, remaining
 from tests.support.emulator import Emulator
 from tests.support.faults import TOO_BIG, FaultInjector
 
 # The client retries failed lookups for up to 60 s by default; these tests look at one call.
 NO_RETRY = Retry(predicate=lambda _exc: False)
-
-
-def client_via(injector: FaultInjector, emulator: Emulator) -> datastore.Client:
-    """A client whose every call goes through ``injector``. (The client refuses explicit
-    credentials while DATASTORE_EMULATOR_HOST is set: it uses anonymous ones itself.)"""
-    env = {**emulator.env, "DATASTORE_EMULATOR_HOST": injector.host}
-    with emulator_env(env):
-        return datastore.Client(project=emulator.project)
 
 
 @pytest.fixture
