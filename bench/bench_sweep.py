@@ -3,13 +3,18 @@
 Seeds identical runner-shaped copies (int epoch-second ``expires_at``, only it indexed,
 ~700-byte session data) into a local emulator, then clears each copy with:
 
-- ``sweeper``: the engine with its defaults (auto-detection, paging, retries, logs);
-- ``sweeper --verify``: the same, re-checking each batch in a transaction;
+- ``sweeper``: the engine with its defaults (auto-detection, paging, retries, logs, and the
+  gate's check of every delete in its transaction);
+- ``sweeper --no-verify``: the same, deleting blindly what the queries returned;
 - ``bare loop``: keys-only query page of 500 on the expiry range, ``delete_multi``, repeat;
 - ``full-entity``: the incumbent's shape, whole entities read, deleted in batches;
 - ``per-entity``: one delete call per key, as many hand-written scripts do;
 - ``sweeper --scan`` against ``scan loop``: for an expiry no index holds, the whole kind read
-  page by page (500 entities) and the expired ones deleted, by sweeper and by a bare loop.
+  page by page (500 entities) and the expired ones deleted, by sweeper and by a bare loop;
+- ``beam pipeline``: the Apache Beam pipeline the Dataflow bulk-delete template runs
+  (``bench/beam_purge.py``, DirectRunner, in its own venv ``.venv-beam``; its time is the
+  pipeline's run, without its ~3 s of imports). It reads the whole result in one unbounded
+  query, which the Firestore emulator fails past ~4 MiB (about 4,500 sessions of this shape).
 
 Each approach runs in a fresh process (so its peak RSS, read from ``wait4``, is its own), and
 rounds alternate the order so drift in the machine's speed hits all alike. ``--latency-ms``
@@ -71,20 +76,32 @@ def seed(client: datastore.Client, kind: str, expired: int, live: int) -> None:
     put_sessions(client, kind, sessions, data_bytes=700)
 
 
-def run_sweeper(client: datastore.Client, kind: str, verify: bool = False) -> int:
+def run_sweeper(client: datastore.Client, kind: str, verify: bool = True) -> int:
+    # A backlog (91% of the kind due): the fraction guard would refuse it, as it should a
+    # first run over a backlog; everything else is sweeper's default.
     settings = SweepSettings(
-        kind=kind, prop="expires_at", format="auto", grace=dt.timedelta(minutes=15), verify=verify
+        kind=kind,
+        prop="expires_at",
+        format="auto",
+        grace=dt.timedelta(minutes=15),
+        verify=verify,
+        max_fraction=1.0,
     )
     return Sweep(settings, client).run().deleted
 
 
-def run_sweeper_verify(client: datastore.Client, kind: str) -> int:
-    return run_sweeper(client, kind, verify=True)
+def run_sweeper_blind(client: datastore.Client, kind: str) -> int:
+    return run_sweeper(client, kind, verify=False)
 
 
 def run_sweeper_scan(client: datastore.Client, kind: str) -> int:
     settings = SweepSettings(
-        kind=kind, prop="expires_at", format=S, grace=dt.timedelta(minutes=15), scan=True
+        kind=kind,
+        prop="expires_at",
+        format=S,
+        grace=dt.timedelta(minutes=15),
+        scan=True,
+        max_fraction=1.0,
     )
     return Sweep(settings, client).run().deleted
 
@@ -140,13 +157,16 @@ def run_per_entity(client: datastore.Client, kind: str) -> int:
 
 APPROACHES: dict[str, Callable[[datastore.Client, str], int]] = {
     "sweeper": run_sweeper,
-    "sweeper --verify": run_sweeper_verify,
+    "sweeper --no-verify": run_sweeper_blind,
     "bare loop": run_bare,
     "full-entity": run_full_entity,
     "per-entity": run_per_entity,
     "sweeper --scan": run_sweeper_scan,
     "scan loop": run_scan_loop,
+    "beam pipeline": lambda _client, _kind: 0,  # run in its own venv: see run_in_child
 }
+BEAM = "beam pipeline"
+BEAM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-beam" / "bin" / "python"
 
 _KEY_ONLY = 3  # EntityResult.ResultType.KEY_ONLY
 
@@ -236,16 +256,28 @@ def main() -> None:
 
 def run_in_child(name: str, kind: str, env: dict[str, str]) -> tuple[dict[str, Any], int]:
     """Run one approach in a fresh process, so its peak RSS is its own (from wait4)."""
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", name, kind], env=env, stdout=subprocess.PIPE
-    )
+    command = [sys.executable, __file__, "--child", name, kind]
+    if name == BEAM:
+        if not BEAM_PYTHON.exists():
+            raise SystemExit(
+                "beam pipeline: create its venv first: python3 -m venv .venv-beam && "
+                ".venv-beam/bin/pip install -r bench/beam_requirements.txt"
+            )
+        cutoff = str(int(time.time()) - 15 * 60)
+        project = env.get("DATASTORE_PROJECT_ID", "sweeper-test")
+        script = str(Path(__file__).with_name("beam_purge.py"))
+        command = [str(BEAM_PYTHON), script, "--project", project, "--kind", kind]
+        command += ["--cutoff", cutoff]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     output = proc.stdout.read()
     _pid, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed with exit code {proc.returncode}")
-    return json.loads(output), usage.ru_maxrss  # KiB on Linux
+    outcome: dict[str, Any] = json.loads(output.splitlines()[-1])
+    outcome.setdefault("counts", {})  # Beam's calls are not counted
+    return outcome, usage.ru_maxrss  # KiB on Linux
 
 
 def run_child(name: str, kind: str) -> None:

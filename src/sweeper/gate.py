@@ -35,10 +35,11 @@ The rules, each enforced below where it is named:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import enum
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -54,8 +55,8 @@ from sweeper.errors import DatastoreError, RefusedError, SweeperError, describe_
 from sweeper.pipeline import Pipeline
 from sweeper.query import RangeQuery, descendant_keys, held_page, key_pages
 from sweeper.result import SweepResult
-from sweeper.retry import NO_CLIENT_RETRY, TRANSIENT, Retrier
-from sweeper.settings import MAX_BATCH_SIZE
+from sweeper.retry import NO_CLIENT_RETRY, TRANSIENT, Contended, Retrier
+from sweeper.settings import MAX_BATCH_SIZE, MAX_WORKERS
 from sweeper.stopping import Stopped
 from sweeper.throttle import Throttle
 
@@ -206,6 +207,9 @@ class Gate:
         self._lock = threading.Lock()
         self._log = structlog.get_logger("sweeper.gate").bind(kind=rule.kind)
         self._per_session = 1.0  # entities per session seen so far (with descendants)
+        self._held_free = threading.Condition()
+        self._held_limit = MAX_WORKERS  # held transactions at once (cut on contention)
+        self._held_active = 0
         if not verify and not dry_run:
             self._log.warning(
                 "verify_off",
@@ -246,7 +250,9 @@ class Gate:
             keys = keys[:left]
             self.allowance.capped = True
         if not keys:
-            raise Capped
+            if left == 0:
+                raise Capped
+            return
         groups, found = self._with_descendants(keys)
         if self._dry_run:  # the commits a real run would make of this page
             granted = self.allowance.reserve([len(g) for _s, g in groups])
@@ -263,8 +269,9 @@ class Gate:
         self.ledger.add(descendants_matched=found)
         pending = Pending([s for s, _g in groups], {s: g[:-1] for s, g in groups})
         size = self._sizer.size
+        gone: dict[tuple[Any, ...], bool] = {}  # keys of commits whose answer was lost
         while pending and not self._should_stop():
-            size = self._commit_next(pending, size)
+            size = self._commit_next(pending, size, gone)
             self.ledger.add(batches=1)
             self._on_batch()
 
@@ -284,11 +291,14 @@ class Gate:
             )
             if outcome.too_big is None:
                 break
-            if outcome.too_big <= 1:  # one key the database will not delete: name it, go on
-                self._refuse(outcome.keys)
+            if len(outcome.keys) <= 1:
+                # One session (with what lies under it) too big for one commit: the lookup
+                # path cuts its group down to single keys, and names one still refused.
+                self.delete(outcome.keys)
                 return outcome.cursor, outcome.cursor is not None
-            limit = self._shrink_for_too_big(outcome.too_big)
+            limit = self._shrink_for_too_big(len(outcome.keys))
         self.ledger.add(batches=1)
+        self._log.debug("batch_deleted", keys=len(outcome.keys), deleted=outcome.deleted)
         self._on_batch()
         if outcome.rest:  # groups the commit had no room for: re-checked by lookup
             self.delete(outcome.rest, held=True)
@@ -296,7 +306,45 @@ class Gate:
             raise Capped
         return outcome.cursor, outcome.cursor is not None and bool(outcome.keys)
 
+    @contextlib.contextmanager
+    def _held_slot(self) -> Iterator[None]:
+        """One of the held transactions allowed at once (see :meth:`_contended`)."""
+        with self._held_free:
+            while self._held_active >= self._held_limit:
+                self._held_free.wait(0.2)
+            self._held_active += 1
+        try:
+            yield
+        finally:
+            with self._held_free:
+                self._held_active -= 1
+                self._held_free.notify()
+
+    def _contended(self) -> None:
+        """A held transaction aborted on a lock another one held: one at a time from now on.
+
+        The Firestore emulator makes transactions that run range queries wait on each other
+        even over disjoint ranges (about 2 s each, then ABORTED), so there the first collision
+        leaves one held transaction at a time (about 0.8x a blind loop); where they do not
+        collide, as many run as there are workers.
+        """
+        with self._held_free:
+            if self._held_limit == 1:
+                return
+            self._held_limit = now = 1
+        self._log.info("held_transactions_reduced", now=now, reason="lock contention")
+
     def _held_attempt(
+        self,
+        query: RangeQuery,
+        cursor: bytes | None,
+        limit: int,
+        gone: dict[tuple[Any, ...], tuple[Key, bool]],
+    ) -> _HeldOutcome:
+        with self._held_slot(), self._in_flight(limit):
+            return self._held_transaction(query, cursor, limit, gone)
+
+    def _held_transaction(
         self,
         query: RangeQuery,
         cursor: bytes | None,
@@ -312,6 +360,7 @@ class Gate:
             already = self._already_gone(gone, transaction)
             if not keys:
                 _rollback(self._client, transaction, txn_id, timeout)
+                gone.clear()
                 self.ledger.add(deleted=already.sessions, descendants_deleted=already.descendants)
                 return _HeldOutcome([], after)
             groups, found = self._with_descendants(keys, transaction, held=True)
@@ -339,29 +388,40 @@ class Gate:
             except BaseException:
                 self.allowance.release(entities)
                 raise
+        except gexc.Aborted as exc:
+            _rollback(self._client, transaction, txn_id, timeout)
+            if "lock" not in str(exc).lower():
+                raise
+            self._contended()
+            raise Contended(describe_exception(exc)) from exc
         except BaseException:
             _rollback(self._client, transaction, txn_id, timeout)
             raise
+        gone.clear()  # counted below: the retries after a lost answer are over
         sessions = len(commit)
         self.ledger.add(
             matched=len(keys),
-            descendants_matched=found,
+            # Those of the groups left for lookups are counted when those find them again.
+            descendants_matched=found - sum(len(g) - 1 for _s, g in rest),
             deleted=sessions + already.sessions,
             descendants_deleted=entities - sessions + already.descendants,
         )
-        return _HeldOutcome(keys, after, rest=[s for s, _g in rest], capped=capped)
+        rest_keys = [s for s, _g in rest]
+        return _HeldOutcome(keys, after, rest=rest_keys, capped=capped, deleted=sessions)
 
     def _already_gone(
         self, gone: dict[tuple[Any, ...], tuple[Key, bool]], transaction: datastore.Transaction
     ) -> _Commit:
-        """Of the keys of a commit whose answer was lost, those now gone: it went (rule 5)."""
+        """Of the keys of a commit whose answer was lost, those now gone: it went (rule 5).
+
+        ``gone`` is cleared only once the attempt that counts them has succeeded.
+        """
         if not gone:
             return _Commit([])
         found = self._lookup([key for key, _s in gone.values()], transaction)
         lost = [p for p in gone if p not in found]
         already = _Commit([], sessions=sum(1 for p in lost if gone[p][1]))
         already.descendants = len(lost) - already.sessions
-        gone.clear()
         return already
 
     def _page_limit(self) -> int:
@@ -396,24 +456,25 @@ class Gate:
 
     # -- checked commits ------------------------------------------------------------------
 
-    def _commit_next(self, pending: Pending, size: int) -> int:
+    def _commit_next(self, pending: Pending, size: int, gone: dict[tuple[Any, ...], bool]) -> int:
         """One commit of what ``pending`` holds next; the commit size to go on with.
 
         Each attempt takes its keys anew at the size the sizer allows then, so a commit that
         timed out is retried smaller.
         """
-        gone: dict[tuple[Any, ...], bool] = {}  # keys of a commit whose answer was lost
         taken: list[list[tuple[Key, list[Key]]]] = [[]]
+        paid = [0]  # keys the throttle let through for this commit (once, not per attempt)
         what = "verify" if self.mode is not Mode.BLIND else "delete"
         try:
             commit = self._retrier.call(
-                what,
-                partial(self._checked_attempt, pending, min(size, self._sizer.size), gone, taken),
+                what, partial(self._checked_attempt, pending, size, gone, taken, paid)
             )
         except gexc.InvalidArgument as exc:
+            self._throttle.refund(paid[0])  # refused outright: nothing went
             parts = taken[0]
             keys = sum(len(k) for _s, k in parts)
-            if "entity groups" in str(exc) and self._groups_per_txn > LEGACY_LIMIT:
+            # Judged by the refused commit's own size: another worker may have shrunk already.
+            if "entity groups" in str(exc) and len(parts) > LEGACY_LIMIT:
                 self._shrink_groups()
                 return size
             if not _too_big(exc):
@@ -434,6 +495,7 @@ class Gate:
             descendants_deleted=commit.descendants,
             skipped=len(commit.kept),
         )
+        self._log.debug("batch_deleted", keys=len(_keys(taken[0])), deleted=commit.sessions)
         if commit.capped:
             raise Capped
         return min(size, self._sizer.size)
@@ -444,6 +506,7 @@ class Gate:
         size: int,
         gone: dict[tuple[Any, ...], bool],
         taken: list[list[tuple[Key, list[Key]]]],
+        paid: list[int],
     ) -> _Commit:
         """Take the next commit's groups, re-check and delete them in one transaction (blind:
         one plain commit); reserve them in the allowance for as long as they may have gone."""
@@ -454,8 +517,12 @@ class Gate:
         capped, parts = granted < len(parts), parts[:granted]
         taken[0] = parts
         keys = sum(len(k) for _s, k in parts)
+        if not paid[0]:
+            self._wait(keys)
+            paid[0] = keys
         try:
-            commit = self._delete_checked(parts, gone)
+            with self._in_flight(keys):
+                commit = self._delete_checked(parts, gone)
         except AMBIGUOUS:
             raise  # it may have gone: its reservation stays until the retry knows
         except BaseException:
@@ -472,7 +539,6 @@ class Gate:
         timeout = self._retrier.timeout
         if self.mode is Mode.BLIND:
             keys = _keys(parts)
-            self._wait(len(keys))
             self._send(
                 len(keys),
                 lambda: self._client.delete_multi(keys, retry=NO_CLIENT_RETRY, timeout=timeout),
@@ -485,7 +551,6 @@ class Gate:
         try:
             transaction.begin(retry=NO_CLIENT_RETRY, timeout=timeout)
             txn_id = transaction.id
-            self._wait(sum(len(k) for _s, k in parts))
             wanted = _to_check(parts, self._rule.kind)
             lost = [k for k in _keys(parts) if k.flat_path in gone]
             found = self._lookup(_unique([*wanted, *lost]), transaction)
@@ -495,6 +560,7 @@ class Gate:
                     transaction.delete(key)
             if not commit.parts:
                 _rollback(self._client, transaction, txn_id, timeout)
+                _forget(gone, parts)
                 return _merge(commit, already)
             sent = {k.flat_path: k is s for s, ks in commit.parts for k in ks}
             try:
@@ -507,6 +573,7 @@ class Gate:
         except BaseException:
             _rollback(self._client, transaction, txn_id, timeout)
             raise
+        _forget(gone, parts)
         return _merge(commit, already)
 
     def _decide(
@@ -520,11 +587,11 @@ class Gate:
         A session no longer expired (or gone) keeps its whole group; a key of the swept kind
         under it that is not expired keeps itself and everything under it (rule 2).
         """
-        lost = {p for p in gone if p not in found}
+        here = {k.flat_path for k in _keys(parts)}
+        lost = {p for p in gone if p in here and p not in found}
         already = _Commit([])
         already.sessions = sum(1 for p in lost if gone[p])
         already.descendants = len(lost) - already.sessions
-        gone.clear()
         kind = self._rule.kind
         blocked = {p for p in _to_check_paths(parts, kind) if not self._rule.expired(found.get(p))}
         commit = _Commit([])
@@ -603,14 +670,20 @@ class Gate:
     # -- shared mechanics -------------------------------------------------------------------
 
     def _send(self, keys: int, commit: Callable[[], object]) -> None:
+        self._sizer.measure(keys, commit)
+        self._throttle.record(accepted=True)
+
+    @contextlib.contextmanager
+    def _in_flight(self, keys: int) -> Iterator[None]:
+        """Keys a transaction (or a blind commit) is working on: if the run must stop before
+        it answers, they may or may not be gone (``unconfirmed``)."""
         with self.ledger.lock:
             self.ledger.in_flight += keys
         try:
-            self._sizer.measure(keys, commit)
+            yield
         finally:
             with self.ledger.lock:
                 self.ledger.in_flight -= keys
-        self._throttle.record(accepted=True)
 
     def _wait(self, keys: int) -> None:
         waited = self._throttle.acquire(keys)
@@ -658,6 +731,7 @@ class _HeldOutcome:
     rest: list[Key] = field(default_factory=list)
     capped: bool = False
     too_big: int | None = None  # the commit was refused as too big with this many keys
+    deleted: int = 0  # sessions the commit deleted
 
 
 def refused_error(refused: Sequence[Key]) -> str | None:
@@ -706,6 +780,12 @@ def _to_check_paths(parts: list[tuple[Key, list[Key]]], kind: str) -> set[tuple[
 def _counted(parts: list[tuple[Key, list[Key]]]) -> _Commit:
     sessions = sum(1 for s, ks in parts if ks and ks[-1] is s)
     return _Commit(parts, sessions, sum(len(ks) for _s, ks in parts) - sessions)
+
+
+def _forget(gone: dict[tuple[Any, ...], bool], parts: list[tuple[Key, list[Key]]]) -> None:
+    """The keys of ``parts`` are settled: counted by the commit that just succeeded."""
+    for key in _keys(parts):
+        gone.pop(key.flat_path, None)
 
 
 def _keys(parts: list[tuple[Key, list[Key]]]) -> list[Key]:

@@ -1,37 +1,11 @@
-"""What a run hands out and says as it goes: the --max-deletes budget, ``sweep_progress``."""
+"""What a run says as it goes: ``sweep_progress`` events."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Sequence
 from typing import Any
-
-from google.cloud.datastore import Key
 
 from sweeper.result import Runtime, SweepResult
 from sweeper.retry import RetryCounter
-
-
-class DeleteBudget:
-    """``--max-deletes``: hands out keys until the cap, then notes whether more were waiting."""
-
-    def __init__(self, limit: int | None) -> None:
-        self._left = limit
-        self.capped = False
-        self._lock = threading.Lock()
-
-    def take(self, batch: Sequence[Key]) -> Sequence[Key]:
-        with self._lock:
-            if self._left is None:
-                return batch
-            if self._left == 0:
-                self.capped = True
-                return ()
-            taken = batch[: self._left]
-            self._left -= len(taken)
-            if len(taken) < len(batch):  # the cap fell inside this batch: keys are left
-                self.capped = True
-            return taken
 
 
 class ProgressLog:

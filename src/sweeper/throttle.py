@@ -209,6 +209,13 @@ class Throttle:
             self._sleep(wait)
         return waited + wait
 
+    def refund(self, operations: int) -> None:
+        """Give back what :meth:`acquire` reserved for a request the server refused outright
+        (too many entity groups, too big): it deleted nothing, so it costs no rate."""
+        with self._lock:
+            if not self._schedule.unlimited:
+                self._tokens += operations
+
     def record(self, accepted: bool) -> None:
         """Report one sent request: ``accepted=False`` when the server refused it for load.
 

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from google.cloud import datastore
+from google.cloud.datastore.helpers import key_from_protobuf
 
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, Sweep, SweepResult
@@ -198,9 +199,11 @@ def run_cli(emulator: Emulator, *args: str, **env: str) -> subprocess.CompletedP
 class RecordingClient(datastore.Client):
     """A real client that records the names of the keys sweeper hands over for deletion.
 
-    It records the keys of every blind ``delete_multi`` and of every lookup made inside a
-    transaction (``--verify``'s re-check). With ``delete=False`` a blind delete is recorded and
-    not sent, so a run reports what it would have deleted while the data stays in place: runs
+    It records the keys of every blind ``delete_multi``, of every lookup made inside a
+    transaction (the gate's re-check), and of the deletes a transaction commits without having
+    looked them up (a page held by the transaction's own query). With ``delete=False`` nothing
+    is deleted: a blind delete is recorded and not sent, a transaction is rolled back instead of
+    committed, so a run reports what it would have deleted while the data stays in place: runs
     made one after another, or at once, each show the whole set of keys they match.
     """
 
@@ -209,6 +212,7 @@ class RecordingClient(datastore.Client):
         self.sends_deletes = delete
         self.handed_over: list[str] = []
         self._recording = threading.Lock()
+        self._looked_up: dict[int, set[str]] = {}  # per transaction: names looked up in it
 
     def _record(self, keys: Sequence[datastore.Key]) -> None:
         with self._recording:
@@ -223,9 +227,28 @@ class RecordingClient(datastore.Client):
 
     def get_multi(self, keys: Any, *args: Any, **kwargs: Any) -> Any:
         keys = list(keys)
-        if kwargs.get("transaction") is not None:
+        transaction = kwargs.get("transaction")
+        if transaction is not None:
             self._record(keys)
+            with self._recording:
+                self._looked_up.setdefault(id(transaction), set()).update(str(k.name) for k in keys)
         return super().get_multi(keys, *args, **kwargs)  # type: ignore[no-untyped-call]
+
+    def transaction(self, **kwargs: Any) -> Any:
+        transaction = super().transaction(**kwargs)  # type: ignore[no-untyped-call]
+        commit = transaction.commit
+
+        def recorded_commit(*args: Any, **kw: Any) -> Any:
+            deleted = [key_from_protobuf(m.delete) for m in transaction.mutations if "delete" in m]
+            with self._recording:
+                seen = self._looked_up.pop(id(transaction), set())
+            self._record([k for k in deleted if str(k.name) not in seen])
+            if self.sends_deletes:
+                return commit(*args, **kw)
+            return transaction.rollback(*args, **kw)
+
+        transaction.commit = recorded_commit
+        return transaction
 
 
 def recording_client(

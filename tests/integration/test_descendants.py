@@ -192,7 +192,10 @@ def test_with_verify_a_refreshed_session_keeps_its_descendants(
         "a descendant of a session that was not deleted was deleted"
     )
     assert existing(client, others) == 0
-    assert (result.deleted, result.skipped, result.descendants_deleted) == (2, 1, 5)
+    assert (result.deleted, result.descendants_deleted) == (2, 5)
+    # Firestore: the refresh lands before the page's query, which then does not match it (the
+    # transaction holds what it read); legacy: the lookup in the transaction finds it live.
+    assert result.skipped == (1 if emulator.flavour == "datastore" else 0)
 
 
 def test_the_cli_and_a_config_file_turn_it_on(

@@ -150,9 +150,11 @@ def test_max_rate_slows_the_deletes(client: datastore.Client, kind: str) -> None
 
     result = sweep(client, kind, S, max_rate=1000.0, batch_size=500)
 
-    # The first batch goes at once; the other two wait for the budget: about a second.
+    # The first 500 go at once; the other 1000 take the budget of about a second. (Where the
+    # database is itself slower than that, as the legacy emulator's 25-group transactions are,
+    # the workers wait less: the run's time is what the cap bounds.)
     assert result.deleted == 1500
-    assert result.throttle_wait_s >= 0.9
+    assert result.throttle_wait_s > 0
     assert result.duration_s >= 0.9
 
 
