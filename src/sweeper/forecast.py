@@ -290,7 +290,9 @@ def scan_pages(entities: int, settings: RunSettings) -> int:
 
 
 def _per_call(settings: RunSettings) -> int:
-    return min(PAGE_SIZE, settings.batch_keys)
+    """Keys a query call returns; a held page is one commit, so at most a batch of them."""
+    held = settings.verify and not looks_up(settings) and not settings.scan
+    return min(PAGE_SIZE, settings.batch_keys, settings.batch_size if held else PAGE_SIZE)
 
 
 def _batches(streams: Sequence[int], per: int, settings: RunSettings) -> Iterator[int]:

@@ -143,6 +143,12 @@ class Allowance:
             self._used = used
             return taken
 
+    def charge(self, entities: int) -> None:
+        """Entities that went without a reservation of their own (a commit whose answer was
+        lost, found applied by its retry): they count all the same."""
+        with self._lock:
+            self._used += entities
+
     def release(self, entities: int) -> None:
         with self._lock:
             self._used -= entities
@@ -361,6 +367,7 @@ class Gate:
             if not keys:
                 _rollback(self._client, transaction, txn_id, timeout)
                 gone.clear()
+                self.allowance.charge(already.sessions + already.descendants)
                 self.ledger.add(deleted=already.sessions, descendants_deleted=already.descendants)
                 return _HeldOutcome([], after)
             groups, found = self._with_descendants(keys, transaction, held=True)
@@ -376,8 +383,9 @@ class Gate:
                 self._send(
                     entities, partial(transaction.commit, retry=NO_CLIENT_RETRY, timeout=timeout)
                 )
-            except AMBIGUOUS:  # it may have gone: the retry counts what it finds gone
+            except AMBIGUOUS:  # it may have gone: the retry counts (and charges) what is gone
                 gone.update({k.flat_path: (k, k is s) for s, ks in commit for k in ks})
+                self.allowance.release(entities)
                 raise
             except gexc.InvalidArgument as exc:
                 self.allowance.release(entities)
@@ -398,6 +406,7 @@ class Gate:
             _rollback(self._client, transaction, txn_id, timeout)
             raise
         gone.clear()  # counted below: the retries after a lost answer are over
+        self.allowance.charge(already.sessions + already.descendants)
         sessions = len(commit)
         self.ledger.add(
             matched=len(keys),
@@ -523,9 +532,9 @@ class Gate:
         try:
             with self._in_flight(keys):
                 commit = self._delete_checked(parts, gone)
-        except AMBIGUOUS:
-            raise  # it may have gone: its reservation stays until the retry knows
         except BaseException:
+            # Also after a lost answer: the retry reserves its keys again, those found gone
+            # included (they count as deleted by it).
             self.allowance.release(keys)
             raise
         self.allowance.release(keys - commit.sessions - commit.descendants)

@@ -347,7 +347,7 @@ def within(forecast: int, actual: int, share: float = 0.05) -> bool:
 
 CASES: dict[str, dict[str, Any]] = {
     "default": {},
-    "verify-as-decided": {"verify": None},
+    "no-verify": {"verify": False},
     "verify": {"verify": True},
     "guard-on": {"max_fraction": 0.9},
     "one-worker": {"workers": 1},
@@ -478,7 +478,10 @@ def test_forecast_of_a_scan_matches_its_run(
     }
     print(emulator.flavour, "scan", measured)
     assert result.deleted == 1500
-    assert ops.entities_read == result.entities_read == 2000
+    # The scan reads all 2000; the gate looks each due one up again in the transaction that
+    # deletes it: the forecast's part of that is its estimate of what is due.
+    assert result.entities_read == 2000 + 1500
+    assert ops.entities_read == 2000 + ops.deleted
     assert all(within(f, a) for f, a in measured.values()), measured
 
 

@@ -172,11 +172,20 @@ def test_several_workers_page_their_counted_slices() -> None:
 
 
 def test_batch_size_cuts_every_page() -> None:
-    settings = RunSettings(workers=1, batch_size=200, max_fraction=1.0)
+    settings = RunSettings(workers=1, batch_size=200, max_fraction=1.0, verify=False)
 
     ops = operations(plan_backlog(hourly(1200), settings, 1200), settings)
 
     assert ops.commits == 3 + 3 + 1  # 500 -> 200, 200, 100 twice; then 200
+
+
+def test_a_held_page_is_one_commit_of_at_most_a_batch() -> None:
+    settings = RunSettings(workers=1, batch_size=200, max_fraction=1.0)
+
+    ops = operations(plan_backlog(hourly(1200), settings, 1200), settings)
+
+    assert ops.commits == 6  # pages of 200, each deleted by the transaction that read it
+    assert ops.entities_read == 0
 
 
 @pytest.mark.parametrize(("tx", "commits"), [(500, 3), (25, 20 + 20 + 8)])
