@@ -87,7 +87,10 @@ def test_a_session_refreshed_after_the_query_survives_only_with_verify(
     left = remaining(client, kind, group_names(groups, "expired"))
     if verify:
         assert left == set(REFRESHED)
-        assert (result.matched, result.deleted, result.skipped) == (60, 58, 2)
+        assert result.deleted == 58
+        # Firestore: the refresh lands before the page's query, which then does not match it
+        # (the transaction holds what it read); legacy: the lookup finds it live and skips it.
+        assert result.matched - result.skipped == 58
     else:  # the blind delete loses them: why --verify exists
         assert left == set()
         assert result.deleted == 60
