@@ -103,8 +103,10 @@ def entity_pages(
     page_size: int = PAGE_SIZE,
     *,
     start: bytes | None = None,
+    resize: Callable[[list[datastore.Entity]], int] | None = None,
 ) -> Iterator[list[datastore.Entity]]:
-    """Every result of ``query`` (keys only, or whole entities), one page at a time."""
+    """Every result of ``query`` (keys only, or whole entities), one page at a time; with
+    ``resize``, each next page's size is what it says of the page before."""
     cursor: bytes | None = start
     while True:
         found, cursor = retrier.call(
@@ -114,6 +116,8 @@ def entity_pages(
             yield found
         if cursor is None or not found:
             return
+        if resize is not None:
+            page_size = resize(found)
 
 
 def lookup(
@@ -227,17 +231,7 @@ def scan_pages(
     For properties no index holds: costs one billed entity read per entity of the kind.
     """
     query = RangeQuery(kind, "__key__", keys_only=False)
-    cursor: bytes | None = None
-    size = SCAN_FIRST_PAGE
-    while True:
-        found, cursor = retrier.call(
-            "query", partial(_page, client, query, size, cursor, timeout=retrier.timeout)
-        )
-        if found:
-            yield found
-        if cursor is None or not found:
-            return
-        size = _scan_page_size(found)
+    return entity_pages(client, retrier, query, SCAN_FIRST_PAGE, resize=_scan_page_size)
 
 
 def scan_expired(
