@@ -263,9 +263,10 @@ class Gate:
         if self._dry_run:  # the commits a real run would make of this page
             granted = self.allowance.reserve([len(g) for _s, g in groups])
             entities = sum(len(g) for _s, g in groups[:granted])
-            self.ledger.add(batches=-(-entities // self._sizer.size))
             self.ledger.add(
-                matched=sum(len(g) for _s, g in groups[:granted]) - found, descendants_matched=found
+                batches=-(-entities // self._sizer.size),
+                matched=entities - found,
+                descendants_matched=found,
             )
             if granted < len(groups):
                 raise Capped
@@ -292,9 +293,8 @@ class Gate:
         self._wait(limit)
         gone: dict[tuple[Any, ...], tuple[Key, bool]] = {}  # a commit whose answer was lost
         while True:
-            outcome = self._retrier.call(
-                "held", partial(self._held_attempt, query, cursor, limit, gone)
-            )
+            attempt = partial(self._held_transaction, query, cursor, limit, gone)
+            outcome = self._retrier.call("held", partial(self._held, limit, attempt))
             if outcome.too_big is None:
                 break
             if len(outcome.keys) <= 1:
@@ -340,15 +340,10 @@ class Gate:
             self._held_limit = now = 1
         self._log.info("held_transactions_reduced", now=now, reason="lock contention")
 
-    def _held_attempt(
-        self,
-        query: RangeQuery,
-        cursor: bytes | None,
-        limit: int,
-        gone: dict[tuple[Any, ...], tuple[Key, bool]],
-    ) -> _HeldOutcome:
+    def _held(self, limit: int, attempt: Callable[[], _HeldOutcome]) -> _HeldOutcome:
+        """One attempt at a held page, in a held-transaction slot, its keys in flight."""
         with self._held_slot(), self._in_flight(limit):
-            return self._held_transaction(query, cursor, limit, gone)
+            return attempt()
 
     def _held_transaction(
         self,
@@ -563,7 +558,7 @@ class Gate:
             wanted = _to_check(parts, self._rule.kind)
             lost = [k for k in _keys(parts) if k.flat_path in gone]
             found = self._lookup(_unique([*wanted, *lost]), transaction)
-            commit, already = self._decide(parts, found, gone)
+            commit, already = self._decide(parts, found, gone, wanted)
             for _session, keys in commit.parts:
                 for key in keys:
                     transaction.delete(key)
@@ -590,6 +585,7 @@ class Gate:
         parts: list[tuple[Key, list[Key]]],
         found: dict[tuple[Any, ...], datastore.Entity],
         gone: dict[tuple[Any, ...], bool],
+        checked: list[Key],
     ) -> tuple[_Commit, _Commit]:
         """The keys that may go now, and those an earlier, unanswered commit deleted (rule 5).
 
@@ -601,8 +597,7 @@ class Gate:
         already = _Commit([])
         already.sessions = sum(1 for p in lost if gone[p])
         already.descendants = len(lost) - already.sessions
-        kind = self._rule.kind
-        blocked = {p for p in _to_check_paths(parts, kind) if not self._rule.expired(found.get(p))}
+        blocked = {k.flat_path for k in checked if not self._rule.expired(found.get(k.flat_path))}
         commit = _Commit([])
         for session, keys in parts:
             if session.flat_path in blocked:
@@ -780,10 +775,6 @@ def _under_blocked(key: Key, session: Key, blocked: set[tuple[Any, ...]]) -> boo
 def _to_check(parts: list[tuple[Key, list[Key]]], kind: str) -> list[Key]:
     """The keys a commit must look up: its sessions and every key of the swept kind."""
     return _unique([s for s, _ks in parts] + [k for _s, ks in parts for k in ks if k.kind == kind])
-
-
-def _to_check_paths(parts: list[tuple[Key, list[Key]]], kind: str) -> set[tuple[Any, ...]]:
-    return {k.flat_path for k in _to_check(parts, kind)}
 
 
 def _counted(parts: list[tuple[Key, list[Key]]]) -> _Commit:
