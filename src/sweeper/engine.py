@@ -29,15 +29,20 @@ from sweeper.errors import (
 from sweeper.gate import DESCENDANT_QUERIES, Allowance, Capped, Gate, Rule, refused_error
 from sweeper.pipeline import Pipeline
 from sweeper.progress import ProgressLog
-from sweeper.query import RangeQuery
 from sweeper.result import Runtime, SweepResult
 from sweeper.retry import PUSHBACK, Retrier, RetryCounter
 from sweeper.settings import SweepSettings
-from sweeper.sources import Work, expired_streams
+from sweeper.sources import expired_streams
 from sweeper.stopping import Stopped, Stopper, StopReason
 from sweeper.throttle import Throttle, ThrottleSettings
 
 __all__ = ["Runtime", "Sweep", "SweepResult"]
+
+
+# A checked commit is three calls (begin, lookup, commit) against the stream's one query per
+# page, so each stream feeds two delete workers; on the Firestore emulator with 60 ms each way
+# that took a 10,000-key sweep from 1.43x to 1.62x the bare loop.
+DELETERS_PER_STREAM = 2
 
 
 class Sweep:
@@ -61,9 +66,11 @@ class Sweep:
         self.runtime = rt = runtime or Runtime()
         self._counter = RetryCounter()
         self._stopper = Stopper(rt.stop_requested, rt.monotonic, rt.sleep)
-        # A query stream and a delete worker per worker (and the delete worker's ancestor
+        # A query stream and its delete workers per worker (and the delete workers' ancestor
         # queries): nothing waits for a place unless connection loss has cut the limit.
-        calls = 2 + (DESCENDANT_QUERIES if settings.with_descendants else 0)
+        calls = 1 + DELETERS_PER_STREAM * (
+            1 + (DESCENDANT_QUERIES if settings.with_descendants else 0)
+        )
         self._limiter = CallLimiter(calls * settings.workers, rt.monotonic, self._stopper.check)
         self._sizer = BatchSizer(settings.batch_size, rt.monotonic)
         self._throttle = Throttle(
@@ -112,9 +119,7 @@ class Sweep:
             result.retries = self._counter.retries
             calls = self._counter.calls
             result.queries, result.lookups = calls["query"], calls["lookup"]
-            # A held page is one query and one commit.
-            result.queries += calls["held"]
-            result.commits = calls["delete"] + calls["verify"] + calls["held"]
+            result.commits = calls["delete"] + calls["verify"]
             result.duration_s = rt.monotonic() - started
             result.concurrency = self._limiter.degradation()
             result.commit_size = self._sizer.degradation()
@@ -211,9 +216,6 @@ class Sweep:
             self._retrier,
             Rule(s.kind, s.prop, encoding, result.cutoff),
             verify=result.verify,
-            # Only Firestore in Datastore mode reports its time, and it alone runs range
-            # queries in transactions (the gate falls back if it does not after all).
-            queries_in_transactions=result.clock_source == "server",
             dry_run=s.dry_run,
             with_descendants=s.with_descendants,
             sizer=self._sizer,
@@ -225,12 +227,6 @@ class Sweep:
             on_batch=lambda: self._progress(progress, result),
         )
         self._gate = gate
-
-        def take(work: Work) -> None:
-            if isinstance(work, RangeQuery):
-                gate.sweep_range(work)
-            else:
-                gate.delete(work)
 
         def should_stop() -> bool:
             reason = self._stopper.reason()
@@ -255,7 +251,7 @@ class Sweep:
             on_left_alone=partial(count, "left_alone"),
         )
         with contextlib.suppress(Capped):  # --max-deletes reached: the allowance says so
-            Pipeline(s.workers, take, should_stop).run(streams)
+            Pipeline(DELETERS_PER_STREAM * s.workers, gate.delete, should_stop).run(streams)
         if gate.allowance.capped:
             self._end(result, StopReason.MAX_DELETES)
         refused = refused_error(gate.ledger.refused)

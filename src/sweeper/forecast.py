@@ -44,11 +44,8 @@ class RunSettings:
 
     workers: int = DEFAULT_WORKERS
     batch_size: int = MAX_BATCH_SIZE
+    # Each key looked up in the transaction that deletes it (``sweeper.gate``).
     verify: bool = True
-    # The check made by the query itself, inside the deleting transaction (``sweeper.gate``),
-    # where the database runs range queries in transactions; else a lookup per key. A scan or
-    # a text range is looked up either way.
-    held: bool = True
     scan: bool = False
     shards: int = 1
     ramp_up: bool = True
@@ -86,7 +83,6 @@ def run_settings(
         workers=s.workers,
         batch_size=s.batch_size,
         verify=s.verify,
-        held=reports_read_time,
         scan=s.scan,
         shards=s.shard.count,
         ramp_up=s.ramp_up,
@@ -203,7 +199,6 @@ def operations(backlog: Backlog, settings: RunSettings) -> Operations:
     commits, and the retention counts after it (when pods finish together: nothing left)."""
     queries = lookups = commits = billed = 0
     left = max(backlog.carrying - backlog.due, 0)
-    scanned = backlog.scan_reads is not None
     for keys, probes in zip(backlog.streams, backlog.probes, strict=True):
         # A scan's retention is what it read: no counts after it (``checks.Checks.retention``).
         after = [] if backlog.scan_reads is not None else [retention_calls(left, 0, settings)]
@@ -221,11 +216,8 @@ def operations(backlog: Backlog, settings: RunSettings) -> Operations:
             billed += fixed - counted + counted_reads + pages + CHECK_LOOKUP_ENTITIES
         # A scan hands its keys on a full commit at a time, whatever its read pages.
         per = PAGE_SIZE if backlog.scan_reads is not None else _per_call(settings)
-        commits += sum(
-            _commits(batch, settings, scanned) for batch in _batches(keys, per, settings)
-        )
-    checked = looks_up(settings) or (settings.verify and scanned)
-    read = (backlog.due if checked else 0) + (backlog.scan_reads or 0)
+        commits += sum(_commits(batch, settings) for batch in _batches(keys, per, settings))
+    read = (backlog.due if settings.verify else 0) + (backlog.scan_reads or 0)
     if backlog.scan_reads is not None and settings.max_fraction < 1:
         # The guard of a scan reads the whole kind once before the scan that deletes.
         queries += scan_pages(backlog.scan_reads, settings)
@@ -290,9 +282,8 @@ def scan_pages(entities: int, settings: RunSettings) -> int:
 
 
 def _per_call(settings: RunSettings) -> int:
-    """Keys a query call returns; a held page is one commit, so at most a batch of them."""
-    held = settings.verify and not looks_up(settings) and not settings.scan
-    return min(PAGE_SIZE, settings.batch_keys, settings.batch_size if held else PAGE_SIZE)
+    """Keys a query call returns."""
+    return min(PAGE_SIZE, settings.batch_keys)
 
 
 def _batches(streams: Sequence[int], per: int, settings: RunSettings) -> Iterator[int]:
@@ -303,14 +294,8 @@ def _batches(streams: Sequence[int], per: int, settings: RunSettings) -> Iterato
             yield from [size] * (page // size) + ([page % size] if page % size else [])
 
 
-def looks_up(settings: RunSettings) -> bool:
-    """Whether the check is a lookup of each key in the transaction that deletes it."""
-    held = settings.held and not settings.scan and not settings.projected
-    return settings.verify and not held
-
-
-def _commits(batch: int, settings: RunSettings, scanned: bool = False) -> int:
-    if not (looks_up(settings) or (settings.verify and scanned)):
+def _commits(batch: int, settings: RunSettings) -> int:
+    if not settings.verify:
         return 1
     return math.ceil(batch / min(settings.transaction_keys, settings.batch_size))
 

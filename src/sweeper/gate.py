@@ -2,23 +2,20 @@
 
 The rules, each enforced below where it is named:
 
-1. **Checked atomically with the delete** (:meth:`Gate.sweep_range`, :meth:`Gate.delete`).
-   A session refreshed, or re-created under its old key, between the read that found it and
-   the delete would be lost by a blind delete; a grace period only covers sessions refreshed
-   *before* they expire. So by default every key is deleted in a transaction that has itself
-   seen it expired:
+1. **Checked atomically with the delete** (:meth:`Gate.delete`). A session refreshed, or
+   re-created under its old key, between the read that found it and the delete would be lost
+   by a blind delete; a grace period only covers sessions refreshed *before* they expire. So
+   by default each commit first looks its keys up in its own read-write transaction and
+   deletes only those still expired: a writer re-saving one of them then either waits for
+   the commit and re-creates the entity after it, or makes the commit abort, and the keys
+   are looked up again. ``--no-verify`` (an explicit opt-out that logs a warning) deletes
+   what the query returned as it is; the race above is open again.
 
-   - *held*: on Firestore in Datastore mode a keys-only range query runs inside the
-     transaction that deletes its page, and the transaction holds what it read: a writer
-     re-saving one of those keys waits for the commit and re-creates the entity after it
-     (or, under optimistic concurrency, the commit aborts and the page is read again). This
-     costs the calls of a blind loop: one query and one commit per page.
-   - *lookup*: elsewhere (the legacy emulator refuses non-ancestor queries in transactions,
-     and scans and text ranges read outside one) each commit first looks its keys up in its
-     transaction and deletes only those still expired; one billed read per key.
-   - *blind* (``--no-verify``, an explicit opt-out that logs a warning): what the query
-     returned is deleted as it is; the race above is open again.
-
+   (A keys-only range query inside the deleting transaction would check a page without the
+   lookup's billed reads, and Firestore in Datastore mode runs one; but its emulator locks the
+   whole kind for such a query, so those transactions cannot overlap and a run of them is
+   never faster than a blind loop. Lookups lock only their keys, and run side by side.
+   docs/design.md has the measurements.)
 2. **Descendants are checked too.** With ``--with-descendants`` an entity under a session that
    is of the swept kind is a session itself: it goes only if it is expired by the same rule,
    checked in the same transaction, and a live one keeps everything under it. A session under
@@ -49,14 +46,15 @@ from google.api_core import exceptions as gexc
 from google.cloud import datastore
 from google.cloud.datastore import Key
 
+from sweeper import rpc
 from sweeper.deleter import BatchSizer, Pending
 from sweeper.encodings import Encoding, is_expired
 from sweeper.errors import DatastoreError, RefusedError, SweeperError, describe_exception
 from sweeper.pipeline import Pipeline
-from sweeper.query import RangeQuery, descendant_keys, held_page, key_pages
+from sweeper.query import descendant_keys
 from sweeper.result import SweepResult
-from sweeper.retry import NO_CLIENT_RETRY, TRANSIENT, Contended, Retrier
-from sweeper.settings import MAX_BATCH_SIZE, MAX_WORKERS
+from sweeper.retry import TRANSIENT, Retrier
+from sweeper.settings import MAX_BATCH_SIZE
 from sweeper.stopping import Stopped
 from sweeper.throttle import Throttle
 
@@ -84,7 +82,6 @@ AMBIGUOUS = (
 
 
 class Mode(enum.StrEnum):
-    HELD = "held"
     LOOKUP = "lookup"
     BLIND = "blind"
 
@@ -98,8 +95,10 @@ class Rule:
     encoding: Encoding
     cutoff: dt.datetime
 
-    def expired(self, entity: datastore.Entity | None) -> bool:
-        return entity is not None and is_expired(self.encoding, entity.get(self.prop), self.cutoff)
+    def expired(self, found: dict[tuple[Any, ...], object], key: Key) -> bool:
+        """Whether a lookup's ``found`` (``rpc.lookup``) shows ``key`` still expired."""
+        path = key.flat_path
+        return path in found and is_expired(self.encoding, found[path], self.cutoff)
 
 
 class Capped(Exception):
@@ -190,7 +189,6 @@ class Gate:
         rule: Rule,
         *,
         verify: bool,
-        queries_in_transactions: bool,
         dry_run: bool,
         with_descendants: bool,
         sizer: BatchSizer,
@@ -202,8 +200,7 @@ class Gate:
         on_batch: Callable[[], None] = lambda: None,
     ) -> None:
         self._client, self._retrier, self._rule = client, retrier, rule
-        held = Mode.HELD if queries_in_transactions else Mode.LOOKUP
-        self.mode = held if verify else Mode.BLIND
+        self.mode = Mode.LOOKUP if verify else Mode.BLIND
         self._dry_run, self._descend = dry_run, with_descendants
         self._sizer, self.allowance, self._throttle = sizer, allowance, throttle
         self.ledger = _Ledger(result, lock)
@@ -212,10 +209,6 @@ class Gate:
         self._groups_per_txn = MAX_BATCH_SIZE
         self._lock = threading.Lock()
         self._log = structlog.get_logger("sweeper.gate").bind(kind=rule.kind)
-        self._per_session = 1.0  # entities per session seen so far (with descendants)
-        self._held_free = threading.Condition()
-        self._held_limit = MAX_WORKERS  # held transactions at once (cut on contention)
-        self._held_active = 0
         if not verify and not dry_run:
             self._log.warning(
                 "verify_off",
@@ -225,31 +218,8 @@ class Gate:
 
     # -- entry points ---------------------------------------------------------------------
 
-    def sweep_range(self, query: RangeQuery) -> None:
-        """Every key of a keys-only range; held: each page read by the transaction deleting it."""
-        cursor: bytes | None = None
-        while not self._should_stop():
-            if self.mode is not Mode.HELD or self._dry_run:
-                for page in key_pages(self._client, self._retrier, query, start=cursor):
-                    if self._should_stop():
-                        return
-                    self.delete(page)
-                return
-            try:
-                cursor, more = self._held_step(query, cursor)
-            except gexc.InvalidArgument as exc:
-                if "ancestor" not in str(exc):
-                    raise
-                self._to_lookup()
-                continue
-            if not more:
-                return
-
-    def delete(self, keys: Sequence[Key], held: bool = False) -> None:
-        """Candidates read outside a transaction (or left by a held one): re-checked here.
-
-        ``held``: already counted as matched by the held page they came from.
-        """
+    def delete(self, keys: Sequence[Key]) -> None:
+        """A page of candidates, read outside any transaction: each re-checked as it goes."""
         keys = _unique(keys)
         left = self.allowance.left()
         if left is not None and len(keys) > left:  # a session is at least one entity
@@ -271,9 +241,7 @@ class Gate:
             if granted < len(groups):
                 raise Capped
             return
-        if not held:
-            self.ledger.add(matched=len(keys))
-        self.ledger.add(descendants_matched=found)
+        self.ledger.add(matched=len(keys), descendants_matched=found)
         pending = Pending([s for s, _g in groups], {s: g[:-1] for s, g in groups})
         size = self._sizer.size
         gone: dict[tuple[Any, ...], bool] = {}  # keys of commits whose answer was lost
@@ -281,182 +249,6 @@ class Gate:
             size = self._commit_next(pending, size, gone)
             self.ledger.add(batches=1)
             self._on_batch()
-
-    # -- held pages -------------------------------------------------------------------------
-
-    def _held_step(self, query: RangeQuery, cursor: bytes | None) -> tuple[bytes | None, bool]:
-        """One page read and deleted in one transaction; (the cursor after it, more to come)."""
-        limit = self._page_limit()
-        if limit == 0:
-            self.allowance.capped = True
-            raise Capped
-        self._wait(limit)
-        gone: dict[tuple[Any, ...], tuple[Key, bool]] = {}  # a commit whose answer was lost
-        while True:
-            attempt = partial(self._held_transaction, query, cursor, limit, gone)
-            outcome = self._retrier.call("held", partial(self._held, limit, attempt))
-            if outcome.too_big is None:
-                break
-            if len(outcome.keys) <= 1:
-                # One session (with what lies under it) too big for one commit: the lookup
-                # path cuts its group down to single keys, and names one still refused.
-                self.delete(outcome.keys)
-                return outcome.cursor, outcome.cursor is not None
-            limit = self._shrink_for_too_big(len(outcome.keys))
-        self.ledger.add(batches=1)
-        self._log.debug("batch_deleted", keys=len(outcome.keys), deleted=outcome.deleted)
-        self._on_batch()
-        if outcome.rest:  # groups the commit had no room for: re-checked by lookup
-            self.delete(outcome.rest, held=True)
-        if outcome.capped:
-            raise Capped
-        return outcome.cursor, outcome.cursor is not None and bool(outcome.keys)
-
-    @contextlib.contextmanager
-    def _held_slot(self) -> Iterator[None]:
-        """One of the held transactions allowed at once (see :meth:`_contended`)."""
-        with self._held_free:
-            while self._held_active >= self._held_limit:
-                self._held_free.wait(0.2)
-            self._held_active += 1
-        try:
-            yield
-        finally:
-            with self._held_free:
-                self._held_active -= 1
-                self._held_free.notify()
-
-    def _contended(self) -> None:
-        """A held transaction aborted on a lock another one held: one at a time from now on.
-
-        The Firestore emulator makes transactions that run range queries wait on each other
-        even over disjoint ranges (about 2 s each, then ABORTED), so there the first collision
-        leaves one held transaction at a time (about 0.8x a blind loop); where they do not
-        collide, as many run as there are workers.
-        """
-        with self._held_free:
-            if self._held_limit == 1:
-                return
-            self._held_limit = now = 1
-        self._log.info("held_transactions_reduced", now=now, reason="lock contention")
-
-    def _held(self, limit: int, attempt: Callable[[], _HeldOutcome]) -> _HeldOutcome:
-        """One attempt at a held page, in a held-transaction slot, its keys in flight."""
-        with self._held_slot(), self._in_flight(limit):
-            return attempt()
-
-    def _held_transaction(
-        self,
-        query: RangeQuery,
-        cursor: bytes | None,
-        limit: int,
-        gone: dict[tuple[Any, ...], tuple[Key, bool]],
-    ) -> _HeldOutcome:
-        timeout = self._retrier.timeout
-        transaction = self._client.transaction()
-        txn_id: bytes | None = None
-        try:
-            keys, after, txn_id = held_page(self._client, query, limit, cursor, timeout=timeout)
-            transaction._begin_with_id(txn_id)
-            already = self._already_gone(gone, transaction)
-            if not keys:
-                _rollback(self._client, transaction, txn_id, timeout)
-                gone.clear()
-                self.allowance.charge(already.sessions + already.descendants)
-                self.ledger.add(deleted=already.sessions, descendants_deleted=already.descendants)
-                return _HeldOutcome([], after)
-            groups, found = self._with_descendants(keys, transaction, held=True)
-            commit, rest = self._fit(groups)
-            granted = self.allowance.reserve([len(g) for _s, g in commit])
-            capped = granted < len(commit)
-            commit = commit[:granted]
-            entities = sum(len(g) for _s, g in commit)
-            for _session, group in commit:
-                for key in group:
-                    transaction.delete(key)
-            try:
-                self._send(
-                    entities, partial(transaction.commit, retry=NO_CLIENT_RETRY, timeout=timeout)
-                )
-            except AMBIGUOUS:  # it may have gone: the retry counts (and charges) what is gone
-                gone.update({k.flat_path: (k, k is s) for s, ks in commit for k in ks})
-                self.allowance.release(entities)
-                raise
-            except gexc.InvalidArgument as exc:
-                self.allowance.release(entities)
-                if not _too_big(exc):
-                    raise
-                _rollback(self._client, transaction, txn_id, timeout)
-                return _HeldOutcome(keys, after, too_big=entities)
-            except BaseException:
-                self.allowance.release(entities)
-                raise
-        except gexc.Aborted as exc:
-            _rollback(self._client, transaction, txn_id, timeout)
-            if "lock" not in str(exc).lower():
-                raise
-            self._contended()
-            raise Contended(describe_exception(exc)) from exc
-        except BaseException:
-            _rollback(self._client, transaction, txn_id, timeout)
-            raise
-        gone.clear()  # counted below: the retries after a lost answer are over
-        self.allowance.charge(already.sessions + already.descendants)
-        sessions = len(commit)
-        self.ledger.add(
-            matched=len(keys),
-            # Those of the groups left for lookups are counted when those find them again.
-            descendants_matched=found - sum(len(g) - 1 for _s, g in rest),
-            deleted=sessions + already.sessions,
-            descendants_deleted=entities - sessions + already.descendants,
-        )
-        rest_keys = [s for s, _g in rest]
-        return _HeldOutcome(keys, after, rest=rest_keys, capped=capped, deleted=sessions)
-
-    def _already_gone(
-        self, gone: dict[tuple[Any, ...], tuple[Key, bool]], transaction: datastore.Transaction
-    ) -> _Commit:
-        """Of the keys of a commit whose answer was lost, those now gone: it went (rule 5).
-
-        ``gone`` is cleared only once the attempt that counts them has succeeded.
-        """
-        if not gone:
-            return _Commit([])
-        found = self._lookup([key for key, _s in gone.values()], transaction)
-        lost = [p for p in gone if p not in found]
-        already = _Commit([], sessions=sum(1 for p in lost if gone[p][1]))
-        already.descendants = len(lost) - already.sessions
-        return already
-
-    def _page_limit(self) -> int:
-        size = self._sizer.size
-        if self._descend:
-            size = max(1, int(size / self._per_session))
-        left = self.allowance.left()
-        return size if left is None else min(size, left)
-
-    def _fit(
-        self, groups: list[tuple[Key, list[Key]]]
-    ) -> tuple[list[tuple[Key, list[Key]]], list[tuple[Key, list[Key]]]]:
-        """The groups that fit in one commit, whole, and the rest."""
-        room, taken = self._sizer.size, 0
-        for _session, group in groups:
-            if len(group) > room or taken == self._groups_per_txn:
-                break
-            room -= len(group)
-            taken += 1
-        return groups[:taken], groups[taken:]
-
-    def _to_lookup(self) -> None:
-        with self._lock:
-            if self.mode is not Mode.HELD:
-                return
-            self.mode = Mode.LOOKUP
-        self._log.info(
-            "verify_by_lookup",
-            reason="the database runs no range query inside a transaction: each key is "
-            "looked up in the transaction that deletes it (one billed read per key)",
-        )
 
     # -- checked commits ------------------------------------------------------------------
 
@@ -543,39 +335,31 @@ class Gate:
         timeout = self._retrier.timeout
         if self.mode is Mode.BLIND:
             keys = _keys(parts)
-            self._send(
-                len(keys),
-                lambda: self._client.delete_multi(keys, retry=NO_CLIENT_RETRY, timeout=timeout),
-            )
+            self._send(len(keys), partial(rpc.commit, self._client, None, keys, timeout))
             return _counted(parts)
-        # Begun by its own call: the client's begin_later over a lookup left the Firestore
-        # emulator holding a second transaction's locks, and every commit timed out on them.
-        transaction = self._client.transaction()
-        txn_id: bytes | None = None
+        # Begun by its own call: a lookup that begins its transaction (``new_transaction``)
+        # left the Firestore emulator holding locks no later call could take.
+        txn: bytes | None = None
         try:
-            transaction.begin(retry=NO_CLIENT_RETRY, timeout=timeout)
-            txn_id = transaction.id
+            txn = rpc.begin(self._client, timeout)
             wanted = _to_check(parts, self._rule.kind)
             lost = [k for k in _keys(parts) if k.flat_path in gone]
-            found = self._lookup(_unique([*wanted, *lost]), transaction)
+            found = self._lookup(_unique([*wanted, *lost]), txn)
             commit, already = self._decide(parts, found, gone, wanted)
-            for _session, keys in commit.parts:
-                for key in keys:
-                    transaction.delete(key)
             if not commit.parts:
-                _rollback(self._client, transaction, txn_id, timeout)
+                _rollback(self._client, txn, timeout)
                 _forget(gone, parts)
                 return _merge(commit, already)
+            keys = _keys(commit.parts)
             sent = {k.flat_path: k is s for s, ks in commit.parts for k in ks}
             try:
-                self._send(
-                    len(sent), partial(transaction.commit, retry=NO_CLIENT_RETRY, timeout=timeout)
-                )
+                self._send(len(sent), partial(rpc.commit, self._client, txn, keys, timeout))
             except AMBIGUOUS:
                 gone.update(sent)
                 raise
         except BaseException:
-            _rollback(self._client, transaction, txn_id, timeout)
+            if txn is not None:
+                _rollback(self._client, txn, timeout)
             raise
         _forget(gone, parts)
         return _merge(commit, already)
@@ -583,7 +367,7 @@ class Gate:
     def _decide(
         self,
         parts: list[tuple[Key, list[Key]]],
-        found: dict[tuple[Any, ...], datastore.Entity],
+        found: dict[tuple[Any, ...], object],
         gone: dict[tuple[Any, ...], bool],
         checked: list[Key],
     ) -> tuple[_Commit, _Commit]:
@@ -597,7 +381,7 @@ class Gate:
         already = _Commit([])
         already.sessions = sum(1 for p in lost if gone[p])
         already.descendants = len(lost) - already.sessions
-        blocked = {k.flat_path for k in checked if not self._rule.expired(found.get(k.flat_path))}
+        blocked = {k.flat_path for k in checked if not self._rule.expired(found, k)}
         commit = _Commit([])
         for session, keys in parts:
             if session.flat_path in blocked:
@@ -613,31 +397,23 @@ class Gate:
         counted.kept = frozenset(s for s, _k in parts if s.flat_path in blocked - lost)
         return counted, already
 
-    def _lookup(
-        self, keys: list[Key], transaction: datastore.Transaction | None
-    ) -> dict[tuple[Any, ...], datastore.Entity]:
+    def _lookup(self, keys: list[Key], transaction: bytes | None) -> dict[tuple[Any, ...], object]:
+        """The rule's property of each key that has an entity (``rpc.lookup``)."""
         if not keys:
             return {}
-        entities = self._client.get_multi(
-            keys, transaction=transaction, retry=NO_CLIENT_RETRY, timeout=self._retrier.timeout
-        )
+        found = rpc.lookup(self._client, transaction, keys, self._rule.prop, self._retrier.timeout)
         self.ledger.add(entities_read=len(keys))
-        return {e.key.flat_path: e for e in entities}
+        return found
 
     # -- descendants ------------------------------------------------------------------------
 
-    def _with_descendants(
-        self,
-        sessions: Sequence[Key],
-        transaction: datastore.Transaction | None = None,
-        held: bool = False,
-    ) -> tuple[list[tuple[Key, list[Key]]], int]:
+    def _with_descendants(self, sessions: Sequence[Key]) -> tuple[list[tuple[Key, list[Key]]], int]:
         """Each session with the keys to delete for it (descendants first, the session last),
         and how many entities were found under the sessions that are not sessions of the batch.
 
         A session under another of the same batch goes with its ancestor's group (rule 2).
-        In a held transaction, descendants of the swept kind are looked up in it and a live
-        one is dropped with everything under it; elsewhere each commit checks them.
+        Descendants of the swept kind are checked by each commit's lookup; a blind run and a
+        dry run look them up here (a blind run too: a live child is no race to opt out of).
         """
         if not self._descend:
             return [(s, [s]) for s in sessions], 0
@@ -646,17 +422,11 @@ class Gate:
         under = self._find_descendants(roots)
         groups = [(s, [*_unique(under[s]), s]) for s in roots]
         found = sum(len(g) - 1 for _s, g in groups) - (len(sessions) - len(roots))
-        with self._lock:
-            self._per_session = 0.5 * self._per_session + 0.5 * (1 + found / len(roots))
         same_kind = [k for _s, ks in groups for k in ks[:-1] if k.kind == self._rule.kind]
-        # Lookup mode checks them in each commit; a held transaction, a blind run and a dry
-        # run look them up here (a blind run too: a live child is no race to opt out of).
-        if not same_kind or (self.mode is Mode.LOOKUP and not self._dry_run and not held):
+        if not same_kind or (self.mode is Mode.LOOKUP and not self._dry_run):
             return groups, found
-        found_now = self._lookup(same_kind, transaction if held else None)
-        blocked = {
-            k.flat_path for k in same_kind if not self._rule.expired(found_now.get(k.flat_path))
-        }
+        found_now = self._lookup(same_kind, None)
+        blocked = {k.flat_path for k in same_kind if not self._rule.expired(found_now, k)}
         return [
             (s, [k for k in ks if not _under_blocked(k, s, blocked)]) for s, ks in groups
         ], found
@@ -728,16 +498,6 @@ class Gate:
         return DatastoreError(f"deleting a batch failed after retries: {describe_exception(exc)}")
 
 
-@dataclass
-class _HeldOutcome:
-    keys: list[Key]
-    cursor: bytes | None
-    rest: list[Key] = field(default_factory=list)
-    capped: bool = False
-    too_big: int | None = None  # the commit was refused as too big with this many keys
-    deleted: int = 0  # sessions the commit deleted
-
-
 def refused_error(refused: Sequence[Key]) -> str | None:
     """The run's error when the database would not delete some keys even one at a time."""
     if not refused:
@@ -801,33 +561,16 @@ def _merge(commit: _Commit, already: _Commit) -> _Commit:
     )
 
 
-def _rollback(
-    client: datastore.Client,
-    transaction: datastore.Transaction,
-    txn_id: bytes | None,
-    timeout: float,
-) -> None:
-    """Best effort (never mask the real error), but by the transaction's id, and a few times.
+def _rollback(client: datastore.Client, transaction: bytes, timeout: float) -> None:
+    """Best effort (never mask the real error), and a few times.
 
-    The client forgets a transaction's id when its commit fails, so its own ``rollback`` then
-    does nothing; and on Firestore in Datastore mode the keys a transaction read stay locked
-    until it ends or about a minute passes: the runner's writes to them would wait, and so
-    would our own retry. A rollback that fails on a bad network is sent again.
+    On Firestore in Datastore mode the keys a transaction read stay locked until it ends or
+    about a minute passes: the runner's writes to them would wait, and so would our own retry.
+    A rollback that fails on a bad network is sent again.
     """
-    txn = transaction.id or txn_id
-    if not txn:
-        return
-    request: dict[str, object] = {"project_id": client.project, "transaction": txn}
-    if client.database:
-        request["database_id"] = client.database
     for _attempt in range(ROLLBACK_ATTEMPTS):
         try:
-            if transaction.id:
-                transaction.rollback(retry=NO_CLIENT_RETRY, timeout=timeout)
-            else:
-                client._datastore_api.rollback(
-                    request=request, retry=NO_CLIENT_RETRY, timeout=timeout
-                )
+            rpc.rollback(client, transaction, timeout)
         except Exception as exc:
             if not isinstance(exc, TRANSIENT):
                 return

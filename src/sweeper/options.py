@@ -396,8 +396,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--workers",
         {
-            SWEEP: "Delete workers, and as many query streams over disjoint slices of the "
-            "expired range: overlaps round trips to Datastore.",
+            SWEEP: "Query streams over disjoint slices of the expired range, each feeding "
+            "two delete workers: overlaps round trips to Datastore.",
             INSPECT: "Forecast a sweep with this many --workers.",
         },
         type=click.IntRange(1, MAX_WORKERS),

@@ -10,7 +10,6 @@ fails is retried from its starting cursor, so a retry never skips or repeats key
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -18,10 +17,8 @@ from typing import Literal
 
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
-from google.cloud.datastore.helpers import entity_to_protobuf, key_from_protobuf
+from google.cloud.datastore.helpers import entity_to_protobuf
 from google.cloud.datastore.query import PropertyFilter
-from google.cloud.datastore_v1.types import entity as entity_pb2
-from google.cloud.datastore_v1.types import query as query_pb2
 
 from sweeper.encodings import Encoding, QueryValue, classify
 from sweeper.retry import NO_CLIENT_RETRY, Retrier
@@ -159,47 +156,6 @@ def _first_batch(
     found = list(batch) if batch is not None else []
     token: bytes | None = iterator.next_page_token
     return found, token
-
-
-def held_page(
-    client: datastore.Client,
-    query: RangeQuery,
-    limit: int,
-    cursor: bytes | None,
-    *,
-    timeout: float,
-) -> tuple[list[datastore.Key], bytes | None, bytes]:
-    """One keys-only page read by a new read-write transaction: (keys, cursor, transaction id).
-
-    The transaction then holds what the query read (``sweeper.gate``). The client's query
-    iterator drops the transaction a query begins, so the call goes through the client's API
-    object, as the clock probe's does. Firestore in Datastore mode answers it; the legacy
-    emulator refuses it with INVALID_ARGUMENT ("Only ancestor queries are allowed inside
-    transactions").
-    """
-    message = query.build(client).fetch(limit=limit)._build_protobuf()
-    if cursor is not None:  # a page token, as the client's iterator hands them out
-        message.start_cursor = base64.urlsafe_b64decode(cursor)
-    request: dict[str, object] = {
-        "project_id": client.project,
-        "partition_id": entity_pb2.PartitionId(
-            project_id=client.project,
-            database_id=client.database or "",
-            namespace_id=client.namespace or "",
-        ),
-        "read_options": {"new_transaction": {"read_write": {}}},
-        "query": message,
-    }
-    if client.database:
-        request["database_id"] = client.database
-    response = client._datastore_api.run_query(
-        request=request, retry=NO_CLIENT_RETRY, timeout=timeout
-    )
-    batch = response.batch
-    keys = [key_from_protobuf(result.entity.key) for result in batch.entity_results]
-    done = batch.more_results == query_pb2.QueryResultBatch.MoreResultsType.NO_MORE_RESULTS
-    after = None if done or not keys else base64.urlsafe_b64encode(bytes(batch.end_cursor))
-    return keys, after, bytes(response.transaction)
 
 
 def descendant_keys(

@@ -48,15 +48,9 @@ from sweeper.stopping import Stopper
 T = TypeVar("T")
 
 
-class Contended(Exception):
-    """Two of the run's own transactions collided on a lock: retried, but no sign of overload
-    (so the adaptive throttle does not hold back for it)."""
-
-
 # Transient by Datastore's own guidance: contention, overload, timeouts, lost connections.
 # UNKNOWN and CANCELLED are what gRPC reports when a connection breaks mid-call.
 TRANSIENT = (
-    Contended,
     gexc.Aborted,
     gexc.Unknown,
     gexc.Cancelled,

@@ -17,16 +17,12 @@ from typing import Any
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding, ExpiredRange, classify, expired_range, is_expired
-from sweeper.query import RangeQuery, entity_pages, first_value, scan_expired
+from sweeper.query import RangeQuery, entity_pages, first_value, key_pages, scan_expired
 from sweeper.retry import Retrier
 from sweeper.settings import SweepSettings
 from sweeper.slices import Slice, shard_slices, split_even
 
 KeyPages = Iterator[list[datastore.Key]]
-# What a stream hands the gate: a keys-only range it pages through itself (so that on
-# Firestore each page is read inside the transaction that deletes it), or keys read elsewhere.
-Work = RangeQuery | list[datastore.Key]
-WorkStream = Iterator[Work]
 
 # Shards own one-hour buckets of expiry time, round robin (see slices.shard_slices).
 SHARD_BUCKET = dt.timedelta(hours=1)
@@ -43,13 +39,14 @@ def expired_streams(
     on_read: Callable[[int], None],
     seen: Counter[str] | None = None,
     on_left_alone: Callable[[int], None] = lambda n: None,
-) -> list[WorkStream]:
+) -> list[KeyPages]:
     """Up to ``settings.workers`` independent streams of expired ranges or key pages.
 
     A scan counts in ``seen`` the encodings of the non-null values it reads, so the engine can
     tell a scan that found nothing to do from one that could never have matched anything.
     Values in the range that are of no encoding (text in another form) are left alone and
-    counted through ``on_left_alone``.
+    counted through ``on_left_alone``. A stream reads its next page while the workers
+    delete the last one.
     """
     s = settings
     if s.scan:
@@ -93,8 +90,8 @@ def _shard_streams(
     retrier: Retrier,
     settings: SweepSettings,
     window: ExpiredRange,
-    pages: Callable[[ExpiredRange], WorkStream],
-) -> list[WorkStream]:
+    pages: Callable[[ExpiredRange], KeyPages],
+) -> list[KeyPages]:
     """``workers`` streams that share this shard's buckets, found as they are needed."""
     encoding = window.encoding
 
@@ -105,7 +102,7 @@ def _shard_streams(
     bucket = max(1, SHARD_BUCKET // dt.timedelta(microseconds=encoding.unit_us))
     shared = _Shared(shard_slices(window.lo, window.hi, settings.shard, bucket, next_value))
 
-    def stream() -> WorkStream:
+    def stream() -> KeyPages:
         for a, b in shared:
             yield from pages(ExpiredRange(encoding, a, b))
 
@@ -134,10 +131,10 @@ def _pages(
     window: ExpiredRange,
     *,
     on_left_alone: Callable[[int], None],
-) -> WorkStream:
-    if not window.encoding.needs_values:
-        return iter([_query(settings, window)])
-    return _read_pages(client, retrier, settings, window, on_left_alone)
+) -> KeyPages:
+    if window.encoding.needs_values:
+        return _read_pages(client, retrier, settings, window, on_left_alone)
+    return key_pages(client, retrier, _query(settings, window))
 
 
 def _read_pages(

@@ -9,12 +9,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from google.cloud import datastore
 from google.cloud.datastore.helpers import key_from_protobuf
+from google.cloud.datastore_v1.types import datastore as datastore_pb2
 
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, Sweep, SweepResult
@@ -196,15 +197,61 @@ def run_cli(emulator: Emulator, *args: str, **env: str) -> subprocess.CompletedP
 # --- What sweeper hands over for deletion, and sessions the runner refreshes ---------------
 
 
+_REQUESTS: dict[str, Any] = {
+    "lookup": datastore_pb2.LookupRequest,
+    "commit": datastore_pb2.CommitRequest,
+    "begin_transaction": datastore_pb2.BeginTransactionRequest,
+    "rollback": datastore_pb2.RollbackRequest,
+}
+
+
+class HookedApi:
+    """A client's Datastore API object that runs a hook before each call it names.
+
+    A hook gets the request as a raw protobuf (however the caller built it: sweeper's gate
+    sends raw messages, the client's own methods dicts); it may raise, as a failing call does,
+    or answer in the call's place by returning a response (``None``: the call goes on).
+    """
+
+    def __init__(self, api: Any, hooks: Mapping[str, Callable[[Any], Any]]) -> None:
+        self._api, self._hooks = api, hooks
+
+    def __getattr__(self, name: str) -> Any:
+        call, hook = getattr(self._api, name), self._hooks.get(name)
+        if hook is None:
+            return call
+
+        def hooked(*, request: Any, **kwargs: Any) -> Any:
+            kind = _REQUESTS[name]
+            raw = kind.pb(request if isinstance(request, kind) else kind(request))
+            answer = hook(raw)
+            return call(request=request, **kwargs) if answer is None else answer
+
+        return hooked
+
+
+def hook_api(client: datastore.Client, **hooks: Callable[[Any], Any]) -> None:
+    """Run ``hooks`` (by call name: ``lookup``, ``commit``, ...) before ``client``'s calls."""
+    client._datastore_api_internal = HookedApi(client._datastore_api, hooks)
+
+
+def deleted_keys(commit: Any) -> list[datastore.Key]:
+    """The keys a raw ``CommitRequest`` deletes."""
+    return [key_from_protobuf(m.delete) for m in commit.mutations if m.HasField("delete")]
+
+
+def transactional(request: Any) -> bool:
+    return bool(request.transaction)
+
+
 class RecordingClient(datastore.Client):
     """A real client that records the names of the keys sweeper hands over for deletion.
 
-    It records the keys of every blind ``delete_multi``, of every lookup made inside a
-    transaction (the gate's re-check), and of the deletes a transaction commits without having
-    looked them up (a page held by the transaction's own query). With ``delete=False`` nothing
-    is deleted: a blind delete is recorded and not sent, a transaction is rolled back instead of
-    committed, so a run reports what it would have deleted while the data stays in place: runs
-    made one after another, or at once, each show the whole set of keys they match.
+    It records the keys of every blind commit and of every lookup made inside a transaction
+    (the gate's re-check). With ``delete=False`` nothing is deleted: a blind commit is recorded
+    and not sent, a transaction is rolled back instead of committed, so a run reports what it
+    would have deleted while the data stays in place: runs made one after another, or at once,
+    each show the whole set of keys they match.
     """
 
     def __init__(self, *args: Any, delete: bool = True, **kwargs: Any) -> None:
@@ -212,43 +259,26 @@ class RecordingClient(datastore.Client):
         self.sends_deletes = delete
         self.handed_over: list[str] = []
         self._recording = threading.Lock()
-        self._looked_up: dict[int, set[str]] = {}  # per transaction: names looked up in it
+        hook_api(self, lookup=self._on_lookup, commit=self._on_commit)
 
     def _record(self, keys: Sequence[datastore.Key]) -> None:
         with self._recording:
             self.handed_over.extend(str(key.name) for key in keys)
 
-    def delete_multi(self, keys: Any, retry: Any = None, timeout: Any = None) -> Any:
-        keys = list(keys)
-        self._record(keys)
-        if not self.sends_deletes:
+    def _on_lookup(self, request: Any) -> None:
+        if request.read_options.transaction:
+            self._record([key_from_protobuf(k) for k in request.keys])
+
+    def _on_commit(self, request: Any) -> Any:
+        if not transactional(request):
+            self._record(deleted_keys(request))
+        if self.sends_deletes:
             return None
-        return super().delete_multi(keys, retry=retry, timeout=timeout)  # type: ignore[no-untyped-call]
-
-    def get_multi(self, keys: Any, *args: Any, **kwargs: Any) -> Any:
-        keys = list(keys)
-        transaction = kwargs.get("transaction")
-        if transaction is not None:
-            self._record(keys)
-            with self._recording:
-                self._looked_up.setdefault(id(transaction), set()).update(str(k.name) for k in keys)
-        return super().get_multi(keys, *args, **kwargs)  # type: ignore[no-untyped-call]
-
-    def transaction(self, **kwargs: Any) -> Any:
-        transaction = super().transaction(**kwargs)  # type: ignore[no-untyped-call]
-        commit = transaction.commit
-
-        def recorded_commit(*args: Any, **kw: Any) -> Any:
-            deleted = [key_from_protobuf(m.delete) for m in transaction.mutations if "delete" in m]
-            with self._recording:
-                seen = self._looked_up.pop(id(transaction), set())
-            self._record([k for k in deleted if str(k.name) not in seen])
-            if self.sends_deletes:
-                return commit(*args, **kw)
-            return transaction.rollback(*args, **kw)
-
-        transaction.commit = recorded_commit
-        return transaction
+        if transactional(request):
+            self._datastore_api.rollback(
+                request={"project_id": self.project, "transaction": request.transaction}
+            )
+        return datastore_pb2.CommitResponse()
 
 
 def recording_client(

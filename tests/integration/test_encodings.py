@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,10 +21,9 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from sweeper.encodings import Encoding, from_micros, is_expired
-from sweeper.query import RangeQuery, key_pages
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.slices import Shard
-from sweeper.sources import Work, expired_streams
+from sweeper.sources import expired_streams
 from tests.integration.helpers import ago, ahead, seed, settings, stored, survivors, sweep
 
 DS, DMS, ISO = Encoding.DOUBLE_SECONDS, Encoding.DOUBLE_MILLIS, Encoding.ISO_8601
@@ -285,13 +283,7 @@ def test_each_range_yields_only_expired_values_of_its_encoding(
             streams = expired_streams(
                 client, retrier, run, encoding, cutoff, log=LOG, on_read=lambda n: None
             )
-            found = Counter(
-                str(k.name)
-                for stream in streams
-                for work in stream
-                for page in _pages(client, retrier, work)
-                for k in page
-            )
+            found = Counter(str(k.name) for stream in streams for page in stream for k in page)
             expected = {
                 name for name, value in by_name.items() if is_expired(encoding, value, cutoff)
             }
@@ -309,11 +301,3 @@ def test_each_range_yields_only_expired_values_of_its_encoding(
             }
             assert set(found) - twins == expected, (encoding, workers, cutoff)
             assert all(n == 1 for n in found.values()), "a key was yielded twice"
-
-
-def _pages(client: datastore.Client, retrier: Retrier, work: Work) -> Iterator[list[datastore.Key]]:
-    """The keys a stream's item stands for: a range's pages, or a page read already."""
-    if isinstance(work, RangeQuery):
-        yield from key_pages(client, retrier, work)
-    else:
-        yield work

@@ -16,6 +16,7 @@ from tests.integration.helpers import (
     ahead,
     emulator_env,
     group_names,
+    hook_api,
     make_client,
     recording_client,
     refresh,
@@ -25,6 +26,7 @@ from tests.integration.helpers import (
     stored,
     survivors,
     sweep,
+    transactional,
 )
 from tests.support.clock import FakeClock
 from tests.support.emulator import Emulator
@@ -44,18 +46,17 @@ class FlakyClient(datastore.Client):
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self.fail_deletes = fail_deletes
         self.fail_lookups = fail_lookups
+        hook_api(self, commit=self._commit, lookup=self._lookup)
 
-    def delete_multi(self, keys: Any, retry: Any = None, timeout: Any = None) -> Any:
-        if self.fail_deletes:
+    def _commit(self, request: Any) -> None:
+        if self.fail_deletes and not transactional(request):
             self.fail_deletes -= 1
             raise gexc.ServiceUnavailable("injected: connection reset by peer")
-        return super().delete_multi(keys, retry=retry, timeout=timeout)  # type: ignore[no-untyped-call]
 
-    def get_multi(self, keys: Any, *args: Any, **kwargs: Any) -> Any:
+    def _lookup(self, _request: Any) -> None:
         if self.fail_lookups:
             self.fail_lookups -= 1
             raise gexc.DeadlineExceeded("injected: deadline exceeded")
-        return super().get_multi(keys, *args, **kwargs)  # type: ignore[no-untyped-call]
 
 
 def test_transient_failures_are_retried_and_counted(emulator: Emulator, kind: str) -> None:

@@ -364,16 +364,7 @@ def test_forecast_matches_the_run_it_forecasts(
     client: datastore.Client,
     kind: str,
     case: str,
-    request: pytest.FixtureRequest,
 ) -> None:
-    if emulator.flavour == "firestore" and case == "guard-on":
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="KNOWN GAP, not fixed yet: held transactions colliding on the Firestore "
-                "emulator add retried calls the forecast does not model; see issue 15's note",
-                strict=False,
-            )
-        )
     groups = backlog_groups()
     seed(client, kind, groups)
     run = settings(kind, S, **CASES[case])

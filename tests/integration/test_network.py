@@ -69,17 +69,8 @@ def sweep_through(proxy: TcpProxy, emulator: Emulator, kind: str) -> tuple[int, 
 
 
 def test_a_backlog_is_swept_with_default_settings_while_every_connection_drops_again_and_again(
-    emulator: Emulator, client: datastore.Client, kind: str, request: pytest.FixtureRequest
+    emulator: Emulator, client: datastore.Client, kind: str
 ) -> None:
-    if emulator.flavour == "firestore":
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="KNOWN BUG, not fixed yet: held transactions cut off by dropped "
-                "connections keep their range locked on the Firestore emulator for up to a "
-                "minute, and the run can stall past the retry policy (issue 15's note)",
-                strict=False,
-            )
-        )
     backlog = BACKLOG[emulator.flavour]
     seed_backlog(client, kind, backlog)
     every = CUT_EVERY_S[emulator.flavour]

@@ -28,12 +28,6 @@ from tests.support.proxy import TcpProxy
 S = Encoding.EPOCH_SECONDS
 
 
-@pytest.mark.xfail(
-    reason="KNOWN BUG, not fixed yet: on the Firestore emulator with connections cut every "
-    "1-2 s, held pages were retried until the retry policy gave up, and deleted was counted "
-    "above what went (1025 of 1000); see the closing note of issue 15",
-    strict=False,
-)
 def test_a_sweep_survives_connections_cut_every_one_to_two_seconds(
     emulator: Emulator, client: datastore.Client, kind: str
 ) -> None:

@@ -15,7 +15,9 @@ from typing import Any, TypeVar
 
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
+from google.cloud.datastore import helpers
 from google.cloud.datastore.query import PropertyFilter
+from google.cloud.datastore_v1.types import datastore as datastore_pb2
 
 from sweeper.encodings import to_micros
 from tests.support.clock import FakeClock
@@ -174,10 +176,45 @@ class FakeBatch:
 
 
 class FakeApi:
-    """``client._datastore_api``: only the clock query is sent through it."""
+    """``client._datastore_api``: the clock query, and the gate's raw calls (``sweeper.rpc``),
+    turned back into keys and played on the client's transactions and blind deletes."""
 
-    def __init__(self) -> None:
+    def __init__(self, client: FakeClient) -> None:
+        self.client = client
         self.read_time: dt.datetime | None = None  # like the legacy emulator: no server time
+        self._open: dict[bytes, FakeTransaction] = {}
+
+    def begin_transaction(self, *, request: Any, retry: object, timeout: float) -> Any:
+        txn = self.client.transaction()
+        txn.began = True
+        txn.id = b"fake-transaction-%d" % len(self.client.transactions)
+        self._open[txn.id] = txn
+        return datastore_pb2.BeginTransactionResponse(transaction=txn.id)
+
+    def lookup(self, *, request: Any, retry: object, timeout: float) -> Any:
+        raw = datastore_pb2.LookupRequest.pb(request)
+        keys = [helpers.key_from_protobuf(pb) for pb in raw.keys]
+        txn = self._open[raw.read_options.transaction] if raw.read_options.transaction else None
+        found = self.client.get_multi(keys, transaction=txn, retry=retry, timeout=timeout)
+        response = datastore_pb2.LookupResponse.pb()()
+        for entity in found:
+            response.found.add().entity.CopyFrom(helpers.entity_to_protobuf(entity)._pb)
+        return datastore_pb2.LookupResponse.wrap(response)
+
+    def commit(self, *, request: Any, retry: object, timeout: float) -> Any:
+        raw = datastore_pb2.CommitRequest.pb(request)
+        keys = [helpers.key_from_protobuf(m.delete) for m in raw.mutations]
+        if raw.mode == datastore_pb2.CommitRequest.Mode.NON_TRANSACTIONAL:
+            self.client.delete_multi(keys, retry=retry, timeout=timeout)
+        else:
+            txn = self._open[raw.transaction]
+            txn.deletes.extend(keys)
+            self.client.commit(txn)
+        return datastore_pb2.CommitResponse()
+
+    def rollback(self, *, request: Any, retry: object, timeout: float) -> Any:
+        self._open[datastore_pb2.RollbackRequest.pb(request).transaction].rolled_back = True
+        return datastore_pb2.RollbackResponse()
 
     def run_query(self, *, request: Any, retry: object, timeout: float) -> Any:
         if "new_transaction" in request.get("read_options", {}):
@@ -227,7 +264,7 @@ class FakeClient:
         self.group_limit = group_limit
         self._gone: set[datastore.Key] = set()
         self._lock = threading.Lock()  # ancestor queries come from several threads at once
-        self._datastore_api = FakeApi()
+        self._datastore_api = FakeApi(self)
         # queries
         self.batch: int | None = None  # the most results one call returns (None: the limit)
         self.final_cursor = True

@@ -69,7 +69,6 @@ class Run:
             retrier,
             Rule(KIND, PROP, Encoding.EPOCH_SECONDS, CUTOFF),
             verify=verify,
-            queries_in_transactions=False,
             dry_run=False,
             with_descendants=False,
             sizer=sizer,

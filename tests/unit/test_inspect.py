@@ -439,8 +439,8 @@ def test_the_forecast_rows() -> None:
     )
     assert (rows["queries"], rows["lookups"], rows["commits"]) == ("6", "1", "1")
     assert rows["deletes"] == "120"
-    assert rows["entities read"] == "0 (billed reads in all: 8)"
-    assert rows["cost"] == "$0.0000 (reads $0.0000, deletes $0.0000)"
+    assert rows["entities read"] == "120 (billed reads in all: 128)"
+    assert rows["cost"] == "$0.0001 (reads $0.0001, deletes $0.0000)"
     assert rows["prices"].startswith("$0.06 per 100,000 reads, $0.02 per 100,000 deletes (nam5")
     # The one batch of 120 goes at once.
     assert rows["time"] == "0.0 s of deletes under the ramp-up rule, ending at 500 deletes/s in all"
@@ -449,7 +449,7 @@ def test_the_forecast_rows() -> None:
 
 def test_the_forecast_in_json() -> None:
     # Checked by a lookup of each key (as on the legacy emulator): 120 entities read.
-    fields = report_dict(forecasting(verify=True, held=False, max_fraction=0.5))
+    fields = report_dict(forecasting(verify=True, max_fraction=0.5))
 
     assert json.loads(json.dumps(fields)) == fields
     histogram, forecast_ = fields["histogram"], fields["forecast"]
