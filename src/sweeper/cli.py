@@ -234,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(exc.message)
         return exc.exit_code
     except Exception as exc:  # a bug: still one line, and a code a scheduler acts on
+        structlog.get_logger("sweeper").error("internal_error", exc_info=exc)
         _error(f"internal error: {describe_exception(exc)}")
         return EXIT_FAILURE
     return code if isinstance(code, int) else 0

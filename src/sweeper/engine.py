@@ -22,10 +22,7 @@ from sweeper.clock import SKEW_WARNING_S, read_clock
 from sweeper.concurrency import CallLimiter
 from sweeper.deleter import BatchSizer
 from sweeper.encodings import Encoding
-from sweeper.errors import (
-    SweeperError,
-    describe_exception,
-)
+from sweeper.errors import SweeperError, describe_exception, is_bug
 from sweeper.gate import DESCENDANT_QUERIES, Allowance, Capped, Gate, Rule, refused_error
 from sweeper.pipeline import Pipeline
 from sweeper.progress import ProgressLog
@@ -156,8 +153,12 @@ class Sweep:
             self._end(result, stop.reason)
         except SweeperError as exc:
             self._end(result, StopReason.ERROR, exc.message)
-        except Exception as exc:  # anything the client raises once retries are spent
-            self._end(result, StopReason.ERROR, _datastore_failure(exc))
+        except Exception as exc:  # what the client raises once retries are spent, or a bug
+            if is_bug(exc):
+                self._log.error("internal_error", exc_info=exc)
+                self._end(result, StopReason.ERROR, f"internal error: {describe_exception(exc)}")
+            else:
+                self._end(result, StopReason.ERROR, _datastore_failure(exc))
 
     def _set_cutoff(self, client: datastore.Client, result: SweepResult) -> None:
         """One cutoff per run, from the database's clock where it reports one.

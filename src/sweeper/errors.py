@@ -7,6 +7,9 @@ scheduler should see; ``cli.main`` is the only place that turns it into output.
 
 from __future__ import annotations
 
+from google.api_core import exceptions as gexc
+from google.auth import exceptions as auth_exc
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -39,6 +42,16 @@ class RefusedError(SweeperError):
 
 class DatastoreError(SweeperError):
     """Datastore failed (unreachable, permission denied, retries exhausted)."""
+
+
+# What a Datastore call raises when the database, the network or the credentials fail: an
+# operator's problem. Anything else escaping a sweep is a bug in sweeper, and its traceback is
+# logged (``internal_error``) so that it can be fixed.
+CALL_FAILURES = (gexc.GoogleAPIError, auth_exc.GoogleAuthError, ConnectionError, TimeoutError)
+
+
+def is_bug(exc: BaseException) -> bool:
+    return not isinstance(exc, (SweeperError, *CALL_FAILURES))
 
 
 def one_line(text: str, limit: int = 500) -> str:

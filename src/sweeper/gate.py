@@ -49,7 +49,13 @@ from google.cloud.datastore import Key
 from sweeper import rpc
 from sweeper.deleter import BatchSizer, Pending
 from sweeper.encodings import Encoding, is_expired
-from sweeper.errors import DatastoreError, RefusedError, SweeperError, describe_exception
+from sweeper.errors import (
+    DatastoreError,
+    RefusedError,
+    SweeperError,
+    describe_exception,
+    is_bug,
+)
 from sweeper.pipeline import Pipeline
 from sweeper.query import descendant_keys
 from sweeper.result import SweepResult
@@ -285,6 +291,8 @@ class Gate:
             raise
         except Exception as exc:
             self.ledger.add(failed=sum(1 for s, ks in taken[0] if ks[-1] is s))
+            if is_bug(exc):  # not the database's failure: the engine logs its traceback
+                raise
             raise self._failed(exc) from exc
         self.ledger.add(
             deleted=commit.sessions,

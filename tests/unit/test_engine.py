@@ -7,7 +7,9 @@ about real query behaviour is covered by the integration tests against both emul
 from __future__ import annotations
 
 import datetime as dt
+import io
 import itertools
+import json
 import threading
 from collections import Counter
 from typing import Any, cast
@@ -21,6 +23,7 @@ from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, Sweep, SweepResult
 from sweeper.errors import DatastoreError
 from sweeper.gate import DESCENDANT_QUERIES
+from sweeper.logs import configure
 from sweeper.query import PAGE_SIZE
 from sweeper.retry import RetryPolicy
 from sweeper.settings import SweepSettings
@@ -268,3 +271,29 @@ def test_a_client_that_cannot_be_built_still_owes_a_summary_and_run_finished() -
     assert finished(logs)["error"] == "no Google Cloud credentials found"
     (run,) = [e for e in logs if e["event"] == "run_finished"]
     assert (run["failed_targets"], run["stopped_reason"]) == (["eq-session.expires_at"], "error")
+
+
+def test_a_bug_ends_the_run_in_one_line_and_logs_its_traceback() -> None:
+    """A programming error is no Datastore failure: not retried, not called one, and its
+    traceback goes to the log (JSON ``exception``) so that it can be fixed."""
+    client = expired_sessions(5)
+
+    def bug() -> None:
+        raise KeyError("expires_at")
+
+    client.on_lookup = bug  # raised inside the gate's lookup, as a bug of ours would be
+    out = io.StringIO()
+    configure("json", "info", out)
+    try:
+        result = Sweep(settings(), cast(datastore.Client, client), runtime()).run()
+    finally:
+        configure("console", "info")
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert result.stopped_reason == "error"
+    assert result.error == "internal error: KeyError: 'expires_at'"
+    assert result.retries == 0
+    (logged,) = [e for e in events if e["event"] == "internal_error"]
+    assert logged["severity"] == "ERROR"
+    assert logged["exception"].startswith("Traceback (most recent call last):")
+    assert "KeyError: 'expires_at'" in logged["exception"]
+    assert client.deleted == []
