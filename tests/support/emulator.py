@@ -3,6 +3,12 @@
 Both emulators ship with gcloud: the legacy Datastore emulator and the Firestore emulator in
 Datastore mode. Each runs in its own process group with a private data dir, and is stopped by
 its own id only, never by name.
+
+However the process that started one ends (a fixture that failed, Ctrl-C, a CI time limit's
+SIGTERM, even SIGKILL), the emulator goes with it: a watchdog process holds the read end of a
+pipe whose only write end is the starter's, and when that end closes (the starter exited, by
+any means) the watchdog ends the emulator's process group. A Java emulator left behind keeps
+gigabytes of memory and a port.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -45,6 +52,8 @@ class Emulator:
     store_on_disk: bool = False
     process: subprocess.Popen[bytes] | None = None
     _own_dir: bool = False
+    _watchdog: subprocess.Popen[bytes] | None = None
+    _lifeline: int | None = None  # the pipe's write end: closed when this process ends
 
     @property
     def host(self) -> str:
@@ -105,6 +114,7 @@ class Emulator:
             env={**os.environ, "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"},
         )
         log.close()
+        self._watch(self.process.pid)
         deadline = time.monotonic() + timeout_s
         while not self.ready():
             if self.process.poll() is not None or time.monotonic() > deadline:
@@ -115,6 +125,29 @@ class Emulator:
                 )
             time.sleep(0.2)
         return self
+
+    def _watch(self, group: int) -> None:
+        """Start the watchdog that ends process group ``group`` once this process is gone."""
+        read_end, self._lifeline = os.pipe()  # not inherited by anything but the watchdog
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, str(group)],
+            stdin=read_end,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C to the suite's group is the suite's, not its
+        )
+        os.close(read_end)
+
+    def _unwatch(self) -> None:
+        """The emulator is stopped: end the watchdog first (so it never signals a process
+        group that is no longer ours), then let go of the pipe."""
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            watchdog.kill()
+            watchdog.wait()
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
 
     def _log_tail(self, lines: int = 5) -> str:
         assert self.data_dir is not None
@@ -141,6 +174,7 @@ class Emulator:
         """Ask the emulator to shut down, then end its process group (ours alone)."""
         process, self.process = self.process, None
         if process is None:
+            self._unwatch()
             return
         if process.poll() is None:
             try:
@@ -156,9 +190,30 @@ class Emulator:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+        self._unwatch()
         if self._own_dir and self.data_dir is not None and not keep_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             self.data_dir, self._own_dir = None, False
+
+
+# Waits for EOF on stdin (the starter is gone), then ends the emulator's process group: politely,
+# then for good. Kept free of imports from this repository: it outlives everything else.
+_WATCHDOG = """
+import os, signal, sys, time
+group = int(sys.argv[1])
+sys.stdin.buffer.read()
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        break
+    for _ in range(50):
+        time.sleep(0.2)
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            sys.exit(0)
+"""
 
 
 @contextmanager
