@@ -12,7 +12,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /build
 COPY pyproject.toml setup.cfg README.md ./
-COPY src ./src
+COPY sweeper ./sweeper
 # Every dependency comes as a prebuilt manylinux wheel (grpcio included): no compiler needed.
 RUN pip wheel --wheel-dir /wheels .
 

@@ -20,11 +20,11 @@ test: lint typecheck deploy-lint
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench scripts
-	$(BIN)/ruff format --check src tests bench scripts
+	$(BIN)/ruff check sweeper tests bench scripts
+	$(BIN)/ruff format --check sweeper tests bench scripts
 	$(BIN)/cog --check docs/options.md
 
-# docs/options.md: the options of both commands and the --config keys, from src/sweeper/options.py.
+# docs/options.md: the options of both commands and the --config keys, from sweeper/options.py.
 cog: $(STAMP)
 	$(BIN)/cog -r docs/options.md
 
@@ -55,7 +55,7 @@ integration: $(STAMP)
 	$(BIN)/pytest -q tests/integration
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
 
 # Side by side in one run each: on the bare emulators, then with 60 ms added each way (as
 # production's round trips), then peak memory of the real CLI against the backlog's size, then

@@ -39,7 +39,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from bench_sweep import counting_client
@@ -51,14 +50,9 @@ from sweeper.engine import Sweep
 from sweeper.logs import configure
 from sweeper.settings import SweepSettings
 from sweeper.stopping import StopReason
-
-# Run as a script (python bench/bench_encodings.py), so sys.path starts at bench/: the emulator
-# helpers are imported from the repository root, under tests/support/.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.support.emulator import FLAVOURS, Emulator, Flavour
-from tests.support.proxy import TcpProxy
-from tests.support.seed import Session, encode, names, put_entities, put_sessions
+from sweeper.testing.emulator import FLAVOURS, Emulator, Flavour
+from sweeper.testing.proxy import TcpProxy
+from sweeper.testing.seed import Session, encode, names, put_entities, put_sessions
 
 REFERENCE = Encoding.EPOCH_SECONDS
 CHILD_KIND = "event"

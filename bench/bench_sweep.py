@@ -48,14 +48,9 @@ from sweeper.encodings import Encoding
 from sweeper.engine import Sweep
 from sweeper.logs import configure
 from sweeper.settings import SweepSettings
-
-# Run as a script (python bench/bench_sweep.py), so sys.path starts at bench/: the emulator helpers
-# are imported from the repository root, under tests/support/.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.support.emulator import FLAVOURS, running
-from tests.support.proxy import TcpProxy
-from tests.support.seed import Session, encode, put_sessions
+from sweeper.testing.emulator import FLAVOURS, running
+from sweeper.testing.proxy import TcpProxy
+from sweeper.testing.seed import Session, encode, put_sessions
 
 S = Encoding.EPOCH_SECONDS
 

@@ -27,13 +27,8 @@ from pathlib import Path
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
-
-# Run as a script (python bench/peak_memory.py), so sys.path starts at bench/: the emulator helpers
-# are imported from the repository root, under tests/support/.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.support.emulator import running
-from tests.support.seed import Session, encode, put_sessions
+from sweeper.testing.emulator import running
+from sweeper.testing.seed import Session, encode, put_sessions
 
 GNU_TIME = "/usr/bin/time"
 MAX_RSS = re.compile(r"Maximum resident set size \(kbytes\):\s*(\d+)")

@@ -50,12 +50,8 @@ matplotlib.use("Agg")  # no display: write the PNG only
 import matplotlib.pyplot as plt
 from google.cloud import datastore
 
-# Run as a script (python bench/soak.py), so sys.path starts at bench/: the emulator helpers
-# are imported from the repository root, under tests/support/.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.support.emulator import FLAVOURS, running
-from tests.support.seed import runner_epoch_seconds, runner_eq_session
+from sweeper.testing.emulator import FLAVOURS, running
+from sweeper.testing.seed import runner_epoch_seconds, runner_eq_session
 
 REPO = Path(__file__).resolve().parent.parent
 # Datastore's TTL documentation: "Data is typically deleted within 24 hours after its

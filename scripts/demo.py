@@ -12,18 +12,12 @@ import datetime as dt
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
-
-# Run as a script (python scripts/demo.py), so sys.path starts at scripts/: the emulator helpers
-# are imported from the repository root, under tests/support/.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from tests.support.emulator import running
-from tests.support.seed import MISSING, Session, encode, put_sessions
+from sweeper.testing.emulator import running
+from sweeper.testing.seed import MISSING, Session, encode, put_sessions
 
 KIND = "eq-session"
 GROUPS = {  # name: (how many, expiry relative to now, or a fixed value)

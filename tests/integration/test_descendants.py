@@ -18,6 +18,8 @@ from google.cloud import datastore
 from sweeper.encodings import Encoding
 from sweeper.inspect_table import report_dict
 from sweeper.inspection import inspect_target
+from sweeper.testing.emulator import Emulator
+from sweeper.testing.seed import encode
 from tests.integration.helpers import (
     ago,
     ahead,
@@ -32,8 +34,6 @@ from tests.integration.helpers import (
     sweep,
     transactional,
 )
-from tests.support.emulator import Emulator
-from tests.support.seed import encode
 
 S = Encoding.EPOCH_SECONDS
 CHILD_KINDS = ("event", "page")

@@ -11,6 +11,8 @@ from google.cloud import datastore
 
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime
+from sweeper.testing.emulator import Emulator
+from sweeper.testing.seed import encode
 from tests.integration.helpers import (
     ago,
     ahead,
@@ -29,8 +31,6 @@ from tests.integration.helpers import (
     transactional,
 )
 from tests.support.clock import FakeClock
-from tests.support.emulator import Emulator
-from tests.support.seed import encode
 
 S = Encoding.EPOCH_SECONDS
 

@@ -15,6 +15,8 @@ import pytest
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
+from sweeper.testing.emulator import Emulator
+from sweeper.testing.seed import encode
 from tests.integration.helpers import (
     ago,
     ahead,
@@ -22,9 +24,7 @@ from tests.integration.helpers import (
     run_cli,
     sweep,
 )
-from tests.support.emulator import Emulator
 from tests.support.faults import FaultInjector
-from tests.support.seed import encode
 
 S = Encoding.EPOCH_SECONDS
 

@@ -21,6 +21,8 @@ from sweeper.inspect_table import render_table, report_dict
 from sweeper.inspection import InspectReport, inspect_target
 from sweeper.settings import FormatChoice
 from sweeper.slices import Shard
+from sweeper.testing.emulator import Emulator
+from sweeper.testing.seed import MISSING, UNINDEXED, encode
 from tests.integration.helpers import (
     ago,
     ahead,
@@ -31,8 +33,6 @@ from tests.integration.helpers import (
     stored,
     survivors,
 )
-from tests.support.emulator import Emulator
-from tests.support.seed import MISSING, UNINDEXED, encode
 
 S, MS, TS = Encoding.EPOCH_SECONDS, Encoding.EPOCH_MILLIS, Encoding.TIMESTAMP
 

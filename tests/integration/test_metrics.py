@@ -24,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sweeper.metrics import MetricsError, push_summary
-from tests.support.emulator import free_port
+from sweeper.testing.emulator import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -10,6 +10,8 @@ import pytest
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
+from sweeper.testing.emulator import Emulator
+from sweeper.testing.proxy import TcpProxy
 from tests.integration.helpers import (
     ago,
     ahead,
@@ -22,8 +24,6 @@ from tests.integration.helpers import (
     sweep,
     wait_until_deleted,
 )
-from tests.support.emulator import Emulator
-from tests.support.proxy import TcpProxy
 
 S = Encoding.EPOCH_SECONDS
 

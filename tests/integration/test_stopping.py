@@ -30,6 +30,9 @@ from google.cloud import datastore
 
 from sweeper.encodings import Encoding
 from sweeper.retry import STOP_BUDGET_S
+from sweeper.testing.emulator import Emulator, free_port
+from sweeper.testing.proxy import BlackHole, TcpProxy
+from sweeper.testing.seed import Session, put_sessions
 from tests.integration.helpers import (
     ago,
     ahead,
@@ -39,9 +42,6 @@ from tests.integration.helpers import (
     seed,
     stored,
 )
-from tests.support.emulator import Emulator, free_port
-from tests.support.proxy import BlackHole, TcpProxy
-from tests.support.seed import Session, put_sessions
 
 S = Encoding.EPOCH_SECONDS
 PROJECT = "sweeper-test"

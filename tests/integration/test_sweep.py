@@ -10,6 +10,8 @@ from structlog.testing import capture_logs
 
 from sweeper.encodings import Encoding
 from sweeper.settings import FormatChoice
+from sweeper.testing.emulator import Emulator
+from sweeper.testing.seed import MISSING
 from tests.integration.helpers import (
     ago,
     ahead,
@@ -21,8 +23,6 @@ from tests.integration.helpers import (
     survivors,
     sweep,
 )
-from tests.support.emulator import Emulator
-from tests.support.seed import MISSING
 
 S, MS, TS = Encoding.EPOCH_SECONDS, Encoding.EPOCH_MILLIS, Encoding.TIMESTAMP
 

@@ -9,6 +9,8 @@ from google.cloud import datastore
 from structlog.testing import capture_logs
 
 from sweeper.encodings import Encoding
+from sweeper.testing.emulator import Emulator
+from sweeper.testing.seed import encode
 from tests.integration.helpers import (
     ago,
     ahead,
@@ -23,8 +25,6 @@ from tests.integration.helpers import (
     sweep,
     transactional,
 )
-from tests.support.emulator import Emulator
-from tests.support.seed import encode
 
 MS = Encoding.EPOCH_MILLIS
 
