@@ -50,6 +50,37 @@ class Degradation:
     reduced_s: float
 
 
+class DegradationLog:
+    """The one record of a self-limiting value (calls in flight, keys per commit) against its
+    maximum: the lowest it went, how often it was cut, how long it spent below the maximum.
+    Not locked: each owner records under its own lock."""
+
+    def __init__(self, maximum: int, clock: Callable[[], float]) -> None:
+        self._maximum, self._clock = maximum, clock
+        self._value = self._minimum = maximum
+        self._reductions = 0
+        self._since: float | None = None  # below the maximum since then
+        self._reduced_s = 0.0
+
+    def record(self, value: int) -> None:
+        now = self._clock()
+        if value < self._value:
+            self._reductions += 1
+            self._minimum = min(self._minimum, value)
+        if value < self._maximum and self._since is None:
+            self._since = now
+        if value >= self._maximum and self._since is not None:
+            self._reduced_s += now - self._since
+            self._since = None
+        self._value = value
+
+    def degradation(self) -> Degradation:
+        ongoing = 0.0 if self._since is None else self._clock() - self._since
+        return Degradation(
+            self._maximum, self._minimum, self._reductions, self._reduced_s + ongoing
+        )
+
+
 class CallLimiter:
     """An AIMD-sized semaphore over Datastore calls; safe to share between threads."""
 
@@ -69,10 +100,7 @@ class CallLimiter:
         self._in_flight = 0
         self._epoch = 0  # bumped at every cut: calls started before it do not cut again
         self._successes = 0
-        self._minimum = maximum
-        self._reductions = 0
-        self._reduced_since: float | None = None
-        self._reduced_s = 0.0
+        self._log = DegradationLog(maximum, clock)
 
     @contextmanager
     def slot(self) -> Iterator[None]:
@@ -103,16 +131,10 @@ class CallLimiter:
             self._cond.notify_all()
 
     def _cut(self) -> None:
-        now = self._clock()
         self._epoch += 1
         self._successes = 0
-        if self.limit == 1:
-            return
         self.limit = max(1, self.limit // 2)
-        self._reductions += 1
-        self._minimum = min(self._minimum, self.limit)
-        if self._reduced_since is None:
-            self._reduced_since = now
+        self._log.record(self.limit)
 
     def _grow(self) -> None:
         if self.limit >= self.maximum:
@@ -122,13 +144,8 @@ class CallLimiter:
             return
         self._successes = 0
         self.limit += 1
-        if self.limit == self.maximum and self._reduced_since is not None:
-            self._reduced_s += self._clock() - self._reduced_since
-            self._reduced_since = None
+        self._log.record(self.limit)
 
     def degradation(self) -> Degradation:
         with self._cond:
-            ongoing = 0.0 if self._reduced_since is None else self._clock() - self._reduced_since
-            return Degradation(
-                self.maximum, self._minimum, self._reductions, self._reduced_s + ongoing
-            )
+            return self._log.degradation()

@@ -14,7 +14,7 @@ from typing import TypeVar
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
-from sweeper.concurrency import Degradation
+from sweeper.concurrency import Degradation, DegradationLog
 from sweeper.settings import MAX_BATCH_SIZE
 
 T = TypeVar("T")
@@ -50,10 +50,7 @@ class BatchSizer:
         self._per_key: float | None = None  # smoothed seconds per key
         self._lock = threading.Lock()
         self.size = maximum
-        self._smallest = maximum
-        self._reductions = 0
-        self._reduced_since: float | None = None
-        self._reduced_s = 0.0
+        self._log = DegradationLog(maximum, clock)
 
     def observe(self, seconds: float, keys: int) -> None:
         """A commit of ``keys`` keys answered in ``seconds``."""
@@ -100,23 +97,12 @@ class BatchSizer:
         size = max(self._minimum, min(self.maximum, fits))
         if not shrink:
             size = max(size, self.size)
-        now = self._clock()
-        if size < self.size:
-            self._reductions += 1
-            self._smallest = min(self._smallest, size)
-        if size < self.maximum and self._reduced_since is None:
-            self._reduced_since = now
-        if size == self.maximum and self._reduced_since is not None:
-            self._reduced_s += now - self._reduced_since
-            self._reduced_since = None
+        self._log.record(size)
         self.size = size
 
     def degradation(self) -> Degradation:
         with self._lock:
-            ongoing = 0.0 if self._reduced_since is None else self._clock() - self._reduced_since
-            return Degradation(
-                self.maximum, self._smallest, self._reductions, self._reduced_s + ongoing
-            )
+            return self._log.degradation()
 
 
 Descendants = Mapping[datastore.Key, Sequence[datastore.Key]]
