@@ -9,7 +9,8 @@ from typing import Any
 from sweeper.encodings import QueryValue
 from sweeper.forecast import Forecast
 from sweeper.histogram import Histogram
-from sweeper.inspection import DescendantSample, ExpiredCount, InspectReport, Oldest
+from sweeper.inspection import DescendantSample, InspectReport, Oldest
+from sweeper.query import Count
 from sweeper.settings import format_duration
 
 _INDEXED_NOTES = {
@@ -234,7 +235,7 @@ def _format_row(r: InspectReport) -> str:
     return "refused" if r.action == "refuse" else "none (no indexed value)"
 
 
-def _count_row(counted: ExpiredCount) -> str:
+def _count_row(counted: Count) -> str:
     if counted.method == "empty_range":
         return "0 (the cutoff lies before the encoding's band)"
     if counted.method == "aggregation":

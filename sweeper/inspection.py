@@ -40,13 +40,12 @@ from sweeper.forecast import (
     scan_due,
 )
 from sweeper.histogram import Bucket, Histogram, age_buckets, stream_slices
-from sweeper.query import Bound, RangeQuery, count, descendant_keys, fetch_keys, lookup
+from sweeper.query import Bound, Count, RangeQuery, count, descendant_keys, fetch_keys, lookup
 from sweeper.retry import TRANSIENT, Retrier, RetryCounter, RetryPolicy
 from sweeper.settings import SweepSettings
 
 Indexed = Literal["yes", "no", "unknown"]
 Action = Literal["sweep", "scan", "refuse", "nothing"]
-CountMethod = Literal["aggregation", "keys_only_bounded", "empty_range"]
 
 # Sample buckets in the order shown; encodings keep their --format spelling here.
 BUCKETS = (*(e.value for e in Encoding), "null", "missing", "unsupported")
@@ -72,19 +71,6 @@ class Sample:
     @property
     def non_null(self) -> int:
         return self.size - self.counts.get("null", 0) - self.counts.get("missing", 0)
-
-
-@dataclass(frozen=True)
-class ExpiredCount:
-    """A count of entities; ``limit`` is the bound of a keys-only count, if one was used."""
-
-    n: int
-    method: CountMethod
-    limit: int | None = None
-
-    @property
-    def lower_bound(self) -> bool:
-        return self.limit is not None and self.n >= self.limit
 
 
 @dataclass(frozen=True)
@@ -130,16 +116,16 @@ class InspectReport:
     encoding: Encoding | None = None
     refusal: str | None = None
     bounds: tuple[QueryValue, QueryValue] | None = None
-    expired: ExpiredCount | None = None
+    expired: Count | None = None
     oldest: Oldest | None = None
     # Entities whose property holds an indexed non-null value (None: not counted).
-    carrying: ExpiredCount | None = None
+    carrying: Count | None = None
     # "server" where the database reports its time (Firestore in Datastore mode), else "local".
     clock_source: ClockSource | None = None
     histogram: Histogram | None = None
     forecast: Forecast | None = None
     # With --scan: the entities of the kind, every one of which the scan reads.
-    kind_size: ExpiredCount | None = None
+    kind_size: Count | None = None
     # What --with-descendants would delete under each expired session, sampled.
     descendants: DescendantSample | None = None
 
@@ -228,7 +214,7 @@ def _forecast(
     report: InspectReport, s: SweepSettings, reader: _Reader, window: ExpiredRange
 ) -> InspectReport:
     """The age histogram and the forecast of a sweep with ``s``'s settings."""
-    carrying = report.carrying or ExpiredCount(0, "aggregation")
+    carrying = report.carrying or Count(0, "aggregation")
     server, aggregation = report.clock_source == "server", carrying.method == "aggregation"
     per_session = report.descendants.mean if report.descendants else 0.0
     run = run_settings(
@@ -310,19 +296,16 @@ class _Reader:
                 examples += [] if text in examples else [text]
         return Sample(size, counts, tuple(examples), tuple(values))
 
-    def count(self, window: ExpiredRange) -> ExpiredCount:
+    def count(self, window: ExpiredRange) -> Count:
         """Entities with a value in ``window``."""
         if window.empty:
-            return ExpiredCount(0, "empty_range")
+            return Count(0, "empty_range")
         lo, hi = window.values()
         return self.count_query(RangeQuery(self.kind, self.prop, ((">=", lo), ("<", hi))))
 
-    def count_query(self, query: RangeQuery) -> ExpiredCount:
+    def count_query(self, query: RangeQuery) -> Count:
         """All of them where the database has aggregation queries; keys up to the limit else."""
-        found = count(self.client, self.retrier, query, None, keys_limit=self.limit)
-        if found.method == "aggregation":
-            return ExpiredCount(found.n, "aggregation")
-        return ExpiredCount(found.n, "keys_only_bounded", found.limit)
+        return count(self.client, self.retrier, query, None, keys_limit=self.limit)
 
     def oldest(self, encoding: Encoding) -> Oldest | None:
         """The smallest value in the encoding's whole band: how far behind sweeping is."""

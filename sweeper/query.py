@@ -263,16 +263,19 @@ FIRST_VALUE_PROBE = 20
 # Where aggregation queries are missing (the legacy emulator), counting pages through keys:
 # one billed read per page, but time in proportion, so it stops sooner.
 KEYS_ONLY_COUNT_LIMIT = 100_000
+CountMethod = Literal["aggregation", "keys_only_bounded", "scan", "empty_range"]
 _ALIAS = "n"
 
 
 @dataclass(frozen=True)
 class Count:
-    """How many entities a query matches, counted up to ``limit`` (None: all of them)."""
+    """How many entities a query matches, counted up to ``limit`` (None: all of them): by an
+    aggregation COUNT, keys-only pages up to a bound, a scan, or nothing to count (a range
+    that holds no value: ``empty_range``)."""
 
     n: int
-    method: Literal["aggregation", "keys_only", "scan"]
-    limit: int | None
+    method: CountMethod
+    limit: int | None = None
 
     @property
     def lower_bound(self) -> bool:
@@ -306,7 +309,7 @@ def count(
         counted += len(page)
         if counted >= bound:
             break
-    return Count(min(counted, bound), "keys_only", bound)
+    return Count(min(counted, bound), "keys_only_bounded", bound)
 
 
 def _aggregate(

@@ -18,12 +18,12 @@ from sweeper.histogram import Bucket, Histogram
 from sweeper.inspect_table import render_table, report_dict
 from sweeper.inspection import (
     BUCKETS,
-    ExpiredCount,
     InspectReport,
     Oldest,
     Sample,
     inspect_target,
 )
+from sweeper.query import Count
 from sweeper.settings import SweepSettings
 
 NOW = dt.datetime(2024, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
@@ -80,7 +80,7 @@ def counts(**found: int) -> dict[str, int]:
 
 def sweeping(
     encoding: Encoding = Encoding.EPOCH_SECONDS,
-    expired: ExpiredCount | None = None,
+    expired: Count | None = None,
     **changes: Any,
 ) -> InspectReport:
     """A runner-shaped target whose sweep would delete 120 expired sessions."""
@@ -98,9 +98,9 @@ def sweeping(
         action="sweep",
         encoding=encoding,
         bounds=expired_range(encoding, CUTOFF).values(),
-        expired=expired or ExpiredCount(120, "aggregation"),
+        expired=expired or Count(120, "aggregation"),
         oldest=Oldest(OLDEST_S, dt.datetime(2024, 5, 29, 16, 26, 40, tzinfo=dt.UTC)),
-        carrying=ExpiredCount(190, "aggregation"),
+        carrying=Count(190, "aggregation"),
         clock_source="server",
     )
     return replace(report, **changes)
@@ -179,7 +179,7 @@ def test_explicit_format_is_not_called_detected() -> None:
 
 
 def test_bounded_key_count_is_a_lower_bound() -> None:
-    report = sweeping(expired=ExpiredCount(100_000, "keys_only_bounded", 100_000))
+    report = sweeping(expired=Count(100_000, "keys_only_bounded", 100_000))
 
     assert table_rows(report)["past cutoff"] == "≥ 100000 (keys-only count, bounded at 100000)"
     assert last_line(report).startswith("sweep would: delete at least 100000 eq-session entities")
@@ -190,7 +190,7 @@ def test_bounded_key_count_is_a_lower_bound() -> None:
 
 
 def test_key_count_under_its_bound_is_exact() -> None:
-    report = sweeping(expired=ExpiredCount(42, "keys_only_bounded", 100_000))
+    report = sweeping(expired=Count(42, "keys_only_bounded", 100_000))
 
     assert table_rows(report)["past cutoff"] == "42 (keys-only count, bounded at 100000)"
     assert last_line(report).startswith("sweep would: delete 42 eq-session entities")
@@ -198,7 +198,7 @@ def test_key_count_under_its_bound_is_exact() -> None:
 
 
 def test_nothing_past_the_cutoff() -> None:
-    report = sweeping(expired=ExpiredCount(0, "aggregation"))
+    report = sweeping(expired=Count(0, "aggregation"))
 
     assert last_line(report) == (
         "sweep would: delete nothing: no eq-session entity whose expires_at (epoch-seconds) "
@@ -207,7 +207,7 @@ def test_nothing_past_the_cutoff() -> None:
 
 
 def test_cutoff_before_the_band_is_an_empty_range() -> None:
-    report = sweeping(expired=ExpiredCount(0, "empty_range"))
+    report = sweeping(expired=Count(0, "empty_range"))
 
     assert table_rows(report)["past cutoff"] == "0 (the cutoff lies before the encoding's band)"
     assert last_line(report).startswith("sweep would: delete nothing")
@@ -250,7 +250,7 @@ def test_unindexed_property_with_an_explicit_format() -> None:
     report = sweeping(
         format_asked="epoch-seconds",
         indexed="no",
-        expired=ExpiredCount(0, "aggregation"),
+        expired=Count(0, "aggregation"),
         oldest=None,
     )
 
@@ -265,7 +265,7 @@ def test_unindexed_refusal_keeps_the_explicit_format() -> None:
         indexed="no",
         action="refuse",
         refusal=message,
-        expired=ExpiredCount(0, "aggregation"),
+        expired=Count(0, "aggregation"),
         oldest=None,
     )
 
@@ -282,7 +282,7 @@ def test_scan_says_it_reads_every_entity() -> None:
         format_asked="epoch-seconds",
         indexed="no",
         action="scan",
-        expired=ExpiredCount(0, "aggregation"),
+        expired=Count(0, "aggregation"),
         oldest=None,
     )
 
@@ -380,7 +380,7 @@ def test_oldest_expired_is_the_oldest_value_while_it_is_past_the_cutoff() -> Non
 
 
 def test_retention_figures_have_sweep_finisheds_names() -> None:
-    bounded = ExpiredCount(100_000, "keys_only_bounded", 100_000)
+    bounded = Count(100_000, "keys_only_bounded", 100_000)
     fields = report_dict(sweeping(expired=bounded, carrying=bounded))
 
     assert (fields["expired_left"], fields["expired_left_is_lower_bound"]) == (100_000, True)
@@ -390,7 +390,7 @@ def test_retention_figures_have_sweep_finisheds_names() -> None:
 
 
 def test_an_empty_target_says_so_at_the_top() -> None:
-    report = nothing(sample=Sample(200, counts()), carrying=ExpiredCount(0, "aggregation"))
+    report = nothing(sample=Sample(200, counts()), carrying=Count(0, "aggregation"))
 
     lines = render_table(report).splitlines()
     assert lines[1].startswith("EMPTY")
@@ -403,7 +403,7 @@ def test_values_no_index_holds_are_not_empty() -> None:
     report = nothing(
         indexed="no",
         sample=Sample(200, counts(epoch_seconds=200)),
-        carrying=ExpiredCount(0, "aggregation"),
+        carrying=Count(0, "aggregation"),
     )
 
     assert report.empty is False
