@@ -5,7 +5,7 @@ bucket and per query stream, and what carries the property), the calls the run w
 ``sweep_finished`` counts them, their billed operations and price, and the time the deletes
 need under the 500/50/5 ramp-up. It replays the engine's own rules (pages of ``PAGE_SIZE``
 keys until a short one, ``shard_slices``' probes, the guard's and the retention check's counts,
-``--verify``'s transactions) and the throttle's own ``_Schedule``. docs/forecast.md has the
+``--verify``'s transactions) and the throttle's own ``RampSchedule``. docs/forecast.md has the
 model, the prices and how close it came to real runs.
 """
 
@@ -25,7 +25,7 @@ from sweeper.query import KEYS_ONLY_COUNT_LIMIT, PAGE_SIZE, SCAN_FIRST_PAGE
 from sweeper.retention import RETENTION_COUNT_LIMIT
 from sweeper.settings import DEFAULT_MAX_FRACTION, DEFAULT_WORKERS, MAX_BATCH_SIZE, SweepSettings
 from sweeper.slices import Shard, shard_slices
-from sweeper.throttle import BASE_RATE, _Schedule
+from sweeper.throttle import BASE_RATE, RampSchedule
 
 # Calls every pod makes whatever the backlog: the clock query; the format check's two probes
 # and its lookup of the two entities they found (not made by a scan, which needs --format).
@@ -364,7 +364,7 @@ def ramp_time(per_shard: Sequence[int], settings: RunSettings) -> tuple[float | 
     the budget is out of debt, so a pod's last batch goes once the budget covers the others.
     """
     base = BASE_RATE / settings.shards if settings.ramp_up else None
-    schedule = _Schedule(base=base, cap=settings.max_rate)
+    schedule = RampSchedule(base=base, cap=settings.max_rate)
     if schedule.unlimited or not per_shard:
         return None, None
     ends = [

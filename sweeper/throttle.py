@@ -87,7 +87,7 @@ class ThrottleSettings:
 
 
 @dataclass(frozen=True)
-class _Schedule:
+class RampSchedule:
     """The allowed rate as a step function of the seconds since the first write."""
 
     base: float | None  # ramp-up's starting rate; None when ramp-up is off
@@ -184,7 +184,7 @@ class Throttle:
         self._sleep = sleep
         self._rng = rng if rng is not None else random.Random()
         base = BASE_RATE / settings.divisor if settings.ramp_up else None
-        self._schedule = _Schedule(base=base, cap=settings.max_rate)
+        self._schedule = RampSchedule(base=base, cap=settings.max_rate)
         self._lock = threading.Lock()
         self._window = _Window(settings.window_s)
         self._start: float | None = None  # clock at the first acquire
