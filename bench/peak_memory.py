@@ -1,7 +1,8 @@
 """Peak memory of a real ``sweeper sweep`` run, to size the CronJob's pod (deploy/cronjob.yaml).
 
-Starts the legacy Datastore emulator, seeds runner-shaped sessions (int epoch-second
-``expires_at``, only it indexed, ~700-byte session data), all expired, one kind per scenario,
+Starts a local emulator (the legacy Datastore one unless ``--emulator firestore``), seeds
+runner-shaped sessions (int epoch-second ``expires_at``, only it indexed, ~700-byte session
+data), all expired, one kind per scenario,
 and runs the installed ``sweeper`` console script as the CronJob does (JSON logs to stdout)
 under GNU time (``/usr/bin/time -v``, Debian package ``time``). Reads "Maximum resident set
 size" and the ``sweep_finished`` summary, and prints a table. The peak should not grow with the
@@ -27,7 +28,7 @@ from pathlib import Path
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
-from sweeper.testing.emulator import running
+from sweeper.testing.emulator import FLAVOURS, running
 from sweeper.testing.seed import Session, encode, put_sessions
 
 GNU_TIME = "/usr/bin/time"
@@ -133,12 +134,13 @@ def main() -> int:
         default=[0, 5_000, 60_000],
         help="expired sessions to seed, one run (and kind) each (default: 0 5000 60000)",
     )
+    parser.add_argument("--emulator", choices=FLAVOURS, default="datastore")
     args = parser.parse_args()
     if not Path(GNU_TIME).exists():
         raise SystemExit(f"{GNU_TIME} is missing: apt-get install time")
 
     rows: list[Measurement] = []
-    with running("datastore") as emulator:
+    with running(args.emulator) as emulator:
         env = {**os.environ, **emulator.env}
         os.environ.update(emulator.env)
         client = datastore.Client(project=emulator.project)
