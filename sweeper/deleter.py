@@ -123,8 +123,9 @@ class Pending:
         under = descendants or {}
         self._groups: deque[Part] = deque((k, [*under.get(k, ()), k]) for k in keys)
 
-    def __bool__(self) -> bool:
-        return bool(self._groups)
+    def __len__(self) -> int:
+        """Sessions not yet deleted (whole, or their last keys)."""
+        return len(self._groups)
 
     def take(self, size: int, max_groups: int = MAX_BATCH_SIZE) -> list[Part]:
         """The next commit: at most ``size`` keys over at most ``max_groups`` sessions."""

@@ -195,6 +195,7 @@ class Gate:
         rule: Rule,
         *,
         verify: bool,
+        transaction_groups: int = MAX_BATCH_SIZE,
         dry_run: bool,
         with_descendants: bool,
         sizer: BatchSizer,
@@ -212,7 +213,9 @@ class Gate:
         self.ledger = _Ledger(result, lock)
         self._should_stop = should_stop
         self._on_batch = on_batch  # progress, after every commit
-        self._groups_per_txn = MAX_BATCH_SIZE
+        # Entity groups per checked transaction: 25 where the database is known to take no
+        # more (``LEGACY_LIMIT``); a refusal cuts it to that anyway (``_shrink_groups``).
+        self._groups_per_txn = transaction_groups if verify else MAX_BATCH_SIZE
         self._lock = threading.Lock()
         self._log = structlog.get_logger("sweeper.gate").bind(kind=rule.kind)
         if not verify and not dry_run:
@@ -251,10 +254,16 @@ class Gate:
         pending = Pending([s for s, _g in groups], {s: g[:-1] for s, g in groups})
         size = self._sizer.size
         gone: dict[tuple[Any, ...], bool] = {}  # keys of commits whose answer was lost
-        while pending and not self._should_stop():
-            size = self._commit_next(pending, size, gone)
-            self.ledger.add(batches=1)
-            self._on_batch()
+        try:
+            while pending and not self._should_stop():
+                size = self._commit_next(pending, size, gone)
+                self.ledger.add(batches=1)
+                self._on_batch()
+        except Capped:
+            # --max-deletes left no room for the rest: another worker's page may have taken
+            # it after this one was counted, so only what was dealt with counts as matched.
+            self.ledger.add(matched=-len(pending))
+            raise
 
     # -- checked commits ------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ import pytest
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
+from sweeper.engine import DELETERS_PER_STREAM
 from sweeper.retry import STOP_BUDGET_S
 from sweeper.testing.emulator import Emulator, free_port
 from sweeper.testing.proxy import BlackHole, TcpProxy
@@ -365,7 +366,7 @@ def test_b_a_shard_walking_many_slices_stops_on_sigterm(
 
 
 THROTTLED = 2500  # expired sessions: several batches, and --max-rate 1 lets one through
-# The first commit, which the throttle lets through at once: a held page of 500 on Firestore, a
+# The first commit, which the throttle lets through at once: 500 keys on Firestore, a
 # transaction of 25 entity groups on the legacy emulator.
 FIRST_BATCH = {"datastore": 25, "firestore": 500}
 
@@ -502,7 +503,8 @@ def test_e_deletes_in_flight_that_never_answer_are_reported_unconfirmed(
             proc, "e. delete in flight, never answered", emulator.flavour, 143, "signal"
         )
     assert summary["unconfirmed"] > 0
-    assert summary["unconfirmed"] <= 4 * 10  # workers x batch size
+    # Delete workers (two per stream, four streams) x batch size.
+    assert summary["unconfirmed"] <= DELETERS_PER_STREAM * 4 * 10
     left = len(remaining(client, kind, group_names(groups, "expired")))
     # An unconfirmed delete may or may not have reached the database before the hold.
     assert total - summary["deleted"] - summary["unconfirmed"] <= left <= total - summary["deleted"]
