@@ -132,23 +132,15 @@ def _pages(
     *,
     on_left_alone: Callable[[int], None],
 ) -> KeyPages:
-    if window.encoding.needs_values:
-        return _read_pages(client, retrier, settings, window, on_left_alone)
-    return key_pages(client, retrier, _query(settings, window))
-
-
-def _read_pages(
-    client: datastore.Client,
-    retrier: Retrier,
-    settings: SweepSettings,
-    window: ExpiredRange,
-    on_left_alone: Callable[[int], None],
-) -> KeyPages:
-    """Keys whose value, read with the key (a projection), is of the range's encoding.
+    """The keys of ``window``, a page at a time; of a text range, only those whose value, read
+    with the key (a projection), is of the range's encoding.
 
     A text range also holds text in other forms and byte strings that sort between its ends
     (``2026-11-22``, ``2026-11-22T10:15:00+01:00``): they are left alone, and counted.
     """
+    if not window.encoding.needs_values:
+        yield from key_pages(client, retrier, _query(settings, window))
+        return
     query = RangeQuery(
         settings.kind, settings.prop, _query(settings, window).bounds, projected=True
     )
