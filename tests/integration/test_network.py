@@ -27,15 +27,16 @@ from sweeper.testing.seed import Session, encode, names, put_sessions
 from tests.integration.helpers import ago, make_client, sweep
 
 S = Encoding.EPOCH_SECONDS
-# Twelve pages: every key looked up in its transaction (three calls per commit: of 25 entity
-# groups on the legacy emulator, 500 on Firestore) through a link cut again and again.
+# Every key looked up in its transaction (three calls per commit: of 25 entity groups on the
+# legacy emulator, 500 on Firestore) through a link cut again and again: twelve pages, which
+# outlast several cuts (more pages on Firestore made the run take 80 to 200 s).
 BACKLOG = {"datastore": 6_000, "firestore": 6_000}
 # As many live sessions again and 300 more: a steady state, where a run deletes less than half
 # of what carries the property, so the default fraction guard (0.5) lets the default run through.
 EXTRA_LIVE = 300
 # The legacy emulator answers fast enough to ride out a drop every 0.8 s; the Firestore
-# emulator's calls take longer, and a drop every 1.5 s is as hard for it.
-CUT_EVERY_S = {"datastore": 0.8, "firestore": 1.5}
+# emulator's calls take longer, and a drop every second is as hard for it.
+CUT_EVERY_S = {"datastore": 0.8, "firestore": 1.0}
 
 
 def seed_backlog(client: datastore.Client, kind: str, backlog: int) -> None:
@@ -77,7 +78,7 @@ def test_a_backlog_is_swept_with_default_settings_while_every_connection_drops_a
     with TcpProxy(("127.0.0.1", emulator.port), cut_every_s=(every, every)) as proxy:
         code, summary = sweep_through(proxy, emulator, kind)
 
-    assert proxy.cuts >= 5
+    assert proxy.cuts >= 3  # the run outlasted several drops of every connection
     assert (code, summary["stopped_reason"], summary["failed"]) == (0, "complete", 0), summary.get(
         "error"
     )
