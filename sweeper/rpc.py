@@ -64,12 +64,8 @@ def path_of(pb: Any) -> Path:
 
 def begin(client: datastore.Client, timeout: float) -> bytes:
     """A new read-write transaction's id."""
-    request = datastore_pb2.BeginTransactionRequest(project_id=client.project)
-    if client.database:
-        request.database_id = client.database
-    response = client._datastore_api.begin_transaction(
-        request=request, retry=NO_CLIENT_RETRY, timeout=timeout
-    )
+    kind = datastore_pb2.BeginTransactionRequest
+    response = _send(client, "begin_transaction", kind, _request(client, kind), timeout)
     return bytes(response.transaction)
 
 
@@ -85,14 +81,11 @@ def lookup(
     found: dict[Path, object] = {}
     todo = [key_pb(key) for key in keys]
     while todo:
-        raw = datastore_pb2.LookupRequest.pb()(project_id=client.project, keys=todo)
-        if client.database:
-            raw.database_id = client.database
+        raw = _request(client, datastore_pb2.LookupRequest)
+        raw.keys.extend(todo)
         if transaction is not None:
             raw.read_options.transaction = transaction
-        response = client._datastore_api.lookup(
-            request=datastore_pb2.LookupRequest.wrap(raw), retry=NO_CLIENT_RETRY, timeout=timeout
-        )
+        response = _send(client, "lookup", datastore_pb2.LookupRequest, raw, timeout)
         pb = datastore_pb2.LookupResponse.pb(response)
         for result in pb.found:
             properties = result.entity.properties
@@ -109,9 +102,7 @@ def commit(
     timeout: float,
 ) -> None:
     """Delete ``keys``: in ``transaction``, or (None) as one plain, non-transactional commit."""
-    raw = datastore_pb2.CommitRequest.pb()(project_id=client.project)
-    if client.database:
-        raw.database_id = client.database
+    raw = _request(client, datastore_pb2.CommitRequest)
     if transaction is None:
         raw.mode = _NON_TRANSACTIONAL
     else:
@@ -119,13 +110,24 @@ def commit(
         raw.transaction = transaction
     for key in keys:
         _fill(raw.mutations.add().delete, key)
-    client._datastore_api.commit(
-        request=datastore_pb2.CommitRequest.wrap(raw), retry=NO_CLIENT_RETRY, timeout=timeout
-    )
+    _send(client, "commit", datastore_pb2.CommitRequest, raw, timeout)
 
 
 def rollback(client: datastore.Client, transaction: bytes, timeout: float) -> None:
-    request = datastore_pb2.RollbackRequest(project_id=client.project, transaction=transaction)
+    raw = _request(client, datastore_pb2.RollbackRequest)
+    raw.transaction = transaction
+    _send(client, "rollback", datastore_pb2.RollbackRequest, raw, timeout)
+
+
+def _request(client: datastore.Client, kind: Any) -> Any:
+    """A raw ``kind`` request for the client's project and database."""
+    raw = kind.pb()(project_id=client.project)
     if client.database:
-        request.database_id = client.database
-    client._datastore_api.rollback(request=request, retry=NO_CLIENT_RETRY, timeout=timeout)
+        raw.database_id = client.database
+    return raw
+
+
+def _send(client: datastore.Client, name: str, kind: Any, raw: Any, timeout: float) -> Any:
+    """The API object's ``name`` call with ``raw`` wrapped (not copied) as its ``kind``."""
+    call = getattr(client._datastore_api, name)
+    return call(request=kind.wrap(raw), retry=NO_CLIENT_RETRY, timeout=timeout)
