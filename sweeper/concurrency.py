@@ -94,7 +94,6 @@ class CallLimiter:
             raise ValueError(f"maximum must be at least 1, got {maximum}")
         self.maximum = maximum
         self.limit = maximum
-        self._clock = clock
         self._check_stop = check_stop
         self._cond = threading.Condition()
         self._in_flight = 0
