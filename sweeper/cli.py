@@ -31,6 +31,7 @@ from sweeper.errors import (
     UsageError,
     describe_exception,
     one_line,
+    report_bug,
 )
 from sweeper.inspect_table import forecast_dict, render_table, report_dict
 from sweeper.inspection import inspect_target
@@ -234,8 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(exc.message)
         return exc.exit_code
     except Exception as exc:  # a bug: still one line, and a code a scheduler acts on
-        structlog.get_logger("sweeper").error("internal_error", exc_info=exc)
-        _error(f"internal error: {describe_exception(exc)}")
+        _error(report_bug(structlog.get_logger("sweeper"), exc))
         return EXIT_FAILURE
     return code if isinstance(code, int) else 0
 

@@ -22,7 +22,7 @@ from sweeper.clock import SKEW_WARNING_S, read_clock
 from sweeper.concurrency import CallLimiter
 from sweeper.deleter import BatchSizer
 from sweeper.encodings import Encoding
-from sweeper.errors import SweeperError, describe_exception, is_bug
+from sweeper.errors import SweeperError, describe_exception, is_bug, report_bug
 from sweeper.gate import (
     DESCENDANT_QUERIES,
     LEGACY_LIMIT,
@@ -163,8 +163,7 @@ class Sweep:
             self._end(result, StopReason.ERROR, exc.message)
         except Exception as exc:  # what the client raises once retries are spent, or a bug
             if is_bug(exc):
-                self._log.error("internal_error", exc_info=exc)
-                self._end(result, StopReason.ERROR, f"internal error: {describe_exception(exc)}")
+                self._end(result, StopReason.ERROR, report_bug(self._log, exc))
             else:
                 self._end(result, StopReason.ERROR, _datastore_failure(exc))
 

@@ -7,6 +7,8 @@ scheduler should see; ``cli.main`` is the only place that turns it into output.
 
 from __future__ import annotations
 
+from typing import Any
+
 from google.api_core import exceptions as gexc
 from google.auth import exceptions as auth_exc
 
@@ -52,6 +54,12 @@ CALL_FAILURES = (gexc.GoogleAPIError, auth_exc.GoogleAuthError, ConnectionError,
 
 def is_bug(exc: BaseException) -> bool:
     return not isinstance(exc, (SweeperError, *CALL_FAILURES))
+
+
+def report_bug(log: Any, exc: BaseException) -> str:
+    """Log a bug's traceback at error level (``internal_error``); its one-line message."""
+    log.error("internal_error", exc_info=exc)
+    return f"internal error: {describe_exception(exc)}"
 
 
 def one_line(text: str, limit: int = 500) -> str:
