@@ -6,13 +6,16 @@
 proto-plus (about 80 µs a key) and every looked-up entity into an ``Entity``; at 500 keys a
 commit that is most of a sweep's CPU time, and on a 2-core machine the database's CPU time is
 what it takes from. Here a key is built straight into the protobuf (``key_pb``), and a lookup
-reads only the one property the rule compares.
+asks for only the one property the rule compares (a property mask, ``mask_for``: Firestore in
+Datastore mode sends 47 KB instead of 408 KB for 500 sessions of 700 bytes; the legacy
+emulator ignores the mask and sends whole entities, of which only that property is read).
 
 None of these calls retries by itself: the caller's ``Retrier`` decides (``NO_CLIENT_RETRY``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -80,9 +83,12 @@ def lookup(
     read in ``transaction``; keys without one are left out. Deferred keys are asked again."""
     found: dict[Path, object] = {}
     todo = [key_pb(key) for key in keys]
+    mask = mask_for(prop)
     while todo:
         raw = _request(client, datastore_pb2.LookupRequest)
         raw.keys.extend(todo)
+        if mask is not None:
+            raw.property_mask.paths.append(mask)
         if transaction is not None:
             raw.read_options.transaction = transaction
         response = _send(client, "lookup", datastore_pb2.LookupRequest, raw, timeout)
@@ -93,6 +99,21 @@ def lookup(
             found[path_of(result.entity.key)] = value
         todo = list(pb.deferred)
     return found
+
+
+def mask_for(prop: str) -> str | None:
+    """The property mask path naming ``prop`` alone, or None where no path is sure to.
+
+    A plain identifier is the same path everywhere. In a path a dot names a property inside
+    an entity value, so ``exp.at`` unmasked would return no property at all and every session
+    would read as carrying no expiry; the API says such names "must be escaped" but not how,
+    and the two emulators read backtick quoting differently. Those few names are read from the
+    whole entity instead.
+    """
+    return prop if _IDENTIFIER.fullmatch(prop) else None
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def commit(

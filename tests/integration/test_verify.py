@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 
 from sweeper.encodings import Encoding
 from sweeper.testing.emulator import Emulator
-from sweeper.testing.seed import encode
+from sweeper.testing.seed import Session, encode, put_sessions
 from tests.integration.helpers import (
     ago,
     ahead,
@@ -42,6 +42,23 @@ def test_verify_deletes_exactly_the_expired_sessions(client: datastore.Client, k
     assert (result.matched, result.deleted, result.skipped, result.failed) == (700, 700, 0, 0)
     assert result.summary()["verify"] is True
     assert survivors(client, kind, groups) == {"live", "null"}
+
+
+@pytest.mark.parametrize("prop", ["session.expires_at", "exp`at", "ex\\p"])
+def test_the_check_reads_an_expiry_whose_name_is_no_identifier(
+    client: datastore.Client, kind: str, prop: str
+) -> None:
+    # The check asks the database for the one property it compares (a property mask). In a
+    # mask a dot names a field inside an entity value: masked as it is spelled, every session
+    # would read as carrying no expiry (all kept, all reported skipped).
+    sessions = [Session(f"expired-{i}", encode(ago(hours=2), MS)) for i in range(30)]
+    sessions += [Session(f"live-{i}", encode(ahead(hours=2), MS)) for i in range(5)]
+    put_sessions(client, kind, sessions, prop=prop)
+
+    result = sweep(client, kind, prop=prop)
+
+    assert (result.deleted, result.skipped) == (30, 0)
+    assert remaining(client, kind, [s.name for s in sessions]) == {f"live-{i}" for i in range(5)}
 
 
 class RefreshingClient(datastore.Client):
