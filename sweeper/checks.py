@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from google.cloud import datastore
 
-from sweeper.detect import check_explicit, detect_encoding
+from sweeper.detect import check_explicit, decide, read_ends
 from sweeper.encodings import Encoding, ExpiredRange, expired_range, is_expired
 from sweeper.errors import RefusedError
 from sweeper.guard import (
@@ -34,6 +35,23 @@ from sweeper.retry import Retrier
 from sweeper.settings import SweepSettings
 
 
+@dataclass(frozen=True)
+class Stored:
+    """What :meth:`Checks.read` found of the stored values."""
+
+    # --format auto: the values at the two ends of the index (None: no value is indexed).
+    ends: list[object] | None = None
+    # An explicit --format: the other encodings the property holds.
+    others: tuple[str, ...] = ()
+
+    def smallest(self, encoding: Encoding) -> int | None:
+        """The smallest stored value's ordinal, where detection read it: the streams start
+        their slices there, without a query of their own. Text ends are not ordinals."""
+        if self.ends is None or len(self.ends) != 2 or encoding.needs_values:
+            return None
+        return encoding.ordinal(self.ends[0])
+
+
 class Checks:
     """The checks of one run over one target."""
 
@@ -45,15 +63,28 @@ class Checks:
         # The entities the guard lets the run delete, and how to say so when it would pass it.
         self.allowance: tuple[int | None, str] = (None, "")
 
-    def encoding(self, result: SweepResult) -> Encoding | None:
+    def read(self) -> Stored:
+        """What the stored values are, read before the cutoff is known: reads only, no log.
+
+        ``--format auto`` reads the values at both ends of the index; an explicit format,
+        which other encodings the property holds (and refuses a format it holds none of).
+        """
+        s = self.settings
+        if not isinstance(s.format, Encoding):
+            return Stored(ends=read_ends(self._client, self._retrier, s.kind, s.prop))
+        if s.scan:
+            return Stored()
+        return Stored(others=check_explicit(self._client, self._retrier, s.kind, s.prop, s.format))
+
+    def encoding(self, result: SweepResult, stored: Stored) -> Encoding | None:
         """The encoding to sweep; None when the property holds no value at all."""
         s = self.settings
         if not isinstance(s.format, Encoding):
-            return self._detect()
-        if not s.scan:
-            self._note_others(
-                result, check_explicit(self._client, self._retrier, s.kind, s.prop, s.format)
-            )
+            encoding = decide(stored.ends, s.kind, s.prop)
+            if encoding is None:
+                self._log.warning("no_expiry_values", property=s.prop, hint="nothing to sweep")
+            return encoding
+        self._note_others(result, stored.others)
         return s.format
 
     def guard(
@@ -160,13 +191,6 @@ class Checks:
                 property=s.prop,
                 hint="no entity carries this property: check the kind, namespace and property",
             )
-
-    def _detect(self) -> Encoding | None:
-        s = self.settings
-        encoding = detect_encoding(self._client, self._retrier, s.kind, s.prop)
-        if encoding is None:
-            self._log.warning("no_expiry_values", property=s.prop, hint="nothing to sweep")
-        return encoding
 
     def scan_census(self, encoding: Encoding, seen: Counter[str], result: SweepResult) -> None:
         """After a whole scan: the other encodings read, or a refusal if none was ``encoding``."""

@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from google.api_core import exceptions as gexc
 from google.auth import exceptions as auth_exc
@@ -31,6 +32,35 @@ CONNECTION_LEVEL = (
     TimeoutError,
     auth_exc.TransportError,
 )
+
+A = TypeVar("A")
+B = TypeVar("B")
+
+
+def together(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
+    """Both reads at once, for one round trip instead of two: ``second`` in a thread of its
+    own, ``first`` in the caller's. Returns once both have; raises ``first``'s error, else
+    ``second``'s. The thread is a daemon, as the sweep's own is: a call left hanging when
+    the process must exit does not hold it up (a thread pool's workers would)."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = second()
+        except BaseException as exc:  # handed to the caller, below
+            out["error"] = exc
+
+    thread = threading.Thread(target=run, name="together", daemon=True)
+    thread.start()
+    try:
+        a = first()
+    finally:
+        thread.join()
+    if "error" in out:
+        raise out["error"]
+    value: B = out["value"]
+    return a, value
+
 
 # How long a blocked caller waits before looking at the stop flag again.
 _POLL_S = 0.1

@@ -3,25 +3,27 @@
 Datastore keeps one index order for all values of a property: nulls, then integers and
 timestamps together by magnitude, then booleans, strings, floats and the rest.
 Each encoding owns one contiguous band of that order, so if the smallest and the largest
-non-null values both lie in the same band, *every* value does: two keys-only queries decide it
-exactly, however rare a stray value is among millions, and however slow a full scan would be.
+non-null values both lie in the same band, *every* value does: two limit-1 queries (sent at
+once) decide it exactly, however rare a stray value is among millions, and however slow a full
+scan would be.
 
 The index cannot show a value's type (a Timestamp and an integer of epoch microseconds sort as
-the same number), so the keys found are looked up to read each value's true type. More than one
-encoding, or any value sweeper cannot interpret, is a refusal: guessing would delete live
-sessions.
+the same number), so those queries return whole entities, whose values carry their true type.
+More than one encoding, or any value sweeper cannot interpret, is a refusal: guessing would
+delete live sessions.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import structlog
 from google.cloud import datastore
 
+from sweeper.concurrency import together
 from sweeper.encodings import Encoding, ExpiredRange, classify, describe_value
 from sweeper.errors import RefusedError
-from sweeper.query import FIRST_VALUE_PROBE, RangeQuery, fetch_keys, lookup
+from sweeper.query import FIRST_VALUE_PROBE, Bound, RangeQuery, fetch
 from sweeper.retry import Retrier
 
 
@@ -32,22 +34,39 @@ def detect_encoding(
 
     Refuses when entities carry values that no index holds (see :func:`check_indexed`).
     """
+    return decide(read_ends(client, retrier, kind, prop), kind, prop)
+
+
+def read_ends(
+    client: datastore.Client, retrier: Retrier, kind: str, prop: str
+) -> list[object] | None:
+    """The stored values of the smallest and the largest indexed value, in that order.
+
+    None when no index entry holds a value (refused if entities carry one all the same). Reads
+    only, and logs nothing: a sweep makes these reads while it reads the database's clock.
+    """
+    ends: list[object] = []
     for _attempt in range(_PROBES):
-        # Both ends at once: one round trip instead of two before the first delete.
-        with ThreadPoolExecutor(2) as pool:
-            low = pool.submit(_smallest_indexed, client, retrier, kind, prop)
-            high = pool.submit(
-                fetch_keys, client, retrier, RangeQuery(kind, prop), 1, descending=True
-            )
-            smallest, largest = low.result(), high.result()
+        # Both ends at once, each as a whole entity (its value's true type): one round trip.
+        smallest, largest = together(
+            partial(_smallest_indexed, client, retrier, kind, prop),
+            partial(_largest, client, retrier, kind, prop),
+        )
         if not smallest:
             _refuse_if_carried(client, retrier, kind, prop)
             return None
-        ends = _values(client, retrier, prop, smallest + largest)
+        ends = [e.get(prop) for e in smallest + largest]
         if len(ends) != 1:
             break
-        # One end was deleted between the query and the lookup (another sweep, the app):
-        # look again rather than judge from a single value.
+        # The largest was deleted between the two queries (another sweep, the app): look
+        # again rather than judge from a single value.
+    return ends
+
+
+def decide(ends: list[object] | None, kind: str, prop: str) -> Encoding | None:
+    """The encoding that ``read_ends``'s values prove every stored value to be in."""
+    if ends is None:
+        return None
     found = [classify(value) for value in ends]
     structlog.get_logger("sweeper.detect").info(
         "format_detected",
@@ -58,8 +77,6 @@ def detect_encoding(
     single = _single(ends, found)
     if single is not None:
         return single
-    if not ends:  # both entities vanished between query and lookup: nothing left to sweep
-        return None
     if len(ends) == 1:
         raise RefusedError(
             f"refusing --format auto on {kind}.{prop}: an end of its values was deleted "
@@ -112,16 +129,12 @@ def check_explicit(
 
     Refuses when the chosen encoding's band holds no value at all while the property holds
     values of another encoding (or values no index holds): such a sweep could never match
-    anything, and would report success forever. Costs two limit-1 keys-only queries and a
-    lookup of two entities; when the ends are not both of ``encoding``, one more query and
-    lookup per other band.
+    anything, and would report success forever. Costs two limit-1 queries (at once); when the
+    ends are not both of ``encoding``, one more small query per other band.
     """
-    smallest = _smallest_indexed(client, retrier, kind, prop)
-    if not smallest:
-        _refuse_if_carried(client, retrier, kind, prop)
+    ends = read_ends(client, retrier, kind, prop)
+    if ends is None:
         return ()
-    largest = fetch_keys(client, retrier, RangeQuery(kind, prop), 1, descending=True)
-    ends = _values(client, retrier, prop, smallest + largest)
     found = {classify(value) for value in ends}
     if found <= {encoding}:
         return ()
@@ -140,24 +153,17 @@ def check_explicit(
 def _in_band(
     client: datastore.Client, retrier: Retrier, kind: str, prop: str, encoding: Encoding
 ) -> bool:
-    """Whether ``encoding``'s band holds a value of it (one small query and a lookup).
-
-    The index cannot tell a Timestamp from an int of microseconds: the value found is looked up.
-    """
+    """Whether ``encoding``'s band holds a value of it (one small query of whole entities)."""
     lo, hi = ExpiredRange(encoding, encoding.band.lo, encoding.band.hi).values()
     # Text of other forms may come first in a text band: look a little further there.
     limit = FIRST_VALUE_PROBE if encoding.needs_values else 1
-    inside = fetch_keys(client, retrier, RangeQuery(kind, prop, ((">=", lo), ("<", hi))), limit)
-    return any(classify(v) is encoding for v in _values(client, retrier, prop, inside))
+    inside = fetch(client, retrier, _entities(kind, prop, ((">=", lo), ("<", hi))), limit)
+    return any(classify(e.get(prop)) is encoding for e in inside)
 
 
-def _values(
-    client: datastore.Client, retrier: Retrier, prop: str, keys: list[datastore.Key]
-) -> list[object]:
-    """The stored values of ``keys``, in the order given, as a lookup returns them."""
-    unique = list({k.flat_path: k for k in keys}.values())
-    by_key = {e.key.flat_path: e.get(prop) for e in lookup(client, retrier, unique)}
-    return [by_key[k.flat_path] for k in keys if k.flat_path in by_key]
+def _entities(kind: str, prop: str, bounds: tuple[Bound, ...] = ()) -> RangeQuery:
+    """Whole entities: the index cannot tell a Timestamp from an int of microseconds."""
+    return RangeQuery(kind, prop, bounds, keys_only=False)
 
 
 def _suggest(found: set[Encoding | None]) -> str:
@@ -168,7 +174,7 @@ def _suggest(found: set[Encoding | None]) -> str:
     return "no single --format matches them all: see `sweeper inspect`."
 
 
-# Entities looked up to tell "no values" from "values no index holds".
+# Entities read to tell "no values" from "values no index holds".
 UNINDEXED_SAMPLE = 20
 
 
@@ -184,16 +190,21 @@ def check_indexed(client: datastore.Client, retrier: Retrier, kind: str, prop: s
 
 def _smallest_indexed(
     client: datastore.Client, retrier: Retrier, kind: str, prop: str
-) -> list[datastore.Key]:
-    """The key holding the smallest non-null indexed value, if any value is indexed at all."""
-    return fetch_keys(client, retrier, RangeQuery(kind, prop, ((">", None),)), 1)
+) -> list[datastore.Entity]:
+    """The entity holding the smallest non-null indexed value, if any value is indexed at all."""
+    return fetch(client, retrier, _entities(kind, prop, ((">", None),)), 1)
+
+
+def _largest(
+    client: datastore.Client, retrier: Retrier, kind: str, prop: str
+) -> list[datastore.Entity]:
+    """The entity holding the largest indexed value (nulls sort first)."""
+    return fetch(client, retrier, _entities(kind, prop), 1, descending=True)
 
 
 def _refuse_if_carried(client: datastore.Client, retrier: Retrier, kind: str, prop: str) -> None:
     """No index entry holds a value: refuse if sampled entities carry one all the same."""
-    sample = lookup(
-        client, retrier, fetch_keys(client, retrier, RangeQuery(kind, prop), UNINDEXED_SAMPLE)
-    )
+    sample = fetch(client, retrier, RangeQuery(kind, prop, keys_only=False), UNINDEXED_SAMPLE)
     carrying = [e for e in sample if e.get(prop) is not None]
     if carrying:
         raise RefusedError(

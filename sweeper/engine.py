@@ -17,9 +17,9 @@ from functools import partial
 import structlog
 from google.cloud import datastore
 
-from sweeper.checks import Checks
+from sweeper.checks import Checks, Stored
 from sweeper.clock import SKEW_WARNING_S, read_clock
-from sweeper.concurrency import CallLimiter
+from sweeper.concurrency import CallLimiter, together
 from sweeper.deleter import BatchSizer
 from sweeper.encodings import Encoding
 from sweeper.errors import SweeperError, describe_exception, is_bug, report_bug
@@ -155,8 +155,11 @@ class Sweep:
     def _body(self, result: SweepResult, started: float) -> None:
         try:
             client = self._connect()
-            self._set_cutoff(client, result)
-            self._sweep(client, result)
+            checks = Checks(client, self._retrier, self.settings, self._log)
+            # The stored values are read while the clock is: neither needs the other, and on
+            # a link of 60 ms each way that is a round trip less before the first delete.
+            _, stored = together(partial(self._set_cutoff, client, result), checks.read)
+            self._sweep(client, result, checks, stored)
         except Stopped as stop:
             self._end(result, stop.reason)
         except SweeperError as exc:
@@ -203,18 +206,24 @@ class Sweep:
             else:
                 result.stop(reason)
 
-    def _sweep(self, client: datastore.Client, result: SweepResult) -> None:
-        checks = Checks(client, self._retrier, self.settings, self._log)
-        encoding = checks.encoding(result)
+    def _sweep(
+        self, client: datastore.Client, result: SweepResult, checks: Checks, stored: Stored
+    ) -> None:
+        encoding = checks.encoding(result, stored)
         if encoding is not None:
             result.format = encoding.value
             checks.guard(encoding, result, self.runtime.confirm)
-            self._delete_expired(client, encoding, result, checks)
+            self._delete_expired(client, encoding, result, checks, stored.smallest(encoding))
         if result.stopped_reason in (StopReason.COMPLETE, StopReason.MAX_DELETES):
             checks.retention(encoding, result)
 
     def _delete_expired(
-        self, client: datastore.Client, encoding: Encoding, result: SweepResult, checks: Checks
+        self,
+        client: datastore.Client,
+        encoding: Encoding,
+        result: SweepResult,
+        checks: Checks,
+        smallest: int | None,
     ) -> None:
         """Drain the expired streams, every key through the one gate (``sweeper.gate``)."""
         s, rt = self.settings, self.runtime
@@ -257,6 +266,7 @@ class Sweep:
             s,
             encoding,
             result.cutoff,
+            smallest=smallest,
             log=self._log,
             on_read=partial(count, "entities_read"),
             seen=seen,

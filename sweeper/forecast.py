@@ -27,12 +27,10 @@ from sweeper.settings import DEFAULT_MAX_FRACTION, DEFAULT_WORKERS, MAX_BATCH_SI
 from sweeper.slices import Shard, shard_slices
 from sweeper.throttle import BASE_RATE, RampSchedule
 
-# Calls every pod makes whatever the backlog: the clock query; the format check's two probes
-# and its lookup of the two entities they found (not made by a scan, which needs --format).
+# Calls every pod makes whatever the backlog: the clock query; the format check's two probes,
+# each the one whole entity at an end of the index (not made by a scan, which needs --format).
 CLOCK_QUERIES = 1
 CHECK_QUERIES = 2
-CHECK_LOOKUPS = 1
-CHECK_LOOKUP_ENTITIES = 2
 # Results per call from the legacy Datastore emulator, whatever the limit.
 LEGACY_BATCH_KEYS = 300
 
@@ -66,6 +64,9 @@ class RunSettings:
     projected: bool = False
     # --with-descendants: the entities under each session, as inspect sampled them.
     descendants_per_session: float | None = None
+    # --format auto has read the oldest value (an end of the index), where the streams of one
+    # pod start: no query places them (``sources.expired_streams``). Not for text.
+    start_detected: bool = False
 
 
 def run_settings(
@@ -79,6 +80,12 @@ def run_settings(
     """What a sweep with ``s`` will do on a database that does (not) report its read time."""
     return RunSettings(
         projected=encoding is not None and encoding.needs_values and not s.scan,
+        start_detected=(
+            not isinstance(s.format, Encoding)
+            and encoding is not None
+            and not encoding.needs_values
+            and not s.scan
+        ),
         descendants_per_session=descendants_per_session if s.with_descendants else None,
         workers=s.workers,
         batch_size=s.batch_size,
@@ -135,11 +142,12 @@ def plan_backlog(
         return Backlog(((n,),), (0,), carrying, bounded)
     if n == 0:
         return Backlog(((),), (1,), carrying, bounded)  # the projection finds nothing
+    place = (0,) if settings.start_detected else (1,)
     if slices is None:
         q, r = divmod(n, settings.workers)
         even = tuple(q + (i < r) for i in range(settings.workers))
-        return Backlog((even,), (1,), carrying, True)
-    return Backlog((tuple(slices),), (1,), carrying, bounded)
+        return Backlog((even,), place, carrying, True)
+    return Backlog((tuple(slices),), place, carrying, bounded)
 
 
 def scan_backlog(kind_size: int, due: int, carrying: int, estimated: bool) -> Backlog:
@@ -177,10 +185,9 @@ def _walk(cells: Mapping[int, int], histogram: Histogram, shard: Shard) -> tuple
 class Operations:
     """The calls a run makes, as ``sweep_finished`` counts them, and the entity reads billed:
     one per keys-only or projection query, per 1,000 index entries an aggregation COUNT reads,
-    per entity looked up, re-read by ``--verify`` or read by ``--scan``."""
+    per entity re-read by ``--verify`` or read by ``--scan``."""
 
     queries: int
-    lookups: int
     commits: int
     entities_read: int
     deleted: int
@@ -197,7 +204,7 @@ def guard_refuses(backlog: Backlog, settings: RunSettings) -> bool:
 def operations(backlog: Backlog, settings: RunSettings) -> Operations:
     """Every pod's calls: its clock and checks, the guard's counts, its streams' pages and
     commits, and the retention counts after it (when pods finish together: nothing left)."""
-    queries = lookups = commits = billed = 0
+    queries = commits = billed = 0
     left = max(backlog.carrying - backlog.due, 0)
     for keys, probes in zip(backlog.streams, backlog.probes, strict=True):
         # A scan's retention is what it read: no counts after it (``checks.Checks.retention``).
@@ -212,8 +219,7 @@ def operations(backlog: Backlog, settings: RunSettings) -> Operations:
             per, last = _per_call(settings), settings.says_last_page
             pages = CHECK_QUERIES + sum(query_pages(n, per, last) for n in keys)
             queries += fixed + pages
-            lookups += CHECK_LOOKUPS
-            billed += fixed - counted + counted_reads + pages + CHECK_LOOKUP_ENTITIES
+            billed += fixed - counted + counted_reads + pages
         # A scan hands its keys on a full commit at a time, whatever its read pages.
         per = PAGE_SIZE if backlog.scan_reads is not None else _per_call(settings)
         commits += sum(_commits(batch, settings) for batch in _batches(keys, per, settings))
@@ -233,7 +239,7 @@ def operations(backlog: Backlog, settings: RunSettings) -> Operations:
         billed += backlog.due * pages
         commits += math.ceil(under / min(settings.batch_size, settings.transaction_keys))
         deleted += under
-    return Operations(queries, lookups, commits, read, deleted, billed + read)
+    return Operations(queries, commits, read, deleted, billed + read)
 
 
 def _guard_calls(backlog: Backlog, settings: RunSettings) -> list[tuple[int, int]]:

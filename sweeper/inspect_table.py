@@ -197,7 +197,6 @@ def _forecast_rows(f: Forecast) -> list[tuple[str, str]]:
     return [
         *rows,
         ("  queries", str(ops.queries)),
-        ("  lookups", str(ops.lookups)),
         ("  commits", str(ops.commits)),
         ("  entities read", f"{ops.entities_read} (billed reads in all: {ops.billed_reads})"),
         ("  deletes", str(ops.deleted)),

@@ -65,6 +65,22 @@ class RangeQuery:
         return query
 
 
+def fetch(
+    client: datastore.Client,
+    retrier: Retrier,
+    query: RangeQuery,
+    limit: int,
+    descending: bool = False,
+) -> list[datastore.Entity]:
+    """The first ``limit`` results of ``query`` (small probes): whole entities unless it is
+    keys-only. A whole entity carries its values' true types, which no index shows."""
+    found, _cursor = retrier.call(
+        "query",
+        lambda: _page(client, query, limit, None, timeout=retrier.timeout, descending=descending),
+    )
+    return found
+
+
 def fetch_keys(
     client: datastore.Client,
     retrier: Retrier,
@@ -73,11 +89,7 @@ def fetch_keys(
     descending: bool = False,
 ) -> list[datastore.Key]:
     """The first ``limit`` keys of ``query`` (used for small probes)."""
-    found, _cursor = retrier.call(
-        "query",
-        lambda: _page(client, query, limit, None, timeout=retrier.timeout, descending=descending),
-    )
-    return [entity.key for entity in found]
+    return [entity.key for entity in fetch(client, retrier, query, limit, descending)]
 
 
 def key_pages(

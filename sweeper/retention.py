@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from google.cloud import datastore
 
+from sweeper.concurrency import together
 from sweeper.encodings import Encoding, expired_range, from_micros
 from sweeper.query import Count, RangeQuery, count, first_value
 from sweeper.retry import Retrier
@@ -62,14 +64,18 @@ def measure_retention(
     encoding: Encoding | None,
     cutoff: dt.datetime,
 ) -> Retention:
-    """Two bounded COUNTs and one limit-1 projection query."""
-    carrying = count(client, retrier, RangeQuery(kind, prop, ((">", None),)), RETENTION_COUNT_LIMIT)
+    """Two bounded COUNTs (at once) and one limit-1 projection query."""
+    carried = partial(
+        count, client, retrier, RangeQuery(kind, prop, ((">", None),)), RETENTION_COUNT_LIMIT
+    )
     if encoding is None:
-        return Retention(carrying)
+        return Retention(carried())
     window = expired_range(encoding, cutoff)
     lo, hi = window.values()
     query = RangeQuery(kind, prop, ((">=", lo), ("<", hi)))
-    left = count(client, retrier, query, RETENTION_COUNT_LIMIT)
+    left, carrying = together(
+        partial(count, client, retrier, query, RETENTION_COUNT_LIMIT), carried
+    )
     first = first_value(client, retrier, query, encoding, strict=True) if left.n else None
     oldest = None if first is None else from_micros(first * encoding.unit_us)
     return Retention(carrying, left, oldest)

@@ -35,6 +35,7 @@ def expired_streams(
     encoding: Encoding,
     cutoff: dt.datetime,
     *,
+    smallest: int | None = None,
     log: Any,
     on_read: Callable[[int], None],
     seen: Counter[str] | None = None,
@@ -45,8 +46,10 @@ def expired_streams(
     A scan counts in ``seen`` the encodings of the non-null values it reads, so the engine can
     tell a scan that found nothing to do from one that could never have matched anything.
     Values in the range that are of no encoding (text in another form) are left alone and
-    counted through ``on_left_alone``. A stream reads its next page while the workers
-    delete the last one.
+    counted through ``on_left_alone``. ``smallest`` is the smallest stored value's ordinal
+    where detection has read it already: the slices start there instead of at a value queried
+    for (a value changed since, so that it lies past the range, is queried for all the same).
+    A stream reads its next page while the workers delete the last one.
     """
     s = settings
     if s.scan:
@@ -69,7 +72,9 @@ def expired_streams(
     if s.workers == 1:
         return [pages(window)]
     # Start the slices at the oldest stored value, not at 2001: the old part is empty.
-    start = first_value(client, retrier, _query(s, window), encoding)
+    start = smallest if smallest is not None and window.lo <= smallest < window.hi else None
+    if start is None:
+        start = first_value(client, retrier, _query(s, window), encoding)
     if start is None:
         return []
     slices = split_even(start, window.hi, s.workers)

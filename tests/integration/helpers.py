@@ -202,6 +202,7 @@ _REQUESTS: dict[str, Any] = {
     "commit": datastore_pb2.CommitRequest,
     "begin_transaction": datastore_pb2.BeginTransactionRequest,
     "rollback": datastore_pb2.RollbackRequest,
+    "run_query": datastore_pb2.RunQueryRequest,
 }
 
 

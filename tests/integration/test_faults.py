@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,20 +43,23 @@ class FlakyClient(datastore.Client):
     still goes to the real emulator.
     """
 
-    def __init__(self, *args: Any, fail_deletes: int, fail_lookups: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fail_deletes: int, fail_queries: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self.fail_deletes = fail_deletes
-        self.fail_lookups = fail_lookups
-        hook_api(self, commit=self._commit, lookup=self._lookup)
+        self.fail_queries = fail_queries
+        self._lock = threading.Lock()  # the clock and the format check query at once
+        hook_api(self, commit=self._commit, run_query=self._query)
 
     def _commit(self, request: Any) -> None:
         if self.fail_deletes and not transactional(request):
             self.fail_deletes -= 1
             raise gexc.ServiceUnavailable("injected: connection reset by peer")
 
-    def _lookup(self, _request: Any) -> None:
-        if self.fail_lookups:
-            self.fail_lookups -= 1
+    def _query(self, _request: Any) -> None:
+        with self._lock:
+            fail = self.fail_queries > 0
+            self.fail_queries -= fail
+        if fail:
             raise gexc.DeadlineExceeded("injected: deadline exceeded")
 
 
@@ -64,7 +68,7 @@ def test_transient_failures_are_retried_and_counted(emulator: Emulator, kind: st
     groups = {"expired": stored(ago(hours=3), S, 250), "live": stored(ahead(hours=3), S, 10)}
     seed(client, kind, groups)
     with emulator_env(emulator.env):
-        flaky = FlakyClient(project=emulator.project, fail_deletes=2, fail_lookups=1)
+        flaky = FlakyClient(project=emulator.project, fail_deletes=2, fail_queries=1)
     waits: list[float] = []
 
     # Blind commits (--no-verify) go through delete_multi, where this client fails them.
@@ -80,7 +84,7 @@ def test_a_batch_that_keeps_failing_ends_the_run_non_zero(emulator: Emulator, ki
     groups = {"expired": stored(ago(hours=3), S, 20)}
     seed(client, kind, groups)
     with emulator_env(emulator.env):
-        flaky = FlakyClient(project=emulator.project, fail_deletes=100, fail_lookups=0)
+        flaky = FlakyClient(project=emulator.project, fail_deletes=100, fail_queries=0)
 
     clock = FakeClock()  # backoff advances it: the run gives up after 60 s without progress
     # One worker: every worker's backoff advances the one fake clock.

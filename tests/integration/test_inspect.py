@@ -384,7 +384,6 @@ def test_forecast_matches_the_run_it_forecasts(
     assert result.verify == report.forecast.settings.verify
     measured = {
         "queries": (ops.queries, result.queries),
-        "lookups": (ops.lookups, result.lookups),
         "commits": (ops.commits, result.commits),
         "entities_read": (ops.entities_read, result.entities_read),
         "deleted": (ops.deleted, result.deleted),
@@ -425,7 +424,6 @@ def test_forecast_of_three_shards_matches_their_runs(
     assumed = 3 * retention_calls(report.carrying.n - ops.deleted, 0, run)[0]
     measured = {
         "queries": (ops.queries - assumed, sum(r.queries for r in results) - sum(after_run)),
-        "lookups": (ops.lookups, sum(r.lookups for r in results)),
         "commits": (ops.commits, sum(r.commits for r in results)),
         "deleted": (ops.deleted, sum(r.deleted for r in results)),
     }
@@ -477,7 +475,6 @@ def test_forecast_of_a_scan_matches_its_run(
     assert report.forecast.estimated
     measured = {
         "queries": (ops.queries, result.queries),
-        "lookups": (ops.lookups, result.lookups),
         "commits": (ops.commits, result.commits),
         "entities_read": (ops.entities_read, result.entities_read),
         "deleted": (ops.deleted, result.deleted),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import pytest
 from google.cloud import datastore
@@ -11,11 +12,12 @@ from structlog.testing import capture_logs
 from sweeper.encodings import Encoding
 from sweeper.settings import FormatChoice
 from sweeper.testing.emulator import Emulator
-from sweeper.testing.seed import MISSING
+from sweeper.testing.seed import MISSING, encode
 from tests.integration.helpers import (
     ago,
     ahead,
     group_names,
+    hook_api,
     make_client,
     remaining,
     seed,
@@ -229,6 +231,32 @@ def test_auto_refuses_floats_and_booleans_between_other_values(
     assert result.error is not None
     assert "no supported encoding" in result.error
     assert survivors(client, kind, groups) == set(groups)
+
+
+@pytest.mark.parametrize("fmt", ["auto", S], ids=["auto", "explicit"])
+def test_the_streams_start_at_the_oldest_value_detection_read(
+    client: datastore.Client, kind: str, fmt: FormatChoice
+) -> None:
+    # Four streams split the expired range from its oldest stored value on. --format auto has
+    # read that value already (the smallest end) and asks no more; an explicit format queries
+    # it (a projection of the expiry).
+    groups: dict[str, list[object]] = {
+        "expired": [encode(ago(hours=1 + i), S) for i in range(80)],
+        "live": [encode(ahead(hours=1 + i), S) for i in range(10)],
+    }
+    seed(client, kind, groups)
+    projections: list[Any] = []
+
+    def record(raw: Any) -> None:
+        projections.extend(raw.query.projection)
+
+    hook_api(client, run_query=record)
+
+    result = sweep(client, kind, fmt, workers=4)
+
+    assert (result.deleted, survivors(client, kind, groups)) == (80, {"live"})
+    slices_start = [p for p in projections if p.property.name == "expires_at"]
+    assert len(slices_start) == (0 if fmt == "auto" else 1)
 
 
 def test_dry_run_deletes_nothing_and_reports_what_it_matched(

@@ -4,12 +4,13 @@ grows back, its bounds, what it reports, and how a caller blocked on a full limi
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import AbstractContextManager
 
 import pytest
 from google.api_core import exceptions as gexc
 
-from sweeper.concurrency import CallLimiter, Degradation, is_connection_level
+from sweeper.concurrency import CallLimiter, Degradation, is_connection_level, together
 from sweeper.stopping import Stopped, StopReason
 from tests.support.clock import FakeClock
 from tests.unit.fakes import api_error
@@ -237,3 +238,45 @@ def test_check_stop_is_not_consulted_while_places_are_free() -> None:
     held = start(limiter)
     succeed(limiter)
     held.__exit__(None, None, None)
+
+
+# --- together --------------------------------------------------------------------------------
+
+
+def test_together_runs_both_at_once_and_returns_both() -> None:
+    second_started = threading.Event()
+
+    def first() -> str:
+        # Returns only once the second is under way: run one after the other, this times out.
+        assert second_started.wait(5)
+        return "a"
+
+    def second() -> int:
+        second_started.set()
+        return 2
+
+    assert together(first, second) == ("a", 2)
+
+
+def test_together_raises_the_first_error_once_both_are_done() -> None:
+    second_done = threading.Event()
+
+    def first() -> None:
+        raise KeyError("first")
+
+    def second() -> None:
+        time.sleep(0.05)
+        second_done.set()
+        raise ValueError("second")
+
+    with pytest.raises(KeyError):
+        together(first, second)
+    assert second_done.is_set()
+
+
+def test_together_raises_the_second_error_when_the_first_succeeds() -> None:
+    def second() -> None:
+        raise ValueError("second")
+
+    with pytest.raises(ValueError, match="second"):
+        together(lambda: 1, second)

@@ -146,7 +146,7 @@ def test_permission_denied_on_query_fails_without_retries() -> None:
     result, logs = run(client)
     assert result.stopped_reason == "error"
     assert result.retries == 0
-    assert client.fetches == 1
+    assert client.fetches == CHECK_FETCHES  # the two ends, asked at once; neither again
     assert client.delete_calls == []
     assert result.exit_code == 1
     event = finished(logs)
