@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -34,7 +35,7 @@ from sweeper.errors import (
     report_bug,
 )
 from sweeper.inspect_table import forecast_dict, render_table, report_dict
-from sweeper.inspection import inspect_target
+from sweeper.inspection import InspectReport, inspect_target
 from sweeper.logs import LogFormat, configure
 from sweeper.metrics import MetricsError, push_summary
 from sweeper.options import (
@@ -47,8 +48,9 @@ from sweeper.options import (
     settings_fields,
 )
 from sweeper.result import Runtime, SweepResult
+from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.settings import SweepSettings
-from sweeper.targets import sweep_targets
+from sweeper.targets import each_namespace, sweep_label, sweep_targets
 from sweeper.terminal import ProgressLine, StopOnSignal, ask_before_deleting, run_until_signal
 
 
@@ -98,7 +100,7 @@ def sweep(**options: Any) -> None:
             targets, _client_for, runtime, overall=options["config"] is not None
         )
     if options["dry_run"] and not stop.is_set():
-        _log_forecasts(targets, results)
+        _log_forecasts(results)
     if options["pushgateway"]:
         _push_metrics(options["pushgateway"], results)
     if any(r.stopped_reason == "signal" for r in results):
@@ -108,8 +110,8 @@ def sweep(**options: Any) -> None:
         raise SweeperError(failed[0].error or "")
     if failed:
         raise SweeperError(
-            f"{len(failed)} of {len(results)} targets failed; first: "
-            f"{failed[0].settings.kind}.{failed[0].settings.prop}: {failed[0].error}"
+            f"{len(failed)} of {len(results)} sweeps failed; first: "
+            f"{sweep_label(failed[0].settings)}: {failed[0].error}"
         )
 
 
@@ -135,19 +137,28 @@ def inspect(**options: Any) -> None:
     settings = SweepSettings(**settings_fields(INSPECT, options))
     output = options["output"] or ("table" if sys.stdout.isatty() else "json")
     configure(_log_format(options, sys.stderr), options["log_level"], sys.stderr)
-    with StopOnSignal() as stop:
-        report = run_until_signal(
-            stop,
-            "inspect",
-            lambda: inspect_target(
-                settings,
-                _client_for(settings),
-                dt.datetime.now(dt.UTC),
-                sample_size=options["sample_size"],
-                count_limit=options["count_limit"],
-            ),
+
+    def report(one: SweepSettings) -> InspectReport:
+        return inspect_target(
+            one,
+            _client_for(one),
+            dt.datetime.now(dt.UTC),
+            sample_size=options["sample_size"],
+            count_limit=options["count_limit"],
         )
-    click.echo(render_table(report) if output == "table" else json.dumps(report_dict(report)))
+
+    with StopOnSignal() as stop:
+        if not settings.all_namespaces:
+            one = run_until_signal(stop, "inspect", lambda: report(settings))
+            click.echo(render_table(one) if output == "table" else json.dumps(report_dict(one)))
+            return
+        # One report per namespace, each printed as it is made: a table each, or JSON lines.
+        retrier = Retrier(RetryPolicy(), RetryCounter())
+        for each in run_until_signal(
+            stop, "inspect", lambda: list(each_namespace(settings, _client_for, retrier))
+        ):
+            one = run_until_signal(stop, "inspect", partial(report, each))
+            click.echo(render_table(one) if output == "table" else json.dumps(report_dict(one)))
 
 
 def _targets(ctx: click.Context, options: dict[str, Any]) -> list[SweepSettings]:
@@ -177,14 +188,15 @@ def _log_format(options: dict[str, Any], stream: TextIO) -> LogFormat:
     return chosen or ("console" if stream.isatty() else "json")
 
 
-def _log_forecasts(targets: list[SweepSettings], results: list[SweepResult]) -> None:
+def _log_forecasts(results: list[SweepResult]) -> None:
     """After a dry run: what the real run would cost, as ``inspect`` forecasts it.
 
     One ``forecast`` event per target, from the same reads ``inspect`` makes (a sample lookup
     and a few COUNTs): its calls, billed reads and deletes, price, and time under the ramp-up.
     """
     log = structlog.get_logger("sweeper")
-    for settings, result in zip(targets, results, strict=False):
+    for result in results:
+        settings = result.settings
         if result.error is not None:
             continue
         try:

@@ -12,6 +12,7 @@ import contextlib
 import threading
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import structlog
@@ -41,13 +42,40 @@ from sweeper.sources import expired_streams
 from sweeper.stopping import Stopped, Stopper, StopReason
 from sweeper.throttle import Throttle, ThrottleSettings
 
-__all__ = ["Runtime", "Sweep", "SweepResult"]
+__all__ = ["Budget", "Runtime", "Sweep", "SweepResult"]
 
 
 # A checked commit is three calls (begin, lookup, commit) against the stream's one query per
 # page, so each stream feeds two delete workers; on the Firestore emulator with 60 ms each way
 # that took a 10,000-key sweep from 1.43x to 1.62x the bare loop.
 DELETERS_PER_STREAM = 2
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the sweeps of one run share when it sweeps one kind in many namespaces
+    (``--all-namespaces``): the stop flag and the ``--max-runtime`` deadline, which end the
+    whole run and not each namespace's part of it, and the throttle, whose ramp-up goes on
+    from namespace to namespace instead of starting again at its base rate in each."""
+
+    stopper: Stopper
+    throttle: Throttle
+
+    @classmethod
+    def start(cls, settings: SweepSettings, rt: Runtime, deadline: float | None = None) -> Budget:
+        """A fresh budget; ``deadline`` is a value of ``rt.monotonic`` (a lone sweep sets its
+        own once it runs)."""
+        stopper = Stopper(rt.stop_requested, rt.monotonic, rt.sleep, deadline)
+        throttle = Throttle(
+            ThrottleSettings(
+                ramp_up=settings.ramp_up,
+                max_rate=settings.max_rate,
+                divisor=settings.shard.count,
+            ),
+            clock=rt.monotonic,
+            sleep=stopper.pause,
+        )
+        return cls(stopper, throttle)
 
 
 class Sweep:
@@ -63,6 +91,7 @@ class Sweep:
         settings: SweepSettings,
         client: datastore.Client | Callable[[], datastore.Client],
         runtime: Runtime | None = None,
+        budget: Budget | None = None,
     ) -> None:
         self.settings = settings
         self._connect: Callable[[], datastore.Client] = (
@@ -70,7 +99,10 @@ class Sweep:
         )
         self.runtime = rt = runtime or Runtime()
         self._counter = RetryCounter()
-        self._stopper = Stopper(rt.stop_requested, rt.monotonic, rt.sleep)
+        self._own_budget = budget is None
+        self._budget = budget or Budget.start(settings, rt)
+        self._stopper = self._budget.stopper
+        self._throttle = self._budget.throttle
         # A query stream and its delete workers per worker (and the delete workers' ancestor
         # queries): nothing waits for a place unless connection loss has cut the limit.
         calls = 1 + DELETERS_PER_STREAM * (
@@ -78,13 +110,6 @@ class Sweep:
         )
         self._limiter = CallLimiter(calls * settings.workers, rt.monotonic, self._stopper.check)
         self._sizer = BatchSizer(settings.batch_size, rt.monotonic)
-        self._throttle = Throttle(
-            ThrottleSettings(
-                ramp_up=settings.ramp_up, max_rate=settings.max_rate, divisor=settings.shard.count
-            ),
-            clock=rt.monotonic,
-            sleep=self._stopper.pause,
-        )
         self._retrier = Retrier(
             rt.retry_policy,
             self._counter,
@@ -107,7 +132,7 @@ class Sweep:
         """
         rt, s = self.runtime, self.settings
         started = rt.monotonic()
-        if s.max_runtime is not None:
+        if self._own_budget and s.max_runtime is not None:
             self._stopper.deadline = started + s.max_runtime.total_seconds()
         # Provisional, for a summary of a run that fails before it reads the database's clock.
         result = SweepResult(s, rt.now() - s.grace, s.format_label)

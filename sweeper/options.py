@@ -267,6 +267,18 @@ OPTIONS: tuple[Option, ...] = (
         key_order=5,
     ),
     Option(
+        "--all-namespaces",
+        {
+            SWEEP: "Sweep the kind in every namespace of the database (the default one too), "
+            "one after another: one sweep_finished each, then one run_finished with the "
+            "totals. Guards and caps apply per namespace; --max-runtime to the whole run.",
+            INSPECT: "Report on the kind in every namespace of the database, one report each.",
+        },
+        is_flag=True,
+        sets="all_namespaces",
+        toml=TOML_BOOL,
+    ),
+    Option(
         "--kind",
         every("Kind to sweep."),
         default=DEFAULT_KIND,

@@ -129,6 +129,20 @@ def entity_pages(
             page_size = resize(found)
 
 
+def namespaces(client: datastore.Client, retrier: Retrier) -> Iterator[list[str | None]]:
+    """The database's namespaces, a page at a time, None for the default one.
+
+    A keys-only query on the ``__namespace__`` metadata kind, paged like any other: each
+    namespace is a key whose name is the namespace (the default namespace's key has the id 1
+    instead). Only namespaces that hold an entity are listed.
+    """
+    for page in key_pages(client, retrier, RangeQuery(NAMESPACE_KIND, "")):
+        yield [key.name for key in page]
+
+
+NAMESPACE_KIND = "__namespace__"
+
+
 def lookup(
     client: datastore.Client, retrier: Retrier, keys: Sequence[datastore.Key]
 ) -> list[datastore.Entity]:

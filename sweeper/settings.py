@@ -143,6 +143,8 @@ class SweepSettings:
     project: str | None = None
     database: str | None = None
     namespace: str | None = None
+    # Sweep the kind in every namespace of the database, one after another (``targets``).
+    all_namespaces: bool = False
 
     def __post_init__(self) -> None:
         check_name("kind", self.kind)
@@ -158,6 +160,10 @@ class SweepSettings:
         if self.max_runtime is not None and self.max_runtime <= dt.timedelta(0):
             raise UsageError("max runtime must be greater than 0")
         check_namespace(self.namespace)
+        if self.all_namespaces and self.namespace is not None:
+            raise UsageError(
+                "--all-namespaces sweeps every namespace: it cannot be combined with --namespace"
+            )
         if not 1 <= self.workers <= MAX_WORKERS:
             raise UsageError(f"workers must be between 1 and {MAX_WORKERS}")
         if self.max_rate is not None and not (math.isfinite(self.max_rate) and self.max_rate > 0):

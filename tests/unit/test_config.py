@@ -114,6 +114,17 @@ scan = true
     )
 
 
+def test_a_target_may_sweep_every_namespace_but_not_name_one_too(tmp_path: Path) -> None:
+    every, named = load(
+        tmp_path,
+        '[[target]]\nkind = "a"\nall_namespaces = true\n[[target]]\nkind = "b"\nnamespace = "n"\n',
+    )
+    assert (every.all_namespaces, every.namespace) == (True, None)
+    assert (named.all_namespaces, named.namespace) == (False, "n")
+    with pytest.raises(UsageError, match="cannot be combined with --namespace"):
+        load(tmp_path, '[[target]]\nkind = "a"\nnamespace = "n"\nall_namespaces = true\n')
+
+
 def test_base_values_reach_every_target_but_its_kind_does_not(tmp_path: Path) -> None:
     path = tmp_path / "sweeper.toml"
     path.write_text('[[target]]\nkind = "a"\n[[target]]\nproperty = "x"\n')

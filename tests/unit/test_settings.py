@@ -128,6 +128,7 @@ def test_valid_settings() -> None:
         ({"namespace": "n/s"}, "invalid namespace"),
         ({"namespace": "n" * 101}, "invalid namespace"),
         ({"namespace": "__reserved__"}, "invalid namespace"),
+        ({"namespace": "n", "all_namespaces": True}, "cannot be combined with --namespace"),
         ({"max_rate": 0.0}, "max rate"),
         ({"max_rate": -1.0}, "max rate"),
         ({"max_rate": math.inf}, "max rate must be a finite number"),
