@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint cog typecheck deploy-lint unit integration bench bench-memory bench-encodings soak clean
+.PHONY: demo test lint cog typecheck deploy-lint lock unit integration bench bench-memory bench-encodings soak clean
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "sweeper needs Python 3.11+")'
@@ -47,6 +47,14 @@ deploy-lint: $(STAMP)
 	    $(KUBERNETES_MANIFESTS) 2>&1) && test -z "$$out" || { echo "$$out"; exit 1; }; \
 	  echo "kubernetes-validate --strict --kubernetes-version $$v $(KUBERNETES_MANIFESTS): ok"; \
 	done
+
+# requirements.lock: what the image installs, every file by its hash. Run after changing
+# install_requires in setup.cfg, and to take new releases (the upgrade flag); commit the
+# result. Local pip settings (mirrors, find-links) are ignored: the hashes are PyPI's.
+lock: $(STAMP)
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(BIN)/pip-compile --quiet --upgrade \
+	  --generate-hashes --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
+	  --output-file requirements.lock setup.cfg
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit

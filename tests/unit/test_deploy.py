@@ -10,11 +10,14 @@ and log (``STOP_BUDGET_S``); targets run one after another, so they add up. (Tha
 
 from __future__ import annotations
 
+import configparser
 import datetime as dt
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
+from packaging.requirements import Requirement
 
 from sweeper.config import load_targets
 from sweeper.retry import CALL_TIMEOUT_S, STOP_BUDGET_S
@@ -81,3 +84,86 @@ def test_the_backlog_job_deadline_covers_its_one_target() -> None:
 
     worst = max_runtime + CALL_TIMEOUT_S + STOP_BUDGET_S
     assert worst <= job["spec"]["activeDeadlineSeconds"]
+
+
+# --- What the deployment grants and what the image is built from ---------------------------
+
+ROOT = DEPLOY.parent
+
+
+def test_no_pod_mounts_a_kubernetes_api_token() -> None:
+    # sweeper never calls the Kubernetes API; Workload Identity does not need the token.
+    cron = {d["kind"]: d for d in documents("cronjob.yaml")}
+    (job,) = documents("backlog-job.yaml")
+    assert cron["ServiceAccount"]["automountServiceAccountToken"] is False
+    pods = [cron["CronJob"]["spec"]["jobTemplate"]["spec"]["template"], job["spec"]["template"]]
+    assert [p["spec"]["automountServiceAccountToken"] for p in pods] == [False, False]
+
+
+def test_the_role_binding_is_held_to_the_swept_database() -> None:
+    readme = (DEPLOY / "README.md").read_text()
+    binding = readme[readme.index("gcloud projects add-iam-policy-binding") :]
+    binding = binding[: binding.index("```")]
+    assert "--condition=None" not in binding
+    assert re.search(
+        r"--condition='expression=resource\.name == \"projects/PROJECT_ID/databases/\(default\)\"",
+        binding,
+    ), binding
+    assert "What the condition limits" in readme
+
+
+def test_the_role_grants_what_all_namespaces_lists_with() -> None:
+    for name in ("sweeper-role.yaml", "sweeper-readonly-role.yaml"):
+        role = yaml.safe_load((DEPLOY / "iam" / name).read_text())
+        assert "datastore.databases.getMetadata" in role["includedPermissions"], name
+
+
+def locked() -> dict[str, tuple[str, list[str]]]:
+    """requirements.lock: each pinned name with its version and hashes."""
+    entries: dict[str, tuple[str, list[str]]] = {}
+    text = (ROOT / "requirements.lock").read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        spec, *options = line.split("--hash=")
+        name, version = spec.strip().split("==")
+        entries[name.lower()] = (version, [o.strip() for o in options])
+    return entries
+
+
+def test_every_dependency_is_locked_with_its_hashes() -> None:
+    entries = locked()
+    assert all(
+        hashes and all(re.fullmatch(r"sha256:[0-9a-f]{64}", h) for h in hashes)
+        for _version, hashes in entries.values()
+    ), entries
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    for line in parser["options"]["install_requires"].split("\n"):
+        if not line.strip():
+            continue
+        wanted = Requirement(line)
+        assert wanted.name.lower() in entries, f"{wanted.name} is not in requirements.lock"
+        version = entries[wanted.name.lower()][0]
+        assert wanted.specifier.contains(version), f"{wanted.name} {version} is not {wanted}"
+
+
+def test_the_image_installs_only_the_lock_on_a_base_pinned_by_digest() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", dockerfile, re.MULTILINE)
+    assert base is not None
+    assert re.fullmatch(r"python:[\w.-]+@sha256:[0-9a-f]{64}", base.group(1))
+    run = " ".join(dockerfile.replace("\\\n", " ").split())
+    assert "pip download --require-hashes --no-deps --only-binary :all:" in run
+    assert "-r requirements.lock" in run
+    assert "--no-build-isolation" in run  # the base's setuptools: nothing unpinned fetched
+    assert "pip install --no-index --no-deps" in run
+    # Whatever the Dockerfile copies, the build context lets in.
+    allowed = {
+        line[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    copied = re.findall(r"^COPY (?!--)(.+) \S+$", dockerfile, re.MULTILINE)
+    sources = {name for line in copied for name in line.split()}
+    assert sources <= allowed, sources - allowed
