@@ -180,6 +180,8 @@ class Sweep:
     def _body(self, result: SweepResult, started: float) -> None:
         try:
             client = self._connect()
+            with self._lock:
+                result.project = client.project
             checks = Checks(client, self._retrier, self.settings, self._log)
             # The stored values are read while the clock is: neither needs the other, and on
             # a link of 60 ms each way that is a round trip less before the first delete.

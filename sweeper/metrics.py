@@ -2,8 +2,8 @@
 
 A CronJob lives for minutes, too briefly for Prometheus to scrape it, so the run pushes its
 figures once at the end instead. Each target (kind, namespace, database, property) is its own
-Pushgateway group, and so is each shard of it, so sweeping two kinds (or two shards of one)
-never overwrites the other's figures.
+Pushgateway group, and so is each shard of it and each project, so sweeping two kinds (or two
+shards of one, or one kind in two projects) never overwrites the other's figures.
 
 The push is a POST (``pushadd``), which replaces only the metric names it carries within the
 group. A failed run therefore leaves ``sweeper_last_success_timestamp_seconds`` from the last
@@ -97,6 +97,8 @@ def succeeded(summary: Mapping[str, Any]) -> bool:
 def grouping_key(summary: Mapping[str, Any]) -> dict[str, str]:
     """The labels that make one target's group; ``job`` is added by prometheus_client."""
     return {
+        # Two projects pushing to one gateway keep apart: the same kind is another target.
+        "project": _label(summary, "project"),
         "kind": _label(summary, "kind"),
         "namespace": _label(summary, "namespace"),
         "database": _label(summary, "database"),
@@ -115,7 +117,9 @@ def build_registry(summary: Mapping[str, Any], timestamp: float) -> CollectorReg
         Gauge(name, help_text, registry=registry).set(value)
 
     gauge("sweeper_last_run_timestamp_seconds", "When the last run ended (Unix time).", timestamp)
-    if ok:  # absent on failure: pushadd then keeps the previous success time in the group
+    # Absent on failure, and after a dry run (it deleted nothing, however well it went):
+    # pushadd then keeps the previous success time in the group.
+    if ok and not summary.get("dry_run"):
         gauge(
             "sweeper_last_success_timestamp_seconds",
             "When the last successful run ended (Unix time).",

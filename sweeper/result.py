@@ -53,6 +53,8 @@ class SweepResult:
     format: str
     matched: int = 0
     deleted: int = 0
+    # The project the client ended up with (the option, the environment or the credentials').
+    project: str | None = None
     failed: int = 0
     skipped: int = 0
     entities_read: int = 0
@@ -103,6 +105,7 @@ class SweepResult:
     def summary(self) -> dict[str, Any]:
         s = self.settings
         fields: dict[str, Any] = {
+            "project": self.project if self.project is not None else s.project,
             "kind": s.kind,
             "namespace": s.namespace,
             "database": s.database,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 SWEEP_FINISHED_FIELDS = frozenset(
     {
+        "project",
         "kind",
         "namespace",
         "database",

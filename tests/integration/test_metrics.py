@@ -140,6 +140,7 @@ def pushgateway() -> Iterator[Pushgateway]:
 def summary(kind: str = "eq-session", **overrides: Any) -> dict[str, Any]:
     """A ``sweep_finished`` summary as the engine logs it (default namespace and database)."""
     fields: dict[str, Any] = {
+        "project": "eq-prod",
         "kind": kind,
         "namespace": None,
         "database": None,
@@ -170,6 +171,7 @@ def failure(kind: str = "eq-session") -> dict[str, Any]:
 def target(kind: str = "eq-session") -> dict[str, str]:
     return {
         "job": "sweeper",
+        "project": "eq-prod",
         "kind": kind,
         "namespace": "(default)",
         "database": "(default)",
@@ -231,6 +233,26 @@ def test_a_success_after_a_failure_moves_the_success_time(pushgateway: Pushgatew
     assert pushgateway.value("sweeper_last_success_timestamp_seconds", **target()) == T_FAIL
     assert pushgateway.value("sweeper_last_run_success", **target()) == 1.0
     assert pushgateway.value("sweeper_failed", **target()) == 0.0
+
+
+def test_a_dry_run_keeps_the_last_success_time(pushgateway: Pushgateway) -> None:
+    push_summary(pushgateway.url, summary(), now=lambda: T_OK)
+    push_summary(pushgateway.url, summary(dry_run=True, deleted=0), now=lambda: T_FAIL)
+
+    # A dry run deleted nothing: alerts on the time since the last success still see T_OK.
+    assert pushgateway.value("sweeper_last_success_timestamp_seconds", **target()) == T_OK
+    assert pushgateway.value("sweeper_last_run_timestamp_seconds", **target()) == T_FAIL
+    assert pushgateway.value("sweeper_dry_run", **target()) == 1.0
+
+
+def test_one_kind_in_two_projects_keeps_two_groups(pushgateway: Pushgateway) -> None:
+    push_summary(pushgateway.url, summary(), now=lambda: T_OK)
+    push_summary(pushgateway.url, failure() | {"project": "eq-staging"}, now=lambda: T_FAIL)
+
+    staging = target() | {"project": "eq-staging"}
+    assert pushgateway.value("sweeper_last_run_success", **target()) == 1.0
+    assert pushgateway.value("sweeper_last_run_success", **staging) == 0.0
+    assert pushgateway.value("sweeper_last_success_timestamp_seconds", **target()) == T_OK
 
 
 def test_two_targets_keep_separate_groups(pushgateway: Pushgateway) -> None:

@@ -27,7 +27,7 @@ URL = "http://pushgateway.test:9091"
 NOW = 1_717_243_200.0
 # prometheus_client puts the grouping labels in sorted order after the job.
 GROUP = "/metrics/job/sweeper/database/%28default%29/kind/eq-session"
-GROUP += "/namespace/%28default%29/property/expires_at"
+GROUP += "/namespace/%28default%29/project/eq-prod/property/expires_at"
 GROUP += "/shard@base64/MC8x"  # "0/1": a shard is I/N, and a "/" is base64-encoded in the path
 
 
@@ -72,6 +72,7 @@ def summary(**overrides: Any) -> dict[str, Any]:
         dry_run=overrides.pop("dry_run", False),
         namespace=overrides.pop("namespace", None),
         database=overrides.pop("database", None),
+        project=overrides.pop("project", "eq-prod"),
     )
     result = SweepResult(settings, dt.datetime(2024, 6, 1, 9, tzinfo=dt.UTC), "epoch-seconds")
     counts = {"matched": 1200, "deleted": 1200, "retries": 2, "batches": 3, "duration_s": 4.25}
@@ -161,16 +162,23 @@ def test_what_counts_as_success(stopped_reason: str, failed: int, ok: bool) -> N
     assert samples["sweeper_last_run_success"][1] == float(ok)
 
 
-def test_a_dry_run_is_flagged() -> None:
+def test_a_dry_run_is_flagged_and_never_a_success() -> None:
     samples = push(summary(dry_run=True, deleted=0)).samples()
     assert samples["sweeper_dry_run"][1] == 1.0
+    # It deleted nothing: the last real run's success time must stay the one alerted on.
+    assert "sweeper_last_success_timestamp_seconds" not in samples
+
+
+def test_two_projects_push_to_groups_of_their_own() -> None:
+    urls = {push(summary(project=p)).requests[0].url for p in ("eq-prod", "eq-staging")}
+    assert len(urls) == 2
 
 
 def test_named_namespace_and_database_are_in_the_group() -> None:
     (request,) = push(summary(namespace="prod", database="sessions"), job="eq").requests
     assert request.url == (
-        URL + "/metrics/job/eq/database/sessions/kind/eq-session/namespace/prod/property/expires_at"
-        "/shard@base64/MC8x"
+        URL + "/metrics/job/eq/database/sessions/kind/eq-session/namespace/prod/project/eq-prod"
+        "/property/expires_at/shard@base64/MC8x"
     )
 
 
