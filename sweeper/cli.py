@@ -51,7 +51,13 @@ from sweeper.result import Runtime, SweepResult
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.settings import SweepSettings
 from sweeper.targets import each_namespace, sweep_label, sweep_targets
-from sweeper.terminal import ProgressLine, StopOnSignal, ask_before_deleting, run_until_signal
+from sweeper.terminal import (
+    ProgressLine,
+    StopOnSignal,
+    ask_before_deleting,
+    run_until_signal,
+    summary,
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -86,9 +92,10 @@ def sweep(**options: Any) -> None:
     """
     ctx = click.get_current_context()
     log_format = _log_format(options, sys.stdout)
-    configure(log_format, options["log_level"])
+    person = log_format == "console" and sys.stderr.isatty()
+    configure(log_format, options["log_level"], person=person)
     targets = _targets(ctx, options)
-    line = ProgressLine(sys.stderr) if log_format == "console" and sys.stderr.isatty() else None
+    line = ProgressLine(sys.stderr) if person else None
     asks = not options["yes"] and not options["dry_run"] and sys.stdin.isatty()
     with StopOnSignal() as stop:
         runtime = Runtime(
@@ -101,6 +108,8 @@ def sweep(**options: Any) -> None:
         )
     if options["dry_run"] and not stop.is_set():
         _log_forecasts(results)
+    if person and results:
+        click.echo(summary(results), err=True)
     if options["pushgateway"]:
         _push_metrics(options["pushgateway"], results)
     if any(r.stopped_reason == "signal" for r in results):

@@ -155,7 +155,8 @@ class Sweep:
             result.commit_size = self._sizer.degradation()
             summary = result.summary()
         if rt.on_progress is not None:
-            rt.on_progress(result, result.duration_s, True)
+            deleting = result.duration_s if result.deleting_s is None else result.deleting_s
+            rt.on_progress(result, deleting, True)
         log = self._log.error if result.stopped_reason == StopReason.ERROR else self._log.info
         log("sweep_finished", **summary)
         return result
@@ -299,8 +300,12 @@ class Sweep:
             seen=seen,
             on_left_alone=partial(count, "left_alone"),
         )
-        with contextlib.suppress(Capped):  # --max-deletes reached: the allowance says so
-            Pipeline(DELETERS_PER_STREAM * s.workers, gate.delete, should_stop).run(streams)
+        try:
+            with contextlib.suppress(Capped):  # --max-deletes reached: the allowance says so
+                Pipeline(DELETERS_PER_STREAM * s.workers, gate.delete, should_stop).run(streams)
+        finally:
+            with self._lock:
+                result.deleting_s = rt.monotonic() - progress.started
         if gate.allowance.capped:
             self._end(result, StopReason.MAX_DELETES)
         refused = refused_error(gate.ledger.refused)

@@ -25,7 +25,20 @@ def add_severity(_logger: WrappedLogger, method: str, event_dict: EventDict) -> 
     return event_dict
 
 
-def configure(log_format: LogFormat, level: str = "info", stream: TextIO | None = None) -> None:
+# The run's full records: on a person's terminal the command prints a short summary instead
+# (``terminal.summary``), and these show at ``--log-level debug`` only.
+SUMMARY_EVENTS = frozenset({"sweep_finished", "run_finished"})
+
+
+def configure(
+    log_format: LogFormat,
+    level: str = "info",
+    stream: TextIO | None = None,
+    *,
+    person: bool = False,
+) -> None:
+    """``person``: a console log on an interactive terminal, which gets a short summary at the
+    end rather than the summary events' hundreds of ``key=value`` characters (unless debug)."""
     out = stream if stream is not None else sys.stdout
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -39,7 +52,9 @@ def configure(log_format: LogFormat, level: str = "info", stream: TextIO | None 
             structlog.processors.JSONRenderer(default=str),
         ]
     else:
+        hide: list[Processor] = [] if not person or level == "debug" else [_hide_summaries]
         renderer = [
+            *hide,
             structlog.processors.add_log_level,
             structlog.dev.ConsoleRenderer(colors=out.isatty()),
         ]
@@ -49,6 +64,12 @@ def configure(log_format: LogFormat, level: str = "info", stream: TextIO | None 
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
+
+
+def _hide_summaries(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    if event_dict.get("event") in SUMMARY_EVENTS:
+        raise structlog.DropEvent
+    return event_dict
 
 
 def _level_number(level: str) -> int:

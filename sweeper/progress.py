@@ -14,18 +14,18 @@ class ProgressLog:
     def __init__(
         self, log: Any, runtime: Runtime, counter: RetryCounter, started: float, dry_run: bool
     ) -> None:
-        self._log, self._rt, self._counter, self._started = log, runtime, counter, started
+        self._log, self._rt, self._counter, self.started = log, runtime, counter, started
         self._next = started + runtime.progress_every_s
         self._dry_run = dry_run
 
     def maybe_log(self, result: SweepResult) -> None:
         now = self._rt.monotonic()
         if self._rt.on_progress is not None:
-            self._rt.on_progress(result, now - self._started, False)
+            self._rt.on_progress(result, now - self.started, False)
         if now < self._next:
             return
         self._next = now + self._rt.progress_every_s
-        elapsed = max(now - self._started, 1e-9)
+        elapsed = max(now - self.started, 1e-9)
         done = result.matched if self._dry_run else result.deleted
         self._log.info(
             "sweep_progress",

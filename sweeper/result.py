@@ -53,6 +53,9 @@ class SweepResult:
     format: str
     matched: int = 0
     deleted: int = 0
+    # Seconds from the first page of expired keys to the last delete: the run without its
+    # checks, its counts after, and a person's time at the prompt. None: it never got there.
+    deleting_s: float | None = None
     # The project the client ended up with (the option, the environment or the credentials').
     project: str | None = None
     failed: int = 0
@@ -128,6 +131,7 @@ class SweepResult:
             "throttle_wait_s": round(self.throttle_wait_s, 3),
             "batches": self.batches,
             "duration_s": round(self.duration_s, 3),
+            "deleting_s": None if self.deleting_s is None else round(self.deleting_s, 3),
             "stopped_reason": StopReason(self.stopped_reason).value,
             "unconfirmed": self.unconfirmed,
             "left_alone": self.left_alone,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any, TextIO, TypeVar
 
@@ -42,6 +42,70 @@ class ProgressLine:
             f"{elapsed_s:.0f}s elapsed {end}"
         )
         self._stream.flush()
+
+
+def summary(results: Sequence[SweepResult]) -> str:
+    """What a person at a terminal reads at the end of ``sweep``: per target what went, what
+    is left, how long the deletes took, and what to do next if anything was refused or left.
+    The whole ``sweep_finished`` is still there for machines (``--log-format json``) and at
+    ``--log-level debug``."""
+    # A lone failure is worded once, by the error line that follows (exit 1); of several, each.
+    blocks = [_summary_of(r, say_error=len(results) > 1) for r in results]
+    if len(results) > 1:
+        deleted = sum(r.deleted + r.descendants_deleted for r in results)
+        failed = sum(1 for r in results if r.error)
+        blocks.append(
+            f"in all: {_n(deleted)} deleted in {len(results)} sweeps"
+            + (f", {failed} failed" if failed else "")
+        )
+    return "\n".join(blocks)
+
+
+def _summary_of(r: SweepResult, say_error: bool) -> str:
+    s = r.settings
+    where = s.kind + (f" (namespace {s.namespace})" if s.namespace else "")
+    if r.error is not None:
+        gone = f"; {_n(r.deleted)} deleted before it" if r.deleted else "; nothing deleted"
+        return f"{where}: error{gone}" + (f"\n  {r.error}" if say_error else "")
+    entities = r.deleted + r.descendants_deleted
+    if s.dry_run:
+        head = f"{where}: dry run, would delete {_n(r.matched)}; nothing was deleted"
+    elif r.matched == 0:
+        head = f"{where}: nothing was due"
+    else:
+        took = r.deleting_s if r.deleting_s is not None else r.duration_s
+        rate = f", {entities / took:,.0f}/s" if took > 0 else ""
+        under = f" ({_n(r.descendants_deleted)} under them)" if r.descendants_deleted else ""
+        head = f"{where}: deleted {_n(entities)}{under} in {took:.1f} s{rate}"
+    lines = [head]
+    kept = []
+    if r.skipped:
+        kept.append(f"{_n(r.skipped)} kept (live again when checked)")
+    if r.failed:
+        kept.append(f"{_n(r.failed)} could not be deleted (see delete_refused in the log)")
+    if kept:
+        lines.append("  " + "; ".join(kept))
+    left = r.retention.expired_left if r.retention and not s.dry_run else None
+    if left is not None and left.n:
+        more = "at least " if left.lower_bound else ""
+        lines.append(f"  left past the cutoff: {more}{_n(left.n)}")
+    next_step = _NEXT.get(str(r.stopped_reason))
+    if next_step and not s.dry_run:
+        lines.append(f"  {next_step}")
+    elif s.dry_run and r.matched:
+        lines.append("  run again without --dry-run to delete them")
+    return "\n".join(lines)
+
+
+_NEXT = {
+    "max_deletes": "stopped at --max-deletes: run again to go on",
+    "max_runtime": "stopped at --max-runtime: run again to go on",
+    "signal": "stopped by a signal: run again to go on",
+}
+
+
+def _n(count: int) -> str:
+    return f"{count:,}"
 
 
 class StopOnSignal:

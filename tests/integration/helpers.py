@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import pty
+import select
 import subprocess
 import sys
 import threading
@@ -300,3 +302,39 @@ def refresh(client: datastore.Client, kind: str, names: Sequence[str], expiry: o
             entity["expires_at"] = expiry
             entity["updated_at"] = now
         client.put_multi(entities)
+
+
+def run_on_a_terminal(
+    emulator: Emulator, answer: str, *args: str, think_s: float = 0.0
+) -> tuple[int, str]:
+    """The CLI with a real pseudo-terminal as stdin, stdout and stderr; ``answer`` is typed
+    ``think_s`` after the question appears, as a person would. Returns the exit code and
+    everything the terminal showed."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sweeper", "sweep", *args],
+        env={**os.environ, **emulator.env, "TERM": "dumb"},
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        close_fds=True,
+    )
+    os.close(follower)
+    shown, answered = b"", False
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the process closed the terminal
+                break
+            shown += chunk
+        if not answered and b"[y/N]" in shown:
+            time.sleep(think_s)
+            os.write(leader, answer.encode() + b"\n")
+            answered = True
+        if proc.poll() is not None and not ready:
+            break
+    os.close(leader)
+    return proc.wait(timeout=30), shown.decode(errors="replace")

@@ -9,11 +9,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import pty
-import select
+import re
 import subprocess
 import sys
-import time
 from typing import Any
 
 import pytest
@@ -21,7 +19,7 @@ from google.cloud import datastore
 
 from sweeper.testing.emulator import Emulator
 from sweeper.testing.seed import names, put_entities, runner_eq_session, runner_questionnaire_state
-from tests.integration.helpers import make_client
+from tests.integration.helpers import make_client, run_on_a_terminal
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -157,38 +155,6 @@ def test_a_steady_state_run_passes_the_default_guard(
 # --- a person at a terminal ---------------------------------------------------------------
 
 
-def run_on_a_terminal(emulator: Emulator, answer: str, *args: str) -> tuple[int, str]:
-    """The CLI with a real pseudo-terminal as stdin, stdout and stderr; ``answer`` is typed
-    once the question appears. Returns the exit code and everything the terminal showed."""
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sweeper", "sweep", *args],
-        env={**os.environ, **emulator.env, "TERM": "dumb"},
-        stdin=follower,
-        stdout=follower,
-        stderr=follower,
-        close_fds=True,
-    )
-    os.close(follower)
-    shown, answered = b"", False
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([leader], [], [], 0.2)
-        if ready:
-            try:
-                chunk = os.read(leader, 4096)
-            except OSError:  # the process closed the terminal
-                break
-            shown += chunk
-        if not answered and b"[y/N]" in shown:
-            os.write(leader, answer.encode() + b"\n")
-            answered = True
-        if proc.poll() is not None and not ready:
-            break
-    os.close(leader)
-    return proc.wait(timeout=30), shown.decode(errors="replace")
-
-
 @pytest.mark.parametrize(("answer", "deleted"), [("n", False), ("y", True)])
 def test_on_a_terminal_the_plan_is_shown_and_nothing_goes_without_a_yes(
     emulator: Emulator, kind: str, answer: str, deleted: bool
@@ -225,3 +191,22 @@ def test_yes_skips_the_question_on_a_terminal(emulator: Emulator, kind: str) -> 
     assert code == 0
     assert "[y/N]" not in shown
     assert names(client, kind) == live
+
+
+def test_on_a_terminal_the_run_ends_with_a_summary_timed_from_its_deletes(
+    emulator: Emulator, kind: str
+) -> None:
+    client = make_client(emulator)
+    live = sessions(client, kind, expired=10, live=90)
+
+    # The person takes 5 s to answer: the rate must not count them.
+    code, shown = run_on_a_terminal(emulator, "y", "--kind", kind, think_s=5)
+
+    assert code == 0, shown
+    assert names(client, kind) == live
+    match = re.search(rf"{kind}: deleted 10 in ([\d.]+) s, [\d,]+/s", shown)
+    assert match is not None, shown
+    assert float(match.group(1)) < 5
+    # The full record is for machines: not on a person's screen unless --log-level debug.
+    assert "sweep_finished" not in shown
+    assert "stopped_reason=" not in shown
