@@ -99,6 +99,7 @@ def sweep(**options: Any) -> None:
     asks = not options["yes"] and not options["dry_run"] and sys.stdin.isatty()
     with StopOnSignal() as stop:
         runtime = Runtime(
+            retry_policy=_retry_policy(options),
             stop_requested=stop.is_set,
             on_progress=line.show if line else None,
             confirm=ask_before_deleting if asks and sys.stderr.isatty() else None,
@@ -154,6 +155,7 @@ def inspect(**options: Any) -> None:
             dt.datetime.now(dt.UTC),
             sample_size=options["sample_size"],
             count_limit=options["count_limit"],
+            retrier=Retrier(_retry_policy(options), RetryCounter()),
         )
 
     with StopOnSignal() as stop:
@@ -162,7 +164,7 @@ def inspect(**options: Any) -> None:
             click.echo(render_table(one) if output == "table" else json.dumps(report_dict(one)))
             return
         # One report per namespace, each printed as it is made: a table each, or JSON lines.
-        retrier = Retrier(RetryPolicy(), RetryCounter())
+        retrier = Retrier(_retry_policy(options), RetryCounter())
         for each in run_until_signal(
             stop, "inspect", lambda: list(each_namespace(settings, _client_for, retrier))
         ):
@@ -189,6 +191,13 @@ def _targets(ctx: click.Context, options: dict[str, Any]) -> list[SweepSettings]
         o.sets: values[o.sets] for o in file_options() if o.sets and o.overrides and o in explicit
     }
     return load_targets(Path(options["config"]), values, overriding)
+
+
+def _retry_policy(options: dict[str, Any]) -> RetryPolicy:
+    """Retries as the defaults have them, giving up after ``--give-up-after`` without progress
+    (and never retrying past twice that in all)."""
+    stall = max(options["give_up_after"].total_seconds(), 1.0)
+    return RetryPolicy(stall_s=stall, max_delay_s=max(2 * stall, RetryPolicy().max_delay_s))
 
 
 def _log_format(options: dict[str, Any], stream: TextIO) -> LogFormat:

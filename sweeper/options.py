@@ -518,6 +518,17 @@ OPTIONS: tuple[Option, ...] = (
         toml=TOML_DURATION,
         key_order=8,
     ),
+    Option(
+        "--give-up-after",
+        every(
+            "How long to ride out a database that stopped answering (every call failing or "
+            "hanging) before the run fails with exit 1; retries back off meanwhile."
+        ),
+        type=DURATION,
+        default="60s",
+        show_default=True,
+        run_wide=True,
+    ),
     # What `inspect` looks at, and how it reports.
     Option(
         "--sample-size",

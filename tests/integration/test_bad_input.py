@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -184,8 +185,11 @@ def test_an_unreachable_host_is_exit_1_with_one_line(
     capsys.readouterr()
 
     point_at(monkeypatch, f"127.0.0.1:{free_port()}", emulator.project)
+    monkeypatch.setenv("SWEEPER_GIVE_UP_AFTER", "3s")  # not the default 60 s: a quick failure
+    started = time.monotonic()
     assert main(doomed.command) == 1
 
+    assert time.monotonic() - started < 30
     assert "ServiceUnavailable" in the_error(capsys.readouterr().err)
     assert doomed.left() == ALL
 

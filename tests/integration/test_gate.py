@@ -269,17 +269,18 @@ def test_a_default_sweep_rides_out_the_database_failing_in_every_way_it_does(
     client: datastore.Client,
     kind: str,
 ) -> None:
-    """10% of calls failing, 5% of commits losing their reply, a 20 s quota outage, commits
+    """10% of calls failing, 5% of commits losing their reply, a 10 s quota outage, commits
     over 200 mutations refused: every expired entity goes, nothing else, and ``deleted``
-    never counts more than really went."""
-    expired = [client.key(kind, f"old-{i:05d}") for i in range(6000)]
+    never counts more than really went. (The backlog outlasts the outage's start; the run
+    then recovers at the pace of its throttle and limiter, which is what takes the time.)"""
+    expired = [client.key(kind, f"old-{i:05d}") for i in range(3000)]
     live = [client.key(kind, f"new-{i:04d}") for i in range(300)]
     put(client, expired, encode(ago(hours=2), S))
     put(client, live, encode(ahead(hours=2), S))
     injector.fail_share = 0.10
     injector.lose_commit_replies = 0.05
     injector.refuse_commits_over = 200
-    outage = threading.Timer(3.0, injector.exhaust_for, args=(20.0,))
+    outage = threading.Timer(2.0, injector.exhaust_for, args=(10.0,))
     outage.start()
     try:
         result = sweep(client_via(injector, emulator), kind, S)
@@ -290,6 +291,6 @@ def test_a_default_sweep_rides_out_the_database_failing_in_every_way_it_does(
     assert existing(client, expired) == {}
     assert len(existing(client, live)) == 300
     # Commits whose answer was lost are counted by what their retry found gone: exact.
-    assert result.deleted == 6000
+    assert result.deleted == 3000
     assert injector.counts["exhausted"] > 0
     assert injector.counts["Commit:reply_lost"] > 0
