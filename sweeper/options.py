@@ -527,7 +527,6 @@ OPTIONS: tuple[Option, ...] = (
         type=DURATION,
         default="60s",
         show_default=True,
-        run_wide=True,
     ),
     # What `inspect` looks at, and how it reports.
     Option(

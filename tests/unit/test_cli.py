@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import io
 import json
 import os
@@ -25,7 +24,6 @@ from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, SweepResult
 from sweeper.errors import SweeperError
 from sweeper.options import COMMANDS, OPTIONS, FiniteFloatRange, file_options, options_of
-from sweeper.retry import RetryPolicy
 from sweeper.settings import SweepSettings
 from sweeper.slices import MAX_SHARDS, Shard
 from sweeper.stopping import StopReason
@@ -546,8 +544,10 @@ def test_inspect_builds_its_settings_from_its_options(monkeypatch: pytest.Monkey
     args += ["--grace", "1h", "--namespace", "n", "--database", "", "--project", "pr"]
     args += ["--workers", "2", "--batch-size", "100", "--no-verify", "--shards", "3"]
     args += ["--max-rate", "20", "--max-fraction", "1", "--count-limit", "9"]
+    args += ["--give-up-after", "7s"]
     assert main(["inspect", *args]) == 1
     (settings, kwargs) = seen[0]
+    assert kwargs.pop("retrier").policy.stall_s == 7.0
     assert settings == SweepSettings(
         kind="k",
         prop="p",
@@ -663,17 +663,17 @@ def closed_port() -> int:
 def test_unreachable_database_fails_after_retries(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Really backs off: the only unit test that waits (a 5 s stall instead of the 60 s default).
+    """Really backs off: the only unit test that waits (--give-up-after 5s, not the default 60 s).
 
-    The integration suite checks the default policy's two-minute bound against a dead emulator.
+    The integration suite checks the option against a dead emulator and an unreachable host.
     """
     monkeypatch.setenv("DATASTORE_EMULATOR_HOST", f"127.0.0.1:{closed_port()}")
     monkeypatch.setenv("DATASTORE_PROJECT_ID", "p")
-    quick = RetryPolicy(stall_s=5.0, initial_wait_s=0.5, max_wait_s=1.0)
-    monkeypatch.setattr(cli_module, "Runtime", functools.partial(Runtime, retry_policy=quick))
     started = time.monotonic()
-    assert main(["sweep", "--format", "epoch-seconds", "--log-format", "json"]) == 1
-    assert time.monotonic() - started < quick.stall_s + 5
+    args = ["sweep", "--format", "epoch-seconds", "--log-format", "json", "--give-up-after", "5s"]
+    assert main(args) == 1
+    # 5 s without a call that worked, and at most one backoff (10 s at most) beyond them.
+    assert time.monotonic() - started < 5 + 10
     out, err = capsys.readouterr()
     assert "ServiceUnavailable" in one_error_line(err)
     events = [json.loads(line) for line in out.splitlines()]
