@@ -37,7 +37,7 @@ from sweeper.errors import (
 from sweeper.inspect_table import forecast_dict, render_table, report_dict
 from sweeper.inspection import InspectReport, inspect_target
 from sweeper.logs import LogFormat, configure
-from sweeper.metrics import MetricsError, push_summary
+from sweeper.metrics import BasicAuth, MetricsError, push_summary
 from sweeper.options import (
     INSPECT,
     SWEEP,
@@ -91,6 +91,7 @@ def sweep(**options: Any) -> None:
       DATASTORE_EMULATOR_HOST=127.0.0.1:8081 sweeper sweep --project demo --format epoch-seconds
     """
     ctx = click.get_current_context()
+    auth = _pushgateway_auth(options)
     log_format = _log_format(options, sys.stdout)
     person = log_format == "console" and sys.stderr.isatty()
     configure(log_format, options["log_level"], person=person)
@@ -112,7 +113,7 @@ def sweep(**options: Any) -> None:
     if person and results:
         click.echo(summary(results), err=True)
     if options["pushgateway"]:
-        _push_metrics(options["pushgateway"], results)
+        _push_metrics(options["pushgateway"], results, auth)
     if any(r.stopped_reason == "signal" for r in results):
         raise click.exceptions.Exit(stop.exit_code)
     failed = [r for r in results if r.exit_code != EXIT_OK]
@@ -228,10 +229,24 @@ def _log_forecasts(results: list[SweepResult]) -> None:
             log.info("forecast", kind=settings.kind, **forecast_dict(report.forecast))
 
 
-def _push_metrics(url: str, results: list[SweepResult]) -> None:
+def _pushgateway_auth(options: dict[str, Any]) -> BasicAuth | None:
+    """Checked before anything is read or deleted: both or neither, and a readable password."""
+    user, path = options["pushgateway_user"], options["pushgateway_password_file"]
+    if (user is None) != (path is None):
+        raise UsageError(
+            "--pushgateway-user and --pushgateway-password-file go together: give both or neither"
+        )
+    if user is None:
+        return None
+    if not options["pushgateway"]:
+        raise UsageError("--pushgateway-user needs --pushgateway: there is nothing to push to")
+    return BasicAuth.from_file(user, path)
+
+
+def _push_metrics(url: str, results: list[SweepResult], auth: BasicAuth | None) -> None:
     for result in results:
         try:
-            push_summary(url, result.summary())
+            push_summary(url, result.summary(), auth=auth)
         except MetricsError as exc:
             structlog.get_logger("sweeper").warning("metrics_push_failed", error=exc.message)
 

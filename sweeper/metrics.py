@@ -19,12 +19,13 @@ import time
 import urllib.error
 import urllib.parse
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, pushadd_to_gateway
-from prometheus_client.exposition import default_handler
+from prometheus_client.exposition import basic_auth_handler, default_handler
 
-from sweeper.errors import SweeperError, describe_exception
+from sweeper.errors import SweeperError, UsageError, describe_exception
 
 # Grouping-key values must be non-empty (the Pushgateway needs a base64 trick for "", and
 # Prometheus treats an empty label as no label at all), so the defaults get a name. Neither can
@@ -54,6 +55,36 @@ class MetricsError(SweeperError):
     """The Pushgateway could not be reached or refused the push; the sweep itself is done."""
 
 
+@dataclass(frozen=True)
+class BasicAuth:
+    """HTTP basic auth for a Pushgateway behind it (its ``--web.config.file``, or a proxy).
+
+    The password is read from a file (a mounted Kubernetes Secret), never from the command line
+    or a variable, where ``ps`` and a pod's spec would show it; it never reaches a log line.
+    """
+
+    username: str
+    password: str = field(repr=False)
+
+    @classmethod
+    def from_file(cls, username: str, path: str) -> BasicAuth:
+        try:
+            with open(path, encoding="utf-8") as f:
+                password = f.read().rstrip("\r\n")
+        except OSError as exc:
+            raise UsageError(
+                f"cannot read the Pushgateway password file {path}: {exc.strerror}"
+            ) from None
+        if not password:
+            raise UsageError(f"the Pushgateway password file {path} is empty")
+        return cls(username, password)
+
+    def handler(
+        self, url: str, method: str, timeout: float | None, headers: Any, data: bytes
+    ) -> Callable[[], None]:
+        return basic_auth_handler(url, method, timeout, headers, data, self.username, self.password)
+
+
 def push_summary(
     url: str,
     summary: Mapping[str, Any],
@@ -62,6 +93,7 @@ def push_summary(
     timeout_s: float = 10.0,
     now: Callable[[], float] = time.time,
     handler: Handler = default_handler,
+    auth: BasicAuth | None = None,
 ) -> None:
     """Push one ``sweep_finished`` summary to the Pushgateway at ``url`` (``http(s)://host:port``).
 
@@ -70,6 +102,8 @@ def push_summary(
     """
     check_url(url)
     registry = build_registry(summary, now())
+    if auth is not None:
+        handler = auth.handler
     try:
         pushadd_to_gateway(
             url,

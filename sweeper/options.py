@@ -478,6 +478,20 @@ OPTIONS: tuple[Option, ...] = (
         metavar="URL",
     ),
     Option(
+        "--pushgateway-user",
+        {SWEEP: "User name for a Pushgateway behind HTTP basic auth (with the password file)."},
+        metavar="NAME",
+    ),
+    Option(
+        "--pushgateway-password-file",
+        {
+            SWEEP: "File holding that user's password (e.g. a mounted Secret); read before the "
+            "run starts, never logged."
+        },
+        type=click.Path(dir_okay=False),
+        metavar="PATH",
+    ),
+    Option(
         "--max-fraction",
         {
             SWEEP: "Refuse a run that would delete more than this share of the entities "

@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import click
@@ -275,10 +276,42 @@ def test_a_good_pushgateway_url_is_pushed_to(
     stub: StubSweep, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pushed: list[str] = []
-    monkeypatch.setattr(cli_module, "push_summary", lambda url, _summary: pushed.append(url))
+    monkeypatch.setattr(cli_module, "push_summary", lambda url, _summary, auth: pushed.append(url))
     url = "https://pushgateway.example:9091"
     assert main(["sweep", "--log-format", "json", "--pushgateway", url]) == 0
     assert pushed == [url]
+
+
+@pytest.mark.parametrize(
+    ("extra", "mentions"),
+    [
+        (["--pushgateway-user", "u"], "go together"),
+        (["--pushgateway-password-file", "/nonexistent"], "go together"),
+        (["--pushgateway-user", "u", "--pushgateway-password-file", "/nonexistent"], "cannot read"),
+    ],
+)
+def test_pushgateway_credentials_are_checked_before_the_run(
+    stub: StubSweep, capsys: pytest.CaptureFixture[str], extra: list[str], mentions: str
+) -> None:
+    args = ["sweep", "--log-format", "json", "--pushgateway", "https://pgw.example:9091", *extra]
+    assert main(args) == 2
+    assert mentions in one_error_line(capsys.readouterr().err)
+    assert stub.calls == []  # nothing was swept
+
+
+def test_the_pushgateway_password_comes_from_its_file_and_is_never_shown(
+    stub: StubSweep, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")  # as a Secret mounted from a file ending in a newline
+    used: list[Any] = []
+    monkeypatch.setattr(cli_module, "push_summary", lambda _url, _summary, auth: used.append(auth))
+    args = ["sweep", "--log-format", "json", "--pushgateway", "https://pgw.example:9091"]
+    args += ["--pushgateway-user", "sweeper", "--pushgateway-password-file", str(secret)]
+    assert main(args) == 0
+    (auth,) = used
+    assert (auth.username, auth.password) == ("sweeper", "s3cret")
+    assert "s3cret" not in repr(auth)
 
 
 def test_bare_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
