@@ -7,6 +7,7 @@ run pushes without it, and that each target keeps its own group.
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -20,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sweeper.metrics import MetricsError, push_summary
+from sweeper.metrics import BasicAuth, MetricsError, push_summary
 from sweeper.testing.emulator import free_port
 
 pytestmark = pytest.mark.integration
@@ -39,21 +41,29 @@ class Pushgateway:
     port: int
     process: subprocess.Popen[bytes]
     log: Path
+    auth: tuple[str, str] | None = None  # basic auth, when started with a web config
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def _get(self, path: str, timeout: float) -> Any:
+        request = urllib.request.Request(f"{self.url}{path}")
+        if self.auth is not None:
+            token = base64.b64encode(":".join(self.auth).encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        return urllib.request.urlopen(request, timeout=timeout)
+
     def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.url}/-/healthy", timeout=1) as response:
+            with self._get("/-/healthy", 1) as response:
                 return bool(response.status == 200)
         except OSError:
             return False
 
     def samples(self, name: str) -> list[tuple[dict[str, str], float]]:
         """Every series of ``name`` the gateway exposes, as (labels, value)."""
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as response:
+        with self._get("/metrics", 5) as response:
             text = response.read().decode()
         return [
             (dict(s.labels), s.value)
@@ -78,14 +88,27 @@ class Pushgateway:
                 self.process.wait()
 
 
-def start_pushgateway(workdir: Path, binary: str = BINARY, timeout_s: float = 10.0) -> Pushgateway:
+def start_pushgateway(
+    workdir: Path,
+    binary: str = BINARY,
+    timeout_s: float = 10.0,
+    auth: tuple[str, str] | None = None,
+) -> Pushgateway:
+    """With ``auth``, behind HTTP basic auth for that user (its web config, bcrypt-hashed)."""
     port, log = free_port(), workdir / "pushgateway.log"
+    web: list[str] = []
+    if auth is not None:
+        hashed = bcrypt.hashpw(auth[1].encode(), bcrypt.gensalt(rounds=4)).decode()
+        config = workdir / "web.yml"
+        config.write_text(f"basic_auth_users:\n  {auth[0]}: '{hashed}'\n")
+        web = [f"--web.config.file={config}"]
     with log.open("ab") as out:
         process = subprocess.Popen(
             [
                 binary,
                 f"--web.listen-address=127.0.0.1:{port}",
                 "--persistence.file=",  # in memory: Debian's default writes under /var/lib
+                *web,
             ],
             stdin=subprocess.DEVNULL,
             stdout=out,
@@ -93,7 +116,7 @@ def start_pushgateway(workdir: Path, binary: str = BINARY, timeout_s: float = 10
             start_new_session=True,
             cwd=workdir,
         )
-    gateway = Pushgateway(port, process, log)
+    gateway = Pushgateway(port, process, log, auth)
     deadline = time.monotonic() + timeout_s
     while not gateway.healthy():
         if process.poll() is not None or time.monotonic() > deadline:
@@ -307,3 +330,21 @@ def test_a_stopped_gateway_is_a_metrics_error(pushgateway: Pushgateway) -> None:
         MetricsError, match=f"^could not push metrics to Pushgateway {pushgateway.url}"
     ):
         push_summary(pushgateway.url, summary(), timeout_s=2.0)
+
+
+def test_a_gateway_behind_basic_auth_takes_the_push_with_the_password(tmp_path: Path) -> None:
+    binary = pushgateway_binary()
+    if binary is None:
+        pytest.skip("no Pushgateway binary: see the fixture above")
+    gateway = start_pushgateway(tmp_path, binary, auth=("sweeper", "s3cret"))
+    try:
+        with pytest.raises(MetricsError, match="HTTP 401"):
+            push_summary(gateway.url, summary(), now=lambda: T_OK)
+        with pytest.raises(MetricsError, match="HTTP 401"):
+            push_summary(gateway.url, summary(), auth=BasicAuth("sweeper", "wrong"))
+
+        push_summary(gateway.url, summary(), now=lambda: T_OK, auth=BasicAuth("sweeper", "s3cret"))
+
+        assert gateway.value("sweeper_last_success_timestamp_seconds", **target()) == T_OK
+    finally:
+        gateway.stop()
