@@ -104,7 +104,7 @@ def test_a_failing_target_fails_the_run_but_not_the_others(
     proc = run_cli(emulator, "--config", str(config), SWEEPER_LOG_FORMAT="json")
 
     assert proc.returncode == 1
-    assert proc.stderr.startswith("sweeper: error: 1 of 2 targets failed")
+    assert proc.stderr.startswith("sweeper: error: 1 of 2 sweeps failed")
     overall = json.loads(proc.stdout.splitlines()[-1])
     assert overall["failed_targets"] == [f"{mixed}.expires_at"]
     assert overall["deleted"] == 7
