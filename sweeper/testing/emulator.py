@@ -180,7 +180,8 @@ class Emulator:
             try:
                 request = urllib.request.Request(f"http://{self.host}/shutdown", method="POST")
                 urllib.request.urlopen(request, timeout=5).close()
-                process.wait(timeout=10)
+                # One that keeps its data writes it all out now: give it time on a busy machine.
+                process.wait(timeout=60 if self.store_on_disk else 10)
             except (OSError, subprocess.TimeoutExpired):
                 pass
         if process.poll() is None:

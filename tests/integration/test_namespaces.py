@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -212,3 +215,30 @@ def test_namespaces_of_a_named_database_as_config_targets(
         assert survivors(tenant_client(emulator, ns), kind, groups(6)) == {"expired", "live"}
     (run,) = [json.loads(x) for x in done.stdout.splitlines() if '"run_finished"' in x]
     assert (run["swept"], run["namespaces"], run["deleted"]) == (2, 2, 12)
+
+
+def test_a_dry_run_and_inspect_report_each_namespace(emulator: Emulator, kind: str) -> None:
+    legacy_only(emulator)
+    for ns, n in (("x", 4), ("y", 9)):
+        seed(tenant_client(emulator, ns), kind, groups(n))
+
+    dry = run_cli(emulator, "--kind", kind, "--all-namespaces", "--dry-run", "--log-format", "json")
+    inspected = subprocess.run(
+        [sys.executable, "-m", "sweeper", "inspect", "--kind", kind, "--all-namespaces"],
+        env={**os.environ, **emulator.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert dry.returncode == 0, dry.stderr
+    events = [json.loads(line) for line in dry.stdout.splitlines()]
+    # A forecast per namespace, of what its own sweep would delete.
+    forecasts = [e["operations"]["deleted"] for e in events if e["event"] == "forecast"]
+    assert sorted(forecasts) == [4, 9]
+    assert inspected.returncode == 0, inspected.stderr
+    reports = [json.loads(line) for line in inspected.stdout.splitlines()]
+    assert {r["namespace"]: r["expired_count"] for r in reports} == {"x": 4, "y": 9}
+    for ns, n in (("x", 4), ("y", 9)):
+        assert survivors(tenant_client(emulator, ns), kind, groups(n)) == {"expired", "live"}

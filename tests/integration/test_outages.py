@@ -17,6 +17,7 @@ from tests.integration.helpers import (
     ahead,
     group_names,
     make_client,
+    remaining,
     seed,
     start_slow_sweep,
     stored,
@@ -84,6 +85,9 @@ def test_when_the_database_dies_mid_run_the_sweep_fails_cleanly_and_a_rerun_fini
     assert summary["deleted"] > 0
 
     emu.start()  # same port, same data dir
+    # The emulator came back with its data (else the rerun below would prove nothing).
+    live = group_names(groups, "live")
+    assert remaining(make_client(emu), kind, live) == set(live)
     rerun = sweep(make_client(emu), kind, S)
     assert rerun.exit_code == 0
     assert survivors(make_client(emu), kind, groups) == {"live"}
