@@ -182,12 +182,14 @@ def start_slow_sweep(emu: Emulator, kind: str, *args: str) -> subprocess.Popen[s
     return proc
 
 
-def run_cli(emulator: Emulator, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    emulator: Emulator, *args: str, command: str = "sweep", **env: str
+) -> subprocess.CompletedProcess[str]:
     """The real CLI; the fraction guard is off (test_guards.py has it) unless a test sets it,
     or passes --config, whose targets carry their own."""
     guard = {} if "--config" in args else {"SWEEPER_MAX_FRACTION": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "sweeper", "sweep", *args],
+        [sys.executable, "-m", "sweeper", command, *args],
         env={**os.environ, **emulator.env, **guard, **env},
         capture_output=True,
         text=True,

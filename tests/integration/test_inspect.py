@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -28,6 +25,7 @@ from tests.integration.helpers import (
     ahead,
     emulator_env,
     make_client,
+    run_cli,
     seed,
     settings,
     stored,
@@ -518,14 +516,7 @@ def test_the_cli_forecasts_with_the_sweeps_options(emulator: Emulator, kind: str
     args = ["--kind", kind, "--workers", "2", "--batch-size", "250", "--shards", "2"]
     args += ["--no-verify", "--ramp-up", "--max-rate", "100", "--max-fraction", "0.9"]
 
-    done = subprocess.run(
-        [sys.executable, "-m", "sweeper", "inspect", *args, "--output", "json"],
-        env={**os.environ, **emulator.env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = run_cli(emulator, *args, "--output", "json", command="inspect")
 
     assert done.returncode == 0, done.stderr
     fields = json.loads(done.stdout)

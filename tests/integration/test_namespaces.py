@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -223,14 +220,7 @@ def test_a_dry_run_and_inspect_report_each_namespace(emulator: Emulator, kind: s
         seed(tenant_client(emulator, ns), kind, groups(n))
 
     dry = run_cli(emulator, "--kind", kind, "--all-namespaces", "--dry-run", "--log-format", "json")
-    inspected = subprocess.run(
-        [sys.executable, "-m", "sweeper", "inspect", "--kind", kind, "--all-namespaces"],
-        env={**os.environ, **emulator.env},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    inspected = run_cli(emulator, "--kind", kind, "--all-namespaces", command="inspect")
 
     assert dry.returncode == 0, dry.stderr
     events = [json.loads(line) for line in dry.stdout.splitlines()]
