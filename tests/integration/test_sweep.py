@@ -336,10 +336,18 @@ def test_max_runtime_stops_cleanly_and_the_next_run_resumes(
     groups = {"expired": stored(ago(hours=2), TS, 2000)}
     seed(client, kind, groups)
 
-    # One key per commit, one worker: 2000 keys take far longer than 2 s, so the limit must cut
-    # the run short, yet 2 s leave room for the checks before the first delete on a loaded
-    # machine.
-    first = sweep(client, kind, TS, max_runtime=dt.timedelta(seconds=2), batch_size=1, workers=1)
+    # One key per commit at 250 deletes/s: 2000 keys take 8 s however fast the machine (one
+    # emulator deleted all 2000 within 2 s unthrottled), so the limit must cut the run short,
+    # yet 2 s leave room for the checks before the first delete on a loaded machine.
+    first = sweep(
+        client,
+        kind,
+        TS,
+        max_runtime=dt.timedelta(seconds=2),
+        batch_size=1,
+        workers=1,
+        max_rate=250.0,
+    )
     assert first.stopped_reason == "max_runtime"
     assert 0 < first.deleted < 2000
 
