@@ -13,6 +13,7 @@ gigabytes of memory and a port.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -176,25 +177,45 @@ class Emulator:
         if process is None:
             self._unwatch()
             return
+        group = process.pid  # started in a session of its own: the group is gcloud's and java's
         if process.poll() is None:
             try:
                 request = urllib.request.Request(f"http://{self.host}/shutdown", method="POST")
                 urllib.request.urlopen(request, timeout=5).close()
-                # One that keeps its data writes it all out now: give it time on a busy machine.
-                process.wait(timeout=60 if self.store_on_disk else 10)
-            except (OSError, subprocess.TimeoutExpired):
+            except OSError:
                 pass
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        # gcloud's wrapper may exit before the JVM under it has written its data and gone (a
+        # JVM seen outliving it by 45 minutes): wait for the whole group, not the wrapper.
+        # One that keeps its data writes it all out now: give it time on a busy machine.
+        if not _group_gone(process, 60 if self.store_on_disk else 10):
+            for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, sig)
+                if _group_gone(process, wait_s):
+                    break
+        process.wait()
         self._unwatch()
         if self._own_dir and self.data_dir is not None and not keep_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             self.data_dir, self._own_dir = None, False
+
+
+def _group_gone(process: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """Whether ``process``'s group (its session) has no process left, waiting up to
+    ``timeout_s``. ``process`` itself is reaped as it ends: a zombie would count as there."""
+    group = process.pid
+    deadline = time.monotonic() + timeout_s
+    while True:
+        process.poll()
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # a member that is not ours: treat the group as still there
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
 
 
 # Waits for EOF on stdin (the starter is gone), then ends the emulator's process group: politely,

@@ -66,3 +66,21 @@ def test_an_emulator_ends_with_the_process_that_started_it(
         if starter.poll() is None:
             starter.kill()
             starter.wait()
+
+
+@pytest.mark.parametrize(
+    ("flavour", "on_disk"), [("datastore", True), ("datastore", False), ("firestore", False)]
+)
+def test_a_stopped_emulator_leaves_no_process_behind(
+    flavour: Flavour, on_disk: bool, tmp_path: Path
+) -> None:
+    # gcloud's wrapper can exit before the JVM under it (one was found running 45 minutes
+    # after its test): stop() waits for the whole process group, not the wrapper alone.
+    emulator = Emulator(flavour, store_on_disk=on_disk, data_dir=tmp_path if on_disk else None)
+    emulator.start()
+    assert emulator.process is not None
+    group = emulator.process.pid
+
+    emulator.stop()
+
+    assert not group_alive(group)
