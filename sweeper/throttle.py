@@ -62,6 +62,14 @@ class ThrottleSettings:
     ``overload_ratio`` is the SRE book's ``K``: with 1.25, up to one request in five may be
     refused before the client starts holding requests back. Adaptive throttling costs nothing
     while the server accepts everything, so it is on by default.
+
+    ``window_s`` is how long a refusal is remembered. A sweep sends few requests (a commit
+    carries up to 500 deletes), so after a quota outage the refusals of its retries outweigh
+    the accepts for as long as they stay in the window: with 60 s (Beam keeps 120 s, over far
+    more requests) a 3,000-key run under injected faults crawled on for 40 s after a 10 s
+    outage had ended, and took 69 s; with 20 s it took 26 s. Every refused call is also
+    retried with exponential backoff (``sweeper.retry``), which is what protects the
+    database during the outage itself.
     """
 
     ramp_up: bool = True
@@ -69,7 +77,7 @@ class ThrottleSettings:
     divisor: int = 1
     adaptive: bool = True
     overload_ratio: float = 1.25
-    window_s: float = 60.0
+    window_s: float = 20.0
     backoff_s: float = 1.0
 
     def __post_init__(self) -> None:
