@@ -44,12 +44,12 @@ class Stored:
     # An explicit --format: the other encodings the property holds.
     others: tuple[str, ...] = ()
 
-    def smallest(self, encoding: Encoding) -> int | None:
-        """The smallest stored value's ordinal, where detection read it: the streams start
-        their slices there, without a query of their own. Text ends are not ordinals."""
-        if self.ends is None or len(self.ends) != 2 or encoding.needs_values:
+    def smallest(self, settings: SweepSettings, encoding: Encoding) -> int | None:
+        """The smallest stored value's ordinal, where the streams start their slices without
+        a query of their own (``SweepSettings.starts_at_detected_end``)."""
+        if self.ends is None or len(self.ends) != 2:
             return None
-        return encoding.ordinal(self.ends[0])
+        return encoding.ordinal(self.ends[0]) if settings.starts_at_detected_end(encoding) else None
 
 
 class Checks:

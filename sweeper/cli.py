@@ -37,7 +37,7 @@ from sweeper.errors import (
 from sweeper.inspect_table import forecast_dict, render_table, report_dict
 from sweeper.inspection import InspectReport, inspect_target
 from sweeper.logs import LogFormat, configure
-from sweeper.metrics import BasicAuth, MetricsError, push_summary
+from sweeper.metrics import BasicAuth, MetricsError, push_summary, transport
 from sweeper.options import (
     INSPECT,
     SWEEP,
@@ -244,9 +244,10 @@ def _pushgateway_auth(options: dict[str, Any]) -> BasicAuth | None:
 
 
 def _push_metrics(url: str, results: list[SweepResult], auth: BasicAuth | None) -> None:
+    handler = transport(auth)
     for result in results:
         try:
-            push_summary(url, result.summary(), auth=auth)
+            push_summary(url, result.summary(), handler=handler)
         except MetricsError as exc:
             structlog.get_logger("sweeper").warning("metrics_push_failed", error=exc.message)
 

@@ -241,7 +241,9 @@ class Sweep:
         if encoding is not None:
             result.format = encoding.value
             checks.guard(encoding, result, self.runtime.confirm)
-            self._delete_expired(client, encoding, result, checks, stored.smallest(encoding))
+            self._delete_expired(
+                client, encoding, result, checks, stored.smallest(self.settings, encoding)
+            )
         if result.stopped_reason in (StopReason.COMPLETE, StopReason.MAX_DELETES):
             checks.retention(encoding, result)
 

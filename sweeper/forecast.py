@@ -80,12 +80,7 @@ def run_settings(
     """What a sweep with ``s`` will do on a database that does (not) report its read time."""
     return RunSettings(
         projected=encoding is not None and encoding.needs_values and not s.scan,
-        start_detected=(
-            not isinstance(s.format, Encoding)
-            and encoding is not None
-            and not encoding.needs_values
-            and not s.scan
-        ),
+        start_detected=encoding is not None and s.starts_at_detected_end(encoding),
         descendants_per_session=descendants_per_session if s.with_descendants else None,
         workers=s.workers,
         batch_size=s.batch_size,

@@ -85,6 +85,11 @@ class BasicAuth:
         return basic_auth_handler(url, method, timeout, headers, data, self.username, self.password)
 
 
+def transport(auth: BasicAuth | None) -> Handler:
+    """How pushes reach the gateway: with ``auth``'s credentials, or plain."""
+    return default_handler if auth is None else auth.handler
+
+
 def push_summary(
     url: str,
     summary: Mapping[str, Any],
@@ -93,17 +98,15 @@ def push_summary(
     timeout_s: float = 10.0,
     now: Callable[[], float] = time.time,
     handler: Handler = default_handler,
-    auth: BasicAuth | None = None,
 ) -> None:
     """Push one ``sweep_finished`` summary to the Pushgateway at ``url`` (``http(s)://host:port``).
 
-    ``handler`` is prometheus_client's transport hook, injectable so tests need no network.
+    ``handler`` is prometheus_client's transport hook: :meth:`BasicAuth.handler` for a gateway
+    behind basic auth, or a stub in tests that need no network.
     Raises :class:`MetricsError` for a bad URL, a bad summary, or any network or HTTP failure.
     """
     check_url(url)
     registry = build_registry(summary, now())
-    if auth is not None:
-        handler = auth.handler
     try:
         pushadd_to_gateway(
             url,

@@ -341,9 +341,11 @@ def test_a_gateway_behind_basic_auth_takes_the_push_with_the_password(tmp_path: 
         with pytest.raises(MetricsError, match="HTTP 401"):
             push_summary(gateway.url, summary(), now=lambda: T_OK)
         with pytest.raises(MetricsError, match="HTTP 401"):
-            push_summary(gateway.url, summary(), auth=BasicAuth("sweeper", "wrong"))
+            push_summary(gateway.url, summary(), handler=BasicAuth("sweeper", "wrong").handler)
 
-        push_summary(gateway.url, summary(), now=lambda: T_OK, auth=BasicAuth("sweeper", "s3cret"))
+        push_summary(
+            gateway.url, summary(), now=lambda: T_OK, handler=BasicAuth("sweeper", "s3cret").handler
+        )
 
         assert gateway.value("sweeper_last_success_timestamp_seconds", **target()) == T_OK
     finally:

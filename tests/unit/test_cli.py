@@ -276,7 +276,9 @@ def test_a_good_pushgateway_url_is_pushed_to(
     stub: StubSweep, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pushed: list[str] = []
-    monkeypatch.setattr(cli_module, "push_summary", lambda url, _summary, auth: pushed.append(url))
+    monkeypatch.setattr(
+        cli_module, "push_summary", lambda url, _summary, handler: pushed.append(url)
+    )
     url = "https://pushgateway.example:9091"
     assert main(["sweep", "--log-format", "json", "--pushgateway", url]) == 0
     assert pushed == [url]
@@ -305,7 +307,9 @@ def test_the_pushgateway_password_comes_from_its_file_and_is_never_shown(
     secret = tmp_path / "password"
     secret.write_text("s3cret\n")  # as a Secret mounted from a file ending in a newline
     used: list[Any] = []
-    monkeypatch.setattr(cli_module, "push_summary", lambda _url, _summary, auth: used.append(auth))
+    monkeypatch.setattr(
+        cli_module, "push_summary", lambda _url, _summary, handler: used.append(handler.__self__)
+    )  # the handler is the credentials' own (BasicAuth.handler)
     args = ["sweep", "--log-format", "json", "--pushgateway", "https://pgw.example:9091"]
     args += ["--pushgateway-user", "sweeper", "--pushgateway-password-file", str(secret)]
     assert main(args) == 0
