@@ -28,11 +28,10 @@ from sweeper.guard import (
     sample_descendants,
     scan_exposure,
 )
-from sweeper.query import Count
 from sweeper.result import SweepResult
 from sweeper.retention import Retention, measure_retention
-from sweeper.retry import Retrier
 from sweeper.settings import SweepSettings
+from sweeper.target import Count, Target
 
 
 @dataclass(frozen=True)
@@ -55,10 +54,8 @@ class Stored:
 class Checks:
     """The checks of one run over one target."""
 
-    def __init__(
-        self, client: datastore.Client, retrier: Retrier, settings: SweepSettings, log: Any
-    ) -> None:
-        self._client, self._retrier, self.settings, self._log = client, retrier, settings, log
+    def __init__(self, target: Target, settings: SweepSettings, log: Any) -> None:
+        self._target, self.settings, self._log = target, settings, log
         self._scanned = 0  # non-null values a scan read
         # The entities the guard lets the run delete, and how to say so when it would pass it.
         self.allowance: tuple[int | None, str] = (None, "")
@@ -71,10 +68,10 @@ class Checks:
         """
         s = self.settings
         if not isinstance(s.format, Encoding):
-            return Stored(ends=read_ends(self._client, self._retrier, s.kind, s.prop))
+            return Stored(ends=read_ends(self._target))
         if s.scan:
             return Stored()
-        return Stored(others=check_explicit(self._client, self._retrier, s.kind, s.prop, s.format))
+        return Stored(others=check_explicit(self._target, s.format))
 
     def encoding(self, result: SweepResult, stored: Stored) -> Encoding | None:
         """The encoding to sweep; None when the property holds no value at all."""
@@ -105,7 +102,7 @@ class Checks:
         exposure, samples = self._exposure(encoding, window, result, share)
         sessions = exposure
         if s.with_descendants:
-            under = sample_descendants(self._client, self._retrier, *samples)
+            under = sample_descendants(self._target, *samples)
             exposure = under.exposure(sessions)
             self._log.info(
                 "descendants_sampled",
@@ -140,18 +137,15 @@ class Checks:
         s = self.settings
         if s.scan:
             exposure, due, live = scan_exposure(
-                self._client,
-                self._retrier,
-                s.kind,
-                s.prop,
+                self._target,
                 expired=lambda v: is_expired(encoding, v, result.cutoff),
                 on_read=lambda n: setattr(result, "entities_read", result.entities_read + n),
             )
             return exposure, (due, live)
-        exposure = measure(self._client, self._retrier, (s.kind, s.prop, window), share)
+        exposure = measure(self._target, window, share)
         if not s.with_descendants:
             return exposure, ([], [])
-        return exposure, range_samples(self._client, self._retrier, s.kind, s.prop, window)
+        return exposure, range_samples(self._target, window)
 
     def _confirm(
         self,
@@ -160,7 +154,7 @@ class Checks:
         exposure: Exposure,
         confirm: Callable[[Plan], bool],
     ) -> None:
-        s, client = self.settings, self._client
+        s, client = self.settings, self._target.client
         plan = Plan(
             client.project,
             client.database or None,
@@ -180,9 +174,7 @@ class Checks:
         retention = (
             Retention(Count(self._scanned, "scan", self._scanned + 1), scanned=True)
             if s.scan
-            else measure_retention(
-                self._client, self._retrier, s.kind, s.prop, encoding=encoding, cutoff=result.cutoff
-            )
+            else measure_retention(self._target, encoding=encoding, cutoff=result.cutoff)
         )
         result.retention = retention
         if retention.empty:

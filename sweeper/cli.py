@@ -1,7 +1,7 @@
 """The ``sweeper`` command line: parse, build settings, call the engine, map to exit codes.
 
 No logic lives here beyond that. The options themselves, each also settable as
-``SWEEPER_<OPTION>``, and the settings they make are declared once, in options.py.
+``SWEEPER_<OPTION>``, and the settings they make are declared once, in sweeper/options/
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from sweeper.errors import (
     one_line,
     report_bug,
 )
-from sweeper.inspect_table import forecast_dict, render_table, report_dict
-from sweeper.inspection import InspectReport, inspect_target
+from sweeper.inspect.report import InspectReport, inspect_target
+from sweeper.inspect.table import forecast_dict, render_table, report_dict
 from sweeper.logs import LogFormat, configure
 from sweeper.metrics import BasicAuth, MetricsError, push_summary, transport
 from sweeper.options import (
@@ -174,7 +174,7 @@ def inspect(**options: Any) -> None:
 
 
 def _targets(ctx: click.Context, options: dict[str, Any]) -> list[SweepSettings]:
-    """The run's settings; with --config one per target (options.py says which options a
+    """The run's settings; with --config one per target (sweeper.options says which options a
     target sets, and which of them the command line may override)."""
     values = settings_fields(SWEEP, options)
     if options["config"] is None:

@@ -25,7 +25,7 @@ from sweeper.options import TomlType, file_options, run_wide_options
 from sweeper.settings import SweepSettings
 
 # TOML key -> (SweepSettings field, what the key holds), in the order messages list them. Which
-# options a target may set, and how, is declared in options.py.
+# options a target may set, and how, is declared in sweeper/options/table.py.
 _TARGET_KEYS: dict[str, tuple[str, TomlType]] = {
     o.key: (o.sets, o.toml) for o in file_options() if o.sets is not None and o.toml is not None
 }

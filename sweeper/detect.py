@@ -23,23 +23,18 @@ from google.cloud import datastore
 from sweeper.concurrency import together
 from sweeper.encodings import Encoding, ExpiredRange, classify, describe_value
 from sweeper.errors import RefusedError
-from sweeper.query import FIRST_VALUE_PROBE, Bound, RangeQuery, fetch
-from sweeper.retry import Retrier
+from sweeper.target import FIRST_VALUE_PROBE, Target
 
 
-def detect_encoding(
-    client: datastore.Client, retrier: Retrier, kind: str, prop: str
-) -> Encoding | None:
-    """The single encoding stored in ``kind.prop``; None when it holds no value at all.
+def detect_encoding(target: Target) -> Encoding | None:
+    """The single encoding stored in the target's property; None when it holds no value at all.
 
     Refuses when entities carry values that no index holds (see :func:`check_indexed`).
     """
-    return decide(read_ends(client, retrier, kind, prop), kind, prop)
+    return decide(read_ends(target), target.kind, target.prop)
 
 
-def read_ends(
-    client: datastore.Client, retrier: Retrier, kind: str, prop: str
-) -> list[object] | None:
+def read_ends(target: Target) -> list[object] | None:
     """The stored values of the smallest and the largest indexed value, in that order.
 
     None when no index entry holds a value (refused if entities carry one all the same). Reads
@@ -48,14 +43,11 @@ def read_ends(
     ends: list[object] = []
     for _attempt in range(_PROBES):
         # Both ends at once, each as a whole entity (its value's true type): one round trip.
-        smallest, largest = together(
-            partial(_smallest_indexed, client, retrier, kind, prop),
-            partial(_largest, client, retrier, kind, prop),
-        )
+        smallest, largest = together(partial(_smallest_indexed, target), partial(_largest, target))
         if not smallest:
-            _refuse_if_carried(client, retrier, kind, prop)
+            _refuse_if_carried(target)
             return None
-        ends = [e.get(prop) for e in smallest + largest]
+        ends = [e.get(target.prop) for e in smallest + largest]
         if len(ends) != 1:
             break
         # The largest was deleted between the two queries (another sweep, the app): look
@@ -122,9 +114,7 @@ def _what(found: list[Encoding | None]) -> str:
     return "more than one encoding"
 
 
-def check_explicit(
-    client: datastore.Client, retrier: Retrier, kind: str, prop: str, encoding: Encoding
-) -> tuple[str, ...]:
+def check_explicit(target: Target, encoding: Encoding) -> tuple[str, ...]:
     """Before an explicit ``--format`` sweep: the other encodings the property holds.
 
     Refuses when the chosen encoding's band holds no value at all while the property holds
@@ -132,38 +122,33 @@ def check_explicit(
     anything, and would report success forever. Costs two limit-1 queries (at once); when the
     ends are not both of ``encoding``, one more small query per other band.
     """
-    ends = read_ends(client, retrier, kind, prop)
+    ends = read_ends(target)
     if ends is None:
         return ()
     found = {classify(value) for value in ends}
     if found <= {encoding}:
         return ()
     # Values between the ends may be of a third encoding: ask each band in turn.
-    found |= {e for e in Encoding if e not in found and _in_band(client, retrier, kind, prop, e)}
+    found |= {e for e in Encoding if e not in found and _in_band(target, e)}
     others = tuple(sorted(e.value if e else "unsupported" for e in found if e is not encoding))
     if encoding in found:
         return others
     raise RefusedError(
-        f"refusing --format {encoding.value} on {kind}.{prop}: it holds no {encoding.value} "
-        f"value at all, so this sweep could never delete anything. Its values run from "
-        f"{_describe(ends[0])} to {_describe(ends[-1])}; {_suggest(found)} Nothing was deleted."
+        f"refusing --format {encoding.value} on {target.kind}.{target.prop}: it holds no "
+        f"{encoding.value} value at all, so this sweep could never delete anything. Its "
+        f"values run from {_describe(ends[0])} to {_describe(ends[-1])}; {_suggest(found)} "
+        "Nothing was deleted."
     )
 
 
-def _in_band(
-    client: datastore.Client, retrier: Retrier, kind: str, prop: str, encoding: Encoding
-) -> bool:
-    """Whether ``encoding``'s band holds a value of it (one small query of whole entities)."""
+def _in_band(target: Target, encoding: Encoding) -> bool:
+    """Whether ``encoding``'s band holds a value of it (one small query of whole entities:
+    the index cannot tell a Timestamp from an int of microseconds)."""
     lo, hi = ExpiredRange(encoding, encoding.band.lo, encoding.band.hi).values()
     # Text of other forms may come first in a text band: look a little further there.
     limit = FIRST_VALUE_PROBE if encoding.needs_values else 1
-    inside = fetch(client, retrier, _entities(kind, prop, ((">=", lo), ("<", hi))), limit)
-    return any(classify(e.get(prop)) is encoding for e in inside)
-
-
-def _entities(kind: str, prop: str, bounds: tuple[Bound, ...] = ()) -> RangeQuery:
-    """Whole entities: the index cannot tell a Timestamp from an int of microseconds."""
-    return RangeQuery(kind, prop, bounds, keys_only=False)
+    inside = target.fetch(target.query((">=", lo), ("<", hi), keys_only=False), limit)
+    return any(classify(e.get(target.prop)) is encoding for e in inside)
 
 
 def _suggest(found: set[Encoding | None]) -> str:
@@ -178,38 +163,35 @@ def _suggest(found: set[Encoding | None]) -> str:
 UNINDEXED_SAMPLE = 20
 
 
-def check_indexed(client: datastore.Client, retrier: Retrier, kind: str, prop: str) -> None:
+def check_indexed(target: Target) -> None:
     """Refuse when entities carry ``prop`` but no index entry holds a value of it.
 
     A property excluded from indexes (the runner's used-JWT-id kind) is invisible to every range
     query: a sweep would report nothing to do forever. Only a scan reads such values.
     """
-    if not _smallest_indexed(client, retrier, kind, prop):
-        _refuse_if_carried(client, retrier, kind, prop)
+    if not _smallest_indexed(target):
+        _refuse_if_carried(target)
 
 
-def _smallest_indexed(
-    client: datastore.Client, retrier: Retrier, kind: str, prop: str
-) -> list[datastore.Entity]:
+def _smallest_indexed(target: Target) -> list[datastore.Entity]:
     """The entity holding the smallest non-null indexed value, if any value is indexed at all."""
-    return fetch(client, retrier, _entities(kind, prop, ((">", None),)), 1)
+    return target.fetch(target.query((">", None), keys_only=False), 1)
 
 
-def _largest(
-    client: datastore.Client, retrier: Retrier, kind: str, prop: str
-) -> list[datastore.Entity]:
+def _largest(target: Target) -> list[datastore.Entity]:
     """The entity holding the largest indexed value (nulls sort first)."""
-    return fetch(client, retrier, _entities(kind, prop), 1, descending=True)
+    return target.fetch(target.query(keys_only=False), 1, descending=True)
 
 
-def _refuse_if_carried(client: datastore.Client, retrier: Retrier, kind: str, prop: str) -> None:
+def _refuse_if_carried(target: Target) -> None:
     """No index entry holds a value: refuse if sampled entities carry one all the same."""
-    sample = fetch(client, retrier, RangeQuery(kind, prop, keys_only=False), UNINDEXED_SAMPLE)
+    prop = target.prop
+    sample = target.fetch(target.query(keys_only=False), UNINDEXED_SAMPLE)
     carrying = [e for e in sample if e.get(prop) is not None]
     if carrying:
         raise RefusedError(
-            f"{kind}.{prop} looks unindexed: {len(carrying)} of {len(sample)} sampled entities "
-            f"have a value (e.g. {describe_value(carrying[0].get(prop))}) but no index entry "
-            "holds one, so no range query can find them. Use --scan (one billed read per "
+            f"{target.kind}.{prop} looks unindexed: {len(carrying)} of {len(sample)} sampled "
+            f"entities have a value (e.g. {describe_value(carrying[0].get(prop))}) but no index "
+            "entry holds one, so no range query can find them. Use --scan (one billed read per "
             "entity) or index the property."
         )

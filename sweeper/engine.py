@@ -40,6 +40,7 @@ from sweeper.retry import PUSHBACK, Retrier, RetryCounter
 from sweeper.settings import MAX_BATCH_SIZE, SweepSettings
 from sweeper.sources import expired_streams
 from sweeper.stopping import Stopped, Stopper, StopReason
+from sweeper.target import Target
 from sweeper.throttle import Throttle, ThrottleSettings
 
 __all__ = ["Budget", "Runtime", "Sweep", "SweepResult"]
@@ -183,11 +184,12 @@ class Sweep:
             client = self._connect()
             with self._lock:
                 result.project = client.project
-            checks = Checks(client, self._retrier, self.settings, self._log)
+            target = Target(client, self._retrier, self.settings.kind, self.settings.prop)
+            checks = Checks(target, self.settings, self._log)
             # The stored values are read while the clock is: neither needs the other, and on
             # a link of 60 ms each way that is a round trip less before the first delete.
-            _, stored = together(partial(self._set_cutoff, client, result), checks.read)
-            self._sweep(client, result, checks, stored)
+            _, stored = together(partial(self._set_cutoff, target, result), checks.read)
+            self._sweep(target, result, checks, stored)
         except Stopped as stop:
             self._end(result, stop.reason)
         except SweeperError as exc:
@@ -198,13 +200,13 @@ class Sweep:
             else:
                 self._end(result, StopReason.ERROR, _datastore_failure(exc))
 
-    def _set_cutoff(self, client: datastore.Client, result: SweepResult) -> None:
+    def _set_cutoff(self, target: Target, result: SweepResult) -> None:
         """One cutoff per run, from the database's clock where it reports one.
 
         ``--verify`` re-checks against this same cutoff.
         """
         s = self.settings
-        reading = read_clock(client, self._retrier, s.kind, self.runtime.now)
+        reading = read_clock(target, self.runtime.now)
         with self._lock:
             result.cutoff = reading.now - s.grace
             result.clock_source, result.clock_skew_s = reading.source, reading.skew_s
@@ -234,22 +236,20 @@ class Sweep:
             else:
                 result.stop(reason)
 
-    def _sweep(
-        self, client: datastore.Client, result: SweepResult, checks: Checks, stored: Stored
-    ) -> None:
+    def _sweep(self, target: Target, result: SweepResult, checks: Checks, stored: Stored) -> None:
         encoding = checks.encoding(result, stored)
         if encoding is not None:
             result.format = encoding.value
             checks.guard(encoding, result, self.runtime.confirm)
             self._delete_expired(
-                client, encoding, result, checks, stored.smallest(self.settings, encoding)
+                target, encoding, result, checks, stored.smallest(self.settings, encoding)
             )
         if result.stopped_reason in (StopReason.COMPLETE, StopReason.MAX_DELETES):
             checks.retention(encoding, result)
 
     def _delete_expired(
         self,
-        client: datastore.Client,
+        target: Target,
         encoding: Encoding,
         result: SweepResult,
         checks: Checks,
@@ -259,8 +259,7 @@ class Sweep:
         s, rt = self.settings, self.runtime
         progress = ProgressLog(self._log, rt, self._counter, rt.monotonic(), s.dry_run)
         gate = Gate(
-            client,
-            self._retrier,
+            target,
             Rule(s.kind, s.prop, encoding, result.cutoff),
             verify=result.verify,
             # Only Firestore in Datastore mode reports its time; elsewhere (the legacy
@@ -291,8 +290,7 @@ class Sweep:
 
         seen: Counter[str] = Counter()
         streams = expired_streams(
-            client,
-            self._retrier,
+            target,
             s,
             encoding,
             result.cutoff,

@@ -57,11 +57,11 @@ from sweeper.errors import (
     is_bug,
 )
 from sweeper.pipeline import Pipeline
-from sweeper.query import descendant_keys
 from sweeper.result import SweepResult
-from sweeper.retry import TRANSIENT, Retrier
+from sweeper.retry import TRANSIENT
 from sweeper.settings import MAX_BATCH_SIZE
 from sweeper.stopping import Stopped
+from sweeper.target import Target
 from sweeper.throttle import Throttle
 
 # The legacy Datastore emulator (and Datastore before Firestore) lets one transaction touch at
@@ -190,8 +190,7 @@ class Gate:
 
     def __init__(
         self,
-        client: datastore.Client,
-        retrier: Retrier,
+        target: Target,
         rule: Rule,
         *,
         verify: bool,
@@ -206,7 +205,8 @@ class Gate:
         should_stop: Callable[[], bool],
         on_batch: Callable[[], None] = lambda: None,
     ) -> None:
-        self._client, self._retrier, self._rule = client, retrier, rule
+        self._target, self._rule = target, rule
+        self._client, self._retrier = target.client, target.retrier
         self.mode = Mode.LOOKUP if verify else Mode.BLIND
         self._dry_run, self._descend = dry_run, with_descendants
         self._sizer, self.allowance, self._throttle = sizer, allowance, throttle
@@ -453,7 +453,7 @@ class Gate:
         found: dict[Key, list[Key]] = {}
 
         def look_under(key: Key) -> None:
-            found[key] = descendant_keys(self._client, self._retrier, key)
+            found[key] = self._target.descendants(key)
 
         Pipeline(DESCENDANT_QUERIES, look_under, lambda: False).run([sessions])
         return {key: found[key] for key in sessions}

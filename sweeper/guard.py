@@ -26,8 +26,7 @@ from google.cloud import datastore
 
 from sweeper.encodings import Encoding, ExpiredRange
 from sweeper.errors import RefusedError
-from sweeper.query import Count, RangeQuery, count, descendant_keys, fetch_keys, scan_pages
-from sweeper.retry import Retrier
+from sweeper.target import Count, Target
 
 COUNT_LIMIT = 10_000_000
 # Sessions sampled on each side of the cutoff to estimate, with --with-descendants, how many
@@ -76,31 +75,21 @@ class Plan:
     exposure: Exposure
 
 
-def measure(
-    client: datastore.Client,
-    retrier: Retrier,
-    query: tuple[str, str, ExpiredRange],
-    share: float,
-) -> Exposure:
+def measure(target: Target, window: ExpiredRange, share: float) -> Exposure:
     """Count the run's range, then what carries the property only as far as the guard needs.
 
-    ``query`` is (kind, property, the run's range). With ``due`` counted exactly, at least
-    ``due / share`` entities carrying the property settle it, so the second count stops there:
-    the guard costs in proportion to what the run would delete, not to the kind's size.
+    With ``due`` counted exactly, at least ``due / share`` entities carrying the property
+    settle it, so the second count stops there: the guard costs in proportion to what the run
+    would delete, not to the kind's size.
     """
-    kind, prop, window = query
-    lo, hi = window.values()
-    due = count(client, retrier, RangeQuery(kind, prop, ((">=", lo), ("<", hi))), COUNT_LIMIT)
+    due = target.count(target.within(window), COUNT_LIMIT)
     enough = COUNT_LIMIT if due.lower_bound or share >= 1 else math.ceil(due.n / share)
-    carrying = count(client, retrier, RangeQuery(kind, prop, ((">", None),)), max(1, enough))
+    carrying = target.count(target.carrying(), max(1, enough))
     return Exposure(due, carrying)
 
 
 def scan_exposure(
-    client: datastore.Client,
-    retrier: Retrier,
-    kind: str,
-    prop: str,
+    target: Target,
     *,
     expired: Callable[[object], bool],
     on_read: Callable[[int], None],
@@ -114,10 +103,10 @@ def scan_exposure(
     due = carrying = 0
     due_keys: list[datastore.Key] = []
     live_keys: list[datastore.Key] = []
-    for page in scan_pages(client, retrier, kind):
+    for page in target.scan_pages():
         on_read(len(page))
         for entity in page:
-            value = entity.get(prop)
+            value = entity.get(target.prop)
             if value is None:
                 continue
             carrying += 1
@@ -129,18 +118,12 @@ def scan_exposure(
 
 
 def range_samples(
-    client: datastore.Client, retrier: Retrier, kind: str, prop: str, window: ExpiredRange
+    target: Target, window: ExpiredRange
 ) -> tuple[list[datastore.Key], list[datastore.Key]]:
     """Up to ``DESCENDANT_SAMPLE`` keys due, and as many live ones (same encoding)."""
-    lo, hi = window.values()
-    top = window.encoding.stored(window.encoding.band.hi)
-    due = fetch_keys(
-        client, retrier, RangeQuery(kind, prop, ((">=", lo), ("<", hi))), DESCENDANT_SAMPLE
-    )
-    live = fetch_keys(
-        client, retrier, RangeQuery(kind, prop, ((">=", hi), ("<", top))), DESCENDANT_SAMPLE
-    )
-    return due, live
+    live = ExpiredRange(window.encoding, window.hi, window.encoding.band.hi)
+    due_keys = target.keys(target.within(window), DESCENDANT_SAMPLE)
+    return due_keys, target.keys(target.within(live), DESCENDANT_SAMPLE)
 
 
 @dataclass(frozen=True)
@@ -162,17 +145,14 @@ class Descendants:
 
 
 def sample_descendants(
-    client: datastore.Client,
-    retrier: Retrier,
-    due: list[datastore.Key],
-    live: list[datastore.Key],
+    target: Target, due: list[datastore.Key], live: list[datastore.Key]
 ) -> Descendants:
     """One ancestor query per sampled session (at most ``2 * DESCENDANT_SAMPLE``)."""
 
     def mean(keys: list[datastore.Key]) -> float:
         if not keys:
             return 0.0
-        return sum(len(descendant_keys(client, retrier, k)) for k in keys) / len(keys)
+        return sum(len(target.descendants(k)) for k in keys) / len(keys)
 
     return Descendants(mean(due), mean(live))
 

@@ -219,7 +219,7 @@ def _epoch_seconds(iso: str) -> float:
 def check_url(url: str) -> None:
     """Refuse what prometheus_client would silently "fix" (it prefixes http:// to anything).
 
-    Also ``--pushgateway``'s check when parsed (options.py), so a URL that cannot work is a
+    Also ``--pushgateway``'s check when parsed (sweeper.options), so a URL that cannot work is a
     usage error before the run rather than a warning after its deletes.
     """
     try:

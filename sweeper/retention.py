@@ -15,12 +15,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from google.cloud import datastore
-
 from sweeper.concurrency import together
 from sweeper.encodings import Encoding, expired_range, from_micros
-from sweeper.query import Count, RangeQuery, count, first_value
-from sweeper.retry import Retrier
+from sweeper.target import Count, Target
 
 # Counts after a run stop here and say so: enough to tell "keeping up" from "falling behind",
 # cheap on any database (at most 10 reads as an aggregation).
@@ -56,26 +53,14 @@ class Retention:
 
 
 def measure_retention(
-    client: datastore.Client,
-    retrier: Retrier,
-    kind: str,
-    prop: str,
-    *,
-    encoding: Encoding | None,
-    cutoff: dt.datetime,
+    target: Target, *, encoding: Encoding | None, cutoff: dt.datetime
 ) -> Retention:
     """Two bounded COUNTs (at once) and one limit-1 projection query."""
-    carried = partial(
-        count, client, retrier, RangeQuery(kind, prop, ((">", None),)), RETENTION_COUNT_LIMIT
-    )
+    carried = partial(target.count, target.carrying(), RETENTION_COUNT_LIMIT)
     if encoding is None:
         return Retention(carried())
-    window = expired_range(encoding, cutoff)
-    lo, hi = window.values()
-    query = RangeQuery(kind, prop, ((">=", lo), ("<", hi)))
-    left, carrying = together(
-        partial(count, client, retrier, query, RETENTION_COUNT_LIMIT), carried
-    )
-    first = first_value(client, retrier, query, encoding, strict=True) if left.n else None
+    query = target.within(expired_range(encoding, cutoff))
+    left, carrying = together(partial(target.count, query, RETENTION_COUNT_LIMIT), carried)
+    first = target.first_value(query, encoding, strict=True) if left.n else None
     oldest = None if first is None else from_micros(first * encoding.unit_us)
     return Retention(carrying, left, oldest)

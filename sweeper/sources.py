@@ -17,10 +17,9 @@ from typing import Any
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding, ExpiredRange, classify, expired_range, is_expired
-from sweeper.query import RangeQuery, entity_pages, first_value, key_pages, scan_expired
-from sweeper.retry import Retrier
 from sweeper.settings import SweepSettings
 from sweeper.slices import Slice, shard_slices, split_even
+from sweeper.target import PAGE_SIZE, Target
 
 KeyPages = Iterator[list[datastore.Key]]
 
@@ -29,8 +28,7 @@ SHARD_BUCKET = dt.timedelta(hours=1)
 
 
 def expired_streams(
-    client: datastore.Client,
-    retrier: Retrier,
+    target: Target,
     settings: SweepSettings,
     encoding: Encoding,
     cutoff: dt.datetime,
@@ -59,22 +57,21 @@ def expired_streams(
             format=encoding.value,
             cost="one billed entity read per entity of the kind",
         )
-        expired = partial(_tallied, seen, encoding, cutoff)
-        return [scan_expired(client, retrier, s.kind, s.prop, expired=expired, on_read=on_read)]
+        return [scan_expired(target, partial(_tallied, seen, encoding, cutoff), on_read)]
     window = expired_range(encoding, cutoff)
     lo, hi = window.values()
     log.info("query_range", format=encoding.value, lower=str(lo), upper=str(hi), shard=str(s.shard))
     if window.empty:
         return []
-    pages = partial(_pages, client, retrier, s, on_left_alone=on_left_alone)
+    pages = partial(_pages, target, on_left_alone=on_left_alone)
     if s.shard.count > 1:
-        return _shard_streams(client, retrier, s, window, pages)
+        return _shard_streams(target, s, window, pages)
     if s.workers == 1:
         return [pages(window)]
     # Start the slices at the oldest stored value, not at 2001: the old part is empty.
     start = smallest if smallest is not None and window.lo <= smallest < window.hi else None
     if start is None:
-        start = first_value(client, retrier, _query(s, window), encoding)
+        start = target.first_value(target.within(window), encoding)
     if start is None:
         return []
     slices = split_even(start, window.hi, s.workers)
@@ -90,9 +87,24 @@ def _tallied(
     return is_expired(encoding, value, cutoff)
 
 
+def scan_expired(
+    target: Target, expired: Callable[[object], bool], on_read: Callable[[int], None]
+) -> KeyPages:
+    """The keys of every entity of the kind whose value is ``expired``, by reading them all;
+    handed on in pages of up to ``PAGE_SIZE`` (one full commit), whatever the read pages."""
+    pending: list[datastore.Key] = []
+    for found in target.scan_pages():
+        on_read(len(found))
+        pending += [entity.key for entity in found if expired(entity.get(target.prop))]
+        while len(pending) >= PAGE_SIZE:
+            yield pending[:PAGE_SIZE]
+            pending = pending[PAGE_SIZE:]
+    if pending:
+        yield pending
+
+
 def _shard_streams(
-    client: datastore.Client,
-    retrier: Retrier,
+    target: Target,
     settings: SweepSettings,
     window: ExpiredRange,
     pages: Callable[[ExpiredRange], KeyPages],
@@ -101,8 +113,7 @@ def _shard_streams(
     encoding = window.encoding
 
     def next_value(pos: int, hi: int) -> int | None:
-        query = _query(settings, ExpiredRange(encoding, pos, hi))
-        return first_value(client, retrier, query, encoding)
+        return target.first_value(target.within(ExpiredRange(encoding, pos, hi)), encoding)
 
     bucket = max(1, SHARD_BUCKET // dt.timedelta(microseconds=encoding.unit_us))
     shared = _Shared(shard_slices(window.lo, window.hi, settings.shard, bucket, next_value))
@@ -130,12 +141,7 @@ class _Shared:
 
 
 def _pages(
-    client: datastore.Client,
-    retrier: Retrier,
-    settings: SweepSettings,
-    window: ExpiredRange,
-    *,
-    on_left_alone: Callable[[int], None],
+    target: Target, window: ExpiredRange, *, on_left_alone: Callable[[int], None]
 ) -> KeyPages:
     """The keys of ``window``, a page at a time; of a text range, only those whose value, read
     with the key (a projection), is of the range's encoding.
@@ -144,20 +150,12 @@ def _pages(
     (``2026-11-22``, ``2026-11-22T10:15:00+01:00``): they are left alone, and counted.
     """
     if not window.encoding.needs_values:
-        yield from key_pages(client, retrier, _query(settings, window))
+        yield from target.key_pages(target.within(window))
         return
-    query = RangeQuery(
-        settings.kind, settings.prop, _query(settings, window).bounds, projected=True
-    )
     encoding = window.encoding
-    for page in entity_pages(client, retrier, query):
-        keys = [e.key for e in page if classify(e.get(settings.prop)) is encoding]
+    for page in target.entity_pages(target.within(window, projected=True)):
+        keys = [e.key for e in page if classify(e.get(target.prop)) is encoding]
         if len(keys) < len(page):
             on_left_alone(len(page) - len(keys))
         if keys:
             yield keys
-
-
-def _query(settings: SweepSettings, window: ExpiredRange) -> RangeQuery:
-    lo, hi = window.values()
-    return RangeQuery(settings.kind, settings.prop, ((">=", lo), ("<", hi)))

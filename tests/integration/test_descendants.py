@@ -16,8 +16,8 @@ import pytest
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
-from sweeper.inspect_table import report_dict
-from sweeper.inspection import inspect_target
+from sweeper.inspect.report import inspect_target
+from sweeper.inspect.table import report_dict
 from sweeper.testing.emulator import Emulator
 from sweeper.testing.seed import encode
 from tests.integration.helpers import (

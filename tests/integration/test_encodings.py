@@ -24,6 +24,7 @@ from sweeper.encodings import Encoding, from_micros, is_expired
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.slices import Shard
 from sweeper.sources import expired_streams
+from sweeper.target import Target
 from tests.integration.helpers import ago, ahead, seed, settings, stored, survivors, sweep
 
 DS, DMS, ISO = Encoding.DOUBLE_SECONDS, Encoding.DOUBLE_MILLIS, Encoding.ISO_8601
@@ -280,8 +281,9 @@ def test_each_range_yields_only_expired_values_of_its_encoding(
     for encoding in Encoding:
         for workers in (1, 3):
             run = settings(sub, encoding, workers=workers)
+            target = Target(client, retrier, run.kind, run.prop)
             streams = expired_streams(
-                client, retrier, run, encoding, cutoff, log=LOG, on_read=lambda n: None
+                target, run, encoding, cutoff, log=LOG, on_read=lambda n: None
             )
             found = Counter(str(k.name) for stream in streams for page in stream for k in page)
             expected = {

@@ -13,9 +13,9 @@ from google.cloud import datastore
 from sweeper.encodings import EPOCH, Encoding, expired_range
 from sweeper.engine import Sweep, SweepResult
 from sweeper.errors import DatastoreError
-from sweeper.forecast import plan_backlog, retention_calls
-from sweeper.inspect_table import render_table, report_dict
-from sweeper.inspection import InspectReport, inspect_target
+from sweeper.inspect.forecast import plan_backlog, retention_calls
+from sweeper.inspect.report import InspectReport, inspect_target
+from sweeper.inspect.table import render_table, report_dict
 from sweeper.settings import FormatChoice
 from sweeper.slices import Shard
 from sweeper.testing.emulator import Emulator

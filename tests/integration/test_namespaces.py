@@ -20,9 +20,9 @@ from structlog.testing import capture_logs
 
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime
-from sweeper.query import namespaces
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.settings import SweepSettings
+from sweeper.target import namespaces
 from sweeper.targets import sweep_targets
 from sweeper.testing.emulator import Emulator
 from tests.integration.helpers import (

@@ -80,7 +80,7 @@ def test_main_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip() == "sweeper, version 0.1.0"
 
 
-# Every option --help listed when the table in options.py was made, in that order: options
+# Every option --help listed when the table in sweeper/options/ was made, in that order: options
 # added since may come anywhere, but these keep their places (and none goes missing).
 SWEEP_ORDER = [
     "--project",

@@ -15,6 +15,7 @@ from sweeper.detect import UNINDEXED_SAMPLE, check_explicit, detect_encoding
 from sweeper.encodings import Encoding
 from sweeper.errors import RefusedError
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
+from sweeper.target import Target
 from tests.unit.fakes import KIND, MISSING, PROP, FakeClient, entities, index_order
 
 SECONDS = 1_700_000_000
@@ -34,12 +35,12 @@ def stored(values: Sequence[object], unindexed: bool = False) -> FakeClient:
 
 def detect(values: Sequence[object], unindexed: bool = False) -> Encoding | None:
     client = cast(datastore.Client, stored(values, unindexed))
-    return detect_encoding(client, retrier(), KIND, PROP)
+    return detect_encoding(Target(client, retrier(), KIND, PROP))
 
 
 def check(values: Sequence[object], encoding: Encoding) -> tuple[str, ...]:
     client = cast(datastore.Client, stored(values))
-    return check_explicit(client, retrier(), KIND, PROP, encoding)
+    return check_explicit(Target(client, retrier(), KIND, PROP), encoding)
 
 
 # --- the fake orders values as Datastore does ----------------------------------------------
@@ -118,7 +119,7 @@ def test_an_end_deleted_before_the_lookup_is_looked_for_again() -> None:
     fake = stored([SECONDS, SECONDS + 1, SECONDS + 2])
     oldest = fake.keys[0]
     fake.on_lookup = lambda: fake.drop(oldest)  # deleted by another pod meanwhile
-    found = detect_encoding(cast(datastore.Client, fake), retrier(), KIND, PROP)
+    found = detect_encoding(Target(cast(datastore.Client, fake), retrier(), KIND, PROP))
     assert found is Encoding.EPOCH_SECONDS  # not refused as "more than one encoding"
 
 
@@ -177,4 +178,4 @@ def test_explicit_with_no_value_at_all_is_nothing_to_check() -> None:
 def test_explicit_with_unindexed_values_is_refused() -> None:
     client = cast(datastore.Client, stored([MILLIS, MILLIS], unindexed=True))
     with pytest.raises(RefusedError, match="looks unindexed"):
-        check_explicit(client, retrier(), KIND, PROP, Encoding.EPOCH_MILLIS)
+        check_explicit(Target(client, retrier(), KIND, PROP), Encoding.EPOCH_MILLIS)

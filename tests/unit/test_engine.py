@@ -24,9 +24,9 @@ from sweeper.engine import Runtime, Sweep, SweepResult
 from sweeper.errors import DatastoreError
 from sweeper.gate import DESCENDANT_QUERIES
 from sweeper.logs import configure
-from sweeper.query import PAGE_SIZE
 from sweeper.retry import RetryPolicy
 from sweeper.settings import SweepSettings
+from sweeper.target import PAGE_SIZE
 from sweeper.targets import sweep_targets
 from tests.contract import SWEEP_FINISHED_FIELDS
 from tests.support.clock import FakeClock

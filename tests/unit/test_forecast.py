@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 
 from sweeper.encodings import Encoding, cutoff_bound, expired_range
-from sweeper.forecast import (
+from sweeper.inspect.forecast import (
     LIST_PRICES,
     Backlog,
     RunSettings,
@@ -26,7 +26,7 @@ from sweeper.forecast import (
     scan_backlog,
     scan_pages,
 )
-from sweeper.histogram import (
+from sweeper.inspect.histogram import (
     MAX_DAY_BUCKETS,
     Bucket,
     Histogram,

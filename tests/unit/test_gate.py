@@ -26,6 +26,7 @@ from sweeper.result import SweepResult
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.settings import MAX_BATCH_SIZE, SweepSettings
 from sweeper.stopping import Stopped, StopReason
+from sweeper.target import Target
 from sweeper.throttle import Throttle, ThrottleSettings
 from tests.support.clock import FakeClock
 from tests.unit.fakes import KIND, MISSING, PROP, FakeClient, api_error, entities
@@ -65,8 +66,7 @@ class Run:
         )
         sizer = BatchSizer(maximum, clock or FakeClock())  # a clock that never moves: size stays
         self.gate = Gate(
-            cast(datastore.Client, client),
-            retrier,
+            Target(cast(datastore.Client, client), retrier, KIND, PROP),
             Rule(KIND, PROP, Encoding.EPOCH_SECONDS, CUTOFF),
             verify=verify,
             dry_run=False,

@@ -13,18 +13,18 @@ from google.cloud import datastore
 
 from sweeper.encodings import Encoding, expired_range
 from sweeper.errors import UsageError
-from sweeper.forecast import RunSettings, forecast, plan_backlog
-from sweeper.histogram import Bucket, Histogram
-from sweeper.inspect_table import render_table, report_dict
-from sweeper.inspection import (
+from sweeper.inspect.forecast import RunSettings, forecast, plan_backlog
+from sweeper.inspect.histogram import Bucket, Histogram
+from sweeper.inspect.report import (
     BUCKETS,
     InspectReport,
     Oldest,
     Sample,
     inspect_target,
 )
-from sweeper.query import Count
+from sweeper.inspect.table import render_table, report_dict
 from sweeper.settings import SweepSettings
+from sweeper.target import Count
 
 NOW = dt.datetime(2024, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
 CUTOFF = NOW - dt.timedelta(minutes=15)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sweeper.query import Count
 from sweeper.result import SweepResult
 from sweeper.retention import Retention
 from sweeper.settings import SweepSettings
 from sweeper.stopping import StopReason
+from sweeper.target import Count
 from sweeper.terminal import summary
 
 CUTOFF = dt.datetime(2024, 6, 1, 9, tzinfo=dt.UTC)

@@ -20,11 +20,11 @@ from dataclasses import dataclass, replace
 from sweeper.encodings import Encoding, is_expired
 from sweeper.gate import LEGACY_LIMIT
 from sweeper.guard import COUNT_LIMIT
-from sweeper.histogram import Histogram, hour_cells
-from sweeper.query import KEYS_ONLY_COUNT_LIMIT, PAGE_SIZE, SCAN_FIRST_PAGE
+from sweeper.inspect.histogram import Histogram, hour_cells
 from sweeper.retention import RETENTION_COUNT_LIMIT
 from sweeper.settings import DEFAULT_MAX_FRACTION, DEFAULT_WORKERS, MAX_BATCH_SIZE, SweepSettings
 from sweeper.slices import Shard, shard_slices
+from sweeper.target import KEYS_ONLY_COUNT_LIMIT, PAGE_SIZE, SCAN_FIRST_PAGE
 from sweeper.throttle import BASE_RATE, RampSchedule
 
 # Calls every pod makes whatever the backlog: the clock query; the format check's two probes,
@@ -257,7 +257,7 @@ def retention_calls(carrying: int, expired_left: int, settings: RunSettings) -> 
 
 
 def _count(n: int, limit: int, settings: RunSettings) -> tuple[int, int]:
-    """Queries and billed reads of a count of ``n`` stopping at ``limit`` (``query.count``)."""
+    """Queries and billed reads of a count of ``n`` stopping at ``limit`` (``Target.count``)."""
     if settings.aggregation:
         return 1, max(1, math.ceil(min(n, limit) / 1000))
     bound = min(limit, KEYS_ONLY_COUNT_LIMIT)

@@ -7,11 +7,11 @@ from dataclasses import asdict
 from typing import Any
 
 from sweeper.encodings import QueryValue
-from sweeper.forecast import Forecast
-from sweeper.histogram import Histogram
-from sweeper.inspection import DescendantSample, InspectReport, Oldest
-from sweeper.query import Count
+from sweeper.inspect.forecast import Forecast
+from sweeper.inspect.histogram import Histogram
+from sweeper.inspect.report import DescendantSample, InspectReport, Oldest
 from sweeper.settings import format_duration
+from sweeper.target import Count
 
 _INDEXED_NOTES = {
     "yes": "",

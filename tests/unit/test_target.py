@@ -1,6 +1,6 @@
-"""Paged, keys-only range queries on a fake client: pages followed by cursor until a short one,
-one page held at a time, a failed page retried from its own cursor; probes (``fetch_keys``,
-``first_value``), the filters ``RangeQuery.build`` sets, and ``scan_expired``."""
+"""The target's reads on a fake client: pages followed by cursor until a short one, one page
+held at a time, a failed page retried from its own cursor; probes (``Target.keys``,
+``Target.first_value``), the filters ``RangeQuery.build`` sets, and the scan's key pages."""
 
 from __future__ import annotations
 
@@ -12,17 +12,9 @@ from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
-from sweeper.query import (
-    FIRST_VALUE_PROBE,
-    PAGE_SIZE,
-    SCAN_FIRST_PAGE,
-    RangeQuery,
-    fetch_keys,
-    first_value,
-    key_pages,
-    scan_expired,
-)
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
+from sweeper.sources import scan_expired
+from sweeper.target import FIRST_VALUE_PROBE, PAGE_SIZE, SCAN_FIRST_PAGE, RangeQuery, Target
 from tests.unit.fakes import FakeClient, FakeQuery, api_error, entities
 
 QUERY = RangeQuery("eq-session", "expires_at", ((">=", 10**9), ("<", 1_700_000_000)))
@@ -41,14 +33,18 @@ def as_client(client: FakeClient) -> datastore.Client:
     return cast(datastore.Client, client)
 
 
-# --- key_pages -----------------------------------------------------------------------------
+def at(client: FakeClient, retry: Retrier) -> Target:
+    return Target(as_client(client), retry, "eq-session", "expires_at")
+
+
+# --- Target.key_pages --------------------------------------------------------------------------
 
 
 def test_key_pages_follow_cursors_until_the_server_has_no_more() -> None:
     client = FakeClient(entities([1] * 1200))
     client.final_cursor = False  # the last batch says "no more results"
     retry, _counter = retrier()
-    pages = list(key_pages(as_client(client), retry, QUERY, page_size=500))
+    pages = list(at(client, retry).key_pages(QUERY, page_size=500))
     assert [len(p) for p in pages] == [500, 500, 200]
     assert [k for p in pages for k in p] == keys_of(client.entities)
     assert client.cursors == [None, b"500", b"1000"]
@@ -57,7 +53,7 @@ def test_key_pages_follow_cursors_until_the_server_has_no_more() -> None:
 def test_key_pages_end_with_an_empty_page_when_the_last_one_is_full() -> None:
     client = FakeClient(entities([1] * 1000))
     retry, _counter = retrier()
-    pages = list(key_pages(as_client(client), retry, QUERY, page_size=500))
+    pages = list(at(client, retry).key_pages(QUERY, page_size=500))
     assert [len(p) for p in pages] == [500, 500]  # the empty third page is not yielded
     assert client.fetches == 3
 
@@ -66,7 +62,7 @@ def test_key_pages_stop_when_the_server_gives_no_cursor() -> None:
     client = FakeClient(entities([1] * 500))
     client.final_cursor = False
     retry, _counter = retrier()
-    pages = list(key_pages(as_client(client), retry, QUERY, page_size=500))
+    pages = list(at(client, retry).key_pages(QUERY, page_size=500))
     assert [len(p) for p in pages] == [500]
     assert client.fetches == 1
 
@@ -74,7 +70,7 @@ def test_key_pages_stop_when_the_server_gives_no_cursor() -> None:
 def test_key_pages_hold_one_page_at_a_time() -> None:
     client = FakeClient(entities([1] * 1200))
     retry, _counter = retrier()
-    pages = key_pages(as_client(client), retry, QUERY, page_size=500)
+    pages = at(client, retry).key_pages(QUERY, page_size=500)
     assert client.fetches == 0
     next(pages)
     assert client.fetches == 1
@@ -89,7 +85,7 @@ def test_a_short_batch_with_a_cursor_is_followed_one_call_at_a_time() -> None:
     client.batch = 300
     client.final_cursor = False
     retry, _counter = retrier()
-    pages = list(key_pages(as_client(client), retry, QUERY, page_size=500))
+    pages = list(at(client, retry).key_pages(QUERY, page_size=500))
     assert [len(p) for p in pages] == [300, 300, 300, 100]
     assert [k for p in pages for k in p] == keys_of(client.entities)
 
@@ -98,7 +94,7 @@ def test_key_pages_ask_for_keys_only_with_an_explicit_limit() -> None:
     client = FakeClient(entities([1] * 30))
     client.final_cursor = False
     retry, _counter = retrier()
-    list(key_pages(as_client(client), retry, QUERY, page_size=25))
+    list(at(client, retry).key_pages(QUERY, page_size=25))
     assert all(q.is_keys_only for q in client.queries)
     assert [q.fetched[0][0] for q in client.queries] == [25, 25]
 
@@ -108,7 +104,7 @@ def test_failed_page_is_retried_from_its_own_cursor() -> None:
     client.final_cursor = False
     client.fetch_errors = {2: api_error(gexc.DeadlineExceeded, "slow")}
     retry, counter = retrier()
-    pages = list(key_pages(as_client(client), retry, QUERY, page_size=500))
+    pages = list(at(client, retry).key_pages(QUERY, page_size=500))
     assert client.cursors == [None, b"500", b"500", b"1000"]
     assert [k for p in pages for k in p] == keys_of(client.entities)  # none skipped or repeated
     assert counter.retries == 1
@@ -119,7 +115,7 @@ def test_permanent_page_failure_is_raised() -> None:
     error = api_error(gexc.PermissionDenied, "no")
     client.fetch_errors = {2: error}
     retry, _counter = retrier()
-    pages = key_pages(as_client(client), retry, QUERY, page_size=500)
+    pages = at(client, retry).key_pages(QUERY, page_size=500)
     assert len(next(pages)) == 500
     with pytest.raises(gexc.PermissionDenied) as info:
         next(pages)
@@ -129,19 +125,19 @@ def test_permanent_page_failure_is_raised() -> None:
 # --- probes --------------------------------------------------------------------------------
 
 
-def test_fetch_keys_descending_orders_by_the_property_descending() -> None:
+def test_keys_descending_orders_by_the_property_descending() -> None:
     client = FakeClient(entities([1, 2, 3]))
     retry, _counter = retrier()
-    fetch_keys(as_client(client), retry, QUERY, 1, descending=True)
+    at(client, retry).keys(QUERY, 1, descending=True)
     (query,) = client.queries
     assert query.order == ["-expires_at"]
     assert query.fetched == [(1, None)]
 
 
-def test_fetch_keys_ascending_sets_no_order() -> None:
+def test_keys_ascending_sets_no_order() -> None:
     client = FakeClient(entities([1, 2, 3]))
     retry, _counter = retrier()
-    found = fetch_keys(as_client(client), retry, QUERY, 2)
+    found = at(client, retry).keys(QUERY, 2)
     assert found == keys_of(client.entities[:2])
     assert client.queries[0].order == []
 
@@ -180,7 +176,7 @@ def test_first_value_is_the_ordinal_of_the_smallest_value(
 ) -> None:
     client = FakeClient(entities([stored]))
     retry, _counter = retrier()
-    value = first_value(as_client(client), retry, QUERY, encoding)
+    value = at(client, retry).first_value(QUERY, encoding)
     assert value == expected
     assert value is None or type(value) is int
 
@@ -188,20 +184,20 @@ def test_first_value_is_the_ordinal_of_the_smallest_value(
 def test_a_strict_first_value_skips_text_in_other_forms() -> None:
     client = FakeClient(entities(["2023-11-14", "2023-11-14T22:13:20.000Z"]))
     retry, _counter = retrier()
-    assert first_value(as_client(client), retry, QUERY, ISO, strict=True) == 1_700_000_000_000
+    assert at(client, retry).first_value(QUERY, ISO, strict=True) == 1_700_000_000_000
     assert client.queries[0].fetched == [(FIRST_VALUE_PROBE, None)]
 
 
 def test_first_value_of_an_empty_range_is_none() -> None:
     client = FakeClient([])
     retry, _counter = retrier()
-    assert first_value(as_client(client), retry, QUERY, S) is None
+    assert at(client, retry).first_value(QUERY, S) is None
 
 
 def test_first_value_projects_the_property_with_limit_one() -> None:
     client = FakeClient(entities([5, 6]))
     retry, _counter = retrier()
-    first_value(as_client(client), retry, QUERY, S)
+    at(client, retry).first_value(QUERY, S)
     (query,) = client.queries
     assert query.projection == ["expires_at"]
     assert query.fetched == [(1, None)]
@@ -251,16 +247,7 @@ def test_scan_expired_yields_only_expired_keys_and_reports_reads() -> None:
     client = FakeClient(entities(values))
     retry, _counter = retrier()
     reads: list[int] = []
-    pages = list(
-        scan_expired(
-            as_client(client),
-            retry,
-            "eq-session",
-            "expires_at",
-            expired=lambda value: value == "expired",
-            on_read=reads.append,
-        )
-    )
+    pages = list(scan_expired(at(client, retry), lambda value: value == "expired", reads.append))
     # A small first page; then, the entities being small, pages of a full delete batch.
     assert reads == [SCAN_FIRST_PAGE, 150]
     keys = keys_of(client.entities)
@@ -276,16 +263,7 @@ def test_scan_pages_shrink_for_large_entities_and_keys_come_in_full_batches() ->
     client = FakeClient(entities(values, data=big))
     retry, _counter = retrier()
     reads: list[int] = []
-    pages = list(
-        scan_expired(
-            as_client(client),
-            retry,
-            "eq-session",
-            "expires_at",
-            expired=lambda value: value == "expired",
-            on_read=reads.append,
-        )
-    )
+    pages = list(scan_expired(at(client, retry), lambda value: value == "expired", reads.append))
     assert reads[0] == SCAN_FIRST_PAGE
     assert set(reads[1:-1]) == {10}
     assert [len(page) for page in pages] == [PAGE_SIZE, PAGE_SIZE, SCAN_FIRST_PAGE]

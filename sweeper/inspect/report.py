@@ -1,10 +1,10 @@
-"""``sweeper inspect``: what a sweep of one target would meet, do and cost, deleting nothing.
+"""The report of ``sweeper inspect``: what a sweep of one target would meet, do and cost.
 
 Before a first run an operator needs more than ``--dry-run`` tells: which encodings the property
 really holds (only a lookup shows a value's true type), whether it is indexed at all (a range
 query cannot see an unindexed value), what ``--format auto`` would decide, how large the backlog
-is, how old, and what clearing it will cost (:mod:`sweeper.forecast`). It costs a few keys-only
-queries, a COUNT per age bucket and per query stream (bounded key counts where the database has
+is, how old, and what clearing it will cost (``forecast``). It costs a few keys-only queries,
+a COUNT per age bucket and per query stream (bounded key counts where the database has
 no aggregation queries) and ``sample_size + 1`` entity reads, all under the sweep's retries.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -31,7 +31,7 @@ from sweeper.encodings import (
     from_micros,
 )
 from sweeper.errors import DatastoreError, RefusedError, UsageError, describe_exception
-from sweeper.forecast import (
+from sweeper.inspect.forecast import (
     Forecast,
     forecast,
     plan_backlog,
@@ -39,10 +39,10 @@ from sweeper.forecast import (
     scan_backlog,
     scan_due,
 )
-from sweeper.histogram import Bucket, Histogram, age_buckets, stream_slices
-from sweeper.query import Bound, Count, RangeQuery, count, descendant_keys, fetch_keys, lookup
+from sweeper.inspect.histogram import Bucket, Histogram, age_buckets, stream_slices
 from sweeper.retry import TRANSIENT, Retrier, RetryCounter, RetryPolicy
 from sweeper.settings import SweepSettings
+from sweeper.target import Count, Target
 
 Indexed = Literal["yes", "no", "unknown"]
 Action = Literal["sweep", "scan", "refuse", "nothing"]
@@ -50,8 +50,6 @@ Action = Literal["sweep", "scan", "refuse", "nothing"]
 # Sample buckets in the order shown; encodings keep their --format spelling here.
 BUCKETS = (*(e.value for e in Encoding), "null", "missing", "unsupported")
 MAX_EXAMPLES = 3
-# Datastore refuses a lookup of more than 1000 keys.
-LOOKUP_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -100,7 +98,7 @@ class Oldest:
 
 @dataclass(frozen=True)
 class InspectReport:
-    """Everything ``inspect`` found for one target (``inspect_table`` shows it)."""
+    """Everything ``inspect`` found for one target (``sweeper.inspect.table`` shows it)."""
 
     kind: str
     prop: str
@@ -156,39 +154,62 @@ def inspect_target(
     ``now`` (timezone-aware) is the caller's clock; as in a sweep, the cutoff comes from the
     database's clock where it reports one, else from ``now``. The
     forecast is for a sweep with ``settings`` (workers, batch size, verify, shard count as the
-    number of pods, ramp-up, max rate).
+    number of pods, ramp-up, max rate). Where a count has to page through keys (no aggregation
+    queries), it stops at ``count_limit``.
     """
     if sample_size < 1 or count_limit < 1:
         raise UsageError("sample size and count limit must be at least 1")
     retrier = retrier or Retrier(RetryPolicy(), RetryCounter(), sleep)
-    reader = _Reader(client, retrier, settings.kind, settings.prop, count_limit)
+    target = Target(client, retrier, settings.kind, settings.prop)
     try:
-        return _inspect(settings, reader, now, sample_size)
+        return _inspect(settings, _Counter(target, count_limit), now, sample_size)
     except (gexc.GoogleAPIError, *TRANSIENT) as exc:
         raise DatastoreError(f"Datastore call failed: {describe_exception(exc)}") from exc
 
 
+@dataclass(frozen=True)
+class _Counter:
+    """Every count ``inspect`` makes: all of them where the database has aggregation queries,
+    keys up to ``limit`` else."""
+
+    target: Target
+    limit: int
+
+    def __call__(self, what: ExpiredRange | None = None) -> Count:
+        """Entities with a value in ``what``; None: every entity carrying the property."""
+        t = self.target
+        if what is not None and what.empty:
+            return Count(0, "empty_range")
+        query = t.carrying() if what is None else t.within(what)
+        return t.count(query, None, keys_limit=self.limit)
+
+    def kind(self) -> Count:
+        """Every entity of the kind, whatever its properties (what a scan reads)."""
+        return self.target.count(self.target.query(), None, keys_limit=self.limit)
+
+
 def _inspect(
-    s: SweepSettings, reader: _Reader, now: dt.datetime, sample_size: int
+    s: SweepSettings, count: _Counter, now: dt.datetime, sample_size: int
 ) -> InspectReport:
+    target = count.target
     # The cutoff a sweep would use: from the database's clock where it reports one.
-    clock = read_clock(reader.client, reader.retrier, s.kind, lambda: now)
+    clock = read_clock(target, lambda: now)
     now = clock.now
     cutoff = now - s.grace
-    sample = reader.sample(sample_size)
-    probe = reader.keys((">", None))  # detection's first probe: is any value indexed?
+    sample = _sample(target, sample_size)
+    probe = target.keys(target.carrying(), 1)  # detection's first probe: is any value indexed?
     indexed: Indexed = "yes" if probe else "no" if sample.non_null else "unknown"
-    action, encoding, refusal = _decide(s, reader)
+    action, encoding, refusal = _decide(s, target)
     window = expired_range(encoding, cutoff) if encoding else None
-    expired = reader.count(window) if window else None
+    expired = count(window) if window else None
     if action == "sweep" and s.format != "auto" and expired and expired.n == 0:
-        refusal = _unindexed_refusal(s, reader)
+        refusal = _unindexed_refusal(target)
         action = "refuse" if refusal else action
     report = InspectReport(
         kind=s.kind,
         prop=s.prop,
-        namespace=reader.client.namespace or None,  # the client's: what was queried
-        database=reader.client.database or None,
+        namespace=target.client.namespace or None,  # the client's: what was queried
+        database=target.client.database or None,
         format_asked=s.format_label,
         grace=s.grace,
         now=now,
@@ -200,18 +221,18 @@ def _inspect(
         refusal=refusal,
         bounds=window.values() if window else None,
         expired=expired,
-        oldest=reader.oldest(encoding) if encoding else None,
-        carrying=reader.count_query(RangeQuery(s.kind, s.prop, ((">", None),))),
+        oldest=_oldest(target, encoding) if encoding else None,
+        carrying=count(),
         clock_source=clock.source,
-        descendants=reader.descendants(window) if window and not s.scan else None,
+        descendants=_descendants(target, window) if window and not s.scan else None,
     )
     if window is None or action not in ("sweep", "scan"):
         return report
-    return _forecast(report, s, reader, window)
+    return _forecast(report, s, count, window)
 
 
 def _forecast(
-    report: InspectReport, s: SweepSettings, reader: _Reader, window: ExpiredRange
+    report: InspectReport, s: SweepSettings, count: _Counter, window: ExpiredRange
 ) -> InspectReport:
     """The age histogram and the forecast of a sweep with ``s``'s settings."""
     carrying = report.carrying or Count(0, "aggregation")
@@ -225,7 +246,7 @@ def _forecast(
         descendants_per_session=per_session,
     )
     if s.scan:
-        kind = reader.count_query(RangeQuery(s.kind, s.prop))
+        kind = count.kind()
         expired = report.expired if report.indexed == "yes" else None
         values = report.sample.values
         due = expired.n if expired else scan_due(kind.n, values, window.encoding, report.cutoff)
@@ -233,106 +254,79 @@ def _forecast(
         backlog = scan_backlog(kind.n, due, carrying.n, bounded)
         return replace(report, kind_size=kind, forecast=forecast(backlog, run))
     oldest = report.oldest_expired
-    histogram = reader.histogram(window, oldest.instant, report.cutoff) if oldest else None
+    histogram = _histogram(count, window, oldest.instant, report.cutoff) if oldest else None
     histogram = histogram or Histogram("hour", ())
     slices = None
     if oldest and run.shards == 1 and run.workers > 1:  # the streams' slices, counted
-        slices = [
-            reader.count(part).n for part in stream_slices(window, oldest.instant, run.workers)
-        ]
+        slices = [count(part).n for part in stream_slices(window, oldest.instant, run.workers)]
     backlog = plan_backlog(histogram, run, carrying.n, slices)
     return replace(report, histogram=histogram, forecast=forecast(backlog, run))
 
 
-def _decide(s: SweepSettings, reader: _Reader) -> tuple[Action, Encoding | None, str | None]:
+def _decide(s: SweepSettings, target: Target) -> tuple[Action, Encoding | None, str | None]:
     """What ``sweep`` would decide, by the very code it runs (``detect_encoding``)."""
     if isinstance(s.format, Encoding):
         return ("scan" if s.scan else "sweep"), s.format, None
     try:
-        encoding = detect_encoding(reader.client, reader.retrier, s.kind, s.prop)
+        encoding = detect_encoding(target)
     except RefusedError as exc:
         return "refuse", None, exc.message
     # detect_encoding has already refused values that no index holds.
     return ("sweep", encoding, None) if encoding else ("nothing", None, None)
 
 
-def _unindexed_refusal(s: SweepSettings, reader: _Reader) -> str | None:
+def _unindexed_refusal(target: Target) -> str | None:
     """The sweep's own check when its range finds nothing: are the values merely unindexed?"""
     try:
-        check_indexed(reader.client, reader.retrier, s.kind, s.prop)
+        check_indexed(target)
     except RefusedError as exc:
         return exc.message
     return None
 
 
-class _Reader:
-    """The target's queries and lookups, every one through the sweep's retry policy."""
+def _sample(target: Target, size: int) -> Sample:
+    """The first ``size`` entities by the *true* type of their value: only a lookup shows it."""
+    counts = dict.fromkeys(BUCKETS, 0)
+    examples: list[str] = []
+    values: list[object] = []
+    prop = target.prop
+    for entity in target.lookup(target.keys(target.query(), size)):
+        bucket = _bucket(entity, prop)
+        counts[bucket] += 1
+        values.append(entity.get(prop))
+        if bucket == "unsupported" and len(examples) < MAX_EXAMPLES:
+            text = describe_value(entity[prop])
+            examples += [] if text in examples else [text]
+    return Sample(size, counts, tuple(examples), tuple(values))
 
-    def __init__(
-        self, client: datastore.Client, retrier: Retrier, kind: str, prop: str, limit: int
-    ) -> None:
-        self.client, self.retrier, self.kind, self.prop = client, retrier, kind, prop
-        self.limit = limit  # where a count has to page through keys, it stops here
 
-    def keys(self, *bounds: Bound, limit: int = 1) -> list[datastore.Key]:
-        query = RangeQuery(self.kind, self.prop, bounds)
-        return fetch_keys(self.client, self.retrier, query, limit)
+def _oldest(target: Target, encoding: Encoding) -> Oldest | None:
+    """The smallest value in the encoding's whole band: how far behind sweeping is."""
+    band = target.within(ExpiredRange(encoding, encoding.band.lo, encoding.band.hi))
+    found = [e.get(target.prop) for e in target.lookup(target.keys(band, 1))]
+    value = found[0] if found else None  # none stored, or gone before the lookup
+    ordinal = encoding.ordinal(value) if classify(value) is encoding else None
+    if value is None or ordinal is None:  # or text of another form at the band's start
+        return None
+    return Oldest(value, from_micros(ordinal * encoding.unit_us))
 
-    def entities(self, keys: list[datastore.Key]) -> Iterator[datastore.Entity]:
-        for start in range(0, len(keys), LOOKUP_CHUNK):
-            yield from lookup(self.client, self.retrier, keys[start : start + LOOKUP_CHUNK])
 
-    def sample(self, size: int) -> Sample:
-        """The first ``size`` entities by the *true* type of their value: only a lookup shows it."""
-        counts = dict.fromkeys(BUCKETS, 0)
-        examples: list[str] = []
-        values: list[object] = []
-        for entity in self.entities(self.keys(limit=size)):
-            bucket = _bucket(entity, self.prop)
-            counts[bucket] += 1
-            values.append(entity.get(self.prop))
-            if bucket == "unsupported" and len(examples) < MAX_EXAMPLES:
-                text = describe_value(entity[self.prop])
-                examples += [] if text in examples else [text]
-        return Sample(size, counts, tuple(examples), tuple(values))
+def _descendants(target: Target, window: ExpiredRange) -> DescendantSample | None:
+    """Entities under the first expired sessions: what ``--with-descendants`` adds."""
+    if window.empty:
+        return None
+    sessions = target.keys(target.within(window), DESCENDANT_SAMPLE)
+    counts = [len(target.descendants(key)) for key in sessions]
+    return DescendantSample(len(counts), sum(counts), max(counts, default=0))
 
-    def count(self, window: ExpiredRange) -> Count:
-        """Entities with a value in ``window``."""
-        if window.empty:
-            return Count(0, "empty_range")
-        lo, hi = window.values()
-        return self.count_query(RangeQuery(self.kind, self.prop, ((">=", lo), ("<", hi))))
 
-    def count_query(self, query: RangeQuery) -> Count:
-        """All of them where the database has aggregation queries; keys up to the limit else."""
-        return count(self.client, self.retrier, query, None, keys_limit=self.limit)
-
-    def oldest(self, encoding: Encoding) -> Oldest | None:
-        """The smallest value in the encoding's whole band: how far behind sweeping is."""
-        lo, hi = ExpiredRange(encoding, encoding.band.lo, encoding.band.hi).values()
-        found = [e.get(self.prop) for e in self.entities(self.keys((">=", lo), ("<", hi)))]
-        value = found[0] if found else None  # none stored, or gone before the lookup
-        ordinal = encoding.ordinal(value) if classify(value) is encoding else None
-        if value is None or ordinal is None:  # or text of another form at the band's start
-            return None
-        return Oldest(value, from_micros(ordinal * encoding.unit_us))
-
-    def descendants(self, window: ExpiredRange) -> DescendantSample | None:
-        """Entities under the first expired sessions: what ``--with-descendants`` adds."""
-        if window.empty:
-            return None
-        lo, hi = window.values()
-        sessions = self.keys((">=", lo), ("<", hi), limit=DESCENDANT_SAMPLE)
-        counts = [len(descendant_keys(self.client, self.retrier, key)) for key in sessions]
-        return DescendantSample(len(counts), sum(counts), max(counts, default=0))
-
-    def histogram(
-        self, window: ExpiredRange, oldest: dt.datetime, cutoff: dt.datetime
-    ) -> Histogram:
-        """The expired entities counted per age bucket (one COUNT each)."""
-        unit, buckets = age_buckets(window, oldest, cutoff)
-        counts = [(start, end, self.count(part)) for start, end, part in buckets]
-        return Histogram(unit, tuple(Bucket(a, b, c.n, c.lower_bound) for a, b, c in counts))
+def _histogram(
+    count: _Counter, window: ExpiredRange, oldest: dt.datetime, cutoff: dt.datetime
+) -> Histogram:
+    """The expired entities counted per age bucket (one COUNT each)."""
+    unit, buckets = age_buckets(window, oldest, cutoff)
+    counts = [(start, end, count(part)) for start, end, part in buckets]
+    return Histogram(unit, tuple(Bucket(a, b, c.n, c.lower_bound) for a, b, c in counts))
 
 
 def _bucket(entity: datastore.Entity, prop: str) -> str:

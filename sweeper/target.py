@@ -1,0 +1,338 @@
+"""The target: one kind and its expiry property in one database and namespace, and every read.
+
+A :class:`Target` owns the client and the run's retry policy, and makes every read a sweep or
+``inspect`` makes of the database: small probes (:meth:`Target.fetch`), pages of keys or
+entities, counts, the first value of a range, lookups, the descendants of a key, a full scan,
+and the database's clock. Every call goes through the retrier, so each read has the same
+retries, counts and give-up rule. The gate's transactional calls (``sweeper.rpc``) use the same
+client and retrier.
+
+Pages have an explicit size and continue from the server's cursor: the Firestore emulator in
+Datastore mode answers an unbounded query in one response and fails past ~40k keys
+(RESOURCE_EXHAUSTED), while the legacy emulator returns ~300 results per batch whatever the limit
+(both seen on the emulators). Each page is one call, however short the server's batch; the range is
+exhausted when the server returns no cursor (no more results) or an empty batch. A page that
+fails is retried from its starting cursor, so a retry never skips or repeats keys.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+from google.api_core import exceptions as gexc
+from google.cloud import datastore
+from google.cloud.datastore.helpers import entity_to_protobuf
+from google.cloud.datastore.query import PropertyFilter
+from google.cloud.datastore_v1.types import entity as entity_pb2
+
+from sweeper.encodings import Encoding, ExpiredRange, QueryValue, classify
+from sweeper.retry import NO_CLIENT_RETRY, Retrier
+
+# Keys per query page: small enough for any response limit (a key is ~100 bytes), large
+# enough to fill a whole 500-key delete batch per round trip.
+PAGE_SIZE = 500
+# Full entities per page in scan mode: session data can be large, and a response over 4 MiB
+# fails (gRPC's default limit; the Firestore emulator reports RESOURCE_EXHAUSTED). The
+# first page is small; later pages hold as many entities as fit in 2 MiB at twice the
+# largest size sampled from the page before, up to a delete batch's worth.
+SCAN_FIRST_PAGE = 100
+SCAN_PAGE_BYTES = 2 * 1024 * 1024
+SCAN_MIN_PAGE = 10
+# Projected values a strict first_value looks through for one of its encoding.
+FIRST_VALUE_PROBE = 20
+# Datastore refuses a lookup of more than 1000 keys.
+LOOKUP_CHUNK = 500
+# Where aggregation queries are missing (the legacy emulator), counting pages through keys:
+# one billed read per page, but time in proportion, so it stops sooner.
+KEYS_ONLY_COUNT_LIMIT = 100_000
+NAMESPACE_KIND = "__namespace__"
+
+Bound = tuple[str, QueryValue | None]
+CountMethod = Literal["aggregation", "keys_only_bounded", "scan", "empty_range"]
+_ALIAS = "n"
+
+
+@dataclass(frozen=True)
+class RangeQuery:
+    """Keys of ``kind`` whose ``prop`` meets every bound, e.g. ``((">=", lo), ("<", hi))``.
+
+    With no bounds it lists the kind's keys, whatever their properties; with ``keys_only``
+    off it returns whole entities (one billed read each); ``projected`` returns each key with
+    its indexed value of ``prop`` (a projection), for ranges whose values must be read.
+    """
+
+    kind: str
+    prop: str
+    bounds: tuple[Bound, ...] = ()
+    keys_only: bool = True
+    projected: bool = False
+
+    def build(self, client: datastore.Client, descending: bool = False) -> datastore.Query:
+        query: datastore.Query = client.query(kind=self.kind)
+        if self.projected:
+            query.projection = [self.prop]
+        elif self.keys_only:
+            query.keys_only()
+        for op, value in self.bounds:
+            query.add_filter(filter=PropertyFilter(self.prop, op, value))
+        if descending:
+            query.order = ["-" + self.prop]
+        return query
+
+
+@dataclass(frozen=True)
+class Count:
+    """How many entities a query matches, counted up to ``limit`` (None: all of them): by an
+    aggregation COUNT, keys-only pages up to a bound, a scan, or nothing to count (a range
+    that holds no value: ``empty_range``)."""
+
+    n: int
+    method: CountMethod
+    limit: int | None = None
+
+    @property
+    def lower_bound(self) -> bool:
+        """True when the count stopped at its limit: there may be more."""
+        return self.limit is not None and self.n >= self.limit
+
+
+@dataclass(frozen=True)
+class Target:
+    """``kind.prop`` through ``client`` (its database and namespace), every call retried."""
+
+    client: datastore.Client
+    retrier: Retrier
+    kind: str
+    prop: str
+
+    # -- the queries ----------------------------------------------------------------------
+
+    def query(self, *bounds: Bound, keys_only: bool = True, projected: bool = False) -> RangeQuery:
+        return RangeQuery(self.kind, self.prop, bounds, keys_only, projected)
+
+    def within(self, window: ExpiredRange, *, projected: bool = False) -> RangeQuery:
+        """The entities whose value lies in ``window``: bounded on both sides, inside one
+        encoding's band, so nulls and other encodings never match."""
+        lo, hi = window.values()
+        return self.query((">=", lo), ("<", hi), projected=projected)
+
+    def carrying(self) -> RangeQuery:
+        """Every entity with a non-null indexed value of the property."""
+        return self.query((">", None))
+
+    # -- the reads ------------------------------------------------------------------------
+
+    def fetch(
+        self, query: RangeQuery, limit: int, descending: bool = False
+    ) -> list[datastore.Entity]:
+        """The first ``limit`` results of ``query`` (small probes): whole entities unless it
+        is keys-only. A whole entity carries its values' true types, which no index shows."""
+        found, _cursor = self.retrier.call(
+            "query", lambda: self._page(query.build(self.client, descending), limit, None)
+        )
+        return found
+
+    def keys(self, query: RangeQuery, limit: int, descending: bool = False) -> list[datastore.Key]:
+        """The first ``limit`` keys of ``query`` (used for small probes)."""
+        return [entity.key for entity in self.fetch(query, limit, descending)]
+
+    def key_pages(
+        self, query: RangeQuery, page_size: int = PAGE_SIZE, *, start: bytes | None = None
+    ) -> Iterator[list[datastore.Key]]:
+        """Every key of ``query`` (from cursor ``start``), holding one page in memory at a time."""
+        for page in self.entity_pages(query, page_size, start=start):
+            yield [entity.key for entity in page]
+
+    def entity_pages(
+        self,
+        query: RangeQuery,
+        page_size: int = PAGE_SIZE,
+        *,
+        start: bytes | None = None,
+        resize: Callable[[list[datastore.Entity]], int] | None = None,
+    ) -> Iterator[list[datastore.Entity]]:
+        """Every result of ``query`` (keys only, or whole entities), one page at a time; with
+        ``resize``, each next page's size is what it says of the page before."""
+        cursor: bytes | None = start
+        while True:
+            built = query.build(self.client)
+            found, cursor = self.retrier.call(
+                "query", partial(self._page, built, page_size, cursor)
+            )
+            if found:
+                yield found
+            if cursor is None or not found:
+                return
+            if resize is not None:
+                page_size = resize(found)
+
+    def scan_pages(self) -> Iterator[list[datastore.Entity]]:
+        """Every entity of the kind, whole, in pages sized to keep each response small.
+
+        For properties no index holds: costs one billed entity read per entity of the kind.
+        """
+        query = RangeQuery(self.kind, "__key__", keys_only=False)
+        return self.entity_pages(query, SCAN_FIRST_PAGE, resize=_scan_page_size)
+
+    def lookup(self, keys: Sequence[datastore.Key]) -> list[datastore.Entity]:
+        """Full entities for ``keys`` (missing ones are dropped): the only way to see true
+        types. ``LOOKUP_CHUNK`` keys per call."""
+        found: list[datastore.Entity] = []
+        for at in range(0, len(keys), LOOKUP_CHUNK):
+            found += self.retrier.call("lookup", partial(self._get, keys[at : at + LOOKUP_CHUNK]))
+        return found
+
+    def descendants(self, key: datastore.Key) -> list[datastore.Key]:
+        """Every key under ``key`` in its entity group, of any kind and depth (not ``key``).
+
+        A kindless, keys-only ancestor query, paged like any other: one billed read per page.
+        Ancestor queries are strongly consistent, on the legacy emulator too.
+        """
+        found: list[datastore.Key] = []
+        cursor: bytes | None = None
+        while True:
+            query = self.client.query(ancestor=key)
+            query.keys_only()
+            page, cursor = self.retrier.call("query", partial(self._page, query, PAGE_SIZE, cursor))
+            found += [entity.key for entity in page if entity.key != key]
+            if cursor is None or not page:
+                return found
+
+    def first_value(
+        self, query: RangeQuery, encoding: Encoding, *, strict: bool = False
+    ) -> int | None:
+        """The ordinal of the smallest value in ``query``'s range, or None if it holds none.
+
+        One small projection read. Both emulators return a projected timestamp as its
+        microseconds since the epoch, which is its ordinal. Where the range can hold values of
+        no encoding (text), ``strict`` skips to the first value that is of ``encoding``, among
+        the first ``FIRST_VALUE_PROBE``; otherwise the first value's place in the order is taken.
+        """
+        projected = RangeQuery(query.kind, query.prop, query.bounds, projected=True)
+        limit = FIRST_VALUE_PROBE if strict and encoding.needs_values else 1
+        for entity in self.fetch(projected, limit):
+            value = entity.get(query.prop)
+            if not strict or not encoding.needs_values or classify(value) is encoding:
+                return encoding.ordinal(value)
+        return None
+
+    def count(
+        self, query: RangeQuery, limit: int | None, *, keys_limit: int = KEYS_ONLY_COUNT_LIMIT
+    ) -> Count:
+        """One COUNT, up to ``limit``, where the database has aggregation queries; keys else.
+
+        An aggregation COUNT is billed one entity read per 1,000 index entries counted, so a
+        limit of a million costs at most 1,000 reads. The legacy emulator answers it with 501
+        ``MethodNotImplemented``, a permanent error, so the retrier raises it at once and a
+        keys-only count (up to ``keys_limit`` as well) takes over.
+        """
+        try:
+            n = self.retrier.call("query", partial(self._aggregate, query, limit))
+            return Count(n if limit is None else min(n, limit), "aggregation", limit)
+        except gexc.MethodNotImplemented:
+            pass
+        bound = keys_limit if limit is None else min(limit, keys_limit)
+        counted = 0
+        for page in self.key_pages(query, page_size=min(PAGE_SIZE, bound)):
+            counted += len(page)
+            if counted >= bound:
+                break
+        return Count(min(counted, bound), "keys_only_bounded", bound)
+
+    def read_time(
+        self, local_now: Callable[[], dt.datetime]
+    ) -> tuple[dt.datetime, dt.datetime | None, dt.datetime]:
+        """The database's time (None where it reports none, as the legacy emulator), with the
+        local clock read just before and just after the attempt that answered (not around its
+        retries: a probe retried through an outage would report the outage as skew).
+
+        The client's query iterator drops ``read_time``, so this is one keys-only, limit-1
+        query on the kind through the client's API object, which returns the whole response.
+        """
+
+        def attempt() -> tuple[dt.datetime, dt.datetime | None, dt.datetime]:
+            before = local_now()
+            return before, self._read_time(), local_now()
+
+        return self.retrier.call("query", attempt)
+
+    # -- one call each --------------------------------------------------------------------
+
+    def _page(
+        self, query: datastore.Query, limit: int, cursor: bytes | None
+    ) -> tuple[list[datastore.Entity], bytes | None]:
+        """One RunQuery call: up to ``limit`` results and the cursor after them (None at the
+        end). Only the first batch the server answers is taken, so a retried page repeats one
+        call, not the several the client's iterator would chain to fill ``limit`` (the legacy
+        emulator answers ~300 results per batch): on a network that drops connections every
+        second, a page of several calls might never get through."""
+        iterator = query.fetch(
+            limit=limit, start_cursor=cursor, retry=NO_CLIENT_RETRY, timeout=self.retrier.timeout
+        )
+        batch = next(iterator.pages, None)
+        found = list(batch) if batch is not None else []
+        token: bytes | None = iterator.next_page_token
+        return found, token
+
+    def _get(self, keys: Sequence[datastore.Key]) -> list[datastore.Entity]:
+        timeout = self.retrier.timeout
+        return list(self.client.get_multi(list(keys), retry=NO_CLIENT_RETRY, timeout=timeout))
+
+    def _aggregate(self, query: RangeQuery, limit: int | None) -> int:
+        aggregation = self.client.aggregation_query(query.build(self.client)).count(alias=_ALIAS)
+        rows = aggregation.fetch(limit=limit, retry=NO_CLIENT_RETRY, timeout=self.retrier.timeout)
+        # A count of zero arrives as 0.0: the client reads ``integer_value or double_value``.
+        return next(int(r.value) for row in rows for r in row if r.alias == _ALIAS)
+
+    def _read_time(self) -> dt.datetime | None:
+        client = self.client
+        partition = entity_pb2.PartitionId(
+            project_id=client.project,
+            database_id=client.database or "",
+            namespace_id=client.namespace or "",
+        )
+        request = {
+            "project_id": client.project,
+            "database_id": client.database or "",
+            "partition_id": partition,
+            "query": {
+                "kind": [{"name": self.kind}],
+                "limit": 1,
+                "projection": [{"property": {"name": "__key__"}}],
+            },
+        }
+        response = client._datastore_api.run_query(
+            request=request, retry=NO_CLIENT_RETRY, timeout=self.retrier.timeout
+        )
+        if "read_time" not in response.batch:
+            return None
+        read_time: dt.datetime = response.batch.read_time
+        return read_time if read_time.tzinfo else read_time.replace(tzinfo=dt.UTC)
+
+
+def namespaces(client: datastore.Client, retrier: Retrier) -> Iterator[list[str | None]]:
+    """The database's namespaces, a page at a time, None for the default one.
+
+    A keys-only query on the ``__namespace__`` metadata kind, paged like any other: each
+    namespace is a key whose name is the namespace (the default namespace's key has the id 1
+    instead). Only namespaces that hold an entity are listed.
+    """
+    listing = Target(client, retrier, NAMESPACE_KIND, "")
+    for page in listing.key_pages(listing.query()):
+        yield [key.name for key in page]
+
+
+def _scan_page_size(page: Sequence[datastore.Entity]) -> int:
+    """Entities per page that keep a response within ``SCAN_PAGE_BYTES``, judged by a sample."""
+    sample = page[:: max(1, len(page) // 8)]
+    largest = max(_encoded_size(entity) for entity in sample)
+    return max(SCAN_MIN_PAGE, min(PAGE_SIZE, SCAN_PAGE_BYTES // (2 * max(largest, 1))))
+
+
+def _encoded_size(entity: datastore.Entity) -> int:
+    message = entity_to_protobuf(entity)
+    return int(type(message).pb(message).ByteSize())
