@@ -18,11 +18,10 @@ from typing import Any, TextIO
 import click
 import structlog
 from click.core import ParameterSource
-from google.cloud import datastore
 
 from sweeper import __version__
 from sweeper.config import load_targets
-from sweeper.connect import make_client
+from sweeper.connect import client_for
 from sweeper.errors import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -49,8 +48,8 @@ from sweeper.options import (
 )
 from sweeper.result import Runtime, SweepResult
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
+from sweeper.run import each_namespace, sweep_label, sweep_targets
 from sweeper.settings import SweepSettings
-from sweeper.targets import each_namespace, sweep_label, sweep_targets
 from sweeper.terminal import (
     ProgressLine,
     StopOnSignal,
@@ -105,9 +104,7 @@ def sweep(**options: Any) -> None:
             on_progress=line.show if line else None,
             confirm=ask_before_deleting if asks and sys.stderr.isatty() else None,
         )
-        results = sweep_targets(
-            targets, _client_for, runtime, overall=options["config"] is not None
-        )
+        results = sweep_targets(targets, client_for, runtime, overall=options["config"] is not None)
     if options["dry_run"] and not stop.is_set():
         _log_forecasts(results)
     if person and results:
@@ -152,7 +149,7 @@ def inspect(**options: Any) -> None:
     def report(one: SweepSettings) -> InspectReport:
         return inspect_target(
             one,
-            _client_for(one),
+            client_for(one),
             dt.datetime.now(dt.UTC),
             sample_size=options["sample_size"],
             count_limit=options["count_limit"],
@@ -167,7 +164,7 @@ def inspect(**options: Any) -> None:
         # One report per namespace, each printed as it is made: a table each, or JSON lines.
         retrier = Retrier(_retry_policy(options), RetryCounter())
         for each in run_until_signal(
-            stop, "inspect", lambda: list(each_namespace(settings, _client_for, retrier))
+            stop, "inspect", lambda: list(each_namespace(settings, client_for, retrier))
         ):
             one = run_until_signal(stop, "inspect", partial(report, each))
             click.echo(render_table(one) if output == "table" else json.dumps(report_dict(one)))
@@ -220,7 +217,7 @@ def _log_forecasts(results: list[SweepResult]) -> None:
             continue
         try:
             report = inspect_target(
-                replace(settings, dry_run=False), _client_for(settings), dt.datetime.now(dt.UTC)
+                replace(settings, dry_run=False), client_for(settings), dt.datetime.now(dt.UTC)
             )
         except Exception as exc:  # a forecast is extra: it never fails the dry run
             log.warning("forecast_failed", kind=settings.kind, error=describe_exception(exc))
@@ -250,10 +247,6 @@ def _push_metrics(url: str, results: list[SweepResult], auth: BasicAuth | None) 
             push_summary(url, result.summary(), handler=handler)
         except MetricsError as exc:
             structlog.get_logger("sweeper").warning("metrics_push_failed", error=exc.message)
-
-
-def _client_for(settings: SweepSettings) -> datastore.Client:
-    return make_client(settings.project, settings.database, settings.namespace)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,7 @@ from google.auth import exceptions as auth_exc
 from google.cloud import datastore
 
 from sweeper.errors import DatastoreError
+from sweeper.settings import SweepSettings
 
 
 def make_client(
@@ -31,3 +32,8 @@ def make_client(
                 "no project: pass --project or set SWEEPER_PROJECT / DATASTORE_PROJECT_ID"
             ) from None
         raise DatastoreError(f"cannot create a Datastore client: {exc}") from None
+
+
+def client_for(settings: SweepSettings) -> datastore.Client:
+    """The client of one target: its project, database and namespace."""
+    return make_client(settings.project, settings.database, settings.namespace)

@@ -18,7 +18,9 @@ from functools import partial
 import structlog
 from google.cloud import datastore
 
-from sweeper.checks import Checks, Stored
+from sweeper import checks
+from sweeper.allowance import Allowance, Capped
+from sweeper.checks import Stored
 from sweeper.clock import SKEW_WARNING_S, read_clock
 from sweeper.concurrency import CallLimiter, together
 from sweeper.deleter import BatchSizer
@@ -27,8 +29,6 @@ from sweeper.errors import SweeperError, describe_exception, is_bug, report_bug
 from sweeper.gate import (
     DESCENDANT_QUERIES,
     LEGACY_LIMIT,
-    Allowance,
-    Capped,
     Gate,
     Rule,
     refused_error,
@@ -40,7 +40,7 @@ from sweeper.retry import PUSHBACK, Retrier, RetryCounter
 from sweeper.settings import MAX_BATCH_SIZE, SweepSettings
 from sweeper.sources import expired_streams
 from sweeper.stopping import Stopped, Stopper, StopReason
-from sweeper.target import Target
+from sweeper.target import Count, Target
 from sweeper.throttle import Throttle, ThrottleSettings
 
 __all__ = ["Budget", "Runtime", "Sweep", "SweepResult"]
@@ -185,11 +185,13 @@ class Sweep:
             with self._lock:
                 result.project = client.project
             target = Target(client, self._retrier, self.settings.kind, self.settings.prop)
-            checks = Checks(target, self.settings, self._log)
             # The stored values are read while the clock is: neither needs the other, and on
             # a link of 60 ms each way that is a round trip less before the first delete.
-            _, stored = together(partial(self._set_cutoff, target, result), checks.read)
-            self._sweep(target, result, checks, stored)
+            _, stored = together(
+                partial(self._set_cutoff, target, result),
+                partial(checks.read_stored, target, self.settings),
+            )
+            self._sweep(target, result, stored)
         except Stopped as stop:
             self._end(result, stop.reason)
         except SweeperError as exc:
@@ -236,26 +238,38 @@ class Sweep:
             else:
                 result.stop(reason)
 
-    def _sweep(self, target: Target, result: SweepResult, checks: Checks, stored: Stored) -> None:
-        encoding = checks.encoding(result, stored)
+    def _sweep(self, target: Target, result: SweepResult, stored: Stored) -> None:
+        """The checks and the deletes, in their order (``sweeper.checks``)."""
+        s, log = self.settings, self._log
+        encoding = checks.choose_encoding(s, stored, result, log)
+        scanned = None
         if encoding is not None:
             result.format = encoding.value
-            checks.guard(encoding, result, self.runtime.confirm)
-            self._delete_expired(
-                target, encoding, result, checks, stored.smallest(self.settings, encoding)
+            confirm = self.runtime.confirm
+            allowance = checks.guard(target, s, encoding, result, confirm=confirm, log=log)
+            seen = self._delete_expired(
+                target, encoding, result, allowance, stored.smallest(s, encoding)
             )
+            if s.scan:
+                # No index holds a scan's values: what it read is what is known of them.
+                complete = result.stopped_reason == StopReason.COMPLETE
+                if complete:
+                    checks.scan_census(s, encoding, seen, result, log)
+                read = sum(seen.values())
+                scanned = Count(read, "scan", None if complete else read)
         if result.stopped_reason in (StopReason.COMPLETE, StopReason.MAX_DELETES):
-            checks.retention(encoding, result)
+            checks.retention(target, s, encoding, result, log, scanned=scanned)
 
     def _delete_expired(
         self,
         target: Target,
         encoding: Encoding,
         result: SweepResult,
-        checks: Checks,
+        allowance: Allowance,
         smallest: int | None,
-    ) -> None:
-        """Drain the expired streams, every key through the one gate (``sweeper.gate``)."""
+    ) -> Counter[str]:
+        """Drain the expired streams, every key through the one gate (``sweeper.gate``); a
+        scan's census of the encodings it read."""
         s, rt = self.settings, self.runtime
         progress = ProgressLog(self._log, rt, self._counter, rt.monotonic(), s.dry_run)
         gate = Gate(
@@ -269,7 +283,7 @@ class Sweep:
             dry_run=s.dry_run,
             with_descendants=s.with_descendants,
             sizer=self._sizer,
-            allowance=Allowance(s.max_deletes, *checks.allowance),
+            allowance=allowance,
             throttle=self._throttle,
             result=result,
             lock=self._lock,
@@ -311,8 +325,7 @@ class Sweep:
         refused = refused_error(gate.ledger.refused)
         if refused is not None:
             self._end(result, StopReason.ERROR, refused)
-        if s.scan and result.stopped_reason == StopReason.COMPLETE:
-            checks.scan_census(encoding, seen, result)
+        return seen
 
     def _progress(self, progress: ProgressLog, result: SweepResult) -> None:
         with self._lock:

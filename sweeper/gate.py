@@ -43,22 +43,21 @@ from typing import Any
 
 import structlog
 from google.api_core import exceptions as gexc
-from google.cloud import datastore
 from google.cloud.datastore import Key
 
 from sweeper import rpc
+from sweeper.allowance import Allowance, Capped
 from sweeper.deleter import BatchSizer, Pending
 from sweeper.encodings import Encoding, is_expired
 from sweeper.errors import (
     DatastoreError,
-    RefusedError,
     SweeperError,
     describe_exception,
     is_bug,
 )
 from sweeper.pipeline import Pipeline
 from sweeper.result import SweepResult
-from sweeper.retry import TRANSIENT
+from sweeper.retry import AMBIGUOUS
 from sweeper.settings import MAX_BATCH_SIZE
 from sweeper.stopping import Stopped
 from sweeper.target import Target
@@ -71,20 +70,6 @@ LEGACY_LIMIT = 25
 # With --with-descendants each session costs one ancestor query: made one after the other, a
 # page of 500 sessions waits 500 round trips before its commit, so they go this many at once.
 DESCENDANT_QUERIES = 8
-
-# A rollback lost to a bad network is sent again this many times (it is idempotent).
-ROLLBACK_ATTEMPTS = 3
-
-# Errors after which a commit may have been applied although its answer never came.
-AMBIGUOUS = (
-    gexc.DeadlineExceeded,
-    gexc.ServiceUnavailable,
-    gexc.Unknown,
-    gexc.Cancelled,
-    gexc.InternalServerError,
-    ConnectionError,
-    TimeoutError,
-)
 
 
 class Mode(enum.StrEnum):
@@ -105,58 +90,6 @@ class Rule:
         """Whether a lookup's ``found`` (``rpc.lookup``) shows ``key`` still expired."""
         path = key.flat_path
         return path in found and is_expired(self.encoding, found[path], self.cutoff)
-
-
-class Capped(Exception):
-    """--max-deletes is reached: what is left waits for the next run."""
-
-
-class Allowance:
-    """Entities a run may still delete: ``--max-deletes``, and the fraction guard's share.
-
-    A commit reserves its entities before it is sent (rule 3) and gives back what did not go.
-    Reaching ``--max-deletes`` ends the run quietly; passing the guard's share refuses it.
-    """
-
-    def __init__(self, cap: int | None, guard: int | None = None, guard_note: str = "") -> None:
-        self._cap, self._guard, self._note = cap, guard, guard_note
-        self._used = 0
-        self._lock = threading.Lock()
-        self.capped = False
-
-    def left(self) -> int | None:
-        """Entities left under --max-deletes (None: no cap); the guard's share is no cap."""
-        with self._lock:
-            return None if self._cap is None else max(0, self._cap - self._used)
-
-    def reserve(self, sizes: Sequence[int]) -> int:
-        """How many of the groups of ``sizes`` (in order) may go; reserves their entities."""
-        with self._lock:
-            taken, used = 0, self._used
-            for size in sizes:
-                if self._guard is not None and used + size > self._guard:
-                    raise RefusedError(
-                        f"refusing to go on: this run has deleted {self._used} entities, and "
-                        f"the next commit would pass --max-fraction's share of {self._guard} "
-                        f"entities{self._note}. Nothing more was deleted."
-                    )
-                if self._cap is not None and used + size > self._cap:
-                    self.capped = True
-                    break
-                used += size
-                taken += 1
-            self._used = used
-            return taken
-
-    def charge(self, entities: int) -> None:
-        """Entities that went without a reservation of their own (a commit whose answer was
-        lost, found applied by its retry): they count all the same."""
-        with self._lock:
-            self._used += entities
-
-    def release(self, entities: int) -> None:
-        with self._lock:
-            self._used -= entities
 
 
 @dataclass
@@ -364,7 +297,7 @@ class Gate:
             found = self._lookup(_unique([*wanted, *lost]), txn)
             commit, already = self._decide(parts, found, gone, wanted)
             if not commit.parts:
-                _rollback(self._client, txn, timeout)
+                rpc.end_transaction(self._client, txn, timeout)
                 _forget(gone, parts)
                 return _merge(commit, already)
             keys = _keys(commit.parts)
@@ -376,7 +309,7 @@ class Gate:
                 raise
         except BaseException:
             if txn is not None:
-                _rollback(self._client, txn, timeout)
+                rpc.end_transaction(self._client, txn, timeout)
             raise
         _forget(gone, parts)
         return _merge(commit, already)
@@ -576,20 +509,3 @@ def _merge(commit: _Commit, already: _Commit) -> _Commit:
         commit.descendants + already.descendants,
         commit.kept,
     )
-
-
-def _rollback(client: datastore.Client, transaction: bytes, timeout: float) -> None:
-    """Best effort (never mask the real error), and a few times.
-
-    On Firestore in Datastore mode the keys a transaction read stay locked until it ends or
-    about a minute passes: the runner's writes to them would wait, and so would our own retry.
-    A rollback that fails on a bad network is sent again.
-    """
-    for _attempt in range(ROLLBACK_ATTEMPTS):
-        try:
-            rpc.rollback(client, transaction, timeout)
-        except Exception as exc:
-            if not isinstance(exc, TRANSIENT):
-                return
-            continue
-        return

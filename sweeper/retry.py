@@ -67,6 +67,17 @@ TRANSIENT = (
 # The server telling us to slow down: these feed the adaptive throttle.
 PUSHBACK = (gexc.ResourceExhausted, gexc.Aborted)
 
+# Errors after which a commit may have been applied although its answer never came.
+AMBIGUOUS = (
+    gexc.DeadlineExceeded,
+    gexc.ServiceUnavailable,
+    gexc.Unknown,
+    gexc.Cancelled,
+    gexc.InternalServerError,
+    ConnectionError,
+    TimeoutError,
+)
+
 # Handed to the client so it does not retry behind our back (and outside our counts).
 NO_CLIENT_RETRY = Retry(predicate=lambda _exc: False)
 

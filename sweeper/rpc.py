@@ -24,7 +24,10 @@ from google.cloud.datastore.helpers import _get_value_from_value_pb
 from google.cloud.datastore_v1.types import datastore as datastore_pb2
 from google.cloud.datastore_v1.types import entity as entity_pb2
 
-from sweeper.retry import NO_CLIENT_RETRY
+from sweeper.retry import NO_CLIENT_RETRY, TRANSIENT
+
+# A rollback lost to a bad network is sent again this many times (it is idempotent).
+ROLLBACK_ATTEMPTS = 3
 
 Path = tuple[Any, ...]  # a key's flat_path: ("Kind", "name" or id, ...)
 
@@ -138,6 +141,23 @@ def rollback(client: datastore.Client, transaction: bytes, timeout: float) -> No
     raw = _request(client, datastore_pb2.RollbackRequest)
     raw.transaction = transaction
     _send(client, "rollback", datastore_pb2.RollbackRequest, raw, timeout)
+
+
+def end_transaction(client: datastore.Client, transaction: bytes, timeout: float) -> None:
+    """Best effort (never mask the real error), and a few times.
+
+    On Firestore in Datastore mode the keys a transaction read stay locked until it ends or
+    about a minute passes: the runner's writes to them would wait, and so would our own retry.
+    A rollback that fails on a bad network is sent again.
+    """
+    for _attempt in range(ROLLBACK_ATTEMPTS):
+        try:
+            rollback(client, transaction, timeout)
+        except Exception as exc:
+            if not isinstance(exc, TRANSIENT):
+                return
+            continue
+        return
 
 
 def _request(client: datastore.Client, kind: Any) -> Any:

@@ -202,7 +202,7 @@ def operations(backlog: Backlog, settings: RunSettings) -> Operations:
     queries = commits = billed = 0
     left = max(backlog.carrying - backlog.due, 0)
     for keys, probes in zip(backlog.streams, backlog.probes, strict=True):
-        # A scan's retention is what it read: no counts after it (``checks.Checks.retention``).
+        # A scan's retention is what it read: no counts after it (``checks.retention``).
         after = [] if backlog.scan_reads is not None else [retention_calls(left, 0, settings)]
         calls = [*after, *_guard_calls(backlog, settings)] or [(0, 0)]
         counted, counted_reads = map(sum, zip(*calls, strict=True))

@@ -21,9 +21,9 @@ from structlog.testing import capture_logs
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
+from sweeper.run import sweep_targets
 from sweeper.settings import SweepSettings
 from sweeper.target import namespaces
-from sweeper.targets import sweep_targets
 from sweeper.testing.emulator import Emulator
 from tests.integration.helpers import (
     ago,

@@ -19,7 +19,8 @@ import pytest
 from click.testing import CliRunner
 
 from sweeper import cli as cli_module
-from sweeper import targets as targets_module
+from sweeper import connect as connect_module
+from sweeper import run as run_module
 from sweeper.cli import cli, inspect, main, sweep
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, SweepResult
@@ -221,8 +222,9 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
         return record
 
-    for name in ("sweep_targets", "inspect_target", "make_client"):
+    for name in ("sweep_targets", "inspect_target"):
         monkeypatch.setattr(cli_module, name, recorder(name))
+    monkeypatch.setattr(connect_module, "make_client", recorder("make_client"))
     return made
 
 
@@ -489,8 +491,8 @@ def stub(monkeypatch: pytest.MonkeyPatch) -> StubSweep:
         made.append(args)
         return CLIENT
 
-    monkeypatch.setattr(targets_module, "Sweep", sweep)
-    monkeypatch.setattr(cli_module, "make_client", make_client)
+    monkeypatch.setattr(run_module, "Sweep", sweep)
+    monkeypatch.setattr(connect_module, "make_client", make_client)
     return sweep
 
 
@@ -574,7 +576,7 @@ def test_inspect_builds_its_settings_from_its_options(monkeypatch: pytest.Monkey
         raise InspectStopped("stub")
 
     monkeypatch.setattr(cli_module, "inspect_target", inspect_target)
-    monkeypatch.setattr(cli_module, "make_client", lambda *_args: CLIENT)
+    monkeypatch.setattr(connect_module, "make_client", lambda *_args: CLIENT)
     monkeypatch.setenv("DATASTORE_EMULATOR_HOST", "127.0.0.1:8081")
     monkeypatch.setenv("SWEEPER_SAMPLE_SIZE", "50")
     args = ["--log-format", "json", "--kind", "k", "--property", "p", "--format", "timestamp"]
@@ -633,7 +635,7 @@ def test_verify_is_on_by_default_and_off_only_when_asked(
 
     monkeypatch.setattr(cli_module, "sweep_targets", record_sweep)
     monkeypatch.setattr(cli_module, "inspect_target", record_inspect)
-    monkeypatch.setattr(cli_module, "make_client", lambda *_args: CLIENT)
+    monkeypatch.setattr(connect_module, "make_client", lambda *_args: CLIENT)
     run = [command, "--log-format", "json"]
     main(run)
     main([*run, "--no-verify"])

@@ -25,9 +25,9 @@ from sweeper.errors import DatastoreError
 from sweeper.gate import DESCENDANT_QUERIES
 from sweeper.logs import configure
 from sweeper.retry import RetryPolicy
+from sweeper.run import sweep_targets
 from sweeper.settings import SweepSettings
 from sweeper.target import PAGE_SIZE
-from sweeper.targets import sweep_targets
 from tests.contract import SWEEP_FINISHED_FIELDS
 from tests.support.clock import FakeClock
 from tests.unit.fakes import FakeClient, api_error, entities

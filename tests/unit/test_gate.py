@@ -18,10 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from sweeper.allowance import Allowance, Capped
 from sweeper.deleter import BatchSizer
 from sweeper.encodings import Encoding
 from sweeper.errors import DatastoreError, RefusedError
-from sweeper.gate import LEGACY_LIMIT, Allowance, Capped, Gate, Rule
+from sweeper.gate import LEGACY_LIMIT, Gate, Rule
 from sweeper.result import SweepResult
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.settings import MAX_BATCH_SIZE, SweepSettings
