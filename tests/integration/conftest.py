@@ -82,6 +82,17 @@ def reused_flavour(emulator: Emulator) -> Flavour:
     return found
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``make test`` runs two workers with ``--dist loadgroup``) every test
+    of one emulator flavour runs in the same worker: each worker starts one emulator, and the
+    two run side by side, instead of each worker starting both."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        flavour = callspec.params.get("emulator") if callspec is not None else None
+        if flavour is not None:
+            item.add_marker(pytest.mark.xdist_group(flavour))
+
+
 @pytest.fixture(scope="session")
 def _reused() -> Iterator[tuple[str, Flavour] | None]:
     """(project, flavour) of the emulator reused from ``DATASTORE_EMULATOR_HOST``, if any."""
