@@ -289,6 +289,7 @@ class Sweep:
             lock=self._lock,
             should_stop=lambda: self._stopper.reason() is not None,
             on_batch=lambda: self._progress(progress, result),
+            clock=rt.monotonic,
         )
         self._gate = gate
 

@@ -36,6 +36,7 @@ import contextlib
 import datetime as dt
 import enum
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -47,6 +48,7 @@ from google.cloud.datastore import Key
 
 from sweeper import rpc
 from sweeper.allowance import Allowance, Capped
+from sweeper.concurrency import together
 from sweeper.deleter import BatchSizer, Pending
 from sweeper.encodings import Encoding, is_expired
 from sweeper.errors import (
@@ -66,6 +68,10 @@ from sweeper.throttle import Throttle
 # The legacy Datastore emulator (and Datastore before Firestore) lets one transaction touch at
 # most 25 entity groups; Firestore in Datastore mode takes a whole 500-key batch.
 LEGACY_LIMIT = 25
+
+# A transaction begun for a worker's next commit is used only this long after it was begun
+# (Firestore ends a transaction left idle for about a minute); an older one is left unused.
+SPARE_MAX_AGE_S = 10.0
 
 # With --with-descendants each session costs one ancestor query: made one after the other, a
 # page of 500 sessions waits 500 round trips before its commit, so they go this many at once.
@@ -137,6 +143,7 @@ class Gate:
         lock: threading.Lock,
         should_stop: Callable[[], bool],
         on_batch: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._target, self._rule = target, rule
         self._client, self._retrier = target.client, target.retrier
@@ -150,6 +157,8 @@ class Gate:
         # more (``LEGACY_LIMIT``); a refusal cuts it to that anyway (``_shrink_groups``).
         self._groups_per_txn = transaction_groups if verify else MAX_BATCH_SIZE
         self._lock = threading.Lock()
+        self._clock = clock
+        self._local = threading.local()  # each delete worker's transaction begun in advance
         self._log = structlog.get_logger("sweeper.gate").bind(kind=rule.kind)
         if not verify and not dry_run:
             self._log.warning(
@@ -291,10 +300,13 @@ class Gate:
         # left the Firestore emulator holding locks no later call could take.
         txn: bytes | None = None
         try:
-            txn = rpc.begin(self._client, timeout)
+            txn = self._spare() or rpc.begin(self._client, timeout)
             wanted = _to_check(parts, self._rule.kind)
             lost = [k for k in _keys(parts) if k.flat_path in gone]
-            found = self._lookup(_unique([*wanted, *lost]), txn)
+            # The next commit's transaction is begun while this one looks its keys up.
+            found, self._local.spare = together(
+                partial(self._lookup, _unique([*wanted, *lost]), txn), self._begin_spare
+            )
             commit, already = self._decide(parts, found, gone, wanted)
             if not commit.parts:
                 rpc.end_transaction(self._client, txn, timeout)
@@ -346,6 +358,31 @@ class Gate:
         counted = _counted(commit.parts)
         counted.kept = frozenset(s for s, _k in parts if s.flat_path in blocked - lost)
         return counted, already
+
+    def _spare(self) -> bytes | None:
+        """The transaction this worker began for its next commit, if it is fresh enough.
+
+        Begun, it has read nothing and locks nothing. Its lookup sees every write made before
+        the lookup, those since the begin included (both emulators, measured: a session
+        re-saved live between begin and lookup is read live, and kept), so what it deletes is
+        decided by the lookup, as in a transaction begun just before; a write after the lookup
+        waits for the commit or aborts it, as ever (rule 1). Begun in advance, it takes a round
+        trip off every commit's chain (begin, lookup, commit). One left idle for longer than
+        ``SPARE_MAX_AGE_S`` (a throttle wait) is left to expire, unused.
+        """
+        spare: tuple[bytes, float] | None = getattr(self._local, "spare", None)
+        self._local.spare = None
+        if spare is None or self._clock() - spare[1] > SPARE_MAX_AGE_S:
+            return None
+        return spare[0]
+
+    def _begin_spare(self) -> tuple[bytes, float] | None:
+        """A transaction for the next commit; None if it could not be begun (the next commit
+        begins its own, under the retry policy)."""
+        try:
+            return rpc.begin(self._client, self._retrier.timeout), self._clock()
+        except Exception:
+            return None
 
     def _lookup(self, keys: list[Key], transaction: bytes | None) -> dict[tuple[Any, ...], object]:
         """The rule's property of each key that has an entity (``rpc.lookup``)."""

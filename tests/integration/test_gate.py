@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 from google.cloud import datastore
 
+from sweeper import rpc
 from sweeper.encodings import Encoding
 from sweeper.testing.emulator import Emulator
 from sweeper.testing.seed import encode
@@ -294,3 +295,18 @@ def test_a_default_sweep_rides_out_the_database_failing_in_every_way_it_does(
     assert result.deleted == 3000
     assert injector.counts["exhausted"] > 0
     assert injector.counts["Commit:reply_lost"] > 0
+
+
+def test_a_transaction_begun_before_a_session_is_saved_again_reads_it_live(
+    client: datastore.Client, kind: str
+) -> None:
+    """What the gate's transactions begun in advance rely on (``Gate._spare``): a lookup in a
+    transaction sees a write made after the transaction began, so the re-check keeps the
+    session (a write after the lookup is the race tests' business)."""
+    key, live = client.key(kind, "user-1"), encode(ahead(hours=1), S)
+    put(client, [key], encode(ago(hours=1), S))
+    transaction = rpc.begin(client, 10)
+    put(client, [key], live)  # the user launches again
+    assert rpc.lookup(client, transaction, [key], "expires_at", 10) == {key.flat_path: live}
+    rpc.end_transaction(client, transaction, 10)
+    assert list(existing(client, [key]).values()) == [live]

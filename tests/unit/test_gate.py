@@ -22,7 +22,7 @@ from sweeper.allowance import Allowance, Capped
 from sweeper.deleter import BatchSizer
 from sweeper.encodings import Encoding
 from sweeper.errors import DatastoreError, RefusedError
-from sweeper.gate import LEGACY_LIMIT, Gate, Rule
+from sweeper.gate import LEGACY_LIMIT, SPARE_MAX_AGE_S, Gate, Rule
 from sweeper.result import SweepResult
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.settings import MAX_BATCH_SIZE, SweepSettings
@@ -30,7 +30,15 @@ from sweeper.stopping import Stopped, StopReason
 from sweeper.target import Target
 from sweeper.throttle import Throttle, ThrottleSettings
 from tests.support.clock import FakeClock
-from tests.unit.fakes import KIND, MISSING, PROP, FakeClient, api_error, entities
+from tests.unit.fakes import (
+    KIND,
+    MISSING,
+    PROP,
+    FakeClient,
+    FakeTransaction,
+    api_error,
+    entities,
+)
 
 CUTOFF = dt.datetime(2024, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
 CUTOFF_S = int(CUTOFF.timestamp())
@@ -44,6 +52,12 @@ def make_keys(n: int, start: int = 1) -> list[datastore.Key]:
 
 def expired(keys: list[datastore.Key]) -> FakeClient:
     return FakeClient(entities(dict.fromkeys(keys, EXPIRED)))
+
+
+def used(store: FakeClient) -> list[FakeTransaction]:
+    """The transactions that read or deleted something: not those a worker began for a next
+    commit that never came (``Gate._spare``)."""
+    return [t for t in store.transactions if t.read or t.deletes]
 
 
 class Run:
@@ -65,7 +79,8 @@ class Run:
         self.result = SweepResult(
             SweepSettings(KIND, PROP, Encoding.EPOCH_SECONDS, dt.timedelta(0)), CUTOFF, "x"
         )
-        sizer = BatchSizer(maximum, clock or FakeClock())  # a clock that never moves: size stays
+        self.clock = clock or FakeClock()  # a clock that never moves: the size stays
+        sizer = BatchSizer(maximum, self.clock)
         self.gate = Gate(
             Target(cast(datastore.Client, client), retrier, KIND, PROP),
             Rule(KIND, PROP, Encoding.EPOCH_SECONDS, CUTOFF),
@@ -78,6 +93,7 @@ class Run:
             result=self.result,
             lock=threading.Lock(),
             should_stop=lambda: False,
+            clock=self.clock,
         )
 
     @property
@@ -104,7 +120,7 @@ def test_only_entities_still_expired_are_deleted() -> None:
     run = Run(store)
     run.gate.delete(keys)
     assert set(store.values) == set(values) - {keys[0], keys[7]}
-    (txn,) = store.transactions
+    (txn,) = used(store)
     assert txn.read == keys
     assert txn.deletes == [keys[0], keys[7]]
     assert run.counts == (8, 2, 6, 0)
@@ -126,7 +142,7 @@ def test_an_aborted_commit_is_read_again() -> None:
     run = Run(store)
     run.gate.delete(keys)
     assert set(store.values) == {keys[1]}
-    assert store.transactions[0].rolled_back
+    assert used(store)[0].rolled_back
     assert run.counter.retries == 1
     assert run.counts == (3, 2, 1, 0)
 
@@ -136,7 +152,7 @@ def test_a_key_given_twice_is_sent_once() -> None:
     store = expired(keys)
     run = Run(store)
     run.gate.delete([*keys, keys[0]])
-    (txn,) = store.transactions
+    (txn,) = used(store)
     assert txn.deletes == keys
     assert run.counts == (3, 3, 0, 0)
 
@@ -149,8 +165,8 @@ def test_transactions_shrink_to_25_entity_groups_once_the_database_refuses_more(
         run.gate.delete(first)
         run.gate.delete(second)
     assert store.values == {}
-    assert [len(t.read) for t in store.transactions] == [60, 25, 25, 10, 25, 25, 10]
-    assert store.transactions[0].rolled_back
+    assert [len(t.read) for t in used(store)] == [60, 25, 25, 10, 25, 25, 10]
+    assert used(store)[0].rolled_back
     assert run.counter.retries == 0  # a refusal is not a transient error
     (event,) = [e for e in logs if e["event"] == "transaction_size_reduced"]
     assert event["keys"] == LEGACY_LIMIT
@@ -162,7 +178,7 @@ def test_even_25_entity_groups_refused_fails_the_batch() -> None:
     run = Run(store)
     with pytest.raises(DatastoreError, match="InvalidArgument"):
         run.gate.delete(keys)
-    assert [len(t.read) for t in store.transactions] == [60, 25]
+    assert [len(t.read) for t in used(store)] == [60, 25]
     assert run.result.deleted == 0
 
 
@@ -200,7 +216,7 @@ def test_a_commit_applied_whose_answer_was_lost_is_counted_as_deleted() -> None:
     assert run.counter.retries == 1
     assert run.counts == (10, 10, 0, 0)
     # The retry looked them up, found them gone, and sent nothing more.
-    assert [len(t.deletes) for t in store.transactions] == [10, 0]
+    assert [len(t.deletes) for t in used(store)] == [10, 0]
 
 
 # --- too big (rule 4) -----------------------------------------------------------------------
@@ -215,7 +231,7 @@ def test_a_commit_refused_as_too_big_is_split_until_it_goes() -> None:
         run.gate.delete(keys)
     assert store.values == {}
     assert run.counts == (300, 300, 0, 0)
-    sent = [len(t.deletes) for t in store.transactions]
+    sent = [len(t.deletes) for t in used(store)]
     assert sent[:3] == [300, 150, 75]
     assert max(sent[3:]) <= 70
     assert [e["event"] for e in logs].count("commit_split") == 3
@@ -314,3 +330,33 @@ def test_the_allowance_counts_groups_whole_and_gives_back_what_did_not_go() -> N
     assert allowance.capped
     allowance.release(3)
     assert allowance.left() == 4
+
+
+# --- transactions begun in advance -----------------------------------------------------------
+
+
+def test_each_commit_uses_the_transaction_begun_during_the_last_lookup() -> None:
+    keys = make_keys(30)
+    store = expired(keys)
+    run = Run(store, maximum=10)
+    run.gate.delete(keys)
+    assert store.values == {}
+    # Three commits, four begins: the first commit's own, then one during each lookup (the
+    # last is never used). Each commit's chain is lookup, commit after the first.
+    assert len(store.transactions) == 4
+    assert [len(t.deletes) for t in used(store)] == [10, 10, 10]
+    assert used(store) == store.transactions[:3]
+
+
+def test_a_transaction_begun_long_before_its_commit_is_left_unused() -> None:
+    keys = make_keys(20)
+    store = expired(keys)
+    run = Run(store, maximum=10)
+    run.gate.delete(keys[:10])
+    run.clock.advance(SPARE_MAX_AGE_S + 1)  # a long throttle wait, say
+    run.gate.delete(keys[10:])
+    assert store.values == {}
+    begun, spare, own, _next = store.transactions
+    assert [len(t.deletes) for t in (begun, own)] == [10, 10]
+    assert not spare.read  # too old: its commit began its own
+    assert not spare.deletes
