@@ -62,8 +62,8 @@ def decide(ends: list[object] | None, kind: str, prop: str) -> Encoding | None:
     found = [classify(value) for value in ends]
     structlog.get_logger("sweeper.detect").info(
         "format_detected",
-        smallest=describe_value(ends[0]) if ends else None,
-        largest=describe_value(ends[-1]) if ends else None,
+        smallest=describe_value(ends[0]),
+        largest=describe_value(ends[-1]),
         encodings=sorted({e.value if e else "unsupported" for e in found}),
     )
     single = _single(ends, found)
