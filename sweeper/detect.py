@@ -21,7 +21,7 @@ import structlog
 from google.cloud import datastore
 
 from sweeper.concurrency import together
-from sweeper.encodings import Encoding, ExpiredRange, classify, describe_value
+from sweeper.encodings import Encoding, band_range, classify, describe_value
 from sweeper.errors import RefusedError
 from sweeper.target import FIRST_VALUE_PROBE, Target
 
@@ -144,10 +144,9 @@ def check_explicit(target: Target, encoding: Encoding) -> tuple[str, ...]:
 def _in_band(target: Target, encoding: Encoding) -> bool:
     """Whether ``encoding``'s band holds a value of it (one small query of whole entities:
     the index cannot tell a Timestamp from an int of microseconds)."""
-    lo, hi = ExpiredRange(encoding, encoding.band.lo, encoding.band.hi).values()
     # Text of other forms may come first in a text band: look a little further there.
     limit = FIRST_VALUE_PROBE if encoding.needs_values else 1
-    inside = target.fetch(target.query((">=", lo), ("<", hi), keys_only=False), limit)
+    inside = target.fetch(target.within(band_range(encoding), keys_only=False), limit)
     return any(classify(e.get(target.prop)) is encoding for e in inside)
 
 
@@ -175,7 +174,7 @@ def check_indexed(target: Target) -> None:
 
 def _smallest_indexed(target: Target) -> list[datastore.Entity]:
     """The entity holding the smallest non-null indexed value, if any value is indexed at all."""
-    return target.fetch(target.query((">", None), keys_only=False), 1)
+    return target.fetch(target.carrying(keys_only=False), 1)
 
 
 def _largest(target: Target) -> list[datastore.Entity]:

@@ -255,6 +255,11 @@ class ExpiredRange:
         return self.encoding.stored(self.lo), self.encoding.stored(self.hi)
 
 
+def band_range(encoding: Encoding) -> ExpiredRange:
+    """Every ordinal of ``encoding``'s band, expired or not."""
+    return ExpiredRange(encoding, encoding.band.lo, encoding.band.hi)
+
+
 def cutoff_bound(encoding: Encoding, cutoff: dt.datetime) -> int:
     """Smallest ordinal that is *not* expired: ``n < bound`` iff ordinal ``n`` is before cutoff.
 

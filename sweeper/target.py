@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Literal
 
@@ -114,15 +114,17 @@ class Target:
     def query(self, *bounds: Bound, keys_only: bool = True, projected: bool = False) -> RangeQuery:
         return RangeQuery(self.kind, self.prop, bounds, keys_only, projected)
 
-    def within(self, window: ExpiredRange, *, projected: bool = False) -> RangeQuery:
+    def within(
+        self, window: ExpiredRange, *, keys_only: bool = True, projected: bool = False
+    ) -> RangeQuery:
         """The entities whose value lies in ``window``: bounded on both sides, inside one
         encoding's band, so nulls and other encodings never match."""
         lo, hi = window.values()
-        return self.query((">=", lo), ("<", hi), projected=projected)
+        return self.query((">=", lo), ("<", hi), keys_only=keys_only, projected=projected)
 
-    def carrying(self) -> RangeQuery:
+    def carrying(self, *, keys_only: bool = True) -> RangeQuery:
         """Every entity with a non-null indexed value of the property."""
-        return self.query((">", None))
+        return self.query((">", None), keys_only=keys_only)
 
     # -- the reads ------------------------------------------------------------------------
 
@@ -212,7 +214,7 @@ class Target:
         no encoding (text), ``strict`` skips to the first value that is of ``encoding``, among
         the first ``FIRST_VALUE_PROBE``; otherwise the first value's place in the order is taken.
         """
-        projected = RangeQuery(query.kind, query.prop, query.bounds, projected=True)
+        projected = replace(query, projected=True)
         limit = FIRST_VALUE_PROBE if strict and encoding.needs_values else 1
         for entity in self.fetch(projected, limit):
             value = entity.get(query.prop)

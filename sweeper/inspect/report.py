@@ -25,6 +25,7 @@ from sweeper.encodings import (
     Encoding,
     ExpiredRange,
     QueryValue,
+    band_range,
     classify,
     describe_value,
     expired_range,
@@ -302,7 +303,7 @@ def _sample(target: Target, size: int) -> Sample:
 
 def _oldest(target: Target, encoding: Encoding) -> Oldest | None:
     """The smallest value in the encoding's whole band: how far behind sweeping is."""
-    band = target.within(ExpiredRange(encoding, encoding.band.lo, encoding.band.hi))
+    band = target.within(band_range(encoding))
     found = [e.get(target.prop) for e in target.lookup(target.keys(band, 1))]
     value = found[0] if found else None  # none stored, or gone before the lookup
     ordinal = encoding.ordinal(value) if classify(value) is encoding else None
