@@ -147,7 +147,7 @@ class Sweep:
             if body.is_alive():
                 self._abandoned = True
                 result.stop(self._stopper.reason() or StopReason.SIGNAL)
-                result.unconfirmed = self._in_flight()
+                result.unconfirmed += self._in_flight()
             result.retries = self._counter.retries
             calls = self._counter.calls
             result.queries, result.lookups = calls["query"], calls["lookup"]
@@ -281,6 +281,7 @@ class Sweep:
             # emulator) a transaction takes at most 25 entity groups: start there, rather than
             # pay a refused commit (and its throttle wait) to learn it.
             transaction_groups=MAX_BATCH_SIZE if result.clock_source == "server" else LEGACY_LIMIT,
+            versions_tell_commits=result.clock_source == "server",
             dry_run=s.dry_run,
             with_descendants=s.with_descendants,
             sizer=self._sizer,
@@ -290,7 +291,6 @@ class Sweep:
             lock=self._lock,
             should_stop=lambda: self._stopper.reason() is not None,
             on_batch=lambda: self._progress(progress, result),
-            clock=rt.monotonic,
         )
         self._gate = gate
 

@@ -1,45 +1,48 @@
 """The one way to a delete. Every path (range, shards, scan, text, --with-descendants) ends here.
 
-The rules, each enforced below where it is named:
+**sweeper deletes a version, not a key.** Every delete carries the version at which a read
+(the page query, the scan, the ancestor query, a lookup) saw the entity due to go, and every
+commit is all or nothing: if anything wrote one of its entities since (a refresh, a
+re-creation under the old key, a delete), Datastore refuses the whole commit, and its groups
+are read again and decided again. The rules, each enforced below where it is named:
 
-1. **Checked atomically with the delete** (:meth:`Gate.delete`). A session refreshed, or
-   re-created under its old key, between the read that found it and the delete would be lost
-   by a blind delete; a grace period only covers sessions refreshed *before* they expire. So
-   by default each commit first looks its keys up in its own read-write transaction and
-   deletes only those still expired: a writer re-saving one of them then either waits for
-   the commit and re-creates the entity after it, or makes the commit abort, and the keys
-   are looked up again. ``--no-verify`` (an explicit opt-out that logs a warning) deletes
-   what the query returned as it is; the race above is open again.
-
-   (A keys-only range query inside the deleting transaction would check a page without the
-   lookup's billed reads, and Firestore in Datastore mode runs one; but its emulator locks the
-   whole kind for such a query, so those transactions cannot overlap and a run of them is
-   never faster than a blind loop. Lookups lock only their keys, and run side by side.
-   docs/design.md has the measurements.)
-2. **Descendants are checked too.** With ``--with-descendants`` an entity under a session that
-   is of the swept kind is a session itself: it goes only if it is expired by the same rule,
-   checked in the same transaction, and a live one keeps everything under it. A session under
-   another one of the same batch goes with its ancestor's group, never twice.
+1. **Due at the version deleted** (:meth:`Gate.delete`). A query result is deleted only if
+   its own value, read with its version, is expired by the rule (the type-tight comparison
+   of ``encodings.is_expired``); the commit's ``base_version`` (``rpc.commit``) makes the
+   delete of any later version fail. No lock is held and no transaction is open between the
+   read and the commit, so writers never wait on a sweep.
+2. **A group is decided whole** (:func:`decide`). With ``--with-descendants`` an entity under
+   a session that is of the swept kind is a session itself: a live one keeps itself and
+   everything under it, whichever commit its keys would have fallen in. A group that fits a
+   commit goes in one; a group larger than a commit goes over several transactions, each of
+   which looks up the group's sessions above its keys (the guards) and deletes only if
+   they are still at the versions decided, so no descendant goes once its session lives.
 3. **Counted in entities.** ``--max-deletes`` and the fraction guard's allowance
    (:class:`Allowance`) count every entity a commit deletes, children included, reserved
-   before the commit is sent.
+   before it is sent; a commit that may have been applied keeps its reservation.
 4. **One key once per commit**, and a commit refused as too big (Datastore's "transaction or
    write too big", which a smaller commit passes) is split; a single key still refused is
    left, counted as failed and named, and the run goes on.
-5. **Counts never drift.** A commit whose answer is lost (DEADLINE_EXCEEDED, UNAVAILABLE, ...)
-   may have been applied: its keys are remembered, and the retry counts those it finds gone.
+5. **Counted as confirmed.** ``deleted`` counts what the database confirmed. A commit whose
+   answer was lost (DEADLINE_EXCEEDED, UNAVAILABLE, ...) is sent again at the same versions:
+   if it had been applied, the database refuses the repeat, and a lookup settles it: every
+   key gone at one version that no other commit of this run wrote is the lost commit's own
+   (Firestore in Datastore mode reports the deleting write's version for a missing key);
+   where the database cannot show that (the legacy emulator), its keys found gone are
+   ``unattributed``: never in ``deleted``, always against ``--max-deletes``.
+
+``--no-verify`` is the opt-out: keys-only pages (no billed read per key) and plain commits
+without versions; a session re-saved between the query and the delete is then lost. A live
+session under an expired one is kept all the same (its value is read with the group).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import enum
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import structlog
@@ -48,18 +51,13 @@ from google.cloud.datastore import Key
 
 from sweeper import rpc
 from sweeper.allowance import Allowance, Capped
-from sweeper.concurrency import together
-from sweeper.deleter import BatchSizer, Pending
+from sweeper.deleter import BatchSizer
 from sweeper.encodings import Encoding, is_expired
-from sweeper.errors import (
-    DatastoreError,
-    SweeperError,
-    describe_exception,
-    is_bug,
-)
+from sweeper.errors import DatastoreError, SweeperError, describe_exception, is_bug
 from sweeper.pipeline import Pipeline
 from sweeper.result import SweepResult
 from sweeper.retry import AMBIGUOUS
+from sweeper.rpc import Seen
 from sweeper.settings import MAX_BATCH_SIZE
 from sweeper.stopping import Stopped
 from sweeper.target import Target
@@ -69,18 +67,15 @@ from sweeper.throttle import Throttle
 # most 25 entity groups; Firestore in Datastore mode takes a whole 500-key batch.
 LEGACY_LIMIT = 25
 
-# A transaction begun for a worker's next commit is used only this long after it was begun
-# (Firestore ends a transaction left idle for about a minute); an older one is left unused.
-SPARE_MAX_AGE_S = 10.0
-
 # With --with-descendants each session costs one ancestor query: made one after the other, a
 # page of 500 sessions waits 500 round trips before its commit, so they go this many at once.
 DESCENDANT_QUERIES = 8
 
+# A commit refused because its entities changed is read and decided again this many times;
+# groups still changing after that (a writer re-saving them without pause) are left alone.
+MAX_REREADS = 5
 
-class Mode(enum.StrEnum):
-    LOOKUP = "lookup"
-    BLIND = "blind"
+Path = tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -92,10 +87,59 @@ class Rule:
     encoding: Encoding
     cutoff: dt.datetime
 
-    def expired(self, found: dict[tuple[Any, ...], object], key: Key) -> bool:
-        """Whether a lookup's ``found`` (``rpc.lookup``) shows ``key`` still expired."""
-        path = key.flat_path
-        return path in found and is_expired(self.encoding, found[path], self.cutoff)
+    def due(self, seen: Seen) -> bool:
+        return is_expired(self.encoding, seen.value, self.cutoff)
+
+
+@dataclass
+class Group:
+    """A session and what goes with it: ``members`` deepest first, the session last."""
+
+    root: Key
+    members: list[Seen]
+    counted: bool = False  # in ``matched``: once its first commit was reserved
+
+    def guards(self, kind: str, chunk: Sequence[Seen]) -> list[Seen]:
+        """The group's sessions (the root, and entities of the swept kind) above any key of
+        ``chunk`` and not in it: what must still be as decided for ``chunk`` to go."""
+        inside = {s.key.flat_path for s in chunk}
+        above = {p[:n] for s in chunk for p in [s.key.flat_path] for n in range(2, len(p), 2)}
+        return [
+            m
+            for m in self.members
+            if m.key.flat_path not in inside
+            and m.key.flat_path in above
+            and (m.key.kind == kind or m.key == self.root)
+        ]
+
+
+def decide(
+    rule: Rule, root: Key, seen: Iterable[Seen], *, trust_root: bool = False
+) -> Group | None:
+    """Rule 2: what of ``root``'s group (``seen``: the root and everything under it, as one
+    read saw them) may go; None when the root is gone or not due.
+
+    Every entity of the swept kind must be due; one that is not keeps itself and everything
+    under it. The rest (events, pages) go with the nearest session above them. A blind run
+    (``trust_root``) takes the range query's word for the root, and checks the rest.
+    """
+    members = {s.key.flat_path: s for s in seen}
+    top = members.get(root.flat_path)
+    if top is None or not (trust_root or rule.due(top)):
+        return None
+    live = {
+        p
+        for p, s in members.items()
+        if s.key.kind == rule.kind and p != root.flat_path and not rule.due(s)
+    }
+    depth = len(root.flat_path)
+    kept = [
+        s
+        for p, s in members.items()
+        if not any(p[:n] in live for n in range(depth + 2, len(p) + 1, 2))
+    ]
+    kept.sort(key=lambda s: -len(s.key.flat_path))  # deepest first: the root goes last
+    return Group(root, kept)
 
 
 @dataclass
@@ -106,22 +150,28 @@ class _Ledger:
     lock: threading.Lock
     in_flight: int = 0
     refused: list[Key] = field(default_factory=list)
+    versions: set[int] = field(default_factory=set)  # what this run's commits wrote
 
     def add(self, **counts: int) -> None:
         with self.lock:
             for name, n in counts.items():
                 setattr(self.result, name, getattr(self.result, name) + n)
 
+    def went(self, groups: Sequence[Group], chunk: Sequence[Seen] | None = None) -> None:
+        """``chunk`` (default: every member of ``groups``) is confirmed gone."""
+        roots = {g.root.flat_path for g in groups}
+        keys = chunk if chunk is not None else [m for g in groups for m in g.members]
+        sessions = sum(1 for s in keys if s.key.flat_path in roots)
+        self.add(deleted=sessions, descendants_deleted=len(keys) - sessions)
 
-@dataclass
-class _Commit:
-    """The keys of one commit, and what each deleted key counts as."""
 
-    parts: list[tuple[Key, list[Key]]]
-    sessions: int = 0
-    descendants: int = 0
-    kept: frozenset[Key] = frozenset()  # sessions whose group stays: not expired, or gone
-    capped: bool = False  # --max-deletes left no room for the rest of the batch
+class _Changed(Exception):
+    """A commit was refused because one of its entities (or a guard) changed since it was
+    read; ``gone`` are its keys a lookup found missing afterwards, already accounted for."""
+
+    def __init__(self, gone: frozenset[Path] = frozenset()) -> None:
+        super().__init__("changed since read")
+        self.gone = gone
 
 
 class Gate:
@@ -134,6 +184,7 @@ class Gate:
         *,
         verify: bool,
         transaction_groups: int = MAX_BATCH_SIZE,
+        versions_tell_commits: bool = False,
         dry_run: bool,
         with_descendants: bool,
         sizer: BatchSizer,
@@ -143,22 +194,22 @@ class Gate:
         lock: threading.Lock,
         should_stop: Callable[[], bool],
         on_batch: Callable[[], None] = lambda: None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._target, self._rule = target, rule
         self._client, self._retrier = target.client, target.retrier
-        self.mode = Mode.LOOKUP if verify else Mode.BLIND
+        self.verify = verify
         self._dry_run, self._descend = dry_run, with_descendants
         self._sizer, self.allowance, self._throttle = sizer, allowance, throttle
         self.ledger = _Ledger(result, lock)
         self._should_stop = should_stop
         self._on_batch = on_batch  # progress, after every commit
-        # Entity groups per checked transaction: 25 where the database is known to take no
+        # Entity groups per all-or-nothing commit: 25 where the database is known to take no
         # more (``LEGACY_LIMIT``); a refusal cuts it to that anyway (``_shrink_groups``).
-        self._groups_per_txn = transaction_groups if verify else MAX_BATCH_SIZE
+        self._groups_per_commit = transaction_groups if verify else MAX_BATCH_SIZE
+        # Rule 5: only where a missing key's version is the version of the write that
+        # deleted it (Firestore in Datastore mode) can a lost commit be shown applied.
+        self._provable = versions_tell_commits
         self._lock = threading.Lock()
-        self._clock = clock
-        self._local = threading.local()  # each delete worker's transaction begun in advance
         self._log = structlog.get_logger("sweeper.gate").bind(kind=rule.kind)
         if not verify and not dry_run:
             self._log.warning(
@@ -167,303 +218,314 @@ class Gate:
                 "the query and the delete is lost",
             )
 
-    # -- entry points ---------------------------------------------------------------------
+    # -- entry point ------------------------------------------------------------------------
 
-    def delete(self, keys: Sequence[Key]) -> None:
-        """A page of candidates, read outside any transaction: each re-checked as it goes."""
-        keys = _unique(keys)
+    def delete(self, page: Sequence[Seen]) -> None:
+        """A page of candidates, each with the version and value its query saw."""
+        page = _unique(page)
+        due = [s for s in page if self._rule.due(s)] if self.verify else page
+        if len(due) < len(page):  # the query's own read shows them live (or of no encoding)
+            self.ledger.add(skipped=len(page) - len(due))
         left = self.allowance.left()
-        if left is not None and len(keys) > left:  # a session is at least one entity
-            keys = keys[:left]
+        if left is not None and len(due) > left:  # a session is at least one entity
+            due = due[:left]
             self.allowance.capped = True
-        if not keys:
+        if not due:
             if left == 0:
                 raise Capped
             return
-        groups, found = self._with_descendants(keys)
-        if self._dry_run:  # the commits a real run would make of this page
-            granted = self.allowance.reserve([len(g) for _s, g in groups])
-            entities = sum(len(g) for _s, g in groups[:granted])
-            self.ledger.add(
-                batches=-(-entities // self._sizer.size),
-                matched=entities - found,
-                descendants_matched=found,
-            )
-            if granted < len(groups):
+        groups = self._groups(due)
+        if self._dry_run:
+            self._count_dry(groups)
+            return
+        queue = deque(groups)
+        while queue and not self._should_stop():
+            self._commit(_take(queue, self._sizer.size, self._groups_per_commit))
+            self.ledger.add(batches=1)
+            self._on_batch()
+
+    def _count_dry(self, groups: list[Group]) -> None:
+        """The commits a real run would make of this page: never more than the cap allows."""
+        granted = self.allowance.reserve([len(g.members) for g in groups])
+        taken = groups[:granted]
+        entities = sum(len(g.members) for g in taken)
+        self.ledger.add(
+            batches=-(-entities // self._sizer.size),
+            matched=len(taken),
+            descendants_matched=entities - len(taken),
+        )
+        if granted < len(groups):
+            raise Capped
+
+    # -- groups -----------------------------------------------------------------------------
+
+    def _groups(self, due: list[Seen]) -> list[Group]:
+        """Each due session with what goes with it (rule 2); counted as matched."""
+        if not self._descend:
+            groups = [Group(s.key, [s]) for s in due]
+        else:
+            paths = {s.key.flat_path for s in due}
+            roots = [s for s in due if not _has_ancestor_in(s.key, paths)]
+            groups = self._read_groups([s.key for s in roots])
+            self.ledger.add(skipped=len(roots) - len(groups))
+        return groups
+
+    def _matched(self, groups: Sequence[Group]) -> None:
+        """Groups a commit was reserved for count as matched, once: what a capped run found
+        but left for the next is not."""
+        new = [g for g in groups if not g.counted]
+        for g in new:
+            g.counted = True
+        entities = sum(len(g.members) for g in new)
+        self.ledger.add(matched=len(new), descendants_matched=entities - len(new))
+
+    def _read_groups(self, roots: Sequence[Key]) -> list[Group]:
+        """Each root's group, read whole (one ancestor query each, ``DESCENDANT_QUERIES`` at
+        a time) and decided (rule 2)."""
+        found: dict[Key, list[Seen]] = {}
+
+        def read(key: Key) -> None:
+            found[key] = self._target.group(key)
+
+        Pipeline(DESCENDANT_QUERIES, read, lambda: False).run([roots])
+        groups = []
+        for root in roots:
+            group = decide(self._rule, root, found[root], trust_root=not self.verify)
+            if group is not None:
+                groups.append(group)
+        return groups
+
+    def _reread(self, groups: Sequence[Group], gone: frozenset[Path]) -> list[Group]:
+        """The groups of a refused commit, read and decided again; sessions no longer due (or
+        gone) are kept and counted as skipped."""
+        roots = [g.root for g in groups if g.root.flat_path not in gone]
+        if self._descend:
+            fresh = self._read_groups(roots)
+        else:
+            looked = self._lookup(roots)
+            fresh = [
+                Group(r, [looked.found[r.flat_path]])
+                for r in roots
+                if r.flat_path in looked.found and self._rule.due(looked.found[r.flat_path])
+            ]
+        self.ledger.add(skipped=len(roots) - len(fresh))
+        for g in fresh:
+            g.counted = True
+        return fresh
+
+    # -- commits ----------------------------------------------------------------------------
+
+    def _commit(self, groups: list[Group]) -> None:
+        """Delete ``groups`` (from ``_take``), reading them again while they change."""
+        rereads = 0
+        while groups:
+            if len(groups) == 1 and len(groups[0].members) > self._sizer.size:
+                self._chain(groups[0])
+                return
+            granted = self.allowance.reserve([len(g.members) for g in groups])
+            if granted == 0:
+                raise Capped
+            capped, groups = granted < len(groups), groups[:granted]
+            self._matched(groups)
+            try:
+                self._send(groups, [m for g in groups for m in g.members])
+            except _Changed as changed:
+                rereads += 1
+                if rereads > MAX_REREADS:
+                    self._contended(groups)
+                    return
+                groups = self._reread(groups, changed.gone)
+                continue
+            except _Split as split:
+                if len(groups) > 1:
+                    for at in range(0, len(groups), split.groups):
+                        self._commit(groups[at : at + split.groups])
+                elif len(groups[0].members) <= 1:
+                    self._refuse([groups[0].members[0].key])
+                else:
+                    continue  # the sizer is smaller now: the group goes as a chain
+                return
+            self.ledger.went(groups)
+            if capped:
                 raise Capped
             return
-        self.ledger.add(matched=len(keys), descendants_matched=found)
-        pending = Pending([s for s, _g in groups], {s: g[:-1] for s, g in groups})
-        size = self._sizer.size
-        gone: dict[tuple[Any, ...], bool] = {}  # keys of commits whose answer was lost
-        try:
-            while pending and not self._should_stop():
-                size = self._commit_next(pending, size, gone)
-                self.ledger.add(batches=1)
-                self._on_batch()
-        except Capped:
-            # --max-deletes left no room for the rest: another worker's page may have taken
-            # it after this one was counted, so only what was dealt with counts as matched.
-            self.ledger.add(matched=-len(pending))
-            raise
 
-    # -- checked commits ------------------------------------------------------------------
+    def _chain(self, group: Group) -> None:
+        """Rule 2: a group larger than a commit, a commit at a time, each in a transaction
+        that first looks up the sessions above its keys; the root goes last."""
+        rereads = 0
+        while group.members:
+            chunk = group.members[: self._sizer.size]
+            left = self.allowance.left()
+            if left is not None and left < len(chunk):  # descendants first: the root waits
+                chunk = chunk[:left]
+            if not chunk or self.allowance.reserve([len(chunk)]) == 0:
+                self.allowance.capped = True
+                raise Capped
+            self._matched([group])
+            try:
+                guards = group.guards(self._rule.kind, chunk) if self.verify else []
+                self._send([group], chunk, guards)
+            except _Changed as changed:
+                rereads += 1
+                if rereads > MAX_REREADS:
+                    self._contended([group])
+                    return
+                fresh = self._reread([group], changed.gone)
+                if not fresh:
+                    return
+                group = fresh[0]
+                continue
+            except _Split:
+                if len(chunk) <= 1:
+                    self._refuse([chunk[0].key])
+                    group.members = group.members[1:]
+                continue  # else the sizer is smaller now, and so is the next chunk
+            self.ledger.went([group], chunk)
+            group.members = group.members[len(chunk) :]
 
-    def _commit_next(self, pending: Pending, size: int, gone: dict[tuple[Any, ...], bool]) -> int:
-        """One commit of what ``pending`` holds next; the commit size to go on with.
+    def _send(self, groups: list[Group], chunk: list[Seen], guards: Sequence[Seen] = ()) -> None:
+        """One all-or-nothing commit of ``chunk`` (reserved by the caller), throttled, retried.
 
-        Each attempt takes its keys anew at the size the sizer allows then, so a commit that
-        timed out is retried smaller.
+        Raises :class:`_Changed` when it was refused because something changed (its
+        reservation given back, except for keys that may have gone), :class:`_Split` when it
+        was refused as too big or as touching too many entity groups, ``Capped`` when the
+        allowance has no room for it.
         """
-        taken: list[list[tuple[Key, list[Key]]]] = [[]]
-        paid = [0]  # keys the throttle let through for this commit (once, not per attempt)
-        what = "verify" if self.mode is not Mode.BLIND else "delete"
+        n = len(chunk)  # reserved by the caller
+        self._wait(n)
+        maybe_applied = [False]
         try:
-            commit = self._retrier.call(
-                what, partial(self._checked_attempt, pending, size, gone, taken, paid)
-            )
+            with self._in_flight(n):
+                version = self._retrier.call(
+                    "delete" if not self.verify else "verify",
+                    lambda: self._attempt(chunk, guards, maybe_applied),
+                )
+        except _Changed:
+            settled = self._settle(chunk, maybe_applied[0])
+            if settled is not None:
+                self.allowance.release(n - len(settled))
+                raise _Changed(settled) from None
+            version = None  # rule 5: the lost commit was applied; it counts as confirmed
         except gexc.InvalidArgument as exc:
-            self._throttle.refund(paid[0])  # refused outright: nothing went
-            parts = taken[0]
-            keys = sum(len(k) for _s, k in parts)
-            # Judged by the refused commit's own size: another worker may have shrunk already.
-            if "entity groups" in str(exc) and len(parts) > LEGACY_LIMIT:
-                self._shrink_groups()
-                return size
-            if not _too_big(exc):
-                self.ledger.add(failed=sum(1 for s, ks in parts if ks[-1] is s))
-                raise self._failed(exc) from exc
-            if keys <= 1:
-                self._refuse(_keys(parts))
-                pending.done(parts, frozenset(s for s, _k in parts))
-                return self._sizer.size
-            return self._shrink_for_too_big(keys)
+            self.allowance.release(n)
+            self._throttle.refund(n)
+            raise self._refused(exc, groups, n) from exc
         except (Stopped, Capped, SweeperError):
             raise
         except Exception as exc:
-            self.ledger.add(failed=sum(1 for s, ks in taken[0] if ks[-1] is s))
+            if maybe_applied[0]:
+                self.ledger.add(unconfirmed=n)
+            else:
+                self.allowance.release(n)
+            self.ledger.add(failed=len(groups))
             if is_bug(exc):  # not the database's failure: the engine logs its traceback
                 raise
-            raise self._failed(exc) from exc
-        self.ledger.add(
-            deleted=commit.sessions,
-            descendants_deleted=commit.descendants,
-            skipped=len(commit.kept),
-        )
-        self._log.debug("batch_deleted", keys=len(_keys(taken[0])), deleted=commit.sessions)
-        if commit.capped:
-            raise Capped
-        return min(size, self._sizer.size)
-
-    def _checked_attempt(
-        self,
-        pending: Pending,
-        size: int,
-        gone: dict[tuple[Any, ...], bool],
-        taken: list[list[tuple[Key, list[Key]]]],
-        paid: list[int],
-    ) -> _Commit:
-        """Take the next commit's groups, re-check and delete them in one transaction (blind:
-        one plain commit); reserve them in the allowance for as long as they may have gone."""
-        parts = pending.take(min(size, self._sizer.size), self._groups_per_txn)
-        granted = self.allowance.reserve([len(k) for _s, k in parts])
-        if granted == 0:
-            raise Capped
-        capped, parts = granted < len(parts), parts[:granted]
-        taken[0] = parts
-        keys = sum(len(k) for _s, k in parts)
-        if not paid[0]:
-            self._wait(keys)
-            paid[0] = keys
-        try:
-            with self._in_flight(keys):
-                commit = self._delete_checked(parts, gone)
-        except BaseException:
-            # Also after a lost answer: the retry reserves its keys again, those found gone
-            # included (they count as deleted by it).
-            self.allowance.release(keys)
-            raise
-        self.allowance.release(keys - commit.sessions - commit.descendants)
-        pending.done(parts, commit.kept)
-        commit.capped = capped
-        return commit
-
-    def _delete_checked(
-        self, parts: list[tuple[Key, list[Key]]], gone: dict[tuple[Any, ...], bool]
-    ) -> _Commit:
-        timeout = self._retrier.timeout
-        if self.mode is Mode.BLIND:
-            keys = _keys(parts)
-            self._send(len(keys), partial(rpc.commit, self._client, None, keys, timeout))
-            return _counted(parts)
-        # Begun by its own call: a lookup that begins its transaction (``new_transaction``)
-        # left the Firestore emulator holding locks no later call could take.
-        txn: bytes | None = None
-        try:
-            txn = self._spare() or rpc.begin(self._client, timeout)
-            wanted = _to_check(parts, self._rule.kind)
-            lost = [k for k in _keys(parts) if k.flat_path in gone]
-            # The next commit's transaction is begun while this one looks its keys up.
-            found, self._local.spare = together(
-                partial(self._lookup, _unique([*wanted, *lost]), txn), self._begin_spare
-            )
-            commit, already = self._decide(parts, found, gone, wanted)
-            if not commit.parts:
-                rpc.end_transaction(self._client, txn, timeout)
-                _forget(gone, parts)
-                return _merge(commit, already)
-            keys = _keys(commit.parts)
-            sent = {k.flat_path: k is s for s, ks in commit.parts for k in ks}
-            try:
-                self._send(len(sent), partial(rpc.commit, self._client, txn, keys, timeout))
-            except AMBIGUOUS:
-                gone.update(sent)
-                raise
-        except BaseException:
-            if txn is not None:
-                rpc.end_transaction(self._client, txn, timeout)
-            raise
-        _forget(gone, parts)
-        return _merge(commit, already)
-
-    def _decide(
-        self,
-        parts: list[tuple[Key, list[Key]]],
-        found: dict[tuple[Any, ...], object],
-        gone: dict[tuple[Any, ...], bool],
-        checked: list[Key],
-    ) -> tuple[_Commit, _Commit]:
-        """The keys that may go now, and those an earlier, unanswered commit deleted (rule 5).
-
-        A session no longer expired (or gone) keeps its whole group; a key of the swept kind
-        under it that is not expired keeps itself and everything under it (rule 2).
-        """
-        here = {k.flat_path for k in _keys(parts)}
-        lost = {p for p in gone if p in here and p not in found}
-        already = _Commit([])
-        already.sessions = sum(1 for p in lost if gone[p])
-        already.descendants = len(lost) - already.sessions
-        blocked = {k.flat_path for k in checked if not self._rule.expired(found, k)}
-        commit = _Commit([])
-        for session, keys in parts:
-            if session.flat_path in blocked:
-                continue
-            kept = [
-                k
-                for k in keys
-                if k.flat_path not in lost and not _under_blocked(k, session, blocked)
-            ]
-            if kept:
-                commit.parts.append((session, kept))
-        counted = _counted(commit.parts)
-        counted.kept = frozenset(s for s, _k in parts if s.flat_path in blocked - lost)
-        return counted, already
-
-    def _spare(self) -> bytes | None:
-        """The transaction this worker began for its next commit, if it is fresh enough.
-
-        Begun, it has read nothing and locks nothing. Its lookup sees every write made before
-        the lookup, those since the begin included (both emulators, measured: a session
-        re-saved live between begin and lookup is read live, and kept), so what it deletes is
-        decided by the lookup, as in a transaction begun just before; a write after the lookup
-        waits for the commit or aborts it, as ever (rule 1). Begun in advance, it takes a round
-        trip off every commit's chain (begin, lookup, commit). One left idle for longer than
-        ``SPARE_MAX_AGE_S`` (a throttle wait) is left to expire, unused.
-        """
-        spare: tuple[bytes, float] | None = getattr(self._local, "spare", None)
-        self._local.spare = None
-        if spare is None or self._clock() - spare[1] > SPARE_MAX_AGE_S:
-            return None
-        return spare[0]
-
-    def _begin_spare(self) -> tuple[bytes, float] | None:
-        """A transaction for the next commit; None if it could not be begun (the next commit
-        begins its own, under the retry policy)."""
-        try:
-            return rpc.begin(self._client, self._retrier.timeout), self._clock()
-        except Exception:
-            return None
-
-    def _lookup(self, keys: list[Key], transaction: bytes | None) -> dict[tuple[Any, ...], object]:
-        """The rule's property of each key that has an entity (``rpc.lookup``)."""
-        if not keys:
-            return {}
-        found = rpc.lookup(self._client, transaction, keys, self._rule.prop, self._retrier.timeout)
-        self.ledger.add(entities_read=len(keys))
-        return found
-
-    # -- descendants ------------------------------------------------------------------------
-
-    def _with_descendants(self, sessions: Sequence[Key]) -> tuple[list[tuple[Key, list[Key]]], int]:
-        """Each session with the keys to delete for it (descendants first, the session last),
-        and how many entities were found under the sessions that are not sessions of the batch.
-
-        A session under another of the same batch goes with its ancestor's group (rule 2).
-        Descendants of the swept kind are checked by each commit's lookup; a blind run and a
-        dry run look them up here (a blind run too: a live child is no race to opt out of).
-        """
-        if not self._descend:
-            return [(s, [s]) for s in sessions], 0
-        paths = {s.flat_path for s in sessions}
-        roots = [s for s in sessions if not _has_ancestor_in(s, paths)]
-        under = self._find_descendants(roots)
-        groups = [(s, [*_unique(under[s]), s]) for s in roots]
-        found = sum(len(g) - 1 for _s, g in groups) - (len(sessions) - len(roots))
-        same_kind = [k for _s, ks in groups for k in ks[:-1] if k.kind == self._rule.kind]
-        if not same_kind or (self.mode is Mode.LOOKUP and not self._dry_run):
-            return groups, found
-        found_now = self._lookup(same_kind, None)
-        blocked = {k.flat_path for k in same_kind if not self._rule.expired(found_now, k)}
-        return [
-            (s, [k for k in ks if not _under_blocked(k, s, blocked)]) for s, ks in groups
-        ], found
-
-    def _find_descendants(self, sessions: Sequence[Key]) -> dict[Key, list[Key]]:
-        """One ancestor query per session, ``DESCENDANT_QUERIES`` at a time; all or nothing."""
-        found: dict[Key, list[Key]] = {}
-
-        def look_under(key: Key) -> None:
-            found[key] = self._target.descendants(key)
-
-        Pipeline(DESCENDANT_QUERIES, look_under, lambda: False).run([sessions])
-        return {key: found[key] for key in sessions}
-
-    # -- shared mechanics -------------------------------------------------------------------
-
-    def _send(self, keys: int, commit: Callable[[], object]) -> None:
-        self._sizer.measure(keys, commit)
+            raise DatastoreError(
+                f"deleting a batch failed after retries: {describe_exception(exc)}"
+            ) from exc
+        if version is not None:
+            with self.ledger.lock:
+                self.ledger.versions.add(version)
         self._throttle.record(accepted=True)
 
-    @contextlib.contextmanager
-    def _in_flight(self, keys: int) -> Iterator[None]:
-        """Keys a transaction (or a blind commit) is working on: if the run must stop before
-        it answers, they may or may not be gone (``unconfirmed``)."""
-        with self.ledger.lock:
-            self.ledger.in_flight += keys
+    def _attempt(self, chunk: list[Seen], guards: Sequence[Seen], maybe: list[bool]) -> int | None:
+        """One try: a single-use transaction, or (guards) one that looks them up first."""
+        timeout = self._retrier.timeout
+        deletes = [(s.key, s.version if self.verify else None) for s in chunk]
+        txn = rpc.begin(self._client, timeout) if guards else None
         try:
-            yield
+            if txn is not None:
+                looked = rpc.lookup(
+                    self._client, txn, [g.key for g in guards], self._rule.prop, timeout
+                )
+                self.ledger.add(entities_read=len(guards))
+                if any(looked.found.get(g.key.flat_path) != g for g in guards):
+                    raise _Changed
+            return self._sizer.measure(
+                len(deletes),
+                lambda: rpc.commit(self._client, txn, deletes, timeout, atomic=self.verify),
+            )
+        except gexc.FailedPrecondition:
+            txn = None  # a refused commit ends its transaction
+            raise _Changed from None
+        except AMBIGUOUS:
+            maybe[0] = True
+            raise
         finally:
-            with self.ledger.lock:
-                self.ledger.in_flight -= keys
+            if txn is not None:
+                rpc.end_transaction(self._client, txn, timeout)
+
+    def _settle(self, chunk: list[Seen], maybe_applied: bool) -> frozenset[Path] | None:
+        """Rule 5, after a refusal: None when an earlier attempt whose answer was lost is
+        shown to have deleted all of ``chunk``; else the keys of ``chunk`` that may have gone
+        with it (counted as ``unattributed``), for the re-read to leave out."""
+        if not maybe_applied:
+            return frozenset()
+        looked = self._lookup([s.key for s in chunk])
+        gone = frozenset(s.key.flat_path for s in chunk if s.key.flat_path not in looked.found)
+        versions = {looked.missing.get(p) for p in gone}
+        with self.ledger.lock:
+            ours = (
+                self._provable
+                and len(gone) == len(chunk)
+                and len(versions) == 1
+                and not versions & self.ledger.versions
+            )
+            if ours:
+                self.ledger.versions.update(v for v in versions if v is not None)
+        if ours:
+            return None
+        self.ledger.add(unattributed=len(gone))
+        return gone
+
+    def _lookup(self, keys: Sequence[Key]) -> rpc.Looked:
+        looked: rpc.Looked = self._retrier.call(
+            "lookup",
+            lambda: rpc.lookup(self._client, None, keys, self._rule.prop, self._retrier.timeout),
+        )
+        self.ledger.add(entities_read=len(keys))
+        return looked
+
+    # -- refusals ---------------------------------------------------------------------------
+
+    def _refused(self, exc: gexc.InvalidArgument, groups: list[Group], keys: int) -> Exception:
+        if "entity groups" in str(exc) and len(groups) > LEGACY_LIMIT:
+            self._shrink_groups()
+            return _Split(keys, LEGACY_LIMIT)
+        if _too_big(exc):
+            if keys > 1:
+                smaller = max(1, keys // 2)
+                self._sizer.refused(smaller)
+                self._log.info(
+                    "commit_split", keys=keys, now=smaller, reason="transaction or write too big"
+                )
+                return _Split(keys, max(1, len(groups) // 2))
+            return _Split(1, 1)
+        self.ledger.add(failed=len(groups))
+        return DatastoreError(f"deleting a batch failed after retries: {describe_exception(exc)}")
+
+    def _contended(self, groups: Sequence[Group]) -> None:
+        self.ledger.add(skipped=len(groups))
+        self._log.warning(
+            "delete_contended",
+            sessions=len(groups),
+            hint="their entities kept changing while read again: left for the next run",
+        )
+
+    def _in_flight(self, keys: int) -> _InFlight:
+        return _InFlight(self.ledger, keys)
 
     def _wait(self, keys: int) -> None:
         waited = self._throttle.acquire(keys)
         with self.ledger.lock:
             self.ledger.result.throttle_wait_s += waited
 
-    def _shrink_for_too_big(self, keys: int) -> int:
-        smaller = max(1, keys // 2)
-        self._sizer.refused(smaller)
-        self._log.info(
-            "commit_split", keys=keys, now=smaller, reason="transaction or write too big"
-        )
-        return smaller
-
     def _shrink_groups(self) -> None:
         with self._lock:  # several workers may be refused at once: shrink and say so once
-            if self._groups_per_txn == LEGACY_LIMIT:
+            if self._groups_per_commit == LEGACY_LIMIT:
                 return
-            self._groups_per_txn = LEGACY_LIMIT
+            self._groups_per_commit = LEGACY_LIMIT
         self._log.info(
             "transaction_size_reduced",
             keys=LEGACY_LIMIT,
@@ -481,8 +543,30 @@ class Gate:
                 reason="transaction or write too big, even alone: left in place",
             )
 
-    def _failed(self, exc: BaseException) -> DatastoreError:
-        return DatastoreError(f"deleting a batch failed after retries: {describe_exception(exc)}")
+
+class _Split(Exception):
+    """A commit refused as too big, or as touching too many entity groups: send its groups
+    ``groups`` at a time (a single group: in smaller chunks, the sizer has shrunk)."""
+
+    def __init__(self, keys: int, groups: int) -> None:
+        super().__init__("split")
+        self.keys, self.groups = keys, groups
+
+
+class _InFlight:
+    """Keys a commit is working on: if the run must stop before it answers, they may or may
+    not be gone (the summary's ``unconfirmed``)."""
+
+    def __init__(self, ledger: _Ledger, keys: int) -> None:
+        self._ledger, self._keys = ledger, keys
+
+    def __enter__(self) -> None:
+        with self._ledger.lock:
+            self._ledger.in_flight += self._keys
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._ledger.lock:
+            self._ledger.in_flight -= self._keys
 
 
 def refused_error(refused: Sequence[Key]) -> str | None:
@@ -496,53 +580,34 @@ def refused_error(refused: Sequence[Key]) -> str | None:
     )
 
 
+def _take(queue: deque[Group], size: int, max_groups: int) -> list[Group]:
+    """The next commit's groups: whole groups while they fit in ``size`` keys (at most
+    ``max_groups``); a group larger than a commit alone (it goes as a chain)."""
+    taken: list[Group] = []
+    room = size
+    while queue and len(taken) < max_groups:
+        members = len(queue[0].members)
+        if members > room and taken:
+            break
+        taken.append(queue.popleft())
+        room -= members
+        if room <= 0:
+            break
+    return taken
+
+
 def _too_big(exc: BaseException) -> bool:
     return "too big" in str(exc).lower()
 
 
-def _unique(keys: Iterable[Key]) -> list[Key]:
+def _unique(seen: Iterable[Seen]) -> list[Seen]:
     """Rule 4: a key once, in its first place (Datastore refuses a commit naming one twice)."""
-    seen: dict[tuple[Any, ...], Key] = {}
-    for key in keys:
-        seen.setdefault(key.flat_path, key)
-    return list(seen.values())
+    first: dict[Path, Seen] = {}
+    for s in seen:
+        first.setdefault(s.key.flat_path, s)
+    return list(first.values())
 
 
-def _has_ancestor_in(key: Key, paths: set[tuple[Any, ...]]) -> bool:
+def _has_ancestor_in(key: Key, paths: set[Path]) -> bool:
     path = key.flat_path
     return any(path[:n] in paths for n in range(2, len(path), 2))
-
-
-def _under_blocked(key: Key, session: Key, blocked: set[tuple[Any, ...]]) -> bool:
-    """Whether ``key`` is, or lies under, a blocked (live) entity below ``session``."""
-    path, top = key.flat_path, len(session.flat_path)
-    return any(path[:n] in blocked for n in range(top + 2, len(path) + 1, 2))
-
-
-def _to_check(parts: list[tuple[Key, list[Key]]], kind: str) -> list[Key]:
-    """The keys a commit must look up: its sessions and every key of the swept kind."""
-    return _unique([s for s, _ks in parts] + [k for _s, ks in parts for k in ks if k.kind == kind])
-
-
-def _counted(parts: list[tuple[Key, list[Key]]]) -> _Commit:
-    sessions = sum(1 for s, ks in parts if ks and ks[-1] is s)
-    return _Commit(parts, sessions, sum(len(ks) for _s, ks in parts) - sessions)
-
-
-def _forget(gone: dict[tuple[Any, ...], bool], parts: list[tuple[Key, list[Key]]]) -> None:
-    """The keys of ``parts`` are settled: counted by the commit that just succeeded."""
-    for key in _keys(parts):
-        gone.pop(key.flat_path, None)
-
-
-def _keys(parts: list[tuple[Key, list[Key]]]) -> list[Key]:
-    return [k for _s, ks in parts for k in ks]
-
-
-def _merge(commit: _Commit, already: _Commit) -> _Commit:
-    return _Commit(
-        commit.parts,
-        commit.sessions + already.sessions,
-        commit.descendants + already.descendants,
-        commit.kept,
-    )

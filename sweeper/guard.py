@@ -105,15 +105,15 @@ def scan_exposure(
     live_keys: list[datastore.Key] = []
     for page in target.scan_pages():
         on_read(len(page))
-        for entity in page:
-            value = entity.get(target.prop)
+        for seen in page:
+            value = seen.value
             if value is None:
                 continue
             carrying += 1
             side = due_keys if expired(value) else live_keys
             due += side is due_keys
             if len(side) < DESCENDANT_SAMPLE:
-                side.append(entity.key)
+                side.append(seen.key)
     return Exposure(Count(due, "scan", None), Count(carrying, "scan", None)), due_keys, live_keys
 
 

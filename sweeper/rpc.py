@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from google.cloud import datastore
-from google.cloud.datastore.helpers import _get_value_from_value_pb
+from google.cloud.datastore.helpers import _get_value_from_value_pb, key_from_protobuf
+from google.cloud.datastore.query import _pb_from_query
 from google.cloud.datastore_v1.types import datastore as datastore_pb2
 from google.cloud.datastore_v1.types import entity as entity_pb2
+from google.cloud.datastore_v1.types import query as query_pb2
 
 from sweeper.retry import NO_CLIENT_RETRY, TRANSIENT
 
@@ -34,6 +36,28 @@ Path = tuple[Any, ...]  # a key's flat_path: ("Kind", "name" or id, ...)
 _RawKey = entity_pb2.Key.pb()
 _TRANSACTIONAL = datastore_pb2.CommitRequest.Mode.TRANSACTIONAL
 _NON_TRANSACTIONAL = datastore_pb2.CommitRequest.Mode.NON_TRANSACTIONAL
+_FAIL = datastore_pb2.Mutation.ConflictResolutionStrategy.FAIL
+_NO_MORE_RESULTS = query_pb2.QueryResultBatch.MoreResultsType.NO_MORE_RESULTS
+
+
+class Seen(NamedTuple):
+    """An entity as a read saw it: its key, its ``version`` (Datastore's, which changes on
+    every write to the entity, re-creation included) and the value of the rule's property
+    (None when the entity has none). A delete conditioned on ``version`` goes only if nothing
+    has written the entity since this read (``commit``)."""
+
+    key: datastore.Key
+    version: int
+    value: object
+
+
+class Page(NamedTuple):
+    """One RunQuery answer: what it saw, the cursor after it (None: no more results), and
+    the encoded size of its largest entity (a scan sizes its next page by it)."""
+
+    seen: list[Seen]
+    cursor: bytes | None
+    largest: int
 
 
 def key_pb(key: datastore.Key) -> Any:
@@ -75,16 +99,66 @@ def begin(client: datastore.Client, timeout: float) -> bytes:
     return bytes(response.transaction)
 
 
+def run_query(
+    client: datastore.Client,
+    query: datastore.Query,
+    prop: str,
+    limit: int,
+    *,
+    cursor: bytes | None,
+    timeout: float,
+) -> Page:
+    """One RunQuery call of ``query`` returning, for each result, its version and ``prop``.
+
+    Not keys-only and not a projection, so that Datastore reports each result's version; a
+    property mask naming ``prop`` alone keeps the answer about as small as a keys-only one
+    (the legacy emulator ignores the mask and sends whole entities). Only the first batch the
+    server answers is taken: a retried page repeats one call.
+    """
+    raw = _request(client, datastore_pb2.RunQueryRequest)
+    raw.partition_id.project_id = client.project
+    if client.database:
+        raw.partition_id.database_id = client.database
+    if query.namespace:
+        raw.partition_id.namespace_id = query.namespace
+    raw.query.CopyFrom(query_pb2.Query.pb(_pb_from_query(query)))
+    raw.query.limit.value = limit
+    if cursor is not None:
+        raw.query.start_cursor = cursor
+    mask = mask_for(prop)
+    if mask is not None:
+        raw.property_mask.paths.append(mask)
+    response = _send(client, "run_query", datastore_pb2.RunQueryRequest, raw, timeout)
+    batch = datastore_pb2.RunQueryResponse.pb(response).batch
+    seen, largest = [], 0
+    for result in batch.entity_results:
+        seen.append(_seen(result.entity, result.version, prop))
+        largest = max(largest, result.entity.ByteSize())
+    more = batch.more_results != _NO_MORE_RESULTS and bool(batch.entity_results)
+    return Page(seen, bytes(batch.end_cursor) if more else None, largest)
+
+
+class Looked(NamedTuple):
+    """A lookup's answer: what it saw of each key that has an entity, and the version the
+    database reports for each key that has none. Firestore in Datastore mode reports the
+    version of the write that deleted it (every key one commit deleted has that commit's
+    version); the legacy emulator reports its current version, the same for every key."""
+
+    found: dict[Path, Seen]
+    missing: dict[Path, int]
+
+
 def lookup(
     client: datastore.Client,
     transaction: bytes | None,
     keys: Sequence[datastore.Key],
     prop: str,
     timeout: float,
-) -> dict[Path, object]:
-    """The value of ``prop`` (None when the entity lacks it) of every key that has an entity,
-    read in ``transaction``; keys without one are left out. Deferred keys are asked again."""
-    found: dict[Path, object] = {}
+) -> Looked:
+    """What a lookup in ``transaction`` (None: none) sees of ``keys``. Deferred keys are
+    asked again."""
+    found: dict[Path, Seen] = {}
+    missing: dict[Path, int] = {}
     todo = [key_pb(key) for key in keys]
     mask = mask_for(prop)
     while todo:
@@ -97,11 +171,18 @@ def lookup(
         response = _send(client, "lookup", datastore_pb2.LookupRequest, raw, timeout)
         pb = datastore_pb2.LookupResponse.pb(response)
         for result in pb.found:
-            properties = result.entity.properties
-            value = _get_value_from_value_pb(properties[prop]) if prop in properties else None
-            found[path_of(result.entity.key)] = value
+            seen = _seen(result.entity, result.version, prop)
+            found[seen.key.flat_path] = seen
+        for result in pb.missing:
+            missing[path_of(result.entity.key)] = result.version
         todo = list(pb.deferred)
-    return found
+    return Looked(found, missing)
+
+
+def _seen(entity: Any, version: int, prop: str) -> Seen:
+    properties = entity.properties
+    value = _get_value_from_value_pb(properties[prop]) if prop in properties else None
+    return Seen(key_from_protobuf(entity.key), version, value)
 
 
 def mask_for(prop: str) -> str | None:
@@ -122,19 +203,41 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 def commit(
     client: datastore.Client,
     transaction: bytes | None,
-    keys: Sequence[datastore.Key],
+    deletes: Sequence[tuple[datastore.Key, int | None]],
     timeout: float,
-) -> None:
-    """Delete ``keys``: in ``transaction``, or (None) as one plain, non-transactional commit."""
+    *,
+    atomic: bool = True,
+) -> int | None:
+    """Delete each key at its version, all or nothing; the version the commit wrote (None
+    where the database reports none that tells commits apart).
+
+    A delete with a version carries it as ``base_version`` with the FAIL strategy: if any such
+    entity was written (re-saved, re-created, deleted) since that version, Datastore refuses
+    the commit with FAILED_PRECONDITION. FAIL is the one strategy both emulators honour alike
+    (with the default, the Firestore emulator deleted the changed entities anyway). Only a
+    transactional commit is all or nothing: both emulators apply a refused non-transactional
+    commit's deletes up to the changed one. So the commit runs in ``transaction``, or in a
+    single-use transaction of its own (one round trip, no lock held before it). ``atomic``
+    off (``--no-verify``, versions None) sends one plain commit.
+    """
     raw = _request(client, datastore_pb2.CommitRequest)
-    if transaction is None:
-        raw.mode = _NON_TRANSACTIONAL
-    else:
+    if transaction is not None:
         raw.mode = _TRANSACTIONAL
         raw.transaction = transaction
-    for key in keys:
-        _fill(raw.mutations.add().delete, key)
-    _send(client, "commit", datastore_pb2.CommitRequest, raw, timeout)
+    elif atomic:
+        raw.mode = _TRANSACTIONAL
+        raw.single_use_transaction.read_write.SetInParent()
+    else:
+        raw.mode = _NON_TRANSACTIONAL
+    for key, version in deletes:
+        mutation = raw.mutations.add()
+        _fill(mutation.delete, key)
+        if version is not None:
+            mutation.base_version = version
+            mutation.conflict_resolution_strategy = _FAIL
+    response = _send(client, "commit", datastore_pb2.CommitRequest, raw, timeout)
+    results = datastore_pb2.CommitResponse.pb(response).mutation_results
+    return int(results[0].version) if results and results[0].version else None
 
 
 def rollback(client: datastore.Client, transaction: bytes, timeout: float) -> None:

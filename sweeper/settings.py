@@ -38,27 +38,44 @@ DEFAULT_GRACE = "15m"
 # already puts the cutoff before 2001, where no encoding's range holds anything.
 MAX_GRACE = dt.timedelta(days=36_500)
 
-_DURATION_PART = re.compile(r"(\d+)([smhd])")
+# A duration: ``0``, or whole numbers of ASCII digits each followed by a lowercase unit (``90m``,
+# ``1h30m``). Nothing else: ``\d`` and ``int()`` would take any script's digits (Arabic-Indic
+# or fullwidth ones), and lowering the text read ``3M`` (meant as months) as 3 minutes.
+_DURATION = re.compile(r"0|(?:[0-9]+[smhd])+", re.ASCII)
+_DURATION_PART = re.compile(r"([0-9]+)([smhd])", re.ASCII)
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+DURATION_UNITS = "s, m, h or d (seconds, minutes, hours, days; lowercase)"
+# Firestore's database ids (https://cloud.google.com/firestore/docs/manage-databases): 4 to 63
+# lowercase letters, digits and hyphens, a letter first and no hyphen last; or "(default)".
+DEFAULT_DATABASE = "(default)"
+_DATABASE = re.compile(r"[a-z][a-z0-9-]{2,61}[a-z0-9]", re.ASCII)
 # Datastore's limits on names (https://cloud.google.com/datastore/docs/concepts/limits).
 _NAMESPACE = re.compile(r"[0-9A-Za-z._-]{0,100}")
 _MAX_NAME_BYTES = 1500
 
 
 def parse_duration(text: str) -> dt.timedelta:
-    """Parse ``0``, ``90s``, ``15m``, ``3h``, ``2d`` or a sum such as ``1h30m``."""
-    raw = text.strip().lower()
-    if raw == "0":
-        return dt.timedelta(0)
-    parts = _DURATION_PART.findall(raw)
-    if not raw or "".join(n + u for n, u in parts) != raw:
+    """Parse ``0``, ``90s``, ``15m``, ``3h``, ``2d`` or a sum such as ``1h30m``.
+
+    Digits 0-9 only, and only the lowercase units: ``3M`` or ``3H`` is refused rather than
+    guessed at (``M`` could mean months)."""
+    raw = text.strip()
+    shown = _shown(text)
+    if not _DURATION.fullmatch(raw):
         raise UsageError(
-            f"invalid duration {text!r}: use a number with a unit, e.g. 0, 90s, 15m, 3h, 2d"
+            f"invalid duration {shown}: use 0 or a number (digits 0-9) followed by "
+            f"{DURATION_UNITS}, e.g. 90s, 15m, 3h, 2d or 1h30m"
         )
     try:
-        return dt.timedelta(seconds=sum(int(n) * _UNIT_SECONDS[u] for n, u in parts))
-    except OverflowError:
-        raise UsageError(f"invalid duration {text!r}: too large") from None
+        seconds = sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(raw))
+        return dt.timedelta(seconds=seconds)
+    except (OverflowError, ValueError):  # ValueError: more digits than int() reads
+        raise UsageError(f"invalid duration {shown}: too large") from None
+
+
+def _shown(text: str, limit: int = 70) -> str:
+    """``text`` quoted for a message, cut short so that the rest of the message still shows."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def format_duration(delta: dt.timedelta) -> str:
@@ -91,6 +108,19 @@ def check_namespace(value: str | None) -> str | None:
     if not _NAMESPACE.fullmatch(value) or (value.startswith("__") and value.endswith("__")):
         raise UsageError(
             f"invalid namespace {value!r}: use up to 100 letters, digits, '.', '_' or '-'"
+        )
+    return value
+
+
+def check_database(value: str | None) -> str | None:
+    """A Firestore database id, or None for the default database (also ``""`` and
+    ``"(default)"``). Checked before any call: a bad id otherwise fails only at Datastore."""
+    if value is None or value in ("", DEFAULT_DATABASE):
+        return None
+    if not _DATABASE.fullmatch(value):
+        raise UsageError(
+            f"invalid database id {_shown(value)}: use 4 to 63 lowercase letters, digits or "
+            f"hyphens, starting with a letter and not ending with a hyphen, or {DEFAULT_DATABASE}"
         )
     return value
 

@@ -14,14 +14,15 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
-from google.cloud import datastore
-
 from sweeper.encodings import Encoding, ExpiredRange, classify, expired_range, is_expired
+from sweeper.rpc import Seen
 from sweeper.settings import SweepSettings
 from sweeper.slices import Slice, shard_slices, split_even
 from sweeper.target import PAGE_SIZE, Target
 
-KeyPages = Iterator[list[datastore.Key]]
+# Pages of candidates, each key with the version and value its read saw (the gate deletes
+# that version); a blind run's keys-only pages carry neither (version 0, value None).
+KeyPages = Iterator[list[Seen]]
 
 # Shards own one-hour buckets of expiry time, round robin (see slices.shard_slices).
 SHARD_BUCKET = dt.timedelta(hours=1)
@@ -58,12 +59,13 @@ def expired_streams(
             cost="one billed entity read per entity of the kind",
         )
         return [scan_expired(target, partial(_tallied, seen, encoding, cutoff), on_read)]
+    verify = s.verify
     window = expired_range(encoding, cutoff)
     lo, hi = window.values()
     log.info("query_range", format=encoding.value, lower=str(lo), upper=str(hi), shard=str(s.shard))
     if window.empty:
         return []
-    pages = partial(_pages, target, on_left_alone=on_left_alone)
+    pages = partial(_pages, target, verify=verify, on_left_alone=on_left_alone)
     if s.shard.count > 1:
         return _shard_streams(target, s, window, pages)
     if s.workers == 1:
@@ -90,12 +92,12 @@ def _tallied(
 def scan_expired(
     target: Target, expired: Callable[[object], bool], on_read: Callable[[int], None]
 ) -> KeyPages:
-    """The keys of every entity of the kind whose value is ``expired``, by reading them all;
-    handed on in pages of up to ``PAGE_SIZE`` (one full commit), whatever the read pages."""
-    pending: list[datastore.Key] = []
+    """Every entity of the kind whose value is ``expired``, by reading them all; handed on in
+    pages of up to ``PAGE_SIZE`` (one full commit), whatever the read pages."""
+    pending: list[Seen] = []
     for found in target.scan_pages():
         on_read(len(found))
-        pending += [entity.key for entity in found if expired(entity.get(target.prop))]
+        pending += [s for s in found if expired(s.value)]
         while len(pending) >= PAGE_SIZE:
             yield pending[:PAGE_SIZE]
             pending = pending[PAGE_SIZE:]
@@ -141,21 +143,23 @@ class _Shared:
 
 
 def _pages(
-    target: Target, window: ExpiredRange, *, on_left_alone: Callable[[int], None]
+    target: Target, window: ExpiredRange, *, verify: bool, on_left_alone: Callable[[int], None]
 ) -> KeyPages:
-    """The keys of ``window``, a page at a time; of a text range, only those whose value, read
-    with the key (a projection), is of the range's encoding.
+    """The entities of ``window``, a page at a time, each with its version and value; of a
+    text range, only those whose value is of the range's encoding. A blind run of a range
+    that needs no values reads keys only (one billed read per page, not per key).
 
     A text range also holds text in other forms and byte strings that sort between its ends
     (``2026-11-22``, ``2026-11-22T10:15:00+01:00``): they are left alone, and counted.
     """
-    if not window.encoding.needs_values:
-        yield from target.key_pages(target.within(window))
-        return
     encoding = window.encoding
-    for page in target.entity_pages(target.within(window, projected=True)):
-        keys = [e.key for e in page if classify(e.get(target.prop)) is encoding]
-        if len(keys) < len(page):
-            on_left_alone(len(page) - len(keys))
-        if keys:
-            yield keys
+    if not verify and not encoding.needs_values:
+        for keys in target.key_pages(target.within(window)):
+            yield [Seen(k, 0, None) for k in keys]
+        return
+    for page in target.seen_pages(target.within(window, keys_only=False)):
+        kept = [s for s in page if classify(s.value) is encoding]
+        if len(kept) < len(page):
+            on_left_alone(len(page) - len(kept))
+        if kept:
+            yield kept

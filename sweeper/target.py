@@ -25,12 +25,13 @@ from typing import Literal
 
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
-from google.cloud.datastore.helpers import entity_to_protobuf
 from google.cloud.datastore.query import PropertyFilter
 from google.cloud.datastore_v1.types import entity as entity_pb2
 
+from sweeper import rpc
 from sweeper.encodings import Encoding, ExpiredRange, QueryValue, classify
 from sweeper.retry import NO_CLIENT_RETRY, Retrier
+from sweeper.rpc import Seen
 
 # Keys per query page: small enough for any response limit (a key is ~100 bytes), large
 # enough to fill a whole 500-key delete batch per round trip.
@@ -172,13 +173,47 @@ class Target:
             if resize is not None:
                 page_size = resize(found)
 
-    def scan_pages(self) -> Iterator[list[datastore.Entity]]:
-        """Every entity of the kind, whole, in pages sized to keep each response small.
+    def seen_pages(
+        self, query: RangeQuery, page_size: int = PAGE_SIZE, *, scan: bool = False
+    ) -> Iterator[list[Seen]]:
+        """Every result of ``query`` as the gate deletes it: each key with its version and
+        its value of the property (``rpc.run_query``), one page at a time.
 
-        For properties no index holds: costs one billed entity read per entity of the kind.
+        A ``scan`` pages whole entities where the mask is ignored (the legacy emulator):
+        the first page is small, and each next one holds what fits ``SCAN_PAGE_BYTES`` at
+        twice the largest entity of the page before.
         """
-        query = RangeQuery(self.kind, "__key__", keys_only=False)
-        return self.entity_pages(query, SCAN_FIRST_PAGE, resize=_scan_page_size)
+        cursor: bytes | None = None
+        size = SCAN_FIRST_PAGE if scan else page_size
+        while True:
+            page = self._seen_page(query.build(self.client), size, cursor)
+            if page.seen:
+                yield page.seen
+            if page.cursor is None:
+                return
+            cursor = page.cursor
+            if scan:
+                size = max(
+                    SCAN_MIN_PAGE, min(PAGE_SIZE, SCAN_PAGE_BYTES // (2 * max(page.largest, 1)))
+                )
+
+    def scan_pages(self) -> Iterator[list[Seen]]:
+        """Every entity of the kind with its version and value, for properties no index
+        holds: one billed entity read per entity of the kind."""
+        return self.seen_pages(RangeQuery(self.kind, "__key__", keys_only=False), scan=True)
+
+    def group(self, key: datastore.Key) -> list[Seen]:
+        """``key`` (if it exists) and everything under it in its entity group, any kind and
+        depth, each with its version and value of the property: one kindless ancestor query,
+        paged. Ancestor queries are strongly consistent, on the legacy emulator too."""
+        found: list[Seen] = []
+        cursor: bytes | None = None
+        while True:
+            page = self._seen_page(self.client.query(ancestor=key), PAGE_SIZE, cursor)
+            found += page.seen
+            if page.cursor is None:
+                return found
+            cursor = page.cursor
 
     def lookup(self, keys: Sequence[datastore.Key]) -> list[datastore.Entity]:
         """Full entities for ``keys`` (missing ones are dropped): the only way to see true
@@ -264,6 +299,15 @@ class Target:
 
     # -- one call each --------------------------------------------------------------------
 
+    def _seen_page(self, query: datastore.Query, limit: int, cursor: bytes | None) -> rpc.Page:
+        timeout = self.retrier.timeout
+        return self.retrier.call(
+            "query",
+            lambda: rpc.run_query(
+                self.client, query, self.prop, limit, cursor=cursor, timeout=timeout
+            ),
+        )
+
     def _page(
         self, query: datastore.Query, limit: int, cursor: bytes | None
     ) -> tuple[list[datastore.Entity], bytes | None]:
@@ -326,15 +370,3 @@ def namespaces(client: datastore.Client, retrier: Retrier) -> Iterator[list[str 
     listing = Target(client, retrier, NAMESPACE_KIND, "")
     for page in listing.key_pages(listing.query()):
         yield [key.name for key in page]
-
-
-def _scan_page_size(page: Sequence[datastore.Entity]) -> int:
-    """Entities per page that keep a response within ``SCAN_PAGE_BYTES``, judged by a sample."""
-    sample = page[:: max(1, len(page) // 8)]
-    largest = max(_encoded_size(entity) for entity in sample)
-    return max(SCAN_MIN_PAGE, min(PAGE_SIZE, SCAN_PAGE_BYTES // (2 * max(largest, 1))))
-
-
-def _encoded_size(entity: datastore.Entity) -> int:
-    message = entity_to_protobuf(entity)
-    return int(type(message).pb(message).ByteSize())

@@ -12,8 +12,10 @@ knows (config.py), and the refusal of a variable set but empty (``OptionsCommand
 
 # In dependency order: each module imports only those above it.
 from sweeper.options.types import (  # noqa: I001
+    DATABASE,
     DURATION,
     SHARD,
+    DatabaseId,
     Duration,
     FiniteFloatRange,
     PushgatewayUrl,
@@ -35,11 +37,13 @@ from sweeper.options.reference import config_reference, reference
 
 __all__ = [
     "COMMANDS",
+    "DATABASE",
     "DURATION",
     "INSPECT",
     "OPTIONS",
     "SHARD",
     "SWEEP",
+    "DatabaseId",
     "Duration",
     "FiniteFloatRange",
     "Option",

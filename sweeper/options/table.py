@@ -11,9 +11,11 @@ import click
 from sweeper.logs import LOG_LEVELS
 from sweeper.options.option import INSPECT, SWEEP, Option, every
 from sweeper.options.types import (
+    DATABASE,
     DURATION,
     SHARD,
     TOML_BOOL,
+    TOML_DATABASE,
     TOML_DURATION,
     TOML_FORMAT,
     TOML_INT,
@@ -31,6 +33,7 @@ from sweeper.settings import (
     FORMAT_CHOICES,
     MAX_BATCH_SIZE,
     MAX_WORKERS,
+    check_database,
     decide_ramp_up,
     parse_format,
 )
@@ -61,10 +64,16 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "--database",
-        every("Named database. Default: the (default) database."),
+        every(
+            "Named database, by its id: 4 to 63 lowercase letters, digits or hyphens, starting "
+            "with a letter and not ending with a hyphen. Default (also given as '(default)'): "
+            "the (default) database."
+        ),
+        type=DATABASE,
+        metavar="ID",
         sets="database",
-        to_setting=_none_if_empty,
-        toml=TOML_STR,
+        to_setting=check_database,
+        toml=TOML_DATABASE,
         key_order=6,
     ),
     Option(
@@ -127,7 +136,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--grace",
         {
-            SWEEP: "Delete only entities expired longer ago than this (0, 90s, 15m, 3h, 2d).",
+            SWEEP: "Delete only entities expired longer ago than this: 0, or a number followed "
+            "by s, m, h or d (seconds, minutes, hours, days; lowercase), e.g. 90s, 15m, 3h, "
+            "2d, 1h30m.",
             INSPECT: "The same grace as the sweep you plan, so the count matches it.",
         },
         type=DURATION,
@@ -335,7 +346,10 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "--max-runtime",
-        {SWEEP: "Stop cleanly after this long (e.g. 10m); the next run resumes."},
+        {
+            SWEEP: "Stop cleanly after this long (a duration as --grace takes, e.g. 10m); the next "
+            "run resumes."
+        },
         type=DURATION,
         sets="max_runtime",
         toml=TOML_DURATION,

@@ -12,7 +12,13 @@ import click
 
 from sweeper.errors import SweeperError
 from sweeper.metrics import check_url
-from sweeper.settings import FORMAT_CHOICES, parse_duration, parse_format
+from sweeper.settings import (
+    DURATION_UNITS,
+    FORMAT_CHOICES,
+    check_database,
+    parse_duration,
+    parse_format,
+)
 from sweeper.slices import Shard
 
 
@@ -29,6 +35,23 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
 
 
 DURATION = Duration()
+
+
+class DatabaseId(click.ParamType):  # type: ignore[type-arg]
+    """A Firestore database id, checked when parsed: a bad one would otherwise fail only once
+    Datastore is called (exit 1). Kept as given; ``check_database`` makes the setting."""
+
+    name = "database"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            check_database(str(value))
+        except SweeperError as exc:
+            self.fail(exc.message, param, ctx)
+        return str(value)
+
+
+DATABASE = DatabaseId()
 
 
 class ShardType(click.ParamType):  # type: ignore[type-arg]
@@ -94,7 +117,15 @@ TOML_STR = TomlType(str, "str", str, "string")
 TOML_INT = TomlType(int, "int", int, "integer")
 TOML_NUMBER = TomlType((int, float), "number", float, "number")
 TOML_BOOL = TomlType(bool, "bool", bool, "boolean")
-TOML_DURATION = TomlType(str, "string", parse_duration, 'string: a duration, e.g. `"3h"`')
+TOML_DURATION = TomlType(
+    str,
+    "string",
+    parse_duration,
+    f'string: a duration, `"0"` or a number followed by {DURATION_UNITS}, e.g. `"3h"`',
+)
+TOML_DATABASE = TomlType(
+    str, "string", check_database, 'string: a database id, e.g. `"sessions"`, or `"(default)"`'
+)
 TOML_FORMAT = TomlType(
     str, "string", parse_format, "string: " + ", ".join(f"`{c}`" for c in FORMAT_CHOICES)
 )

@@ -689,6 +689,147 @@ def test_signal_stops_with_its_exit_code(
     assert signal.getsignal(signum) == before
 
 
+# --- durations and database ids: strict, refused before anything runs --------------------
+
+# An uppercase unit was once lowered (3M: 3 minutes, to someone who meant 3 months) and any
+# script's digits were read (Arabic-Indic 3, U+0663; fullwidth 15, U+FF11 U+FF15).
+MISREAD_DURATIONS = ["3M", "3H", "\u0663h", "\uff11\uff15m", "3 months", ""]
+DURATION_OPTIONS = ["--grace", "--max-runtime", "--give-up-after"]
+
+
+@pytest.mark.parametrize("option", DURATION_OPTIONS)
+@pytest.mark.parametrize("value", MISREAD_DURATIONS)
+def test_a_misread_duration_is_a_one_line_usage_error(
+    option: str,
+    value: str,
+    started: list[str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["sweep", option, value]) == 2
+    out, err = capsys.readouterr()
+    line = one_error_line(err)
+    assert option in line
+    assert f"invalid duration {value!r}" in line
+    assert "s, m, h or d (seconds, minutes, hours, days; lowercase)" in line
+    assert out == ""
+    assert started == []
+
+
+@pytest.mark.parametrize("value", MISREAD_DURATIONS)
+def test_inspect_refuses_a_misread_grace(
+    value: str, started: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["inspect", "--grace", value]) == 2
+    assert "--grace" in one_error_line(capsys.readouterr().err)
+    assert started == []
+
+
+@pytest.mark.parametrize("value", ["3M", "3H", "\u0663h", "\uff11\uff15m", "3 months"])
+def test_a_misread_grace_variable_is_a_one_line_usage_error(
+    value: str,
+    started: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("SWEEPER_GRACE", value)
+    assert main(["sweep"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "SWEEPER_GRACE" in line
+    assert f"invalid duration {value!r}" in line
+    assert started == []
+
+
+def test_a_misread_grace_in_a_config_file_is_a_one_line_usage_error(
+    tmp_path: Path, started: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "sweeper.toml"
+    path.write_text('[[target]]\nkind = "x"\ngrace = "3M"\n')
+    assert main(["sweep", "--config", str(path)]) == 2
+    assert "target 1: invalid duration '3M'" in one_error_line(capsys.readouterr().err)
+    assert started == []
+
+
+@pytest.mark.parametrize("value", ["3M", "\u0663h", "\uff11\uff15m", ""])
+def test_cli_runner_reports_a_misread_grace_with_exit_2(value: str) -> None:
+    result = CliRunner().invoke(cli, ["sweep", "--grace", value])
+    assert result.exit_code == 2
+    assert "invalid duration" in result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize(
+    ("value", "delta"),
+    [
+        ("90m", dt.timedelta(minutes=90)),
+        ("3h", dt.timedelta(hours=3)),
+        ("14d", dt.timedelta(days=14)),
+        ("1h30m", dt.timedelta(minutes=90)),
+    ],
+)
+def test_a_lowercase_duration_still_works(
+    value: str, delta: dt.timedelta, stub: StubSweep, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = ["sweep", "--log-format", "json"]
+    assert main([*run, "--grace", value]) == 0
+    assert main([*run, "--max-runtime", value, "--give-up-after", value]) == 0
+    monkeypatch.setenv("SWEEPER_GRACE", value)
+    assert main(run) == 0
+    graces = [settings.grace for settings, _client, _rt in stub.calls]
+    assert graces == [delta, dt.timedelta(minutes=15), delta]
+    assert stub.calls[1][0].max_runtime == delta
+
+
+@pytest.mark.parametrize(
+    "value", ["Bad Name!", "Ab", "-abc", "abc", "abc-", "1abc", "Sessions", "a" * 64, "ses_s"]
+)
+@pytest.mark.parametrize("command", COMMANDS)
+def test_a_bad_database_id_is_a_one_line_usage_error_before_any_call(
+    command: str, value: str, started: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([command, "--database", value]) == 2
+    out, err = capsys.readouterr()
+    line = one_error_line(err)
+    assert "--database" in line
+    assert "invalid database id" in line
+    assert "4 to 63 lowercase letters, digits or hyphens" in line
+    assert out == ""
+    assert started == []  # no client made, no Datastore call
+
+
+def test_a_bad_database_variable_or_config_key_is_a_usage_error(
+    tmp_path: Path,
+    started: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "sweeper.toml"
+    path.write_text('[[target]]\nkind = "x"\ndatabase = "Bad Name!"\n')
+    assert main(["sweep", "--config", str(path)]) == 2
+    assert "target 1: invalid database id 'Bad Name!'" in one_error_line(capsys.readouterr().err)
+    monkeypatch.setenv("SWEEPER_DATABASE", "Bad Name!")
+    assert main(["sweep"]) == 2
+    assert "SWEEPER_DATABASE" in one_error_line(capsys.readouterr().err)
+    assert started == []
+
+
+def test_cli_runner_reports_a_bad_database_with_exit_2() -> None:
+    result = CliRunner().invoke(cli, ["sweep", "--database", "Bad Name!"])
+    assert result.exit_code == 2
+    assert "invalid database id" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "database"),
+    [("sessions", "sessions"), ("eq-sessions-2", "eq-sessions-2"), ("(default)", None)],
+)
+def test_a_good_database_id_is_accepted(
+    value: str, database: str | None, stub: StubSweep, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["sweep", "--log-format", "json", "--database", value]) == 0
+    assert stub.calls[0][0].database == database  # "(default)": the default database
+    assert "error" not in capsys.readouterr().err
+
+
 # --- a database that is not there -------------------------------------------------------
 
 

@@ -88,7 +88,7 @@ property = "p"
 format = "timestamp"
 grace = "1h30m"
 namespace = "n"
-database = "d"
+database = "sessions"
 max_deletes = 5
 max_runtime = "2m"
 batch_size = 100
@@ -103,7 +103,7 @@ scan = true
         format=Encoding.TIMESTAMP,
         grace=dt.timedelta(hours=1, minutes=30),
         namespace="n",
-        database="d",
+        database="sessions",
         max_deletes=5,
         max_runtime=dt.timedelta(minutes=2),
         batch_size=100,
@@ -157,6 +157,9 @@ def test_the_shipped_example_config_loads() -> None:
         ("[defaults]\ngrace = '3h'\n", "no [[target]]"),
         ('[[target]]\nkind = "x"\n[extra]\na = 1\n', "unknown table(s) extra"),
         ('[[target]]\nkind = "x"\ngrace = "soon"\n', "target 1: invalid duration"),
+        ('[[target]]\nkind = "x"\ngrace = "3M"\n', "target 1: invalid duration '3M'"),
+        ('[defaults]\nmax_runtime = "\uff11\uff15m"\n[[target]]\nkind = "x"\n', "invalid duration"),
+        ('[[target]]\nkind = "x"\ndatabase = "Ab"\n', "target 1: invalid database id 'Ab'"),
         ('[[target]]\nkind = "x"\ngrace = 3\n', "grace must be a str"),
         ('[[target]]\nkind = "x"\nmax_deletes = "10"\n', "max_deletes must be a int"),
         ('[[target]]\nkind = "x"\nverify = "yes"\n', "verify must be a bool"),
@@ -212,7 +215,7 @@ def test_per_target_options_clash_with_config(
 
 
 # A value for each per-target option that takes one (its default, where it has one).
-SAMPLE = {"namespace": "n", "database": "d", "max_deletes": "5", "max_runtime": "1m"}
+SAMPLE = {"namespace": "n", "database": "sessions", "max_deletes": "5", "max_runtime": "1m"}
 
 
 @pytest.mark.parametrize(

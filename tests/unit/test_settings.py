@@ -14,6 +14,7 @@ from sweeper.encodings import Encoding
 from sweeper.errors import EXIT_USAGE, UsageError
 from sweeper.settings import (
     SweepSettings,
+    check_database,
     decide_ramp_up,
     format_duration,
     parse_duration,
@@ -33,22 +34,91 @@ from sweeper.slices import MAX_SHARDS, Shard
         ("1h30m", 5_400),
         ("1d2h3m4s", 93_784),
         ("0s", 0),
+        ("90m", 5_400),
+        ("14d", 1_209_600),
+        (" 3h ", 10_800),
     ],
 )
 def test_parse_duration_accepts(text: str, seconds: int) -> None:
     assert parse_duration(text) == dt.timedelta(seconds=seconds)
 
 
-@pytest.mark.parametrize("text", ["", "-5m", "1.5h", "5", "abc", "5x", " ", "m", "5m ago", "00"])
+# Uppercase units were once lowered (3M read as 3 minutes by someone who meant 3 months), and
+# \d with int() took any script's digits (Arabic-Indic 3, U+0663; fullwidth 15, U+FF11 U+FF15).
+MISREAD = [
+    "3M",
+    "3H",
+    "3D",
+    "90S",
+    "1h30M",
+    "1H30m",
+    "\u0663h",
+    "\uff11\uff15m",
+    "3 months",
+    "3w",
+    "3mo",
+]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "-5m", "1.5h", "5", "abc", "5x", " ", "m", "5m ago", "00", "+5m", "1h 30m", *MISREAD],
+)
 def test_parse_duration_rejects(text: str) -> None:
     with pytest.raises(UsageError, match="invalid duration") as info:
         parse_duration(text)
     assert info.value.exit_code == EXIT_USAGE
+    assert "s, m, h or d" in info.value.message
+    assert "lowercase" in info.value.message
+    assert "\n" not in info.value.message
 
 
-def test_parse_duration_rejects_overflow_as_usage_error() -> None:
-    with pytest.raises(UsageError, match="invalid duration"):
-        parse_duration("99999999999d")
+@pytest.mark.parametrize("text", ["99999999999d", "9" * 5000 + "s"])
+def test_parse_duration_rejects_overflow_as_usage_error(text: str) -> None:
+    with pytest.raises(UsageError, match=r"invalid duration .*: too large"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("value", "setting"),
+    [
+        ("sessions", "sessions"),
+        ("abcd", "abcd"),
+        ("eq-sessions-2", "eq-sessions-2"),
+        ("a" * 63, "a" * 63),
+        ("(default)", None),  # the default database's own id
+        ("", None),
+        (None, None),
+    ],
+)
+def test_check_database_accepts(value: str | None, setting: str | None) -> None:
+    assert check_database(value) == setting
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Bad Name!",
+        "Ab",
+        "-abc",
+        "abc",  # 3 characters
+        "a" * 64,
+        "abc-",
+        "1abc",
+        "Sessions",
+        "ses_sions",
+        "ses sions",
+        "(DEFAULT)",
+        "default)",
+        "\uff53\uff45\uff53\uff53\uff49\uff4f\uff4e\uff53",
+        "session\u00e9",
+    ],
+)
+def test_check_database_rejects(value: str) -> None:
+    with pytest.raises(UsageError, match="invalid database id") as info:
+        check_database(value)
+    assert info.value.exit_code == EXIT_USAGE
+    assert "4 to 63 lowercase letters, digits or hyphens" in info.value.message
 
 
 @pytest.mark.parametrize(
