@@ -239,8 +239,10 @@ class Gate:
             self._count_dry(groups)
             return
         queue = deque(groups)
+        limit = [MAX_BATCH_SIZE]  # keys per commit since one of this page's was too big
         while queue and not self._should_stop():
-            self._commit(_take(queue, self._sizer.size, self._groups_per_commit))
+            size = min(limit[0], self._sizer.size)
+            self._commit(_take(queue, size, self._groups_per_commit), limit)
             self.ledger.add(batches=1)
             self._on_batch()
 
@@ -315,12 +317,13 @@ class Gate:
 
     # -- commits ----------------------------------------------------------------------------
 
-    def _commit(self, groups: list[Group]) -> None:
-        """Delete ``groups`` (from ``_take``), reading them again while they change."""
+    def _commit(self, groups: list[Group], limit: list[int]) -> None:
+        """Delete ``groups`` (from ``_take``), reading them again while they change; a commit
+        refused as too big lowers ``limit`` for the rest of the page."""
         rereads = 0
         while groups:
-            if len(groups) == 1 and len(groups[0].members) > self._sizer.size:
-                self._chain(groups[0])
+            if len(groups) == 1 and len(groups[0].members) > min(limit[0], self._sizer.size):
+                self._chain(groups[0], limit)
                 return
             granted = self.allowance.reserve([len(g.members) for g in groups])
             if granted == 0:
@@ -337,9 +340,12 @@ class Gate:
                 groups = self._reread(groups, changed.gone)
                 continue
             except _Split as split:
+                limit[0] = min(limit[0], split.keys)
                 if len(groups) > 1:
-                    for at in range(0, len(groups), split.groups):
-                        self._commit(groups[at : at + split.groups])
+                    queue = deque(groups)
+                    while queue:
+                        size = min(limit[0], self._sizer.size)
+                        self._commit(_take(queue, size, split.groups), limit)
                 elif len(groups[0].members) <= 1:
                     self._refuse([groups[0].members[0].key])
                 else:
@@ -350,12 +356,12 @@ class Gate:
                 raise Capped
             return
 
-    def _chain(self, group: Group) -> None:
+    def _chain(self, group: Group, limit: list[int]) -> None:
         """Rule 2: a group larger than a commit, a commit at a time, each in a transaction
         that first looks up the sessions above its keys; the root goes last."""
         rereads = 0
         while group.members:
-            chunk = group.members[: self._sizer.size]
+            chunk = group.members[: min(limit[0], self._sizer.size)]
             left = self.allowance.left()
             if left is not None and left < len(chunk):  # descendants first: the root waits
                 chunk = chunk[:left]
@@ -376,11 +382,12 @@ class Gate:
                     return
                 group = fresh[0]
                 continue
-            except _Split:
+            except _Split as split:
                 if len(chunk) <= 1:
                     self._refuse([chunk[0].key])
                     group.members = group.members[1:]
-                continue  # else the sizer is smaller now, and so is the next chunk
+                limit[0] = min(limit[0], split.keys)  # the rest goes in chunks no larger
+                continue
             self.ledger.went([group], chunk)
             group.members = group.members[len(chunk) :]
 
@@ -428,6 +435,7 @@ class Gate:
             with self.ledger.lock:
                 self.ledger.versions.add(version)
         self._throttle.record(accepted=True)
+        self._log.debug("batch_deleted", keys=n, sessions=len(groups))
 
     def _attempt(self, chunk: list[Seen], guards: Sequence[Seen], maybe: list[bool]) -> int | None:
         """One try: a single-use transaction, or (guards) one that looks them up first."""
@@ -500,7 +508,7 @@ class Gate:
                 self._log.info(
                     "commit_split", keys=keys, now=smaller, reason="transaction or write too big"
                 )
-                return _Split(keys, max(1, len(groups) // 2))
+                return _Split(smaller, max(1, len(groups) // 2))
             return _Split(1, 1)
         self.ledger.add(failed=len(groups))
         return DatastoreError(f"deleting a batch failed after retries: {describe_exception(exc)}")
@@ -545,8 +553,8 @@ class Gate:
 
 
 class _Split(Exception):
-    """A commit refused as too big, or as touching too many entity groups: send its groups
-    ``groups`` at a time (a single group: in smaller chunks, the sizer has shrunk)."""
+    """A commit refused as too big, or as touching too many entity groups: send what it
+    held at most ``keys`` keys and ``groups`` groups a commit."""
 
     def __init__(self, keys: int, groups: int) -> None:
         super().__init__("split")

@@ -285,7 +285,7 @@ def test_each_range_yields_only_expired_values_of_its_encoding(
             streams = expired_streams(
                 target, run, encoding, cutoff, log=LOG, on_read=lambda n: None
             )
-            found = Counter(str(k.name) for stream in streams for page in stream for k in page)
+            found = Counter(str(s.key.name) for stream in streams for page in stream for s in page)
             expected = {
                 name for name, value in by_name.items() if is_expired(encoding, value, cutoff)
             }

@@ -18,6 +18,7 @@ from google.cloud import datastore
 from google.cloud.datastore import helpers
 from google.cloud.datastore.query import PropertyFilter
 from google.cloud.datastore_v1.types import datastore as datastore_pb2
+from google.cloud.datastore_v1.types import query as query_pb2
 
 from sweeper.encodings import to_micros
 from tests.support.clock import FakeClock
@@ -118,6 +119,8 @@ class FakeQuery:
         self.order: list[str] = []
         self.projection: list[str] = []
         self.fetched: list[tuple[int, bytes | None]] = []
+        self.namespace: str | None = None
+        self.distinct_on: list[str] = []
 
     def keys_only(self) -> None:
         self.projection = ["__key__"]  # what the client library does
@@ -150,6 +153,7 @@ class FakeTransaction:
         self.began = False
         self.read: list[datastore.Key] = []
         self.deletes: list[datastore.Key] = []
+        self.base_versions: dict[datastore.Key, int] = {}
         self.rolled_back = False
 
     def begin(self, *, retry: object, timeout: float) -> None:
@@ -197,8 +201,17 @@ class FakeApi:
         txn = self._open[raw.read_options.transaction] if raw.read_options.transaction else None
         found = self.client.get_multi(keys, transaction=txn, retry=retry, timeout=timeout)
         response = datastore_pb2.LookupResponse.pb()()
+        present = set()
         for entity in found:
-            response.found.add().entity.CopyFrom(helpers.entity_to_protobuf(entity)._pb)
+            result = response.found.add()
+            result.entity.CopyFrom(helpers.entity_to_protobuf(entity)._pb)
+            result.version = self.client.version_of(entity.key)
+            present.add(entity.key)
+        for key in keys:
+            if key not in present:  # the version of the write that deleted it, as Firestore
+                result = response.missing.add()
+                result.entity.key.CopyFrom(key.to_protobuf()._pb)
+                result.version = self.client.version_of(key)
         return datastore_pb2.LookupResponse.wrap(response)
 
     def commit(self, *, request: Any, retry: object, timeout: float) -> Any:
@@ -206,23 +219,67 @@ class FakeApi:
         keys = [helpers.key_from_protobuf(m.delete) for m in raw.mutations]
         if raw.mode == datastore_pb2.CommitRequest.Mode.NON_TRANSACTIONAL:
             self.client.delete_multi(keys, retry=retry, timeout=timeout)
-        else:
-            txn = self._open[raw.transaction]
-            txn.deletes.extend(keys)
-            self.client.commit(txn)
-        return datastore_pb2.CommitResponse()
+            return datastore_pb2.CommitResponse()
+        txn = self._open[raw.transaction] if raw.transaction else self.client.transaction()
+        txn.deletes.extend(keys)
+        txn.base_versions = {
+            key: m.base_version
+            for key, m in zip(keys, raw.mutations, strict=True)
+            if m.HasField("base_version")
+        }
+        version = self.client.commit(txn)
+        response = datastore_pb2.CommitResponse.pb()()
+        for _key in keys:
+            response.mutation_results.add().version = version
+        return datastore_pb2.CommitResponse.wrap(response)
 
     def rollback(self, *, request: Any, retry: object, timeout: float) -> Any:
         self._open[datastore_pb2.RollbackRequest.pb(request).transaction].rolled_back = True
         return datastore_pb2.RollbackResponse()
 
     def run_query(self, *, request: Any, retry: object, timeout: float) -> Any:
-        if "new_transaction" in request.get("read_options", {}):
-            # As the legacy emulator: the gate then re-checks each key by lookup.
-            raise api_error(
-                gexc.InvalidArgument, "Only ancestor queries are allowed inside transactions."
+        if isinstance(request, dict):  # the clock query (``Target.read_time``)
+            return type("Response", (), {"batch": FakeBatch(self.read_time)})()
+        raw = datastore_pb2.RunQueryRequest.pb(request)
+        query = self._query_of(raw.query)
+        cursor = raw.query.start_cursor or None
+        page = query.fetch(
+            limit=raw.query.limit.value, start_cursor=cursor, retry=retry, timeout=timeout
+        )
+        response = datastore_pb2.RunQueryResponse.pb()()
+        batch = response.batch
+        for entity in page:
+            result = batch.entity_results.add()
+            result.entity.CopyFrom(helpers.entity_to_protobuf(entity)._pb)
+            result.version = self.client.version_of(entity.key)
+        if page.next_page_token is None:
+            batch.more_results = query_pb2.QueryResultBatch.MoreResultsType.NO_MORE_RESULTS
+        else:
+            batch.more_results = query_pb2.QueryResultBatch.MoreResultsType.MORE_RESULTS_AFTER_LIMIT
+            batch.end_cursor = page.next_page_token
+        return datastore_pb2.RunQueryResponse.wrap(response)
+
+    def _query_of(self, raw: Any) -> FakeQuery:
+        """A raw query as the fake client's own: kind or ancestor, property filters."""
+        filters = list(raw.filter.composite_filter.filters)
+        if raw.filter.HasField("property_filter"):
+            filters.append(raw.filter)
+        ancestor = None
+        bounds = []
+        for f in filters:
+            pf = f.property_filter
+            if pf.op == query_pb2.PropertyFilter.Operator.HAS_ANCESTOR:
+                ancestor = helpers.key_from_protobuf(pf.value.key_value)
+                continue
+            op = {3: ">", 4: ">=", 1: "<", 2: "<="}[pf.op]
+            bounds.append(
+                PropertyFilter(pf.property.name, op, helpers._get_value_from_value_pb(pf.value))
             )
-        return type("Response", (), {"batch": FakeBatch(self.read_time)})()
+        kind = raw.kind[0].name if raw.kind else None
+        query = self.client.query(kind=kind, ancestor=ancestor)
+        for bound in bounds:
+            query.add_filter(filter=bound)
+        return query
 
 
 class FakeClient:
@@ -263,6 +320,10 @@ class FakeClient:
         self.deadline_s = deadline_s
         self.group_limit = group_limit
         self._gone: set[datastore.Key] = set()
+        # Datastore's version of each entity: 1 as stored, then that of the write that last
+        # changed (or deleted) it; ``put`` and ``drop`` are someone else's writes.
+        self._versions: dict[datastore.Key, int] = {}
+        self._version = 1
         self._lock = threading.Lock()  # ancestor queries come from several threads at once
         self._datastore_api = FakeApi(self)
         # queries
@@ -307,10 +368,22 @@ class FakeClient:
         """Someone else writes ``PROP`` of a stored entity."""
         (entity,) = [e for e in self.entities if e.key == key]
         entity[PROP] = value
+        self._written([key])
 
     def drop(self, key: datastore.Key) -> None:
         """Someone else deletes an entity."""
         self._gone.add(key)
+        self._written([key])
+
+    def version_of(self, key: datastore.Key) -> int:
+        return self._versions.get(key, 1)
+
+    def _written(self, keys: Sequence[datastore.Key]) -> int:
+        with self._lock:
+            self._version += 1
+            for key in keys:
+                self._versions[key] = self._version
+            return self._version
 
     # --- queries -------------------------------------------------------------------------
 
@@ -329,7 +402,8 @@ class FakeClient:
         if query.ancestor is not None:
             self.on_ancestor_query(query.ancestor)
             group = [query.ancestor, *self.children.get(query.ancestor, [])]
-            return [datastore.Entity(key) for key in group]
+            stored = {e.key: e for e in self.entities}
+            return [stored.get(key, datastore.Entity(key)) for key in group]
         if not (self.index and (query.filters or query.order)):
             return self.entities
         props = {f.property_name for f in query.filters} | {o.lstrip("-") for o in query.order}
@@ -411,17 +485,27 @@ class FakeClient:
         self.transactions.append(txn)
         return txn
 
-    def commit(self, txn: FakeTransaction) -> None:
+    def commit(self, txn: FakeTransaction) -> int:
         self._commits += 1
         error = self.commit_errors.pop(self._commits, None)
         if error is not None:
             self.on_commit_error()
             raise error
-        if len(txn.read) > self.group_limit:
+        if len(set(txn.read) | set(txn.deletes)) > self.group_limit:
             raise api_error(gexc.InvalidArgument, TOO_MANY_GROUPS)
         if self.too_big_over is not None and len(txn.deletes) > self.too_big_over:
             raise api_error(gexc.InvalidArgument, TOO_BIG)
+        changed = [
+            k for k, v in txn.base_versions.items() if k in self._gone or self.version_of(k) != v
+        ]
+        if changed:
+            raise api_error(
+                gexc.FailedPrecondition,
+                "the stored version does not match the required base version",
+            )
         self.deleted.extend(txn.deletes)
         self._gone.update(txn.deletes)
+        version = self._written(txn.deletes)
         if self._commits in self.lose_replies:  # applied, and the answer never came
             raise api_error(gexc.DeadlineExceeded, "Deadline Exceeded")
+        return version

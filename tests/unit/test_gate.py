@@ -1,8 +1,8 @@
-"""The gate on fakes: what goes in each commit, re-checks, retries, refusals and counts.
+"""The gate on fakes: what goes in each commit, versions, re-reads, refusals and counts.
 
-The fake client runs no range query inside a transaction (as the legacy emulator), so the
-gate's lookup re-check and its blind mode are exercised here; the held pages, the concurrent
-writer and sessions under sessions run against the real emulators (tests/integration).
+The fake client keeps a version per entity and refuses a commit whose base versions no longer
+match, as Datastore does; the concurrent writer, lost replies through a gRPC injector and
+sessions under sessions run against the real emulators (tests/integration).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from sweeper.allowance import Allowance, Capped
 from sweeper.deleter import BatchSizer
 from sweeper.encodings import Encoding
 from sweeper.errors import DatastoreError, RefusedError
-from sweeper.gate import LEGACY_LIMIT, SPARE_MAX_AGE_S, Gate, Rule
+from sweeper.gate import LEGACY_LIMIT, Gate, Rule, decide
 from sweeper.result import SweepResult
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
+from sweeper.rpc import Seen
 from sweeper.settings import MAX_BATCH_SIZE, SweepSettings
 from sweeper.stopping import Stopped, StopReason
 from sweeper.target import Target
@@ -55,9 +56,17 @@ def expired(keys: list[datastore.Key]) -> FakeClient:
 
 
 def used(store: FakeClient) -> list[FakeTransaction]:
-    """The transactions that read or deleted something: not those a worker began for a next
-    commit that never came (``Gate._spare``)."""
+    """The transactions that read or deleted something."""
     return [t for t in store.transactions if t.read or t.deletes]
+
+
+def read(store: FakeClient, keys: list[datastore.Key]) -> list[Seen]:
+    """What a page query reads of ``keys`` now: each one's version and value."""
+    values = store.values
+    return [
+        Seen(k, store.version_of(k), None if values.get(k, MISSING) is MISSING else values[k])
+        for k in keys
+    ]
 
 
 class Run:
@@ -72,6 +81,7 @@ class Run:
         attempts: int = 3,
         allowance: Allowance | None = None,
         clock: FakeClock | None = None,
+        provable: bool = True,
     ) -> None:
         self.client = client
         self.counter = RetryCounter()
@@ -85,6 +95,7 @@ class Run:
             Target(cast(datastore.Client, client), retrier, KIND, PROP),
             Rule(KIND, PROP, Encoding.EPOCH_SECONDS, CUTOFF),
             verify=verify,
+            versions_tell_commits=provable,
             dry_run=False,
             with_descendants=False,
             sizer=sizer,
@@ -93,7 +104,6 @@ class Run:
             result=self.result,
             lock=threading.Lock(),
             should_stop=lambda: False,
-            clock=self.clock,
         )
 
     @property
@@ -102,71 +112,85 @@ class Run:
         return r.matched, r.deleted, r.skipped, r.failed
 
 
-# --- the lookup re-check (rule 1) ----------------------------------------------------------
+# --- due at the version deleted (rule 1) ------------------------------------------------------
 
 
-def test_only_entities_still_expired_are_deleted() -> None:
-    keys = make_keys(8)
+def test_only_entities_the_page_saw_due_are_deleted_without_a_lookup() -> None:
+    keys = make_keys(7)
     values: dict[datastore.Key, object] = {
         keys[0]: EXPIRED,
-        keys[1]: LIVE,  # refreshed since the query
+        keys[1]: LIVE,
         keys[2]: None,
         keys[3]: MISSING,
         keys[4]: EXPIRED * 1000,  # expired, but epoch-millis: another encoding
         keys[5]: True,
-        keys[7]: CUTOFF_S - 1,
-    }  # keys[6] is already gone
+        keys[6]: CUTOFF_S - 1,
+    }
     store = FakeClient(entities(values))
     run = Run(store)
-    run.gate.delete(keys)
-    assert set(store.values) == set(values) - {keys[0], keys[7]}
+    run.gate.delete(read(store, keys))
+    assert set(store.values) == set(values) - {keys[0], keys[6]}
     (txn,) = used(store)
-    assert txn.read == keys
-    assert txn.deletes == [keys[0], keys[7]]
-    assert run.counts == (8, 2, 6, 0)
-    assert run.result.entities_read == 8
+    assert txn.read == []
+    assert txn.deletes == [keys[0], keys[6]]
+    assert txn.base_versions == dict.fromkeys((keys[0], keys[6]), 1)
+    assert run.counts == (2, 2, 5, 0)
+    assert run.result.entities_read == 0
 
 
 def test_a_value_exactly_at_the_cutoff_is_kept() -> None:
     keys = make_keys(1)
     store = FakeClient(entities({keys[0]: CUTOFF_S}))
-    Run(store).gate.delete(keys)
+    Run(store).gate.delete(read(store, keys))
     assert keys[0] in store.values
 
 
-def test_an_aborted_commit_is_read_again() -> None:
+def test_a_session_saved_again_after_the_page_was_read_is_kept_and_the_rest_go() -> None:
     keys = make_keys(3)
     store = expired(keys)
-    store.commit_errors = {1: api_error(gexc.Aborted, "contention")}
-    store.on_commit_error = lambda: store.put(keys[1], LIVE)  # the write that aborted it
+    page = read(store, keys)
+    store.put(keys[1], LIVE)  # the user came back between the query and the commit
     run = Run(store)
-    run.gate.delete(keys)
+    run.gate.delete(page)
     assert set(store.values) == {keys[1]}
-    assert used(store)[0].rolled_back
-    assert run.counter.retries == 1
+    first, second = used(store)
+    assert first.deletes == keys
+    assert second.deletes == [keys[0], keys[2]]
     assert run.counts == (3, 2, 1, 0)
+    assert run.result.entities_read == 3  # the refused commit's keys, looked up again
+
+
+def test_a_key_saved_again_with_the_same_expired_value_goes_at_its_new_version() -> None:
+    keys = make_keys(2)
+    store = expired(keys)
+    page = read(store, keys)
+    store.put(keys[0], EXPIRED)  # a writer touched it, still expired
+    run = Run(store)
+    run.gate.delete(page)
+    assert store.values == {}
+    assert run.counts == (2, 2, 0, 0)
 
 
 def test_a_key_given_twice_is_sent_once() -> None:
     keys = make_keys(3)
     store = expired(keys)
     run = Run(store)
-    run.gate.delete([*keys, keys[0]])
+    page = read(store, keys)
+    run.gate.delete([*page, page[0]])
     (txn,) = used(store)
     assert txn.deletes == keys
     assert run.counts == (3, 3, 0, 0)
 
 
-def test_transactions_shrink_to_25_entity_groups_once_the_database_refuses_more() -> None:
+def test_commits_shrink_to_25_entity_groups_once_the_database_refuses_more() -> None:
     first, second = make_keys(60), make_keys(60, start=1000)
     store = FakeClient(entities(dict.fromkeys(first + second, EXPIRED)), group_limit=LEGACY_LIMIT)
     run = Run(store)
     with capture_logs() as logs:
-        run.gate.delete(first)
-        run.gate.delete(second)
+        run.gate.delete(read(store, first))
+        run.gate.delete(read(store, second))
     assert store.values == {}
-    assert [len(t.read) for t in used(store)] == [60, 25, 25, 10, 25, 25, 10]
-    assert used(store)[0].rolled_back
+    assert [len(t.deletes) for t in store.transactions] == [60, 25, 25, 10, 25, 25, 10]
     assert run.counter.retries == 0  # a refusal is not a transient error
     (event,) = [e for e in logs if e["event"] == "transaction_size_reduced"]
     assert event["keys"] == LEGACY_LIMIT
@@ -177,8 +201,8 @@ def test_even_25_entity_groups_refused_fails_the_batch() -> None:
     store = FakeClient(entities(dict.fromkeys(keys, EXPIRED)), group_limit=10)
     run = Run(store)
     with pytest.raises(DatastoreError, match="InvalidArgument"):
-        run.gate.delete(keys)
-    assert [len(t.read) for t in used(store)] == [60, 25]
+        run.gate.delete(read(store, keys))
+    assert [len(t.deletes) for t in store.transactions] == [60, 25]
     assert run.result.deleted == 0
 
 
@@ -188,8 +212,8 @@ def test_a_failure_counts_what_went_before_it() -> None:
     store.commit_errors = {2: api_error(gexc.PermissionDenied, "missing datastore.entities.delete")}
     run = Run(store, maximum=25)
     with pytest.raises(DatastoreError, match="PermissionDenied"):
-        run.gate.delete(keys)
-    assert run.counts == (60, 25, 0, 25)
+        run.gate.delete(read(store, keys))
+    assert run.counts == (50, 25, 0, 25)
     assert len(store.values) == 35
 
 
@@ -199,24 +223,58 @@ def test_a_stop_mid_batch_keeps_the_count_of_what_went() -> None:
     store.commit_errors = {3: cast(Exception, Stopped(StopReason.SIGNAL))}
     run = Run(store, maximum=100)
     with pytest.raises(Stopped):
-        run.gate.delete(keys)
+        run.gate.delete(read(store, keys))
     assert run.result.deleted == 200
 
 
-# --- counts that never drift (rule 5) -------------------------------------------------------
+# --- counted as confirmed (rule 5) ------------------------------------------------------------
 
 
-def test_a_commit_applied_whose_answer_was_lost_is_counted_as_deleted() -> None:
+def test_a_commit_applied_whose_answer_was_lost_is_counted_once_by_its_version() -> None:
     keys = make_keys(10)
     store = expired(keys)
     store.lose_replies = {1}
     run = Run(store)
-    run.gate.delete(keys)
+    run.gate.delete(read(store, keys))
     assert store.values == {}
     assert run.counter.retries == 1
     assert run.counts == (10, 10, 0, 0)
-    # The retry looked them up, found them gone, and sent nothing more.
-    assert [len(t.deletes) for t in used(store)] == [10, 0]
+    # The repeat was refused (the keys had gone), and a lookup showed them gone at one version.
+    assert [len(t.deletes) for t in store.transactions] == [10, 10]
+    assert run.result.unattributed == 0
+
+
+def test_where_versions_cannot_show_whose_delete_it_was_the_keys_are_unattributed() -> None:
+    keys = make_keys(10)
+    store = expired(keys)
+    store.lose_replies = {1}
+    run = Run(store, provable=False)
+    run.gate.delete(read(store, keys))
+    assert store.values == {}
+    assert (run.result.deleted, run.result.unattributed) == (0, 10)
+
+
+def test_keys_another_writer_deleted_are_never_counted_as_ours() -> None:
+    keys = make_keys(4)
+    store = expired(keys)
+    page = read(store, keys)
+    store.drop(keys[0])
+    store.drop(keys[1])
+    run = Run(store)
+    run.gate.delete(page)
+    assert store.values == {}
+    assert (run.result.deleted, run.result.skipped) == (2, 2)
+
+
+def test_max_deletes_is_never_passed_when_a_lost_reply_may_have_been_applied() -> None:
+    keys = make_keys(10)
+    store = expired(keys)
+    store.lose_replies = {1}
+    run = Run(store, maximum=5, allowance=Allowance(8), provable=False)
+    run.gate.delete(read(store, keys))
+    # 5 went with the lost reply (unattributed, still counted against the cap): 3 more at most.
+    assert len(store.deleted) == 8
+    assert (run.result.deleted, run.result.unattributed) == (3, 5)
 
 
 # --- too big (rule 4) -----------------------------------------------------------------------
@@ -228,10 +286,10 @@ def test_a_commit_refused_as_too_big_is_split_until_it_goes() -> None:
     store.too_big_over = 70
     run = Run(store)
     with capture_logs() as logs:
-        run.gate.delete(keys)
+        run.gate.delete(read(store, keys))
     assert store.values == {}
     assert run.counts == (300, 300, 0, 0)
-    sent = [len(t.deletes) for t in used(store)]
+    sent = [len(t.deletes) for t in store.transactions]
     assert sent[:3] == [300, 150, 75]
     assert max(sent[3:]) <= 70
     assert [e["event"] for e in logs].count("commit_split") == 3
@@ -243,9 +301,9 @@ def test_a_single_key_refused_as_too_big_is_left_and_named_and_the_rest_go() -> 
     store.too_big_over = 0  # every commit refused, even of one key
     run = Run(store, verify=False)
     with capture_logs() as logs:
-        run.gate.delete(keys)
+        run.gate.delete(read(store, keys))
     assert set(store.values) == set(keys)
-    assert run.counts == (5, 0, 0, 5)
+    assert run.result.failed == 5
     assert run.gate.ledger.refused == keys
     refused = [e for e in logs if e["event"] == "delete_refused"]
     assert len(refused) == 5
@@ -255,13 +313,12 @@ def test_a_single_key_refused_as_too_big_is_left_and_named_and_the_rest_go() -> 
 # --- blind (--no-verify) --------------------------------------------------------------------
 
 
-def test_blind_deletes_are_one_commit_per_batch_without_reads() -> None:
+def test_blind_deletes_are_one_plain_commit_per_batch_without_versions() -> None:
     keys = make_keys(500)
     store = expired(keys)
-    run = Run(store, verify=False)
     with capture_logs() as logs:
         run = Run(store, verify=False)
-    run.gate.delete(keys)
+    run.gate.delete([Seen(k, 0, None) for k in keys])
     assert store.delete_calls == [keys]
     assert store.transactions == []
     assert run.result.entities_read == 0
@@ -273,31 +330,29 @@ def test_a_blind_commit_that_timed_out_is_retried_smaller() -> None:
     store = expired(keys)  # a timeout takes the call deadline: 20 s, and deletes nothing
     store.delete_errors = {1: api_error(gexc.DeadlineExceeded, "Deadline Exceeded")}
     run = Run(store, verify=False, clock=store.clock)
-    run.gate.delete(keys)
+    run.gate.delete([Seen(k, 0, None) for k in keys])
     sizes = [len(c) for c in store.delete_calls]
-    assert sizes[:2] == [500, 50]  # 2 s at the 0.04 s per key the timeout proved
+    assert sizes[:2] == [500, 500]  # the repeat is the same commit (its keys, its versions)
     assert store.deleted == keys
-    assert run.counts == (500, 500, 0, 0)
 
 
 @given(
     n=st.integers(1, MAX_BATCH_SIZE),
     maximum=st.integers(1, MAX_BATCH_SIZE),
-    timeouts=st.sets(st.integers(1, 12), max_size=6),
     too_big_over=st.sampled_from([None, 1, 7, 130]),
 )
 @settings(max_examples=60, deadline=None)
-def test_no_commit_exceeds_500_keys_and_every_key_goes_once(
-    n: int, maximum: int, timeouts: set[int], too_big_over: int | None
+def test_no_commit_exceeds_its_size_and_every_key_goes_once(
+    n: int, maximum: int, too_big_over: int | None
 ) -> None:
     keys = make_keys(n)
     store = expired(keys)
     store.too_big_over = too_big_over
-    store.delete_errors = {call: api_error(gexc.DeadlineExceeded, "slow") for call in timeouts}
-    run = Run(store, verify=False, attempts=20, maximum=maximum, clock=store.clock)
-    run.gate.delete(keys)
-    assert all(1 <= len(c) <= maximum for c in store.delete_calls)
-    assert store.deleted == keys
+    run = Run(store, attempts=20, maximum=maximum, clock=store.clock)
+    run.gate.delete(read(store, keys))
+    sent = [t for t in store.transactions if t.deletes]
+    assert all(len(t.deletes) <= maximum for t in sent)
+    assert sorted(store.deleted, key=lambda k: k.id) == keys
     assert run.result.deleted == n
 
 
@@ -308,11 +363,12 @@ def test_max_deletes_stops_at_the_cap_in_entities() -> None:
     keys = make_keys(10)
     store = expired(keys)
     run = Run(store, maximum=4, allowance=Allowance(6))
-    run.gate.delete(keys)
+    run.gate.delete(read(store, keys))
     assert len(store.deleted) == 6
     assert run.gate.allowance.capped
+    more = make_keys(3, start=100)
     with pytest.raises(Capped):  # the next page finds no room left
-        run.gate.delete(make_keys(3, start=100))
+        run.gate.delete([Seen(k, 1, EXPIRED) for k in more])
 
 
 def test_passing_the_guards_share_refuses_the_run() -> None:
@@ -320,7 +376,7 @@ def test_passing_the_guards_share_refuses_the_run() -> None:
     store = expired(keys)
     run = Run(store, maximum=4, allowance=Allowance(None, 5, " (test)"))
     with pytest.raises(RefusedError, match="max-fraction"):
-        run.gate.delete(keys)
+        run.gate.delete(read(store, keys))
     assert len(store.deleted) == 4
 
 
@@ -332,31 +388,30 @@ def test_the_allowance_counts_groups_whole_and_gives_back_what_did_not_go() -> N
     assert allowance.left() == 4
 
 
-# --- transactions begun in advance -----------------------------------------------------------
+# --- a group decided whole (rule 2) ------------------------------------------------------------
 
 
-def test_each_commit_uses_the_transaction_begun_during_the_last_lookup() -> None:
-    keys = make_keys(30)
-    store = expired(keys)
-    run = Run(store, maximum=10)
-    run.gate.delete(keys)
-    assert store.values == {}
-    # Three commits, four begins: the first commit's own, then one during each lookup (the
-    # last is never used). Each commit's chain is lookup, commit after the first.
-    assert len(store.transactions) == 4
-    assert [len(t.deletes) for t in used(store)] == [10, 10, 10]
-    assert used(store) == store.transactions[:3]
+def test_a_live_session_under_an_expired_one_keeps_itself_and_everything_under_it() -> None:
+    rule = Rule(KIND, PROP, Encoding.EPOCH_SECONDS, CUTOFF)
+    root = datastore.Key(KIND, "s", project="p")
+    live = datastore.Key(KIND, "s", KIND, "c", project="p")
+    under_live = [datastore.Key(KIND, "s", KIND, "c", "event", i, project="p") for i in (1, 2)]
+    under_root = datastore.Key(KIND, "s", "event", 9, project="p")
+    seen = [
+        Seen(root, 1, EXPIRED),
+        Seen(live, 1, LIVE),
+        *(Seen(k, 1, None) for k in under_live),
+        Seen(under_root, 1, None),
+    ]
+    group = decide(rule, root, seen)
+    assert group is not None
+    assert [s.key for s in group.members] == [under_root, root]  # the root last
+    assert group.guards(KIND, group.members[:1]) == [seen[0]]
 
 
-def test_a_transaction_begun_long_before_its_commit_is_left_unused() -> None:
-    keys = make_keys(20)
-    store = expired(keys)
-    run = Run(store, maximum=10)
-    run.gate.delete(keys[:10])
-    run.clock.advance(SPARE_MAX_AGE_S + 1)  # a long throttle wait, say
-    run.gate.delete(keys[10:])
-    assert store.values == {}
-    begun, spare, own, _next = store.transactions
-    assert [len(t.deletes) for t in (begun, own)] == [10, 10]
-    assert not spare.read  # too old: its commit began its own
-    assert not spare.deletes
+def test_a_group_whose_root_is_gone_or_live_is_not_deleted() -> None:
+    rule = Rule(KIND, PROP, Encoding.EPOCH_SECONDS, CUTOFF)
+    root = datastore.Key(KIND, "s", project="p")
+    child = datastore.Key(KIND, "s", "event", 1, project="p")
+    assert decide(rule, root, [Seen(child, 1, None)]) is None
+    assert decide(rule, root, [Seen(root, 1, LIVE), Seen(child, 1, None)]) is None

@@ -252,7 +252,9 @@ def test_scan_expired_yields_only_expired_keys_and_reports_reads() -> None:
     assert reads == [SCAN_FIRST_PAGE, 150]
     keys = keys_of(client.entities)
     # Expired keys are handed on together, a commit's worth at a time, not page by page.
-    assert pages == [[keys[0], keys[3], keys[7], keys[99], keys[200], keys[249]]]
+    assert [[s.key for s in page] for page in pages] == [
+        [keys[0], keys[3], keys[7], keys[99], keys[200], keys[249]]
+    ]
     assert not any(q.is_keys_only for q in client.queries)  # whole entities, to read values
     assert all(q.filters == [] for q in client.queries)  # every entity of the kind
 
