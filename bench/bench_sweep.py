@@ -1,26 +1,30 @@
-"""Side-by-side throughput: sweeper against the bare loop a user would write.
+"""Side-by-side whole-process timings: sweeper against the bare loop a user would write.
 
 Seeds identical runner-shaped copies (int epoch-second ``expires_at``, only it indexed,
 ~700-byte session data) into a local emulator, then clears each copy with:
 
-- ``sweeper``: the engine with its defaults (auto-detection, paging, retries, logs, and the
-  gate's check of every delete in its transaction);
-- ``sweeper --no-verify``: the same, deleting blindly what the queries returned;
+- ``sweeper``: the real command (``python -m sweeper sweep``) with its defaults (auto-detection,
+  paging, retries, logs, and every delete at the version its page read);
+- ``sweeper --no-verify``: the same, keys-only pages and blind commits;
 - ``bare loop``: keys-only query page of 500 on the expiry range, ``delete_multi``, repeat;
 - ``full-entity``: the incumbent's shape, whole entities read, deleted in batches;
 - ``per-entity``: one delete call per key, as many hand-written scripts do;
 - ``sweeper --scan`` against ``scan loop``: for an expiry no index holds, the whole kind read
   page by page (500 entities) and the expired ones deleted, by sweeper and by a bare loop;
 - ``beam pipeline``: the Apache Beam pipeline the Dataflow bulk-delete template runs
-  (``bench/beam_purge.py``, DirectRunner, in its own venv ``.venv-beam``; its time is the
-  pipeline's run, without its ~3 s of imports). It reads the whole result in one unbounded
-  query, which the Firestore emulator fails past ~4 MiB (about 4,500 sessions of this shape).
+  (``bench/beam_purge.py``, DirectRunner, in its own venv ``.venv-beam``). It reads the whole
+  result in one unbounded query, which the Firestore emulator fails past ~4 MiB (about 4,500
+  sessions of this shape).
 
-Each approach runs in a fresh process (so its peak RSS, read from ``wait4``, is its own), and
-rounds alternate the order so drift in the machine's speed hits all alike. ``--latency-ms``
-puts a loopback proxy between the approaches and the emulator that delays every chunk each
-way, as production's round trips do. Prints deletes/s, the ratio to the bare loop, peak RSS,
-and the RPCs per 1000 deletes (counted by wrapping the client's API). Run with ``make bench``
+What is timed is what a user or a CronJob waits for: each approach is a fresh process, timed
+from its start to its exit (interpreter start, imports, connecting, the checks before the
+first delete and the counts after the last included); its peak RSS is read from ``wait4``. The
+loops run in a child that imports the Datastore client and nothing of sweeper. Rounds
+alternate the order so drift in the machine's speed hits all alike. ``--latency-ms`` puts a
+loopback proxy between the approaches and the emulator that delays every chunk each way, as
+production's round trips do. Prints deletes/s over the whole process, the ratio to the bare
+loop, sweeper's own time outside its deletes (``sweep_finished``: the process's wall time
+minus ``deleting_s``), peak RSS and the calls per 1000 deletes. Run with ``make bench``
 (``python bench/bench_sweep.py --help``).
 """
 
@@ -28,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import io
 import json
 import os
 import statistics
@@ -44,18 +47,13 @@ from typing import Any
 from google.cloud import datastore
 from google.cloud.datastore.query import PropertyFilter
 
-from sweeper.encodings import Encoding
-from sweeper.engine import Sweep
-from sweeper.logs import configure
-from sweeper.settings import SweepSettings
-from sweeper.testing.emulator import FLAVOURS, running
-from sweeper.testing.proxy import TcpProxy
-from sweeper.testing.seed import Session, encode, put_sessions
-
-S = Encoding.EPOCH_SECONDS
-
 
 def seed(client: datastore.Client, kind: str, expired: int, live: int) -> None:
+    # Imported here, not at the top: the loops' child process imports nothing of sweeper.
+    from sweeper.encodings import Encoding  # noqa: PLC0415
+    from sweeper.testing.seed import Session, encode, put_sessions  # noqa: PLC0415
+
+    S = Encoding.EPOCH_SECONDS
     # Expiries spread over the 5 hours before the grace, as a day of real sessions would be;
     # live ones over the next hour.
     now = dt.datetime.now(dt.UTC)
@@ -71,34 +69,12 @@ def seed(client: datastore.Client, kind: str, expired: int, live: int) -> None:
     put_sessions(client, kind, sessions, data_bytes=700)
 
 
-def run_sweeper(client: datastore.Client, kind: str, verify: bool = True) -> int:
-    # A backlog (91% of the kind due): the fraction guard would refuse it, as it should a
-    # first run over a backlog; everything else is sweeper's default.
-    settings = SweepSettings(
-        kind=kind,
-        prop="expires_at",
-        format="auto",
-        grace=dt.timedelta(minutes=15),
-        verify=verify,
-        max_fraction=1.0,
-    )
-    return Sweep(settings, client).run().deleted
-
-
-def run_sweeper_blind(client: datastore.Client, kind: str) -> int:
-    return run_sweeper(client, kind, verify=False)
-
-
-def run_sweeper_scan(client: datastore.Client, kind: str) -> int:
-    settings = SweepSettings(
-        kind=kind,
-        prop="expires_at",
-        format=S,
-        grace=dt.timedelta(minutes=15),
-        scan=True,
-        max_fraction=1.0,
-    )
-    return Sweep(settings, client).run().deleted
+# sweeper itself runs as the command a user types (``run_in_child``): these are its arguments.
+SWEEPER_COMMANDS: dict[str, list[str]] = {
+    "sweeper": [],
+    "sweeper --no-verify": ["--no-verify"],
+    "sweeper --scan": ["--scan", "--format", "epoch-seconds"],
+}
 
 
 def run_scan_loop(client: datastore.Client, kind: str) -> int:
@@ -150,17 +126,14 @@ def run_per_entity(client: datastore.Client, kind: str) -> int:
     return deleted
 
 
-APPROACHES: dict[str, Callable[[datastore.Client, str], int]] = {
-    "sweeper": run_sweeper,
-    "sweeper --no-verify": run_sweeper_blind,
+LOOPS: dict[str, Callable[[datastore.Client, str], int]] = {
     "bare loop": run_bare,
     "full-entity": run_full_entity,
     "per-entity": run_per_entity,
-    "sweeper --scan": run_sweeper_scan,
     "scan loop": run_scan_loop,
-    "beam pipeline": lambda _client, _kind: 0,  # run in its own venv: see run_in_child
 }
 BEAM = "beam pipeline"
+APPROACHES = [*SWEEPER_COMMANDS, *LOOPS, BEAM]
 BEAM_PYTHON = Path(__file__).resolve().parents[1] / ".venv-beam" / "bin" / "python"
 
 _KEY_ONLY = 3  # EntityResult.ResultType.KEY_ONLY
@@ -202,6 +175,8 @@ class Tally:
     """One approach's figures over all rounds."""
 
     rates: list[float] = field(default_factory=list)
+    walls: list[float] = field(default_factory=list)
+    outside: list[float] = field(default_factory=list)  # sweeper: wall - deleting_s
     peak_rss_mib: list[float] = field(default_factory=list)
     counts: Counter[str] = field(default_factory=Counter)
 
@@ -211,20 +186,21 @@ def main() -> None:
     parser.add_argument("--expired", type=int, default=10_000)
     parser.add_argument("--live", type=int, default=1_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--emulator", choices=FLAVOURS, default="datastore")
+    parser.add_argument("--emulator", choices=("datastore", "firestore"), default="datastore")
     parser.add_argument(
         "--latency-ms",
         type=float,
         default=0.0,
         help="delay added each way by a loopback proxy, as production has",
     )
-    parser.add_argument("--only", nargs="*", choices=list(APPROACHES), default=list(APPROACHES))
+    parser.add_argument("--only", nargs="*", choices=APPROACHES, default=APPROACHES)
     parser.add_argument("--child", nargs=2, metavar=("APPROACH", "KIND"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    configure("json", "warning", io.StringIO())  # keep sweeper's logs out of the table
     if args.child:
         run_child(*args.child)
         return
+    from sweeper.testing.emulator import running  # noqa: PLC0415
+    from sweeper.testing.proxy import TcpProxy  # noqa: PLC0415
 
     tallies = {name: Tally() for name in args.only}
     with (
@@ -244,43 +220,69 @@ def main() -> None:
                     raise SystemExit(f"{name} deleted {outcome['deleted']}, not {args.expired}")
                 tally = tallies[name]
                 tally.rates.append(outcome["deleted"] / outcome["elapsed"])
+                tally.walls.append(outcome["elapsed"])
+                if "deleting_s" in outcome:
+                    tally.outside.append(outcome["elapsed"] - outcome["deleting_s"])
                 tally.peak_rss_mib.append(rss_kib / 1024)
                 tally.counts.update(outcome["counts"])
     report(args, tallies)
 
 
 def run_in_child(name: str, kind: str, env: dict[str, str]) -> tuple[dict[str, Any], int]:
-    """Run one approach in a fresh process, so its peak RSS is its own (from wait4)."""
-    command = [sys.executable, __file__, "--child", name, kind]
-    if name == BEAM:
+    """Run one approach as a fresh process, timed from its start to its exit; its peak RSS
+    is its own (from wait4)."""
+    project = env.get("DATASTORE_PROJECT_ID", "sweeper-test")
+    if name in SWEEPER_COMMANDS:
+        # A backlog (91% of the kind due): the fraction guard would refuse it, as it should a
+        # first run over a backlog; everything else is sweeper's default.
+        command = [sys.executable, "-m", "sweeper", "sweep", "--project", project]
+        command += ["--kind", kind, "--grace", "15m", "--max-fraction", "1"]
+        command += ["--log-format", "json", *SWEEPER_COMMANDS[name]]
+    elif name == BEAM:
         if not BEAM_PYTHON.exists():
             raise SystemExit(
                 "beam pipeline: create its venv first: python3 -m venv .venv-beam && "
                 ".venv-beam/bin/pip install -r bench/beam_requirements.txt"
             )
         cutoff = str(int(time.time()) - 15 * 60)
-        project = env.get("DATASTORE_PROJECT_ID", "sweeper-test")
         script = str(Path(__file__).with_name("beam_purge.py"))
         command = [str(BEAM_PYTHON), script, "--project", project, "--kind", kind]
         command += ["--cutoff", cutoff]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE)
+    else:
+        command = [sys.executable, __file__, "--child", name, kind]
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     assert proc.stdout is not None
     output = proc.stdout.read()
     _pid, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} failed with exit code {proc.returncode}")
-    outcome: dict[str, Any] = json.loads(output.splitlines()[-1])
-    outcome.setdefault("counts", {})  # Beam's calls are not counted
+    elapsed = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{name} failed with exit code {os.waitstatus_to_exitcode(status)}")
+    outcome = _outcome(name, output)
+    outcome["elapsed"] = elapsed
     return outcome, usage.ru_maxrss  # KiB on Linux
+
+
+def _outcome(name: str, output: bytes) -> dict[str, Any]:
+    """What the child reports: sweeper's ``sweep_finished``, a loop's or Beam's JSON line."""
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith(b"{")]
+    if name not in SWEEPER_COMMANDS:
+        found: dict[str, Any] = lines[-1]
+        found.setdefault("counts", {})  # Beam's calls are not counted
+        return found
+    (done,) = [e for e in lines if e.get("event") == "sweep_finished"]
+    counts = {
+        "run_query": done["queries"],
+        "entities_read": done["entities_read"],
+        "commit": done["commits"],
+    }
+    return {"deleted": done["deleted"], "deleting_s": done["deleting_s"], "counts": counts}
 
 
 def run_child(name: str, kind: str) -> None:
     client, api = counting_client(os.environ.get("DATASTORE_PROJECT_ID", "sweeper-test"))
-    started = time.perf_counter()
-    deleted = APPROACHES[name](client, kind)
-    elapsed = time.perf_counter() - started
-    print(json.dumps({"deleted": deleted, "elapsed": elapsed, "counts": dict(api.counts)}))
+    deleted = LOOPS[name](client, kind)
+    print(json.dumps({"deleted": deleted, "counts": dict(api.counts)}))
 
 
 def report(args: argparse.Namespace, tallies: dict[str, Tally]) -> None:
@@ -289,13 +291,13 @@ def report(args: argparse.Namespace, tallies: dict[str, Tally]) -> None:
     per_k = 1000 / (args.expired * args.rounds)
     print(
         f"\n{args.emulator} emulator, {args.latency_ms:g} ms added each way, {args.expired} "
-        f"expired + {args.live} live sessions, median of {args.rounds} rounds"
+        f"expired + {args.live} live sessions, whole process, median of {args.rounds} rounds"
     )
     print(
-        "| approach | deletes/s | vs bare loop | peak RSS MiB | per 1000 deleted: queries "
-        "| entities read | commits |"
+        "| approach | wall s | deletes/s | vs bare loop | outside deletes s | peak RSS MiB "
+        "| per 1000 deleted: queries | entities read | commits |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     scan_loop = tallies.get("scan loop")
     scan_base = statistics.median(scan_loop.rates) if scan_loop else None
     for name, t in tallies.items():
@@ -303,11 +305,12 @@ def report(args: argparse.Namespace, tallies: dict[str, Tally]) -> None:
         ratio = f"{median / base:.2f}x" if base else "-"
         if name == "sweeper --scan" and scan_base:  # a scan is compared with a scan
             ratio = f"{median / scan_base:.2f}x the scan loop"
+        outside = f"{statistics.median(t.outside):.2f}" if t.outside else "-"
         c = t.counts
         print(
-            f"| {name} | {median:.0f} | {ratio} | {statistics.median(t.peak_rss_mib):.0f} "
-            f"| {c['run_query'] * per_k:.1f} | {c['entities_read'] * per_k:.0f} "
-            f"| {(c['commit']) * per_k:.1f} |"
+            f"| {name} | {statistics.median(t.walls):.2f} | {median:.0f} | {ratio} | {outside} "
+            f"| {statistics.median(t.peak_rss_mib):.0f} | {c['run_query'] * per_k:.1f} "
+            f"| {c['entities_read'] * per_k:.0f} | {c['commit'] * per_k:.1f} |"
         )
 
 

@@ -17,13 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from google.cloud import datastore
-
 from sweeper.allowance import Allowance
 from sweeper.detect import check_explicit, decide, read_ends
 from sweeper.encodings import Encoding, ExpiredRange, expired_range, is_expired
 from sweeper.errors import RefusedError
+from sweeper.gate import Rule
 from sweeper.guard import (
+    Descendants,
     Exposure,
     Plan,
     check_fraction,
@@ -104,16 +104,15 @@ def guard(
     if s.dry_run or (window.empty and not s.scan) or (s.max_fraction >= 1 and confirm is None):
         return Allowance(s.max_deletes)
     share = s.max_fraction if confirm is None else 1.0  # a person sees the whole count
-    exposure, samples = _exposure(target, s, encoding, window, result, share=share)
-    sessions = exposure
-    if s.with_descendants:
-        under = sample_descendants(target, *samples)
-        exposure = under.exposure(sessions)
+    rule = Rule(s.kind, s.prop, encoding, result.cutoff)
+    exposure, under = _exposure(target, s, rule, window, result, share=share)
+    if under is not None:
+        exposure = under.exposure(exposure)
         log.info(
             "descendants_sampled",
             per_due_session=round(under.per_due, 2),
             per_live_session=round(under.per_live, 2),
-            sampled=sum(map(len, samples)),
+            sampled=under.sampled,
         )
     result.due_fraction = exposure.fraction
     log.info(
@@ -142,23 +141,27 @@ def guard(
 def _exposure(
     target: Target,
     s: SweepSettings,
-    encoding: Encoding,
+    rule: Rule,
     window: ExpiredRange,
     result: SweepResult,
     *,
     share: float,
-) -> tuple[Exposure, tuple[list[datastore.Key], list[datastore.Key]]]:
+) -> tuple[Exposure, Descendants | None]:
+    """What the run would delete, in sessions, and (``--with-descendants``) what a sample
+    says lies under each: sampled first, so the count of what carries the property goes as
+    far as the share needs in entities."""
     if s.scan:
         exposure, due, live = scan_exposure(
             target,
-            expired=lambda v: is_expired(encoding, v, result.cutoff),
+            expired=lambda v: is_expired(rule.encoding, v, result.cutoff),
             on_read=lambda n: setattr(result, "entities_read", result.entities_read + n),
         )
-        return exposure, (due, live)
-    exposure = measure(target, window, share)
+        under = sample_descendants(target, rule, due, live) if s.with_descendants else None
+        return exposure, under
     if not s.with_descendants:
-        return exposure, ([], [])
-    return exposure, range_samples(target, window)
+        return measure(target, window, share), None
+    under = sample_descendants(target, rule, *range_samples(target, window))
+    return measure(target, window, share, under), under
 
 
 def _confirm(

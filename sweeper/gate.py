@@ -43,7 +43,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from google.api_core import exceptions as gexc
@@ -55,13 +55,15 @@ from sweeper.deleter import BatchSizer
 from sweeper.encodings import Encoding, is_expired
 from sweeper.errors import DatastoreError, SweeperError, describe_exception, is_bug
 from sweeper.pipeline import Pipeline
-from sweeper.result import SweepResult
 from sweeper.retry import AMBIGUOUS
 from sweeper.rpc import Seen
 from sweeper.settings import MAX_BATCH_SIZE
 from sweeper.stopping import Stopped
 from sweeper.target import Target
 from sweeper.throttle import Throttle
+
+if TYPE_CHECKING:  # the result names the guard's plan, which names the gate's rule
+    from sweeper.result import SweepResult
 
 # The legacy Datastore emulator (and Datastore before Firestore) lets one transaction touch at
 # most 25 entity groups; Firestore in Datastore mode takes a whole 500-key batch.

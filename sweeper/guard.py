@@ -26,6 +26,7 @@ from google.cloud import datastore
 
 from sweeper.encodings import Encoding, ExpiredRange
 from sweeper.errors import RefusedError
+from sweeper.gate import Rule, decide
 from sweeper.target import Count, Target
 
 COUNT_LIMIT = 10_000_000
@@ -75,7 +76,9 @@ class Plan:
     exposure: Exposure
 
 
-def measure(target: Target, window: ExpiredRange, share: float) -> Exposure:
+def measure(
+    target: Target, window: ExpiredRange, share: float, under: Descendants | None = None
+) -> Exposure:
     """Count the run's range, then what carries the property only as far as the guard needs.
 
     With ``due`` counted exactly, at least ``due / share`` entities carrying the property
@@ -83,7 +86,12 @@ def measure(target: Target, window: ExpiredRange, share: float) -> Exposure:
     would delete, not to the kind's size.
     """
     due = target.count(target.within(window), COUNT_LIMIT)
-    enough = COUNT_LIMIT if due.lower_bound or share >= 1 else math.ceil(due.n / share)
+    if due.lower_bound or share >= 1:
+        enough = COUNT_LIMIT
+    elif under is not None:  # in entities: sessions with what lies under them
+        enough = min(COUNT_LIMIT, under.sessions_needed(due.n, share))
+    else:
+        enough = math.ceil(due.n / share)
     carrying = target.count(target.carrying(), max(1, enough))
     return Exposure(due, carrying)
 
@@ -128,10 +136,19 @@ def range_samples(
 
 @dataclass(frozen=True)
 class Descendants:
-    """Entities under each session, on average over a sample of due and of live sessions."""
+    """Entities under each session, on average over a sample of due and of live sessions:
+    under a due one, only what would go with it (a live session under it keeps its own)."""
 
     per_due: float
     per_live: float
+    sampled: int = 0
+
+    def sessions_needed(self, due: int, share: float) -> int:
+        """Sessions carrying the property to count so that, in entities, ``due`` sessions'
+        share is settled: ``due * (1 + per_due)`` against ``share`` of the carrying entities,
+        each carrying session beyond the due ones counted ``1 + per_live``."""
+        due_entities = due * (1 + self.per_due)
+        return math.ceil(due + due_entities * (1 / share - 1) / (1 + self.per_live))
 
     def exposure(self, sessions: Exposure) -> Exposure:
         """The exposure in entities: each session counted with what lies under it."""
@@ -145,16 +162,23 @@ class Descendants:
 
 
 def sample_descendants(
-    target: Target, due: list[datastore.Key], live: list[datastore.Key]
+    target: Target, rule: Rule, due: list[datastore.Key], live: list[datastore.Key]
 ) -> Descendants:
-    """One ancestor query per sampled session (at most ``2 * DESCENDANT_SAMPLE``)."""
+    """One ancestor query per sampled session (at most ``2 * DESCENDANT_SAMPLE``). Under a
+    due session only what the gate would delete with it counts (``gate.decide``)."""
 
-    def mean(keys: list[datastore.Key]) -> float:
-        if not keys:
-            return 0.0
-        return sum(len(target.descendants(k)) for k in keys) / len(keys)
+    def going(key: datastore.Key) -> int:
+        group = decide(rule, key, target.group(key))
+        return 0 if group is None else len(group.members) - 1
 
-    return Descendants(mean(due), mean(live))
+    def mean(keys: list[datastore.Key], count: Callable[[datastore.Key], int]) -> float:
+        return sum(count(k) for k in keys) / len(keys) if keys else 0.0
+
+    return Descendants(
+        mean(due, going),
+        mean(live, lambda k: len(target.descendants(k))),
+        len(due) + len(live),
+    )
 
 
 def check_fraction(exposure: Exposure, share: float, kind: str, prop: str) -> None:
@@ -163,11 +187,15 @@ def check_fraction(exposure: Exposure, share: float, kind: str, prop: str) -> No
         return
     due, carrying = exposure.due, exposure.carrying
     fraction = exposure.fraction
-    how_much = (
-        f"{due.n} of the {carrying.n} {kind} entities that carry {prop} ({fraction:.0%})"
-        if fraction is not None
-        else f"at least {due.n} {kind} entities (more than could be counted, {COUNT_LIMIT})"
-    )
+    if fraction is not None:
+        how_much = f"{due.n} of the {carrying.n} {kind} entities that carry {prop} ({fraction:.0%})"
+    elif due.lower_bound:
+        how_much = f"at least {due.n} {kind} entities (more than could be counted, {COUNT_LIMIT})"
+    else:
+        how_much = (
+            f"{due.n} {kind} entities, of at least {carrying.n} that carry {prop} "
+            f"(at most {due.n / carrying.n:.0%})"
+        )
     raise RefusedError(
         f"refusing: this run would delete {how_much}, more than --max-fraction {share:g}. "
         "A wrong --property, --kind or --grace looks like this. So does the first run over a "

@@ -42,7 +42,7 @@ class RunSettings:
 
     workers: int = DEFAULT_WORKERS
     batch_size: int = MAX_BATCH_SIZE
-    # Each key looked up in the transaction that deletes it (``sweeper.gate``).
+    # Each key deleted at the version its page read (``sweeper.gate``).
     verify: bool = True
     scan: bool = False
     shards: int = 1
@@ -50,8 +50,9 @@ class RunSettings:
     max_rate: float | None = None
     # Below 1 the guard counts the due range and what carries the property before deleting.
     max_fraction: float = DEFAULT_MAX_FRACTION
-    # Keys per --verify transaction: 25 where the database takes at most 25 entity groups in one
-    # (the legacy emulator, which also reports no read time), a whole batch elsewhere.
+    # Keys per all-or-nothing commit: 25 where the database takes at most 25 entity groups in
+    # one transaction (the legacy emulator, which also reports no read time), a whole batch
+    # elsewhere.
     transaction_keys: int = MAX_BATCH_SIZE
     # Whether COUNT is one aggregation query; else counting pages through the keys.
     aggregation: bool = True
@@ -179,8 +180,9 @@ def _walk(cells: Mapping[int, int], histogram: Histogram, shard: Shard) -> tuple
 @dataclass(frozen=True)
 class Operations:
     """The calls a run makes, as ``sweep_finished`` counts them, and the entity reads billed:
-    one per keys-only or projection query, per 1,000 index entries an aggregation COUNT reads,
-    per entity re-read by ``--verify`` or read by ``--scan``."""
+    one per keys-only query page, per 1,000 index entries an aggregation COUNT reads, per
+    entity a page returns with its version (every range but ``--no-verify``'s), per entity
+    read by ``--scan``."""
 
     queries: int
     commits: int
@@ -218,13 +220,15 @@ def operations(backlog: Backlog, settings: RunSettings) -> Operations:
         # A scan hands its keys on a full commit at a time, whatever its read pages.
         per = PAGE_SIZE if backlog.scan_reads is not None else _per_call(settings)
         commits += sum(_commits(batch, settings) for batch in _batches(keys, per, settings))
-    read = (backlog.due if settings.verify else 0) + (backlog.scan_reads or 0)
+    read = backlog.scan_reads or 0
     if backlog.scan_reads is not None and settings.max_fraction < 1:
         # The guard of a scan reads the whole kind once before the scan that deletes.
         queries += scan_pages(backlog.scan_reads, settings)
         read += backlog.scan_reads
     deleted = backlog.due
-    billed += backlog.due if settings.projected else 0
+    # Pages that read each entity's version (every range unless --no-verify) or its value
+    # (text ranges) bill one read per result; keys-only pages one per page.
+    billed += backlog.due if (settings.projected or settings.verify) and not settings.scan else 0
     if settings.descendants_per_session is not None:
         # One ancestor query per session (a page per 500 under it), and its descendants
         # deleted in the same commits as far as they fit.

@@ -32,6 +32,7 @@ from sweeper.encodings import (
     from_micros,
 )
 from sweeper.errors import DatastoreError, RefusedError, UsageError, describe_exception
+from sweeper.gate import Rule, decide
 from sweeper.inspect.forecast import (
     Forecast,
     forecast,
@@ -225,7 +226,7 @@ def _inspect(
         oldest=_oldest(target, encoding) if encoding else None,
         carrying=count(),
         clock_source=clock.source,
-        descendants=_descendants(target, window) if window and not s.scan else None,
+        descendants=_descendants(target, window, cutoff) if window and not s.scan else None,
     )
     if window is None or action not in ("sweep", "scan"):
         return report
@@ -312,12 +313,17 @@ def _oldest(target: Target, encoding: Encoding) -> Oldest | None:
     return Oldest(value, from_micros(ordinal * encoding.unit_us))
 
 
-def _descendants(target: Target, window: ExpiredRange) -> DescendantSample | None:
-    """Entities under the first expired sessions: what ``--with-descendants`` adds."""
+def _descendants(
+    target: Target, window: ExpiredRange, cutoff: dt.datetime
+) -> DescendantSample | None:
+    """Entities under the first expired sessions that would go with them: what
+    ``--with-descendants`` adds (a live session under one keeps its own, ``gate.decide``)."""
     if window.empty:
         return None
+    rule = Rule(target.kind, target.prop, window.encoding, cutoff)
     sessions = target.keys(target.within(window), DESCENDANT_SAMPLE)
-    counts = [len(target.descendants(key)) for key in sessions]
+    groups = [decide(rule, key, target.group(key)) for key in sessions]
+    counts = [len(g.members) - 1 for g in groups if g is not None]
     return DescendantSample(len(counts), sum(counts), max(counts, default=0))
 
 
