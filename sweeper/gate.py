@@ -324,8 +324,12 @@ class Gate:
         refused as too big lowers ``limit`` for the rest of the page."""
         rereads = 0
         while groups:
-            if len(groups) == 1 and len(groups[0].members) > min(limit[0], self._sizer.size):
+            size = min(limit[0], self._sizer.size)
+            if len(groups) == 1 and len(groups[0].members) > size:
                 self._chain(groups[0], limit)
+                return
+            if len(groups) > 1 and sum(len(g.members) for g in groups) > size:
+                self._repack(groups, len(groups), limit)  # the sizer shrank since they were taken
                 return
             granted = self.allowance.reserve([len(g.members) for g in groups])
             if granted == 0:
@@ -341,13 +345,12 @@ class Gate:
                     return
                 groups = self._reread(groups, changed.gone)
                 continue
+            except _Resize:
+                continue
             except _Split as split:
                 limit[0] = min(limit[0], split.keys)
                 if len(groups) > 1:
-                    queue = deque(groups)
-                    while queue:
-                        size = min(limit[0], self._sizer.size)
-                        self._commit(_take(queue, size, split.groups), limit)
+                    self._repack(groups, split.groups, limit)
                 elif len(groups[0].members) <= 1:
                     self._refuse([groups[0].members[0].key])
                 else:
@@ -357,6 +360,12 @@ class Gate:
             if capped:
                 raise Capped
             return
+
+    def _repack(self, groups: list[Group], per_commit: int, limit: list[int]) -> None:
+        """``groups`` again, in commits of the size allowed now."""
+        queue = deque(groups)
+        while queue:
+            self._commit(_take(queue, min(limit[0], self._sizer.size), per_commit), limit)
 
     def _chain(self, group: Group, limit: list[int]) -> None:
         """Rule 2: a group larger than a commit, a commit at a time, each in a transaction
@@ -384,6 +393,8 @@ class Gate:
                     return
                 group = fresh[0]
                 continue
+            except _Resize:
+                continue
             except _Split as split:
                 if len(chunk) <= 1:
                     self._refuse([chunk[0].key])
@@ -410,10 +421,15 @@ class Gate:
                     "delete" if not self.verify else "verify",
                     lambda: self._attempt(chunk, guards, maybe_applied),
                 )
-        except _Changed:
+        except (_Changed, _Resize) as exc:
+            if not self.verify:  # blind deletes are sent again as they are: nothing to settle
+                self.allowance.release(n)
+                raise
             settled = self._settle(chunk, maybe_applied[0])
             if settled is not None:
                 self.allowance.release(n - len(settled))
+                if isinstance(exc, _Resize) and not settled:
+                    raise  # not applied: sent again smaller
                 raise _Changed(settled) from None
             version = None  # rule 5: the lost commit was applied; it counts as confirmed
         except gexc.InvalidArgument as exc:
@@ -459,8 +475,12 @@ class Gate:
         except gexc.FailedPrecondition:
             txn = None  # a refused commit ends its transaction
             raise _Changed from None
-        except AMBIGUOUS:
+        except AMBIGUOUS as exc:
             maybe[0] = True
+            if isinstance(exc, gexc.DeadlineExceeded) and self._sizer.size < len(deletes):
+                # Timed out, and the sizer now wants smaller commits: settled, then sent smaller
+                # (the same commit again would time out again).
+                raise _Resize from exc
             raise
         finally:
             if txn is not None:
@@ -552,6 +572,11 @@ class Gate:
                 key=str(key.flat_path),
                 reason="transaction or write too big, even alone: left in place",
             )
+
+
+class _Resize(Exception):
+    """A commit timed out and the sizer wants smaller ones: it was not applied (a lookup
+    showed its keys at the versions sent), so its groups go again in smaller commits."""
 
 
 class _Split(Exception):

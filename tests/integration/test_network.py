@@ -83,8 +83,11 @@ def test_a_backlog_is_swept_with_default_settings_while_every_connection_drops_a
         "error"
     )
     assert summary["matched"] == backlog
-    # A commit whose answer a drop cut off is found applied by its retry: counted as deleted.
-    assert summary["deleted"] == backlog
+    # A commit whose answer a drop cut off is found applied by its repeat: counted as deleted
+    # where the database shows the deleting write's version (Firestore), else unattributed.
+    assert summary["deleted"] + summary["unattributed"] == backlog
+    if emulator.flavour == "firestore":
+        assert summary["unattributed"] == 0
     assert summary["retries"] > 0
     # The degradation is reported: calls in flight were cut back, for a measured time.
     assert summary["concurrency_reductions"] > 0
