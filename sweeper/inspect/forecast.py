@@ -228,7 +228,8 @@ def operations(backlog: Backlog, settings: RunSettings) -> Operations:
     deleted = backlog.due
     # Pages that read each entity's version (every range unless --no-verify) or its value
     # (text ranges) bill one read per result; keys-only pages one per page.
-    billed += backlog.due if (settings.projected or settings.verify) and not settings.scan else 0
+    by_result = (settings.projected or settings.verify) and backlog.scan_reads is None
+    billed += backlog.due if by_result else 0
     if settings.descendants_per_session is not None:
         # One ancestor query per session (a page per 500 under it), and its descendants
         # deleted in the same commits as far as they fit.

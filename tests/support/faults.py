@@ -83,6 +83,7 @@ class FaultInjector:
       big"), not forwarded.
     * ``lose_commit_replies`` -- that share of commits is forwarded and applied, and then the
       reply is replaced by ``DEADLINE_EXCEEDED``: the write happened, the client cannot know.
+      ``lost_reply_codes`` sets the code (drawn from it, when it holds more than one).
 
     ``only_methods`` (names such as ``{"Commit", "Lookup"}``; ``None`` for all) limits the two
     random rules. A commit failed before forwarding inside a transaction leaves that transaction
@@ -111,6 +112,7 @@ class FaultInjector:
         "fail_codes",
         "fail_share",
         "lose_commit_replies",
+        "lost_reply_codes",
         "only_methods",
         "refuse_commits_over",
         "upstream",
@@ -120,6 +122,7 @@ class FaultInjector:
         self.upstream = upstream
         self.refuse_commits_over: int | None = None
         self.lose_commit_replies: float = 0.0
+        self.lost_reply_codes: tuple[grpc.StatusCode, ...] = (grpc.StatusCode.DEADLINE_EXCEEDED,)
         self.fail_share: float = 0.0
         self.fail_codes: tuple[grpc.StatusCode, ...] = (
             grpc.StatusCode.UNAVAILABLE,
@@ -249,7 +252,12 @@ class FaultInjector:
                 self._applied += mutations
             if self._draw(self.lose_commit_replies, method):
                 self._count("Commit:reply_lost")
-                _abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, "injected: reply lost")
+                lost = self.lost_reply_codes
+                code = lost[0]
+                if len(lost) > 1:  # one code draws nothing: seeded runs fail as they always did
+                    with self._lock:
+                        code = self._random.choice(lost)
+                _abort(context, code, "injected: reply lost")
         return reply
 
     def _forward(self, method: str, request: bytes, context: Any) -> bytes:
