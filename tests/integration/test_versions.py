@@ -367,3 +367,58 @@ def test_the_default_fraction_guard_lets_a_small_share_with_descendants_through(
     summary = finished(run)
     assert left(client, groups) == {**size(groups), "expired sessions": 0, "their events": 0}
     assert (summary["deleted"], summary["descendants_deleted"]) == (10, 50)
+
+
+# --- 1b. the same, when the database refuses commits as too big or C is saved mid-group -------
+
+
+def test_a_live_nested_session_keeps_its_subtree_when_commits_are_split_as_too_big(
+    emulator: Emulator, client: datastore.Client, kind: str
+) -> None:
+    """Commits over 8 mutations refused as "transaction or write too big": the page's commits
+    are split until they go, and C (live) keeps all 30 of its events (S's group was decided
+    whole before any commit: C's subtree was never in it)."""
+    groups = live_under_expired(kind, 30)
+    write(client, groups)
+
+    with FaultInjector(emulator.host) as injector:
+        injector.refuse_commits_over = 8
+        result = sweep(client_via(injector, emulator), kind, S, with_descendants=True)
+
+    assert result.exit_code == 0, result.error
+    assert injector.counts["Commit:refused_too_big"] > 0, "no commit was refused: nothing tested"
+    got = left(client, groups)
+    assert got == {**size(groups), "S": 0, "other expired sessions": 0, "their events": 0}
+    assert result.deleted + result.descendants_deleted == 1 + 5 + 15
+
+
+def test_a_nested_session_saved_live_between_the_commits_of_its_group_keeps_what_is_left(
+    emulator: Emulator, client: datastore.Client, kind: str
+) -> None:
+    """Expired S holds expired C with 700 events: one group over two commits, the first of
+    which looks up S and C (the sessions above its keys) in its transaction first. C is saved
+    live (the runner's whole-entity write) between the two: the second commit, which deletes
+    C at the version read, is refused, the group is read again, and C keeps itself and the
+    events the first commit had not reached; S goes."""
+    s, c = (kind, "S"), (kind, "S", kind, "C")
+    groups: Groups = {"S": {s: expired()}, "C": {c: expired(hours=-1)}, "events": events(c, 700)}
+    write(client, groups)
+    commits: list[int] = []
+
+    def save_c_live_before_the_second(request: Any) -> None:
+        commits.append(len(request.mutations))
+        if len(commits) == 2:
+            write(client, {"C": {c: live()}})
+
+    with emulator_env(emulator.env):
+        watched = datastore.Client(project=client.project, namespace=client.namespace)  # type: ignore[no-untyped-call]
+    hook_api(watched, commit=save_c_live_before_the_second)
+    result = sweep(watched, kind, S, with_descendants=True, workers=1)
+
+    assert result.exit_code == 0, result.error
+    assert commits[:2] == [500, 202], "the group did not span two commits as planned"
+    got = left(client, groups)
+    assert got["S"] == 0
+    assert got["C"] == 1, "C, saved live mid-group, was deleted"
+    assert got["events"] == 700 - 500, "C's events beyond the first commit must stay"
+    assert (result.deleted, result.descendants_deleted) == (1, 500)
