@@ -411,7 +411,7 @@ def test_a_nested_session_saved_live_between_the_commits_of_its_group_keeps_what
             write(client, {"C": {c: live()}})
 
     with emulator_env(emulator.env):
-        watched = datastore.Client(project=client.project, namespace=client.namespace)  # type: ignore[no-untyped-call]
+        watched = datastore.Client(project=client.project, namespace=client.namespace)
     hook_api(watched, commit=save_c_live_before_the_second)
     result = sweep(watched, kind, S, with_descendants=True, workers=1)
 
