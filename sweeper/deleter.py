@@ -1,21 +1,18 @@
-"""How big each commit is: the batch sizer, and a batch's groups cut into commits.
+"""How big each commit is: the batch sizer.
 
-Datastore refuses more than 500 mutations per commit; the gate (``sweeper.gate``) takes its
-commits from :class:`Pending`, each at most the size :class:`BatchSizer` allows now.
+Datastore refuses more than 500 mutations per commit; the gate (``sweeper.gate``) packs its
+groups into commits of at most the size :class:`BatchSizer` allows now.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import TypeVar
 
 from google.api_core import exceptions as gexc
-from google.cloud import datastore
 
 from sweeper.concurrency import Degradation, DegradationLog
-from sweeper.settings import MAX_BATCH_SIZE
 
 T = TypeVar("T")
 
@@ -103,50 +100,3 @@ class BatchSizer:
     def degradation(self) -> Degradation:
         with self._lock:
             return self._log.degradation()
-
-
-Descendants = Mapping[datastore.Key, Sequence[datastore.Key]]
-# One part of a commit: (session, keys): the keys to delete if the session may go. The session
-# itself is the last key of its group's last part.
-Part = tuple[datastore.Key, list[datastore.Key]]
-
-
-class Pending:
-    """What is left to delete of one batch: per session, its descendants and then itself.
-
-    A commit takes whole groups while they fit; a group larger than a commit goes over several,
-    descendants first and the session last, so a run that stops in between leaves the session
-    (still expired) for the next run to find its remaining descendants through.
-    """
-
-    def __init__(self, keys: Sequence[datastore.Key], descendants: Descendants | None) -> None:
-        under = descendants or {}
-        self._groups: deque[Part] = deque((k, [*under.get(k, ()), k]) for k in keys)
-
-    def __len__(self) -> int:
-        """Sessions not yet deleted (whole, or their last keys)."""
-        return len(self._groups)
-
-    def take(self, size: int, max_groups: int = MAX_BATCH_SIZE) -> list[Part]:
-        """The next commit: at most ``size`` keys over at most ``max_groups`` sessions."""
-        taken: list[Part] = []
-        room = size
-        for session, keys in self._groups:
-            if len(taken) == max_groups:
-                break
-            if len(keys) > room:
-                if not taken:  # a group larger than a commit: its first keys
-                    taken.append((session, keys[:size]))
-                break
-            taken.append((session, keys))
-            room -= len(keys)
-        return taken
-
-    def done(self, taken: list[Part], kept: frozenset[datastore.Key] = frozenset()) -> None:
-        """``taken`` (from :meth:`take`) went, except the groups of sessions in ``kept``."""
-        for session, keys in taken:
-            rest = self._groups[0][1]
-            if session in kept or len(keys) == len(rest):
-                self._groups.popleft()
-            else:
-                del rest[: len(keys)]

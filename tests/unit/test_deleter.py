@@ -1,6 +1,6 @@
 """Commit sizes on fakes: the ``BatchSizer`` that follows the database's answer time (and cuts at
-once on a timeout or a commit refused as too big), and ``Pending``, a batch's groups cut into
-commits. What goes in each commit is the gate's (tests/unit/test_gate.py)."""
+once on a timeout or a commit refused as too big). What goes in each commit is the gate's
+(tests/unit/test_gate.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,10 @@ import datetime as dt
 import pytest
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
-from hypothesis import given
-from hypothesis import strategies as st
 
 from sweeper.concurrency import Degradation
-from sweeper.deleter import BatchSizer, Part, Pending
+from sweeper.deleter import BatchSizer
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
-from sweeper.settings import MAX_BATCH_SIZE
 from tests.support.clock import FakeClock
 from tests.unit.fakes import api_error
 
@@ -152,86 +149,6 @@ def test_sizer_degradation_reports_smallest_reductions_and_reduced_time() -> Non
 
 
 # --- groups: a session and its descendants (--with-descendants) ----------------------------
-
-
-def _key(*path: str) -> datastore.Key:
-    return datastore.Key(*path, project="p")
-
-
-def _groups(
-    sizes: list[int],
-) -> tuple[list[datastore.Key], dict[datastore.Key, list[datastore.Key]]]:
-    sessions = [_key("s", f"s{i}") for i in range(len(sizes))]
-    under = {
-        s: [_key("s", f"s{i}", "c", f"c{j}") for j in range(n)]
-        for i, (s, n) in enumerate(zip(sessions, sizes, strict=True))
-    }
-    return sessions, under
-
-
-def count_parts(parts: list[Part]) -> tuple[int, int]:
-    """(sessions, descendants) among the keys of ``parts``."""
-    sessions = sum(1 for session, keys in parts if keys[-1] is session)
-    return sessions, sum(len(keys) for _s, keys in parts) - sessions
-
-
-def _drain(pending: Pending, size: int, max_groups: int = MAX_BATCH_SIZE) -> list[list[Part]]:
-    commits = []
-    while pending:
-        parts = pending.take(size, max_groups)
-        pending.done(parts)
-        commits.append(parts)
-    return commits
-
-
-def test_whole_groups_share_a_commit_while_they_fit() -> None:
-    sessions, under = _groups([2, 3, 0, 495])
-    commits = _drain(Pending(sessions, under), 500)
-    # 3 + 4 + 1 keys in the first commit; the 496-key group does not fit beside them.
-    assert [[len(keys) for _s, keys in parts] for parts in commits] == [[3, 4, 1], [496]]
-    for parts in commits:
-        for session, keys in parts:
-            assert keys[-1] is session  # whole groups: the session last
-
-
-def test_a_group_larger_than_a_commit_goes_descendants_first_session_last() -> None:
-    sessions, under = _groups([1200])
-    commits = _drain(Pending(sessions, under), 500)
-    assert [sum(len(k) for _s, k in parts) for parts in commits] == [500, 500, 201]
-    (session,) = sessions
-    assert all(session not in keys for parts in commits[:-1] for _s, keys in parts)
-    assert commits[-1][0][1][-1] is session
-    assert [count_parts(parts) for parts in commits] == [(0, 500), (0, 500), (1, 200)]
-
-
-def test_a_kept_session_drops_the_rest_of_its_group() -> None:
-    sessions, under = _groups([700, 2])
-    pending = Pending(sessions, under)
-    first = pending.take(500)
-    assert [len(keys) for _s, keys in first] == [500]
-    pending.done(first, kept=frozenset({sessions[0]}))  # refreshed: nothing more of it goes
-    rest = pending.take(500)
-    assert [s for s, _keys in rest] == [sessions[1]]
-
-
-def test_transactions_hold_at_most_max_groups_sessions() -> None:
-    sessions, under = _groups([0] * 60)
-    commits = _drain(Pending(sessions, under), 500, max_groups=25)
-    assert [len(parts) for parts in commits] == [25, 25, 10]
-
-
-@given(sizes=st.lists(st.integers(0, 1200), min_size=1, max_size=12), size=st.integers(5, 500))
-def test_every_key_goes_once_and_each_session_after_its_descendants(
-    sizes: list[int], size: int
-) -> None:
-    sessions, under = _groups(sizes)
-    commits = _drain(Pending(sessions, under), size)
-    sent = [key for parts in commits for _s, keys in parts for key in keys]
-    assert all(sum(len(k) for _s, k in parts) <= size for parts in commits)
-    assert len(sent) == len(set(sent)) == len(sessions) + sum(sizes)
-    position = {key: i for i, key in enumerate(sent)}
-    for session in sessions:
-        assert all(position[child] < position[session] for child in under[session])
 
 
 def test_a_refused_commit_caps_the_size_until_fast_commits_grow_it_back() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from collections import deque
 from typing import cast
 
 import pytest
@@ -22,7 +23,7 @@ from sweeper.allowance import Allowance, Capped
 from sweeper.deleter import BatchSizer
 from sweeper.encodings import Encoding
 from sweeper.errors import DatastoreError, RefusedError
-from sweeper.gate import LEGACY_LIMIT, Gate, Rule, decide
+from sweeper.gate import LEGACY_LIMIT, Gate, Group, Rule, _take, decide
 from sweeper.result import SweepResult
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.rpc import Seen
@@ -82,6 +83,7 @@ class Run:
         allowance: Allowance | None = None,
         clock: FakeClock | None = None,
         provable: bool = True,
+        with_descendants: bool = False,
     ) -> None:
         self.client = client
         self.counter = RetryCounter()
@@ -97,7 +99,7 @@ class Run:
             verify=verify,
             versions_tell_commits=provable,
             dry_run=False,
-            with_descendants=False,
+            with_descendants=with_descendants,
             sizer=sizer,
             allowance=allowance or Allowance(None),
             throttle=Throttle(ThrottleSettings(), clock=FakeClock(), sleep=lambda _s: None),
@@ -415,3 +417,45 @@ def test_a_group_whose_root_is_gone_or_live_is_not_deleted() -> None:
     child = datastore.Key(KIND, "s", "event", 1, project="p")
     assert decide(rule, root, [Seen(child, 1, None)]) is None
     assert decide(rule, root, [Seen(root, 1, LIVE), Seen(child, 1, None)]) is None
+
+
+# --- commits of whole groups -------------------------------------------------------------------
+
+
+def _group(i: int, children: int) -> Group:
+    root = datastore.Key(KIND, f"s{i}", project="p")
+    under = [
+        Seen(datastore.Key(KIND, f"s{i}", "c", j, project="p"), 1, None) for j in range(children)
+    ]
+    return Group(root, [*under, Seen(root, 1, EXPIRED)])
+
+
+def test_whole_groups_share_a_commit_while_they_fit_and_a_large_one_goes_alone() -> None:
+    queue = deque(_group(i, n) for i, n in enumerate([2, 3, 0, 495, 1200]))
+    commits = []
+    while queue:
+        commits.append([len(g.members) for g in _take(queue, 500, MAX_BATCH_SIZE)])
+    assert commits == [[3, 4, 1], [496], [1201]]
+
+
+def test_commits_hold_at_most_max_groups_sessions() -> None:
+    queue = deque(_group(i, 0) for i in range(60))
+    commits = []
+    while queue:
+        commits.append(len(_take(queue, 500, LEGACY_LIMIT)))
+    assert commits == [25, 25, 10]
+
+
+def test_a_group_larger_than_a_commit_goes_descendants_first_in_guarded_commits() -> None:
+    root = datastore.Key(KIND, 1, project="p")
+    store = FakeClient(entities({root: EXPIRED}))
+    store.children[root] = [datastore.Key(KIND, 1, "c", j, project="p") for j in range(1200)]
+    run = Run(store, with_descendants=True)
+    run.gate.delete(read(store, [root]))
+    sent = [t.deletes for t in store.transactions if t.deletes]
+    assert [len(d) for d in sent] == [500, 500, 201]
+    assert root not in sent[0] + sent[1]
+    assert sent[2][-1] == root
+    # The first two looked the session up in their transaction first; the last deletes it.
+    assert [t.read for t in store.transactions if t.deletes] == [[root], [root], []]
+    assert (run.result.deleted, run.result.descendants_deleted) == (1, 1200)
