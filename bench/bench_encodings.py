@@ -39,7 +39,11 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+# The test helpers (emulators, proxy, seeding) live in tests/support, outside the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_sweep import counting_client
 from google.cloud import datastore
@@ -50,9 +54,9 @@ from sweeper.engine import Sweep
 from sweeper.logs import configure
 from sweeper.settings import SweepSettings
 from sweeper.stopping import StopReason
-from sweeper.testing.emulator import FLAVOURS, Emulator, Flavour
-from sweeper.testing.proxy import TcpProxy
-from sweeper.testing.seed import Session, encode, names, put_entities, put_sessions
+from tests.support.emulator import FLAVOURS, Emulator, Flavour
+from tests.support.proxy import TcpProxy
+from tests.support.seed import Session, encode, names, put_entities, put_sessions
 
 REFERENCE = Encoding.EPOCH_SECONDS
 CHILD_KIND = "event"

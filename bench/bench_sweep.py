@@ -44,6 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The test helpers (emulators, proxy, seeding) live in tests/support, outside the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from google.cloud import datastore
 from google.cloud.datastore.query import PropertyFilter
 
@@ -51,7 +54,7 @@ from google.cloud.datastore.query import PropertyFilter
 def seed(client: datastore.Client, kind: str, expired: int, live: int) -> None:
     # Imported here, not at the top: the loops' child process imports nothing of sweeper.
     from sweeper.encodings import Encoding  # noqa: PLC0415
-    from sweeper.testing.seed import Session, encode, put_sessions  # noqa: PLC0415
+    from tests.support.seed import Session, encode, put_sessions  # noqa: PLC0415
 
     S = Encoding.EPOCH_SECONDS
     # Expiries spread over the 5 hours before the grace, as a day of real sessions would be;
@@ -199,8 +202,8 @@ def main() -> None:
     if args.child:
         run_child(*args.child)
         return
-    from sweeper.testing.emulator import running  # noqa: PLC0415
-    from sweeper.testing.proxy import TcpProxy  # noqa: PLC0415
+    from tests.support.emulator import running  # noqa: PLC0415
+    from tests.support.proxy import TcpProxy  # noqa: PLC0415
 
     tallies = {name: Tally() for name in args.only}
     with (

@@ -25,11 +25,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# The test helpers (emulators, proxy, seeding) live in tests/support, outside the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
-from sweeper.testing.emulator import FLAVOURS, running
-from sweeper.testing.seed import Session, encode, put_sessions
+from tests.support.emulator import FLAVOURS, running
+from tests.support.seed import Session, encode, put_sessions
 
 GNU_TIME = "/usr/bin/time"
 MAX_RSS = re.compile(r"Maximum resident set size \(kbytes\):\s*(\d+)")

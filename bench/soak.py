@@ -26,11 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The test helpers (emulators, proxy, seeding) live in tests/support, outside the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from google.cloud import datastore
 from matplotlib.figure import Figure  # no pyplot, no display: the PNG only
 
-from sweeper.testing.emulator import FLAVOURS, running
-from sweeper.testing.seed import runner_eq_session
+from tests.support.emulator import FLAVOURS, running
+from tests.support.seed import runner_eq_session
 
 REPO = Path(__file__).resolve().parent.parent
 KIND = "eq-session"

@@ -12,12 +12,16 @@ import datetime as dt
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+# The test helpers (emulators, proxy, seeding) live in tests/support, outside the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
-from sweeper.testing.emulator import running
-from sweeper.testing.seed import MISSING, Session, encode, put_sessions
+from tests.support.emulator import running
+from tests.support.seed import MISSING, Session, encode, put_sessions
 
 KIND = "eq-session"
 GROUPS = {  # name: (how many, expiry relative to now, or a fixed value)

@@ -24,7 +24,7 @@ import pytest
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
-from sweeper.testing.emulator import FLAVOURS, Emulator, Flavour
+from tests.support.emulator import FLAVOURS, Emulator, Flavour
 from tests.integration.helpers import make_client
 
 pytestmark = pytest.mark.integration

@@ -22,8 +22,8 @@ from google.cloud.datastore_v1.types import datastore as datastore_pb2
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, Sweep, SweepResult
 from sweeper.settings import FormatChoice, SweepSettings
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.seed import Session, encode, put_sessions
+from tests.support.emulator import Emulator
+from tests.support.seed import Session, encode, put_sessions
 from tests.support.faults import FaultInjector
 
 

@@ -12,7 +12,7 @@ from google.cloud import datastore
 from sweeper.cli import main
 from sweeper.encodings import Encoding
 from sweeper.settings import DEFAULT_KIND
-from sweeper.testing.emulator import Emulator, free_port
+from tests.support.emulator import Emulator, free_port
 from tests.integration.helpers import (
     ago,
     group_names,

@@ -8,7 +8,7 @@ from typing import Any
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
-from sweeper.testing.emulator import Emulator
+from tests.support.emulator import Emulator
 from tests.contract import SWEEP_FINISHED_FIELDS
 from tests.integration.helpers import ago, ahead, run_cli, seed, stored, survivors
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from google.cloud import datastore
 
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.seed import names, put_entities, runner_eq_session
+from tests.support.emulator import Emulator
+from tests.support.seed import names, put_entities, runner_eq_session
 
 NOW = dt.datetime.now(dt.UTC)
 # Expired beyond the 15-minute default grace; live ones expire within the next day (what a

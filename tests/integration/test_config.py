@@ -8,8 +8,8 @@ from pathlib import Path
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.seed import MISSING, Session, put_sessions
+from tests.support.emulator import Emulator
+from tests.support.seed import MISSING, Session, put_sessions
 from tests.integration.helpers import ago, ahead, run_cli, seed, stored, survivors
 
 S, TS = Encoding.EPOCH_SECONDS, Encoding.TIMESTAMP

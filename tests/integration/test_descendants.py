@@ -18,8 +18,8 @@ from google.cloud import datastore
 from sweeper.encodings import Encoding
 from sweeper.inspect.report import inspect_target
 from sweeper.inspect.table import report_dict
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.seed import encode
+from tests.support.emulator import Emulator
+from tests.support.seed import encode
 from tests.integration.helpers import (
     ago,
     ahead,

@@ -1,7 +1,7 @@
 """No emulator outlives the process that started it, however that process ends.
 
 A suite stopped by a CI time limit (SIGTERM) or killed outright (SIGKILL) runs no fixture
-teardown; the emulator's watchdog (``sweeper/testing/emulator.py``) must end it all the same.
+teardown; the emulator's watchdog (``tests/support/emulator.py``) must end it all the same.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from sweeper.testing.emulator import Emulator, Flavour
+from tests.support.emulator import Emulator, Flavour
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # A stand-in for the test suite: starts an emulator, says where, and waits to be killed.
 STARTER = """
 import sys, time
-from sweeper.testing.emulator import Emulator
+from tests.support.emulator import Emulator
 emulator = Emulator(sys.argv[1]).start()
 assert emulator.process is not None
 print(emulator.process.pid, emulator.port, flush=True)

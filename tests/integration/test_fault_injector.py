@@ -16,7 +16,7 @@ from google.api_core import exceptions as gexc
 from google.api_core.retry import Retry
 from google.cloud import datastore
 
-from sweeper.testing.emulator import Emulator
+from tests.support.emulator import Emulator
 from tests.integration.helpers import client_via, remaining
 from tests.support.faults import TOO_BIG, FaultInjector
 

@@ -17,8 +17,8 @@ from google.cloud import datastore
 
 from sweeper import rpc
 from sweeper.encodings import Encoding
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.seed import encode
+from tests.support.emulator import Emulator
+from tests.support.seed import encode
 from tests.integration.helpers import (
     ago,
     ahead,

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from google.cloud import datastore
 
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.seed import names, put_entities, runner_eq_session, runner_questionnaire_state
+from tests.support.emulator import Emulator
+from tests.support.seed import names, put_entities, runner_eq_session, runner_questionnaire_state
 from tests.integration.helpers import make_client, run_on_a_terminal
 
 NOW = dt.datetime.now(dt.UTC)

@@ -16,8 +16,8 @@ import pytest
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.seed import MISSING
+from tests.support.emulator import Emulator
+from tests.support.seed import MISSING
 from tests.integration.helpers import ago, run_cli, survivors
 
 

@@ -18,8 +18,8 @@ from sweeper.inspect.report import InspectReport, inspect_target
 from sweeper.inspect.table import render_table, report_dict
 from sweeper.settings import FormatChoice
 from sweeper.slices import Shard
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.seed import MISSING, UNINDEXED, encode
+from tests.support.emulator import Emulator
+from tests.support.seed import MISSING, UNINDEXED, encode
 from tests.integration.helpers import (
     ago,
     ahead,

@@ -26,7 +26,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sweeper.metrics import BasicAuth, MetricsError, push_summary
-from sweeper.testing.emulator import free_port
+from tests.support.emulator import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -24,7 +24,7 @@ from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.run import sweep_targets
 from sweeper.settings import SweepSettings
 from sweeper.target import namespaces
-from sweeper.testing.emulator import Emulator
+from tests.support.emulator import Emulator
 from tests.integration.helpers import (
     ago,
     ahead,

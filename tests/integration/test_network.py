@@ -21,9 +21,9 @@ from google.cloud import datastore
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime
 from sweeper.retry import NO_CLIENT_RETRY, RetryPolicy
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.proxy import TcpProxy
-from sweeper.testing.seed import Session, encode, names, put_sessions
+from tests.support.emulator import Emulator
+from tests.support.proxy import TcpProxy
+from tests.support.seed import Session, encode, names, put_sessions
 from tests.integration.helpers import ago, make_client, sweep
 
 S = Encoding.EPOCH_SECONDS

@@ -10,8 +10,8 @@ import pytest
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.proxy import TcpProxy
+from tests.support.emulator import Emulator
+from tests.support.proxy import TcpProxy
 from tests.integration.helpers import (
     ago,
     ahead,

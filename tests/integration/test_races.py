@@ -19,9 +19,9 @@ from google.cloud import datastore
 
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, SweepResult
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.proxy import TcpProxy
-from sweeper.testing.seed import Session, encode, put_sessions
+from tests.support.emulator import Emulator
+from tests.support.proxy import TcpProxy
+from tests.support.seed import Session, encode, put_sessions
 from tests.integration.helpers import make_client, remaining, sweep
 
 MS = Encoding.EPOCH_MILLIS

@@ -1,6 +1,6 @@
 """The shipped ``deploy/sweeper.toml`` against data shaped exactly as the eQ runner writes it.
 
-The seed comes from ``sweeper.testing.seed``'s ``runner_*`` functions: int epoch seconds for
+The seed comes from ``tests.support.seed``'s ``runner_*`` functions: int epoch seconds for
 every expiry and for ``submitted_at``, null where unset, ISO strings for ``created_at`` and
 ``updated_at``, and only the runner's index fields indexed. The shipped file names the
 runner's real kinds, while each test needs kinds of its own; so the test sweeps a temporary
@@ -26,8 +26,8 @@ from google.cloud import datastore
 
 from sweeper.config import load_targets
 from sweeper.settings import DEFAULT_GRACE, DEFAULT_PROPERTY, parse_duration
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.seed import (
+from tests.support.emulator import Emulator
+from tests.support.seed import (
     put_entities,
     runner_epoch_seconds,
     runner_eq_session,

@@ -12,8 +12,8 @@ from google.cloud import datastore
 from sweeper.encodings import Encoding, to_micros
 from sweeper.engine import SweepResult
 from sweeper.slices import Shard
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.seed import encode
+from tests.support.emulator import Emulator
+from tests.support.seed import encode
 from tests.integration.helpers import (
     RecordingClient,
     ago,

@@ -31,9 +31,9 @@ from google.cloud import datastore
 from sweeper.encodings import Encoding
 from sweeper.engine import DELETERS_PER_STREAM
 from sweeper.retry import STOP_BUDGET_S
-from sweeper.testing.emulator import Emulator, free_port
-from sweeper.testing.proxy import BlackHole, TcpProxy
-from sweeper.testing.seed import Session, put_sessions
+from tests.support.emulator import Emulator, free_port
+from tests.support.proxy import BlackHole, TcpProxy
+from tests.support.seed import Session, put_sessions
 from tests.integration.helpers import (
     ago,
     ahead,

@@ -11,8 +11,8 @@ from structlog.testing import capture_logs
 
 from sweeper.encodings import Encoding
 from sweeper.settings import FormatChoice
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.seed import MISSING, encode
+from tests.support.emulator import Emulator
+from tests.support.seed import MISSING, encode
 from tests.integration.helpers import (
     ago,
     ahead,

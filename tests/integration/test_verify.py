@@ -9,8 +9,8 @@ from google.cloud import datastore
 from structlog.testing import capture_logs
 
 from sweeper.encodings import Encoding
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.seed import Session, encode, put_sessions
+from tests.support.emulator import Emulator
+from tests.support.seed import Session, encode, put_sessions
 from tests.integration.helpers import (
     ago,
     ahead,

@@ -31,8 +31,8 @@ from google.cloud import datastore
 
 from sweeper.encodings import Encoding
 from sweeper.settings import DEFAULT_MAX_FRACTION
-from sweeper.testing.emulator import Emulator
-from sweeper.testing.seed import encode
+from tests.support.emulator import Emulator
+from tests.support.seed import encode
 from tests.integration.helpers import (
     ago,
     ahead,

@@ -1,6 +1,6 @@
 """A loopback gRPC proxy in front of an emulator that answers chosen calls with errors.
 
-The emulators never fail on their own, and :mod:`sweeper.testing.proxy` works on bytes: it can
+The emulators never fail on their own, and :mod:`tests.support.proxy` works on bytes: it can
 delay and cut connections, but it cannot tell one call from another. Production Datastore fails
 per call, and some of its failures depend on what the call is: a commit with too many mutations
 is refused as ``INVALID_ARGUMENT``, a commit can be applied while its reply is lost (the client
