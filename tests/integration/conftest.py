@@ -24,8 +24,8 @@ import pytest
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
-from tests.support.emulator import FLAVOURS, Emulator, Flavour
 from tests.integration.helpers import make_client
+from tests.support.emulator import FLAVOURS, Emulator, Flavour
 
 pytestmark = pytest.mark.integration
 

@@ -23,8 +23,8 @@ from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, Sweep, SweepResult
 from sweeper.settings import FormatChoice, SweepSettings
 from tests.support.emulator import Emulator
-from tests.support.seed import Session, encode, put_sessions
 from tests.support.faults import FaultInjector
+from tests.support.seed import Session, encode, put_sessions
 
 
 @contextmanager

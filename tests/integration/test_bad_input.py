@@ -12,7 +12,6 @@ from google.cloud import datastore
 from sweeper.cli import main
 from sweeper.encodings import Encoding
 from sweeper.settings import DEFAULT_KIND
-from tests.support.emulator import Emulator, free_port
 from tests.integration.helpers import (
     ago,
     group_names,
@@ -22,6 +21,7 @@ from tests.integration.helpers import (
     seed,
     stored,
 )
+from tests.support.emulator import Emulator, free_port
 from tests.unit.test_cli import BAD_ARGS
 
 S = Encoding.EPOCH_SECONDS

@@ -8,9 +8,9 @@ from typing import Any
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
-from tests.support.emulator import Emulator
 from tests.contract import SWEEP_FINISHED_FIELDS
 from tests.integration.helpers import ago, ahead, run_cli, seed, stored, survivors
+from tests.support.emulator import Emulator
 
 
 def events(stdout: str) -> list[dict[str, Any]]:

@@ -8,9 +8,9 @@ from pathlib import Path
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
+from tests.integration.helpers import ago, ahead, run_cli, seed, stored, survivors
 from tests.support.emulator import Emulator
 from tests.support.seed import MISSING, Session, put_sessions
-from tests.integration.helpers import ago, ahead, run_cli, seed, stored, survivors
 
 S, TS = Encoding.EPOCH_SECONDS, Encoding.TIMESTAMP
 

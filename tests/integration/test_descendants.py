@@ -18,8 +18,6 @@ from google.cloud import datastore
 from sweeper.encodings import Encoding
 from sweeper.inspect.report import inspect_target
 from sweeper.inspect.table import report_dict
-from tests.support.emulator import Emulator
-from tests.support.seed import encode
 from tests.integration.helpers import (
     ago,
     ahead,
@@ -34,6 +32,8 @@ from tests.integration.helpers import (
     sweep,
     transactional,
 )
+from tests.support.emulator import Emulator
+from tests.support.seed import encode
 
 S = Encoding.EPOCH_SECONDS
 CHILD_KINDS = ("event", "page")

@@ -16,8 +16,8 @@ from google.api_core import exceptions as gexc
 from google.api_core.retry import Retry
 from google.cloud import datastore
 
-from tests.support.emulator import Emulator
 from tests.integration.helpers import client_via, remaining
+from tests.support.emulator import Emulator
 from tests.support.faults import TOO_BIG, FaultInjector
 
 # The client retries failed lookups for up to 60 s by default; these tests look at one call.

@@ -12,8 +12,6 @@ from google.cloud import datastore
 
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime
-from tests.support.emulator import Emulator
-from tests.support.seed import encode
 from tests.integration.helpers import (
     ago,
     ahead,
@@ -32,6 +30,8 @@ from tests.integration.helpers import (
     transactional,
 )
 from tests.support.clock import FakeClock
+from tests.support.emulator import Emulator
+from tests.support.seed import encode
 
 S = Encoding.EPOCH_SECONDS
 

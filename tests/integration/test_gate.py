@@ -17,8 +17,6 @@ from google.cloud import datastore
 
 from sweeper import rpc
 from sweeper.encodings import Encoding
-from tests.support.emulator import Emulator
-from tests.support.seed import encode
 from tests.integration.helpers import (
     ago,
     ahead,
@@ -26,7 +24,9 @@ from tests.integration.helpers import (
     run_cli,
     sweep,
 )
+from tests.support.emulator import Emulator
 from tests.support.faults import FaultInjector
+from tests.support.seed import encode
 
 S = Encoding.EPOCH_SECONDS
 

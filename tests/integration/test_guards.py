@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from google.cloud import datastore
 
+from tests.integration.helpers import make_client, run_on_a_terminal
 from tests.support.emulator import Emulator
 from tests.support.seed import names, put_entities, runner_eq_session, runner_questionnaire_state
-from tests.integration.helpers import make_client, run_on_a_terminal
 
 NOW = dt.datetime.now(dt.UTC)
 

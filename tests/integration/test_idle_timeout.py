@@ -16,9 +16,9 @@ import pytest
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
+from tests.integration.helpers import ago, run_cli, survivors
 from tests.support.emulator import Emulator
 from tests.support.seed import MISSING
-from tests.integration.helpers import ago, run_cli, survivors
 
 
 def seed_last_seen(

@@ -18,8 +18,6 @@ from sweeper.inspect.report import InspectReport, inspect_target
 from sweeper.inspect.table import render_table, report_dict
 from sweeper.settings import FormatChoice
 from sweeper.slices import Shard
-from tests.support.emulator import Emulator
-from tests.support.seed import MISSING, UNINDEXED, encode
 from tests.integration.helpers import (
     ago,
     ahead,
@@ -31,6 +29,8 @@ from tests.integration.helpers import (
     stored,
     survivors,
 )
+from tests.support.emulator import Emulator
+from tests.support.seed import MISSING, UNINDEXED, encode
 
 S, MS, TS = Encoding.EPOCH_SECONDS, Encoding.EPOCH_MILLIS, Encoding.TIMESTAMP
 

@@ -24,7 +24,6 @@ from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.run import sweep_targets
 from sweeper.settings import SweepSettings
 from sweeper.target import namespaces
-from tests.support.emulator import Emulator
 from tests.integration.helpers import (
     ago,
     ahead,
@@ -35,6 +34,7 @@ from tests.integration.helpers import (
     stored,
     survivors,
 )
+from tests.support.emulator import Emulator
 
 S = Encoding.EPOCH_SECONDS
 TENANTS = [None, "tenant-a", "tenant.b", "t_3"]

@@ -21,10 +21,10 @@ from google.cloud import datastore
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime
 from sweeper.retry import NO_CLIENT_RETRY, RetryPolicy
+from tests.integration.helpers import ago, make_client, sweep
 from tests.support.emulator import Emulator
 from tests.support.proxy import TcpProxy
 from tests.support.seed import Session, encode, names, put_sessions
-from tests.integration.helpers import ago, make_client, sweep
 
 S = Encoding.EPOCH_SECONDS
 # Every key looked up in its transaction (three calls per commit: of 25 entity groups on the

@@ -10,8 +10,6 @@ import pytest
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
-from tests.support.emulator import Emulator
-from tests.support.proxy import TcpProxy
 from tests.integration.helpers import (
     ago,
     ahead,
@@ -25,6 +23,8 @@ from tests.integration.helpers import (
     sweep,
     wait_until_deleted,
 )
+from tests.support.emulator import Emulator
+from tests.support.proxy import TcpProxy
 
 S = Encoding.EPOCH_SECONDS
 

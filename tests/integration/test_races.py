@@ -19,10 +19,10 @@ from google.cloud import datastore
 
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, SweepResult
+from tests.integration.helpers import make_client, remaining, sweep
 from tests.support.emulator import Emulator
 from tests.support.proxy import TcpProxy
 from tests.support.seed import Session, encode, put_sessions
-from tests.integration.helpers import make_client, remaining, sweep
 
 MS = Encoding.EPOCH_MILLIS
 CLUSTERS = 4  # expiry instants, 600 ms apart

@@ -26,6 +26,7 @@ from google.cloud import datastore
 
 from sweeper.config import load_targets
 from sweeper.settings import DEFAULT_GRACE, DEFAULT_PROPERTY, parse_duration
+from tests.integration.helpers import ago, ahead, run_cli, survivors
 from tests.support.emulator import Emulator
 from tests.support.seed import (
     put_entities,
@@ -34,7 +35,6 @@ from tests.support.seed import (
     runner_questionnaire_state,
     runner_used_jti_claim,
 )
-from tests.integration.helpers import ago, ahead, run_cli, survivors
 
 SHIPPED = Path(__file__).parents[2] / "deploy" / "sweeper.toml"
 RUNNER_KINDS = ("eq-session", "questionnaire-state", "used-jti-claim")

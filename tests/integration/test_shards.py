@@ -12,8 +12,6 @@ from google.cloud import datastore
 from sweeper.encodings import Encoding, to_micros
 from sweeper.engine import SweepResult
 from sweeper.slices import Shard
-from tests.support.emulator import Emulator
-from tests.support.seed import encode
 from tests.integration.helpers import (
     RecordingClient,
     ago,
@@ -23,6 +21,8 @@ from tests.integration.helpers import (
     seed,
     sweep,
 )
+from tests.support.emulator import Emulator
+from tests.support.seed import encode
 
 S = Encoding.EPOCH_SECONDS
 

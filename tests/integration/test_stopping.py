@@ -31,9 +31,6 @@ from google.cloud import datastore
 from sweeper.encodings import Encoding
 from sweeper.engine import DELETERS_PER_STREAM
 from sweeper.retry import STOP_BUDGET_S
-from tests.support.emulator import Emulator, free_port
-from tests.support.proxy import BlackHole, TcpProxy
-from tests.support.seed import Session, put_sessions
 from tests.integration.helpers import (
     ago,
     ahead,
@@ -43,6 +40,9 @@ from tests.integration.helpers import (
     seed,
     stored,
 )
+from tests.support.emulator import Emulator, free_port
+from tests.support.proxy import BlackHole, TcpProxy
+from tests.support.seed import Session, put_sessions
 
 S = Encoding.EPOCH_SECONDS
 PROJECT = "sweeper-test"

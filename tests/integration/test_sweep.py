@@ -11,8 +11,6 @@ from structlog.testing import capture_logs
 
 from sweeper.encodings import Encoding
 from sweeper.settings import FormatChoice
-from tests.support.emulator import Emulator
-from tests.support.seed import MISSING, encode
 from tests.integration.helpers import (
     ago,
     ahead,
@@ -25,6 +23,8 @@ from tests.integration.helpers import (
     survivors,
     sweep,
 )
+from tests.support.emulator import Emulator
+from tests.support.seed import MISSING, encode
 
 S, MS, TS = Encoding.EPOCH_SECONDS, Encoding.EPOCH_MILLIS, Encoding.TIMESTAMP
 

@@ -9,8 +9,6 @@ from google.cloud import datastore
 from structlog.testing import capture_logs
 
 from sweeper.encodings import Encoding
-from tests.support.emulator import Emulator
-from tests.support.seed import Session, encode, put_sessions
 from tests.integration.helpers import (
     ago,
     ahead,
@@ -25,6 +23,8 @@ from tests.integration.helpers import (
     sweep,
     transactional,
 )
+from tests.support.emulator import Emulator
+from tests.support.seed import Session, encode, put_sessions
 
 MS = Encoding.EPOCH_MILLIS
 

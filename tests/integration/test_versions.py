@@ -31,8 +31,6 @@ from google.cloud import datastore
 
 from sweeper.encodings import Encoding
 from sweeper.settings import DEFAULT_MAX_FRACTION
-from tests.support.emulator import Emulator
-from tests.support.seed import encode
 from tests.integration.helpers import (
     ago,
     ahead,
@@ -43,7 +41,9 @@ from tests.integration.helpers import (
     run_cli,
     sweep,
 )
+from tests.support.emulator import Emulator
 from tests.support.faults import FaultInjector
+from tests.support.seed import encode
 
 S = Encoding.EPOCH_SECONDS
 EVENT = "event"  # the kind of the entities under a session; they carry no expiry
