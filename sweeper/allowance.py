@@ -53,12 +53,6 @@ class Allowance:
             self._used = used
             return taken
 
-    def charge(self, entities: int) -> None:
-        """Entities that went without a reservation of their own (a commit whose answer was
-        lost, found applied by its retry): they count all the same."""
-        with self._lock:
-            self._used += entities
-
     def release(self, entities: int) -> None:
         with self._lock:
             self._used -= entities

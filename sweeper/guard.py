@@ -106,7 +106,7 @@ def scan_exposure(
 
     An unindexed property has no COUNT: the only way to know what share a scan would delete
     is to read it all. Also returns up to ``DESCENDANT_SAMPLE`` keys on each side of the
-    cutoff (due, live), for :func:`with_descendants`.
+    cutoff (due, live), for :func:`sample_descendants`.
     """
     due = carrying = 0
     due_keys: list[datastore.Key] = []

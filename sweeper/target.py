@@ -144,34 +144,19 @@ class Target:
         return [entity.key for entity in self.fetch(query, limit, descending)]
 
     def key_pages(
-        self, query: RangeQuery, page_size: int = PAGE_SIZE, *, start: bytes | None = None
+        self, query: RangeQuery, page_size: int = PAGE_SIZE
     ) -> Iterator[list[datastore.Key]]:
-        """Every key of ``query`` (from cursor ``start``), holding one page in memory at a time."""
-        for page in self.entity_pages(query, page_size, start=start):
-            yield [entity.key for entity in page]
-
-    def entity_pages(
-        self,
-        query: RangeQuery,
-        page_size: int = PAGE_SIZE,
-        *,
-        start: bytes | None = None,
-        resize: Callable[[list[datastore.Entity]], int] | None = None,
-    ) -> Iterator[list[datastore.Entity]]:
-        """Every result of ``query`` (keys only, or whole entities), one page at a time; with
-        ``resize``, each next page's size is what it says of the page before."""
-        cursor: bytes | None = start
+        """Every key of ``query``, one page in memory at a time."""
+        cursor: bytes | None = None
         while True:
             built = query.build(self.client)
             found, cursor = self.retrier.call(
                 "query", partial(self._page, built, page_size, cursor)
             )
             if found:
-                yield found
+                yield [entity.key for entity in found]
             if cursor is None or not found:
                 return
-            if resize is not None:
-                page_size = resize(found)
 
     def seen_pages(
         self, query: RangeQuery, page_size: int = PAGE_SIZE, *, scan: bool = False
