@@ -1,4 +1,5 @@
-"""What a run checks around its deletes: which encoding, how much, who agreed, what is left.
+"""What a run checks around its deletes: whose clock, which encoding, how much, who agreed,
+what is left.
 
 Each step is a function of the target, made once per run, in this order: what the stored
 values are (:func:`read_stored`, while the clock is read) and so which encoding to sweep
@@ -11,13 +12,13 @@ is left afterwards (:func:`retention`). A step that finds the run unsafe raises
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from sweeper.allowance import Allowance
 from sweeper.detect import check_explicit, decide, read_ends
 from sweeper.encodings import Encoding, ExpiredRange, expired_range, is_expired
 from sweeper.errors import RefusedError
@@ -35,6 +36,7 @@ from sweeper.guard import (
 from sweeper.result import SweepResult
 from sweeper.retention import Retention, measure_retention
 from sweeper.settings import SweepSettings
+from sweeper.stopping import Allowance
 from sweeper.target import Count, Target
 
 
@@ -239,3 +241,46 @@ def _note_others(result: SweepResult, others: tuple[str, ...], prop: str, log: A
         log.warning(
             "other_encodings_present", property=prop, swept=result.format, left_alone=list(others)
         )
+
+
+# -- The cutoff's clock --------------------------------------------------------------------------
+# Whose clock the cutoff comes from: the database's where it reports one, else the pod's.
+#
+# The cutoff is "now minus grace", and every live session expiring between the true now and a
+# wrong one is deleted by a sweeper whose clock runs ahead: a pod a day ahead deletes every
+# session of the next day. A pod's clock can be wrong; the database's is what the runner's
+# writes were checked against. Firestore in Datastore mode (production, and the Firestore
+# emulator) reports its own time on every query result (``read_time`` on the result batch); the
+# legacy emulator reports none, and there the local clock is the only one.
+#
+# The reading is one keys-only, limit-1 query on the target's kind (``Target.read_time``: one
+# billed read).
+
+
+ClockSource = Literal["server", "local"]
+
+# A skew beyond this is logged as a warning: NTP keeps healthy hosts within milliseconds.
+SKEW_WARNING_S = 5.0
+
+
+@dataclass(frozen=True)
+class ClockReading:
+    """The instant the cutoff is computed from, where it came from, and the local clock's error.
+
+    ``skew_s`` is local minus server (positive: the pod's clock runs ahead); None when the
+    database reports no time.
+    """
+
+    now: dt.datetime
+    source: ClockSource
+    skew_s: float | None
+
+
+def read_clock(target: Target, local_now: Callable[[], dt.datetime]) -> ClockReading:
+    """The database's time where it reports one, else the local clock (and say so)."""
+    before, server, after = target.read_time(local_now)
+    if server is None:
+        return ClockReading(after, "local", None)
+    # The server's instant lies between the two local readings: compare with their midpoint.
+    local = before + (after - before) / 2
+    return ClockReading(server, "server", (local - server).total_seconds())

@@ -21,7 +21,6 @@ from click.core import ParameterSource
 
 from sweeper import __version__
 from sweeper.config import load_targets
-from sweeper.connect import client_for
 from sweeper.errors import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -50,6 +49,7 @@ from sweeper.result import Runtime, SweepResult
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.run import each_namespace, sweep_label, sweep_targets
 from sweeper.settings import SweepSettings
+from sweeper.target import client_for
 from sweeper.terminal import (
     ProgressLine,
     StopOnSignal,

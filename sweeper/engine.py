@@ -19,10 +19,8 @@ import structlog
 from google.cloud import datastore
 
 from sweeper import checks
-from sweeper.allowance import Allowance, Capped
-from sweeper.checks import Stored
-from sweeper.clock import SKEW_WARNING_S, read_clock
-from sweeper.concurrency import CallLimiter, together
+from sweeper.checks import SKEW_WARNING_S, Stored, read_clock
+from sweeper.concurrency import CallLimiter, Pipeline, together
 from sweeper.deleter import BatchSizer
 from sweeper.encodings import Encoding
 from sweeper.errors import SweeperError, describe_exception, is_bug, report_bug
@@ -33,13 +31,11 @@ from sweeper.gate import (
     Rule,
     refused_error,
 )
-from sweeper.pipeline import Pipeline
-from sweeper.progress import ProgressLog
-from sweeper.result import Runtime, SweepResult
+from sweeper.result import ProgressLog, Runtime, SweepResult
 from sweeper.retry import PUSHBACK, Retrier, RetryCounter
 from sweeper.settings import MAX_BATCH_SIZE, SweepSettings
 from sweeper.sources import expired_streams
-from sweeper.stopping import Stopped, Stopper, StopReason
+from sweeper.stopping import Allowance, Capped, Stopped, Stopper, StopReason
 from sweeper.target import Count, Target
 from sweeper.throttle import Throttle, ThrottleSettings
 

@@ -50,15 +50,14 @@ from google.api_core import exceptions as gexc
 from google.cloud.datastore import Key
 
 from sweeper import rpc
-from sweeper.allowance import Allowance, Capped
+from sweeper.concurrency import Pipeline
 from sweeper.deleter import BatchSizer
 from sweeper.encodings import Encoding, is_expired
 from sweeper.errors import DatastoreError, SweeperError, describe_exception, is_bug
-from sweeper.pipeline import Pipeline
 from sweeper.retry import AMBIGUOUS
 from sweeper.rpc import Seen
 from sweeper.settings import MAX_BATCH_SIZE
-from sweeper.stopping import Stopped
+from sweeper.stopping import Allowance, Capped, Stopped
 from sweeper.target import Target
 from sweeper.throttle import Throttle
 

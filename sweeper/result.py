@@ -1,4 +1,5 @@
-"""What one sweep reports (the ``sweep_finished`` contract) and the outside world it is given."""
+"""What one sweep reports (the ``sweep_finished`` contract, and ``sweep_progress`` on the way)
+and the outside world it is given."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from sweeper.concurrency import Degradation
 from sweeper.errors import EXIT_FAILURE, EXIT_OK
 from sweeper.guard import Plan
 from sweeper.retention import Retention
-from sweeper.retry import RetryPolicy
+from sweeper.retry import RetryCounter, RetryPolicy
 from sweeper.settings import SweepSettings
 from sweeper.stopping import StopReason
 
@@ -178,3 +179,36 @@ def _degradation(name: str, d: Degradation | None) -> dict[str, Any]:
         f"{name}_reductions": d.reductions,
         f"{name}_reduced_s": round(d.reduced_s, 3),
     }
+
+
+# -- Progress ------------------------------------------------------------------------------------
+# What a run says as it goes: ``sweep_progress`` events.
+
+
+class ProgressLog:
+    """``sweep_progress`` events, at most one per ``progress_every_s``."""
+
+    def __init__(
+        self, log: Any, runtime: Runtime, counter: RetryCounter, started: float, dry_run: bool
+    ) -> None:
+        self._log, self._rt, self._counter, self.started = log, runtime, counter, started
+        self._next = started + runtime.progress_every_s
+        self._dry_run = dry_run
+
+    def maybe_log(self, result: SweepResult) -> None:
+        now = self._rt.monotonic()
+        if self._rt.on_progress is not None:
+            self._rt.on_progress(result, now - self.started, False)
+        if now < self._next:
+            return
+        self._next = now + self._rt.progress_every_s
+        elapsed = max(now - self.started, 1e-9)
+        done = result.matched if self._dry_run else result.deleted
+        self._log.info(
+            "sweep_progress",
+            matched=result.matched,
+            deleted=result.deleted,
+            retries=self._counter.retries,
+            elapsed_s=round(elapsed, 1),
+            per_s=round(done / elapsed, 1),
+        )

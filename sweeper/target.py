@@ -1,4 +1,5 @@
-"""The target: one kind and its expiry property in one database and namespace, and every read.
+"""The target: one kind and its expiry property in one database and namespace, its client, and
+every read.
 
 A :class:`Target` owns the client and the run's retry policy, and makes every read a sweep or
 ``inspect`` makes of the database: small probes (:meth:`Target.fetch`), pages of keys or
@@ -24,14 +25,17 @@ from functools import partial
 from typing import Literal
 
 from google.api_core import exceptions as gexc
+from google.auth import exceptions as auth_exc
 from google.cloud import datastore
 from google.cloud.datastore.query import PropertyFilter
 from google.cloud.datastore_v1.types import entity as entity_pb2
 
 from sweeper import rpc
 from sweeper.encodings import Encoding, ExpiredRange, QueryValue, classify
+from sweeper.errors import DatastoreError
 from sweeper.retry import NO_CLIENT_RETRY, Retrier
 from sweeper.rpc import Seen
+from sweeper.settings import SweepSettings
 
 # Keys per query page: small enough for any response limit (a key is ~100 bytes), large
 # enough to fill a whole 500-key delete batch per round trip.
@@ -355,3 +359,37 @@ def namespaces(client: datastore.Client, retrier: Retrier) -> Iterator[list[str 
     listing = Target(client, retrier, NAMESPACE_KIND, "")
     for page in listing.key_pages(listing.query()):
         yield [key.name for key in page]
+
+
+# -- The client ----------------------------------------------------------------------------------
+# Build the Datastore client, turning setup failures into one-line errors.
+
+
+def make_client(
+    project: str | None, database: str | None, namespace: str | None
+) -> datastore.Client:
+    """A client for one project/database/namespace.
+
+    ``DATASTORE_EMULATOR_HOST`` (read by the client itself) points it at an emulator with
+    anonymous credentials; otherwise it uses Application Default Credentials (Workload Identity
+    on GKE).
+    """
+    try:
+        return datastore.Client(project=project, database=database, namespace=namespace)
+    except auth_exc.DefaultCredentialsError:
+        raise DatastoreError(
+            "no Google Cloud credentials found: run under Workload Identity or a service "
+            "account, use 'gcloud auth application-default login', or set "
+            "DATASTORE_EMULATOR_HOST for an emulator"
+        ) from None
+    except OSError as exc:
+        if "project" in str(exc).lower():
+            raise DatastoreError(
+                "no project: pass --project or set SWEEPER_PROJECT / DATASTORE_PROJECT_ID"
+            ) from None
+        raise DatastoreError(f"cannot create a Datastore client: {exc}") from None
+
+
+def client_for(settings: SweepSettings) -> datastore.Client:
+    """The client of one target: its project, database and namespace."""
+    return make_client(settings.project, settings.database, settings.namespace)

@@ -19,7 +19,7 @@ from typing import Literal
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
-from sweeper.clock import ClockSource, read_clock
+from sweeper.checks import ClockSource, read_clock
 from sweeper.detect import check_indexed, detect_encoding
 from sweeper.encodings import (
     Encoding,

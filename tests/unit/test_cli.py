@@ -19,8 +19,8 @@ import pytest
 from click.testing import CliRunner
 
 from sweeper import cli as cli_module
-from sweeper import connect as connect_module
 from sweeper import run as run_module
+from sweeper import target as connect_module
 from sweeper.cli import cli, inspect, main, sweep
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, SweepResult

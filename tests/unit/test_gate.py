@@ -19,7 +19,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from sweeper.allowance import Allowance, Capped
 from sweeper.deleter import BatchSizer
 from sweeper.encodings import Encoding
 from sweeper.errors import DatastoreError, RefusedError
@@ -28,7 +27,7 @@ from sweeper.result import SweepResult
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.rpc import Seen
 from sweeper.settings import MAX_BATCH_SIZE, SweepSettings
-from sweeper.stopping import Stopped, StopReason
+from sweeper.stopping import Allowance, Capped, Stopped, StopReason
 from sweeper.target import Target
 from sweeper.throttle import Throttle, ThrottleSettings
 from tests.support.clock import FakeClock

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from sweeper.pipeline import Pipeline
+from sweeper.concurrency import Pipeline
 
 
 def test_every_item_of_every_stream_is_processed_once() -> None:
