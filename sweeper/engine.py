@@ -277,7 +277,6 @@ class Sweep:
             # emulator) a transaction takes at most 25 entity groups: start there, rather than
             # pay a refused commit (and its throttle wait) to learn it.
             transaction_groups=MAX_BATCH_SIZE if result.clock_source == "server" else LEGACY_LIMIT,
-            versions_tell_commits=result.clock_source == "server",
             dry_run=s.dry_run,
             with_descendants=s.with_descendants,
             sizer=self._sizer,

@@ -25,11 +25,12 @@ are read again and decided again. The rules, each enforced below where it is nam
    left, counted as failed and named, and the run goes on.
 5. **Counted as confirmed.** ``deleted`` counts what the database confirmed. A commit whose
    answer was lost (DEADLINE_EXCEEDED, UNAVAILABLE, ...) is sent again at the same versions:
-   if it had been applied, the database refuses the repeat, and a lookup settles it: every
-   key gone at one version that no other commit of this run wrote is the lost commit's own
-   (Firestore in Datastore mode reports the deleting write's version for a missing key);
-   where the database cannot show that (the legacy emulator), its keys found gone are
-   ``unattributed``: never in ``deleted``, always against ``--max-deletes``.
+   if it had been applied, the database refuses the repeat, and a lookup settles it: where
+   the database reports the deleting write's version for a missing key (the Firestore
+   emulator), every key gone at one version that no other commit of this run wrote is the
+   lost commit's own; where it reports the version of the snapshot read (as the API
+   documents, and the legacy emulator does), the keys found gone are ``unattributed``: never
+   in ``deleted``, always against ``--max-deletes`` (``_settle``).
 
 ``--no-verify`` is the opt-out: keys-only pages (no billed read per key) and plain commits
 without versions; a session re-saved between the query and the delete is then lost. A live
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +73,9 @@ LEGACY_LIMIT = 25
 # With --with-descendants each session costs one ancestor query: made one after the other, a
 # page of 500 sessions waits 500 round trips before its commit, so they go this many at once.
 DESCENDANT_QUERIES = 8
+
+# The name prefix of the key a lost commit's settling lookup asks for as never written (rule 5).
+NEVER_WRITTEN = "__sweeper_never_written__"
 
 # A commit refused because its entities changed is read and decided again this many times;
 # groups still changing after that (a writer re-saving them without pause) are left alone.
@@ -185,7 +190,6 @@ class Gate:
         *,
         verify: bool,
         transaction_groups: int = MAX_BATCH_SIZE,
-        versions_tell_commits: bool = False,
         dry_run: bool,
         with_descendants: bool,
         sizer: BatchSizer,
@@ -207,9 +211,6 @@ class Gate:
         # Entity groups per all-or-nothing commit: 25 where the database is known to take no
         # more (``LEGACY_LIMIT``); a refusal cuts it to that anyway (``_shrink_groups``).
         self._groups_per_commit = transaction_groups if verify else MAX_BATCH_SIZE
-        # Rule 5: only where a missing key's version is the version of the write that
-        # deleted it (Firestore in Datastore mode) can a lost commit be shown applied.
-        self._provable = versions_tell_commits
         self._lock = threading.Lock()
         self._log = structlog.get_logger("sweeper.gate").bind(kind=rule.kind)
         if not verify and not dry_run:
@@ -488,17 +489,33 @@ class Gate:
     def _settle(self, chunk: list[Seen], maybe_applied: bool) -> frozenset[Path] | None:
         """Rule 5, after a refusal: None when an earlier attempt whose answer was lost is
         shown to have deleted all of ``chunk``; else the keys of ``chunk`` that may have gone
-        with it (counted as ``unattributed``), for the re-read to leave out."""
+        with it (counted as ``unattributed``), for the re-read to leave out.
+
+        The lookup also asks for a key that was never written. Where a missing key's version
+        is the version of the snapshot read (the API's documented behaviour, and the legacy
+        emulator's), that key has the same version as the gone ones and nothing is shown;
+        where it is the version of the write that deleted the key (the Firestore emulator),
+        the never-written key's differs, and keys all gone at one version no other commit of
+        this run wrote were deleted by this one.
+        """
         if not maybe_applied:
             return frozenset()
-        looked = self._lookup([s.key for s in chunk])
+        first = chunk[0].key  # the never-written key in the same partition
+        never = Key(
+            self._rule.kind,
+            f"{NEVER_WRITTEN}{uuid.uuid4().hex}",
+            project=first.project,
+            namespace=first.namespace,
+            database=first.database,
+        )
+        looked = self._lookup([*(s.key for s in chunk), never])
         gone = frozenset(s.key.flat_path for s in chunk if s.key.flat_path not in looked.found)
         versions = {looked.missing.get(p) for p in gone}
         with self.ledger.lock:
             ours = (
-                self._provable
-                and len(gone) == len(chunk)
+                len(gone) == len(chunk)
                 and len(versions) == 1
+                and looked.missing.get(never.flat_path) not in versions
                 and not versions & self.ledger.versions
             )
             if ours:

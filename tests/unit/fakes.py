@@ -208,10 +208,10 @@ class FakeApi:
             result.version = self.client.version_of(entity.key)
             present.add(entity.key)
         for key in keys:
-            if key not in present:  # the version of the write that deleted it, as Firestore
+            if key not in present:
                 result = response.missing.add()
                 result.entity.key.CopyFrom(key.to_protobuf()._pb)
-                result.version = self.client.version_of(key)
+                result.version = self.client.missing_version(key)
         return datastore_pb2.LookupResponse.wrap(response)
 
     def commit(self, *, request: Any, retry: object, timeout: float) -> Any:
@@ -324,6 +324,7 @@ class FakeClient:
         # changed (or deleted) it; ``put`` and ``drop`` are someone else's writes.
         self._versions: dict[datastore.Key, int] = {}
         self._version = 1
+        self.snapshot_versions = False
         self._lock = threading.Lock()  # ancestor queries come from several threads at once
         self._datastore_api = FakeApi(self)
         # queries
@@ -377,6 +378,14 @@ class FakeClient:
 
     def version_of(self, key: datastore.Key) -> int:
         return self._versions.get(key, 1)
+
+    def missing_version(self, key: datastore.Key) -> int:
+        """What a lookup reports for a missing key: the version of the snapshot read (as the
+        API documents, and the legacy emulator does) with ``snapshot_versions``, else that of
+        the write that deleted it (as the Firestore emulator does; 0 if never written)."""
+        if self.snapshot_versions:
+            return self._version
+        return self._versions.get(key, 0)
 
     def _written(self, keys: Sequence[datastore.Key]) -> int:
         with self._lock:

@@ -81,7 +81,6 @@ class Run:
         attempts: int = 3,
         allowance: Allowance | None = None,
         clock: FakeClock | None = None,
-        provable: bool = True,
         with_descendants: bool = False,
     ) -> None:
         self.client = client
@@ -96,7 +95,6 @@ class Run:
             Target(cast(datastore.Client, client), retrier, KIND, PROP),
             Rule(KIND, PROP, Encoding.EPOCH_SECONDS, CUTOFF),
             verify=verify,
-            versions_tell_commits=provable,
             dry_run=False,
             with_descendants=with_descendants,
             sizer=sizer,
@@ -249,7 +247,8 @@ def test_where_versions_cannot_show_whose_delete_it_was_the_keys_are_unattribute
     keys = make_keys(10)
     store = expired(keys)
     store.lose_replies = {1}
-    run = Run(store, provable=False)
+    store.snapshot_versions = True
+    run = Run(store)
     run.gate.delete(read(store, keys))
     assert store.values == {}
     assert (run.result.deleted, run.result.unattributed) == (0, 10)
@@ -271,7 +270,8 @@ def test_max_deletes_is_never_passed_when_a_lost_reply_may_have_been_applied() -
     keys = make_keys(10)
     store = expired(keys)
     store.lose_replies = {1}
-    run = Run(store, maximum=5, allowance=Allowance(8), provable=False)
+    store.snapshot_versions = True
+    run = Run(store, maximum=5, allowance=Allowance(8))
     run.gate.delete(read(store, keys))
     # 5 went with the lost reply (unattributed, still counted against the cap): 3 more at most.
     assert len(store.deleted) == 8
