@@ -19,8 +19,9 @@ from typing import Literal
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
-from sweeper.checks import ClockSource, read_clock
-from sweeper.detect import check_indexed, detect_encoding
+from sweeper.checks import ClockSource, read_clock, read_stored
+from sweeper.detect import check_indexed
+from sweeper.detect import decide as detect_decide
 from sweeper.encodings import (
     Encoding,
     ExpiredRange,
@@ -266,14 +267,21 @@ def _forecast(
 
 
 def _decide(s: SweepSettings, target: Target) -> tuple[Action, Encoding | None, str | None]:
-    """What ``sweep`` would decide, by the very code it runs (``detect_encoding``)."""
-    if isinstance(s.format, Encoding):
-        return ("scan" if s.scan else "sweep"), s.format, None
+    """What ``sweep`` would decide, by the very code it runs (``checks.read_stored``, then
+    the encoding the ends hold): an explicit ``--format`` that matches no stored value while
+    the property holds others is refused here as it is there."""
     try:
-        encoding = detect_encoding(target)
+        stored = read_stored(target, s)
+        encoding = (
+            s.format
+            if isinstance(s.format, Encoding)
+            else detect_decide(stored.ends, s.kind, s.prop)
+        )
     except RefusedError as exc:
         return "refuse", None, exc.message
-    # detect_encoding has already refused values that no index holds.
+    if isinstance(s.format, Encoding):
+        return ("scan" if s.scan else "sweep"), s.format, None
+    # The format check has already refused values that no index holds.
     return ("sweep", encoding, None) if encoding else ("nothing", None, None)
 
 

@@ -163,6 +163,27 @@ def test_unreadable_values_are_refused_with_examples(client: datastore.Client, k
     assert all(example.endswith(")") for example in report.sample.unsupported_examples)
 
 
+def test_an_explicit_format_no_value_holds_is_refused_by_inspect_as_by_sweep(
+    emulator: Emulator, client: datastore.Client, kind: str
+) -> None:
+    """One decision, two readers: ``--format epoch-millis`` over epoch seconds could never
+    delete anything, so the sweep refuses it (exit 1) and ``inspect`` says so, by the same
+    check, instead of "delete nothing"."""
+    groups = {"s": stored(ago(hours=4), S, 20)}
+    seed(client, kind, groups)
+
+    swept = run_cli(emulator, "--kind", kind, "--format", MS.value)
+    report = inspect(client, kind, MS)
+
+    assert swept.returncode == 1
+    assert f"refusing --format {MS.value}" in swept.stderr
+    assert report.action == "refuse"
+    assert report.refusal is not None
+    assert report.refusal.startswith(f"refusing --format {MS.value}")
+    assert render_table(report).splitlines()[-1].startswith("sweep would: refuse: refusing")
+    assert survivors(client, kind, groups) == {"s"}
+
+
 def put_unindexed(client: datastore.Client, kind: str, expiries: list[object]) -> None:
     """The runner's used-JWT-id kind: an int expires_at excluded from indexes."""
     entities = []
