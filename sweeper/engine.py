@@ -42,11 +42,11 @@ from sweeper.throttle import Throttle, ThrottleSettings
 __all__ = ["Budget", "Runtime", "Sweep", "SweepResult"]
 
 
-# A checked commit is two calls in a row (lookup, then commit; the next transaction is begun
-# during the lookup) against the stream's one query per page, so each stream feeds two delete
-# workers; on the Firestore emulator with 60 ms each way that took a 10,000-key sweep from
-# 1.43x to 1.62x the bare loop (when a commit was three calls).
-DELETERS_PER_STREAM = 2
+# A commit is one call (its deletes at the versions its page read), answered faster than the
+# stream's next page: one delete worker per stream keeps up. On the Firestore emulator with 60
+# ms each way, 15,000 sessions took 3.24 s start to exit with one (3.29x the bare loop) and
+# 3.52 s with two (3.24x), the whole process timed by bench/bench_sweep.py.
+DELETERS_PER_STREAM = 1
 
 
 @dataclass(frozen=True)

@@ -229,7 +229,7 @@ OPTIONS: tuple[Option, ...] = (
         "--workers",
         {
             SWEEP: "Query streams over disjoint slices of the expired range, each feeding "
-            "two delete workers: overlaps round trips to Datastore.",
+            "a delete worker: overlaps round trips to Datastore.",
             INSPECT: "Forecast a sweep with this many --workers.",
         },
         type=click.IntRange(1, MAX_WORKERS),

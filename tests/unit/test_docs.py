@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import ast
 import datetime as dt
+import importlib
+import importlib.util
 import re
 from pathlib import Path
 
 import pytest
 
+from sweeper import engine, gate
 from sweeper.concurrency import Degradation
 from sweeper.engine import SweepResult
 from sweeper.settings import SweepSettings
@@ -199,3 +202,43 @@ def test_every_relative_link_resolves(source: Path, target: str) -> None:
         assert anchor in anchors(resolved), (
             f"{source.relative_to(ROOT)} links to {target}: no such heading"
         )
+
+
+# --- development.md: the path from the command to the first delete ------------------------------
+
+DEVELOPMENT = DOCS / "development.md"
+
+
+def _path_section() -> str:
+    body = text(DEVELOPMENT).split("## From `sweeper sweep` to the first delete", 1)[1]
+    return body.split("\n- ", 1)[0]  # up to the list of notes after the threads
+
+
+def _resolve(name: str) -> object:
+    """``module.attr...`` in sweeper, or ``Class.attr...`` of a class defined in it."""
+    first, *rest = name.split(".")
+    if importlib.util.find_spec(f"sweeper.{first}") is not None:
+        found: object = importlib.import_module(f"sweeper.{first}")
+    else:
+        owners = [p for p in SOURCES if re.search(rf"^class {first}\b", text(p), re.M)]
+        assert owners, f"development.md names {name}: no module or class {first} in sweeper/"
+        module = ".".join(owners[0].relative_to(ROOT).with_suffix("").parts)
+        found = getattr(importlib.import_module(module), first)
+    for attr in rest:
+        assert hasattr(found, attr), f"development.md names {name}: {attr} is not there"
+        found = getattr(found, attr)
+    return found
+
+
+def test_every_name_on_the_path_in_development_md_is_in_the_code() -> None:
+    names = re.findall(r"`([A-Za-z_][\w.]*)`", _path_section())
+    assert len(names) > 20
+    for name in names:
+        _resolve(name)
+
+
+def test_the_threads_development_md_counts_are_the_codes() -> None:
+    section = _path_section()
+    assert "a reader per stream and a delete worker per stream" in section
+    assert engine.DELETERS_PER_STREAM == 1
+    assert f"ancestor queries go {gate.DESCENDANT_QUERIES} at a time" in section.replace("\n", " ")
