@@ -156,7 +156,7 @@ def _exposure(
         exposure, due, live = scan_exposure(
             target,
             expired=lambda v: is_expired(rule.encoding, v, result.cutoff),
-            on_read=lambda n: setattr(result, "entities_read", result.entities_read + n),
+            on_read=lambda n: result.add(entities_read=n),
         )
         under = sample_descendants(target, rule, due, live) if s.with_descendants else None
         return exposure, under

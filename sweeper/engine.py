@@ -117,7 +117,6 @@ class Sweep:
             limiter=self._limiter,
         )
         self._log = structlog.get_logger("sweeper").bind(kind=settings.kind)
-        self._lock = threading.Lock()  # the result's counts, updated by every worker
         self._gate: Gate | None = None  # the run's one way to a delete, once it is set up
         self._abandoned = False
 
@@ -139,7 +138,7 @@ class Sweep:
         )
         body.start()
         self._await(body)
-        with self._lock:
+        with result.lock:
             if body.is_alive():
                 self._abandoned = True
                 result.stop(self._stopper.reason() or StopReason.SIGNAL)
@@ -179,7 +178,7 @@ class Sweep:
     def _body(self, result: SweepResult, started: float) -> None:
         try:
             client = self._connect()
-            with self._lock:
+            with result.lock:
                 result.project = client.project
             target = Target(client, self._retrier, self.settings.kind, self.settings.prop)
             # The stored values are read while the clock is: neither needs the other, and on
@@ -206,7 +205,7 @@ class Sweep:
         """
         s = self.settings
         reading = read_clock(target, self.runtime.now)
-        with self._lock:
+        with result.lock:
             result.cutoff = reading.now - s.grace
             result.clock_source, result.clock_skew_s = reading.source, reading.skew_s
             result.verify = s.verify
@@ -227,7 +226,7 @@ class Sweep:
             )
 
     def _end(self, result: SweepResult, reason: StopReason, error: str | None = None) -> None:
-        with self._lock:
+        with result.lock:
             if self._abandoned:  # the summary is out already: leave it as logged
                 return
             if reason == StopReason.ERROR:
@@ -283,7 +282,6 @@ class Sweep:
             allowance=allowance,
             throttle=self._throttle,
             result=result,
-            lock=self._lock,
             should_stop=lambda: self._stopper.reason() is not None,
             on_batch=lambda: self._progress(progress, result),
         )
@@ -295,10 +293,6 @@ class Sweep:
                 self._end(result, reason)
             return reason is not None
 
-        def count(name: str, n: int) -> None:
-            with self._lock:
-                setattr(result, name, getattr(result, name) + n)
-
         seen: Counter[str] = Counter()
         streams = expired_streams(
             target,
@@ -307,15 +301,15 @@ class Sweep:
             result.cutoff,
             smallest=smallest,
             log=self._log,
-            on_read=partial(count, "entities_read"),
+            on_read=lambda n: result.add(entities_read=n),
             seen=seen,
-            on_left_alone=partial(count, "left_alone"),
+            on_left_alone=lambda n: result.add(left_alone=n),
         )
         try:
             with contextlib.suppress(Capped):  # --max-deletes reached: the allowance says so
                 Pipeline(DELETERS_PER_STREAM * s.workers, gate.delete, should_stop).run(streams)
         finally:
-            with self._lock:
+            with result.lock:
                 result.deleting_s = rt.monotonic() - progress.started
         if gate.allowance.capped:
             self._end(result, StopReason.MAX_DELETES)
@@ -325,7 +319,7 @@ class Sweep:
         return seen
 
     def _progress(self, progress: ProgressLog, result: SweepResult) -> None:
-        with self._lock:
+        with result.lock:
             progress.maybe_log(result)
 
     def _pushed_back(self, error: BaseException) -> None:

@@ -150,18 +150,19 @@ def decide(
 
 @dataclass
 class _Ledger:
-    """What the gate reports into the run's result, under the run's lock."""
+    """What the gate keeps beside the run's counts, under the same lock (the result's)."""
 
     result: SweepResult
-    lock: threading.Lock
     in_flight: int = 0
     refused: list[Key] = field(default_factory=list)
     versions: set[int] = field(default_factory=set)  # what this run's commits wrote
 
+    @property
+    def lock(self) -> threading.RLock:
+        return self.result.lock
+
     def add(self, **counts: int) -> None:
-        with self.lock:
-            for name, n in counts.items():
-                setattr(self.result, name, getattr(self.result, name) + n)
+        self.result.add(**counts)
 
     def went(self, groups: Sequence[Group], chunk: Sequence[Seen] | None = None) -> None:
         """``chunk`` (default: every member of ``groups``) is confirmed gone."""
@@ -196,7 +197,6 @@ class Gate:
         allowance: Allowance,
         throttle: Throttle,
         result: SweepResult,
-        lock: threading.Lock,
         should_stop: Callable[[], bool],
         on_batch: Callable[[], None] = lambda: None,
     ) -> None:
@@ -205,7 +205,7 @@ class Gate:
         self.verify = verify
         self._dry_run, self._descend = dry_run, with_descendants
         self._sizer, self.allowance, self._throttle = sizer, allowance, throttle
-        self.ledger = _Ledger(result, lock)
+        self.ledger = _Ledger(result)
         self._should_stop = should_stop
         self._on_batch = on_batch  # progress, after every commit
         # Entity groups per all-or-nothing commit: 25 where the database is known to take no
@@ -563,9 +563,7 @@ class Gate:
         return _InFlight(self.ledger, keys)
 
     def _wait(self, keys: int) -> None:
-        waited = self._throttle.acquire(keys)
-        with self.ledger.lock:
-            self.ledger.result.throttle_wait_s += waited
+        self.ledger.result.add(throttle_wait_s=self._throttle.acquire(keys))
 
     def _shrink_groups(self) -> None:
         with self._lock:  # several workers may be refused at once: shrink and say so once

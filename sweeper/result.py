@@ -4,6 +4,7 @@ and the outside world it is given."""
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -97,6 +98,8 @@ class SweepResult:
     queries: int = 0
     lookups: int = 0
     commits: int = 0
+    # The one lock of the run's counts: every worker writes them through ``add``.
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.verify = bool(self.settings.verify)  # until the run decides an automatic one
@@ -104,6 +107,12 @@ class SweepResult:
     @property
     def exit_code(self) -> int:
         return EXIT_FAILURE if self.stopped_reason == StopReason.ERROR else EXIT_OK
+
+    def add(self, **counts: float) -> None:
+        """Add to counts, under the run's lock: the one way the workers write them."""
+        with self.lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
 
     def stop(self, reason: StopReason) -> None:
         """Record why the run ended; the first reason other than "complete" wins."""

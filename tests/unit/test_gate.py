@@ -8,7 +8,6 @@ sessions under sessions run against the real emulators (tests/integration).
 from __future__ import annotations
 
 import datetime as dt
-import threading
 from collections import deque
 from typing import cast
 
@@ -101,7 +100,6 @@ class Run:
             allowance=allowance or Allowance(None),
             throttle=Throttle(ThrottleSettings(), clock=FakeClock(), sleep=lambda _s: None),
             result=self.result,
-            lock=threading.Lock(),
             should_stop=lambda: False,
         )
 
