@@ -167,18 +167,21 @@ def sample_descendants(
     """One ancestor query per sampled session (at most ``2 * DESCENDANT_SAMPLE``). Under a
     due session only what the gate would delete with it counts (``gate.decide``)."""
 
-    def going(key: datastore.Key) -> int:
-        group = decide(rule, key, target.group(key))
-        return 0 if group is None else len(group.members) - 1
+    def mean(counts: list[int]) -> float:
+        return sum(counts) / len(counts) if counts else 0.0
 
-    def mean(keys: list[datastore.Key], count: Callable[[datastore.Key], int]) -> float:
-        return sum(count(k) for k in keys) / len(keys) if keys else 0.0
-
+    going = going_with(target, rule, due)
     return Descendants(
-        mean(due, going),
-        mean(live, lambda k: len(target.descendants(k))),
-        len(due) + len(live),
+        mean(going), mean([len(target.descendants(k)) for k in live]), len(due) + len(live)
     )
+
+
+def going_with(target: Target, rule: Rule, due: list[datastore.Key]) -> list[int]:
+    """For each due session that would go, the entities under it that would go with it (a
+    live session under it keeps its own, ``gate.decide``): what the guard and ``inspect``
+    sample alike."""
+    groups = [decide(rule, key, target.group(key)) for key in due]
+    return [len(g.members) - 1 for g in groups if g is not None]
 
 
 def check_fraction(exposure: Exposure, share: float, kind: str, prop: str) -> None:

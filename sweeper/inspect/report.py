@@ -33,7 +33,8 @@ from sweeper.encodings import (
     from_micros,
 )
 from sweeper.errors import DatastoreError, RefusedError, UsageError, describe_exception
-from sweeper.gate import Rule, decide
+from sweeper.gate import Rule
+from sweeper.guard import DESCENDANT_SAMPLE, going_with
 from sweeper.inspect.forecast import (
     Forecast,
     forecast,
@@ -88,9 +89,6 @@ class DescendantSample:
 
 
 # Expired sessions whose descendants inspect counts: one ancestor query each.
-DESCENDANT_SAMPLE = 20
-
-
 @dataclass(frozen=True)
 class Oldest:
     """The smallest stored value of the encoding, and the instant it denotes."""
@@ -329,9 +327,7 @@ def _descendants(
     if window.empty:
         return None
     rule = Rule(target.kind, target.prop, window.encoding, cutoff)
-    sessions = target.keys(target.within(window), DESCENDANT_SAMPLE)
-    groups = [decide(rule, key, target.group(key)) for key in sessions]
-    counts = [len(g.members) - 1 for g in groups if g is not None]
+    counts = going_with(target, rule, target.keys(target.within(window), DESCENDANT_SAMPLE))
     return DescendantSample(len(counts), sum(counts), max(counts, default=0))
 
 
