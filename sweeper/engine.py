@@ -282,16 +282,10 @@ class Sweep:
             allowance=allowance,
             throttle=self._throttle,
             result=result,
-            should_stop=lambda: self._stopper.reason() is not None,
+            should_stop=self._stopper.stopping,
             on_batch=lambda: self._progress(progress, result),
         )
         self._gate = gate
-
-        def should_stop() -> bool:
-            reason = self._stopper.reason()
-            if reason is not None:
-                self._end(result, reason)
-            return reason is not None
 
         seen: Counter[str] = Counter()
         streams = expired_streams(
@@ -307,10 +301,15 @@ class Sweep:
         )
         try:
             with contextlib.suppress(Capped):  # --max-deletes reached: the allowance says so
-                Pipeline(DELETERS_PER_STREAM * s.workers, gate.delete, should_stop).run(streams)
+                Pipeline(DELETERS_PER_STREAM * s.workers, gate.delete, self._stopper.stopping).run(
+                    streams
+                )
         finally:
             with result.lock:
                 result.deleting_s = rt.monotonic() - progress.started
+        reason = self._stopper.reason()
+        if reason is not None:
+            self._end(result, reason)
         if gate.allowance.capped:
             self._end(result, StopReason.MAX_DELETES)
         refused = refused_error(gate.ledger.refused)

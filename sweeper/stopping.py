@@ -72,6 +72,10 @@ class Stopper:
             return StopReason.MAX_RUNTIME
         return None
 
+    def stopping(self) -> bool:
+        """Whether the run must stop: what every loop of the run asks between its steps."""
+        return self.reason() is not None
+
     def check(self) -> None:
         """Raise :class:`Stopped` if the run must stop."""
         reason = self.reason()
