@@ -1,18 +1,46 @@
-"""How big each commit is: the batch sizer.
+"""How each commit is sent: all or nothing, at the versions read, retried, settled, sized.
 
-Datastore refuses more than 500 mutations per commit; the gate (``sweeper.gate``) packs its
-groups into commits of at most the size :class:`BatchSizer` allows now.
+The gate (``sweeper.gate``) decides what goes; a :class:`Committer` sends each commit it
+makes: the deletes at the versions their reads saw, in a single-use transaction (or, for a
+group larger than a commit, a transaction that first looks up the sessions above its keys),
+under the retry policy, reserved against the allowance and paced by the throttle. A commit
+refused because something changed raises :class:`Changed`; one whose answer was lost is
+settled by a lookup (rule 5 of the gate). :class:`BatchSizer` sizes commits to what the
+database answers in; Datastore refuses more than 500 mutations per commit.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from typing import TypeVar
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import structlog
 from google.api_core import exceptions as gexc
+from google.cloud.datastore import Key
 
+from sweeper import rpc
 from sweeper.concurrency import Degradation, DegradationLog
+from sweeper.errors import DatastoreError, SweeperError, describe_exception, is_bug
+from sweeper.retry import AMBIGUOUS, Retrier
+from sweeper.rpc import Seen
+from sweeper.settings import MAX_BATCH_SIZE
+from sweeper.stopping import Allowance, Capped, Stopped
+from sweeper.throttle import Throttle
+
+if TYPE_CHECKING:  # the result names the guard's plan, which names the gate's rule
+    from sweeper.result import SweepResult
+
+Path = tuple[Any, ...]
+
+# The legacy Datastore emulator (and Datastore before Firestore) lets one transaction touch at
+# most 25 entity groups; Firestore in Datastore mode takes a whole 500-key batch.
+LEGACY_LIMIT = 25
+
+# The name prefix of the key a lost commit's settling lookup asks for as never written (rule 5).
+NEVER_WRITTEN = "__sweeper_never_written__"
 
 T = TypeVar("T")
 
@@ -100,3 +128,273 @@ class BatchSizer:
     def degradation(self) -> Degradation:
         with self._lock:
             return self._log.degradation()
+
+
+@dataclass
+class Ledger:
+    """What the gate keeps beside the run's counts, under the same lock (the result's)."""
+
+    result: SweepResult
+    in_flight: int = 0
+    refused: list[Key] = field(default_factory=list)
+    versions: set[int] = field(default_factory=set)  # what this run's commits wrote
+
+    @property
+    def lock(self) -> threading.RLock:
+        return self.result.lock
+
+    def add(self, **counts: int) -> None:
+        self.result.add(**counts)
+
+
+class Changed(Exception):
+    """A commit was refused because one of its entities (or a guard) changed since it was
+    read; ``gone`` are its keys a lookup found missing afterwards, already accounted for."""
+
+    def __init__(self, gone: frozenset[Path] = frozenset()) -> None:
+        super().__init__("changed since read")
+        self.gone = gone
+
+
+class Committer:
+    """Sends the gate's commits; one per run, shared by every worker."""
+
+    def __init__(
+        self,
+        client: Any,
+        retrier: Retrier,
+        *,
+        kind: str,
+        prop: str,
+        verify: bool,
+        transaction_groups: int,
+        sizer: BatchSizer,
+        throttle: Throttle,
+        allowance: Allowance,
+        result: SweepResult,
+    ) -> None:
+        self._client, self._retrier = client, retrier
+        self._kind, self._prop, self.verify = kind, prop, verify
+        self._sizer, self._throttle, self.allowance = sizer, throttle, allowance
+        self.ledger = Ledger(result)
+        # Entity groups per all-or-nothing commit: 25 where the database is known to take no
+        # more (``LEGACY_LIMIT``); a refusal cuts it to that anyway (``shrink_groups``).
+        self.groups_per_commit = transaction_groups if verify else MAX_BATCH_SIZE
+        self._lock = threading.Lock()
+        self._log = structlog.get_logger("sweeper.gate").bind(kind=kind)
+
+    def send(self, chunk: list[Seen], guards: Sequence[Seen] = (), sessions: int = 1) -> None:
+        """One all-or-nothing commit of ``chunk`` (reserved by the caller), throttled, retried.
+
+        Raises :class:`Changed` when it was refused because something changed (its
+        reservation given back, except for keys that may have gone), :class:`Split` when it
+        was refused as too big or as touching too many entity groups, ``Capped`` when the
+        allowance has no room for it.
+        """
+        n = len(chunk)  # reserved by the caller
+        self._wait(n)
+        maybe_applied = [False]
+        try:
+            with self._in_flight(n):
+                version = self._retrier.call(
+                    "delete" if not self.verify else "verify",
+                    lambda: self._attempt(chunk, guards, maybe_applied),
+                )
+        except (Changed, Resize) as exc:
+            if not self.verify:  # blind deletes are sent again as they are: nothing to settle
+                self.allowance.release(n)
+                raise
+            settled = self._settle(chunk, maybe_applied[0])
+            if settled is not None:
+                self.allowance.release(n - len(settled))
+                if isinstance(exc, Resize) and not settled:
+                    raise  # not applied: sent again smaller
+                raise Changed(settled) from None
+            version = None  # rule 5: the lost commit was applied; it counts as confirmed
+        except gexc.InvalidArgument as exc:
+            self.allowance.release(n)
+            self._throttle.refund(n)
+            raise self._refused(exc, sessions, n) from exc
+        except (Stopped, Capped, SweeperError):
+            raise
+        except Exception as exc:
+            if maybe_applied[0]:
+                self.ledger.add(unconfirmed=n)
+            else:
+                self.allowance.release(n)
+            self.ledger.add(failed=sessions)
+            if is_bug(exc):  # not the database's failure: the engine logs its traceback
+                raise
+            raise DatastoreError(
+                f"deleting a batch failed after retries: {describe_exception(exc)}"
+            ) from exc
+        if version is not None:
+            with self.ledger.lock:
+                self.ledger.versions.add(version)
+        self._throttle.record(accepted=True)
+        self._log.debug("batch_deleted", keys=n, sessions=sessions)
+
+    def _attempt(self, chunk: list[Seen], guards: Sequence[Seen], maybe: list[bool]) -> int | None:
+        """One try: a single-use transaction, or (guards) one that looks them up first."""
+        timeout = self._retrier.timeout
+        deletes = [(s.key, s.version if self.verify else None) for s in chunk]
+        txn = rpc.begin(self._client, timeout) if guards else None
+        try:
+            if txn is not None:
+                looked = rpc.lookup(self._client, txn, [g.key for g in guards], self._prop, timeout)
+                self.ledger.add(entities_read=len(guards))
+                if any(looked.found.get(g.key.flat_path) != g for g in guards):
+                    raise Changed
+            return self._sizer.measure(
+                len(deletes),
+                lambda: rpc.commit(self._client, txn, deletes, timeout, atomic=self.verify),
+            )
+        except gexc.FailedPrecondition:
+            txn = None  # a refused commit ends its transaction
+            raise Changed from None
+        except AMBIGUOUS as exc:
+            maybe[0] = True
+            if isinstance(exc, gexc.DeadlineExceeded) and self._sizer.size < len(deletes):
+                # Timed out, and the sizer now wants smaller commits: settled, then sent smaller
+                # (the same commit again would time out again).
+                raise Resize from exc
+            raise
+        finally:
+            if txn is not None:
+                rpc.end_transaction(self._client, txn, timeout)
+
+    def _settle(self, chunk: list[Seen], maybe_applied: bool) -> frozenset[Path] | None:
+        """Rule 5, after a refusal: None when an earlier attempt whose answer was lost is
+        shown to have deleted all of ``chunk``; else the keys of ``chunk`` that may have gone
+        with it (counted as ``unattributed``), for the re-read to leave out.
+
+        The lookup also asks for a key that was never written. Where a missing key's version
+        is the version of the snapshot read (the API's documented behaviour, and the legacy
+        emulator's), that key has the same version as the gone ones and nothing is shown;
+        where it is the version of the write that deleted the key (the Firestore emulator),
+        the never-written key's differs, and keys all gone at one version no other commit of
+        this run wrote were deleted by this one.
+        """
+        if not maybe_applied:
+            return frozenset()
+        first = chunk[0].key  # the never-written key in the same partition
+        never = Key(
+            self._kind,
+            f"{NEVER_WRITTEN}{uuid.uuid4().hex}",
+            project=first.project,
+            namespace=first.namespace,
+            database=first.database,
+        )
+        looked = self.lookup([*(s.key for s in chunk), never])
+        gone = frozenset(s.key.flat_path for s in chunk if s.key.flat_path not in looked.found)
+        versions = {looked.missing.get(p) for p in gone}
+        with self.ledger.lock:
+            ours = (
+                len(gone) == len(chunk)
+                and len(versions) == 1
+                and looked.missing.get(never.flat_path) not in versions
+                and not versions & self.ledger.versions
+            )
+            if ours:
+                self.ledger.versions.update(v for v in versions if v is not None)
+        if ours:
+            return None
+        self.ledger.add(unattributed=len(gone))
+        return gone
+
+    def lookup(self, keys: Sequence[Key]) -> rpc.Looked:
+        looked: rpc.Looked = self._retrier.call(
+            "lookup",
+            lambda: rpc.lookup(self._client, None, keys, self._prop, self._retrier.timeout),
+        )
+        self.ledger.add(entities_read=len(keys))
+        return looked
+
+    def _refused(self, exc: gexc.InvalidArgument, sessions: int, keys: int) -> Exception:
+        if "entity groups" in str(exc) and sessions > LEGACY_LIMIT:
+            self.shrink_groups()
+            return Split(keys, LEGACY_LIMIT)
+        if _too_big(exc):
+            if keys > 1:
+                smaller = max(1, keys // 2)
+                self._sizer.refused(smaller)
+                self._log.info(
+                    "commit_split", keys=keys, now=smaller, reason="transaction or write too big"
+                )
+                return Split(smaller, max(1, sessions // 2))
+            return Split(1, 1)
+        self.ledger.add(failed=sessions)
+        return DatastoreError(f"deleting a batch failed after retries: {describe_exception(exc)}")
+
+    def _in_flight(self, keys: int) -> _InFlight:
+        return _InFlight(self.ledger, keys)
+
+    def _wait(self, keys: int) -> None:
+        self.ledger.result.add(throttle_wait_s=self._throttle.acquire(keys))
+
+    def shrink_groups(self) -> None:
+        with self._lock:  # several workers may be refused at once: shrink and say so once
+            if self.groups_per_commit == LEGACY_LIMIT:
+                return
+            self.groups_per_commit = LEGACY_LIMIT
+        self._log.info(
+            "transaction_size_reduced",
+            keys=LEGACY_LIMIT,
+            reason="too many entity groups in one transaction",
+        )
+
+    def refuse(self, keys: Sequence[Key]) -> None:
+        with self.ledger.lock:
+            self.ledger.refused.extend(keys)
+            self.ledger.result.failed += len(keys)
+        for key in keys:
+            self._log.error(
+                "delete_refused",
+                key=str(key.flat_path),
+                reason="transaction or write too big, even alone: left in place",
+            )
+
+
+class Resize(Exception):
+    """A commit timed out and the sizer wants smaller ones: it was not applied (a lookup
+    showed its keys at the versions sent), so its groups go again in smaller commits."""
+
+
+class Split(Exception):
+    """A commit refused as too big, or as touching too many entity groups: send what it
+    held at most ``keys`` keys and ``groups`` groups a commit."""
+
+    def __init__(self, keys: int, groups: int) -> None:
+        super().__init__("split")
+        self.keys, self.groups = keys, groups
+
+
+class _InFlight:
+    """Keys a commit is working on: if the run must stop before it answers, they may or may
+    not be gone (the summary's ``unconfirmed``)."""
+
+    def __init__(self, ledger: Ledger, keys: int) -> None:
+        self._ledger, self._keys = ledger, keys
+
+    def __enter__(self) -> None:
+        with self._ledger.lock:
+            self._ledger.in_flight += self._keys
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._ledger.lock:
+            self._ledger.in_flight -= self._keys
+
+
+def refused_error(refused: Sequence[Key]) -> str | None:
+    """The run's error when the database would not delete some keys even one at a time."""
+    if not refused:
+        return None
+    return (
+        f"Datastore refused to delete {len(refused)} entities even one per commit "
+        f"(transaction or write too big), first {refused[0].flat_path}; they were left, "
+        "everything else due was deleted"
+    )
+
+
+def _too_big(exc: BaseException) -> bool:
+    return "too big" in str(exc).lower()

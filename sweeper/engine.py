@@ -21,15 +21,13 @@ from google.cloud import datastore
 from sweeper import checks
 from sweeper.checks import SKEW_WARNING_S, Stored, read_clock
 from sweeper.concurrency import CallLimiter, Pipeline, together
-from sweeper.deleter import BatchSizer
+from sweeper.deleter import LEGACY_LIMIT, BatchSizer, refused_error
 from sweeper.encodings import Encoding
 from sweeper.errors import SweeperError, describe_exception, is_bug, report_bug
 from sweeper.gate import (
     DESCENDANT_QUERIES,
-    LEGACY_LIMIT,
     Gate,
     Rule,
-    refused_error,
 )
 from sweeper.result import ProgressLog, Runtime, SweepResult
 from sweeper.retry import PUSHBACK, Retrier, RetryCounter

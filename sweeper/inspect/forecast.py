@@ -17,8 +17,8 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from sweeper.deleter import LEGACY_LIMIT
 from sweeper.encodings import Encoding, is_expired
-from sweeper.gate import LEGACY_LIMIT
 from sweeper.guard import COUNT_LIMIT
 from sweeper.inspect.histogram import Histogram, hour_cells
 from sweeper.retention import RETENTION_COUNT_LIMIT

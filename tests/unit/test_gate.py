@@ -18,10 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from sweeper.deleter import BatchSizer
+from sweeper.deleter import LEGACY_LIMIT, BatchSizer
 from sweeper.encodings import Encoding
 from sweeper.errors import DatastoreError, RefusedError
-from sweeper.gate import LEGACY_LIMIT, Gate, Group, Rule, _take, decide
+from sweeper.gate import Gate, Group, Rule, _take, decide
 from sweeper.result import SweepResult
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.rpc import Seen
