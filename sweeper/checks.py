@@ -33,8 +33,7 @@ from sweeper.guard import (
     sample_descendants,
     scan_exposure,
 )
-from sweeper.result import SweepResult
-from sweeper.retention import Retention, measure_retention
+from sweeper.result import Retention, SweepResult, measure_retention
 from sweeper.settings import SweepSettings
 from sweeper.stopping import Allowance
 from sweeper.target import Count, Target

@@ -178,7 +178,7 @@ def build_registry(summary: Mapping[str, Any], timestamp: float) -> CollectorReg
 
 
 def _retention_gauges(summary: Mapping[str, Any], gauge: Callable[[str, str, float], None]) -> None:
-    """What is left after the run, when the run measured it (see ``sweeper.retention``).
+    """What is left after the run, when the run measured it (see ``sweeper.result``).
 
     Left out when not measured (a run stopped by its deadline), so pushadd keeps the last
     measurement. A null oldest expiry is pushed as NaN, which no alert threshold matches,

@@ -21,7 +21,7 @@ from sweeper.deleter import LEGACY_LIMIT
 from sweeper.encodings import Encoding, is_expired
 from sweeper.guard import COUNT_LIMIT
 from sweeper.inspect.histogram import Histogram, hour_cells
-from sweeper.retention import RETENTION_COUNT_LIMIT
+from sweeper.result import RETENTION_COUNT_LIMIT
 from sweeper.settings import DEFAULT_MAX_FRACTION, DEFAULT_WORKERS, MAX_BATCH_SIZE, SweepSettings
 from sweeper.slices import Shard, shard_slices
 from sweeper.target import KEYS_ONLY_COUNT_LIMIT, PAGE_SIZE, SCAN_FIRST_PAGE

@@ -5,8 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sweeper.result import SweepResult
-from sweeper.retention import Retention
+from sweeper.result import Retention, SweepResult
 from sweeper.settings import SweepSettings
 from sweeper.stopping import StopReason
 from sweeper.target import Count
