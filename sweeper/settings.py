@@ -11,7 +11,43 @@ from typing import Literal
 
 from sweeper.encodings import Encoding
 from sweeper.errors import UsageError
-from sweeper.slices import Shard
+
+# Shards: one pod of several (``--shard I/N``).
+_SHARD = re.compile(r"(\d+)/(\d+)")
+
+# The most pods a run may be cut into: ``sweep --shard I/N`` and ``inspect --shards N``. Each
+# pod starts at 1/N of the ramp-up's 500 deletes/s, 0.05/s at this limit: an N past it is a
+# typo, not a plan.
+MAX_SHARDS = 10_000
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` (0-based, as Kubernetes' JOB_COMPLETION_INDEX)."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        match = _SHARD.fullmatch(text.strip())
+        if not match:
+            raise UsageError(f"invalid shard {text!r}: use I/N, e.g. 0/4 (I from 0 to N-1)")
+        try:
+            index, count = int(match[1]), int(match[2])
+        except ValueError:  # more digits than Python converts (4300), too many to echo back
+            raise UsageError(
+                f"invalid shard: I and N must be at most {MAX_SHARDS} (given thousands of digits)"
+            ) from None
+        if count > MAX_SHARDS:
+            raise UsageError(f"invalid shard {text!r}: N must be at most {MAX_SHARDS}")
+        if count < 1 or not 0 <= index < count:
+            raise UsageError(f"invalid shard {text!r}: I must be between 0 and N-1, N >= 1")
+        return cls(index, count)
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
 
 FormatChoice = Encoding | Literal["auto"]
 

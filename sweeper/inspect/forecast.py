@@ -22,8 +22,14 @@ from sweeper.encodings import Encoding, is_expired
 from sweeper.guard import COUNT_LIMIT
 from sweeper.inspect.histogram import Histogram, hour_cells
 from sweeper.result import RETENTION_COUNT_LIMIT
-from sweeper.settings import DEFAULT_MAX_FRACTION, DEFAULT_WORKERS, MAX_BATCH_SIZE, SweepSettings
-from sweeper.slices import Shard, shard_slices
+from sweeper.settings import (
+    DEFAULT_MAX_FRACTION,
+    DEFAULT_WORKERS,
+    MAX_BATCH_SIZE,
+    Shard,
+    SweepSettings,
+)
+from sweeper.sources import shard_slices
 from sweeper.target import KEYS_ONLY_COUNT_LIMIT, PAGE_SIZE, SCAN_FIRST_PAGE
 from sweeper.throttle import BASE_RATE, RampSchedule
 

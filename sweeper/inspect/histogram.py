@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sweeper.encodings import EPOCH, ExpiredRange, cutoff_bound, to_micros
-from sweeper.slices import split_even
+from sweeper.sources import split_even
 
 Unit = Literal["hour", "day"]
 HOUR = dt.timedelta(hours=1)

@@ -32,12 +32,13 @@ from sweeper.settings import (
     DEFAULT_WORKERS,
     FORMAT_CHOICES,
     MAX_BATCH_SIZE,
+    MAX_SHARDS,
     MAX_WORKERS,
+    Shard,
     check_database,
     decide_ramp_up,
     parse_format,
 )
-from sweeper.slices import MAX_SHARDS, Shard
 
 
 def _none_if_empty(value: str | None) -> str | None:

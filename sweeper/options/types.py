@@ -15,11 +15,11 @@ from sweeper.metrics import check_url
 from sweeper.settings import (
     DURATION_UNITS,
     FORMAT_CHOICES,
+    Shard,
     check_database,
     parse_duration,
     parse_format,
 )
-from sweeper.slices import Shard
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from sweeper.encodings import Encoding, from_micros, is_expired
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
-from sweeper.slices import Shard
+from sweeper.settings import Shard
 from sweeper.sources import expired_streams
 from sweeper.target import Target
 from tests.integration.helpers import ago, ahead, seed, settings, stored, survivors, sweep

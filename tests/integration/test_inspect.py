@@ -16,8 +16,7 @@ from sweeper.errors import DatastoreError
 from sweeper.inspect.forecast import plan_backlog, retention_calls
 from sweeper.inspect.report import InspectReport, inspect_target
 from sweeper.inspect.table import render_table, report_dict
-from sweeper.settings import FormatChoice
-from sweeper.slices import Shard
+from sweeper.settings import FormatChoice, Shard
 from tests.integration.helpers import (
     ago,
     ahead,

@@ -11,7 +11,7 @@ from google.cloud import datastore
 
 from sweeper.encodings import Encoding, to_micros
 from sweeper.engine import SweepResult
-from sweeper.slices import Shard
+from sweeper.settings import Shard
 from tests.integration.helpers import (
     RecordingClient,
     ago,

@@ -26,8 +26,7 @@ from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, SweepResult
 from sweeper.errors import SweeperError
 from sweeper.options import COMMANDS, OPTIONS, FiniteFloatRange, file_options, options_of
-from sweeper.settings import SweepSettings
-from sweeper.slices import MAX_SHARDS, Shard
+from sweeper.settings import MAX_SHARDS, Shard, SweepSettings
 from sweeper.stopping import StopReason
 from sweeper.terminal import ProgressLine
 

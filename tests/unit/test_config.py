@@ -16,8 +16,7 @@ from sweeper.config import load_targets
 from sweeper.encodings import Encoding
 from sweeper.errors import UsageError
 from sweeper.options import Option, file_options
-from sweeper.settings import SweepSettings
-from sweeper.slices import Shard
+from sweeper.settings import Shard, SweepSettings
 
 BASE: dict[str, Any] = {
     "prop": "expires_at",

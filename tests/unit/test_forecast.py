@@ -35,8 +35,7 @@ from sweeper.inspect.histogram import (
     hour_cells,
     stream_slices,
 )
-from sweeper.settings import SweepSettings
-from sweeper.slices import Shard
+from sweeper.settings import Shard, SweepSettings
 from sweeper.throttle import BASE_RATE, RAMP_FACTOR, RAMP_INTERVAL_S
 
 CUTOFF = dt.datetime(2024, 6, 1, 11, 45, tzinfo=dt.UTC)

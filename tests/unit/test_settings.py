@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from sweeper.encodings import Encoding
 from sweeper.errors import EXIT_USAGE, UsageError
 from sweeper.settings import (
+    MAX_SHARDS,
+    Shard,
     SweepSettings,
     check_database,
     decide_ramp_up,
@@ -20,7 +22,6 @@ from sweeper.settings import (
     parse_duration,
     parse_format,
 )
-from sweeper.slices import MAX_SHARDS, Shard
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sweeper.errors import UsageError
-from sweeper.slices import Shard, Slice, shard_slices, split_even
+from sweeper.settings import Shard
+from sweeper.sources import Slice, shard_slices, split_even
 
 
 class Probe:
