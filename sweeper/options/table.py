@@ -65,11 +65,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "--database",
-        every(
-            "Named database, by its id: 4 to 63 lowercase letters, digits or hyphens, starting "
-            "with a letter and not ending with a hyphen. Default (also given as '(default)'): "
-            "the (default) database."
-        ),
+        every("Named database id (4-63 of a-z, 0-9, -; a letter first). Default: (default)."),
         type=DATABASE,
         metavar="ID",
         sets="database",
@@ -390,10 +386,7 @@ OPTIONS: tuple[Option, ...] = (
     # Logs.
     Option(
         "--log-format",
-        every(
-            "json: one object per line with severity (Cloud Logging). "
-            "Default: console on a terminal, json otherwise."
-        ),
+        every("json: one object a line, with severity. Default: console on a terminal, else json."),
         type=click.Choice(["json", "console"]),
         default=None,
     ),
