@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from google.api_core import exceptions as gexc
 from google.auth import exceptions as auth_exc
@@ -39,29 +39,48 @@ A = TypeVar("A")
 B = TypeVar("B")
 
 
-def together(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
-    """Both reads at once, for one round trip instead of two: ``second`` in a thread of its
-    own, ``first`` in the caller's. Returns once both have; raises ``first``'s error, else
-    ``second``'s. The thread is a daemon, as the sweep's own is: a call left hanging when
+class Background(Generic[A]):
+    """``fn`` in a daemon thread of its own, started at once; its value or its error handed
+    to whoever waits for it. The one way the run puts work beside its caller: the sweep's
+    body (so that a stop is honoured whatever it is doing), a read beside another
+    (``together``), ``inspect`` under a signal. A daemon, so that a call left hanging when
     the process must exit does not hold it up (a thread pool's workers would)."""
-    out: dict[str, Any] = {}
 
-    def run() -> None:
+    def __init__(self, fn: Callable[[], A], name: str) -> None:
+        self._fn = fn
+        self._out: list[A] = []
+        self._error: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
         try:
-            out["value"] = second()
-        except BaseException as exc:  # handed to the caller, below
-            out["error"] = exc
+            self._out.append(self._fn())
+        except BaseException as exc:  # handed to the waiter, in ``value``
+            self._error.append(exc)
 
-    thread = threading.Thread(target=run, name="together", daemon=True)
-    thread.start()
+    def running(self, wait_s: float | None = None) -> bool:
+        """Whether ``fn`` is still running after waiting up to ``wait_s`` (None: until done)."""
+        self._thread.join(wait_s)
+        return self._thread.is_alive()
+
+    def value(self) -> A:
+        """What ``fn`` returned (once it has), or its error raised here."""
+        if self._error:
+            raise self._error[0]
+        return self._out[0]
+
+
+def together(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
+    """Both reads at once, for one round trip instead of two: ``second`` in the background,
+    ``first`` in the caller's thread. Returns once both have; raises ``first``'s error, else
+    ``second``'s."""
+    beside = Background(second, "together")
     try:
         a = first()
     finally:
-        thread.join()
-    if "error" in out:
-        raise out["error"]
-    value: B = out["value"]
-    return a, value
+        beside.running()
+    return a, beside.value()
 
 
 # How long a blocked caller waits before looking at the stop flag again.

@@ -9,7 +9,6 @@ exactly one ``sweep_finished`` event, which operators alert on.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from google.cloud import datastore
 
 from sweeper import checks
 from sweeper.checks import SKEW_WARNING_S, Stored, read_clock
-from sweeper.concurrency import CallLimiter, Pipeline, together
+from sweeper.concurrency import Background, CallLimiter, Pipeline, together
 from sweeper.deleter import LEGACY_LIMIT, BatchSizer, refused_error
 from sweeper.encodings import Encoding
 from sweeper.errors import SweeperError, describe_exception, is_bug, report_bug
@@ -131,13 +130,10 @@ class Sweep:
             self._stopper.deadline = started + s.max_runtime.total_seconds()
         # Provisional, for a summary of a run that fails before it reads the database's clock.
         result = SweepResult(s, rt.now() - s.grace, s.format_label)
-        body = threading.Thread(
-            target=self._body, args=(result, started), name=f"sweep-{s.kind}", daemon=True
-        )
-        body.start()
+        body = Background(partial(self._body, result, started), f"sweep-{s.kind}")
         self._await(body)
         with result.lock:
-            if body.is_alive():
+            if body.running(0):
                 self._abandoned = True
                 result.stop(self._stopper.reason() or StopReason.SIGNAL)
                 result.unconfirmed += self._in_flight()
@@ -156,18 +152,17 @@ class Sweep:
         log("sweep_finished", **summary)
         return result
 
-    def _await(self, body: threading.Thread) -> None:
+    def _await(self, body: Background[None]) -> None:
         rt = self.runtime
-        while body.is_alive():
-            body.join(rt.poll_s)
-            if self._stopper.reason() is not None:
+        while body.running(rt.poll_s):
+            if self._stopper.stopping():
                 break
         # Stopping: deletes in flight get up to drain_s to land, so the counts stay exact; a
         # query or a wait has nothing worth waiting for beyond one more poll to unwind.
         drain_until = rt.monotonic() + rt.drain_s
-        body.join(rt.poll_s)
-        while body.is_alive() and self._in_flight() and rt.monotonic() < drain_until:
-            body.join(rt.poll_s)
+        body.running(rt.poll_s)
+        while body.running(0) and self._in_flight() and rt.monotonic() < drain_until:
+            body.running(rt.poll_s)
 
     def _in_flight(self) -> int:
         """Keys handed to a delete call not yet answered."""

@@ -10,6 +10,7 @@ from typing import Any, TextIO, TypeVar
 
 import click
 
+from sweeper.concurrency import Background
 from sweeper.errors import EXIT_SIGINT, EXIT_SIGTERM, SweeperError
 from sweeper.guard import Plan, describe
 from sweeper.result import SweepResult
@@ -150,27 +151,15 @@ class StoppedBySignal(SweeperError):
 
 
 def run_until_signal(stop: StopOnSignal, what: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` in a daemon thread; on SIGTERM/SIGINT stop waiting for it at once.
+    """Run ``fn`` in the background; on SIGTERM/SIGINT stop waiting for it at once.
 
     For read-only work such as ``inspect``: there is nothing to drain, so the command ends
     (one line, exit 143/130) within a poll of the signal, whatever call is in flight.
     """
-    box: list[T] = []
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            box.append(fn())
-        except BaseException as exc:  # handed to the caller's thread
-            errors.append(exc)
-
-    worker = threading.Thread(target=target, name=what, daemon=True)
-    worker.start()
-    while worker.is_alive() and not stop.is_set():
-        worker.join(0.1)
-    if worker.is_alive():
+    work = Background(fn, what)
+    while work.running(0.1) and not stop.is_set():
+        pass
+    if work.running(0):
         name = "SIGINT" if stop.exit_code == EXIT_SIGINT else "SIGTERM"
         raise StoppedBySignal(f"{what} stopped by {name}; nothing was changed", stop.exit_code)
-    if errors:
-        raise errors[0]
-    return box[0]
+    return work.value()
