@@ -91,7 +91,13 @@ STOP_BUDGET_S = 10.0
 
 
 def is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, TRANSIENT)
+    return isinstance(exc, TRANSIENT) and not too_large(exc)
+
+
+def too_large(exc: BaseException) -> bool:
+    """An answer larger than gRPC takes (4 MiB): RESOURCE_EXHAUSTED, but no quota. The same
+    call fails the same way every time; a smaller one goes (``Target``'s pages shrink)."""
+    return isinstance(exc, gexc.ResourceExhausted) and "larger than max" in str(exc)
 
 
 @dataclass(frozen=True)

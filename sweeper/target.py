@@ -33,20 +33,18 @@ from google.cloud.datastore_v1.types import entity as entity_pb2
 from sweeper import rpc
 from sweeper.encodings import Encoding, ExpiredRange, QueryValue, classify
 from sweeper.errors import DatastoreError
-from sweeper.retry import NO_CLIENT_RETRY, Retrier
+from sweeper.retry import NO_CLIENT_RETRY, Retrier, too_large
 from sweeper.rpc import Seen
 from sweeper.settings import SweepSettings
 
 # Keys per query page: small enough for any response limit (a key is ~100 bytes), large
 # enough to fill a whole 500-key delete batch per round trip.
 PAGE_SIZE = 500
-# Full entities per page in scan mode: session data can be large, and a response over 4 MiB
-# fails (gRPC's default limit; the Firestore emulator reports RESOURCE_EXHAUSTED). The
-# first page is small; later pages hold as many entities as fit in 2 MiB at twice the
-# largest size sampled from the page before, up to a delete batch's worth.
+# Whole entities per page (a scan; a mask ignored): a response over 4 MiB fails (gRPC's limit,
+# RESOURCE_EXHAUSTED). A scan's first page is small; later pages hold what fits in 2 MiB at
+# twice the largest entity of the page before, up to a delete batch's worth.
 SCAN_FIRST_PAGE = 100
 SCAN_PAGE_BYTES = 2 * 1024 * 1024
-SCAN_MIN_PAGE = 10
 # Projected values a strict first_value looks through for one of its encoding.
 FIRST_VALUE_PROBE = 20
 # Datastore refuses a lookup of more than 1000 keys.
@@ -168,9 +166,10 @@ class Target:
         """Every result of ``query`` as the gate deletes it: each key with its version and
         its value of the property (``rpc.run_query``), one page at a time.
 
-        A ``scan`` pages whole entities where the mask is ignored (the legacy emulator):
-        the first page is small, and each next one holds what fits ``SCAN_PAGE_BYTES`` at
-        twice the largest entity of the page before.
+        Where the mask is ignored (the legacy emulator; names no mask path is sure to name)
+        whole entities come back: each next page holds what fits ``SCAN_PAGE_BYTES`` at twice
+        the largest entity of the page before, and a page refused as too large is asked
+        again smaller (``_seen_page``). A ``scan`` starts small.
         """
         cursor: bytes | None = None
         size = SCAN_FIRST_PAGE if scan else page_size
@@ -181,10 +180,7 @@ class Target:
             if page.cursor is None:
                 return
             cursor = page.cursor
-            if scan:
-                size = max(
-                    SCAN_MIN_PAGE, min(PAGE_SIZE, SCAN_PAGE_BYTES // (2 * max(page.largest, 1)))
-                )
+            size = min(page_size, _fitting(page))
 
     def scan_pages(self) -> Iterator[list[Seen]]:
         """Every entity of the kind with its version and value, for properties no index
@@ -197,16 +193,16 @@ class Target:
         paged. Ancestor queries are strongly consistent, on the legacy emulator too."""
         found: list[Seen] = []
         cursor: bytes | None = None
+        size = PAGE_SIZE
         while True:
-            page = self._seen_page(self.client.query(ancestor=key), PAGE_SIZE, cursor)
+            page = self._seen_page(self.client.query(ancestor=key), size, cursor)
             found += page.seen
             if page.cursor is None:
                 return found
-            cursor = page.cursor
+            cursor, size = page.cursor, _fitting(page)
 
     def lookup(self, keys: Sequence[datastore.Key]) -> list[datastore.Entity]:
-        """Full entities for ``keys`` (missing ones are dropped): the only way to see true
-        types. ``LOOKUP_CHUNK`` keys per call."""
+        """Full entities for ``keys`` (missing ones dropped), ``LOOKUP_CHUNK`` keys a call."""
         found: list[datastore.Entity] = []
         for at in range(0, len(keys), LOOKUP_CHUNK):
             found += self.retrier.call("lookup", partial(self._get, keys[at : at + LOOKUP_CHUNK]))
@@ -289,13 +285,16 @@ class Target:
     # -- one call each --------------------------------------------------------------------
 
     def _seen_page(self, query: datastore.Query, limit: int, cursor: bytes | None) -> rpc.Page:
+        """One page from ``cursor``; refused as larger than gRPC takes, a quarter as many."""
         timeout = self.retrier.timeout
-        return self.retrier.call(
-            "query",
-            lambda: rpc.run_query(
-                self.client, query, self.prop, limit, cursor=cursor, timeout=timeout
-            ),
-        )
+        while True:
+            try:
+                call = partial(rpc.run_query, self.client, query, self.prop, limit)
+                return self.retrier.call("query", partial(call, cursor=cursor, timeout=timeout))
+            except gexc.ResourceExhausted as exc:
+                if not too_large(exc) or limit == 1:
+                    raise
+                limit = max(1, limit // 4)
 
     def _page(
         self, query: datastore.Query, limit: int, cursor: bytes | None
@@ -393,3 +392,9 @@ def make_client(
 def client_for(settings: SweepSettings) -> datastore.Client:
     """The client of one target: its project, database and namespace."""
     return make_client(settings.project, settings.database, settings.namespace)
+
+
+def _fitting(page: rpc.Page) -> int:
+    """Results per page that keep an answer within ``SCAN_PAGE_BYTES``, judged by the largest
+    entity of ``page``: a full page where the mask keeps entities small."""
+    return max(1, min(PAGE_SIZE, SCAN_PAGE_BYTES // (2 * max(page.largest, 1))))
