@@ -421,9 +421,9 @@ def test_a_namespace_is_swept_alone(
 def test_sessions_too_large_for_one_answer_are_swept_in_smaller_pages(
     client: datastore.Client, kind: str
 ) -> None:
-    """The legacy emulator ignores the property mask and answers whole entities: a page of
-    300 sessions of 16 KB (its batch) passes gRPC's 4 MiB, is refused as too large (RESOURCE_EXHAUSTED, no
-    quota), and is asked again smaller; every expired session goes, every live one stays."""
+    """The legacy emulator ignores the property mask and answers whole entities: a batch of
+    300 sessions of 16 KB passes gRPC's 4 MiB, is refused as too large (RESOURCE_EXHAUSTED,
+    no quota), and is asked again smaller; every expired session goes, every live one stays."""
     expired = [Session(f"old-{i}", encode(ago(hours=2), S)) for i in range(600)]
     live = [Session(f"new-{i}", encode(ahead(hours=2), S)) for i in range(20)]
     sessions = expired + live
