@@ -189,7 +189,7 @@ class SweepSettings:
     grace: dt.timedelta
     batch_size: int = MAX_BATCH_SIZE
     dry_run: bool = False
-    # Re-check each key in the transaction that deletes it: on by default on every database,
+    # Delete each entity at the version its read saw, all or nothing: on by default everywhere,
     # since a session refreshed between the query and the delete is otherwise lost.
     verify: bool = True
     scan: bool = False
