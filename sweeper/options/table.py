@@ -169,16 +169,15 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--verify/--no-verify",
         {
-            SWEEP: "Delete an entity only if a check made atomically with the delete (in the "
-            "same transaction) finds it still expired, so a session refreshed or re-created "
-            "under its key while the run holds it is never lost. On by default on every "
-            "database. --no-verify deletes blindly what the query returned: a session "
-            "refreshed, or re-created under an old key, between the query and the delete is "
-            "lost; it logs a warning.",
+            SWEEP: "Delete an entity only at the version at which its read saw it expired, all "
+            "or nothing a commit, so a session refreshed or re-created under its key while the "
+            "run holds it is never lost. On by default on every database. --no-verify deletes "
+            "blindly what a keys-only query returned (fewer billed reads): a session refreshed, "
+            "or re-created under an old key, in between is lost; it logs a warning.",
             INSPECT: "Forecast a sweep with or without the check (on by default, as the sweep).",
         },
         # On everywhere: even a strongly consistent query is stale by the time its keys are
-        # deleted, so only the transaction's own read can tell a refreshed session apart.
+        # deleted, so only a delete conditioned on the version read is safe.
         default=True,
         sets="verify",
         toml=TOML_BOOL,
