@@ -13,30 +13,26 @@ is left afterwards (:func:`retention`). A step that finds the run unsafe raises
 from __future__ import annotations
 
 import datetime as dt
-import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
-from sweeper.detect import check_explicit, decide, read_ends
-from sweeper.encodings import Encoding, ExpiredRange, expired_range, is_expired
-from sweeper.errors import RefusedError
-from sweeper.gate import Rule
-from sweeper.guard import (
-    Descendants,
-    Exposure,
-    Plan,
-    check_fraction,
-    measure,
-    range_samples,
-    sample_descendants,
-    scan_exposure,
+import structlog
+from google.cloud import datastore
+
+from sweeper.concurrency import together
+from sweeper.encodings import (
+    Encoding,
+    band_range,
+    classify,
+    describe_value,
 )
+from sweeper.errors import RefusedError
 from sweeper.result import Retention, SweepResult, measure_retention
 from sweeper.settings import SweepSettings
-from sweeper.stopping import Allowance
-from sweeper.target import Count, Target
+from sweeper.target import FIRST_VALUE_PROBE, Count, Target
 
 
 @dataclass(frozen=True)
@@ -76,117 +72,12 @@ def choose_encoding(
     """The encoding to sweep; None when the property holds no value at all."""
     s = settings
     if not isinstance(s.format, Encoding):
-        encoding = decide(stored.ends, s.kind, s.prop)
+        encoding = decide_encoding(stored.ends, s.kind, s.prop)
         if encoding is None:
             log.warning("no_expiry_values", property=s.prop, hint="nothing to sweep")
         return encoding
     _note_others(result, stored.others, s.prop, log)
     return s.format
-
-
-def guard(
-    target: Target,
-    settings: SweepSettings,
-    encoding: Encoding,
-    result: SweepResult,
-    *,
-    confirm: Callable[[Plan], bool] | None,
-    log: Any,
-) -> Allowance:
-    """Before the first batch: refuse a run over --max-fraction; on a terminal, ask.
-
-    Counted in entities: with --with-descendants each session with what lies under it
-    (estimated from a sample). What passes is the run's allowance, which the gate holds every
-    commit to, so an estimate that was too low stops the run at the share instead of passing
-    it.
-    """
-    s = settings
-    window = expired_range(encoding, result.cutoff)
-    if s.dry_run or (window.empty and not s.scan) or (s.max_fraction >= 1 and confirm is None):
-        return Allowance(s.max_deletes)
-    share = s.max_fraction if confirm is None else 1.0  # a person sees the whole count
-    rule = Rule(s.kind, s.prop, encoding, result.cutoff)
-    exposure, under = _exposure(target, s, rule, window, result, share=share)
-    if under is not None:
-        exposure = under.exposure(exposure)
-        log.info(
-            "descendants_sampled",
-            per_due_session=round(under.per_due, 2),
-            per_live_session=round(under.per_live, 2),
-            sampled=under.sampled,
-        )
-    result.due_fraction = exposure.fraction
-    log.info(
-        "exposure_counted",
-        due=exposure.due.n,
-        carrying=exposure.carrying.n,
-        # Counted only as far as the guard needed: "at least" this many.
-        carrying_is_lower_bound=exposure.carrying.lower_bound,
-        fraction=exposure.fraction,
-        max_fraction=s.max_fraction,
-        counted="entities" if s.with_descendants else "sessions",
-    )
-    check_fraction(exposure, s.max_fraction, s.kind, s.prop)
-    if exposure.due.n > 0 and confirm is not None:
-        _confirm(target, s, encoding, result, exposure=exposure, confirm=confirm)
-    if s.max_fraction >= 1:
-        return Allowance(s.max_deletes)
-    carrying = exposure.carrying.n
-    return Allowance(
-        s.max_deletes,
-        math.floor(s.max_fraction * carrying),
-        f" ({s.max_fraction:g} of the {carrying} entities carrying {s.prop})",
-    )
-
-
-def _exposure(
-    target: Target,
-    s: SweepSettings,
-    rule: Rule,
-    window: ExpiredRange,
-    result: SweepResult,
-    *,
-    share: float,
-) -> tuple[Exposure, Descendants | None]:
-    """What the run would delete, in sessions, and (``--with-descendants``) what a sample
-    says lies under each: sampled first, so the count of what carries the property goes as
-    far as the share needs in entities."""
-    if s.scan:
-        exposure, due, live = scan_exposure(
-            target,
-            expired=lambda v: is_expired(rule.encoding, v, result.cutoff),
-            on_read=lambda n: result.add(entities_read=n),
-        )
-        under = sample_descendants(target, rule, due, live) if s.with_descendants else None
-        return exposure, under
-    if not s.with_descendants:
-        return measure(target, window, share), None
-    under = sample_descendants(target, rule, *range_samples(target, window))
-    return measure(target, window, share, under), under
-
-
-def _confirm(
-    target: Target,
-    s: SweepSettings,
-    encoding: Encoding,
-    result: SweepResult,
-    *,
-    exposure: Exposure,
-    confirm: Callable[[Plan], bool],
-) -> None:
-    client = target.client
-    plan = Plan(
-        client.project,
-        client.database or None,
-        client.namespace or None,
-        s.kind,
-        s.prop,
-        encoding,
-        result.cutoff,
-        exposure,
-    )
-    if not confirm(plan):
-        raise RefusedError("not confirmed at the prompt; nothing was deleted")
 
 
 def scan_census(
@@ -283,3 +174,187 @@ def read_clock(target: Target, local_now: Callable[[], dt.datetime]) -> ClockRea
     # The server's instant lies between the two local readings: compare with their midpoint.
     local = before + (after - before) / 2
     return ClockReading(server, "server", (local - server).total_seconds())
+
+
+# -- --format auto: the encoding, from the values stored ---------------------------------------
+# ``--format auto``: find out how the expiry is stored, from the values actually stored.
+#
+# Datastore keeps one index order for all values of a property: nulls, then integers and
+# timestamps together by magnitude, then booleans, strings, floats and the rest.
+# Each encoding owns one contiguous band of that order, so if the smallest and the largest
+# non-null values both lie in the same band, *every* value does: two limit-1 queries (sent at
+# once) decide it exactly, however rare a stray value is among millions, and however slow a full
+# scan would be.
+#
+# The index cannot show a value's type (a Timestamp and an integer of epoch microseconds sort as
+# the same number), so those queries return whole entities, whose values carry their true type.
+# More than one encoding, or any value sweeper cannot interpret, is a refusal: guessing would
+# delete live sessions.
+def detect_encoding(target: Target) -> Encoding | None:
+    """The single encoding stored in the target's property; None when it holds no value at all.
+
+    Refuses when entities carry values that no index holds (see :func:`check_indexed`).
+    """
+    return decide_encoding(read_ends(target), target.kind, target.prop)
+
+
+def read_ends(target: Target) -> list[object] | None:
+    """The stored values of the smallest and the largest indexed value, in that order.
+
+    None when no index entry holds a value (refused if entities carry one all the same). Reads
+    only, and logs nothing: a sweep makes these reads while it reads the database's clock.
+    """
+    ends: list[object] = []
+    for _attempt in range(_PROBES):
+        # Both ends at once, each as a whole entity (its value's true type): one round trip.
+        smallest, largest = together(partial(_smallest_indexed, target), partial(_largest, target))
+        if not smallest:
+            _refuse_if_carried(target)
+            return None
+        ends = [e.get(target.prop) for e in smallest + largest]
+        if len(ends) != 1:
+            break
+        # The largest was deleted between the two queries (another sweep, the app): look
+        # again rather than judge from a single value.
+    return ends
+
+
+def decide_encoding(ends: list[object] | None, kind: str, prop: str) -> Encoding | None:
+    """The encoding that ``read_ends``'s values prove every stored value to be in."""
+    if ends is None:
+        return None
+    found = [classify(value) for value in ends]
+    structlog.get_logger("sweeper.detect").info(
+        "format_detected",
+        smallest=describe_value(ends[0]),
+        largest=describe_value(ends[-1]),
+        encodings=sorted({e.value if e else "unsupported" for e in found}),
+    )
+    single = _single(ends, found)
+    if single is not None:
+        return single
+    if len(ends) == 1:
+        raise RefusedError(
+            f"refusing --format auto on {kind}.{prop}: an end of its values was deleted "
+            f"during detection {_PROBES} times in a row, so the stored encoding could not be "
+            "read. Nothing was deleted; run again, or pass --format."
+        )
+    raise RefusedError(
+        f"refusing --format auto on {kind}.{prop}: its values run from "
+        f"{_describe(ends[0])} to {_describe(ends[-1])}, so it holds "
+        f"{_what(found)}. Nothing was deleted. Sweep one encoding with --format "
+        f"{'|'.join(e.value for e in Encoding)}; values of other encodings are left alone."
+    )
+
+
+# Rounds of end probes before detection gives up on a property that keeps changing under it.
+_PROBES = 3
+
+
+def _single(ends: list[object], found: list[Encoding | None]) -> Encoding | None:
+    """The one encoding both ends agree on, if they do.
+
+    Text owns one part of the order: with both ends text, every value between them is text
+    too. The canonical ISO-8601 values among them are swept, and text in any other form is
+    left alone (and counted), so one canonical end is enough to name the encoding.
+    """
+    if len(ends) != 2:
+        return None
+    if found[0] is not None and found[0] is found[1]:
+        return found[0]
+    if all(isinstance(v, str | bytes) for v in ends) and Encoding.ISO_8601 in found:
+        return Encoding.ISO_8601
+    return None
+
+
+def _describe(value: object) -> str:
+    encoding = classify(value)
+    return f"{describe_value(value)}, {encoding.value if encoding else 'no supported encoding'}"
+
+
+def _what(found: list[Encoding | None]) -> str:
+    if None in found:
+        return "values of no supported encoding"
+    return "more than one encoding"
+
+
+def check_explicit(target: Target, encoding: Encoding) -> tuple[str, ...]:
+    """Before an explicit ``--format`` sweep: the other encodings the property holds.
+
+    Refuses when the chosen encoding's band holds no value at all while the property holds
+    values of another encoding (or values no index holds): such a sweep could never match
+    anything, and would report success forever. Costs two limit-1 queries (at once); when the
+    ends are not both of ``encoding``, one more small query per other band.
+    """
+    ends = read_ends(target)
+    if ends is None:
+        return ()
+    found = {classify(value) for value in ends}
+    if found <= {encoding}:
+        return ()
+    # Values between the ends may be of a third encoding: ask each band in turn.
+    found |= {e for e in Encoding if e not in found and _in_band(target, e)}
+    others = tuple(sorted(e.value if e else "unsupported" for e in found if e is not encoding))
+    if encoding in found:
+        return others
+    raise RefusedError(
+        f"refusing --format {encoding.value} on {target.kind}.{target.prop}: it holds no "
+        f"{encoding.value} value at all, so this sweep could never delete anything. Its "
+        f"values run from {_describe(ends[0])} to {_describe(ends[-1])}; {_suggest(found)} "
+        "Nothing was deleted."
+    )
+
+
+def _in_band(target: Target, encoding: Encoding) -> bool:
+    """Whether ``encoding``'s band holds a value of it (one small query of whole entities:
+    the index cannot tell a Timestamp from an int of microseconds)."""
+    # Text of other forms may come first in a text band: look a little further there.
+    limit = FIRST_VALUE_PROBE if encoding.needs_values else 1
+    inside = target.fetch(target.within(band_range(encoding), keys_only=False), limit)
+    return any(classify(e.get(target.prop)) is encoding for e in inside)
+
+
+def _suggest(found: set[Encoding | None]) -> str:
+    if len(found) == 1 and None not in found:
+        (only,) = found
+        assert only is not None
+        return f"--format {only.value} would match them."
+    return "no single --format matches them all: see `sweeper inspect`."
+
+
+# Entities read to tell "no values" from "values no index holds".
+UNINDEXED_SAMPLE = 20
+
+
+def check_indexed(target: Target) -> None:
+    """Refuse when entities carry ``prop`` but no index entry holds a value of it.
+
+    A property excluded from indexes (the runner's used-JWT-id kind) is invisible to every range
+    query: a sweep would report nothing to do forever. Only a scan reads such values.
+    """
+    if not _smallest_indexed(target):
+        _refuse_if_carried(target)
+
+
+def _smallest_indexed(target: Target) -> list[datastore.Entity]:
+    """The entity holding the smallest non-null indexed value, if any value is indexed at all."""
+    return target.fetch(target.carrying(keys_only=False), 1)
+
+
+def _largest(target: Target) -> list[datastore.Entity]:
+    """The entity holding the largest indexed value (nulls sort first)."""
+    return target.fetch(target.query(keys_only=False), 1, descending=True)
+
+
+def _refuse_if_carried(target: Target) -> None:
+    """No index entry holds a value: refuse if sampled entities carry one all the same."""
+    prop = target.prop
+    sample = target.fetch(target.query(keys_only=False), UNINDEXED_SAMPLE)
+    carrying = [e for e in sample if e.get(prop) is not None]
+    if carrying:
+        raise RefusedError(
+            f"{target.kind}.{prop} looks unindexed: {len(carrying)} of {len(sample)} sampled "
+            f"entities have a value (e.g. {describe_value(carrying[0].get(prop))}) but no index "
+            "entry holds one, so no range query can find them. Use --scan (one billed read per "
+            "entity) or index the property."
+        )

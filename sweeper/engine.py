@@ -17,7 +17,7 @@ from functools import partial
 import structlog
 from google.cloud import datastore
 
-from sweeper import checks
+from sweeper import checks, guard
 from sweeper.checks import SKEW_WARNING_S, Stored, read_clock
 from sweeper.concurrency import Background, CallLimiter, Pipeline, together
 from sweeper.deleter import LEGACY_LIMIT, BatchSizer, refused_error
@@ -235,7 +235,7 @@ class Sweep:
         if encoding is not None:
             result.format = encoding.value
             confirm = self.runtime.confirm
-            allowance = checks.guard(target, s, encoding, result, confirm=confirm, log=log)
+            allowance = guard.allowance(target, s, encoding, result, confirm=confirm, log=log)
             seen = self._delete_expired(
                 target, encoding, result, allowance, stored.smallest(s, encoding)
             )

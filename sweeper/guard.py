@@ -21,13 +21,19 @@ import datetime as dt
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from google.cloud import datastore
 
-from sweeper.encodings import Encoding, ExpiredRange
+from sweeper.encodings import Encoding, ExpiredRange, expired_range, is_expired
 from sweeper.errors import RefusedError
 from sweeper.gate import Rule, decide
+from sweeper.settings import SweepSettings
+from sweeper.stopping import Allowance
 from sweeper.target import Count, Target
+
+if TYPE_CHECKING:  # the result names the plan
+    from sweeper.result import SweepResult
 
 COUNT_LIMIT = 10_000_000
 # Sessions sampled on each side of the cutoff to estimate, with --with-descendants, how many
@@ -205,6 +211,111 @@ def check_fraction(exposure: Exposure, share: float, kind: str, prop: str) -> No
         "large backlog: if that is what this is, run it once with --max-fraction 1. Nothing "
         "was deleted."
     )
+
+
+def allowance(
+    target: Target,
+    settings: SweepSettings,
+    encoding: Encoding,
+    result: SweepResult,
+    *,
+    confirm: Callable[[Plan], bool] | None,
+    log: Any,
+) -> Allowance:
+    """Before the first batch: refuse a run over --max-fraction; on a terminal, ask.
+
+    Counted in entities: with --with-descendants each session with what lies under it
+    (estimated from a sample). What passes is the run's allowance, which the gate holds every
+    commit to, so an estimate that was too low stops the run at the share instead of passing
+    it.
+    """
+    s = settings
+    window = expired_range(encoding, result.cutoff)
+    if s.dry_run or (window.empty and not s.scan) or (s.max_fraction >= 1 and confirm is None):
+        return Allowance(s.max_deletes)
+    share = s.max_fraction if confirm is None else 1.0  # a person sees the whole count
+    rule = Rule(s.kind, s.prop, encoding, result.cutoff)
+    exposure, under = _exposure(target, s, rule, window, result, share=share)
+    if under is not None:
+        exposure = under.exposure(exposure)
+        log.info(
+            "descendants_sampled",
+            per_due_session=round(under.per_due, 2),
+            per_live_session=round(under.per_live, 2),
+            sampled=under.sampled,
+        )
+    result.due_fraction = exposure.fraction
+    log.info(
+        "exposure_counted",
+        due=exposure.due.n,
+        carrying=exposure.carrying.n,
+        # Counted only as far as the guard needed: "at least" this many.
+        carrying_is_lower_bound=exposure.carrying.lower_bound,
+        fraction=exposure.fraction,
+        max_fraction=s.max_fraction,
+        counted="entities" if s.with_descendants else "sessions",
+    )
+    check_fraction(exposure, s.max_fraction, s.kind, s.prop)
+    if exposure.due.n > 0 and confirm is not None:
+        _confirm(target, s, encoding, result, exposure=exposure, confirm=confirm)
+    if s.max_fraction >= 1:
+        return Allowance(s.max_deletes)
+    carrying = exposure.carrying.n
+    return Allowance(
+        s.max_deletes,
+        math.floor(s.max_fraction * carrying),
+        f" ({s.max_fraction:g} of the {carrying} entities carrying {s.prop})",
+    )
+
+
+def _exposure(
+    target: Target,
+    s: SweepSettings,
+    rule: Rule,
+    window: ExpiredRange,
+    result: SweepResult,
+    *,
+    share: float,
+) -> tuple[Exposure, Descendants | None]:
+    """What the run would delete, in sessions, and (``--with-descendants``) what a sample
+    says lies under each: sampled first, so the count of what carries the property goes as
+    far as the share needs in entities."""
+    if s.scan:
+        exposure, due, live = scan_exposure(
+            target,
+            expired=lambda v: is_expired(rule.encoding, v, result.cutoff),
+            on_read=lambda n: result.add(entities_read=n),
+        )
+        under = sample_descendants(target, rule, due, live) if s.with_descendants else None
+        return exposure, under
+    if not s.with_descendants:
+        return measure(target, window, share), None
+    under = sample_descendants(target, rule, *range_samples(target, window))
+    return measure(target, window, share, under), under
+
+
+def _confirm(
+    target: Target,
+    s: SweepSettings,
+    encoding: Encoding,
+    result: SweepResult,
+    *,
+    exposure: Exposure,
+    confirm: Callable[[Plan], bool],
+) -> None:
+    client = target.client
+    plan = Plan(
+        client.project,
+        client.database or None,
+        client.namespace or None,
+        s.kind,
+        s.prop,
+        encoding,
+        result.cutoff,
+        exposure,
+    )
+    if not confirm(plan):
+        raise RefusedError("not confirmed at the prompt; nothing was deleted")
 
 
 def describe(plan: Plan) -> str:

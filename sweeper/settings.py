@@ -252,7 +252,7 @@ class SweepSettings:
 
     def starts_at_detected_end(self, encoding: Encoding) -> bool:
         """Whether the query streams start at the smallest value ``--format auto`` read (an
-        end of the index, ``detect.read_ends``) instead of querying for one: the sweep and its
+        end of the index, ``checks.read_ends``) instead of querying for one: the sweep and its
         forecast both ask here. Not for text, whose stored forms are not ordinals, and not for
         an explicit format, which reads no ends."""
         return not isinstance(self.format, Encoding) and not encoding.needs_values

@@ -19,9 +19,8 @@ from typing import Literal
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
-from sweeper.checks import ClockSource, read_clock, read_stored
-from sweeper.detect import check_indexed
-from sweeper.detect import decide as detect_decide
+from sweeper.checks import ClockSource, check_indexed, read_clock, read_stored
+from sweeper.checks import decide_encoding as detect_decide
 from sweeper.encodings import (
     Encoding,
     ExpiredRange,

@@ -11,7 +11,7 @@ import pytest
 from google.cloud import datastore
 from structlog.testing import capture_logs
 
-from sweeper.detect import UNINDEXED_SAMPLE, check_explicit, detect_encoding
+from sweeper.checks import UNINDEXED_SAMPLE, check_explicit, detect_encoding
 from sweeper.encodings import Encoding
 from sweeper.errors import RefusedError
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
