@@ -52,8 +52,8 @@ from sweeper import gate
 from sweeper.encodings import Encoding
 from sweeper.engine import Sweep
 from sweeper.logs import configure
+from sweeper.retry import StopReason
 from sweeper.settings import SweepSettings
-from sweeper.stopping import StopReason
 from tests.support.emulator import FLAVOURS, Emulator, Flavour
 from tests.support.proxy import TcpProxy
 from tests.support.seed import Session, encode, names, put_entities, put_sessions

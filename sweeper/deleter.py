@@ -24,10 +24,9 @@ from google.cloud.datastore import Key
 from sweeper import rpc
 from sweeper.concurrency import Degradation, DegradationLog
 from sweeper.errors import DatastoreError, SweeperError, describe_exception, is_bug
-from sweeper.retry import AMBIGUOUS, Retrier
+from sweeper.retry import AMBIGUOUS, Allowance, Capped, Retrier, Stopped
 from sweeper.rpc import Seen
 from sweeper.settings import MAX_BATCH_SIZE
-from sweeper.stopping import Allowance, Capped, Stopped
 from sweeper.throttle import Throttle
 
 if TYPE_CHECKING:  # the result names the guard's plan, which names the gate's rule

@@ -29,10 +29,18 @@ from sweeper.gate import (
     Rule,
 )
 from sweeper.result import ProgressLog, Runtime, SweepResult
-from sweeper.retry import PUSHBACK, Retrier, RetryCounter
+from sweeper.retry import (
+    PUSHBACK,
+    Allowance,
+    Capped,
+    Retrier,
+    RetryCounter,
+    Stopped,
+    Stopper,
+    StopReason,
+)
 from sweeper.settings import MAX_BATCH_SIZE, SweepSettings
 from sweeper.sources import expired_streams
-from sweeper.stopping import Allowance, Capped, Stopped, Stopper, StopReason
 from sweeper.target import Count, Target
 from sweeper.throttle import Throttle, ThrottleSettings
 

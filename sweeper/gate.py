@@ -36,9 +36,9 @@ from google.cloud.datastore import Key
 from sweeper.concurrency import Pipeline
 from sweeper.deleter import BatchSizer, Changed, Committer, Resize, Split
 from sweeper.encodings import Encoding, is_expired
+from sweeper.retry import Allowance, Capped
 from sweeper.rpc import Seen
 from sweeper.settings import MAX_BATCH_SIZE
-from sweeper.stopping import Allowance, Capped
 from sweeper.target import Target
 from sweeper.throttle import Throttle
 

@@ -28,8 +28,8 @@ from google.cloud import datastore
 from sweeper.encodings import Encoding, ExpiredRange, expired_range, is_expired
 from sweeper.errors import RefusedError
 from sweeper.gate import Rule, decide
+from sweeper.retry import Allowance
 from sweeper.settings import SweepSettings
-from sweeper.stopping import Allowance
 from sweeper.target import Count, Target
 
 if TYPE_CHECKING:  # the result names the plan

@@ -15,9 +15,8 @@ from sweeper.concurrency import Degradation, together
 from sweeper.encodings import Encoding, expired_range, from_micros
 from sweeper.errors import EXIT_FAILURE, EXIT_OK
 from sweeper.guard import Plan
-from sweeper.retry import RetryCounter, RetryPolicy
+from sweeper.retry import RetryCounter, RetryPolicy, StopReason
 from sweeper.settings import SweepSettings
-from sweeper.stopping import StopReason
 from sweeper.target import Count, Target
 
 

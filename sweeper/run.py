@@ -14,9 +14,8 @@ from google.cloud import datastore
 from sweeper.engine import Budget, Sweep
 from sweeper.errors import describe_exception, is_bug, report_bug
 from sweeper.result import Runtime, SweepResult
-from sweeper.retry import Retrier, RetryCounter
+from sweeper.retry import Retrier, RetryCounter, Stopped, StopReason
 from sweeper.settings import SweepSettings
-from sweeper.stopping import Stopped, StopReason
 from sweeper.target import namespaces
 
 ClientFor = Callable[[SweepSettings], datastore.Client]

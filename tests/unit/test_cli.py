@@ -26,8 +26,8 @@ from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, SweepResult
 from sweeper.errors import SweeperError
 from sweeper.options import COMMANDS, OPTIONS, FiniteFloatRange, file_options, options_of
+from sweeper.retry import StopReason
 from sweeper.settings import MAX_SHARDS, Shard, SweepSettings
-from sweeper.stopping import StopReason
 from sweeper.terminal import ProgressLine
 
 NOW = dt.datetime(2024, 6, 1, tzinfo=dt.UTC)

@@ -11,7 +11,7 @@ import pytest
 from google.api_core import exceptions as gexc
 
 from sweeper.concurrency import CallLimiter, Degradation, is_connection_level, together
-from sweeper.stopping import Stopped, StopReason
+from sweeper.retry import Stopped, StopReason
 from tests.support.clock import FakeClock
 from tests.unit.fakes import api_error
 

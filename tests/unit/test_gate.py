@@ -23,10 +23,9 @@ from sweeper.encodings import Encoding
 from sweeper.errors import DatastoreError, RefusedError
 from sweeper.gate import Gate, Group, Rule, _take, decide
 from sweeper.result import SweepResult
-from sweeper.retry import Retrier, RetryCounter, RetryPolicy
+from sweeper.retry import Allowance, Capped, Retrier, RetryCounter, RetryPolicy, Stopped, StopReason
 from sweeper.rpc import Seen
 from sweeper.settings import MAX_BATCH_SIZE, SweepSettings
-from sweeper.stopping import Allowance, Capped, Stopped, StopReason
 from sweeper.target import Target
 from sweeper.throttle import Throttle, ThrottleSettings
 from tests.support.clock import FakeClock

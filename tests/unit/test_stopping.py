@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from sweeper.stopping import WAIT_SLICE_S, Stopped, Stopper, StopReason
+from sweeper.retry import WAIT_SLICE_S, Stopped, Stopper, StopReason
 from tests.support.clock import FakeClock
 
 

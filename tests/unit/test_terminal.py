@@ -6,8 +6,8 @@ import datetime as dt
 from typing import Any
 
 from sweeper.result import Retention, SweepResult
+from sweeper.retry import StopReason
 from sweeper.settings import SweepSettings
-from sweeper.stopping import StopReason
 from sweeper.target import Count
 from sweeper.terminal import summary
 
