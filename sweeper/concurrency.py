@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Generic, TypeVar
 
 from google.api_core import exceptions as gexc
@@ -69,6 +70,43 @@ class Background(Generic[A]):
         if self._error:
             raise self._error[0]
         return self._out[0]
+
+
+class Pool:
+    """``size`` daemon workers, started once and kept for the run, that ``map`` hands work to
+    from any thread: the ancestor queries of ``--with-descendants``, whichever delete worker
+    asks. Daemons for the reason ``Background`` is one."""
+
+    def __init__(self, size: int, name: str) -> None:
+        self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        for i in range(size):
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            self._tasks.get()()
+
+    def map(self, fn: Callable[[A], B], items: Sequence[A]) -> list[B]:
+        """``fn`` of each item, in their order, run by the workers; the first error raised."""
+        out: list[B | None] = [None] * len(items)
+        errors: list[BaseException] = []
+        done = threading.Semaphore(0)
+
+        def one(i: int, item: A) -> None:
+            try:
+                out[i] = fn(item)
+            except BaseException as exc:  # handed to the caller below
+                errors.append(exc)
+            finally:
+                done.release()
+
+        for i, item in enumerate(items):
+            self._tasks.put(partial(one, i, item))
+        for _ in items:
+            done.acquire()
+        if errors:
+            raise errors[0]
+        return out  # type: ignore[return-value]
 
 
 def together(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:

@@ -285,6 +285,7 @@ class Sweep:
             result=result,
             should_stop=self._stopper.stopping,
             on_batch=lambda: self._progress(progress, result),
+            readers=DESCENDANT_QUERIES * DELETERS_PER_STREAM * s.workers,
         )
         self._gate = gate
 

@@ -25,6 +25,7 @@ live session under an expired one is kept all the same.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from google.cloud.datastore import Key
 
-from sweeper.concurrency import Pipeline
+from sweeper.concurrency import Pool
 from sweeper.deleter import BatchSizer, Changed, Committer, Resize, Split
 from sweeper.encodings import Encoding, is_expired
 from sweeper.retry import Allowance, Capped
@@ -46,7 +47,8 @@ if TYPE_CHECKING:  # the result names the guard's plan, which names the gate's r
     from sweeper.result import SweepResult
 
 # With --with-descendants each session costs one ancestor query: made one after the other, a
-# page of 500 sessions waits 500 round trips before its commit, so they go this many at once.
+# page of 500 sessions waits 500 round trips before its commit, so they go this many at once
+# per delete worker, on one pool of workers the run starts once.
 DESCENDANT_QUERIES = 8
 
 # A commit refused because its entities changed is read and decided again this many times;
@@ -138,7 +140,11 @@ class Gate:
         result: SweepResult,
         should_stop: Callable[[], bool],
         on_batch: Callable[[], None] = lambda: None,
+        readers: int = DESCENDANT_QUERIES,
     ) -> None:
+        # --with-descendants: the ancestor queries of every delete worker, ``readers`` at once.
+        self._pool: Pool | None = None
+        self._pool_size, self._pool_lock = readers, threading.Lock()
         self._target, self._rule = target, rule
         self.verify = verify
         self._dry_run, self._descend = dry_run, with_descendants
@@ -230,20 +236,16 @@ class Gate:
         self.ledger.add(matched=len(new), descendants_matched=entities - len(new))
 
     def _read_groups(self, roots: Sequence[Key]) -> list[Group]:
-        """Each root's group, read whole (one ancestor query each, ``DESCENDANT_QUERIES`` at
-        a time) and decided (rule 2)."""
-        found: dict[Key, list[Seen]] = {}
+        """Each root's group, read whole (an ancestor query each, on the pool) and decided."""
+        read = zip(roots, self._readers().map(self._target.group, roots), strict=True)
+        return [g for r, s in read if (g := decide(self._rule, r, s, trust_root=not self.verify))]
 
-        def read(key: Key) -> None:
-            found[key] = self._target.group(key)
-
-        Pipeline(DESCENDANT_QUERIES, read, lambda: False).run([roots])
-        groups = []
-        for root in roots:
-            group = decide(self._rule, root, found[root], trust_root=not self.verify)
-            if group is not None:
-                groups.append(group)
-        return groups
+    def _readers(self) -> Pool:
+        """The run's ancestor-query workers, started at the first page that needs them."""
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = Pool(self._pool_size, "ancestor-queries")
+            return self._pool
 
     def _reread(self, groups: Sequence[Group], gone: frozenset[Path]) -> list[Group]:
         """The groups of a refused commit, read and decided again; sessions no longer due (or

@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager
 import pytest
 from google.api_core import exceptions as gexc
 
-from sweeper.concurrency import CallLimiter, Degradation, is_connection_level, together
+from sweeper.concurrency import CallLimiter, Degradation, Pool, is_connection_level, together
 from sweeper.retry import Stopped, StopReason
 from tests.support.clock import FakeClock
 from tests.unit.fakes import api_error
@@ -280,3 +280,34 @@ def test_together_raises_the_second_error_when_the_first_succeeds() -> None:
 
     with pytest.raises(ValueError, match="second"):
         together(lambda: 1, second)
+
+
+def test_a_pool_answers_in_order_on_the_threads_it_started_once() -> None:
+    before = threading.active_count()
+    pool = Pool(3, "test-pool")
+    assert threading.active_count() == before + 3
+    barrier = threading.Barrier(3, timeout=JOIN_S)  # all three run at once, or this times out
+
+    def square(n: int) -> int:
+        barrier.wait()
+        return n * n
+
+    for _ in range(5):  # pages after the first start no thread
+        assert pool.map(square, [3, 1, 2]) == [9, 1, 4]
+    assert threading.active_count() == before + 3
+
+
+def test_a_pool_raises_the_first_error_once_every_item_is_done() -> None:
+    pool = Pool(2, "test-pool")
+    done: list[int] = []
+
+    def fail_on_two(n: int) -> int:
+        if n == 2:
+            raise Stopped(StopReason.SIGNAL)
+        done.append(n)
+        return n
+
+    with pytest.raises(Stopped):
+        pool.map(fail_on_two, [1, 2, 3])
+    assert sorted(done) == [1, 3]
+    assert pool.map(fail_on_two, [4]) == [4]  # the workers live on
