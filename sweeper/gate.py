@@ -25,7 +25,6 @@ live session under an expired one is kept all the same.
 from __future__ import annotations
 
 import datetime as dt
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -142,12 +141,11 @@ class Gate:
         on_batch: Callable[[], None] = lambda: None,
         readers: int = DESCENDANT_QUERIES,
     ) -> None:
-        # --with-descendants: the ancestor queries of every delete worker, ``readers`` at once.
-        self._pool: Pool | None = None
-        self._pool_size, self._pool_lock = readers, threading.Lock()
         self._target, self._rule = target, rule
         self.verify = verify
         self._dry_run, self._descend = dry_run, with_descendants
+        # --with-descendants: the ancestor queries of every delete worker, ``readers`` at once.
+        self._readers = Pool(readers, "ancestor-queries") if with_descendants else None
         self._sizer, self.allowance = sizer, allowance
         self._committer = Committer(
             target.client,
@@ -237,15 +235,9 @@ class Gate:
 
     def _read_groups(self, roots: Sequence[Key]) -> list[Group]:
         """Each root's group, read whole (an ancestor query each, on the pool) and decided."""
-        read = zip(roots, self._readers().map(self._target.group, roots), strict=True)
+        assert self._readers is not None  # read only with --with-descendants
+        read = zip(roots, self._readers.map(self._target.group, roots), strict=True)
         return [g for r, s in read if (g := decide(self._rule, r, s, trust_root=not self.verify))]
-
-    def _readers(self) -> Pool:
-        """The run's ancestor-query workers, started at the first page that needs them."""
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = Pool(self._pool_size, "ancestor-queries")
-            return self._pool
 
     def _reread(self, groups: Sequence[Group], gone: frozenset[Path]) -> list[Group]:
         """The groups of a refused commit, read and decided again; sessions no longer due (or

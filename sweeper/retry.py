@@ -232,7 +232,7 @@ class Retrier:
 
 
 # -- Stopping: when a run must stop, and waits that end the moment it must --------------------
-# When a sweep must stop, waits that end the moment it must, and what it may still delete.
+# And what a run may still delete (the Allowance).
 #
 # Kubernetes sends SIGTERM and kills the pod ``terminationGracePeriodSeconds`` later (30 s by
 # default); whatever has not been logged by then is lost. A sweep spends its time in four kinds
