@@ -1,7 +1,7 @@
 """The ``sweeper`` command line: parse, build settings, call the engine, map to exit codes.
 
 No logic lives here beyond that. The options themselves, each also settable as
-``SWEEPER_<OPTION>``, and the settings they make are declared once, in sweeper/options/
+``SWEEPER_<OPTION>``, are in sweeper/options.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import structlog
 from click.core import ParameterSource
 
 from sweeper import __version__
-from sweeper.config import load_targets
+from sweeper import options as opts
+from sweeper.config import KEYS, load_targets
 from sweeper.errors import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -36,15 +37,6 @@ from sweeper.inspect.report import InspectReport, inspect_target
 from sweeper.inspect.table import forecast_dict, render_table, report_dict
 from sweeper.logs import LogFormat, configure
 from sweeper.metrics import BasicAuth, MetricsError, push_summary, transport
-from sweeper.options import (
-    INSPECT,
-    SWEEP,
-    OptionsCommand,
-    command_options,
-    file_options,
-    options_of,
-    settings_fields,
-)
 from sweeper.result import Runtime, SweepResult
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.run import each_namespace, sweep_label, sweep_targets
@@ -70,8 +62,8 @@ def cli() -> None:
     """
 
 
-@cli.command(cls=OptionsCommand)
-@command_options(SWEEP)
+@cli.command(cls=opts.Command)
+@opts.with_options(opts.SWEEP)
 def sweep(**options: Any) -> None:
     """Delete the entities of one kind whose expiry lies before now minus --grace.
 
@@ -123,8 +115,8 @@ def sweep(**options: Any) -> None:
         )
 
 
-@cli.command(cls=OptionsCommand)
-@command_options(INSPECT)
+@cli.command(cls=opts.Command)
+@opts.with_options(opts.INSPECT)
 def inspect(**options: Any) -> None:
     """Show what is stored in a target and what `sweep` would do with it. Deletes nothing.
 
@@ -142,7 +134,7 @@ def inspect(**options: Any) -> None:
       sweeper inspect --kind eq-session --grace 3h --shards 16 --max-fraction 1
       sweeper inspect --kind used-jti-claim --format epoch-seconds --output json
     """
-    settings = SweepSettings(**settings_fields(INSPECT, options))
+    settings = SweepSettings(**opts.settings_of(options))
     output = options["output"] or ("table" if sys.stdout.isatty() else "json")
     configure(_log_format(options, sys.stderr), options["log_level"], sys.stderr)
 
@@ -171,23 +163,21 @@ def inspect(**options: Any) -> None:
 
 
 def _targets(ctx: click.Context, options: dict[str, Any]) -> list[SweepSettings]:
-    """The run's settings; with --config one per target (sweeper.options says which options a
+    """The run's settings; with --config one per target (``config.KEYS`` says which options a
     target sets, and which of them the command line may override)."""
-    values = settings_fields(SWEEP, options)
+    values = opts.settings_of(options)
     if options["config"] is None:
         return [SweepSettings(**values)]
     given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-    explicit = {o for o in options_of(SWEEP) if ctx.get_parameter_source(o.param) in given}
-    clashing = [o.primary for o in file_options() if o.per_target and o in explicit]
+    explicit = [k for k in KEYS.values() if ctx.get_parameter_source(k.field) in given]
+    clashing = [k.option for k in explicit if not k.overrides]
     if clashing:
         raise UsageError(
             f"{', '.join(clashing)} cannot be combined with --config: "
             "set it in the file, per target or under [defaults]"
         )
     # Options a target may also set: an explicit command-line value wins (see load_targets).
-    overriding = {
-        o.sets: values[o.sets] for o in file_options() if o.sets and o.overrides and o in explicit
-    }
+    overriding = {k.field: values[k.field] for k in explicit if k.overrides}
     return load_targets(Path(options["config"]), values, overriding)
 
 

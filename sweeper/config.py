@@ -15,26 +15,98 @@ fails the run before anything is touched::
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from sweeper.errors import UsageError
-from sweeper.options import TomlType, file_options, run_wide_options
-from sweeper.settings import SweepSettings
+from sweeper.settings import (
+    DURATION_UNITS,
+    FORMAT_CHOICES,
+    SweepSettings,
+    check_database,
+    parse_duration,
+    parse_format,
+)
 
-# TOML key -> (SweepSettings field, what the key holds), in the order messages list them. Which
-# options a target may set, and how, is declared in sweeper/options/table.py.
-_TARGET_KEYS: dict[str, tuple[str, TomlType]] = {
-    o.key: (o.sets, o.toml) for o in file_options() if o.sets is not None and o.toml is not None
+
+@dataclass(frozen=True)
+class Holds:
+    """What a key must hold, and how its value becomes the setting."""
+
+    accepts: type | tuple[type, ...]  # the TOML values taken (a bool is never an int here)
+    name: str  # in "<key> must be a <name>" errors
+    convert: Callable[[Any], Any]
+    doc: str  # in docs/options.md
+
+
+_STR = Holds(str, "str", str, "string")
+_INT = Holds(int, "int", int, "integer")
+_BOOL = Holds(bool, "bool", bool, "boolean")
+_DURATION = Holds(
+    str,
+    "string",
+    parse_duration,
+    f'string: a duration, `"0"` or a number followed by {DURATION_UNITS}, e.g. `"3h"`',
+)
+
+
+@dataclass(frozen=True)
+class Key:
+    """A key a target may set: the :class:`SweepSettings` field (which is also the keyword of
+    the option that sets it), and what it holds. Given explicitly on the command line (or by
+    its variable) as well, the option is a usage error; unless ``overrides``: then the command
+    line's value wins for every target (logged where it replaces the file's), but ``safe`` wins
+    whichever side sets it. ``required``: every target names it, the default does not count."""
+
+    field: str
+    holds: Holds
+    required: bool = False
+    overrides: bool = False
+    safe: object = None
+
+    @property
+    def option(self) -> str:
+        return "--" + {"prop": "property"}.get(self.field, self.field).replace("_", "-")
+
+
+# The keys, in the order messages and docs list them.
+KEYS: dict[str, Key] = {
+    "kind": Key("kind", _STR, required=True),
+    "property": Key("prop", _STR),
+    "format": Key(
+        "format",
+        Holds(
+            str, "string", parse_format, "string: " + ", ".join(f"`{c}`" for c in FORMAT_CHOICES)
+        ),
+    ),
+    "grace": Key("grace", _DURATION),
+    "namespace": Key("namespace", _STR),
+    "database": Key(
+        "database",
+        Holds(
+            str,
+            "string",
+            check_database,
+            'string: a database id, e.g. `"sessions"`, or `"(default)"`',
+        ),
+    ),
+    "max_deletes": Key("max_deletes", _INT),
+    "max_runtime": Key("max_runtime", _DURATION),
+    "batch_size": Key("batch_size", _INT, overrides=True),
+    "max_fraction": Key("max_fraction", Holds((int, float), "number", float, "number")),
+    # A refreshed session is never lost because one side said no.
+    "verify": Key("verify", _BOOL, overrides=True, safe=True),
+    "scan": Key("scan", _BOOL),
+    "all_namespaces": Key("all_namespaces", _BOOL),
+    "with_descendants": Key("with_descendants", _BOOL),
 }
-# Keys that only make sense for the whole run, not per target.
-_RUN_WIDE = tuple(o.key for o in run_wide_options())
-# Keys every target must name itself (key -> field): the command line's default does not count.
-_REQUIRED = {o.key: o.sets for o in file_options() if o.required}
-# Options where the safe value wins whoever sets it.
-_SAFE_WINS = {o.sets: o.safe for o in file_options() if o.safe is not None}
+_BY_FIELD = {k.field: k for k in KEYS.values()}
+# Options that only make sense for the whole run, not per target: a file setting one is told so.
+RUN_WIDE = ("project", "dry_run")
 
 
 def load_targets(
@@ -58,7 +130,7 @@ def load_targets(
     if not isinstance(targets, list) or not targets:
         raise UsageError(f"config {path}: no [[target]] tables")
     defaults = _fields(path, "[defaults]", document.get("defaults", {}))
-    base = {name: value for name, value in base.items() if name not in _REQUIRED.values()}
+    base = {name: value for name, value in base.items() if not _is_required(name)}
     settings = []
     for number, table in enumerate(targets, start=1):
         where = f"target {number}"
@@ -68,6 +140,10 @@ def load_targets(
     return settings
 
 
+def _is_required(field: str) -> bool:
+    return field in _BY_FIELD and _BY_FIELD[field].required
+
+
 def _merge(where: str, from_file: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
     """The command line's explicit values, as they apply over one target's file values."""
     merged: dict[str, Any] = {}
@@ -75,7 +151,7 @@ def _merge(where: str, from_file: dict[str, Any], explicit: dict[str, Any]) -> d
         if name not in from_file or from_file[name] == value:
             merged[name] = value
             continue
-        safe = _SAFE_WINS.get(name)
+        safe = _BY_FIELD[name].safe if name in _BY_FIELD else None
         chosen = safe if safe is not None and safe in (value, from_file[name]) else value
         merged[name] = chosen
         structlog.get_logger("sweeper.config").warning(
@@ -104,21 +180,20 @@ def _fields(path: Path, where: str, table: object) -> dict[str, Any]:
         raise UsageError(f"config {path}: {where} must be a table")
     fields: dict[str, Any] = {}
     for key, value in table.items():
-        if key in _RUN_WIDE:
+        if key in RUN_WIDE:
             raise UsageError(
                 f"config {path}: {where}: {key} applies to the whole run; "
                 "pass it on the command line"
             )
-        if key not in _TARGET_KEYS:
+        if key not in KEYS:
             raise UsageError(
-                f"config {path}: {where}: unknown key {key!r} (known: {', '.join(_TARGET_KEYS)})"
+                f"config {path}: {where}: unknown key {key!r} (known: {', '.join(KEYS)})"
             )
-        field, toml = _TARGET_KEYS[key]
-        fields[field] = _convert(path, where, key, value, toml)
+        fields[KEYS[key].field] = _convert(path, where, key, value, KEYS[key].holds)
     return fields
 
 
-def _convert(path: Path, where: str, key: str, value: object, toml: TomlType) -> Any:
+def _convert(path: Path, where: str, key: str, value: object, toml: Holds) -> Any:
     if not isinstance(value, toml.accepts) or (
         toml.accepts is not bool and isinstance(value, bool)
     ):
@@ -130,8 +205,8 @@ def _convert(path: Path, where: str, key: str, value: object, toml: TomlType) ->
 
 
 def _settings(path: Path, where: str, values: dict[str, Any]) -> SweepSettings:
-    for key, field in _REQUIRED.items():
-        if field not in values:
+    for key in (key for key, k in KEYS.items() if k.required):
+        if KEYS[key].field not in values:
             raise UsageError(f"config {path}: {where}: {key} is required")
     try:
         return SweepSettings(**values)

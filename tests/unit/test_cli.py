@@ -22,15 +22,17 @@ from sweeper import cli as cli_module
 from sweeper import run as run_module
 from sweeper import target as connect_module
 from sweeper.cli import cli, inspect, main, sweep
+from sweeper.config import KEYS
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, SweepResult
 from sweeper.errors import SweeperError
-from sweeper.options import COMMANDS, OPTIONS, FiniteFloatRange, file_options, options_of
+from sweeper.options import FiniteFloatRange
 from sweeper.retry import StopReason
 from sweeper.settings import MAX_SHARDS, Shard, SweepSettings
 from sweeper.terminal import ProgressLine
 
 NOW = dt.datetime(2024, 6, 1, tzinfo=dt.UTC)
+COMMANDS = ("sweep", "inspect")
 
 
 @pytest.fixture(autouse=True)
@@ -80,8 +82,8 @@ def test_main_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip() == "sweeper, version 0.1.0"
 
 
-# Every option --help listed when the table in sweeper/options/ was made, in that order: options
-# added since may come anywhere, but these keep their places (and none goes missing).
+# Every option --help listed when the option table was made, in that order: options added
+# since may come anywhere, but these keep their places (and none goes missing).
 SWEEP_ORDER = [
     "--project",
     "--database",
@@ -137,7 +139,7 @@ INSPECT_ORDER = [
 def test_help_keeps_every_option_in_its_place(command: click.Command, order: list[str]) -> None:
     listed = [p.opts[0] for p in command.params if isinstance(p, click.Option)]
     assert [flag for flag in listed if flag in order] == order
-    assert listed == [o.primary for o in options_of(str(command.name))]
+    assert len(listed) == len(set(listed))
 
 
 @pytest.mark.parametrize("command", [sweep, inspect], ids=COMMANDS)
@@ -151,24 +153,13 @@ def test_every_option_has_a_variable_named_after_it(command: click.Command) -> N
         assert param.show_envvar
 
 
-def test_the_option_table_is_consistent() -> None:
-    for command in COMMANDS:
-        flags = [o.primary for o in options_of(command)]
-        assert len(flags) == len(set(flags)), command
-        for option in OPTIONS:
-            assert set(option.follows) <= set(option.help), option.flag
-            if command in option.follows:
-                assert option.follows[command] in flags, option.flag
-    for option in OPTIONS:
-        assert set(option.help) <= set(COMMANDS), option.flag
-        # What a --config file names is a setting, and one `sweep` takes.
-        if option.toml is not None or option.run_wide:
-            assert option.sets is not None, option.flag
-            assert "sweep" in option.help, option.flag
-        assert not (option.toml is not None and option.run_wide), option.flag
-        assert option.safe is None or option.overrides, option.flag
-    orders = [o.key_order for o in file_options() if o.key_order is not None]
-    assert len(orders) == len(set(orders))
+def test_what_a_config_file_sets_is_a_setting_of_sweep() -> None:
+    """A key's field is the keyword of the sweep option that sets it, and a SweepSettings field."""
+    names = {p.name for p in sweep.params}
+    for key in KEYS.values():
+        assert key.field in names, key.option
+        assert key.field in SweepSettings.__dataclass_fields__, key.option
+        assert key.safe is None or key.overrides, key.option
 
 
 # --- bad usage --------------------------------------------------------------------------
@@ -258,14 +249,14 @@ def test_bad_inspect_option_is_one_line_usage_error(
 
 def test_every_float_option_refuses_nan_and_inf() -> None:
     """click's FloatRange lets nan past every bound and inf past an open top."""
-    floats = [o for o in OPTIONS if isinstance(o.type, click.FloatRange)]
+    floats = [p for c in (sweep, inspect) for p in c.params if isinstance(p.type, click.FloatRange)]
     assert floats, "no float option left: drop this test"
-    for option in floats:
-        assert isinstance(option.type, FiniteFloatRange), option.flag
+    for param in floats:
+        assert isinstance(param.type, FiniteFloatRange), param.name
 
 
 def test_the_shard_limit_is_the_same_for_both_commands(stub: StubSweep) -> None:
-    (shards,) = [p for p in inspect.params if p.name == "shards"]
+    (shards,) = [p for p in inspect.params if p.opts == ["--shards"]]
     assert isinstance(shards.type, click.IntRange)
     assert shards.type.max == MAX_SHARDS
     assert main(["sweep", "--log-format", "json", "--shard", f"0/{MAX_SHARDS}"]) == 0
@@ -372,7 +363,7 @@ def blank_message(*names: str) -> str:
 @pytest.mark.parametrize("value", ["", "  ", "\t"], ids=["empty", "spaces", "tab"])
 @pytest.mark.parametrize(
     ("command", "name"),
-    [(c, o.envvar) for c in COMMANDS for o in options_of(c)],
+    [(c.name, p.envvar[0]) for c in (sweep, inspect) for p in c.params if p.envvar],
     ids=str,
 )
 def test_a_blank_variable_is_a_usage_error_before_anything_runs(

@@ -6,16 +6,16 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import yaml
 from structlog.testing import capture_logs
 
 from sweeper import cli as cli_module
-from sweeper.cli import main
-from sweeper.config import load_targets
+from sweeper.cli import main, sweep
+from sweeper.config import KEYS, load_targets
 from sweeper.encodings import Encoding
 from sweeper.errors import UsageError
-from sweeper.options import Option, file_options
 from sweeper.settings import Shard, SweepSettings
 
 BASE: dict[str, Any] = {
@@ -190,7 +190,7 @@ def test_an_unknown_key_is_told_the_known_ones_in_order(tmp_path: Path) -> None:
         "unknown key 'kidn' (known: kind, property, format, grace, namespace, database, "
         "max_deletes, max_runtime, batch_size, max_fraction, verify, scan"
     ) in raised.value.message
-    assert [o.key for o in file_options()][:3] == ["kind", "property", "format"]
+    assert list(KEYS)[:3] == ["kind", "property", "format"]
 
 
 def test_a_missing_file_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -217,17 +217,18 @@ def test_per_target_options_clash_with_config(
 SAMPLE = {"namespace": "n", "database": "sessions", "max_deletes": "5", "max_runtime": "1m"}
 
 
-@pytest.mark.parametrize(
-    "option", [o for o in file_options() if o.per_target], ids=lambda o: o.primary
-)
+@pytest.mark.parametrize("name", [n for n, k in KEYS.items() if not k.overrides])
 def test_every_per_target_option_clashes_with_config(
-    option: Option, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = tmp_path / "sweeper.toml"
     path.write_text('[[target]]\nkind = "x"\n')
-    value = [] if option.is_flag else [SAMPLE.get(option.key, str(option.default))]
-    assert main(["sweep", "--config", str(path), option.primary, *value]) == 2
-    assert f"{option.primary} cannot be combined with --config" in capsys.readouterr().err
+    key = KEYS[name]
+    (param,) = [p for p in sweep.params if p.name == key.field]
+    assert isinstance(param, click.Option)
+    value = [] if param.is_flag else [SAMPLE.get(name, str(param.default))]
+    assert main(["sweep", "--config", str(path), key.option, *value]) == 2
+    assert f"{key.option} cannot be combined with --config" in capsys.readouterr().err
 
 
 def test_the_cronjob_carries_the_same_targets_as_the_example(tmp_path: Path) -> None:

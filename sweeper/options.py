@@ -1,0 +1,415 @@
+"""The options of ``sweeper sweep`` and ``sweeper inspect``: plain click options.
+
+Each option is also settable as ``SWEEPER_<NAME>`` (shown in ``--help``). The keyword an option
+passes is the :class:`SweepSettings` field it sets where it sets one (``--property``: ``prop``,
+``inspect --shards``: ``shard``), already converted, so a command makes its settings with
+:func:`settings_of`. docs/options.md is the real ``--help`` of both commands (``make cog``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any, TypeVar
+
+import click
+
+from sweeper.errors import SweeperError
+from sweeper.logs import LOG_LEVELS
+from sweeper.metrics import check_url
+from sweeper.settings import (
+    DEFAULT_GRACE,
+    DEFAULT_KIND,
+    DEFAULT_MAX_FRACTION,
+    DEFAULT_PROPERTY,
+    DEFAULT_WORKERS,
+    FORMAT_CHOICES,
+    MAX_BATCH_SIZE,
+    MAX_SHARDS,
+    MAX_WORKERS,
+    Shard,
+    SweepSettings,
+    check_database,
+    decide_ramp_up,
+    parse_duration,
+    parse_format,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+Decorator = Callable[[F], F]
+
+
+class Parsed(click.ParamType):  # type: ignore[type-arg]
+    """A value read by one of sweeper's parsers, whose refusal click reports with the option."""
+
+    def __init__(self, name: str, parse: Callable[[str], Any]) -> None:
+        self.name = name
+        self.parse = parse
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):  # a default already converted
+            return value
+        try:
+            return self.parse(value)
+        except SweeperError as exc:
+            self.fail(exc.message, param, ctx)
+
+
+def _url(value: str) -> str:
+    """Checked when parsed: a URL that cannot work would otherwise fail only after the deletes."""
+    check_url(value)
+    return value
+
+
+DURATION = Parsed("duration", parse_duration)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A :class:`click.FloatRange` that also refuses ``nan`` and ``inf``.
+
+    click's range lets ``nan`` past every bound (each comparison with it is false) and ``inf``
+    past a range open at the top; the run would refuse either only once started.
+    """
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number in the range {self._describe_range()}.")
+        return number
+
+
+def _option(*decls: str, fallbacks: Sequence[str] = (), **attrs: Any) -> Decorator[Any]:
+    """``click.option``, read from ``SWEEPER_<NAME>`` too (then ``fallbacks``)."""
+    variable = "SWEEPER_" + decls[0].split("/")[0][2:].upper().replace("-", "_")
+    return click.option(*decls, envvar=[variable, *fallbacks], show_envvar=True, **attrs)
+
+
+def _none_if_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    return value or None
+
+
+def _then(convert: Callable[[Any], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback converting the parsed value into the setting."""
+    return lambda ctx, param, value: convert(value)
+
+
+# -- shared by both commands ----------------------------------------------------------------
+
+PROJECT = _option(
+    "--project",
+    fallbacks=("DATASTORE_PROJECT_ID", "GOOGLE_CLOUD_PROJECT"),
+    callback=_none_if_empty,
+    help="Google Cloud project. Default: the client's (ADC) project.",
+)
+DATABASE = _option(
+    "--database",
+    type=Parsed("database", check_database),
+    metavar="ID",
+    help="Named database id (4-63 of a-z, 0-9, -; a letter first). Default: (default).",
+)
+NAMESPACE = _option(
+    "--namespace", callback=_none_if_empty, help="Namespace. Default: the default namespace."
+)
+KIND = _option("--kind", default=DEFAULT_KIND, show_default=True, help="Kind to sweep.")
+PROPERTY = _option(
+    "--property",
+    "prop",
+    default=DEFAULT_PROPERTY,
+    show_default=True,
+    help="Indexed property that holds the expiry.",
+)
+FORMAT = _option(
+    "--format",
+    type=click.Choice(FORMAT_CHOICES),
+    default="auto",
+    show_default=True,
+    callback=_then(parse_format),
+    help="How the expiry is stored. 'auto' reads the stored values and refuses if it finds more "
+    "than one encoding or values it cannot read; an explicit format leaves values of every other "
+    "encoding alone.",
+)
+GIVE_UP_AFTER = _option(
+    "--give-up-after",
+    type=DURATION,
+    default="60s",
+    show_default=True,
+    help="How long to ride out a database that stopped answering (every call failing or "
+    "hanging) before the run fails with exit 1; retries back off meanwhile.",
+)
+LOG_FORMAT = _option(
+    "--log-format",
+    type=click.Choice(["json", "console"]),
+    help="json: one object a line, with severity. Default: console on a terminal, else json.",
+)
+LOG_LEVEL = _option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS),
+    default="info",
+    show_default=True,
+    help="Least severe event to log.",
+)
+
+# Shared, with each command's own help.
+_all_namespaces = partial(_option, "--all-namespaces", is_flag=True)
+_grace = partial(_option, "--grace", type=DURATION, default=DEFAULT_GRACE, show_default=True)
+_batch_size = partial(
+    _option,
+    "--batch-size",
+    type=click.IntRange(1, MAX_BATCH_SIZE),
+    default=MAX_BATCH_SIZE,
+    show_default=True,
+)
+# On by default everywhere: even a strongly consistent query is stale by the time its keys are
+# deleted, so only a delete conditioned on the version read is safe.
+_verify = partial(_option, "--verify/--no-verify", default=True)
+_scan = partial(_option, "--scan", is_flag=True)
+_with_descendants = partial(_option, "--with-descendants", is_flag=True)
+_workers = partial(
+    _option,
+    "--workers",
+    type=click.IntRange(1, MAX_WORKERS),
+    default=DEFAULT_WORKERS,
+    show_default=True,
+)
+_ramp_up = partial(_option, "--ramp-up/--no-ramp-up", default=None, callback=_then(decide_ramp_up))
+_max_rate = partial(
+    _option, "--max-rate", type=FiniteFloatRange(min=0, min_open=True), metavar="OPS"
+)
+_max_fraction = partial(
+    _option,
+    "--max-fraction",
+    type=FiniteFloatRange(0, 1, min_open=True),
+    default=DEFAULT_MAX_FRACTION,
+    show_default=True,
+    metavar="SHARE",
+)
+
+# -- each command's, in its --help order ----------------------------------------------------
+
+SWEEP: tuple[Decorator[Any], ...] = (
+    PROJECT,
+    DATABASE,
+    NAMESPACE,
+    _all_namespaces(
+        help="Sweep the kind in every namespace of the database (the default one too), one "
+        "after another: one sweep_finished each, then one run_finished with the totals. Guards "
+        "and caps apply per namespace; --max-runtime to the whole run."
+    ),
+    KIND,
+    PROPERTY,
+    FORMAT,
+    _grace(
+        help="Delete only entities expired longer ago than this: 0, or a number followed by s, "
+        "m, h or d (seconds, minutes, hours, days; lowercase), e.g. 90s, 15m, 3h, 2d, 1h30m."
+    ),
+    _batch_size(help="Keys per delete commit (Datastore allows at most 500)."),
+    _option(
+        "--dry-run",
+        is_flag=True,
+        help="Run the same queries, delete nothing, report what would go.",
+    ),
+    _verify(
+        help="Delete an entity only at the version at which its read saw it expired, all or "
+        "nothing a commit, so a session refreshed or re-created under its key while the run "
+        "holds it is never lost. On by default on every database. --no-verify deletes blindly "
+        "what a keys-only query returned (fewer billed reads): a session refreshed, or "
+        "re-created under an old key, in between is lost; it logs a warning."
+    ),
+    _scan(
+        help="For an expiry excluded from indexes, which no range query can see: read every "
+        "entity of the kind and delete those expired. Costs one billed read per entity; needs "
+        "an explicit --format."
+    ),
+    _with_descendants(
+        help="Delete each expired session together with the entities under its key (its entity "
+        "group: events, messages, state pages), in the same commit where they fit; never those "
+        "of a session that is not deleted. Costs one ancestor query per session."
+    ),
+    _option(
+        "--config",
+        type=click.Path(dir_okay=False),
+        help="TOML file listing several targets to sweep one after another ([[target]] tables; "
+        "see docs/reference.md). Per-target options then go in the file.",
+    ),
+    _workers(
+        help="Query streams over disjoint slices of the expired range, each feeding a delete "
+        "worker: overlaps round trips to Datastore."
+    ),
+    _option(
+        "--shard",
+        type=Parsed("shard", Shard.parse),
+        metavar="I/N",
+        default="0/1",
+        show_default=True,
+        help="Sweep only shard I of N (0-based) of the expired range, for N pods clearing a "
+        "backlog together (e.g. an Indexed Job's $(JOB_COMPLETION_INDEX)/N). Shards never "
+        "overlap; the ramp-up budget is split N ways.",
+    ),
+    _ramp_up(
+        help="Respect Datastore's 500/50/5 rule: start at 500 deletes/s (divided among shards) "
+        "and grow 50% every 5 minutes. Default: on, off when DATASTORE_EMULATOR_HOST is set."
+    ),
+    _max_rate(help="Never delete faster than this many entities per second."),
+    _option(
+        "--pushgateway",
+        type=Parsed("url", _url),
+        metavar="URL",
+        help="Also push each target's counts and last-success time to this Prometheus "
+        "Pushgateway (e.g. http://pushgateway:9091). A failed push is logged as a warning and "
+        "does not change the exit code.",
+    ),
+    _option(
+        "--pushgateway-user",
+        metavar="NAME",
+        help="User name for a Pushgateway behind HTTP basic auth (with the password file).",
+    ),
+    _option(
+        "--pushgateway-password-file",
+        type=click.Path(dir_okay=False),
+        metavar="PATH",
+        help="File holding that user's password (e.g. a mounted Secret); read before the run "
+        "starts, never logged.",
+    ),
+    _max_fraction(
+        help="Refuse a run that would delete more than this share of the entities carrying the "
+        "property (a wrong --property or --grace looks like that). 1 turns the guard off, e.g. "
+        "for a first run over a large backlog."
+    ),
+    _option(
+        "--yes",
+        is_flag=True,
+        help="On a terminal, delete without showing the plan and asking first. Without a "
+        "terminal (a CronJob, CI) nothing asks.",
+    ),
+    _option(
+        "--max-deletes",
+        type=click.IntRange(min=1),
+        help="Stop cleanly after this many deletes; the next run resumes.",
+    ),
+    _option(
+        "--max-runtime",
+        type=DURATION,
+        help="Stop cleanly after this long (a duration as --grace takes, e.g. 10m); the next run "
+        "resumes.",
+    ),
+    GIVE_UP_AFTER,
+    LOG_FORMAT,
+    LOG_LEVEL,
+)
+
+INSPECT: tuple[Decorator[Any], ...] = (
+    PROJECT,
+    DATABASE,
+    NAMESPACE,
+    _all_namespaces(help="Report on the kind in every namespace of the database, one report each."),
+    KIND,
+    PROPERTY,
+    FORMAT,
+    _grace(help="The same grace as the sweep you plan, so the count matches it."),
+    _scan(help="Report as for a sweep with --scan."),
+    _workers(help="Forecast a sweep with this many --workers."),
+    _batch_size(help="Forecast a sweep with this --batch-size."),
+    _verify(help="Forecast a sweep with or without the check (on by default, as the sweep)."),
+    _option(
+        "--shards",
+        "shard",
+        type=click.IntRange(1, MAX_SHARDS),
+        default=1,
+        show_default=True,
+        metavar="N",
+        callback=_then(lambda count: Shard(0, count)),  # the first of N pods
+        help="Forecast N pods sweeping together (--shard 0/N to N-1/N): the whole backlog, each "
+        "pod's share of the ramp-up budget.",
+    ),
+    _ramp_up(
+        help="Forecast under Datastore's 500/50/5 ramp-up. Default: as the sweep's, on, off when "
+        "DATASTORE_EMULATOR_HOST is set."
+    ),
+    _max_rate(help="Forecast a sweep capped at this many deletes per second."),
+    _max_fraction(
+        help="Forecast a sweep with this --max-fraction: below 1 its guard counts first, and the "
+        "forecast says whether the guard would refuse the run."
+    ),
+    _with_descendants(
+        help="Forecast a sweep with --with-descendants (the descendants of expired sessions are "
+        "sampled either way)."
+    ),
+    GIVE_UP_AFTER,
+    _option(
+        "--sample-size",
+        type=click.IntRange(1, 1000),
+        default=200,
+        show_default=True,
+        help="Entities looked up to count the encodings present (one read each).",
+    ),
+    _option(
+        "--count-limit",
+        type=click.IntRange(min=1),
+        default=100_000,
+        show_default=True,
+        help="Where aggregation COUNT is unavailable, stop counting keys here.",
+    ),
+    _option(
+        "--output",
+        type=click.Choice(["table", "json"]),
+        help="Default: a table on a terminal, JSON otherwise.",
+    ),
+    LOG_FORMAT,
+    LOG_LEVEL,
+)
+
+
+def with_options(options: Sequence[Decorator[Any]]) -> Decorator[Any]:
+    """Decorate a command's function with ``options``, listed in ``--help`` in that order."""
+
+    def apply(fn: F) -> F:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return apply
+
+
+_SETTINGS = {f.name for f in dataclasses.fields(SweepSettings)}
+
+
+def settings_of(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`SweepSettings` fields among a command's parsed values."""
+    return {name: value for name, value in values.items() if name in _SETTINGS}
+
+
+class Command(click.Command):
+    """A command that also refuses a ``SWEEPER_*`` variable of its options set but blank.
+
+    click reads an empty variable as unset and falls back to the default, so ``SWEEPER_KIND=``
+    (a value a manifest or a template lost) would sweep the default kind. Blank is never a
+    value, whether or not the command line gives the option too. Only an option's own variable
+    is checked: its fallbacks (``DATASTORE_PROJECT_ID``, ``GOOGLE_CLOUD_PROJECT``) follow the
+    Google client's conventions, where empty means unset. The check runs once the arguments are
+    parsed (which touches nothing, and lets ``--help`` answer first) and before the command's
+    function: no Datastore call precedes it.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if ctx.resilient_parsing:  # shell completion: nothing will run
+            return super().parse_args(ctx, args)
+        try:
+            rest = super().parse_args(ctx, args)
+        except click.UsageError:
+            self._check_environment()  # a blank variable may be why (" " is no number)
+            raise
+        self._check_environment()
+        return rest
+
+    def _check_environment(self) -> None:
+        own = [p.envvar[0] for p in self.params if isinstance(p, click.Option) and p.envvar]
+        blank = [name for name in own if (os.environ.get(name, "x")).strip() == ""]
+        if len(blank) == 1:
+            raise click.UsageError(f"{blank[0]} is set but empty: unset it or give a value")
+        if blank:
+            raise click.UsageError(
+                f"{', '.join(blank)} are set but empty: unset them or give them values"
+            )
