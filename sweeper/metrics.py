@@ -216,7 +216,7 @@ def _epoch_seconds(iso: str) -> float:
         raise MetricsError(f"cannot push metrics: oldest_expired is {iso!r}") from None
 
 
-def check_url(url: str) -> None:
+def check_url(url: str) -> str:
     """Refuse what prometheus_client would silently "fix" (it prefixes http:// to anything).
 
     Also ``--pushgateway``'s check when parsed (sweeper.options), so a URL that cannot work is a
@@ -236,6 +236,7 @@ def check_url(url: str) -> None:
         raise MetricsError(
             f"invalid Pushgateway URL {_redact(url)!r}: credentials in the URL are not supported"
         )
+    return url
 
 
 def _label(summary: Mapping[str, Any], key: str) -> str:

@@ -46,8 +46,7 @@ class Parsed(click.ParamType):  # type: ignore[type-arg]
     """A value read by one of sweeper's parsers, whose refusal click reports with the option."""
 
     def __init__(self, name: str, parse: Callable[[str], Any]) -> None:
-        self.name = name
-        self.parse = parse
+        self.name, self.parse = name, parse
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if not isinstance(value, str):  # a default already converted
@@ -58,21 +57,12 @@ class Parsed(click.ParamType):  # type: ignore[type-arg]
             self.fail(exc.message, param, ctx)
 
 
-def _url(value: str) -> str:
-    """Checked when parsed: a URL that cannot work would otherwise fail only after the deletes."""
-    check_url(value)
-    return value
-
-
 DURATION = Parsed("duration", parse_duration)
 
 
 class FiniteFloatRange(click.FloatRange):
-    """A :class:`click.FloatRange` that also refuses ``nan`` and ``inf``.
-
-    click's range lets ``nan`` past every bound (each comparison with it is false) and ``inf``
-    past a range open at the top; the run would refuse either only once started.
-    """
+    """A :class:`click.FloatRange` that also refuses ``nan`` (which passes every bound) and
+    ``inf`` (which passes a range open at the top): the run would refuse them only once started."""
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         number = super().convert(value, param, ctx)
@@ -87,13 +77,12 @@ def _option(*decls: str, fallbacks: Sequence[str] = (), **attrs: Any) -> Decorat
     return click.option(*decls, envvar=[variable, *fallbacks], show_envvar=True, **attrs)
 
 
-def _none_if_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    return value or None
-
-
 def _then(convert: Callable[[Any], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
     """A click callback converting the parsed value into the setting."""
     return lambda ctx, param, value: convert(value)
+
+
+_none_if_empty = _then(lambda value: value or None)  # "" is no project, no namespace
 
 
 # -- shared by both commands ----------------------------------------------------------------
@@ -162,8 +151,7 @@ _batch_size = partial(
     default=MAX_BATCH_SIZE,
     show_default=True,
 )
-# On by default everywhere: even a strongly consistent query is stale by the time its keys are
-# deleted, so only a delete conditioned on the version read is safe.
+# On everywhere: a query is stale by the time its keys go; deleting at the version read is safe
 _verify = partial(_option, "--verify/--no-verify", default=True)
 _scan = partial(_option, "--scan", is_flag=True)
 _with_descendants = partial(_option, "--with-descendants", is_flag=True)
@@ -255,7 +243,7 @@ SWEEP: tuple[Decorator[Any], ...] = (
     _max_rate(help="Never delete faster than this many entities per second."),
     _option(
         "--pushgateway",
-        type=Parsed("url", _url),
+        type=Parsed("url", check_url),  # else a bad URL would fail only after the deletes
         metavar="URL",
         help="Also push each target's counts and last-success time to this Prometheus "
         "Pushgateway (e.g. http://pushgateway:9091). A failed push is logged as a warning and "
@@ -384,13 +372,10 @@ def settings_of(values: Mapping[str, Any]) -> dict[str, Any]:
 class Command(click.Command):
     """A command that also refuses a ``SWEEPER_*`` variable of its options set but blank.
 
-    click reads an empty variable as unset and falls back to the default, so ``SWEEPER_KIND=``
-    (a value a manifest or a template lost) would sweep the default kind. Blank is never a
-    value, whether or not the command line gives the option too. Only an option's own variable
-    is checked: its fallbacks (``DATASTORE_PROJECT_ID``, ``GOOGLE_CLOUD_PROJECT``) follow the
-    Google client's conventions, where empty means unset. The check runs once the arguments are
-    parsed (which touches nothing, and lets ``--help`` answer first) and before the command's
-    function: no Datastore call precedes it.
+    click reads an empty variable as unset, so ``SWEEPER_KIND=`` (a value a template lost) would
+    sweep the default kind, even beside ``--kind``. The fallbacks (``DATASTORE_PROJECT_ID``,
+    ``GOOGLE_CLOUD_PROJECT``) keep the Google client's convention: empty means unset. Checked
+    once the arguments are parsed (``--help`` answers first), before any Datastore call.
     """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
