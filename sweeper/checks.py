@@ -29,7 +29,7 @@ from sweeper.encodings import (
     classify,
     describe_value,
 )
-from sweeper.errors import RefusedError
+from sweeper.logs import RefusedError
 from sweeper.result import Retention, SweepResult, measure_retention
 from sweeper.settings import SweepSettings
 from sweeper.target import FIRST_VALUE_PROBE, Count, Target

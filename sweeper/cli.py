@@ -22,20 +22,21 @@ from click.core import ParameterSource
 from sweeper import __version__
 from sweeper import options as opts
 from sweeper.config import KEYS, load_targets
-from sweeper.errors import (
+from sweeper.inspect.report import InspectReport, inspect_target
+from sweeper.inspect.table import forecast_dict, render_table, report_dict
+from sweeper.logs import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_SIGINT,
     EXIT_USAGE,
+    LogFormat,
     SweeperError,
     UsageError,
+    configure,
     describe_exception,
     one_line,
     report_bug,
 )
-from sweeper.inspect.report import InspectReport, inspect_target
-from sweeper.inspect.table import forecast_dict, render_table, report_dict
-from sweeper.logs import LogFormat, configure
 from sweeper.metrics import BasicAuth, MetricsError, push_summary, transport
 from sweeper.result import Runtime, SweepResult
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy

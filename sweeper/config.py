@@ -22,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from sweeper.errors import UsageError
+from sweeper.logs import UsageError
 from sweeper.settings import (
     DURATION_UNITS,
     FORMAT_CHOICES,

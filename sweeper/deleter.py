@@ -23,7 +23,7 @@ from google.cloud.datastore import Key
 
 from sweeper import rpc
 from sweeper.concurrency import Degradation, DegradationLog
-from sweeper.errors import DatastoreError, SweeperError, describe_exception, is_bug
+from sweeper.logs import DatastoreError, SweeperError, describe_exception, is_bug
 from sweeper.retry import AMBIGUOUS, Allowance, Capped, Retrier, Stopped
 from sweeper.rpc import Seen
 from sweeper.settings import MAX_BATCH_SIZE

@@ -22,12 +22,12 @@ from sweeper.checks import SKEW_WARNING_S, Stored, read_clock
 from sweeper.concurrency import Background, CallLimiter, Pipeline, together
 from sweeper.deleter import LEGACY_LIMIT, BatchSizer, refused_error
 from sweeper.encodings import Encoding
-from sweeper.errors import SweeperError, describe_exception, is_bug, report_bug
 from sweeper.gate import (
     DESCENDANT_QUERIES,
     Gate,
     Rule,
 )
+from sweeper.logs import SweeperError, describe_exception, is_bug, report_bug
 from sweeper.result import ProgressLog, Runtime, SweepResult
 from sweeper.retry import (
     PUSHBACK,

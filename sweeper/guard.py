@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding, ExpiredRange, expired_range, is_expired
-from sweeper.errors import RefusedError
 from sweeper.gate import Rule, decide
+from sweeper.logs import RefusedError
 from sweeper.retry import Allowance
 from sweeper.settings import SweepSettings
 from sweeper.target import Count, Target

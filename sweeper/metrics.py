@@ -25,7 +25,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Gauge, pushadd_to_gateway
 from prometheus_client.exposition import basic_auth_handler, default_handler
 
-from sweeper.errors import SweeperError, UsageError, describe_exception
+from sweeper.logs import SweeperError, UsageError, describe_exception
 
 # Grouping-key values must be non-empty (the Pushgateway needs a base64 trick for "", and
 # Prometheus treats an empty label as no label at all), so the defaults get a name. Neither can

@@ -17,8 +17,7 @@ from typing import Any, TypeVar
 
 import click
 
-from sweeper.errors import SweeperError
-from sweeper.logs import LOG_LEVELS
+from sweeper.logs import LOG_LEVELS, SweeperError
 from sweeper.metrics import check_url
 from sweeper.settings import (
     DEFAULT_GRACE,

@@ -13,8 +13,8 @@ from typing import Any
 
 from sweeper.concurrency import Degradation, together
 from sweeper.encodings import Encoding, expired_range, from_micros
-from sweeper.errors import EXIT_FAILURE, EXIT_OK
 from sweeper.guard import Plan
+from sweeper.logs import EXIT_FAILURE, EXIT_OK
 from sweeper.retry import RetryCounter, RetryPolicy, StopReason
 from sweeper.settings import SweepSettings
 from sweeper.target import Count, Target

@@ -43,7 +43,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from sweeper.concurrency import CallLimiter
-from sweeper.errors import RefusedError, describe_exception
+from sweeper.logs import RefusedError, describe_exception
 
 T = TypeVar("T")
 

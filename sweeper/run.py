@@ -12,7 +12,7 @@ import structlog
 from google.cloud import datastore
 
 from sweeper.engine import Budget, Sweep
-from sweeper.errors import describe_exception, is_bug, report_bug
+from sweeper.logs import describe_exception, is_bug, report_bug
 from sweeper.result import Runtime, SweepResult
 from sweeper.retry import Retrier, RetryCounter, Stopped, StopReason
 from sweeper.settings import SweepSettings

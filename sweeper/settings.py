@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sweeper.encodings import Encoding
-from sweeper.errors import UsageError
+from sweeper.logs import UsageError
 
 # Shards: one pod of several (``--shard I/N``).
 _SHARD = re.compile(r"(\d+)/(\d+)")

@@ -32,7 +32,7 @@ from google.cloud.datastore_v1.types import entity as entity_pb2
 
 from sweeper import rpc
 from sweeper.encodings import Encoding, ExpiredRange, QueryValue, classify
-from sweeper.errors import DatastoreError
+from sweeper.logs import DatastoreError
 from sweeper.retry import NO_CLIENT_RETRY, Retrier, too_large
 from sweeper.rpc import Seen
 from sweeper.settings import SweepSettings

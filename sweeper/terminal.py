@@ -11,8 +11,8 @@ from typing import Any, TextIO, TypeVar
 import click
 
 from sweeper.concurrency import Background
-from sweeper.errors import EXIT_SIGINT, EXIT_SIGTERM, SweeperError
 from sweeper.guard import Plan, describe
+from sweeper.logs import EXIT_SIGINT, EXIT_SIGTERM, SweeperError
 from sweeper.result import SweepResult
 
 T = TypeVar("T")

@@ -31,7 +31,6 @@ from sweeper.encodings import (
     expired_range,
     from_micros,
 )
-from sweeper.errors import DatastoreError, RefusedError, UsageError, describe_exception
 from sweeper.gate import Rule
 from sweeper.guard import DESCENDANT_SAMPLE, going_with
 from sweeper.inspect.forecast import (
@@ -43,6 +42,7 @@ from sweeper.inspect.forecast import (
     scan_due,
 )
 from sweeper.inspect.histogram import Bucket, Histogram, age_buckets, stream_slices
+from sweeper.logs import DatastoreError, RefusedError, UsageError, describe_exception
 from sweeper.retry import TRANSIENT, Retrier, RetryCounter, RetryPolicy
 from sweeper.settings import SweepSettings
 from sweeper.target import Count, Target

@@ -12,10 +12,10 @@ from google.cloud import datastore
 
 from sweeper.encodings import EPOCH, Encoding, expired_range
 from sweeper.engine import Sweep, SweepResult
-from sweeper.errors import DatastoreError
 from sweeper.inspect.forecast import plan_backlog, retention_calls
 from sweeper.inspect.report import InspectReport, inspect_target
 from sweeper.inspect.table import render_table, report_dict
+from sweeper.logs import DatastoreError
 from sweeper.settings import FormatChoice, Shard
 from tests.integration.helpers import (
     ago,

@@ -25,7 +25,7 @@ from sweeper.cli import cli, inspect, main, sweep
 from sweeper.config import KEYS
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, SweepResult
-from sweeper.errors import SweeperError
+from sweeper.logs import SweeperError
 from sweeper.options import FiniteFloatRange
 from sweeper.retry import StopReason
 from sweeper.settings import MAX_SHARDS, Shard, SweepSettings

@@ -15,7 +15,7 @@ from sweeper import cli as cli_module
 from sweeper.cli import main, sweep
 from sweeper.config import KEYS, load_targets
 from sweeper.encodings import Encoding
-from sweeper.errors import UsageError
+from sweeper.logs import UsageError
 from sweeper.settings import Shard, SweepSettings
 
 BASE: dict[str, Any] = {

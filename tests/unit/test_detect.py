@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 
 from sweeper.checks import UNINDEXED_SAMPLE, check_explicit, detect_encoding
 from sweeper.encodings import Encoding
-from sweeper.errors import RefusedError
+from sweeper.logs import RefusedError
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.target import Target
 from tests.unit.fakes import KIND, MISSING, PROP, FakeClient, entities, index_order

@@ -21,9 +21,8 @@ from structlog.typing import EventDict
 
 from sweeper.encodings import Encoding
 from sweeper.engine import Runtime, Sweep, SweepResult
-from sweeper.errors import DatastoreError
 from sweeper.gate import DESCENDANT_QUERIES
-from sweeper.logs import configure
+from sweeper.logs import DatastoreError, configure
 from sweeper.retry import RetryPolicy
 from sweeper.run import sweep_targets
 from sweeper.settings import SweepSettings

@@ -20,8 +20,8 @@ from structlog.testing import capture_logs
 
 from sweeper.deleter import LEGACY_LIMIT, BatchSizer
 from sweeper.encodings import Encoding
-from sweeper.errors import DatastoreError, RefusedError
 from sweeper.gate import Gate, Group, Rule, _take, decide
+from sweeper.logs import DatastoreError, RefusedError
 from sweeper.result import SweepResult
 from sweeper.retry import Allowance, Capped, Retrier, RetryCounter, RetryPolicy, Stopped, StopReason
 from sweeper.rpc import Seen

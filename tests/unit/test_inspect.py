@@ -12,7 +12,6 @@ import pytest
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding, expired_range
-from sweeper.errors import UsageError
 from sweeper.inspect.forecast import RunSettings, forecast, plan_backlog
 from sweeper.inspect.histogram import Bucket, Histogram
 from sweeper.inspect.report import (
@@ -23,6 +22,7 @@ from sweeper.inspect.report import (
     inspect_target,
 )
 from sweeper.inspect.table import render_table, report_dict
+from sweeper.logs import UsageError
 from sweeper.settings import SweepSettings
 from sweeper.target import Count
 

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sweeper.engine import SweepResult
-from sweeper.errors import SweeperError
+from sweeper.logs import SweeperError
 from sweeper.metrics import MetricsError, push_summary, succeeded
 from sweeper.settings import SweepSettings
 

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sweeper.encodings import Encoding
-from sweeper.errors import EXIT_USAGE, UsageError
+from sweeper.logs import EXIT_USAGE, UsageError
 from sweeper.settings import (
     MAX_SHARDS,
     Shard,

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sweeper.errors import UsageError
+from sweeper.logs import UsageError
 from sweeper.settings import Shard
 from sweeper.sources import Slice, shard_slices, split_even
 
