@@ -22,6 +22,7 @@ from click.core import ParameterSource
 from sweeper import __version__
 from sweeper import options as opts
 from sweeper.config import KEYS, load_targets
+from sweeper.engine import each_namespace, sweep_targets
 from sweeper.inspect.report import InspectReport, inspect_target
 from sweeper.inspect.table import forecast_dict, render_table, report_dict
 from sweeper.logs import (
@@ -40,7 +41,6 @@ from sweeper.logs import (
 from sweeper.metrics import BasicAuth, MetricsError, push_summary, transport
 from sweeper.result import Runtime, SweepResult
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
-from sweeper.run import each_namespace, sweep_label, sweep_targets
 from sweeper.settings import SweepSettings
 from sweeper.target import client_for
 from sweeper.terminal import (
@@ -112,7 +112,7 @@ def sweep(**options: Any) -> None:
     if failed:
         raise SweeperError(
             f"{len(failed)} of {len(results)} sweeps failed; first: "
-            f"{sweep_label(failed[0].settings)}: {failed[0].error}"
+            f"{failed[0].settings.label}: {failed[0].error}"
         )
 
 

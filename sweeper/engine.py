@@ -1,17 +1,18 @@
-"""The sweep: detect the encoding, page through expired keys, delete them in batches.
+"""The run: each target in turn (each namespace of one with ``--all-namespaces``), and for each
+the sweep: detect the encoding, page through expired keys, delete them in batches.
 
 Everything that varies is injected (client, clock, monotonic time, sleep, stop signal), so the
-same code runs against production, the emulator and unit tests that never wait. The engine
-never raises for an operational failure: it returns a :class:`SweepResult` and always logs
-exactly one ``sweep_finished`` event, which operators alert on.
+same code runs against production, the emulator and unit tests that never wait. Nothing here
+raises for an operational failure: every sweep returns a :class:`SweepResult` and logs exactly
+one ``sweep_finished``; a run of several sums them up in one ``run_finished``.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from functools import partial
 
 import structlog
@@ -22,13 +23,9 @@ from sweeper.checks import SKEW_WARNING_S, Stored, read_clock
 from sweeper.concurrency import Background, CallLimiter, Pipeline, together
 from sweeper.deleter import LEGACY_LIMIT, BatchSizer, refused_error
 from sweeper.encodings import Encoding
-from sweeper.gate import (
-    DESCENDANT_QUERIES,
-    Gate,
-    Rule,
-)
+from sweeper.gate import DESCENDANT_QUERIES, Gate, Rule
 from sweeper.logs import SweeperError, describe_exception, is_bug, report_bug
-from sweeper.result import ProgressLog, Runtime, SweepResult
+from sweeper.result import Budget, ProgressLog, Runtime, SweepResult
 from sweeper.retry import (
     PUSHBACK,
     Allowance,
@@ -36,49 +33,15 @@ from sweeper.retry import (
     Retrier,
     RetryCounter,
     Stopped,
-    Stopper,
     StopReason,
 )
 from sweeper.settings import MAX_BATCH_SIZE, SweepSettings
 from sweeper.sources import expired_streams
-from sweeper.target import Count, Target
-from sweeper.throttle import Throttle, ThrottleSettings
+from sweeper.target import Count, Target, namespaces
 
-__all__ = ["Budget", "Runtime", "Sweep", "SweepResult"]
-
-
-# A commit is one call (its deletes at the versions its page read), answered faster than the
-# stream's next page: one delete worker per stream keeps up. On the Firestore emulator with 60
-# ms each way, 15,000 sessions took 3.24 s start to exit with one (3.29x the bare loop) and
-# 3.52 s with two (3.24x), the whole process timed by bench/bench_sweep.py.
+# A commit is one call, answered faster than the stream's next page: one delete worker per
+# stream keeps up (bench/bench_sweep.py: 3.29x the bare loop with one, 3.24x with two).
 DELETERS_PER_STREAM = 1
-
-
-@dataclass(frozen=True)
-class Budget:
-    """What the sweeps of one run share when it sweeps one kind in many namespaces
-    (``--all-namespaces``): the stop flag and the ``--max-runtime`` deadline, which end the
-    whole run and not each namespace's part of it, and the throttle, whose ramp-up goes on
-    from namespace to namespace instead of starting again at its base rate in each."""
-
-    stopper: Stopper
-    throttle: Throttle
-
-    @classmethod
-    def start(cls, settings: SweepSettings, rt: Runtime, deadline: float | None = None) -> Budget:
-        """A fresh budget; ``deadline`` is a value of ``rt.monotonic`` (a lone sweep sets its
-        own once it runs)."""
-        stopper = Stopper(rt.stop_requested, rt.monotonic, rt.sleep, deadline)
-        throttle = Throttle(
-            ThrottleSettings(
-                ramp_up=settings.ramp_up,
-                max_rate=settings.max_rate,
-                divisor=settings.shard.count,
-            ),
-            clock=rt.monotonic,
-            sleep=stopper.pause,
-        )
-        return cls(stopper, throttle)
 
 
 class Sweep:
@@ -194,10 +157,10 @@ class Sweep:
         except SweeperError as exc:
             self._end(result, StopReason.ERROR, exc.message)
         except Exception as exc:  # what the client raises once retries are spent, or a bug
-            if is_bug(exc):
-                self._end(result, StopReason.ERROR, report_bug(self._log, exc))
-            else:
-                self._end(result, StopReason.ERROR, _datastore_failure(exc))
+            failure = f"Datastore call failed: {describe_exception(exc)}"
+            self._end(
+                result, StopReason.ERROR, report_bug(self._log, exc) if is_bug(exc) else failure
+            )
 
     def _set_cutoff(self, target: Target, result: SweepResult) -> None:
         """One cutoff per run, from the database's clock where it reports one.
@@ -284,7 +247,7 @@ class Sweep:
             throttle=self._throttle,
             result=result,
             should_stop=self._stopper.stopping,
-            on_batch=lambda: self._progress(progress, result),
+            on_batch=partial(progress.maybe_log, result),
             readers=DESCENDANT_QUERIES * DELETERS_PER_STREAM * s.workers,
         )
         self._gate = gate
@@ -319,27 +282,107 @@ class Sweep:
             self._end(result, StopReason.ERROR, refused)
         return seen
 
-    def _progress(self, progress: ProgressLog, result: SweepResult) -> None:
-        with result.lock:
-            progress.maybe_log(result)
-
     def _pushed_back(self, error: BaseException) -> None:
         """Overload and contention make the adaptive throttle hold back (Beam's approach)."""
         if isinstance(error, PUSHBACK):
             self._throttle.record(accepted=False)
 
 
-_START_FIELDS = (
-    "namespace",
-    "database",
-    "property",
-    "format",
-    "cutoff",
-    "clock_source",
-    "clock_skew_s",
-    "dry_run",
-)
+_START_FIELDS: tuple[str, ...] = ("namespace", "database", "property", "format", "cutoff")
+_START_FIELDS += ("clock_source", "clock_skew_s", "dry_run")
 
 
-def _datastore_failure(exc: BaseException) -> str:
-    return f"Datastore call failed: {describe_exception(exc)}"
+# -- a run of several sweeps ----------------------------------------------------------------------
+
+ClientFor = Callable[[SweepSettings], datastore.Client]
+
+
+def sweep_targets(
+    targets: Sequence[SweepSettings],
+    client_for: ClientFor,
+    runtime: Runtime | None = None,
+    overall: bool = False,
+) -> list[SweepResult]:
+    """Sweep each target in turn (every namespace of one with ``all_namespaces``) until a
+    signal; a failed one does not stop the others. With ``overall``, or any target over all
+    namespaces, a final ``run_finished`` sums the run up."""
+    rt = runtime or Runtime()
+    started = rt.monotonic()
+    results: list[SweepResult] = []
+    for settings in targets:
+        if rt.stop_requested():
+            break
+        if settings.all_namespaces:
+            results.extend(_every_namespace(settings, client_for, rt))
+        else:
+            results.append(Sweep(settings, partial(client_for, settings), rt).run())
+    if overall or any(t.all_namespaces for t in targets):
+        _run_finished(targets, results, rt, started)
+    return results
+
+
+def each_namespace(
+    settings: SweepSettings, client_for: ClientFor, retrier: Retrier
+) -> Iterator[SweepSettings]:
+    """``settings`` once per namespace of its database, as they are listed (a page of 500
+    at a time: a project with thousands of tenants is never held in memory at once)."""
+    client = client_for(settings)
+    for page in namespaces(client, retrier):
+        for namespace in page:
+            yield replace(settings, namespace=namespace, all_namespaces=False)
+
+
+def _every_namespace(
+    settings: SweepSettings, client_for: ClientFor, rt: Runtime
+) -> list[SweepResult]:
+    """One sweep per namespace, under one budget: ``--max-runtime`` ends the whole run, and
+    the ramp-up goes on from namespace to namespace (see ``result.Budget``)."""
+    limit = settings.max_runtime
+    deadline = None if limit is None else rt.monotonic() + limit.total_seconds()
+    budget = Budget.start(settings, rt, deadline)
+    retrier = Retrier(rt.retry_policy, RetryCounter(), clock=rt.monotonic, stopper=budget.stopper)
+    results: list[SweepResult] = []
+    log = structlog.get_logger("sweeper")
+    why: str | None = None
+    try:
+        for one in each_namespace(settings, client_for, retrier):
+            if budget.stopper.reason() is not None:  # the run's deadline, or a signal
+                break
+            results.append(Sweep(one, partial(client_for, one), rt, budget).run())
+    except Stopped:
+        pass
+    except Exception as exc:  # the listing failed, after its retries (or a bug)
+        why = report_bug(log, exc) if is_bug(exc) else describe_exception(exc)
+    if why is not None:
+        failed = SweepResult(settings, rt.now() - settings.grace, settings.format_label)
+        failed.stopped_reason = StopReason.ERROR
+        failed.error = (
+            f"listing the namespaces failed: {why}. Nothing more was swept; name the "
+            "namespaces with --namespace, or one --config target each"
+        )
+        log.error("namespaces_failed", kind=settings.kind, error=failed.error)
+        results.append(failed)
+    return results
+
+
+def _run_finished(
+    targets: Sequence[SweepSettings], results: list[SweepResult], rt: Runtime, started: float
+) -> None:
+    failed = [r.settings.label for r in results if r.error]
+    timed_out = any(r.stopped_reason == StopReason.MAX_RUNTIME for r in results)
+    reason = StopReason.SIGNAL if rt.stop_requested() else StopReason.ERROR if failed else None
+    reason = reason or (StopReason.MAX_RUNTIME if timed_out else StopReason.COMPLETE)
+    log = structlog.get_logger("sweeper")
+    (log.error if failed else log.info)(
+        "run_finished",
+        targets=len(targets),
+        swept=len(results),
+        namespaces=len({(r.settings.database, r.settings.namespace) for r in results}),
+        failed_targets=failed,
+        matched=sum(r.matched for r in results),
+        deleted=sum(r.deleted for r in results),
+        descendants_deleted=sum(r.descendants_deleted for r in results),
+        skipped=sum(r.skipped for r in results),
+        duration_s=round(rt.monotonic() - started, 3),
+        stopped_reason=reason.value,
+    )

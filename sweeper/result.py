@@ -15,9 +15,10 @@ from sweeper.concurrency import Degradation, together
 from sweeper.encodings import Encoding, expired_range, from_micros
 from sweeper.guard import Plan
 from sweeper.logs import EXIT_FAILURE, EXIT_OK
-from sweeper.retry import RetryCounter, RetryPolicy, StopReason
+from sweeper.retry import RetryCounter, RetryPolicy, Stopper, StopReason
 from sweeper.settings import SweepSettings
 from sweeper.target import Count, Target
+from sweeper.throttle import Throttle, ThrottleSettings
 
 
 def utc_now() -> dt.datetime:
@@ -206,6 +207,10 @@ class ProgressLog:
         self._dry_run = dry_run
 
     def maybe_log(self, result: SweepResult) -> None:
+        with result.lock:
+            self._maybe_log(result)
+
+    def _maybe_log(self, result: SweepResult) -> None:
         now = self._rt.monotonic()
         if self._rt.on_progress is not None:
             self._rt.on_progress(result, now - self.started, False)
@@ -280,3 +285,30 @@ def measure_retention(
     first = target.first_value(query, encoding, strict=True) if left.n else None
     oldest = None if first is None else from_micros(first * encoding.unit_us)
     return Retention(carrying, left, oldest)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the sweeps of one run share when it sweeps one kind in many namespaces
+    (``--all-namespaces``): the stop flag and the ``--max-runtime`` deadline, which end the
+    whole run and not each namespace's part of it, and the throttle, whose ramp-up goes on
+    from namespace to namespace instead of starting again at its base rate in each."""
+
+    stopper: Stopper
+    throttle: Throttle
+
+    @classmethod
+    def start(cls, settings: SweepSettings, rt: Runtime, deadline: float | None = None) -> Budget:
+        """A fresh budget; ``deadline`` is a value of ``rt.monotonic`` (a lone sweep sets its
+        own once it runs)."""
+        stopper = Stopper(rt.stop_requested, rt.monotonic, rt.sleep, deadline)
+        throttle = Throttle(
+            ThrottleSettings(
+                ramp_up=settings.ramp_up,
+                max_rate=settings.max_rate,
+                divisor=settings.shard.count,
+            ),
+            clock=rt.monotonic,
+            sleep=stopper.pause,
+        )
+        return cls(stopper, throttle)

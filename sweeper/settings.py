@@ -250,6 +250,12 @@ class SweepSettings:
     def format_label(self) -> str:
         return str(self.format)
 
+    @property
+    def label(self) -> str:
+        """How a run's messages name one sweep: ``kind.property``, and its namespace if any."""
+        label = f"{self.kind}.{self.prop}"
+        return label if self.namespace is None else f"{label} in namespace {self.namespace}"
+
     def starts_at_detected_end(self, encoding: Encoding) -> bool:
         """Whether the query streams start at the smallest value ``--format auto`` read (an
         end of the index, ``checks.read_ends``) instead of querying for one: the sweep and its

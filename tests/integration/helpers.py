@@ -20,7 +20,8 @@ from google.cloud.datastore.helpers import key_from_protobuf
 from google.cloud.datastore_v1.types import datastore as datastore_pb2
 
 from sweeper.encodings import Encoding
-from sweeper.engine import Runtime, Sweep, SweepResult
+from sweeper.engine import Sweep
+from sweeper.result import Runtime, SweepResult
 from sweeper.settings import FormatChoice, SweepSettings
 from tests.support.emulator import Emulator
 from tests.support.faults import FaultInjector

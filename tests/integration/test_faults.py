@@ -11,7 +11,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
-from sweeper.engine import Runtime
+from sweeper.result import Runtime
 from tests.integration.helpers import (
     ago,
     ahead,

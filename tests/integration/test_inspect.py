@@ -11,11 +11,12 @@ from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
 from sweeper.encodings import EPOCH, Encoding, expired_range
-from sweeper.engine import Sweep, SweepResult
+from sweeper.engine import Sweep
 from sweeper.inspect.forecast import plan_backlog, retention_calls
 from sweeper.inspect.report import InspectReport, inspect_target
 from sweeper.inspect.table import render_table, report_dict
 from sweeper.logs import DatastoreError
+from sweeper.result import SweepResult
 from sweeper.settings import FormatChoice, Shard
 from tests.integration.helpers import (
     ago,

@@ -19,9 +19,9 @@ from google.cloud import datastore
 from structlog.testing import capture_logs
 
 from sweeper.encodings import Encoding
-from sweeper.engine import Runtime
+from sweeper.engine import sweep_targets
+from sweeper.result import Runtime
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
-from sweeper.run import sweep_targets
 from sweeper.settings import SweepSettings
 from sweeper.target import namespaces
 from tests.integration.helpers import (

@@ -19,7 +19,7 @@ from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
-from sweeper.engine import Runtime
+from sweeper.result import Runtime
 from sweeper.retry import NO_CLIENT_RETRY, RetryPolicy
 from tests.integration.helpers import ago, make_client, sweep
 from tests.support.emulator import Emulator

@@ -18,7 +18,7 @@ import pytest
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
-from sweeper.engine import Runtime, SweepResult
+from sweeper.result import Runtime, SweepResult
 from tests.integration.helpers import make_client, remaining, sweep
 from tests.support.emulator import Emulator
 from tests.support.proxy import TcpProxy

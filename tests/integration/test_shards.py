@@ -10,7 +10,7 @@ import pytest
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding, to_micros
-from sweeper.engine import SweepResult
+from sweeper.result import SweepResult
 from sweeper.settings import Shard
 from tests.integration.helpers import (
     RecordingClient,

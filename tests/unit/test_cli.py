@@ -19,14 +19,14 @@ import pytest
 from click.testing import CliRunner
 
 from sweeper import cli as cli_module
-from sweeper import run as run_module
+from sweeper import engine as run_module
 from sweeper import target as connect_module
 from sweeper.cli import cli, inspect, main, sweep
 from sweeper.config import KEYS
 from sweeper.encodings import Encoding
-from sweeper.engine import Runtime, SweepResult
 from sweeper.logs import SweeperError
 from sweeper.options import FiniteFloatRange
+from sweeper.result import Runtime, SweepResult
 from sweeper.retry import StopReason
 from sweeper.settings import MAX_SHARDS, Shard, SweepSettings
 from sweeper.terminal import ProgressLine

@@ -17,7 +17,7 @@ import pytest
 
 from sweeper import engine, gate
 from sweeper.concurrency import Degradation
-from sweeper.engine import SweepResult
+from sweeper.result import SweepResult
 from sweeper.settings import SweepSettings
 
 ROOT = Path(__file__).parents[2]

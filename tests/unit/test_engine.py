@@ -20,11 +20,11 @@ from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
 from sweeper.encodings import Encoding
-from sweeper.engine import Runtime, Sweep, SweepResult
+from sweeper.engine import Sweep, sweep_targets
 from sweeper.gate import DESCENDANT_QUERIES
 from sweeper.logs import DatastoreError, configure
+from sweeper.result import Runtime, SweepResult
 from sweeper.retry import RetryPolicy
-from sweeper.run import sweep_targets
 from sweeper.settings import SweepSettings
 from sweeper.target import PAGE_SIZE
 from tests.contract import SWEEP_FINISHED_FIELDS

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sweeper.engine import SweepResult
 from sweeper.logs import SweeperError
 from sweeper.metrics import MetricsError, push_summary, succeeded
+from sweeper.result import SweepResult
 from sweeper.settings import SweepSettings
 
 URL = "http://pushgateway.test:9091"
