@@ -1,11 +1,10 @@
 """The report of ``sweeper inspect``: what a sweep of one target would meet, do and cost.
 
 Before a first run an operator needs more than ``--dry-run`` tells: which encodings the property
-really holds (only a lookup shows a value's true type), whether it is indexed at all (a range
-query cannot see an unindexed value), what ``--format auto`` would decide, how large the backlog
-is, how old, and what clearing it will cost (``forecast``). It costs a few keys-only queries,
-a COUNT per age bucket and per query stream (bounded key counts where the database has
-no aggregation queries) and ``sample_size + 1`` entity reads, all under the sweep's retries.
+really holds (only a lookup shows a value's true type), whether it is indexed at all, what
+``--format auto`` would decide, how large and old the backlog is, and what clearing it will cost
+(``forecast``). It costs a few keys-only queries, a COUNT per age bucket and per query stream
+(bounded key counts without aggregation queries) and ``sample_size + 1`` entity reads.
 """
 
 from __future__ import annotations
@@ -19,32 +18,39 @@ from typing import Literal
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
 
-from sweeper.checks import ClockSource, check_indexed, read_clock, read_stored
-from sweeper.checks import decide_encoding as detect_decide
+from sweeper.checks import ClockSource, check_indexed, decide_encoding, read_clock, read_stored
 from sweeper.encodings import (
+    EPOCH,
     Encoding,
     ExpiredRange,
     QueryValue,
     band_range,
     classify,
+    cutoff_bound,
     describe_value,
     expired_range,
     from_micros,
+    to_micros,
 )
 from sweeper.gate import Rule
 from sweeper.guard import DESCENDANT_SAMPLE, going_with
 from sweeper.inspect.forecast import (
+    HOUR,
+    TICK,
+    Bucket,
     Forecast,
+    Histogram,
+    Run,
+    Unit,
     forecast,
     plan_backlog,
-    run_settings,
     scan_backlog,
     scan_due,
 )
-from sweeper.inspect.histogram import Bucket, Histogram, age_buckets, stream_slices
 from sweeper.logs import DatastoreError, RefusedError, UsageError, describe_exception
 from sweeper.retry import TRANSIENT, Retrier, RetryCounter, RetryPolicy
 from sweeper.settings import SweepSettings
+from sweeper.sources import split_even
 from sweeper.target import Count, Target
 
 Indexed = Literal["yes", "no", "unknown"]
@@ -87,7 +93,6 @@ class DescendantSample:
         return self.total / self.sampled if self.sampled else 0.0
 
 
-# Expired sessions whose descendants inspect counts: one ancestor query each.
 @dataclass(frozen=True)
 class Oldest:
     """The smallest stored value of the encoding, and the instant it denotes."""
@@ -152,10 +157,8 @@ def inspect_target(
     """Inspect one target; a Datastore failure becomes one :class:`DatastoreError` line.
 
     ``now`` (timezone-aware) is the caller's clock; as in a sweep, the cutoff comes from the
-    database's clock where it reports one, else from ``now``. The
-    forecast is for a sweep with ``settings`` (workers, batch size, verify, shard count as the
-    number of pods, ramp-up, max rate). Where a count has to page through keys (no aggregation
-    queries), it stops at ``count_limit``.
+    database's clock where it reports one. The forecast is of a sweep with ``settings``. Where a
+    count pages through keys (no aggregation queries), it stops at ``count_limit``.
     """
     if sample_size < 1 or count_limit < 1:
         raise UsageError("sample size and count limit must be at least 1")
@@ -238,13 +241,7 @@ def _forecast(
     carrying = report.carrying or Count(0, "aggregation")
     server, aggregation = report.clock_source == "server", carrying.method == "aggregation"
     per_session = report.descendants.mean if report.descendants else 0.0
-    run = run_settings(
-        s,
-        reports_read_time=server,
-        aggregation=aggregation,
-        encoding=window.encoding,
-        descendants_per_session=per_session,
-    )
+    run = Run(s, server, aggregation, window.encoding, per_session)
     if s.scan:
         kind = count.kind()
         expired = report.expired if report.indexed == "yes" else None
@@ -257,8 +254,8 @@ def _forecast(
     histogram = _histogram(count, window, oldest.instant, report.cutoff) if oldest else None
     histogram = histogram or Histogram("hour", ())
     slices = None
-    if oldest and run.shards == 1 and run.workers > 1:  # the streams' slices, counted
-        slices = [count(part).n for part in stream_slices(window, oldest.instant, run.workers)]
+    if oldest and s.shard.count == 1 and s.workers > 1:  # the streams' slices, counted
+        slices = [count(part).n for part in stream_slices(window, oldest.instant, s.workers)]
     backlog = plan_backlog(histogram, run, carrying.n, slices)
     return replace(report, histogram=histogram, forecast=forecast(backlog, run))
 
@@ -272,7 +269,7 @@ def _decide(s: SweepSettings, target: Target) -> tuple[Action, Encoding | None, 
         encoding = (
             s.format
             if isinstance(s.format, Encoding)
-            else detect_decide(stored.ends, s.kind, s.prop)
+            else decide_encoding(stored.ends, s.kind, s.prop)
         )
     except RefusedError as exc:
         return "refuse", None, exc.message
@@ -346,3 +343,57 @@ def _bucket(entity: datastore.Entity, prop: str) -> str:
         return "null"
     encoding = classify(entity[prop])
     return encoding.value if encoding else "unsupported"
+
+
+# -- the ranges counted: the backlog by age, the streams' slices ---------------------------------
+
+# Up to two days by the hour (the shards' own grid, so an hour bucket says which pod deletes
+# what), older by the day, at most MAX_DAY_BUCKETS of them, the oldest open-ended.
+HOURLY_SPAN = dt.timedelta(days=2)
+DAY = dt.timedelta(days=1)
+MAX_DAY_BUCKETS = 30
+
+
+def bucket_edges(
+    oldest: dt.datetime, cutoff: dt.datetime
+) -> tuple[Unit, list[tuple[dt.datetime | None, dt.datetime]]]:
+    """Buckets covering ``[oldest, cutoff)`` on the UTC grid, the youngest ending at ``cutoff``."""
+    if oldest >= cutoff:
+        return "hour", []
+    unit: Unit = "hour" if cutoff - oldest <= HOURLY_SPAN else "day"
+    width = HOUR if unit == "hour" else DAY
+    first, last = _floor(oldest, width), _floor(cutoff - TICK, width)
+    cells = (last - first) // width + 1
+    open_ended = unit == "day" and cells > MAX_DAY_BUCKETS
+    if open_ended:
+        first, cells = last - (MAX_DAY_BUCKETS - 1) * width, MAX_DAY_BUCKETS
+    edges: list[tuple[dt.datetime | None, dt.datetime]] = []
+    edges += [(a, min(a + width, cutoff)) for a in (first + i * width for i in range(cells))]
+    if open_ended:
+        edges[0] = (None, edges[0][1])
+    return unit, edges
+
+
+def age_buckets(
+    window: ExpiredRange, oldest: dt.datetime, cutoff: dt.datetime
+) -> tuple[Unit, list[tuple[dt.datetime | None, dt.datetime, ExpiredRange]]]:
+    """:func:`bucket_edges` as ranges of ``window``'s stored values, to count."""
+    encoding = window.encoding
+    unit, edges = bucket_edges(oldest, cutoff)
+    ranges = []
+    for start, end in edges:
+        lo = window.lo if start is None else max(window.lo, cutoff_bound(encoding, start))
+        hi = window.hi if end >= cutoff else cutoff_bound(encoding, end)
+        ranges.append((start, end, ExpiredRange(encoding, lo, hi)))
+    return unit, ranges
+
+
+def stream_slices(window: ExpiredRange, oldest: dt.datetime, workers: int) -> list[ExpiredRange]:
+    """The slices one pod's ``workers`` query streams page through (``sources.expired_streams``):
+    from the oldest expired value to the cutoff, cut evenly."""
+    start = to_micros(oldest) // window.encoding.unit_us
+    return [ExpiredRange(window.encoding, a, b) for a, b in split_even(start, window.hi, workers)]
+
+
+def _floor(instant: dt.datetime, width: dt.timedelta) -> dt.datetime:
+    return EPOCH + ((instant - EPOCH) // width) * width

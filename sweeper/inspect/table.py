@@ -7,8 +7,7 @@ from dataclasses import asdict
 from typing import Any
 
 from sweeper.encodings import QueryValue
-from sweeper.inspect.forecast import Forecast
-from sweeper.inspect.histogram import Histogram
+from sweeper.inspect.forecast import Forecast, Histogram, Run
 from sweeper.inspect.report import DescendantSample, InspectReport, Oldest
 from sweeper.settings import format_duration
 from sweeper.target import Count
@@ -94,7 +93,7 @@ def _histogram_dict(h: Histogram) -> dict[str, Any]:
 
 def forecast_dict(f: Forecast) -> dict[str, Any]:
     return {
-        "settings": asdict(f.settings),
+        "settings": _run_dict(f.run),
         "guard_refuses": f.guard_refuses,
         "operations": asdict(f.operations),
         "cost_usd": round(f.cost_usd, 6),
@@ -104,6 +103,19 @@ def forecast_dict(f: Forecast) -> dict[str, Any]:
         "duration_s": None if f.duration_s is None else round(f.duration_s, 1),
         "final_rate": None if f.final_rate is None else round(f.final_rate, 1),
         "estimated": f.estimated,
+    }
+
+
+def _run_dict(run: Run) -> dict[str, Any]:
+    """The sweep forecast: its options, and what the database offers it."""
+    s = run.sweep
+    return {
+        **{k: getattr(s, k) for k in ("workers", "batch_size", "verify", "scan", "ramp_up")},
+        **{k: getattr(s, k) for k in ("max_rate", "max_fraction", "with_descendants")},
+        "shards": s.shard.count,
+        "reports_read_time": run.reports_read_time,
+        "aggregation": run.aggregation,
+        "descendants_per_session": run.descendants_per_session,
     }
 
 
@@ -180,9 +192,9 @@ def _histogram_rows(h: Histogram) -> list[tuple[str, str]]:
 
 
 def _forecast_rows(f: Forecast) -> list[tuple[str, str]]:
-    s, ops, p = f.settings, f.operations, f.prices
+    s, ops, p = f.run.sweep, f.operations, f.prices
     workers = f"{s.workers} worker{'s' if s.workers > 1 else ''}"
-    pods = f"{s.shards} pod{'s' if s.shards > 1 else ''}"
+    pods = f"{s.shard.count} pod{'s' if s.shard.count > 1 else ''}"
     rows = [
         (
             "forecast",
@@ -213,7 +225,7 @@ def _forecast_rows(f: Forecast) -> list[tuple[str, str]]:
 def _time_row(f: Forecast) -> str:
     if f.duration_s is None or f.final_rate is None:
         return "not limited by sweeper (no ramp-up, no --max-rate): as fast as the database"
-    rule = "the ramp-up rule" if f.settings.ramp_up else "--max-rate"
+    rule = "the ramp-up rule" if f.run.sweep.ramp_up else "--max-rate"
     return (
         f"{_duration(f.duration_s)} of deletes under {rule}, "
         f"ending at {f.final_rate:,.0f} deletes/s in all"

@@ -399,7 +399,7 @@ def test_forecast_matches_the_run_it_forecasts(
     assert report.histogram.total == report.expired.n == expired
     assert report.carrying.n == expired + 1100
     assert result.stopped_reason == "complete"
-    assert result.verify == report.forecast.settings.verify
+    assert result.verify == report.forecast.run.sweep.verify
     measured = {
         "queries": (ops.queries, result.queries),
         "commits": (ops.commits, result.commits),
@@ -437,7 +437,7 @@ def test_forecast_of_three_shards_matches_their_runs(
 
     assert report.forecast is not None
     assert report.carrying is not None
-    run, ops = report.forecast.settings, report.forecast.operations
+    run, ops = report.forecast.run, report.forecast.operations
     after_run = [retention_calls(*left(result), run)[0] for result in results]
     assumed = 3 * retention_calls(report.carrying.n - ops.deleted, 0, run)[0]
     measured = {
@@ -467,7 +467,7 @@ def plan_streams(report: InspectReport) -> list[tuple[int, ...]]:
     assert report.forecast is not None
     assert report.histogram is not None
     assert report.carrying is not None
-    return list(plan_backlog(report.histogram, report.forecast.settings, report.carrying.n).streams)
+    return list(plan_backlog(report.histogram, report.forecast.run, report.carrying.n).streams)
 
 
 def test_forecast_of_a_scan_matches_its_run(

@@ -7,6 +7,7 @@ import datetime as dt
 import itertools
 import math
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -14,45 +15,44 @@ from sweeper.encodings import Encoding, cutoff_bound, expired_range
 from sweeper.inspect.forecast import (
     LIST_PRICES,
     Backlog,
-    RunSettings,
+    Bucket,
+    Histogram,
+    Run,
     forecast,
     guard_refuses,
+    hour_cells,
     operations,
     plan_backlog,
     query_pages,
     ramp_time,
     retention_calls,
-    run_settings,
     scan_backlog,
     scan_pages,
 )
-from sweeper.inspect.histogram import (
-    MAX_DAY_BUCKETS,
-    Bucket,
-    Histogram,
-    age_buckets,
-    bucket_edges,
-    hour_cells,
-    stream_slices,
-)
+from sweeper.inspect.report import MAX_DAY_BUCKETS, age_buckets, bucket_edges, stream_slices
 from sweeper.settings import Shard, SweepSettings
 from sweeper.throttle import BASE_RATE, RAMP_FACTOR, RAMP_INTERVAL_S
 
 CUTOFF = dt.datetime(2024, 6, 1, 11, 45, tzinfo=dt.UTC)
 H = dt.timedelta(hours=1)
+
+
+def run_of(*, legacy: bool = False, shards: int = 1, **sweep: Any) -> Run:
+    """The forecast of a sweep with these options (the ramp-up on unless told) on Firestore,
+    or on the legacy emulator: no read time, 25 keys a transaction, 300 keys a call."""
+    options = {"ramp_up": True, "shard": Shard(0, shards), **sweep}
+    s = SweepSettings("k", "p", "auto", dt.timedelta(0), **options)
+    return Run(s, reports_read_time=not legacy, aggregation=not legacy)
+
+
+def with_(run: Run, **sweep: Any) -> Run:
+    return replace(run, sweep=replace(run.sweep, **sweep))
+
+
 # Runs without the guard's counts unless a test turns it on.
-PLAIN = RunSettings(workers=1, max_fraction=1.0)
-BLIND = replace(PLAIN, verify=False)
-# As on the legacy emulator: no read time, so verify, 25 keys a transaction, 300 keys a call.
-LEGACY = RunSettings(
-    workers=1,
-    max_fraction=1.0,
-    verify=True,
-    transaction_keys=25,
-    aggregation=False,
-    batch_keys=300,
-    says_last_page=False,
-)
+PLAIN = run_of(workers=1, max_fraction=1.0)
+BLIND = with_(PLAIN, verify=False)
+LEGACY = run_of(legacy=True, workers=1, max_fraction=1.0)
 
 
 def approx(duration: float, rate: float) -> tuple[float | None, float | None]:
@@ -140,7 +140,7 @@ def test_pages_end_where_the_database_says_or_at_an_empty_call() -> None:
     # The legacy emulator: 300 a call whatever the limit, and an empty call ends the range.
     assert [query_pages(n, 300, False) for n in (0, 1, 300, 301, 6000)] == [1, 2, 2, 3, 21]
     # A scan reads 100 entities first, then pages of 500 (300 on the legacy emulator).
-    firestore = [scan_pages(n, RunSettings()) for n in (0, 99, 100, 101, 600, 601, 2000)]
+    firestore = [scan_pages(n, run_of()) for n in (0, 99, 100, 101, 600, 601, 2000)]
     assert firestore == [1, 1, 1, 2, 2, 3, 5]
     assert [scan_pages(n, LEGACY) for n in (0, 50, 100, 2000)] == [1, 2, 2, 9]
 
@@ -160,7 +160,7 @@ def test_one_stream_exactly() -> None:
 
 
 def test_several_workers_page_their_counted_slices() -> None:
-    settings = RunSettings(workers=4, max_fraction=1.0)
+    settings = run_of(workers=4, max_fraction=1.0)
 
     backlog = plan_backlog(hourly(700, 500), settings, 1500, slices=[0, 499, 501, 200])
 
@@ -173,7 +173,7 @@ def test_several_workers_page_their_counted_slices() -> None:
 
 
 def test_streams_placed_where_detection_read_the_oldest_value_need_no_projection() -> None:
-    detected = RunSettings(workers=4, max_fraction=1.0, start_detected=True)
+    detected = replace(run_of(workers=4, max_fraction=1.0), encoding=Encoding.EPOCH_SECONDS)
 
     backlog = plan_backlog(hourly(700, 500), detected, 1500, slices=[0, 499, 501, 200])
 
@@ -183,28 +183,29 @@ def test_streams_placed_where_detection_read_the_oldest_value_need_no_projection
 
 
 def test_batch_size_cuts_every_page() -> None:
-    settings = RunSettings(workers=1, batch_size=200, max_fraction=1.0, verify=False)
+    settings = run_of(workers=1, batch_size=200, max_fraction=1.0, verify=False)
 
     ops = operations(plan_backlog(hourly(1200), settings, 1200), settings)
 
     assert ops.commits == 3 + 3 + 1  # 500 -> 200, 200, 100 twice; then 200
 
 
-@pytest.mark.parametrize(("tx", "commits"), [(500, 3), (25, 20 + 20 + 8)])
-def test_verify_bills_each_key_once_in_commits_of_its_size(tx: int, commits: int) -> None:
-    settings = RunSettings(workers=1, verify=True, transaction_keys=tx, max_fraction=1.0)
+@pytest.mark.parametrize(("legacy", "commits"), [(False, 3), (True, 12 * 4)])
+def test_verify_bills_each_key_once_in_commits_of_its_size(legacy: bool, commits: int) -> None:
+    settings = run_of(legacy=legacy, workers=1, verify=True, max_fraction=1.0)
+    blind = with_(settings, verify=False)
 
     ops = operations(plan_backlog(hourly(1200), settings, 1200), settings)
 
     assert (ops.commits, ops.entities_read) == (commits, 0)
     assert (
         ops.billed_reads
-        == operations(plan_backlog(hourly(1200), BLIND, 1200), BLIND).billed_reads + 1200
+        == operations(plan_backlog(hourly(1200), blind, 1200), blind).billed_reads + 1200
     )
 
 
 def test_the_guard_counts_first_and_says_when_it_refuses() -> None:
-    guarded = RunSettings(workers=1, max_fraction=0.5)
+    guarded = run_of(workers=1, max_fraction=0.5)
     backlog = plan_backlog(hourly(1200), guarded, carrying=3000)
 
     assert not guard_refuses(backlog, guarded)
@@ -213,11 +214,11 @@ def test_the_guard_counts_first_and_says_when_it_refuses() -> None:
 
     refused = forecast(plan_backlog(hourly(1200), guarded, carrying=2000), guarded)
     assert refused.guard_refuses
-    assert refused.settings.max_fraction == 1.0  # the forecast of the run that will clear it
+    assert refused.run.sweep.max_fraction == 1.0  # the forecast of the run that will clear it
 
 
 def test_the_legacy_emulator_pages_by_300_and_counts_through_keys() -> None:
-    keys = replace(LEGACY, max_fraction=0.5)
+    keys = with_(LEGACY, max_fraction=0.5)
     backlog = plan_backlog(hourly(1200), keys, carrying=3000)
 
     ops = operations(backlog, keys)
@@ -240,7 +241,7 @@ def test_a_scan_reads_the_kind_and_checks_no_format() -> None:
     assert (ops.entities_read, ops.deleted, ops.commits) == (2000, 1500, 3)
     assert ops.billed_reads == 1 + 2000
     # The legacy emulator reads 300 a call, but the scan still hands on 500 keys a commit.
-    legacy = operations(scan_backlog(2000, 1500, 0, estimated=True), replace(LEGACY, verify=False))
+    legacy = operations(scan_backlog(2000, 1500, 0, estimated=True), with_(LEGACY, verify=False))
     assert (legacy.queries, legacy.commits) == (1 + 9, 3)
 
 
@@ -248,7 +249,7 @@ def test_a_scan_reads_the_kind_and_checks_no_format() -> None:
 
 
 def test_shards_own_hours_round_robin_and_probe_for_them() -> None:
-    settings = RunSettings(shards=3, max_fraction=1.0)
+    settings = run_of(shards=3, max_fraction=1.0)
     histogram = hourly(100, 200, 300, 400)  # hours 8, 9, 10, 11 (partial)
 
     backlog = plan_backlog(histogram, settings, carrying=1000)
@@ -286,21 +287,21 @@ def test_day_buckets_are_spread_over_their_hours_as_an_estimate() -> None:
 
 
 def test_the_first_batch_goes_at_once_the_rest_at_500_per_second() -> None:
-    assert ramp_time([1000], RunSettings()) == approx(1.0, BASE_RATE)
+    assert ramp_time([1000], run_of()) == approx(1.0, BASE_RATE)
 
 
 def test_time_across_ramp_steps() -> None:
     first_step = BASE_RATE * RAMP_INTERVAL_S  # 150,000 in the first five minutes
     keys = int(first_step) + 750 + 500  # then 750 more at 750/s, and the last batch
 
-    duration, rate = ramp_time([keys], RunSettings())
+    duration, rate = ramp_time([keys], run_of())
 
     assert duration == pytest.approx(RAMP_INTERVAL_S + 1.0)
     assert rate == pytest.approx(BASE_RATE * RAMP_FACTOR)
 
 
 def test_a_million_takes_the_time_docs_scaling_states() -> None:
-    duration, rate = ramp_time([1_000_000], RunSettings())
+    duration, rate = ramp_time([1_000_000], run_of())
 
     # 300,000 x (1.5^3 - 1) in 15 min, the rest at 500 x 1.5^3 = 1687.5/s.
     assert duration is not None
@@ -310,17 +311,17 @@ def test_a_million_takes_the_time_docs_scaling_states() -> None:
 
 
 def test_shards_share_the_budget_and_the_slowest_pod_decides() -> None:
-    even = ramp_time([75_500, 75_500], RunSettings(shards=2))
+    even = ramp_time([75_500, 75_500], run_of(shards=2))
     assert even == approx(RAMP_INTERVAL_S, BASE_RATE * RAMP_FACTOR)
 
-    uneven, _rate = ramp_time([10_500, 5_500], RunSettings(shards=2))
+    uneven, _rate = ramp_time([10_500, 5_500], run_of(shards=2))
     assert uneven == pytest.approx(10_000 / (BASE_RATE / 2))
 
 
 def test_max_rate_caps_and_no_limit_is_no_time() -> None:
-    capped = RunSettings(ramp_up=False, max_rate=100.0)
+    capped = run_of(ramp_up=False, max_rate=100.0)
     assert ramp_time([1500], capped) == approx(10.0, 100.0)
-    assert ramp_time([1500], RunSettings(ramp_up=False)) == (None, None)
+    assert ramp_time([1500], run_of(ramp_up=False)) == (None, None)
 
 
 # --- price, and settings as the sweep decides them ------------------------------------------
@@ -339,14 +340,18 @@ def test_price_at_the_stated_list_prices() -> None:
     assert LIST_PRICES.source.startswith("https://")
 
 
-@pytest.mark.parametrize(("server", "tx"), [(True, 500), (False, 25)])
-def test_run_settings_check_as_the_sweep_does(server: bool, tx: int) -> None:
+@pytest.mark.parametrize(("server", "tx", "per_call"), [(True, 500, 500), (False, 25, 300)])
+def test_the_run_checks_as_the_sweep_does(server: bool, tx: int, per_call: int) -> None:
     s = SweepSettings("k", "p", "auto", dt.timedelta(0), shard=Shard(0, 4))
 
-    run = run_settings(s, reports_read_time=server, aggregation=server)
+    run = Run(s, reports_read_time=server, aggregation=server)
 
-    assert (run.verify, run.transaction_keys, run.shards) == (True, tx, 4)
-    assert run.says_last_page is server
-    expected = RunSettings() if server else replace(LEGACY, workers=4)
-    assert run == replace(expected, shards=4, max_fraction=0.5, ramp_up=False)
-    assert math.isclose(run.max_fraction, s.max_fraction)
+    assert (run.sweep.verify, run.transaction_keys, run.batch_keys) == (True, tx, per_call)
+    assert math.isclose(run.sweep.max_fraction, 0.5)
+    assert not run.projected
+    assert not run.start_detected
+    assert run.descendants_per_session is None
+    text = replace(run, encoding=Encoding.ISO_8601)
+    assert text.projected
+    assert not text.start_detected
+    assert replace(run, encoding=Encoding.EPOCH_SECONDS).start_detected

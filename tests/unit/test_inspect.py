@@ -12,8 +12,7 @@ import pytest
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding, expired_range
-from sweeper.inspect.forecast import RunSettings, forecast, plan_backlog
-from sweeper.inspect.histogram import Bucket, Histogram
+from sweeper.inspect.forecast import Bucket, Histogram, Run, forecast, plan_backlog
 from sweeper.inspect.report import (
     BUCKETS,
     InspectReport,
@@ -417,7 +416,8 @@ def forecasting(**run: Any) -> InspectReport:
     histogram = Histogram(
         "hour", tuple(Bucket(a, b, n) for (a, b), n in zip(edges, (20, 0, 100), strict=True))
     )
-    settings = RunSettings(**{"workers": 1, "max_fraction": 1.0, **run})
+    options = {"workers": 1, "max_fraction": 1.0, "ramp_up": True, **run}
+    settings = Run(SweepSettings("eq-session", "expires_at", "auto", dt.timedelta(0), **options))
     backlog = plan_backlog(histogram, settings, carrying=190)
     return sweeping(histogram=histogram, forecast=forecast(backlog, settings))
 
