@@ -27,7 +27,6 @@ from sweeper.inspect.report import InspectReport, inspect_target
 from sweeper.inspect.table import forecast_dict, render_table, report_dict
 from sweeper.logs import (
     EXIT_FAILURE,
-    EXIT_OK,
     EXIT_SIGINT,
     EXIT_USAGE,
     LogFormat,
@@ -40,7 +39,7 @@ from sweeper.logs import (
 )
 from sweeper.metrics import BasicAuth, MetricsError, push_summary, transport
 from sweeper.result import Runtime, SweepResult
-from sweeper.retry import Retrier, RetryCounter, RetryPolicy
+from sweeper.retry import Retrier, RetryCounter, RetryPolicy, StopReason
 from sweeper.settings import SweepSettings
 from sweeper.target import client_for
 from sweeper.terminal import (
@@ -89,24 +88,29 @@ def sweep(**options: Any) -> None:
     configure(log_format, options["log_level"], person=person)
     targets = _targets(ctx, options)
     line = ProgressLine(sys.stderr) if person else None
+    # A person may be there whenever stdin is a terminal, whatever the output is piped to.
     asks = not options["yes"] and not options["dry_run"] and sys.stdin.isatty()
     with StopOnSignal() as stop:
         runtime = Runtime(
             retry_policy=_retry_policy(options),
             stop_requested=stop.is_set,
             on_progress=line.show if line else None,
-            confirm=ask_before_deleting if asks and sys.stderr.isatty() else None,
+            confirm=partial(ask_before_deleting, stopping=stop.is_set) if asks else None,
         )
         results = sweep_targets(targets, client_for, runtime, overall=options["config"] is not None)
     if options["dry_run"] and not stop.is_set():
         _log_forecasts(results)
     if person and results:
-        click.echo(summary(results), err=True)
+        click.echo(summary(results, stop.name), err=True)
     if options["pushgateway"]:
         _push_metrics(options["pushgateway"], results, auth)
     if any(r.stopped_reason == "signal" for r in results):
         raise click.exceptions.Exit(stop.exit_code)
-    failed = [r for r in results if r.exit_code != EXIT_OK]
+    failed = [r for r in results if r.error is not None]
+    if not failed and any(r.stopped_reason == StopReason.DECLINED for r in results):
+        if not person:  # else the summary said so
+            click.echo("sweeper: not confirmed at the prompt; nothing was deleted", err=True)
+        raise click.exceptions.Exit(EXIT_FAILURE)
     if len(failed) == 1 and len(results) == 1:
         raise SweeperError(failed[0].error or "")
     if failed:

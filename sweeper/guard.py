@@ -28,7 +28,7 @@ from google.cloud import datastore
 from sweeper.encodings import Encoding, ExpiredRange, expired_range, is_expired
 from sweeper.gate import Rule, decide
 from sweeper.logs import RefusedError
-from sweeper.retry import Allowance
+from sweeper.retry import Allowance, Stopped, StopReason
 from sweeper.settings import SweepSettings
 from sweeper.target import Count, Target
 
@@ -315,7 +315,7 @@ def _confirm(
         exposure,
     )
     if not confirm(plan):
-        raise RefusedError("not confirmed at the prompt; nothing was deleted")
+        raise Stopped(StopReason.DECLINED)
 
 
 def describe(plan: Plan) -> str:

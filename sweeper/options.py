@@ -268,8 +268,8 @@ SWEEP: tuple[Decorator[Any], ...] = (
     _option(
         "--yes",
         is_flag=True,
-        help="On a terminal, delete without showing the plan and asking first. Without a "
-        "terminal (a CronJob, CI) nothing asks.",
+        help="Delete without showing the plan and asking first, which a run does whenever stdin "
+        "is a terminal. Without a terminal (a CronJob, CI) nothing asks.",
     ),
     _option(
         "--max-deletes",

@@ -108,7 +108,8 @@ class SweepResult:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_FAILURE if self.stopped_reason == StopReason.ERROR else EXIT_OK
+        failed = self.stopped_reason in (StopReason.ERROR, StopReason.DECLINED)
+        return EXIT_FAILURE if failed else EXIT_OK
 
     def add(self, **counts: float) -> None:
         """Add to counts, under the run's lock: the one way the workers write them."""

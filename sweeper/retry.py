@@ -257,6 +257,8 @@ class StopReason(enum.StrEnum):
     MAX_DELETES = "max_deletes"
     MAX_RUNTIME = "max_runtime"
     SIGNAL = "signal"
+    # A person answered no (or nothing) at the question before the deletes: exit 1, but no error.
+    DECLINED = "declined"
     ERROR = "error"
 
 

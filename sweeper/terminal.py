@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import select
 import signal
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any, TextIO, TypeVar
 
-import click
-
 from sweeper.concurrency import Background
 from sweeper.guard import Plan, describe
 from sweeper.logs import EXIT_SIGINT, EXIT_SIGTERM, SweeperError
 from sweeper.result import SweepResult
+from sweeper.retry import Stopped, StopReason
+
+# How often the question looks at the stop flag while it waits for an answer.
+_POLL_S = 0.1
 
 T = TypeVar("T")
 
@@ -45,13 +50,13 @@ class ProgressLine:
         self._stream.flush()
 
 
-def summary(results: Sequence[SweepResult]) -> str:
+def summary(results: Sequence[SweepResult], signal_name: str = "a signal") -> str:
     """What a person at a terminal reads at the end of ``sweep``: per target what went, what
     is left, how long the deletes took, and what to do next if anything was refused or left.
     The whole ``sweep_finished`` is still there for machines (``--log-format json``) and at
     ``--log-level debug``."""
     # A lone failure is worded once, by the error line that follows (exit 1); of several, each.
-    blocks = [_summary_of(r, say_error=len(results) > 1) for r in results]
+    blocks = [_summary_of(r, len(results) > 1, signal_name) for r in results]
     if len(results) > 1:
         deleted = sum(r.deleted + r.descendants_deleted for r in results)
         failed = sum(1 for r in results if r.error)
@@ -62,19 +67,28 @@ def summary(results: Sequence[SweepResult]) -> str:
     return "\n".join(blocks)
 
 
-def _summary_of(r: SweepResult, say_error: bool) -> str:
+def _summary_of(r: SweepResult, say_error: bool, signal_name: str) -> str:
     s = r.settings
     where = s.kind + (f" (namespace {s.namespace})" if s.namespace else "")
     if r.error is not None:
         gone = f"; {_n(r.deleted)} deleted before it" if r.deleted else "; nothing deleted"
         return f"{where}: error{gone}" + (f"\n  {r.error}" if say_error else "")
     entities = r.deleted + r.descendants_deleted
+    took = r.deleting_s if r.deleting_s is not None else r.duration_s
+    if r.stopped_reason in (StopReason.DECLINED, StopReason.SIGNAL):  # one line: a person's
+        why = (
+            "not confirmed"
+            if r.stopped_reason == StopReason.DECLINED
+            else f"stopped by {signal_name}"
+        )
+        if not entities:
+            return f"{where}: {why}; nothing was deleted"
+        return f"{where}: {why} after deleting {_n(entities)} in {took:.1f} s; run again to go on"
     if s.dry_run:
         head = f"{where}: dry run, would delete {_n(r.matched)}; nothing was deleted"
     elif r.matched == 0:
         head = f"{where}: nothing was due"
     else:
-        took = r.deleting_s if r.deleting_s is not None else r.duration_s
         rate = f", {entities / took:,.0f}/s" if took > 0 else ""
         under = f" ({_n(r.descendants_deleted)} under them)" if r.descendants_deleted else ""
         head = f"{where}: deleted {_n(entities)}{under} in {took:.1f} s{rate}"
@@ -101,7 +115,6 @@ def _summary_of(r: SweepResult, say_error: bool) -> str:
 _NEXT = {
     "max_deletes": "stopped at --max-deletes: run again to go on",
     "max_runtime": "stopped at --max-runtime: run again to go on",
-    "signal": "stopped by a signal: run again to go on",
 }
 
 
@@ -120,6 +133,10 @@ class StopOnSignal:
     def is_set(self) -> bool:
         return self._event.is_set()
 
+    @property
+    def name(self) -> str:
+        return "SIGINT" if self.exit_code == EXIT_SIGINT else "SIGTERM"
+
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         self.exit_code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
         self._event.set()
@@ -135,11 +152,45 @@ class StopOnSignal:
             signal.signal(signum, handler)
 
 
-def ask_before_deleting(plan: Plan) -> bool:
-    """Show a person at a terminal what the sweep is about to delete, and ask (default: no)."""
-    click.echo("sweeper is about to delete:", err=True)
-    click.echo(describe(plan), err=True)
-    return click.confirm(f"Delete these {plan.exposure.due.n} entities?", default=False, err=True)
+def ask_before_deleting(plan: Plan, stopping: Callable[[], bool]) -> bool:
+    """Show the person at the terminal on stdin what the sweep is about to delete, and ask
+    (default: no; end of input is no).
+
+    The question goes to that terminal itself, whatever stdout and stderr are piped to, and
+    the answer is read from it unbuffered while the stop flag is watched: Ctrl-C at the
+    question stops the run (exit 130). A thread left blocked in stdin's buffered reader
+    instead crashed the interpreter at exit ("could not acquire lock for <stdin>").
+    """
+    fd = os.open(os.ttyname(sys.stdin.fileno()), os.O_RDWR | os.O_NOCTTY)
+    try:
+        os.write(fd, f"sweeper is about to delete:\n{describe(plan)}\n".encode())
+        while True:
+            os.write(fd, f"Delete these {plan.exposure.due.n:,} entities? [y/N]: ".encode())
+            answer = _read_line(fd, stopping)
+            if answer is None:  # end of input
+                os.write(fd, b"\n")
+                return False
+            if answer.strip().lower() in ("", "n", "no", "y", "yes"):
+                return answer.strip().lower() in ("y", "yes")
+            os.write(fd, b"Please answer y or n.\n")
+    finally:
+        os.close(fd)
+
+
+def _read_line(fd: int, stopping: Callable[[], bool]) -> str | None:
+    """A line typed at the terminal ``fd`` (None at end of input); raises :class:`Stopped` once
+    the run must stop (Ctrl-C: the terminal has already echoed ``^C``)."""
+    typed = b""
+    while not typed.endswith(b"\n"):
+        if stopping():
+            os.write(fd, b"\n")
+            raise Stopped(StopReason.SIGNAL)
+        if select.select([fd], [], [], _POLL_S)[0]:
+            chunk = os.read(fd, 1024)
+            if not chunk:
+                return None
+            typed += chunk
+    return typed.decode(errors="replace")
 
 
 class StoppedBySignal(SweeperError):
@@ -160,6 +211,5 @@ def run_until_signal(stop: StopOnSignal, what: str, fn: Callable[[], T]) -> T:
     while work.running(0.1) and not stop.is_set():
         pass
     if work.running(0):
-        name = "SIGINT" if stop.exit_code == EXIT_SIGINT else "SIGTERM"
-        raise StoppedBySignal(f"{what} stopped by {name}; nothing was changed", stop.exit_code)
+        raise StoppedBySignal(f"{what} stopped by {stop.name}; nothing was changed", stop.exit_code)
     return work.value()

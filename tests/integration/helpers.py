@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import pty
 import select
 import subprocess
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import IO, Any
 
 from google.cloud import datastore
 from google.cloud.datastore.helpers import key_from_protobuf
@@ -308,22 +310,35 @@ def refresh(client: datastore.Client, kind: str, names: Sequence[str], expiry: o
 
 
 def run_on_a_terminal(
-    emulator: Emulator, answer: str, *args: str, think_s: float = 0.0
+    emulator: Emulator,
+    answer: str | None,
+    *args: str,
+    think_s: float = 0.0,
+    interrupt_at: str | None = None,
+    stderr: IO[bytes] | None = None,
 ) -> tuple[int, str]:
-    """The CLI with a real pseudo-terminal as stdin, stdout and stderr; ``answer`` is typed
-    ``think_s`` after the question appears, as a person would. Returns the exit code and
-    everything the terminal showed."""
+    """The CLI on a real pseudo-terminal, its controlling terminal, as a shell starts it:
+    stdin and stdout on it, and stderr too unless ``stderr`` (a file) is given. ``answer`` is
+    typed ``think_s`` after the question appears, as a person would (None: never). Once the
+    terminal shows ``interrupt_at``, Ctrl-C is typed: the terminal driver sends SIGINT to the
+    process, as it does for a person. Returns the exit code and all the terminal showed."""
     leader, follower = pty.openpty()
+
+    def controlling_terminal() -> None:  # in the child, a session leader by now
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "sweeper", "sweep", *args],
         env={**os.environ, **emulator.env, "TERM": "dumb"},
         stdin=follower,
         stdout=follower,
-        stderr=follower,
+        stderr=follower if stderr is None else stderr,
         close_fds=True,
+        start_new_session=True,
+        preexec_fn=controlling_terminal,  # noqa: PLW1509 - only an ioctl, no locks taken
     )
     os.close(follower)
-    shown, answered = b"", False
+    shown, answered, interrupted = b"", answer is None, interrupt_at is None
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         ready, _, _ = select.select([leader], [], [], 0.2)
@@ -335,8 +350,11 @@ def run_on_a_terminal(
             shown += chunk
         if not answered and b"[y/N]" in shown:
             time.sleep(think_s)
-            os.write(leader, answer.encode() + b"\n")
+            os.write(leader, (answer or "").encode() + b"\n")
             answered = True
+        if not interrupted and interrupt_at is not None and interrupt_at.encode() in shown:
+            os.write(leader, b"\x03")
+            interrupted = True
         if proc.poll() is not None and not ready:
             break
     os.close(leader)

@@ -210,3 +210,93 @@ def test_on_a_terminal_the_run_ends_with_a_summary_timed_from_its_deletes(
     # The full record is for machines: not on a person's screen unless --log-level debug.
     assert "sweep_finished" not in shown
     assert "stopped_reason=" not in shown
+
+
+def after_the_question(shown: str) -> list[str]:
+    """The lines the terminal showed after the question was answered (or interrupted)."""
+    rest = shown.rsplit("[y/N]:", 1)[1]
+    return [line.strip() for line in rest.replace("\r", "\n").splitlines() if line.strip()]
+
+
+def test_ctrl_c_at_the_question_stops_with_130_and_one_line(emulator: Emulator, kind: str) -> None:
+    """It crashed the interpreter (exit 134): the question blocked a thread in stdin's buffer."""
+    client = make_client(emulator)
+    sessions(client, kind, expired=10, live=90)
+
+    code, shown = run_on_a_terminal(emulator, None, "--kind", kind, interrupt_at="[y/N]")
+
+    assert code == 130, shown
+    assert "Fatal Python error" not in shown
+    assert after_the_question(shown) == ["^C", f"{kind}: stopped by SIGINT; nothing was deleted"]
+    assert len(names(client, kind)) == 100
+
+
+@pytest.mark.parametrize(("answer", "left"), [("n", 100), ("y", 90)])
+def test_the_question_is_asked_when_stdin_is_a_terminal_whatever_stderr_is(
+    emulator: Emulator, kind: str, answer: str, left: int, tmp_path: Any
+) -> None:
+    """`sweeper sweep ... 2>err.log` (or `2>&1 | tee`) typed at a shell deleted without asking."""
+    client = make_client(emulator)
+    sessions(client, kind, expired=10, live=90)
+
+    with (tmp_path / "err.log").open("wb") as err:
+        code, shown = run_on_a_terminal(emulator, answer, "--kind", kind, stderr=err)
+
+    assert "Delete these 10 entities? [y/N]" in shown
+    assert "matches    10 of 100" in shown
+    assert len(names(client, kind)) == left
+    if answer == "n":
+        assert code == 1
+        assert (tmp_path / "err.log").read_text().splitlines() == [
+            "sweeper: not confirmed at the prompt; nothing was deleted"
+        ]
+    else:
+        assert code == 0, shown
+
+
+def test_no_at_the_question_is_no_error_for_the_alert(emulator: Emulator, kind: str) -> None:
+    """The docs alert on severity ERROR: a person who answered no did nothing wrong."""
+    client = make_client(emulator)
+    sessions(client, kind, expired=10, live=90)
+
+    code, shown = run_on_a_terminal(emulator, "n", "--kind", kind, "--log-format", "json")
+
+    assert code == 1
+    events = [json.loads(line) for line in shown.splitlines() if line.startswith("{")]
+    (finished,) = [e for e in events if e["event"] == "sweep_finished"]
+    assert (finished["stopped_reason"], finished["severity"]) == ("declined", "INFO")
+    assert not [e for e in events if e["severity"] == "ERROR"]
+    assert len(names(client, kind)) == 100
+
+
+def test_ctrl_c_during_the_deletes_stops_with_130_and_one_line(
+    emulator: Emulator, kind: str
+) -> None:
+    client = make_client(emulator)
+    live = sessions(client, kind, expired=300, live=50)
+    slow = ("--max-rate", "50", "--batch-size", "10", "--max-fraction", "1")
+
+    code, shown = run_on_a_terminal(emulator, "y", "--kind", kind, *slow, interrupt_at="elapsed")
+
+    assert code == 130, shown
+    last = after_the_question(shown)[-1]
+    assert re.fullmatch(
+        rf"{kind}: stopped by SIGINT after deleting \d+ in [\d.]+ s; run again to go on", last
+    ), shown
+    left = names(client, kind)
+    assert live < left  # stopped before the end: expired sessions are left ...
+    assert live <= left  # ... and no live one went
+
+
+def test_ctrl_c_before_the_question_stops_with_130(emulator: Emulator, kind: str) -> None:
+    """Ctrl-C while the run reads the clock and checks the encoding: no question, no delete."""
+    client = make_client(emulator)
+    sessions(client, kind, expired=10, live=90)
+
+    code, shown = run_on_a_terminal(emulator, None, "--kind", kind, interrupt_at="sweep_started")
+
+    assert code == 130, shown
+    assert "Traceback" not in shown
+    assert "Fatal Python error" not in shown
+    assert shown.rstrip().splitlines()[-1].endswith("nothing was deleted")
+    assert len(names(client, kind)) == 100

@@ -77,3 +77,17 @@ def test_several_sweeps_each_and_in_all() -> None:
         "eq-session (namespace c): nothing was due",
         "in all: 5 deleted in 3 sweeps, 1 failed",
     ]
+
+
+def test_a_stop_by_a_person_is_one_line() -> None:
+    """Ctrl-C at the question, during the deletes, or "no": one line each, what went and why."""
+    at_question = result(stopped_reason=StopReason.SIGNAL, duration_s=3.0)
+    during = result(matched=900, deleted=400, deleting_s=4.0, stopped_reason=StopReason.SIGNAL)
+    declined = result(stopped_reason=StopReason.DECLINED)
+    assert summary([at_question], "SIGINT") == "eq-session: stopped by SIGINT; nothing was deleted"
+    assert summary([during], "SIGINT") == (
+        "eq-session: stopped by SIGINT after deleting 400 in 4.0 s; run again to go on"
+    )
+    assert summary([declined]) == "eq-session: not confirmed; nothing was deleted"
+    assert declined.exit_code == 1
+    assert declined.error is None  # not an error: sweep_finished is logged at info
