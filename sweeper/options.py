@@ -239,7 +239,7 @@ SWEEP: tuple[Decorator[Any], ...] = (
         help="Respect Datastore's 500/50/5 rule: start at 500 deletes/s (divided among shards) "
         "and grow 50% every 5 minutes. Default: on, off when DATASTORE_EMULATOR_HOST is set."
     ),
-    _max_rate(help="Never delete faster than this many entities per second."),
+    _max_rate(help="Never delete faster than this many entities per second, from the first batch."),
     _option(
         "--pushgateway",
         type=Parsed("url", check_url),  # else a bad URL would fail only after the deletes

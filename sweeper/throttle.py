@@ -16,11 +16,12 @@ Three limits combine here, in the spirit of Apache Beam's Datastore connector:
   ``1 / overload_ratio`` of recent requests were turned away by the server, hold new requests
   back with probability ``(requests - overload_ratio * accepts) / (requests + 1)``.
 
-The rate limit is a token bucket that may go into debt: a request is let through as soon as
-the bucket is not in debt, whatever its size, and the debt is paid off by the callers after it.
-That lets a batch of 500 through even when a shard's rate is lower (a commit cannot be split
-for the throttle's sake) while the long-run rate stays exactly the budget: by any time ``T``
-the operations let through never exceed the budget's integral up to ``T`` plus one batch.
+The rate limit is a token bucket, paid before: a request waits until the bucket holds all of
+its operations (a batch larger than a second's budget waits as long as it takes; a commit
+cannot be split for the throttle's sake). The bucket starts empty, and saves up at most
+``BURST_S`` of the rate while callers are idle, so by any time ``T`` the operations let through
+never exceed the budget's integral up to ``T`` plus that burst, which a run's first request
+never has: ``--max-rate`` is never exceeded over a run.
 
 Pure bookkeeping: no Datastore calls and no threads of its own. Time, sleeping and randomness
 are injected, so tests run on a fake clock. Every method is safe to call from several delete
@@ -196,7 +197,7 @@ class Throttle:
         self._lock = threading.Lock()
         self._window = _Window(settings.window_s)
         self._start: float | None = None  # clock at the first acquire
-        self._tokens = 0.0  # negative while in debt
+        self._tokens = 0.0  # empty at the first acquire: no burst to start with
         self._updated = 0.0  # seconds since _start at which _tokens holds
 
     def acquire(self, operations: int) -> float:
@@ -258,20 +259,20 @@ class Throttle:
             now = self._clock()
             if self._start is None:
                 self._start = now
-            grant = self._grant_time(now - self._start)
+            grant = self._grant_time(now - self._start, operations)
             wait = max(0.0, grant - (now - self._start))
             self._tokens -= operations
             self._updated = grant
             return wait
 
-    def _grant_time(self, elapsed: float) -> float:
-        """When the bucket is next out of debt, with ``_tokens`` brought up to that moment."""
+    def _grant_time(self, elapsed: float, operations: int) -> float:
+        """When the bucket next holds ``operations``, with ``_tokens`` brought up to then."""
         schedule = self._schedule
         at = max(elapsed, self._updated)
         burst = schedule.rate_at(at) * BURST_S
         self._tokens = min(self._tokens + schedule.accrued(self._updated, at), burst)
-        if self._tokens >= 0:
+        if self._tokens >= operations:
             return at
-        grant = schedule.time_to_accrue(at, -self._tokens)
-        self._tokens = 0.0
+        grant = schedule.time_to_accrue(at, operations - self._tokens)
+        self._tokens = float(operations)
         return grant

@@ -388,13 +388,12 @@ def ramp_time(per_shard: Sequence[int], run: Run) -> tuple[float | None, float |
     """When the last batch of the slowest pod may go, and the rate all pods are then allowed.
 
     Each pod's budget is the throttle's own schedule: ``BASE_RATE / shards`` growing by half
-    every five minutes (with ``--ramp-up``), capped at ``--max-rate``. A batch goes as soon as
-    the budget is out of debt, so a pod's last batch goes once the budget covers the others.
+    every five minutes (with ``--ramp-up``), capped at ``--max-rate``. A batch goes once the
+    budget covers it, so a pod's last batch goes once the budget covers all of its keys.
     """
     base = BASE_RATE / run.sweep.shard.count if run.sweep.ramp_up else None
     schedule = RampSchedule(base=base, cap=run.sweep.max_rate)
     if schedule.unlimited or not per_shard:
         return None, None
-    size = run.sweep.batch_size
-    end = max(schedule.time_to_accrue(0.0, keys - min(keys, size)) for keys in per_shard)
+    end = max(schedule.time_to_accrue(0.0, keys) for keys in per_shard)
     return end, schedule.rate_at(end) * run.sweep.shard.count

@@ -365,21 +365,23 @@ def test_b_a_shard_walking_many_slices_stops_on_sigterm(
     assert summary["matched"] == 0
 
 
-THROTTLED = 2500  # expired sessions: several batches, and --max-rate 1 lets one through
-# The first commit, which the throttle lets through at once: 500 keys on Firestore, a
-# transaction of 25 entity groups on the legacy emulator.
-FIRST_BATCH = {"datastore": 25, "firestore": 500}
+THROTTLED = 2500  # expired sessions: many batches, of which the throttle lets one through
+# Batches of 2 keys at --max-rate 1: each waits 2 s for its budget (the first too).
+BATCH = 2
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_c_a_throttle_wait_stops_on_a_signal(
     emulator: Emulator, client: datastore.Client, kind: str, sig: signal.Signals
 ) -> None:
-    """(c) ``--max-rate 1``: one batch goes, the other workers wait hundreds of seconds."""
+    """(c) ``--max-rate 1``: one batch goes, the other workers wait their turns of 2 s."""
     groups = {"expired": stored(ago(hours=1), S, THROTTLED)}
     seed(client, kind, groups)
     proc = sweep_proc(
-        emulator.env, kind, "--format", "epoch-seconds", "--max-rate", "1", "--log-level", "debug"
+        emulator.env,
+        kind,
+        *("--format", "epoch-seconds", "--max-rate", "1", "--batch-size", str(BATCH)),
+        *("--log-level", "debug"),
     )
     arrived, _ = proc.wait_for("batch_deleted")
     time.sleep(max(0.0, arrived + 1.0 - time.monotonic()))
@@ -391,9 +393,8 @@ def test_c_a_throttle_wait_stops_on_a_signal(
         CODES[sig],
         "signal",
     )
-    # One batch went (a query call's worth: 500 keys, ~300 on the legacy emulator); the rest
-    # waited on the throttle until the signal.
-    assert summary["deleted"] == FIRST_BATCH[emulator.flavour]
+    # One batch went, 1 s before the signal; the next waited on the throttle until it.
+    assert summary["deleted"] == BATCH
     left = len(remaining(client, kind, group_names(groups, "expired")))
     assert left == THROTTLED - summary["deleted"]
 
@@ -401,21 +402,26 @@ def test_c_a_throttle_wait_stops_on_a_signal(
 def test_c_a_throttle_wait_stops_at_max_runtime(
     emulator: Emulator, client: datastore.Client, kind: str
 ) -> None:
-    """(f) The same wait with --max-runtime 3s and no signal: exit 0 on time."""
+    """(f) The same wait with --max-runtime 6s and no signal: exit 0 on time. At 0.5 deletes/s
+    the first batch goes 4 s after the first delete is asked for, the second 4 s later: past
+    the deadline, however slowly the run got to its first batch (up to 2 s)."""
     groups = {"expired": stored(ago(hours=1), S, THROTTLED)}
     seed(client, kind, groups)
     proc = sweep_proc(
-        emulator.env, kind, "--format", "epoch-seconds", "--max-rate", "1", "--max-runtime", "3s"
+        emulator.env,
+        kind,
+        *("--format", "epoch-seconds", "--max-rate", "0.5", "--batch-size", str(BATCH)),
+        *("--max-runtime", "6s"),
     )
     summary = stopped(
         proc,
-        "f. throttle wait, --max-runtime 3s (from deadline)",
+        "f. throttle wait, --max-runtime 6s (from deadline)",
         emulator.flavour,
         0,
         "max_runtime",
-        max_runtime_s=3.0,
+        max_runtime_s=6.0,
     )
-    assert summary["deleted"] == FIRST_BATCH[emulator.flavour]
+    assert summary["deleted"] == BATCH
 
 
 def _long_backoff(event: dict[str, Any]) -> bool:

@@ -286,13 +286,14 @@ def test_day_buckets_are_spread_over_their_hours_as_an_estimate() -> None:
 # --- time under the ramp-up -----------------------------------------------------------------
 
 
-def test_the_first_batch_goes_at_once_the_rest_at_500_per_second() -> None:
-    assert ramp_time([1000], run_of()) == approx(1.0, BASE_RATE)
+def test_every_batch_waits_for_its_budget_at_500_per_second() -> None:
+    """The throttle is paid before: the last of 1,000 keys goes at 2 s, never faster."""
+    assert ramp_time([1000], run_of()) == approx(2.0, BASE_RATE)
 
 
 def test_time_across_ramp_steps() -> None:
     first_step = BASE_RATE * RAMP_INTERVAL_S  # 150,000 in the first five minutes
-    keys = int(first_step) + 750 + 500  # then 750 more at 750/s, and the last batch
+    keys = int(first_step) + 750  # then 750 more at 750/s
 
     duration, rate = ramp_time([keys], run_of())
 
@@ -311,16 +312,16 @@ def test_a_million_takes_the_time_docs_scaling_states() -> None:
 
 
 def test_shards_share_the_budget_and_the_slowest_pod_decides() -> None:
-    even = ramp_time([75_500, 75_500], run_of(shards=2))
+    even = ramp_time([75_000, 75_000], run_of(shards=2))
     assert even == approx(RAMP_INTERVAL_S, BASE_RATE * RAMP_FACTOR)
 
-    uneven, _rate = ramp_time([10_500, 5_500], run_of(shards=2))
+    uneven, _rate = ramp_time([10_000, 5_000], run_of(shards=2))
     assert uneven == pytest.approx(10_000 / (BASE_RATE / 2))
 
 
 def test_max_rate_caps_and_no_limit_is_no_time() -> None:
     capped = run_of(ramp_up=False, max_rate=100.0)
-    assert ramp_time([1500], capped) == approx(10.0, 100.0)
+    assert ramp_time([1500], capped) == approx(15.0, 100.0)
     assert ramp_time([1500], run_of(ramp_up=False)) == (None, None)
 
 

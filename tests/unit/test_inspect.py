@@ -442,8 +442,8 @@ def test_the_forecast_rows() -> None:
     assert rows["entities read"] == "0 (billed reads in all: 126)"
     assert rows["cost"] == "$0.0001 (reads $0.0001, deletes $0.0000)"
     assert rows["prices"].startswith("$0.06 per 100,000 reads, $0.02 per 100,000 deletes (nam5")
-    # The one batch of 120 goes at once.
-    assert rows["time"] == "0.0 s of deletes under the ramp-up rule, ending at 500 deletes/s in all"
+    # The one batch of 120 waits for its budget at 500/s.
+    assert rows["time"] == "0.2 s of deletes under the ramp-up rule, ending at 500 deletes/s in all"
     assert table_rows(forecasting(ramp_up=False))["time"].startswith("not limited by sweeper")
 
 
