@@ -116,12 +116,26 @@ def retention(
         else measure_retention(target, encoding=encoding, cutoff=result.cutoff)
     )
     result.retention = kept
+    # Nothing carried the property before the run either (a run that deleted the last of it
+    # is no mistake): the target holds nothing to sweep.
+    if kept.empty and result.matched == 0 and not settings.allow_empty:
+        raise RefusedError(empty_target(settings))
     if kept.empty:
         log.warning(
             "target_empty",
             property=settings.prop,
             hint="no entity carries this property: check the kind, namespace and property",
         )
+
+
+def empty_target(s: SweepSettings, every_namespace: bool = False) -> str:
+    """Why a run over a target that holds nothing to sweep fails (exit 1)."""
+    where = "any namespace" if every_namespace else s.where
+    return (
+        f"nothing to sweep: no {s.kind} entity in {where} carries {s.prop}. A misspelt --kind, "
+        "--property or --namespace looks like this. If the target may be empty, pass "
+        "--allow-empty (allow_empty = true in a --config target); nothing was deleted"
+    )
 
 
 def _note_others(result: SweepResult, others: tuple[str, ...], prop: str, log: Any) -> None:

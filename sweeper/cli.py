@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -51,6 +52,37 @@ from sweeper.terminal import (
 )
 
 
+class Command(click.Command):
+    """A command that also refuses a ``SWEEPER_*`` variable of its options set but blank.
+
+    click reads an empty variable as unset, so ``SWEEPER_KIND=`` (a value a template lost) would
+    sweep the default kind, even beside ``--kind``. The fallbacks (``DATASTORE_PROJECT_ID``,
+    ``GOOGLE_CLOUD_PROJECT``) keep the Google client's convention: empty means unset. Checked
+    once the arguments are parsed (``--help`` answers first), before any Datastore call.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if ctx.resilient_parsing:  # shell completion: nothing will run
+            return super().parse_args(ctx, args)
+        try:
+            rest = super().parse_args(ctx, args)
+        except click.UsageError:
+            self._check_environment()  # a blank variable may be why (" " is no number)
+            raise
+        self._check_environment()
+        return rest
+
+    def _check_environment(self) -> None:
+        own = [p.envvar[0] for p in self.params if isinstance(p, click.Option) and p.envvar]
+        blank = [name for name in own if (os.environ.get(name, "x")).strip() == ""]
+        if len(blank) == 1:
+            raise click.UsageError(f"{blank[0]} is set but empty: unset it or give a value")
+        if blank:
+            raise click.UsageError(
+                f"{', '.join(blank)} are set but empty: unset them or give them values"
+            )
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="sweeper")
 def cli() -> None:
@@ -62,7 +94,7 @@ def cli() -> None:
     """
 
 
-@cli.command(cls=opts.Command)
+@cli.command(cls=Command)
 @opts.with_options(opts.SWEEP)
 def sweep(**options: Any) -> None:
     """Delete the entities of one kind whose expiry lies before now minus --grace.
@@ -120,7 +152,7 @@ def sweep(**options: Any) -> None:
         )
 
 
-@cli.command(cls=opts.Command)
+@cli.command(cls=Command)
 @opts.with_options(opts.INSPECT)
 def inspect(**options: Any) -> None:
     """Show what is stored in a target and what `sweep` would do with it. Deletes nothing.

@@ -103,6 +103,7 @@ KEYS: dict[str, Key] = {
     "scan": Key("scan", _BOOL),
     "all_namespaces": Key("all_namespaces", _BOOL),
     "with_descendants": Key("with_descendants", _BOOL),
+    "allow_empty": Key("allow_empty", _BOOL),
 }
 _BY_FIELD = {k.field: k for k in KEYS.values()}
 # Options that only make sense for the whole run, not per target: a file setting one is told so.

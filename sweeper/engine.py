@@ -329,7 +329,8 @@ def each_namespace(
     client = client_for(settings)
     for page in namespaces(client, retrier):
         for namespace in page:
-            yield replace(settings, namespace=namespace, all_namespaces=False)
+            # One tenant without the kind is no mistake: the run fails if none has it.
+            yield replace(settings, namespace=namespace, all_namespaces=False, allow_empty=True)
 
 
 def _every_namespace(
@@ -353,16 +354,26 @@ def _every_namespace(
         pass
     except Exception as exc:  # the listing failed, after its retries (or a bug)
         why = report_bug(log, exc) if is_bug(exc) else describe_exception(exc)
+    error = None
     if why is not None:
-        failed = SweepResult(settings, rt.now() - settings.grace, settings.format_label)
-        failed.stopped_reason = StopReason.ERROR
-        failed.error = (
+        error = (
             f"listing the namespaces failed: {why}. Nothing more was swept; name the "
             "namespaces with --namespace, or one --config target each"
         )
-        log.error("namespaces_failed", kind=settings.kind, error=failed.error)
+        log.error("namespaces_failed", kind=settings.kind, error=error)
+    elif budget.stopper.reason() is None and not settings.allow_empty and _hold_nothing(results):
+        error = checks.empty_target(settings, every_namespace=True)
+        log.error("target_empty", kind=settings.kind, error=error)
+    if error is not None:
+        failed = SweepResult(settings, rt.now() - settings.grace, settings.format_label)
+        failed.stopped_reason, failed.error = StopReason.ERROR, error
         results.append(failed)
     return results
+
+
+def _hold_nothing(results: Sequence[SweepResult]) -> bool:
+    """Every namespace swept to the end found nothing carrying the property (or there was none)."""
+    return all(r.retention is not None and r.retention.empty and not r.matched for r in results)
 
 
 def _run_finished(

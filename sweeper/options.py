@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, TypeVar
@@ -77,8 +76,7 @@ def _option(*decls: str, fallbacks: Sequence[str] = (), **attrs: Any) -> Decorat
 
 
 def _then(convert: Callable[[Any], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
-    """A click callback converting the parsed value into the setting."""
-    return lambda ctx, param, value: convert(value)
+    return lambda ctx, param, value: convert(value)  # a callback: the value into the setting
 
 
 _none_if_empty = _then(lambda value: value or None)  # "" is no project, no namespace
@@ -266,6 +264,12 @@ SWEEP: tuple[Decorator[Any], ...] = (
         "for a first run over a large backlog."
     ),
     _option(
+        "--allow-empty",
+        is_flag=True,
+        help="Succeed when nothing carries the property (with --all-namespaces: in any "
+        "namespace). Else that fails (exit 1): a misspelt --kind or --property looks like it.",
+    ),
+    _option(
         "--yes",
         is_flag=True,
         help="Delete without showing the plan and asking first, which a run does whenever stdin "
@@ -366,34 +370,3 @@ _SETTINGS = {f.name for f in dataclasses.fields(SweepSettings)}
 def settings_of(values: Mapping[str, Any]) -> dict[str, Any]:
     """The :class:`SweepSettings` fields among a command's parsed values."""
     return {name: value for name, value in values.items() if name in _SETTINGS}
-
-
-class Command(click.Command):
-    """A command that also refuses a ``SWEEPER_*`` variable of its options set but blank.
-
-    click reads an empty variable as unset, so ``SWEEPER_KIND=`` (a value a template lost) would
-    sweep the default kind, even beside ``--kind``. The fallbacks (``DATASTORE_PROJECT_ID``,
-    ``GOOGLE_CLOUD_PROJECT``) keep the Google client's convention: empty means unset. Checked
-    once the arguments are parsed (``--help`` answers first), before any Datastore call.
-    """
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if ctx.resilient_parsing:  # shell completion: nothing will run
-            return super().parse_args(ctx, args)
-        try:
-            rest = super().parse_args(ctx, args)
-        except click.UsageError:
-            self._check_environment()  # a blank variable may be why (" " is no number)
-            raise
-        self._check_environment()
-        return rest
-
-    def _check_environment(self) -> None:
-        own = [p.envvar[0] for p in self.params if isinstance(p, click.Option) and p.envvar]
-        blank = [name for name in own if (os.environ.get(name, "x")).strip() == ""]
-        if len(blank) == 1:
-            raise click.UsageError(f"{blank[0]} is set but empty: unset it or give a value")
-        if blank:
-            raise click.UsageError(
-                f"{', '.join(blank)} are set but empty: unset them or give them values"
-            )

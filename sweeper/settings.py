@@ -211,6 +211,9 @@ class SweepSettings:
     namespace: str | None = None
     # Sweep the kind in every namespace of the database, one after another (``targets``).
     all_namespaces: bool = False
+    # Succeed when nothing at all carries the property; else that fails the run (a misspelt
+    # kind, property or namespace looks like it, and would "succeed" on every schedule).
+    allow_empty: bool = False
 
     def __post_init__(self) -> None:
         check_name("kind", self.kind)
@@ -249,6 +252,12 @@ class SweepSettings:
     @property
     def format_label(self) -> str:
         return str(self.format)
+
+    @property
+    def where(self) -> str:
+        """The namespace and database, as messages name them."""
+        namespace = f"namespace {self.namespace}" if self.namespace else "the default namespace"
+        return namespace + (f" of database {self.database}" if self.database else "")
 
     @property
     def label(self) -> str:
