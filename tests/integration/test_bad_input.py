@@ -202,9 +202,12 @@ def test_another_project_never_touches_this_one(
 ) -> None:
     point_at(monkeypatch, emulator.host, emulator.project)
 
-    # An emulator serves any project id; production answers PermissionDenied (exit 1) instead.
+    # An emulator serves any project id, where the kind holds nothing: a failure (exit 1) that
+    # names the target, as production's PermissionDenied would be.
     code = main([*doomed.command, "--project", "some-other-project"])
 
-    assert code == 0
-    assert '"deleted": 0' in capsys.readouterr().out
+    assert code == 1
+    out, err = capsys.readouterr()
+    assert '"deleted": 0' in out
+    assert "nothing to sweep" in err
     assert doomed.left() == ALL

@@ -107,18 +107,46 @@ def test_grace_zero_on_a_property_that_is_not_an_expiry_is_refused(
     assert len(names(client, kind)) == 50
 
 
-def test_a_misspelt_kind_deletes_nothing_and_is_flagged_empty(
+@pytest.mark.parametrize("mistake", ["kind", "property"])
+def test_a_misspelt_kind_or_property_fails_and_names_the_target(
+    emulator: Emulator, client: datastore.Client, kind: str, mistake: str
+) -> None:
+    """`--kind eq-sesion` and `--property expiry` exited 0, "nothing was due": as a CronJob,
+    a success on every schedule, and no alert."""
+    sessions(client, kind, expired=20, live=20)
+    wrong = ["--kind", kind.replace("-", "_")] if mistake == "kind" else ["--kind", kind]
+    wrong += ["--property", "expiry"] if mistake == "property" else []
+
+    code, summary, err = cli(emulator, *wrong)
+
+    assert code == 1
+    assert (summary["stopped_reason"], summary["empty"], summary["carrying"]) == ("error", True, 0)
+    (line,) = err.splitlines()
+    swept_kind = wrong[1]
+    prop = "expiry" if mistake == "property" else "expires_at"
+    assert line.startswith(
+        f"sweeper: error: nothing to sweep: no {swept_kind} entity in the default namespace "
+        f"carries {prop}."
+    )
+    assert "--allow-empty" in line
+    assert len(names(client, kind)) == 40
+
+
+def test_allow_empty_lets_a_target_that_may_be_empty_succeed(emulator: Emulator, kind: str) -> None:
+    code, summary, _err = cli(emulator, "--kind", kind, "--allow-empty")
+
+    assert (code, summary["stopped_reason"], summary["empty"]) == (0, "complete", True)
+    assert "target_empty" in summary["events"]
+
+
+def test_a_run_that_deletes_the_last_session_is_no_empty_target(
     emulator: Emulator, client: datastore.Client, kind: str
 ) -> None:
-    live = sessions(client, kind, expired=20, live=20)
+    sessions(client, kind, expired=20, live=0)
 
-    code, summary, _err = cli(emulator, "--kind", kind.replace("-", "_"))
+    code, summary, _err = cli(emulator, "--kind", kind, "--max-fraction", "1")
 
-    assert code == 0
-    assert (summary["empty"], summary["carrying"], summary["expired_left"]) == (True, 0, 0)
-    assert "target_empty" in summary["events"]
-    assert names(client, kind) >= live
-    assert len(names(client, kind)) == 40
+    assert (code, summary["deleted"], summary["empty"]) == (0, 20, True)
 
 
 def test_the_first_run_over_a_large_backlog_needs_max_fraction_1(

@@ -96,6 +96,27 @@ def test_every_namespace_loses_its_expired_sessions_and_keeps_its_live_ones(
     assert (run["stopped_reason"], run["failed_targets"]) == ("complete", [])
 
 
+def test_all_namespaces_fails_when_no_namespace_holds_the_kind(
+    emulator: Emulator, kind: str
+) -> None:
+    """One tenant without the kind is normal; none with it is a misspelt kind, not a success."""
+    legacy_only(emulator)
+    seed(tenant_client(emulator, "tenant-a"), f"{kind}-other", groups(3))
+
+    done = run_cli(emulator, "--kind", kind, "--all-namespaces", "--log-format", "json")
+
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.splitlines()
+    assert f"nothing to sweep: no {kind} entity in any namespace carries expires_at" in line
+    events = [json.loads(x) for x in done.stdout.splitlines()]
+    (run,) = [e for e in events if e["event"] == "run_finished"]
+    assert run["stopped_reason"] == "error"
+    assert all(e["stopped_reason"] == "complete" for e in events if e["event"] == "sweep_finished")
+
+    allowed = run_cli(emulator, "--kind", kind, "--all-namespaces", "--allow-empty")
+    assert allowed.returncode == 0, allowed.stderr
+
+
 def test_the_namespaces_are_listed_page_by_page(emulator: Emulator, kind: str) -> None:
     legacy_only(emulator)
     client = tenant_client(emulator, None)

@@ -398,9 +398,16 @@ def test_scan_mode_deletes_expired_unindexed_values(client: datastore.Client, ki
     assert (summary["carrying"], summary["empty"], summary["expired_left"]) == (280, False, None)
 
 
-def test_a_kind_with_nothing_stored_is_nothing_to_do(client: datastore.Client, kind: str) -> None:
-    assert sweep(client, kind).exit_code == 0
-    assert sweep(client, kind, S).exit_code == 0
+def test_a_kind_with_nothing_stored_fails_unless_allowed(
+    client: datastore.Client, kind: str
+) -> None:
+    """A scheduler must not read "success" for a target that holds nothing at all."""
+    for fmt in ("auto", S):
+        empty = sweep(client, kind, fmt)
+        assert (empty.exit_code, empty.stopped_reason) == (1, "error")
+        assert empty.error is not None
+        assert empty.error.startswith(f"nothing to sweep: no {kind} entity")
+        assert sweep(client, kind, fmt, allow_empty=True).exit_code == 0
 
 
 def test_a_namespace_is_swept_alone(
