@@ -123,7 +123,8 @@ GIVE_UP_AFTER = _option(
     default="60s",
     show_default=True,
     help="How long to ride out a database that stopped answering (every call failing or "
-    "hanging) before the run fails with exit 1; retries back off meanwhile.",
+    "hanging) before the run fails with exit 1; retries back off meanwhile. Before any call "
+    "has succeeded, a refused connection or an unknown host fails at once.",
 )
 LOG_FORMAT = _option(
     "--log-format",

@@ -1,14 +1,10 @@
 """The one retry policy for every Datastore call sweeper makes.
 
-``google-cloud-datastore`` retries queries on its own but never retries commits (a commit is
-not idempotent in general), so sweeper turns the client's retries off and retries every call
-itself: one policy, one place that counts retries and logs them. A retried delete re-sends the
-keys not yet deleted, which is safe because deleting a key that is already gone is a silent
-no-op.
-
-Every call also passes through here on its way out, which makes this the place to look at the
-stop flag before each call (:class:`Stopper`, below) and to hold a place in the AIMD limit on
-calls in flight (:mod:`sweeper.concurrency`).
+``google-cloud-datastore`` retries queries on its own but never commits, so sweeper turns the
+client's retries off and retries every call itself: one policy, one place that counts and logs
+retries (deleting a key already gone is a silent no-op). Every call passes through here, so it
+is where the stop flag is looked at before each call (:class:`Stopper`, below) and a place in
+the AIMD limit on calls in flight is held (:mod:`sweeper.concurrency`).
 
 A retry budget counted in attempts fails a healthy run on a bad network: one dropped connection
 fails every call in flight together, and a handful of drops exhaust any small count. So a call
@@ -20,6 +16,7 @@ gone makes no progress, and every call gives up ``stall_s`` after the last succe
 from __future__ import annotations
 
 import enum
+import os
 import threading
 import time
 from collections import Counter
@@ -43,7 +40,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from sweeper.concurrency import CallLimiter
-from sweeper.logs import RefusedError, describe_exception
+from sweeper.logs import DatastoreError, RefusedError, describe_exception
 
 T = TypeVar("T")
 
@@ -88,6 +85,30 @@ CALL_TIMEOUT_S = 20.0
 # From SIGTERM, SIGINT or the --max-runtime deadline to the sweep_finished summary, in every
 # phase. Kubernetes kills a pod 30 s after SIGTERM by default; this leaves room to spare.
 STOP_BUDGET_S = 10.0
+
+
+# Before any call of a run has succeeded, a refused connection or a host name that does not
+# resolve is a configuration mistake, not an outage: the call gives up after this many attempts
+# (a second or two) instead of riding it out for --give-up-after, as kubectl answers at once.
+REFUSED_ATTEMPTS = 3
+_NOT_THERE = {"Connection refused": "connection refused", "errors resolving": "no such host"}
+
+
+def not_there(exc: BaseException) -> str | None:
+    """What a refused connection or an unknown host says, or None for any other error."""
+    if not isinstance(exc, gexc.ServiceUnavailable):
+        return None
+    return next((why for text, why in _NOT_THERE.items() if text in str(exc)), None)
+
+
+def unreachable(why: str) -> DatastoreError:
+    host = os.environ.get("DATASTORE_EMULATOR_HOST")
+    if host:
+        return DatastoreError(
+            f"cannot reach the Datastore emulator at {host} (DATASTORE_EMULATOR_HOST): {why}. "
+            "Is it running, and are the host and port right?"
+        )
+    return DatastoreError(f"cannot reach Datastore: {why}. Check the network, proxy or firewall")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -152,6 +173,18 @@ class _Stalled(stop_base):
         return now - self._counter.last_success >= self._stall_s
 
 
+class _NeverReached(stop_base):
+    """Stop a call that no connection reaches before the run's first success."""
+
+    def __init__(self, counter: RetryCounter) -> None:
+        self._counter = counter
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        error = retry_state.outcome.exception() if retry_state.outcome is not None else None
+        first = not self._counter.calls and retry_state.attempt_number >= REFUSED_ATTEMPTS
+        return first and error is not None and not_there(error) is not None
+
+
 class Retrier:
     """Runs a call under the policy, counting and logging each retry."""
 
@@ -198,13 +231,20 @@ class Retrier:
             before_sleep=lambda state: self._before_sleep(what, state),
             reraise=True,
         )
-        value: T = retrying(self._attempt, what, fn)
+        try:
+            value: T = retrying(self._attempt, what, fn)
+        except gexc.ServiceUnavailable as exc:
+            why = not_there(exc)
+            if why is not None and not self._counter.calls:
+                raise unreachable(why) from exc
+            raise
         return value
 
     def _policy_stop(self) -> stop_base:
         p = self.policy
         attempts = stop_never if p.max_attempts is None else stop_after_attempt(p.max_attempts)
-        return attempts | stop_after_delay(p.max_delay_s) | self._stalled
+        never = _NeverReached(self._counter)
+        return attempts | stop_after_delay(p.max_delay_s) | self._stalled | never
 
     def _attempt(self, what: str, fn: Callable[[], T]) -> T:
         if self._stopper is not None:
@@ -234,17 +274,12 @@ class Retrier:
 # -- Stopping: when a run must stop, and waits that end the moment it must --------------------
 # And what a run may still delete (the Allowance).
 #
-# Kubernetes sends SIGTERM and kills the pod ``terminationGracePeriodSeconds`` later (30 s by
-# default); whatever has not been logged by then is lost. A sweep spends its time in four kinds
-# of places: Datastore calls, retry backoff, throttle waits and the loops between them. A stop
-# check only before each delete batch misses most of them (a scan where nothing has expired, a
-# shard walking empty slices, a five-minute throttle wait), so here every wait is cut into short
-# slices with a check before each, and every Datastore call is preceded by a check (see
-# :class:`Retrier`). A check that finds the run stopping raises :class:`Stopped`,
-# which unwinds whichever thread it is in without being mistaken for a failure.
-#
-# Calls already in flight cannot be cut short from the client; the engine gives them a short
-# drain and then reports the run without them (see ``sweeper.engine``).
+# Kubernetes kills a pod ``terminationGracePeriodSeconds`` (30 s) after SIGTERM. A check only
+# before each batch misses most of a run's time (a scan where nothing expired, a five-minute
+# throttle wait), so every wait is cut into short slices with a check before each, and every
+# Datastore call is preceded by one (:class:`Retrier`). A check that finds the run stopping
+# raises :class:`Stopped`, which unwinds its thread without being taken for a failure. Calls in
+# flight get a short drain (``sweeper.engine``).
 
 # The longest a wait goes without looking at the stop flag and the deadline.
 WAIT_SLICE_S = 0.2
@@ -263,11 +298,8 @@ class StopReason(enum.StrEnum):
 
 
 class Stopped(BaseException):
-    """The run must stop now (a signal or the deadline). Not an error: nothing failed.
-
-    A ``BaseException``, like ``KeyboardInterrupt``, so that code catching ``Exception`` to
-    count a failed batch or wrap a Datastore error lets it through untouched.
-    """
+    """The run must stop now (a signal, the deadline, a person's no). Not an error: a
+    ``BaseException``, so code catching ``Exception`` for failed batches lets it through."""
 
     def __init__(self, reason: StopReason) -> None:
         super().__init__(reason.value)
@@ -276,9 +308,7 @@ class Stopped(BaseException):
 
 class Stopper:
     """Answers "must the run stop, and why" from any thread, and waits interruptibly.
-
-    ``deadline`` is a value of ``monotonic`` (``--max-runtime``), or None for none.
-    """
+    ``deadline``: a value of ``monotonic`` (``--max-runtime``), or None."""
 
     def __init__(
         self,
@@ -287,9 +317,7 @@ class Stopper:
         sleep: Callable[[float], None],
         deadline: float | None = None,
     ) -> None:
-        self._stop_requested = stop_requested
-        self._monotonic = monotonic
-        self._sleep = sleep
+        self._stop_requested, self._monotonic, self._sleep = stop_requested, monotonic, sleep
         self.deadline = deadline
 
     def reason(self) -> StopReason | None:
@@ -311,10 +339,7 @@ class Stopper:
 
     def pause(self, seconds: float) -> None:
         """Sleep ``seconds`` in short slices; raise :class:`Stopped` as soon as the run must stop.
-
-        The slices are counted, not timed, so an injected sleep that returns at once (unit
-        tests) still ends the wait after ``seconds / WAIT_SLICE_S`` checks.
-        """
+        The slices are counted, not timed: an injected sleep that returns at once still ends."""
         left = seconds
         while left > 0:
             self.check()
@@ -325,10 +350,6 @@ class Stopper:
 
 
 # -- The allowance: what a run may still delete --------------------------------------------------
-# How many entities a run may still delete: ``--max-deletes``, and the fraction guard's share.
-#
-# Counted in entities, children included (the gate's rule 3): a commit reserves what it would
-# delete before it is sent, and gives back what did not go.
 
 
 class Capped(Exception):
@@ -338,8 +359,9 @@ class Capped(Exception):
 class Allowance:
     """Entities a run may still delete: ``--max-deletes``, and the fraction guard's share.
 
-    A commit reserves its entities before it is sent (rule 3) and gives back what did not go.
-    Reaching ``--max-deletes`` ends the run quietly; passing the guard's share refuses it.
+    Counted in entities, children included: a commit reserves its entities before it is sent
+    (the gate's rule 3) and gives back what did not go. Reaching ``--max-deletes`` ends the run
+    quietly; passing the guard's share refuses it.
     """
 
     def __init__(self, cap: int | None, guard: int | None = None, guard_note: str = "") -> None:

@@ -19,6 +19,7 @@ fails is retried from its starting cursor, so a retry never skips or repeats key
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -361,21 +362,22 @@ def namespaces(client: datastore.Client, retrier: Retrier) -> Iterator[list[str 
 
 
 # -- The client ----------------------------------------------------------------------------------
-# Build the Datastore client, turning setup failures into one-line errors.
 
 
-def make_client(
-    project: str | None, database: str | None, namespace: str | None
-) -> datastore.Client:
-    """A client for one project/database/namespace.
-
-    ``DATASTORE_EMULATOR_HOST`` (read by the client itself) points it at an emulator with
+def client_for(settings: SweepSettings) -> datastore.Client:
+    """The client of one target (its project, database and namespace); a setup failure is one
+    line. ``DATASTORE_EMULATOR_HOST`` (read by the client itself) points it at an emulator with
     anonymous credentials; otherwise it uses Application Default Credentials (Workload Identity
-    on GKE).
-    """
+    on GKE)."""
+    s = settings
     try:
-        return datastore.Client(project=project, database=database, namespace=namespace)
+        return datastore.Client(project=s.project, database=s.database, namespace=s.namespace)
     except auth_exc.DefaultCredentialsError:
+        if os.environ.get("DATASTORE_EMULATOR_HOST"):  # the client then looks for a project
+            raise DatastoreError(
+                "no project: DATASTORE_EMULATOR_HOST is set, and an emulator needs a project id "
+                "too: pass --project or set DATASTORE_PROJECT_ID (any id, e.g. demo)"
+            ) from None
         raise DatastoreError(
             "no Google Cloud credentials found: run under Workload Identity or a service "
             "account, use 'gcloud auth application-default login', or set "
@@ -387,11 +389,6 @@ def make_client(
                 "no project: pass --project or set SWEEPER_PROJECT / DATASTORE_PROJECT_ID"
             ) from None
         raise DatastoreError(f"cannot create a Datastore client: {exc}") from None
-
-
-def client_for(settings: SweepSettings) -> datastore.Client:
-    """The client of one target: its project, database and namespace."""
-    return make_client(settings.project, settings.database, settings.namespace)
 
 
 def _fitting(page: rpc.Page) -> int:

@@ -9,7 +9,8 @@ import pytest
 from google.api_core import exceptions as gexc
 from structlog.testing import capture_logs
 
-from sweeper.retry import Retrier, RetryCounter, RetryPolicy, is_transient
+from sweeper.logs import DatastoreError
+from sweeper.retry import REFUSED_ATTEMPTS, Retrier, RetryCounter, RetryPolicy, is_transient
 
 E = TypeVar("E", bound=Exception)
 
@@ -137,3 +138,42 @@ def test_success_first_time_logs_nothing() -> None:
     assert logs == []
     assert counter.retries == 0
     assert waits == []
+
+
+REFUSED = (
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: "
+    "Failed to connect to remote host: Connection refused"
+)
+NO_HOST = "errors resolving nosuch.invalid:8081: [hostname lookup error: Domain name not found]"
+
+
+@pytest.mark.parametrize(
+    ("message", "why"), [(REFUSED, "connection refused"), (NO_HOST, "no such host")]
+)
+def test_a_database_not_there_before_any_success_fails_at_once_naming_it(
+    message: str, why: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It took 48 retries over 66 s to say so; kubectl says it in a second."""
+    monkeypatch.setenv("DATASTORE_EMULATOR_HOST", "127.0.0.1:1")
+    retrier, _counter, waits = make_retrier(RetryPolicy(stall_s=60.0))
+    never = Flaky(*[api_error(gexc.ServiceUnavailable, message)] * 50)
+
+    with pytest.raises(DatastoreError) as raised:
+        retrier.call("query", never)
+
+    assert never.calls == REFUSED_ATTEMPTS
+    assert sum(waits) < 5
+    assert raised.value.message == (
+        f"cannot reach the Datastore emulator at 127.0.0.1:1 (DATASTORE_EMULATOR_HOST): {why}. "
+        "Is it running, and are the host and port right?"
+    )
+
+
+def test_a_refused_connection_after_a_success_is_ridden_out() -> None:
+    """Once the database has answered, a refused connection is an outage (a restart)."""
+    retrier, _counter, _waits = make_retrier(RetryPolicy(stall_s=60.0))
+    assert retrier.call("query", Flaky()) == "ok"
+    outage = Flaky(*[api_error(gexc.ServiceUnavailable, REFUSED)] * 10)
+
+    assert retrier.call("query", outage) == "ok"
+    assert outage.calls == 11
