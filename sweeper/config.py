@@ -94,10 +94,13 @@ KEYS: dict[str, Key] = {
             'string: a database id, e.g. `"sessions"`, or `"(default)"`',
         ),
     ),
-    "max_deletes": Key("max_deletes", _INT),
-    "max_runtime": Key("max_runtime", _DURATION),
+    "max_deletes": Key("max_deletes", _INT, overrides=True),
+    "max_runtime": Key("max_runtime", _DURATION, overrides=True),
     "batch_size": Key("batch_size", _INT, overrides=True),
-    "max_fraction": Key("max_fraction", Holds((int, float), "number", float, "number")),
+    # The first run over a backlog, with the CronJob's own file: --max-fraction 1 for once.
+    "max_fraction": Key(
+        "max_fraction", Holds((int, float), "number", float, "number"), overrides=True
+    ),
     # A refreshed session is never lost because one side said no.
     "verify": Key("verify", _BOOL, overrides=True, safe=True),
     "scan": Key("scan", _BOOL),

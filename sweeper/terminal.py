@@ -108,8 +108,21 @@ def _summary_of(r: SweepResult, say_error: bool, signal_name: str) -> str:
     if next_step and not s.dry_run:
         lines.append(f"  {next_step}")
     elif s.dry_run and r.matched:
-        lines.append("  run again without --dry-run to delete them")
+        lines.append(f"  {_after_dry_run(r)}")
     return "\n".join(lines)
+
+
+def _after_dry_run(r: SweepResult) -> str:
+    """What to do next: never to run what the fraction guard would refuse."""
+    s, carrying = r.settings, r.retention.carrying.n if r.retention else 0
+    if s.max_fraction < 1 and carrying and r.matched / carrying > s.max_fraction:
+        return (
+            f"a run without --dry-run would be refused: {_n(r.matched)} of the {_n(carrying)} "
+            f"carrying {s.prop} ({r.matched / carrying:.0%}) is more than --max-fraction "
+            f"{s.max_fraction:g}. If this is a backlog, not a mistake, run it once with "
+            "--max-fraction 1"
+        )
+    return "run again without --dry-run to delete them"
 
 
 _NEXT = {

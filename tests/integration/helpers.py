@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import json
 import os
 import pty
 import select
 import subprocess
 import sys
-import termios
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import IO, Any
 
 from google.cloud import datastore
@@ -28,6 +27,9 @@ from sweeper.settings import FormatChoice, SweepSettings
 from tests.support.emulator import Emulator
 from tests.support.faults import FaultInjector
 from tests.support.seed import Session, encode, put_sessions
+
+# The repository: where the CLI runs as a person runs it (relative paths like deploy/).
+ROOT = Path(__file__).parents[2]
 
 
 @contextmanager
@@ -316,29 +318,28 @@ def run_on_a_terminal(
     think_s: float = 0.0,
     interrupt_at: str | None = None,
     stderr: IO[bytes] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> tuple[int, str]:
     """The CLI on a real pseudo-terminal, its controlling terminal, as a shell starts it:
     stdin and stdout on it, and stderr too unless ``stderr`` (a file) is given. ``answer`` is
-    typed ``think_s`` after the question appears, as a person would (None: never). Once the
+    typed ``think_s`` after each question appears, as a person would (None: never). Once the
     terminal shows ``interrupt_at``, Ctrl-C is typed: the terminal driver sends SIGINT to the
     process, as it does for a person. Returns the exit code and all the terminal showed."""
     leader, follower = pty.openpty()
-
-    def controlling_terminal() -> None:  # in the child, a session leader by now
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
+    # setsid -c (util-linux): a session of its own, the terminal on stdin its controlling one.
+    # Not a preexec_fn: that forks this process, gRPC threads and all, and gRPC's fork handler
+    # sometimes aborted the child (exit -6, "epoll_wait error: Bad file descriptor").
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sweeper", "sweep", *args],
-        env={**os.environ, **emulator.env, "TERM": "dumb"},
+        ["setsid", "--ctty", sys.executable, "-m", "sweeper", "sweep", *args],
+        env={**os.environ, **emulator.env, "TERM": "dumb", **(env or {})},
+        cwd=ROOT,
         stdin=follower,
         stdout=follower,
         stderr=follower if stderr is None else stderr,
         close_fds=True,
-        start_new_session=True,
-        preexec_fn=controlling_terminal,  # noqa: PLW1509 - only an ioctl, no locks taken
     )
     os.close(follower)
-    shown, answered, interrupted = b"", answer is None, interrupt_at is None
+    shown, answered, interrupted = b"", 0, interrupt_at is None
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         ready, _, _ = select.select([leader], [], [], 0.2)
@@ -348,10 +349,10 @@ def run_on_a_terminal(
             except OSError:  # the process closed the terminal
                 break
             shown += chunk
-        if not answered and b"[y/N]" in shown:
+        if answer is not None and answered < shown.count(b"[y/N]"):
             time.sleep(think_s)
-            os.write(leader, (answer or "").encode() + b"\n")
-            answered = True
+            os.write(leader, answer.encode() + b"\n")
+            answered += 1
         if not interrupted and interrupt_at is not None and interrupt_at.encode() in shown:
             os.write(leader, b"\x03")
             interrupted = True

@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import shlex
+import uuid
 from pathlib import Path
 
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
-from tests.integration.helpers import ago, ahead, run_cli, seed, stored, survivors
+from tests.integration.helpers import (
+    ago,
+    ahead,
+    make_client,
+    run_cli,
+    run_on_a_terminal,
+    seed,
+    stored,
+    survivors,
+)
 from tests.support.emulator import Emulator
-from tests.support.seed import MISSING, Session, put_sessions
+from tests.support.seed import (
+    MISSING,
+    Session,
+    names,
+    put_entities,
+    put_sessions,
+    runner_eq_session,
+    runner_questionnaire_state,
+)
 
 S, TS = Encoding.EPOCH_SECONDS, Encoding.TIMESTAMP
+H = dt.timedelta(hours=1)
 
 
 def test_three_targets_in_one_run(
@@ -108,3 +129,66 @@ def test_a_failing_target_fails_the_run_but_not_the_others(
     overall = json.loads(proc.stdout.splitlines()[-1])
     assert overall["failed_targets"] == [f"{mixed}.expires_at"]
     assert overall["deleted"] == 7
+
+
+# --- the runbook's first run, word for word ------------------------------------------------
+
+RUNBOOK = Path(__file__).parents[2] / "docs" / "operations.md"
+
+
+def runbook_commands() -> list[list[str]]:
+    """The commands of the runbook's first-run step, as an operator would paste them."""
+    text = RUNBOOK.read_text().split("1. **First run", 1)[1].split("\n2. **", 1)[0]
+    block = text.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in block.splitlines() if line.strip()]
+
+
+def test_the_runbooks_first_run_works_word_for_word_with_the_shipped_config(
+    emulator: Emulator,
+) -> None:
+    """A backlog in the eQ runner's three targets, written as the runner writes them, cleared by
+    following docs/operations.md with deploy/sweeper.toml: the dry run says the guard would
+    refuse, the backlog run asks per target and clears it, the scheduled run then succeeds."""
+    project = f"runbook-{uuid.uuid4().hex[:8]}"
+    client = make_client(Emulator(emulator.flavour, project=project, port=emulator.port))
+    now = dt.datetime.now(dt.UTC)
+    sessions = [runner_eq_session(client, "eq-session", f"old-{i}", now - H * 5) for i in range(40)]
+    sessions += [runner_eq_session(client, "eq-session", f"live-{i}", now + H) for i in range(5)]
+    states = [
+        runner_questionnaire_state(
+            client, "questionnaire-state", f"old-{i}", expires_at=now - H * 5
+        )
+        for i in range(30)
+    ]
+    states += [
+        runner_questionnaire_state(
+            client,
+            "questionnaire-state",
+            f"done-{i}",
+            expires_at=now + H * 24,
+            submitted_at=now - H * 2,
+        )
+        for i in range(20)
+    ]
+    states += [
+        runner_questionnaire_state(client, "questionnaire-state", f"open-{i}", expires_at=now + H)
+        for i in range(5)
+    ]
+    put_entities(client, [*sessions, *states])
+    env = {"DATASTORE_PROJECT_ID": project}
+
+    dry, rest, scheduled = runbook_commands()
+    assert dry[:4] == ["sweeper", "sweep", "--config", "deploy/sweeper.toml"]
+    code, shown = run_on_a_terminal(emulator, None, *dry[2:], env=env)
+    assert code == 0, shown
+    assert "a run without --dry-run would be refused" in shown
+    assert len(names(client, "eq-session")) == 45
+
+    code, shown = run_on_a_terminal(emulator, "y", *rest[2:], env=env)
+    assert code == 0, shown
+    assert shown.count("[y/N]") == 3  # a plan and a question per target
+    assert names(client, "eq-session") == {f"live-{i}" for i in range(5)}
+    assert names(client, "questionnaire-state") == {f"open-{i}" for i in range(5)}
+
+    code, shown = run_on_a_terminal(emulator, "y", *scheduled[2:], env=env)
+    assert code == 0, shown

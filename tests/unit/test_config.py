@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 from typing import Any
 
@@ -344,3 +345,53 @@ def test_a_batch_size_variable_overrides_every_targets_but_not_a_targets_verify(
         ("b", 7, False),
         ("c", 7, True),
     ]
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--max-fraction", "1", "--max-runtime", "30m", "--max-deletes", "9"], {}),
+        (
+            [],
+            {"SWEEPER_MAX_FRACTION": "1", "SWEEPER_MAX_RUNTIME": "30m", "SWEEPER_MAX_DELETES": "9"},
+        ),
+    ],
+    ids=["command-line", "variables"],
+)
+def test_the_first_runs_limits_combine_with_config(
+    args: list[str],
+    env: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The runbook's first run is the CronJob's file with --max-fraction 1: it was a usage
+    error. The command line's value wins over the file's for every target, and says so."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    path = tmp_path / "sweeper.toml"
+    defaults = '[defaults]\nmax_runtime = "4m"\n\n'
+    path.write_text(
+        f'{defaults}[[target]]\nkind = "a"\n\n[[target]]\nkind = "b"\nmax_fraction = 0.2\n'
+    )
+    seen: list[list[SweepSettings]] = []
+
+    def sweep_targets(targets: list[SweepSettings], *_args: Any, **_kwargs: Any) -> list[Any]:
+        seen.append(targets)
+        return []
+
+    monkeypatch.setattr(cli_module, "sweep_targets", sweep_targets)
+
+    assert main(["sweep", "--config", str(path), "--log-format", "json", *args]) == 0
+    logs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    (targets,) = seen
+    assert [(t.max_fraction, t.max_runtime, t.max_deletes) for t in targets] == [
+        (1.0, dt.timedelta(minutes=30), 9)
+    ] * 2
+    overridden = {(e["target"], e["option"]) for e in logs if e["event"] == "option_overridden"}
+    assert overridden == {
+        ("target 1", "max_runtime"),
+        ("target 2", "max_runtime"),
+        ("target 2", "max_fraction"),
+    }
