@@ -21,7 +21,7 @@ RUN pip download --require-hashes --no-deps --only-binary :all: --dest /wheels \
     -r requirements.lock
 # sweeper's own wheel, built by the base image's setuptools (pinned with it by the digest):
 # no build dependency is fetched.
-COPY pyproject.toml setup.cfg README.md ./
+COPY pyproject.toml setup.cfg README.md LICENSE ./
 COPY sweeper ./sweeper
 RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
 

@@ -167,3 +167,20 @@ def test_the_image_installs_only_the_lock_on_a_base_pinned_by_digest() -> None:
     copied = re.findall(r"^COPY (?!--)(.+) \S+$", dockerfile, re.MULTILINE)
     sources = {name for line in copied for name in line.split()}
     assert sources <= allowed, sources - allowed
+
+
+def test_the_package_installs_under_a_name_of_its_own_with_its_license() -> None:
+    """`pip install sweeper` installs an unrelated 2014 package ("Find duplicate files")."""
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    metadata = parser["metadata"]
+    assert metadata["name"] == "datastore-sweeper"
+    assert "sweeper = sweeper.cli:console_main" in parser["options.entry_points"]["console_scripts"]
+    assert metadata["license"] == "Apache-2.0"
+    assert metadata["license_files"] == "LICENSE"
+    assert (
+        "Apache License\n                           Version 2.0" in (ROOT / "LICENSE").read_text()
+    )
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert "## Unreleased" in changelog
+    assert f"## {metadata['version']} - " in changelog
