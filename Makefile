@@ -34,21 +34,28 @@ cog: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# Deployment artifacts: no Docker engine or cluster needed, all three tools work offline.
+# Deployment artifacts: no Docker engine or cluster needed, all of it works offline.
 # kubernetes-validate ships its schemas; the manifests are checked against the oldest
-# Kubernetes they target and the newest schema bundled. It passes a resource whose schema it
-# lacks (e.g. a mistyped apiVersion) with a mere WARN line and exit 0, so with --quiet any
-# output at all fails the target. The IAM role files are not Kubernetes objects: yamllint only.
+# Kubernetes they target and the newest schema bundled, as written and as `kubectl kustomize`
+# renders them with deploy/site's values (kubectl comes with the Cloud SDK, as the emulators
+# do). kubernetes-validate passes a resource whose schema it lacks (e.g. a mistyped apiVersion)
+# with a mere WARN line and exit 0, so with --quiet any output at all fails the target. The
+# IAM role files are not Kubernetes objects: yamllint only.
 KUBERNETES_VERSIONS ?= 1.30 1.37
-KUBERNETES_MANIFESTS := deploy/cronjob.yaml deploy/backlog-job.yaml
+KUBERNETES_MANIFESTS := deploy/cronjob.yaml deploy/backlog/job.yaml
+RENDERED := $(VENV)/rendered
 
 deploy-lint: $(STAMP)
 	$(BIN)/hadolint --failure-threshold warning Dockerfile
 	$(BIN)/yamllint -s deploy
+	@mkdir -p $(RENDERED)
+	kubectl kustomize deploy > $(RENDERED)/deploy.yaml
+	kubectl kustomize deploy/backlog > $(RENDERED)/backlog.yaml
 	@for v in $(KUBERNETES_VERSIONS); do \
 	  out=$$($(BIN)/kubernetes-validate --strict --quiet --kubernetes-version $$v \
-	    $(KUBERNETES_MANIFESTS) 2>&1) && test -z "$$out" || { echo "$$out"; exit 1; }; \
-	  echo "kubernetes-validate --strict --kubernetes-version $$v $(KUBERNETES_MANIFESTS): ok"; \
+	    $(KUBERNETES_MANIFESTS) $(RENDERED)/deploy.yaml $(RENDERED)/backlog.yaml 2>&1) \
+	    && test -z "$$out" || { echo "$$out"; exit 1; }; \
+	  echo "kubernetes-validate --strict --kubernetes-version $$v: ok"; \
 	done
 
 # requirements.lock: what the image installs, every file by its hash. Run after changing

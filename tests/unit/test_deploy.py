@@ -13,6 +13,7 @@ from __future__ import annotations
 import configparser
 import datetime as dt
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -70,20 +71,57 @@ def test_the_cronjob_deadline_covers_every_target_of_its_config(tmp_path: Path) 
     assert deadline <= dt.timedelta(minutes=15).total_seconds()
 
 
-def test_the_backlog_job_deadline_covers_its_one_target() -> None:
-    (job,) = documents("backlog-job.yaml")
+def test_the_backlog_job_deadline_covers_every_target_of_the_config(tmp_path: Path) -> None:
+    """The Job sweeps the CronJob's own targets (its ConfigMap), each at the Job's
+    --max-runtime, which wins over the file's; they run one after another in each pod."""
+    (job,) = documents("backlog/job.yaml")
     container = job["spec"]["template"]["spec"]["containers"][0]
     args = dict(a.removeprefix("--").split("=", 1) for a in container["args"][1:])
-    assert "config" not in args  # one target, from the command line
-    env = {e["name"] for e in container.get("env", [])} | {
-        ref["configMapRef"]["name"] for ref in container.get("envFrom", [])
+    assert [ref["configMapRef"]["name"] for ref in container["envFrom"]] == ["sweeper-config"]
+    config_map = next(d for d in documents("cronjob.yaml") if d["kind"] == "ConfigMap")
+    mount = container["volumeMounts"][0]["mountPath"]
+    assert config_map["data"]["SWEEPER_CONFIG"] == f"{mount}/sweeper.toml"
+    embedded = tmp_path / "sweeper.toml"
+    embedded.write_text(config_map["data"]["sweeper.toml"])
+    max_runtime = parse_duration(args["max-runtime"])
+    targets = load_targets(embedded, dict(BASE), {"max_runtime": max_runtime})
+    assert {t.max_runtime for t in targets} == {max_runtime}
+    assert {(t.kind, t.prop) for t in targets} >= {
+        ("eq-session", "expires_at"),
+        ("questionnaire-state", "expires_at"),
+        ("questionnaire-state", "submitted_at"),
     }
-    assert "SWEEPER_CONFIG" not in env
-    assert "sweeper-config" not in env  # the CronJob's ConfigMap would bring SWEEPER_CONFIG
-    max_runtime = parse_duration(args["max-runtime"]).total_seconds()
+    assert args["max-fraction"] == "1"
+    assert args["shard"] == f"$(JOB_COMPLETION_INDEX)/{job['spec']['completions']}"
 
-    worst = max_runtime + CALL_TIMEOUT_S + STOP_BUDGET_S
-    assert worst <= job["spec"]["activeDeadlineSeconds"]
+    assert worst_case_s(targets) <= job["spec"]["activeDeadlineSeconds"]
+
+
+def rendered(path: str) -> list[dict[str, Any]]:
+    """What `kubectl apply -k` applies: the manifests with deploy/site's values."""
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(DEPLOY / path)], capture_output=True, text=True, check=True
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def test_the_site_sets_project_image_schedule_and_namespace_in_one_place() -> None:
+    """Operators replaced PROJECT_ID by hand in three files; now one file holds their values."""
+    site = yaml.safe_load((DEPLOY / "site" / "kustomization.yaml").read_text())
+    (image,) = site["images"]
+    want = f"{image['newName']}:{image['newTag']}"
+    cron = {d["kind"]: d for d in rendered(".")}
+    (job,) = rendered("backlog")
+    project = cron["ConfigMap"]["data"]["SWEEPER_PROJECT"]
+    assert project != "PROJECT_ID"
+    annotation = cron["ServiceAccount"]["metadata"]["annotations"]["iam.gke.io/gcp-service-account"]
+    assert annotation == f"sweeper@{project}.iam.gserviceaccount.com"
+    pods = [cron["CronJob"]["spec"]["jobTemplate"]["spec"]["template"], job["spec"]["template"]]
+    assert [p["spec"]["containers"][0]["image"] for p in pods] == [want, want]
+    everything = [*cron.values(), job]
+    assert {d["metadata"]["namespace"] for d in everything} == {site["namespace"]}
+    assert "PROJECT_ID" not in yaml.safe_dump_all(everything)
+    assert cron["CronJob"]["spec"]["schedule"] == "*/15 * * * *"
 
 
 # --- What the deployment grants and what the image is built from ---------------------------
@@ -94,7 +132,7 @@ ROOT = DEPLOY.parent
 def test_no_pod_mounts_a_kubernetes_api_token() -> None:
     # sweeper never calls the Kubernetes API; Workload Identity does not need the token.
     cron = {d["kind"]: d for d in documents("cronjob.yaml")}
-    (job,) = documents("backlog-job.yaml")
+    (job,) = documents("backlog/job.yaml")
     assert cron["ServiceAccount"]["automountServiceAccountToken"] is False
     pods = [cron["CronJob"]["spec"]["jobTemplate"]["spec"]["template"], job["spec"]["template"]]
     assert [p["spec"]["automountServiceAccountToken"] for p in pods] == [False, False]
