@@ -117,8 +117,9 @@ def sweep(**options: Any) -> None:
     auth = _pushgateway_auth(options)
     log_format = _log_format(options, sys.stdout)
     person = log_format == "console" and sys.stderr.isatty()
-    configure(log_format, options["log_level"], person=person)
+    configure(log_format, _log_level(ctx, options, person), person=person)
     targets = _targets(ctx, options)
+    person = person and not options["quiet"]
     line = ProgressLine(sys.stderr) if person else None
     # A person may be there whenever stdin is a terminal, whatever the output is piped to.
     asks = not options["yes"] and not options["dry_run"] and sys.stdin.isatty()
@@ -223,6 +224,15 @@ def _retry_policy(options: dict[str, Any]) -> RetryPolicy:
     (and never retrying past twice that in all)."""
     stall = max(options["give_up_after"].total_seconds(), 1.0)
     return RetryPolicy(stall_s=stall, max_delay_s=max(2 * stall, RetryPolicy().max_delay_s))
+
+
+def _log_level(ctx: click.Context, options: dict[str, Any], person: bool) -> str:
+    """``--log-level``; for a person at a terminal, unless asked, warnings and errors only: the
+    plan, the progress line and the summary say the rest, in lines a person reads."""
+    if options["quiet"]:
+        return "error"
+    asked = ctx.get_parameter_source("log_level") is not ParameterSource.DEFAULT
+    return options["log_level"] if asked or not person else "warning"
 
 
 def _log_format(options: dict[str, Any], stream: TextIO) -> LogFormat:

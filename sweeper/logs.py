@@ -13,6 +13,7 @@ should see; ``cli.main`` is the only place that turns it into output.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, Literal, TextIO
 
@@ -63,7 +64,8 @@ def configure(
         renderer = [
             *hide,
             structlog.processors.add_log_level,
-            structlog.dev.ConsoleRenderer(colors=out.isatty()),
+            # https://no-color.org: NO_COLOR set and not empty turns colours off.
+            structlog.dev.ConsoleRenderer(colors=out.isatty() and not os.environ.get("NO_COLOR")),
         ]
     structlog.configure(
         processors=[*shared, *renderer],

@@ -136,7 +136,8 @@ LOG_LEVEL = _option(
     type=click.Choice(LOG_LEVELS),
     default="info",
     show_default=True,
-    help="Least severe event to log.",
+    help="Least severe event to log. Default: info; for a person at a terminal, warning (the "
+    "plan, the progress line and the summary say the rest).",
 )
 
 # Shared, with each command's own help.
@@ -290,6 +291,13 @@ SWEEP: tuple[Decorator[Any], ...] = (
     GIVE_UP_AFTER,
     LOG_FORMAT,
     LOG_LEVEL,
+    _option(
+        "--quiet",
+        "-q",
+        is_flag=True,
+        help="Errors only: no progress line, no summary, no log below error (the question "
+        "before deleting is still asked on a terminal, unless --yes).",
+    ),
 )
 
 INSPECT: tuple[Decorator[Any], ...] = (

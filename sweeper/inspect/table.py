@@ -273,7 +273,8 @@ def sweep_would(report: InspectReport) -> str:
     if r.action == "refuse":
         return f"refuse: {r.refusal}"
     if r.encoding is None:
-        return f"nothing to sweep: {r.prop} holds no indexed value{note}"
+        empty = "; a sweep fails (exit 1) unless --allow-empty" if r.empty else ""
+        return f"nothing to sweep: {r.prop} holds no indexed value{note}{empty}"
     which = f"whose {r.prop} ({r.encoding.value}) is before {iso(r.cutoff)}"
     if r.action == "scan":
         return f"scan every {r.kind} entity (one billed read each) and delete those {which}"
@@ -281,6 +282,11 @@ def sweep_would(report: InspectReport) -> str:
     if r.expired is None or r.expired.n == 0:
         return f"delete nothing: no {r.kind} entity {which}"
     amount = f"at least {r.expired.n}" if r.expired.lower_bound else str(r.expired.n)
+    if r.forecast is not None and r.forecast.guard_refuses:
+        return (
+            f"refuse: {amount} {r.kind} entities {which} are more than --max-fraction "
+            "allows; with --max-fraction 1 (a first run over a backlog) it would delete them"
+        )
     return f"delete {amount} {r.kind} entities {which}"
 
 

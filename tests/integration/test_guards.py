@@ -321,10 +321,55 @@ def test_ctrl_c_before_the_question_stops_with_130(emulator: Emulator, kind: str
     client = make_client(emulator)
     sessions(client, kind, expired=10, live=90)
 
-    code, shown = run_on_a_terminal(emulator, None, "--kind", kind, interrupt_at="sweep_started")
+    code, shown = run_on_a_terminal(
+        emulator, None, "--kind", kind, "--log-level", "info", interrupt_at="sweep_started"
+    )
 
     assert code == 130, shown
     assert "Traceback" not in shown
     assert "Fatal Python error" not in shown
     assert shown.rstrip().splitlines()[-1].endswith("nothing was deleted")
     assert len(names(client, kind)) == 100
+
+
+def test_a_person_reads_a_few_short_lines(emulator: Emulator, kind: str) -> None:
+    """Console lines of ~700 characters (sweep_started, forecast), format_detected twice,
+    clock_local on every run: a person at a terminal now gets the plan, the progress line and
+    the summary, and warnings; --log-level brings the rest back."""
+    client = make_client(emulator)
+    sessions(client, kind, expired=10, live=90)
+
+    code, shown = run_on_a_terminal(emulator, "y", "--kind", kind)
+
+    assert code == 0, shown
+    lines = [line for line in shown.replace("\r", "\n").splitlines() if line.strip()]
+    assert max(len(line) for line in lines) <= 100, shown
+    assert not [line for line in lines if "[info" in line], shown
+    assert lines[-1].startswith(f"{kind}: deleted 10 in ")
+
+
+@pytest.mark.parametrize("no_color", [None, "1"])
+def test_no_color_turns_the_colours_off(
+    emulator: Emulator, kind: str, no_color: str | None
+) -> None:
+    client = make_client(emulator)
+    sessions(client, kind, expired=10, live=90)
+    env = {"NO_COLOR": no_color} if no_color else {}
+
+    code, shown = run_on_a_terminal(
+        emulator, None, "--kind", kind, "--dry-run", "--log-level", "info", env=env
+    )
+
+    assert code == 0, shown
+    assert ("\x1b[" in shown) is (no_color is None)
+
+
+def test_quiet_says_nothing_but_the_question(emulator: Emulator, kind: str) -> None:
+    client = make_client(emulator)
+    live = sessions(client, kind, expired=10, live=90)
+
+    code, shown = run_on_a_terminal(emulator, "y", "--kind", kind, "-q")
+
+    assert code == 0, shown
+    assert after_the_question(shown) == ["y"]  # the answer, echoed: nothing else
+    assert names(client, kind) == live
