@@ -343,7 +343,8 @@ INSPECT: tuple[Decorator[Any], ...] = (
         type=click.IntRange(1, 1000),
         default=200,
         show_default=True,
-        help="Entities looked up to count the encodings present (one read each).",
+        help="Entities looked up to count the encodings present (one read each), spread across "
+        "the key space by Datastore's __scatter__ where the database keeps it.",
     ),
     _option(
         "--count-limit",

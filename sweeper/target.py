@@ -74,6 +74,9 @@ class RangeQuery:
     bounds: tuple[Bound, ...] = ()
     keys_only: bool = True
     projected: bool = False
+    # In Datastore's __scatter__ order: keys spread across the key space (what query
+    # splitters sample with), where the database keeps the property (not the Firestore emulator).
+    scattered: bool = False
 
     def build(self, client: datastore.Client, descending: bool = False) -> datastore.Query:
         query: datastore.Query = client.query(kind=self.kind)
@@ -83,8 +86,8 @@ class RangeQuery:
             query.keys_only()
         for op, value in self.bounds:
             query.add_filter(filter=PropertyFilter(self.prop, op, value))
-        if descending:
-            query.order = ["-" + self.prop]
+        if descending or self.scattered:
+            query.order = ["__scatter__" if self.scattered else "-" + self.prop]
         return query
 
 

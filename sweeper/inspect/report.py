@@ -51,7 +51,7 @@ from sweeper.logs import DatastoreError, RefusedError, UsageError, describe_exce
 from sweeper.retry import TRANSIENT, Retrier, RetryCounter, RetryPolicy
 from sweeper.settings import SweepSettings
 from sweeper.sources import split_even
-from sweeper.target import Count, Target
+from sweeper.target import Count, RangeQuery, Target
 
 Indexed = Literal["yes", "no", "unknown"]
 Action = Literal["sweep", "scan", "refuse", "nothing"]
@@ -63,7 +63,7 @@ MAX_EXAMPLES = 3
 
 @dataclass(frozen=True)
 class Sample:
-    """How the first ``asked`` keys of the kind store the property (key order, not random)."""
+    """How ``asked`` keys store the property: spread by ``__scatter__``, then in key order."""
 
     asked: int
     counts: Mapping[str, int]
@@ -265,18 +265,14 @@ def _decide(s: SweepSettings, target: Target) -> tuple[Action, Encoding | None, 
     the encoding the ends hold): an explicit ``--format`` that matches no stored value while
     the property holds others is refused here as it is there."""
     try:
-        stored = read_stored(target, s)
-        encoding = (
-            s.format
-            if isinstance(s.format, Encoding)
-            else decide_encoding(stored.ends, s.kind, s.prop)
-        )
+        ends = read_stored(target, s).ends
+        auto = None if isinstance(s.format, Encoding) else decide_encoding(ends, s.kind, s.prop)
     except RefusedError as exc:
         return "refuse", None, exc.message
     if isinstance(s.format, Encoding):
         return ("scan" if s.scan else "sweep"), s.format, None
     # The format check has already refused values that no index holds.
-    return ("sweep", encoding, None) if encoding else ("nothing", None, None)
+    return ("sweep", auto, None) if auto else ("nothing", None, None)
 
 
 def _unindexed_refusal(target: Target) -> str | None:
@@ -289,12 +285,16 @@ def _unindexed_refusal(target: Target) -> str | None:
 
 
 def _sample(target: Target, size: int) -> Sample:
-    """The first ``size`` entities by the *true* type of their value: only a lookup shows it."""
+    """``size`` entities by the *true* type of their value (only a lookup shows it). Key order
+    alone showed no null where 150 of 2,500 were: where the database keeps ``__scatter__``
+    (production, the legacy emulator), most come from across the key space."""
+    spread = target.keys(RangeQuery(target.kind, target.prop, scattered=True), size)
+    first = [k for k in target.keys(target.query(), size) if k not in spread]
     counts = dict.fromkeys(BUCKETS, 0)
     examples: list[str] = []
     values: list[object] = []
     prop = target.prop
-    for entity in target.lookup(target.keys(target.query(), size)):
+    for entity in target.lookup([*spread, *first][:size]):
         bucket = _bucket(entity, prop)
         counts[bucket] += 1
         values.append(entity.get(prop))
