@@ -117,10 +117,11 @@ def sweep(**options: Any) -> None:
     auth = _pushgateway_auth(options)
     log_format = _log_format(options, sys.stdout)
     person = log_format == "console" and sys.stderr.isatty()
-    configure(log_format, _log_level(ctx, options, person), person=person)
+    line = ProgressLine(sys.stderr) if person and not options["quiet"] else None
+    level = _log_level(ctx, options, person)
+    configure(log_format, level, person=person, before_each=line.clear if line else None)
     targets = _targets(ctx, options)
     person = person and not options["quiet"]
-    line = ProgressLine(sys.stderr) if person else None
     # A person may be there whenever stdin is a terminal, whatever the output is piped to.
     asks = not options["yes"] and not options["dry_run"] and sys.stdin.isatty()
     with StopOnSignal() as stop:

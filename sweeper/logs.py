@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -44,6 +45,7 @@ def configure(
     stream: TextIO | None = None,
     *,
     person: bool = False,
+    before_each: Callable[[], None] | None = None,
 ) -> None:
     """``person``: a console log on an interactive terminal, which gets a short summary at the
     end rather than the summary events' hundreds of ``key=value`` characters (unless debug)."""
@@ -61,6 +63,8 @@ def configure(
         ]
     else:
         hide: list[Processor] = [] if not person or level == "debug" else [_hide_summaries]
+        if before_each is not None:  # e.g. take the live progress line off the terminal
+            hide.append(lambda _logger, _method, event: (before_each(), event)[1])
         renderer = [
             *hide,
             structlog.processors.add_log_level,

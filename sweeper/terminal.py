@@ -24,30 +24,32 @@ T = TypeVar("T")
 
 
 class ProgressLine:
-    """A live line on an interactive terminal: deleted so far, rate, elapsed."""
+    """A live line on an interactive terminal: deleted so far, rate, elapsed. It is taken off
+    before each log line (``clear``), which would otherwise be printed into it, and at the end,
+    where the summary says the same."""
 
     def __init__(self, stream: TextIO, every_s: float = 0.5) -> None:
         self._stream, self._every_s, self._last = stream, every_s, 0.0
-        self._shown = False
+        self._width = 0  # of the line on the terminal; 0: none
 
     def show(self, result: SweepResult, elapsed_s: float, finished: bool) -> None:
         if finished:
-            if self._shown:  # a run too short for a live line needs no last one either
-                self._write(result, elapsed_s, "\n")
-            self._shown, self._last = False, 0.0  # the next target starts afresh
+            self.clear()
+            self._last = 0.0  # the next target starts afresh
         elif elapsed_s - self._last >= self._every_s:
-            self._write(result, elapsed_s, "")
-            self._shown, self._last = True, elapsed_s
+            done = result.matched if result.settings.dry_run else result.deleted
+            verb = "would delete" if result.settings.dry_run else "deleted"
+            rate = done / elapsed_s if elapsed_s > 0 else 0.0
+            text = f"{result.settings.kind}: {verb} {done} ({rate:.0f}/s), {elapsed_s:.0f}s elapsed"
+            self._stream.write("\r" + text.ljust(self._width))
+            self._stream.flush()
+            self._width, self._last = len(text), elapsed_s
 
-    def _write(self, result: SweepResult, elapsed_s: float, end: str) -> None:
-        done = result.matched if result.settings.dry_run else result.deleted
-        verb = "would delete" if result.settings.dry_run else "deleted"
-        rate = done / elapsed_s if elapsed_s > 0 else 0.0
-        self._stream.write(
-            f"\r{result.settings.kind}: {verb} {done} ({rate:.0f}/s), "
-            f"{elapsed_s:.0f}s elapsed {end}"
-        )
-        self._stream.flush()
+    def clear(self) -> None:
+        if self._width:
+            self._stream.write("\r" + " " * self._width + "\r")
+            self._stream.flush()
+            self._width = 0
 
 
 def summary(results: Sequence[SweepResult], signal_name: str = "a signal") -> str:

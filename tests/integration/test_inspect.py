@@ -277,7 +277,11 @@ def test_the_sample_spreads_across_the_key_space(
     production and the legacy emulator; the Firestore emulator does not (key order there)."""
     if emulator.flavour == "firestore":
         pytest.skip("the Firestore emulator keeps no __scatter__: the sample is in key order")
-    groups = {"a": stored(ago(hours=4), S, 2300), "y": [None] * 150, "z": [MISSING] * 50}
+    groups: dict[str, list[object]] = {
+        "a": stored(ago(hours=4), S, 2300),
+        "y": [None] * 150,
+        "z": [MISSING] * 50,
+    }
     seed(client, kind, groups)
 
     report = inspect(client, kind)

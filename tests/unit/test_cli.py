@@ -6,6 +6,7 @@ import datetime as dt
 import io
 import json
 import os
+import re
 import signal
 import socket
 import time
@@ -16,6 +17,7 @@ from typing import Any
 
 import click
 import pytest
+import structlog
 from click.testing import CliRunner
 
 from sweeper import cli as cli_module
@@ -23,7 +25,7 @@ from sweeper import engine as run_module
 from sweeper.cli import cli, inspect, main, sweep
 from sweeper.config import KEYS
 from sweeper.encodings import Encoding
-from sweeper.logs import SweeperError
+from sweeper.logs import SweeperError, configure
 from sweeper.options import FiniteFloatRange
 from sweeper.result import Runtime, SweepResult
 from sweeper.retry import StopReason
@@ -856,7 +858,7 @@ def test_a_closed_port_fails_at_once_naming_the_address(
     assert sum(e["event"] == "call_retrying" for e in events) == finished[0]["retries"]
 
 
-def test_the_live_progress_line_is_throttled_and_ends_with_a_newline() -> None:
+def test_the_live_progress_line_is_throttled_and_taken_off_at_the_end() -> None:
     stream = io.StringIO()
     line = ProgressLine(stream, every_s=0.5)
     settings = SweepSettings(kind="k", prop="p", format="auto", grace=dt.timedelta(0))
@@ -865,10 +867,15 @@ def test_the_live_progress_line_is_throttled_and_ends_with_a_newline() -> None:
     line.show(result, 0.1, False)  # too soon: nothing yet
     assert stream.getvalue() == ""
     line.show(result, 1.0, False)
-    assert stream.getvalue() == "\rk: deleted 100 (100/s), 1s elapsed "
+    shown = "k: deleted 100 (100/s), 1s elapsed"
+    assert stream.getvalue() == "\r" + shown
+    line.clear()  # before a log line: the line is blanked, the cursor at its start
+    assert stream.getvalue() == "\r" + shown + "\r" + " " * len(shown) + "\r"
     result.deleted = 300
-    line.show(result, 2.0, True)
-    assert stream.getvalue().endswith("\rk: deleted 300 (150/s), 2s elapsed \n")
+    line.show(result, 2.0, False)
+    assert stream.getvalue().endswith("\rk: deleted 300 (150/s), 2s elapsed")
+    line.show(result, 2.5, True)  # the summary says the same: nothing is left of the line
+    assert stream.getvalue().endswith("\r" + " " * len(shown) + "\r")
 
 
 def test_a_short_run_draws_no_progress_line() -> None:
@@ -877,3 +884,20 @@ def test_a_short_run_draws_no_progress_line() -> None:
     settings = SweepSettings(kind="k", prop="p", format="auto", grace=dt.timedelta(0))
     line.show(SweepResult(settings, NOW, "auto"), 0.2, True)
     assert stream.getvalue() == ""
+
+
+def test_a_log_line_never_lands_inside_the_live_progress_line() -> None:
+    """ "…10s elapsed 2026-12-06T04:14:44Z [info] sweep_progress" on one line: the live line is
+    taken off the terminal before each log line is printed."""
+    terminal = io.StringIO()
+    line = ProgressLine(terminal)
+    settings = SweepSettings(kind="k", prop="p", format="auto", grace=dt.timedelta(0))
+    line.show(SweepResult(settings, NOW, "epoch-seconds", deleted=5), 1.0, False)
+    configure("console", "info", terminal, person=True, before_each=line.clear)
+    try:
+        structlog.get_logger("sweeper").info("sweep_progress", deleted=5)
+    finally:
+        configure("json", "info")
+    pieces = re.split(r"[\r\n]", terminal.getvalue())
+    assert any("sweep_progress" in piece for piece in pieces)
+    assert not [piece for piece in pieces if "elapsed" in piece and "sweep_progress" in piece]
