@@ -164,18 +164,20 @@ def inspect(**options: Any) -> None:
     where the database has one, else a bounded keys-only count) and how old they are (by hour
     or by day), the oldest expiry, the sweep's decision, and a forecast of that sweep: its
     Datastore calls, their price at list prices, and its time under the ramp-up rule (with
-    --workers, --verify, --shards, ... as it would run). Logs go to stderr, the report to
+    --workers, --verify, --shard, ... as it would run). Logs go to stderr, the report to
     stdout.
 
     \b
     Examples:
       sweeper inspect --kind eq-session --grace 3h
-      sweeper inspect --kind eq-session --grace 3h --shards 16 --max-fraction 1
-      sweeper inspect --kind used-jti-claim --format epoch-seconds --output json
+      sweeper inspect --kind eq-session --grace 3h --shard 0/16 --max-fraction 1
+      sweeper inspect --kind used-jti-claim --format epoch-seconds --log-format json
     """
     settings = SweepSettings(**opts.settings_of(options))
-    output = options["output"] or ("table" if sys.stdout.isatty() else "json")
-    configure(_log_format(options, sys.stderr), options["log_level"], sys.stderr)
+    # One switch, as sweep's: the report's format follows the logs' (which go to stderr).
+    log_format = _log_format(options, sys.stdout)
+    output = "table" if log_format == "console" else "json"
+    configure(log_format, options["log_level"], sys.stderr)
 
     def report(one: SweepSettings) -> InspectReport:
         return inspect_target(

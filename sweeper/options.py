@@ -2,7 +2,7 @@
 
 Each option is also settable as ``SWEEPER_<NAME>`` (shown in ``--help``). The keyword an option
 passes is the :class:`SweepSettings` field it sets where it sets one (``--property``: ``prop``,
-``inspect --shards``: ``shard``), already converted, so a command makes its settings with
+``--shard``: a ``Shard``), already converted, so a command makes its settings with
 :func:`settings_of`. docs/options.md is the real ``--help`` of both commands (``make cog``).
 """
 
@@ -26,7 +26,6 @@ from sweeper.settings import (
     DEFAULT_WORKERS,
     FORMAT_CHOICES,
     MAX_BATCH_SIZE,
-    MAX_SHARDS,
     MAX_WORKERS,
     Shard,
     SweepSettings,
@@ -162,6 +161,14 @@ _workers = partial(
     show_default=True,
 )
 _ramp_up = partial(_option, "--ramp-up/--no-ramp-up", default=None, callback=_then(decide_ramp_up))
+_shard = partial(
+    _option,
+    "--shard",
+    type=Parsed("shard", Shard.parse),
+    metavar="I/N",
+    default="0/1",
+    show_default=True,
+)
 _max_rate = partial(
     _option, "--max-rate", type=FiniteFloatRange(min=0, min_open=True), metavar="OPS"
 )
@@ -225,15 +232,10 @@ SWEEP: tuple[Decorator[Any], ...] = (
         help="Query streams over disjoint slices of the expired range, each feeding a delete "
         "worker: overlaps round trips to Datastore."
     ),
-    _option(
-        "--shard",
-        type=Parsed("shard", Shard.parse),
-        metavar="I/N",
-        default="0/1",
-        show_default=True,
+    _shard(
         help="Sweep only shard I of N (0-based) of the expired range, for N pods clearing a "
         "backlog together (e.g. an Indexed Job's $(JOB_COMPLETION_INDEX)/N). Shards never "
-        "overlap; the ramp-up budget is split N ways.",
+        "overlap; the ramp-up budget is split N ways."
     ),
     _ramp_up(
         help="Respect Datastore's 500/50/5 rule: start at 500 deletes/s (divided among shards) "
@@ -313,16 +315,9 @@ INSPECT: tuple[Decorator[Any], ...] = (
     _workers(help="Forecast a sweep with this many --workers."),
     _batch_size(help="Forecast a sweep with this --batch-size."),
     _verify(help="Forecast a sweep with or without the check (on by default, as the sweep)."),
-    _option(
-        "--shards",
-        "shard",
-        type=click.IntRange(1, MAX_SHARDS),
-        default=1,
-        show_default=True,
-        metavar="N",
-        callback=_then(lambda count: Shard(0, count)),  # the first of N pods
-        help="Forecast N pods sweeping together (--shard 0/N to N-1/N): the whole backlog, each "
-        "pod's share of the ramp-up budget.",
+    _shard(
+        help="Forecast the N pods of sweep --shard I/N together (I/N as any of them takes it): "
+        "the whole backlog, each pod's share of the ramp-up budget."
     ),
     _ramp_up(
         help="Forecast under Datastore's 500/50/5 ramp-up. Default: as the sweep's, on, off when "
@@ -354,11 +349,11 @@ INSPECT: tuple[Decorator[Any], ...] = (
         help="Where aggregation COUNT is unavailable, stop counting keys here.",
     ),
     _option(
-        "--output",
-        type=click.Choice(["table", "json"]),
-        help="Default: a table on a terminal, JSON otherwise.",
+        "--log-format",
+        type=click.Choice(["json", "console"]),
+        help="json: the report as one JSON object on stdout, the logs as JSON lines on stderr; "
+        "console: a table and console logs. Default: console on a terminal, else json.",
     ),
-    LOG_FORMAT,
     LOG_LEVEL,
 )
 

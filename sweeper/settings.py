@@ -15,7 +15,7 @@ from sweeper.logs import UsageError
 # Shards: one pod of several (``--shard I/N``).
 _SHARD = re.compile(r"(\d+)/(\d+)")
 
-# The most pods a run may be cut into: ``sweep --shard I/N`` and ``inspect --shards N``. Each
+# The most pods a run may be cut into: ``--shard I/N`` of both commands. Each
 # pod starts at 1/N of the ramp-up's 500 deletes/s, 0.05/s at this limit: an N past it is a
 # typo, not a plan.
 MAX_SHARDS = 10_000

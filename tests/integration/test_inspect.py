@@ -558,10 +558,10 @@ def test_forecast_time_under_the_ramp_up(
 
 def test_the_cli_forecasts_with_the_sweeps_options(emulator: Emulator, kind: str) -> None:
     seed(make_client(emulator), kind, backlog_groups(expired_hours=2, per_hour=300))
-    args = ["--kind", kind, "--workers", "2", "--batch-size", "250", "--shards", "2"]
+    args = ["--kind", kind, "--workers", "2", "--batch-size", "250", "--shard", "0/2"]
     args += ["--no-verify", "--ramp-up", "--max-rate", "100", "--max-fraction", "0.9"]
 
-    done = run_cli(emulator, *args, "--output", "json", command="inspect")
+    done = run_cli(emulator, *args, "--log-format", "json", command="inspect")
 
     assert done.returncode == 0, done.stderr
     fields = json.loads(done.stdout)

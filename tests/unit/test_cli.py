@@ -122,13 +122,12 @@ INSPECT_ORDER = [
     "--workers",
     "--batch-size",
     "--verify",
-    "--shards",
+    "--shard",
     "--ramp-up",
     "--max-rate",
     "--max-fraction",
     "--sample-size",
     "--count-limit",
-    "--output",
     "--log-format",
     "--log-level",
 ]
@@ -236,7 +235,7 @@ def test_bad_option_is_one_line_usage_error(
         ["--max-rate", "inf"],
         ["--max-rate", "nan"],
         ["--max-fraction", "nan"],
-        ["--shards", str(MAX_SHARDS + 1)],
+        ["--shard", f"0/{MAX_SHARDS + 1}"],
     ],
     ids=["max-rate-inf", "max-rate-nan", "max-fraction-nan", "shards-too-many"],
 )
@@ -256,10 +255,11 @@ def test_every_float_option_refuses_nan_and_inf() -> None:
         assert isinstance(param.type, FiniteFloatRange), param.name
 
 
-def test_the_shard_limit_is_the_same_for_both_commands(stub: StubSweep) -> None:
-    (shards,) = [p for p in inspect.params if p.opts == ["--shards"]]
-    assert isinstance(shards.type, click.IntRange)
-    assert shards.type.max == MAX_SHARDS
+def test_both_commands_take_the_same_shard_option(stub: StubSweep) -> None:
+    """`sweep --shard I/N` but `inspect --shards N`: one option now, the same type and limit."""
+    (of_sweep,) = [p for p in sweep.params if p.name == "shard"]
+    (of_inspect,) = [p for p in inspect.params if p.name == "shard"]
+    assert (of_sweep.opts, of_sweep.type) == (of_inspect.opts, of_inspect.type)
     assert main(["sweep", "--log-format", "json", "--shard", f"0/{MAX_SHARDS}"]) == 0
     assert stub.calls[0][0].shard == Shard(0, MAX_SHARDS)
     assert main(["sweep", "--shard", f"0/{MAX_SHARDS + 1}"]) == 2
@@ -409,7 +409,7 @@ def test_a_blank_variable_of_another_commands_option_is_ignored(
     stub: StubSweep, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One environment may serve both commands: only what the command reads must make sense."""
-    monkeypatch.setenv("SWEEPER_SHARDS", "")  # inspect's
+    monkeypatch.setenv("SWEEPER_COUNT_LIMIT", "")  # inspect's
     monkeypatch.setenv("SWEEPER_SAMPLE_SIZE", "")  # inspect's
     assert main(["sweep", "--log-format", "json"]) == 0
     assert len(stub.calls) == 1
@@ -572,7 +572,7 @@ def test_inspect_builds_its_settings_from_its_options(monkeypatch: pytest.Monkey
     monkeypatch.setenv("SWEEPER_SAMPLE_SIZE", "50")
     args = ["--log-format", "json", "--kind", "k", "--property", "p", "--format", "timestamp"]
     args += ["--grace", "1h", "--namespace", "n", "--database", "", "--project", "pr"]
-    args += ["--workers", "2", "--batch-size", "100", "--no-verify", "--shards", "3"]
+    args += ["--workers", "2", "--batch-size", "100", "--no-verify", "--shard", "1/3"]
     args += ["--max-rate", "20", "--max-fraction", "1", "--count-limit", "9"]
     args += ["--give-up-after", "7s"]
     assert main(["inspect", *args]) == 1
@@ -589,7 +589,7 @@ def test_inspect_builds_its_settings_from_its_options(monkeypatch: pytest.Monkey
         workers=2,
         batch_size=100,
         verify=False,
-        shard=Shard(0, 3),  # the first of three pods
+        shard=Shard(1, 3),  # the forecast is of all three pods
         ramp_up=False,  # an emulator: no ramp-up unless asked for
         max_rate=20.0,
         max_fraction=1.0,
