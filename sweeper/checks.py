@@ -72,7 +72,7 @@ def choose_encoding(
     """The encoding to sweep; None when the property holds no value at all."""
     s = settings
     if not isinstance(s.format, Encoding):
-        encoding = decide_encoding(stored.ends, s.kind, s.prop)
+        encoding = decide_encoding(stored.ends, s.kind, s.prop, log)
         if encoding is None:
             log.warning("no_expiry_values", property=s.prop, hint="nothing to sweep")
         return encoding
@@ -209,7 +209,8 @@ def detect_encoding(target: Target) -> Encoding | None:
 
     Refuses when entities carry values that no index holds (see :func:`check_indexed`).
     """
-    return decide_encoding(read_ends(target), target.kind, target.prop)
+    log = structlog.get_logger("sweeper.detect")
+    return decide_encoding(read_ends(target), target.kind, target.prop, log)
 
 
 def read_ends(target: Target) -> list[object] | None:
@@ -233,17 +234,21 @@ def read_ends(target: Target) -> list[object] | None:
     return ends
 
 
-def decide_encoding(ends: list[object] | None, kind: str, prop: str) -> Encoding | None:
-    """The encoding that ``read_ends``'s values prove every stored value to be in."""
+def decide_encoding(
+    ends: list[object] | None, kind: str, prop: str, log: Any = None
+) -> Encoding | None:
+    """The encoding that ``read_ends``'s values prove every stored value to be in; logged as
+    ``format_detected`` to ``log`` (the sweep's, not the forecast's after a dry run: once)."""
     if ends is None:
         return None
     found = [classify(value) for value in ends]
-    structlog.get_logger("sweeper.detect").info(
-        "format_detected",
-        smallest=describe_value(ends[0]),
-        largest=describe_value(ends[-1]),
-        encodings=sorted({e.value if e else "unsupported" for e in found}),
-    )
+    if log is not None:
+        log.info(
+            "format_detected",
+            smallest=describe_value(ends[0]),
+            largest=describe_value(ends[-1]),
+            encodings=sorted({e.value if e else "unsupported" for e in found}),
+        )
     single = _single(ends, found)
     if single is not None:
         return single

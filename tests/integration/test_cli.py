@@ -103,5 +103,7 @@ def test_a_dry_run_ends_with_a_forecast_of_the_real_run(
     assert proc.returncode == 0, proc.stderr
     (forecast,) = [e for e in events(proc.stdout) if e["event"] == "forecast"]
     assert forecast["operations"]["deleted"] == 40
+    # The forecast reads what the sweep read; what it decides is logged once, by the sweep.
+    assert [e["event"] for e in events(proc.stdout)].count("format_detected") == 1
     assert forecast["cost_usd"] > 0
     assert survivors(client, kind, groups) == set(groups)
