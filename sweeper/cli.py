@@ -307,8 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except click.ClickException as exc:
         _error(exc.format_message())
         return EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code
-    except click.exceptions.Abort:
-        _error("aborted")
+    except (click.exceptions.Abort, KeyboardInterrupt):  # Ctrl-C before the run's handlers
+        click.echo("\nsweeper: stopped by SIGINT; nothing was done", err=True)
         return EXIT_SIGINT
     except SweeperError as exc:
         _error(exc.message)

@@ -9,6 +9,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -901,3 +903,23 @@ def test_a_log_line_never_lands_inside_the_live_progress_line() -> None:
     pieces = re.split(r"[\r\n]", terminal.getvalue())
     assert any("sweep_progress" in piece for piece in pieces)
     assert not [piece for piece in pieces if "elapsed" in piece and "sweep_progress" in piece]
+
+
+@pytest.mark.parametrize("delay_s", [0.05, 0.3])
+def test_ctrl_c_while_starting_is_130_and_one_line(delay_s: float) -> None:
+    """The first half second is imports (the Google client, gRPC): Ctrl-C there printed a
+    KeyboardInterrupt traceback and the process died of the signal."""
+    env = {**os.environ, "DATASTORE_EMULATOR_HOST": f"127.0.0.1:{closed_port()}"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sweeper", "sweep", "--project", "p"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(delay_s)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 1, err

@@ -213,7 +213,7 @@ def test_the_package_installs_under_a_name_of_its_own_with_its_license() -> None
     parser.read(ROOT / "setup.cfg")
     metadata = parser["metadata"]
     assert metadata["name"] == "datastore-sweeper"
-    assert "sweeper = sweeper.cli:console_main" in parser["options.entry_points"]["console_scripts"]
+    assert "sweeper = sweeper.__main__:main" in parser["options.entry_points"]["console_scripts"]
     assert metadata["license"] == "Apache-2.0"
     assert metadata["license_files"] == "LICENSE"
     assert (
