@@ -116,9 +116,7 @@ def retention(
         else measure_retention(target, encoding=encoding, cutoff=result.cutoff)
     )
     result.retention = kept
-    # Nothing carried the property before the run either (a run that deleted the last of it
-    # is no mistake): the target holds nothing to sweep.
-    if kept.empty and result.matched == 0 and not settings.allow_empty:
+    if result.held_nothing and not settings.allow_empty:
         raise RefusedError(empty_target(settings))
     if kept.empty:
         log.warning(

@@ -361,7 +361,11 @@ def _every_namespace(
             "namespaces with --namespace, or one --config target each"
         )
         log.error("namespaces_failed", kind=settings.kind, error=error)
-    elif budget.stopper.reason() is None and not settings.allow_empty and _hold_nothing(results):
+    elif (
+        budget.stopper.reason() is None
+        and not settings.allow_empty
+        and all(r.held_nothing for r in results)  # none, or none holding anything
+    ):
         error = checks.empty_target(settings, every_namespace=True)
         log.error("target_empty", kind=settings.kind, error=error)
     if error is not None:
@@ -369,11 +373,6 @@ def _every_namespace(
         failed.stopped_reason, failed.error = StopReason.ERROR, error
         results.append(failed)
     return results
-
-
-def _hold_nothing(results: Sequence[SweepResult]) -> bool:
-    """Every namespace swept to the end found nothing carrying the property (or there was none)."""
-    return all(r.retention is not None and r.retention.empty and not r.matched for r in results)
 
 
 def _run_finished(

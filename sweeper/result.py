@@ -107,6 +107,12 @@ class SweepResult:
         self.verify = bool(self.settings.verify)  # until the run decides an automatic one
 
     @property
+    def held_nothing(self) -> bool:
+        """Nothing carried the property after the run, nor was any of it due before: the
+        target holds nothing to sweep (a run that deleted the last of it is no such case)."""
+        return self.retention is not None and self.retention.empty and self.matched == 0
+
+    @property
     def exit_code(self) -> int:
         failed = self.stopped_reason in (StopReason.ERROR, StopReason.DECLINED)
         return EXIT_FAILURE if failed else EXIT_OK
