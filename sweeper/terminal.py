@@ -12,10 +12,11 @@ from types import FrameType
 from typing import Any, TextIO, TypeVar
 
 from sweeper.concurrency import Background
-from sweeper.guard import Plan, describe
+from sweeper.guard import Exposure, Plan, describe
 from sweeper.logs import EXIT_SIGINT, EXIT_SIGTERM, SweeperError
 from sweeper.result import SweepResult
 from sweeper.retry import Stopped, StopReason
+from sweeper.target import Count
 
 # How often the question looks at the stop flag while it waits for an answer.
 _POLL_S = 0.1
@@ -115,16 +116,20 @@ def _summary_of(r: SweepResult, say_error: bool, signal_name: str) -> str:
 
 
 def _after_dry_run(r: SweepResult) -> str:
-    """What to do next: never to run what the fraction guard would refuse."""
-    s, carrying = r.settings, r.retention.carrying.n if r.retention else 0
-    if s.max_fraction < 1 and carrying and r.matched / carrying > s.max_fraction:
-        return (
-            f"a run without --dry-run would be refused: {_n(r.matched)} of the {_n(carrying)} "
-            f"carrying {s.prop} ({r.matched / carrying:.0%}) is more than --max-fraction "
-            f"{s.max_fraction:g}. If this is a backlog, not a mistake, run it once with "
-            "--max-fraction 1"
-        )
-    return "run again without --dry-run to delete them"
+    """What to do next: never to run what the fraction guard would refuse (its own rule, over
+    what the dry run matched and what carries the property after it)."""
+    s = r.settings
+    if r.retention is None:
+        return "run again without --dry-run to delete them"
+    carrying = r.retention.carrying.n
+    if Exposure(Count(r.matched, "scan"), r.retention.carrying).within(s.max_fraction):
+        return "run again without --dry-run to delete them"
+    return (
+        f"a run without --dry-run would be refused: {_n(r.matched)} of the {_n(carrying)} "
+        f"carrying {s.prop} ({r.matched / carrying:.0%}) is more than --max-fraction "
+        f"{s.max_fraction:g}. If this is a backlog, not a mistake, run it once with "
+        "--max-fraction 1"
+    )
 
 
 _NEXT = {

@@ -91,3 +91,15 @@ def test_a_stop_by_a_person_is_one_line() -> None:
     assert summary([declined]) == "eq-session: not confirmed; nothing was deleted"
     assert declined.exit_code == 1
     assert declined.error is None  # not an error: sweep_finished is logged at info
+
+
+def test_a_dry_run_never_advises_what_the_guard_would_refuse() -> None:
+    carrying = Retention(Count(100, "aggregation"), Count(0, "aggregation"))
+    backlog = result(dry_run=True, matched=94, retention=carrying)
+    assert summary([backlog]).splitlines()[1] == (
+        "  a run without --dry-run would be refused: 94 of the 100 carrying expires_at (94%) is "
+        "more than --max-fraction 0.5. If this is a backlog, not a mistake, run it once with "
+        "--max-fraction 1"
+    )
+    steady = result(dry_run=True, matched=10, retention=carrying)
+    assert summary([steady]).splitlines()[1] == "  run again without --dry-run to delete them"
