@@ -22,7 +22,7 @@ from click.core import ParameterSource
 
 from sweeper import __version__
 from sweeper import options as opts
-from sweeper.config import KEYS, load_targets
+from sweeper.config import KEYS, flag, load_targets
 from sweeper.engine import each_namespace, sweep_targets
 from sweeper.inspect.report import InspectReport, inspect_target
 from sweeper.inspect.table import forecast_dict, render_table, report_dict
@@ -210,15 +210,15 @@ def _targets(ctx: click.Context, options: dict[str, Any]) -> list[SweepSettings]
     if options["config"] is None:
         return [SweepSettings(**values)]
     given = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-    explicit = [k for k in KEYS.values() if ctx.get_parameter_source(k.field) in given]
-    clashing = [k.option for k in explicit if not k.overrides]
+    explicit = {n: k for n, k in KEYS.items() if ctx.get_parameter_source(k.field) in given}
+    clashing = [flag(name) for name, k in explicit.items() if not k.overrides]
     if clashing:
         raise UsageError(
             f"{', '.join(clashing)} cannot be combined with --config: "
             "set it in the file, per target or under [defaults]"
         )
     # Options a target may also set: an explicit command-line value wins (see load_targets).
-    overriding = {k.field: values[k.field] for k in explicit if k.overrides}
+    overriding = {k.field: values[k.field] for k in explicit.values() if k.overrides}
     return load_targets(Path(options["config"]), values, overriding)
 
 

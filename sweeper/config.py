@@ -68,10 +68,6 @@ class Key:
     overrides: bool = False
     safe: object = None
 
-    @property
-    def option(self) -> str:
-        return "--" + {"prop": "property"}.get(self.field, self.field).replace("_", "-")
-
 
 # The keys, in the order messages and docs list them.
 KEYS: dict[str, Key] = {
@@ -109,6 +105,14 @@ KEYS: dict[str, Key] = {
     "allow_empty": Key("allow_empty", _BOOL),
 }
 _BY_FIELD = {k.field: k for k in KEYS.values()}
+
+
+def flag(key: str) -> str:
+    """The option a key of ``KEYS`` stands for: the key's own name, ``--property`` for
+    ``property``."""
+    return "--" + key.replace("_", "-")
+
+
 # Options that only make sense for the whole run, not per target: a file setting one is told so.
 RUN_WIDE = ("project", "dry_run")
 

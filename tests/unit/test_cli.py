@@ -158,10 +158,10 @@ def test_every_option_has_a_variable_named_after_it(command: click.Command) -> N
 def test_what_a_config_file_sets_is_a_setting_of_sweep() -> None:
     """A key's field is the keyword of the sweep option that sets it, and a SweepSettings field."""
     names = {p.name for p in sweep.params}
-    for key in KEYS.values():
-        assert key.field in names, key.option
-        assert key.field in SweepSettings.__dataclass_fields__, key.option
-        assert key.safe is None or key.overrides, key.option
+    for name, key in KEYS.items():
+        assert key.field in names, name
+        assert key.field in SweepSettings.__dataclass_fields__, name
+        assert key.safe is None or key.overrides, name
 
 
 # --- bad usage --------------------------------------------------------------------------

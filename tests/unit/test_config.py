@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 
 from sweeper import cli as cli_module
 from sweeper.cli import main, sweep
-from sweeper.config import KEYS, load_targets
+from sweeper.config import KEYS, flag, load_targets
 from sweeper.encodings import Encoding
 from sweeper.logs import UsageError
 from sweeper.settings import Shard, SweepSettings
@@ -228,8 +228,8 @@ def test_every_per_target_option_clashes_with_config(
     (param,) = [p for p in sweep.params if p.name == key.field]
     assert isinstance(param, click.Option)
     value = [] if param.is_flag else [SAMPLE.get(name, str(param.default))]
-    assert main(["sweep", "--config", str(path), key.option, *value]) == 2
-    assert f"{key.option} cannot be combined with --config" in capsys.readouterr().err
+    assert main(["sweep", "--config", str(path), flag(name), *value]) == 2
+    assert f"{flag(name)} cannot be combined with --config" in capsys.readouterr().err
 
 
 def test_the_cronjob_carries_the_same_targets_as_the_example(tmp_path: Path) -> None:

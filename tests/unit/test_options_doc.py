@@ -11,7 +11,7 @@ import click
 import pytest
 
 from sweeper.cli import inspect, sweep
-from sweeper.config import KEYS, RUN_WIDE
+from sweeper.config import KEYS, RUN_WIDE, flag
 
 ROOT = Path(__file__).parents[2]
 DOC = ROOT / "docs" / "options.md"
@@ -66,9 +66,9 @@ def test_every_config_key_is_documented_and_names_the_option_that_sets_its_field
     assert list(documented) == list(KEYS)
     by_name = {p.name: p for p in sweep.params if isinstance(p, click.Option)}
     for name, key in KEYS.items():
-        assert documented[name][2] == f"`{key.option}`"
+        assert documented[name][2] == f"`{flag(name)}`"
         # The option sets the key's field: its keyword is the field's name.
-        assert key.option in by_name[key.field].opts, name
+        assert flag(name) in by_name[key.field].opts, name
     for name in RUN_WIDE:
         assert f"`{name}`" in keys
         assert name in by_name
