@@ -289,7 +289,8 @@ def _sample(target: Target, size: int) -> Sample:
     alone showed no null where 150 of 2,500 were: where the database keeps ``__scatter__``
     (production, the legacy emulator), most come from across the key space."""
     spread = target.keys(RangeQuery(target.kind, target.prop, scattered=True), size)
-    first = [k for k in target.keys(target.query(), size) if k not in spread]
+    first = [] if len(spread) == size else target.keys(target.query(), size)
+    first = [k for k in first if k not in spread]
     counts = dict.fromkeys(BUCKETS, 0)
     examples: list[str] = []
     values: list[object] = []
