@@ -32,8 +32,14 @@ class ProgressLine:
     def __init__(self, stream: TextIO, every_s: float = 0.5) -> None:
         self._stream, self._every_s, self._last = stream, every_s, 0.0
         self._width = 0  # of the line on the terminal; 0: none
+        # Delete workers draw it, any thread's log line takes it off.
+        self._lock = threading.RLock()
 
     def show(self, result: SweepResult, elapsed_s: float, finished: bool) -> None:
+        with self._lock:
+            self._show(result, elapsed_s, finished)
+
+    def _show(self, result: SweepResult, elapsed_s: float, finished: bool) -> None:
         if finished:
             self.clear()
             self._last = 0.0  # the next target starts afresh
@@ -47,6 +53,10 @@ class ProgressLine:
             self._width, self._last = len(text), elapsed_s
 
     def clear(self) -> None:
+        with self._lock:
+            self._clear()
+
+    def _clear(self) -> None:
         if self._width:
             self._stream.write("\r" + " " * self._width + "\r")
             self._stream.flush()
