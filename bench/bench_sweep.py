@@ -254,7 +254,11 @@ def run_in_child(name: str, kind: str, env: dict[str, str]) -> tuple[dict[str, A
     else:
         command = [sys.executable, __file__, "--child", name, kind]
     started = time.perf_counter()
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    # sweeper logs to stderr; the loops and Beam print their JSON line on stdout.
+    errors = subprocess.STDOUT if name in SWEEPER_COMMANDS else None
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL
+    )
     assert proc.stdout is not None
     output = proc.stdout.read()
     _pid, status, usage = os.wait4(proc.pid, 0)

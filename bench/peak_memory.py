@@ -3,7 +3,7 @@
 Starts a local emulator (the legacy Datastore one unless ``--emulator firestore``), seeds
 runner-shaped sessions (int epoch-second ``expires_at``, only it indexed, ~700-byte session
 data), all expired, one kind per scenario,
-and runs the installed ``sweeper`` console script as the CronJob does (JSON logs to stdout)
+and runs the installed ``sweeper`` console script as the CronJob does (JSON logs to stderr)
 under GNU time (``/usr/bin/time -v``, Debian package ``time``). Reads "Maximum resident set
 size" and the ``sweep_finished`` summary, and prints a table. The peak should not grow with the
 backlog: sweeper holds one page of keys (at most 500) at a time.
@@ -67,9 +67,10 @@ def seed(client: datastore.Client, kind: str, expired: int) -> None:
     put_sessions(client, kind, (Session(f"e{i}", old) for i in range(expired)), data_bytes=700)
 
 
-def summary(stdout: str) -> dict[str, object]:
-    """The ``sweep_finished`` event from the JSON log lines (empty if there is none)."""
-    for line in reversed(stdout.splitlines()):
+def summary(stderr: str) -> dict[str, object]:
+    """The ``sweep_finished`` event from the JSON log lines (empty if there is none); GNU
+    time's own lines, on the same stream, are skipped."""
+    for line in reversed(stderr.splitlines()):
         try:
             event = json.loads(line)
         except json.JSONDecodeError:
@@ -102,7 +103,7 @@ def measure(env: dict[str, str], kind: str, expired: int) -> Measurement:
     match = MAX_RSS.search(done.stderr)
     if match is None:
         raise SystemExit(f"no 'Maximum resident set size' from {GNU_TIME}: {done.stderr[-500:]}")
-    finished = summary(done.stdout)
+    finished = summary(done.stderr)
     deleted = finished.get("deleted")
     reason = finished.get("stopped_reason")
     return Measurement(

@@ -224,14 +224,15 @@ class Soak:
         spawned = time.time()
         pipe = subprocess.PIPE
         self.proc = proc = subprocess.Popen(self.command, stdout=pipe, stderr=pipe, text=True)
-        out, err = proc.communicate()
+        _out, err = proc.communicate()
         exited = time.time()
-        logged = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        logged = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
         events = {event.get("event"): event for event in reversed(logged)}  # the first of each
+        plain = [line for line in err.splitlines() if not line.startswith("{")]  # the error
         started, finished = events.get("sweep_started", {}), events.get("sweep_finished", {})
         cutoff = events.get("sweep_started", finished).get("cutoff")
         return Run(
-            *(spawned, exited, proc.returncode, finished, (err.splitlines() or [""])[-1]),
+            *(spawned, exited, proc.returncode, finished, (plain or [""])[-1]),
             cutoff=iso(cutoff) if cutoff else None,
             start=iso(started["timestamp"]) if "timestamp" in started else spawned,
             end=iso(finished["timestamp"]) if "timestamp" in finished else exited,

@@ -115,11 +115,13 @@ def sweep(**options: Any) -> None:
     """
     ctx = click.get_current_context()
     auth = _pushgateway_auth(options)
-    log_format = _log_format(options, sys.stdout)
+    log_format = _log_format(options, sys.stderr)  # the logs are sweep's output
     person = log_format == "console" and sys.stderr.isatty()
     line = ProgressLine(sys.stderr) if person and not options["quiet"] else None
     level = _log_level(ctx, options, person)
-    configure(log_format, level, person=person, before_each=line.clear if line else None)
+    configure(
+        log_format, level, sys.stderr, person=person, before_each=line.clear if line else None
+    )
     targets = _targets(ctx, options)
     person = person and not options["quiet"]
     # A person may be there whenever stdin is a terminal, whatever the output is piped to.
@@ -174,7 +176,8 @@ def inspect(**options: Any) -> None:
       sweeper inspect --kind used-jti-claim --format epoch-seconds --log-format json
     """
     settings = SweepSettings(**opts.settings_of(options))
-    # One switch, as sweep's: the report's format follows the logs' (which go to stderr).
+    # One switch, as sweep's: the report (on stdout) and the logs (on stderr) share a format,
+    # chosen by default from where the report goes.
     log_format = _log_format(options, sys.stdout)
     output = "table" if log_format == "console" else "json"
     configure(log_format, options["log_level"], sys.stderr)
@@ -239,7 +242,8 @@ def _log_level(ctx: click.Context, options: dict[str, Any], person: bool) -> str
 
 
 def _log_format(options: dict[str, Any], stream: TextIO) -> LogFormat:
-    """The asked format, else console for a person at a terminal and JSON for a machine."""
+    """The asked format, else console when the command's main output (``stream``) goes to a
+    terminal and JSON when it goes to a machine."""
     chosen: LogFormat | None = options["log_format"]
     return chosen or ("console" if stream.isatty() else "json")
 

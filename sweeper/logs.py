@@ -49,7 +49,7 @@ def configure(
 ) -> None:
     """``person``: a console log on an interactive terminal, which gets a short summary at the
     end rather than the summary events' hundreds of ``key=value`` characters (unless debug)."""
-    out = stream if stream is not None else sys.stdout
+    out = stream if stream is not None else sys.stderr
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -128,7 +128,8 @@ GIVE_UP_AFTER = _option(
 LOG_FORMAT = _option(
     "--log-format",
     type=click.Choice(["json", "console"]),
-    help="json: one object a line, with severity. Default: console on a terminal, else json.",
+    help="json: one object a line on stderr, with severity. Default: console when stderr is a "
+    "terminal, else json.",
 )
 LOG_LEVEL = _option(
     "--log-level",
@@ -352,7 +353,7 @@ INSPECT: tuple[Decorator[Any], ...] = (
         "--log-format",
         type=click.Choice(["json", "console"]),
         help="json: the report as one JSON object on stdout, the logs as JSON lines on stderr; "
-        "console: a table and console logs. Default: console on a terminal, else json.",
+        "console: a table and console logs. Default: console when stdout is a terminal, else json.",
     ),
     LOG_LEVEL,
 )

@@ -180,11 +180,21 @@ def start_slow_sweep(emu: Emulator, kind: str, *args: str) -> subprocess.Popen[s
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if json.loads(line)["event"] == "query_range":
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if line.startswith("{") and json.loads(line)["event"] == "query_range":
             break
     return proc
+
+
+def log_events(stderr: str) -> list[dict[str, Any]]:
+    """A command's JSON log lines: both commands log to stderr, beside the one-line error."""
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+
+
+def plain_lines(stderr: str) -> list[str]:
+    """What a command wrote to stderr besides its JSON logs: its one-line error, if any."""
+    return [line for line in stderr.splitlines() if not line.startswith("{")]
 
 
 def run_cli(

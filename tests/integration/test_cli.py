@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
 from tests.contract import SWEEP_FINISHED_FIELDS
-from tests.integration.helpers import ago, ahead, run_cli, seed, stored, survivors
+from tests.integration.helpers import (
+    ago,
+    ahead,
+    log_events,
+    plain_lines,
+    run_cli,
+    seed,
+    stored,
+    survivors,
+)
 from tests.support.emulator import Emulator
-
-
-def events(stdout: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in stdout.splitlines()]
 
 
 def test_a_cron_run_logs_one_json_summary_and_exits_zero(
@@ -29,7 +31,9 @@ def test_a_cron_run_logs_one_json_summary_and_exits_zero(
     proc = run_cli(emulator, "--grace", "3h", SWEEPER_KIND=kind)
 
     assert proc.returncode == 0, proc.stderr
-    logged = events(proc.stdout)
+    assert proc.stdout == ""  # sweep's output is its logs, on stderr as inspect's are
+    assert plain_lines(proc.stderr) == []
+    logged = log_events(proc.stderr)
     assert all({"event", "severity", "timestamp"} <= set(e) for e in logged)
     finished = [e for e in logged if e["event"] == "sweep_finished"]
     assert len(finished) == 1
@@ -57,10 +61,10 @@ def test_a_refusal_is_one_line_exit_one_and_a_summary(
     proc = run_cli(emulator, "--kind", kind)
 
     assert proc.returncode == 1
-    assert proc.stderr.count("\n") == 1
-    assert proc.stderr.startswith("sweeper: error: refusing --format auto")
+    (line,) = plain_lines(proc.stderr)
+    assert line.startswith("sweeper: error: refusing --format auto")
     assert "Traceback" not in proc.stderr + proc.stdout
-    summary = events(proc.stdout)[-1]
+    summary = log_events(proc.stderr)[-1]
     assert (summary["event"], summary["stopped_reason"], summary["deleted"]) == (
         "sweep_finished",
         "error",
@@ -84,7 +88,7 @@ def test_dry_run_from_the_environment(
     )
 
     assert proc.returncode == 0, proc.stderr
-    (summary,) = [e for e in events(proc.stdout) if e["event"] == "sweep_finished"]
+    (summary,) = [e for e in log_events(proc.stderr) if e["event"] == "sweep_finished"]
     assert (summary["dry_run"], summary["matched"], summary["deleted"]) == (True, 12, 0)
     assert survivors(client, kind, groups) == {"expired"}
 
@@ -101,9 +105,9 @@ def test_a_dry_run_ends_with_a_forecast_of_the_real_run(
     proc = run_cli(emulator, "--dry-run", "--grace", "3h", SWEEPER_KIND=kind)
 
     assert proc.returncode == 0, proc.stderr
-    (forecast,) = [e for e in events(proc.stdout) if e["event"] == "forecast"]
+    (forecast,) = [e for e in log_events(proc.stderr) if e["event"] == "forecast"]
     assert forecast["operations"]["deleted"] == 40
     # The forecast reads what the sweep read; what it decides is logged once, by the sweep.
-    assert [e["event"] for e in events(proc.stdout)].count("format_detected") == 1
+    assert [e["event"] for e in log_events(proc.stderr)].count("format_detected") == 1
     assert forecast["cost_usd"] > 0
     assert survivors(client, kind, groups) == set(groups)

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from google.cloud import datastore
 
+from tests.integration.helpers import log_events
 from tests.support.emulator import Emulator
 from tests.support.seed import names, put_entities, runner_eq_session
 
@@ -56,7 +57,7 @@ def with_clock(emulator: Emulator, shift: str, *args: str) -> subprocess.Complet
 def sweep_with_clock(emulator: Emulator, kind: str, shift: str) -> dict[str, Any]:
     done = with_clock(emulator, shift, "sweep", "--kind", kind, "--log-format", "json")
     assert done.returncode == 0, done.stderr
-    events = [json.loads(line) for line in done.stdout.splitlines()]
+    events = log_events(done.stderr)
     (summary,) = [e for e in events if e["event"] == "sweep_finished"]
     assert isinstance(summary, dict)
     summary["warnings"] = [e["event"] for e in events if e["severity"] == "WARNING"]

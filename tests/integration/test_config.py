@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import shlex
 import uuid
 from pathlib import Path
@@ -14,7 +13,9 @@ from sweeper.encodings import Encoding
 from tests.integration.helpers import (
     ago,
     ahead,
+    log_events,
     make_client,
+    plain_lines,
     run_cli,
     run_on_a_terminal,
     seed,
@@ -88,7 +89,7 @@ grace = "1h"
     proc = run_cli(emulator, "--config", str(config), SWEEPER_LOG_FORMAT="json")
 
     assert proc.returncode == 0, proc.stderr
-    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    events = log_events(proc.stderr)
     finished = [e for e in events if e["event"] == "sweep_finished"]
     assert [(e["kind"], e["property"], e["deleted"]) for e in finished] == [
         (sessions, "expires_at", 30),
@@ -125,8 +126,9 @@ def test_a_failing_target_fails_the_run_but_not_the_others(
     proc = run_cli(emulator, "--config", str(config), SWEEPER_LOG_FORMAT="json")
 
     assert proc.returncode == 1
-    assert proc.stderr.startswith("sweeper: error: 1 of 2 sweeps failed")
-    overall = json.loads(proc.stdout.splitlines()[-1])
+    (line,) = plain_lines(proc.stderr)
+    assert line.startswith("sweeper: error: 1 of 2 sweeps failed")
+    overall = log_events(proc.stderr)[-1]
     assert overall["failed_targets"] == [f"{mixed}.expires_at"]
     assert overall["deleted"] == 7
 

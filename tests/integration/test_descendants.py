@@ -7,7 +7,6 @@ state pages under the session key). Deleting the session alone leaves them behin
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from tests.integration.helpers import (
     deleted_keys,
     emulator_env,
     hook_api,
+    log_events,
     run_cli,
     seed,
     settings,
@@ -213,7 +213,7 @@ def test_the_cli_and_a_config_file_turn_it_on(
     assert run.returncode == 0, run.stderr
     assert existing(client, first) == 0
     assert existing(client, kept) == 3
-    events = [json.loads(line) for line in run.stdout.splitlines()]
+    events = log_events(run.stderr)
     (summary,) = [e for e in events if e["event"] == "sweep_finished"]
     assert summary["descendants_deleted"] == 3
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from google.cloud import datastore
 
-from tests.integration.helpers import make_client, run_on_a_terminal
+from tests.integration.helpers import log_events, make_client, plain_lines, run_on_a_terminal
 from tests.support.emulator import Emulator
 from tests.support.seed import names, put_entities, runner_eq_session, runner_questionnaire_state
 
@@ -55,7 +55,7 @@ def cli(
         check=False,
     )
     assert "Traceback" not in done.stderr
-    events = [json.loads(line) for line in done.stdout.splitlines()]
+    events = log_events(done.stderr)
     (summary,) = [e for e in events if e["event"] == "sweep_finished"]
     assert isinstance(summary, dict)
     summary["events"] = [e["event"] for e in events]
@@ -121,7 +121,7 @@ def test_a_misspelt_kind_or_property_fails_and_names_the_target(
 
     assert code == 1
     assert (summary["stopped_reason"], summary["empty"], summary["carrying"]) == ("error", True, 0)
-    (line,) = err.splitlines()
+    (line,) = plain_lines(err)
     swept_kind = wrong[1]
     prop = "expiry" if mistake == "property" else "expires_at"
     assert line.startswith(
@@ -273,11 +273,12 @@ def test_the_question_is_asked_when_stdin_is_a_terminal_whatever_stderr_is(
     assert "Delete these 10 entities? [y/N]" in shown
     assert "matches    10 of 100" in shown
     assert len(names(client, kind)) == left
+    # stderr is not a terminal: the logs there are JSON lines, for a machine.
+    logged = (tmp_path / "err.log").read_text()
+    assert log_events(logged)[-1]["event"] == "sweep_finished"
     if answer == "n":
         assert code == 1
-        assert (tmp_path / "err.log").read_text().splitlines() == [
-            "sweeper: not confirmed at the prompt; nothing was deleted"
-        ]
+        assert plain_lines(logged) == ["sweeper: not confirmed at the prompt; nothing was deleted"]
     else:
         assert code == 0, shown
 

@@ -10,13 +10,12 @@ guard at its default, as the README's worked example does.
 from __future__ import annotations
 
 import datetime as dt
-import json
 
 import pytest
 from google.cloud import datastore
 
 from sweeper.encodings import Encoding
-from tests.integration.helpers import ago, run_cli, survivors
+from tests.integration.helpers import ago, log_events, run_cli, survivors
 from tests.support.emulator import Emulator
 from tests.support.seed import MISSING
 
@@ -69,7 +68,7 @@ def test_sessions_idle_for_longer_than_the_timeout_are_deleted(
 
     assert run.returncode == 0, run.stderr
     assert survivors(client, kind, groups) == {"idle-13d", "active", "never-seen", "no-property"}
-    finished = [json.loads(line) for line in run.stdout.splitlines()]
+    finished = log_events(run.stderr)
     (summary,) = [e for e in finished if e["event"] == "sweep_finished"]
     assert (summary["format"], summary["deleted"]) == (encoding.value, 15)
     cutoff = dt.datetime.fromisoformat(summary["cutoff"])

@@ -28,6 +28,8 @@ from tests.integration.helpers import (
     ago,
     ahead,
     emulator_env,
+    log_events,
+    plain_lines,
     run_cli,
     seed,
     settings,
@@ -106,9 +108,9 @@ def test_all_namespaces_fails_when_no_namespace_holds_the_kind(
     done = run_cli(emulator, "--kind", kind, "--all-namespaces", "--log-format", "json")
 
     assert done.returncode == 1, done.stderr
-    (line,) = done.stderr.splitlines()
+    (line,) = plain_lines(done.stderr)
     assert f"nothing to sweep: no {kind} entity in any namespace carries expires_at" in line
-    events = [json.loads(x) for x in done.stdout.splitlines()]
+    events = log_events(done.stderr)
     (run,) = [e for e in events if e["event"] == "run_finished"]
     assert run["stopped_reason"] == "error"
     assert all(e["stopped_reason"] == "complete" for e in events if e["event"] == "sweep_finished")
@@ -180,12 +182,12 @@ def test_all_namespaces_through_the_cli(emulator: Emulator, kind: str) -> None:
 
     done = run_cli(emulator, "--kind", kind, "--all-namespaces", "--log-format", "json")
 
-    events = [json.loads(line) for line in done.stdout.splitlines()]
+    events = log_events(done.stderr)
     if emulator.flavour == "firestore":
         assert done.returncode == 1, done.stderr
         assert "listing the namespaces failed" in done.stderr
         assert "Traceback" not in done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1
+        assert len(plain_lines(done.stderr)) == 1
         assert [e["event"] for e in events if e["event"].endswith("_failed")] == [
             "namespaces_failed"
         ]
@@ -231,7 +233,7 @@ def test_namespaces_of_a_named_database_as_config_targets(
     for ns, g in seeded.items():
         assert survivors(tenant_client(emulator, ns, "sessions"), kind, g) == {"live"}
         assert survivors(tenant_client(emulator, ns), kind, groups(6)) == {"expired", "live"}
-    (run,) = [json.loads(x) for x in done.stdout.splitlines() if '"run_finished"' in x]
+    (run,) = [e for e in log_events(done.stderr) if e["event"] == "run_finished"]
     assert (run["swept"], run["namespaces"], run["deleted"]) == (2, 2, 12)
 
 
@@ -244,7 +246,7 @@ def test_a_dry_run_and_inspect_report_each_namespace(emulator: Emulator, kind: s
     inspected = run_cli(emulator, "--kind", kind, "--all-namespaces", command="inspect")
 
     assert dry.returncode == 0, dry.stderr
-    events = [json.loads(line) for line in dry.stdout.splitlines()]
+    events = log_events(dry.stderr)
     # A forecast per namespace, of what its own sweep would delete.
     forecasts = [e["operations"]["deleted"] for e in events if e["event"] == "forecast"]
     assert sorted(forecasts) == [4, 9]

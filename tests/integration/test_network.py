@@ -8,7 +8,6 @@ CLI, with its default settings, sweeps a backlog far larger than a page.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from google.cloud import datastore
 from sweeper.encodings import Encoding
 from sweeper.result import Runtime
 from sweeper.retry import NO_CLIENT_RETRY, RetryPolicy
-from tests.integration.helpers import ago, make_client, sweep
+from tests.integration.helpers import ago, log_events, make_client, sweep
 from tests.support.emulator import Emulator
 from tests.support.proxy import TcpProxy
 from tests.support.seed import Session, encode, names, put_sessions
@@ -63,7 +62,7 @@ def sweep_through(proxy: TcpProxy, emulator: Emulator, kind: str) -> tuple[int, 
         check=False,
     )
     assert "Traceback" not in done.stderr
-    summary = json.loads(done.stdout.splitlines()[-1])
+    summary = log_events(done.stderr)[-1]
     assert summary["event"] == "sweep_finished"
     return done.returncode, summary
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import re
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -26,7 +25,7 @@ from google.cloud import datastore
 
 from sweeper.config import load_targets
 from sweeper.settings import DEFAULT_GRACE, DEFAULT_PROPERTY, parse_duration
-from tests.integration.helpers import ago, ahead, run_cli, survivors
+from tests.integration.helpers import ago, ahead, log_events, run_cli, survivors
 from tests.support.emulator import Emulator
 from tests.support.seed import (
     put_entities,
@@ -139,10 +138,6 @@ def seed_runner_kinds(client: datastore.Client, session: str, state: str, jti: s
     )
 
 
-def events(stdout: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in stdout.splitlines()]
-
-
 def test_the_shipped_config_sweeps_the_runners_expired_data(
     emulator: Emulator, client: datastore.Client, kind: str, tmp_path: Path
 ) -> None:
@@ -155,7 +150,7 @@ def test_the_shipped_config_sweeps_the_runners_expired_data(
     proc = run_cli(emulator, "--config", str(config), SWEEPER_LOG_FORMAT="json")
 
     assert proc.returncode == 0, proc.stderr
-    logged = events(proc.stdout)
+    logged = log_events(proc.stderr)
     finished = [e for e in logged if e["event"] == "sweep_finished"]
     assert [
         (e["kind"], e["property"], e["format"], e["matched"], e["deleted"], e["failed"])
@@ -204,7 +199,7 @@ def test_submitted_at_is_swept_as_epoch_seconds(
     proc = sweep_submitted_at(emulator, kind, fmt)
 
     assert proc.returncode == 0, proc.stderr
-    (summary,) = [e for e in events(proc.stdout) if e["event"] == "sweep_finished"]
+    (summary,) = [e for e in log_events(proc.stderr) if e["event"] == "sweep_finished"]
     assert (summary["format"], summary["deleted"]) == ("epoch-seconds", 13)
     kept = [g for g in states() if g not in SUBMITTED_LONG_AGO]
     assert survivors(client, kind, states()) == set(kept)
@@ -221,7 +216,7 @@ def test_a_timestamp_target_never_deletes_the_runners_submitted_at(
     proc = sweep_submitted_at(emulator, kind, "timestamp")
 
     assert proc.returncode in (0, 1), proc.stderr
-    assert [e["deleted"] for e in events(proc.stdout) if e["event"] == "sweep_finished"] in (
+    assert [e["deleted"] for e in log_events(proc.stderr) if e["event"] == "sweep_finished"] in (
         [],
         [0],
     )

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import pytest
 from google.cloud import datastore
@@ -64,7 +64,8 @@ SCAN_DELAY_S = 0.3
 
 @dataclass
 class Proc:
-    """A ``python -m sweeper`` process whose stdout lines are parsed as they arrive."""
+    """A ``python -m sweeper`` process whose JSON log lines (on stderr) are parsed as they
+    arrive; ``err`` keeps stderr's other lines (the one-line error), ``raw`` every line."""
 
     popen: subprocess.Popen[str]
     lines: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
@@ -89,31 +90,24 @@ class Proc:
         )
         proc = cls(popen)
         proc.readers = [
-            threading.Thread(target=proc._read_out, daemon=True),
-            threading.Thread(target=proc._read_err, daemon=True),
+            threading.Thread(target=proc._read, args=(popen.stdout,), daemon=True),
+            threading.Thread(target=proc._read, args=(popen.stderr,), daemon=True),
         ]
         for reader in proc.readers:
             reader.start()
         return proc
 
-    def _read_out(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
+    def _read(self, stream: IO[str] | None) -> None:
+        assert stream is not None
+        for line in stream:
             now = time.monotonic()
-            try:
-                event = json.loads(line)
-            except ValueError:
-                event = {"event": None, "raw": line}
             with self.cond:
                 self.raw.append(line.rstrip("\n"))
-                self.lines.append((now, event if isinstance(event, dict) else {"raw": line}))
-                self.cond.notify_all()
-
-    def _read_err(self) -> None:
-        assert self.popen.stderr is not None
-        for line in self.popen.stderr:
-            with self.cond:
-                self.err.append(line)
+                if line.startswith("{"):
+                    self.lines.append((now, json.loads(line)))
+                    self.cond.notify_all()
+                elif stream is self.popen.stderr:
+                    self.err.append(line)
 
     def wait_for(
         self,
@@ -167,9 +161,7 @@ class Proc:
 
     def tail(self, n: int = 8) -> str:
         with self.cond:
-            out = self.raw[-n:]
-            err = self.err[-n:]
-        return "stdout:\n  " + "\n  ".join(out) + "\nstderr:\n  " + "  ".join(err)
+            return "output:\n  " + "\n  ".join(self.raw[-n:])
 
 
 def sweep_proc(env: dict[str, str], kind: str, *args: str) -> Proc:

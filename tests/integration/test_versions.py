@@ -17,7 +17,6 @@ database and what ``sweep_finished`` (or the ``SweepResult``) says went:
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -38,6 +37,7 @@ from tests.integration.helpers import (
     deleted_keys,
     emulator_env,
     hook_api,
+    log_events,
     run_cli,
     sweep,
 )
@@ -99,9 +99,7 @@ def size(groups: Groups) -> dict[str, int]:
 def finished(run: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     """The ``sweep_finished`` summary of a CLI run (``--log-format json``) that exited 0."""
     assert run.returncode == 0, run.stderr[-3000:]
-    lines: list[dict[str, Any]] = [
-        json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")
-    ]
+    lines: list[dict[str, Any]] = log_events(run.stderr)
     (summary,) = [line for line in lines if line["event"] == "sweep_finished"]
     return summary
 

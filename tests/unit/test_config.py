@@ -383,7 +383,7 @@ def test_the_first_runs_limits_combine_with_config(
     monkeypatch.setattr(cli_module, "sweep_targets", sweep_targets)
 
     assert main(["sweep", "--config", str(path), "--log-format", "json", *args]) == 0
-    logs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    logs = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
 
     (targets,) = seen
     assert [(t.max_fraction, t.max_runtime, t.max_deletes) for t in targets] == [
