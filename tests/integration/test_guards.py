@@ -107,17 +107,31 @@ def test_grace_zero_on_a_property_that_is_not_an_expiry_is_refused(
     assert len(names(client, kind)) == 50
 
 
-@pytest.mark.parametrize("mistake", ["kind", "property"])
+SCAN = ["--scan", "--format", "epoch-seconds"]
+
+
+@pytest.mark.parametrize(
+    ("mistake", "path"),
+    [
+        ("kind", []),
+        ("property", []),
+        ("kind", SCAN),
+        ("property", SCAN),
+        ("kind", ["--with-descendants"]),
+        ("kind", ["--shard", "1/2"]),
+    ],
+    ids=str,
+)
 def test_a_misspelt_kind_or_property_fails_and_names_the_target(
-    emulator: Emulator, client: datastore.Client, kind: str, mistake: str
+    emulator: Emulator, client: datastore.Client, kind: str, mistake: str, path: list[str]
 ) -> None:
     """`--kind eq-sesion` and `--property expiry` exited 0, "nothing was due": as a CronJob,
-    a success on every schedule, and no alert."""
+    a success on every schedule, and no alert. The same on every path to a delete."""
     sessions(client, kind, expired=20, live=20)
     wrong = ["--kind", kind.replace("-", "_")] if mistake == "kind" else ["--kind", kind]
     wrong += ["--property", "expiry"] if mistake == "property" else []
 
-    code, summary, err = cli(emulator, *wrong)
+    code, summary, err = cli(emulator, *wrong, *path)
 
     assert code == 1
     assert (summary["stopped_reason"], summary["empty"], summary["carrying"]) == ("error", True, 0)
@@ -208,6 +222,24 @@ def test_on_a_terminal_the_plan_is_shown_and_nothing_goes_without_a_yes(
         assert code == 1
         assert "not confirmed" in shown
         assert len(left) == 100
+
+
+@pytest.mark.parametrize(
+    "path", [SCAN, ["--shard", "1/2"], ["--with-descendants"], ["--no-verify"]], ids=str
+)
+def test_every_path_to_a_delete_asks_and_no_deletes_nothing(
+    emulator: Emulator, kind: str, path: list[str]
+) -> None:
+    """The question guards the scan, a shard, descendants and unverified deletes alike."""
+    client = make_client(emulator)
+    sessions(client, kind, expired=10, live=90)
+
+    code, shown = run_on_a_terminal(emulator, "n", "--kind", kind, *path)
+
+    assert re.search(r"Delete these \d+ entities\? \[y/N\]", shown), shown
+    assert code == 1, shown
+    assert "not confirmed" in shown
+    assert len(names(client, kind)) == 100
 
 
 def test_yes_skips_the_question_on_a_terminal(emulator: Emulator, kind: str) -> None:
