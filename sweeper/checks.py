@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
-import structlog
 from google.cloud import datastore
 
 from sweeper.concurrency import together
@@ -202,15 +201,6 @@ def read_clock(target: Target, local_now: Callable[[], dt.datetime]) -> ClockRea
 # the same number), so those queries return whole entities, whose values carry their true type.
 # More than one encoding, or any value sweeper cannot interpret, is a refusal: guessing would
 # delete live sessions.
-def detect_encoding(target: Target) -> Encoding | None:
-    """The single encoding stored in the target's property; None when it holds no value at all.
-
-    Refuses when entities carry values that no index holds (see :func:`check_indexed`).
-    """
-    log = structlog.get_logger("sweeper.detect")
-    return decide_encoding(read_ends(target), target.kind, target.prop, log)
-
-
 def read_ends(target: Target) -> list[object] | None:
     """The stored values of the smallest and the largest indexed value, in that order.
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
@@ -129,23 +129,6 @@ class BatchSizer:
             return self._log.degradation()
 
 
-@dataclass
-class Ledger:
-    """What the gate keeps beside the run's counts, under the same lock (the result's)."""
-
-    result: SweepResult
-    in_flight: int = 0
-    refused: list[Key] = field(default_factory=list)
-    versions: set[int] = field(default_factory=set)  # what this run's commits wrote
-
-    @property
-    def lock(self) -> threading.RLock:
-        return self.result.lock
-
-    def add(self, **counts: int) -> None:
-        self.result.add(**counts)
-
-
 class Changed(Exception):
     """A commit was refused because one of its entities (or a guard) changed since it was
     read; ``gone`` are its keys a lookup found missing afterwards, already accounted for."""
@@ -175,7 +158,13 @@ class Committer:
         self._client, self._retrier = client, retrier
         self._kind, self._prop, self.verify = kind, prop, verify
         self._sizer, self._throttle, self.allowance = sizer, throttle, allowance
-        self.ledger = Ledger(result)
+        # Beside the run's counts, under the same lock (the result's): keys sent and not yet
+        # answered (``unconfirmed`` if the run must stop first), keys refused even alone, and
+        # the versions this run's commits wrote (rule 5).
+        self.result = result
+        self.in_flight = 0
+        self.refused: list[Key] = []
+        self._versions: set[int] = set()
         # Entity groups per all-or-nothing commit: 25 where the database is known to take no
         # more (``LEGACY_LIMIT``); a refusal cuts it to that anyway (``shrink_groups``).
         self.groups_per_commit = transaction_groups if verify else MAX_BATCH_SIZE
@@ -218,18 +207,18 @@ class Committer:
             raise
         except Exception as exc:
             if maybe_applied[0]:
-                self.ledger.add(unconfirmed=n)
+                self.result.add(unconfirmed=n)
             else:
                 self.allowance.release(n)
-            self.ledger.add(failed=sessions)
+            self.result.add(failed=sessions)
             if is_bug(exc):  # not the database's failure: the engine logs its traceback
                 raise
             raise DatastoreError(
                 f"deleting a batch failed after retries: {describe_exception(exc)}"
             ) from exc
         if version is not None:
-            with self.ledger.lock:
-                self.ledger.versions.add(version)
+            with self.result.lock:
+                self._versions.add(version)
         self._throttle.record(accepted=True)
         self._log.debug("batch_deleted", keys=n, sessions=sessions)
 
@@ -241,7 +230,7 @@ class Committer:
         try:
             if txn is not None:
                 looked = rpc.lookup(self._client, txn, [g.key for g in guards], self._prop, timeout)
-                self.ledger.add(entities_read=len(guards))
+                self.result.add(entities_read=len(guards))
                 if any(looked.found.get(g.key.flat_path) != g for g in guards):
                     raise Changed
             return self._sizer.measure(
@@ -287,18 +276,18 @@ class Committer:
         looked = self.lookup([*(s.key for s in chunk), never])
         gone = frozenset(s.key.flat_path for s in chunk if s.key.flat_path not in looked.found)
         versions = {looked.missing.get(p) for p in gone}
-        with self.ledger.lock:
+        with self.result.lock:
             ours = (
                 len(gone) == len(chunk)
                 and len(versions) == 1
                 and looked.missing.get(never.flat_path) not in versions
-                and not versions & self.ledger.versions
+                and not versions & self._versions
             )
             if ours:
-                self.ledger.versions.update(v for v in versions if v is not None)
+                self._versions.update(v for v in versions if v is not None)
         if ours:
             return None
-        self.ledger.add(unattributed=len(gone))
+        self.result.add(unattributed=len(gone))
         return gone
 
     def lookup(self, keys: Sequence[Key]) -> rpc.Looked:
@@ -306,7 +295,7 @@ class Committer:
             "lookup",
             lambda: rpc.lookup(self._client, None, keys, self._prop, self._retrier.timeout),
         )
-        self.ledger.add(entities_read=len(keys))
+        self.result.add(entities_read=len(keys))
         return looked
 
     def _refused(self, exc: gexc.InvalidArgument, sessions: int, keys: int) -> Exception:
@@ -322,14 +311,23 @@ class Committer:
                 )
                 return Split(smaller, max(1, sessions // 2))
             return Split(1, 1)
-        self.ledger.add(failed=sessions)
+        self.result.add(failed=sessions)
         return DatastoreError(f"deleting a batch failed after retries: {describe_exception(exc)}")
 
-    def _in_flight(self, keys: int) -> _InFlight:
-        return _InFlight(self.ledger, keys)
+    @contextmanager
+    def _in_flight(self, keys: int) -> Iterator[None]:
+        """Keys a commit is working on: if the run must stop before it answers, they may or
+        may not be gone (the summary's ``unconfirmed``)."""
+        with self.result.lock:
+            self.in_flight += keys
+        try:
+            yield
+        finally:
+            with self.result.lock:
+                self.in_flight -= keys
 
     def _wait(self, keys: int) -> None:
-        self.ledger.result.add(throttle_wait_s=self._throttle.acquire(keys))
+        self.result.add(throttle_wait_s=self._throttle.acquire(keys))
 
     def shrink_groups(self) -> None:
         with self._lock:  # several workers may be refused at once: shrink and say so once
@@ -343,9 +341,9 @@ class Committer:
         )
 
     def refuse(self, keys: Sequence[Key]) -> None:
-        with self.ledger.lock:
-            self.ledger.refused.extend(keys)
-            self.ledger.result.failed += len(keys)
+        with self.result.lock:
+            self.refused.extend(keys)
+            self.result.add(failed=len(keys))
         for key in keys:
             self._log.error(
                 "delete_refused",
@@ -366,22 +364,6 @@ class Split(Exception):
     def __init__(self, keys: int, groups: int) -> None:
         super().__init__("split")
         self.keys, self.groups = keys, groups
-
-
-class _InFlight:
-    """Keys a commit is working on: if the run must stop before it answers, they may or may
-    not be gone (the summary's ``unconfirmed``)."""
-
-    def __init__(self, ledger: Ledger, keys: int) -> None:
-        self._ledger, self._keys = ledger, keys
-
-    def __enter__(self) -> None:
-        with self._ledger.lock:
-            self._ledger.in_flight += self._keys
-
-    def __exit__(self, *_exc: object) -> None:
-        with self._ledger.lock:
-            self._ledger.in_flight -= self._keys
 
 
 def refused_error(refused: Sequence[Key]) -> str | None:

@@ -137,7 +137,7 @@ class Sweep:
 
     def _in_flight(self) -> int:
         """Keys handed to a delete call not yet answered."""
-        return 0 if self._gate is None else self._gate.ledger.in_flight
+        return 0 if self._gate is None else self._gate.committer.in_flight
 
     def _body(self, result: SweepResult, started: float) -> None:
         try:
@@ -277,7 +277,7 @@ class Sweep:
             self._end(result, reason)
         if gate.allowance.capped:
             self._end(result, StopReason.MAX_DELETES)
-        refused = refused_error(gate.ledger.refused)
+        refused = refused_error(gate.committer.refused)
         if refused is not None:
             self._end(result, StopReason.ERROR, refused)
         return seen

@@ -147,7 +147,7 @@ class Gate:
         # --with-descendants: the ancestor queries of every delete worker, ``readers`` at once.
         self._readers = Pool(readers, "ancestor-queries") if with_descendants else None
         self._sizer, self.allowance = sizer, allowance
-        self._committer = Committer(
+        self.committer = Committer(
             target.client,
             target.retrier,
             kind=rule.kind,
@@ -159,7 +159,7 @@ class Gate:
             allowance=allowance,
             result=result,
         )
-        self.ledger = self._committer.ledger
+        self._result = result
         self._should_stop = should_stop
         self._on_batch = on_batch  # progress, after every commit
         self._log = structlog.get_logger("sweeper.gate").bind(kind=rule.kind)
@@ -177,7 +177,7 @@ class Gate:
         page = _unique(page)
         due = [s for s in page if self._rule.due(s)] if self.verify else page
         if len(due) < len(page):  # the query's own read shows them live (or of no encoding)
-            self.ledger.add(skipped=len(page) - len(due))
+            self._result.add(skipped=len(page) - len(due))
         left = self.allowance.left()
         if left is not None and len(due) > left:  # a session is at least one entity
             due = due[:left]
@@ -194,8 +194,8 @@ class Gate:
         limit = [MAX_BATCH_SIZE]  # keys per commit since one of this page's was too big
         while queue and not self._should_stop():
             size = min(limit[0], self._sizer.size)
-            self._commit(_take(queue, size, self._committer.groups_per_commit), limit)
-            self.ledger.add(batches=1)
+            self._commit(_take(queue, size, self.committer.groups_per_commit), limit)
+            self._result.add(batches=1)
             self._on_batch()
 
     def _count_dry(self, groups: list[Group]) -> None:
@@ -203,7 +203,7 @@ class Gate:
         granted = self.allowance.reserve([len(g.members) for g in groups])
         taken = groups[:granted]
         entities = sum(len(g.members) for g in taken)
-        self.ledger.add(
+        self._result.add(
             batches=-(-entities // self._sizer.size),
             matched=len(taken),
             descendants_matched=entities - len(taken),
@@ -221,7 +221,7 @@ class Gate:
             paths = {s.key.flat_path for s in due}
             roots = [s for s in due if not _has_ancestor_in(s.key, paths)]
             groups = self._read_groups([s.key for s in roots])
-            self.ledger.add(skipped=len(roots) - len(groups))
+            self._result.add(skipped=len(roots) - len(groups))
         return groups
 
     def _matched(self, groups: Sequence[Group]) -> None:
@@ -231,7 +231,7 @@ class Gate:
         for g in new:
             g.counted = True
         entities = sum(len(g.members) for g in new)
-        self.ledger.add(matched=len(new), descendants_matched=entities - len(new))
+        self._result.add(matched=len(new), descendants_matched=entities - len(new))
 
     def _read_groups(self, roots: Sequence[Key]) -> list[Group]:
         """Each root's group, read whole (an ancestor query each, on the pool) and decided."""
@@ -246,13 +246,13 @@ class Gate:
         if self._descend:
             fresh = self._read_groups(roots)
         else:
-            looked = self._committer.lookup(roots)
+            looked = self.committer.lookup(roots)
             fresh = [
                 Group(r, [looked.found[r.flat_path]])
                 for r in roots
                 if r.flat_path in looked.found and self._rule.due(looked.found[r.flat_path])
             ]
-        self.ledger.add(skipped=len(roots) - len(fresh))
+        self._result.add(skipped=len(roots) - len(fresh))
         for g in fresh:
             g.counted = True
         return fresh
@@ -277,7 +277,7 @@ class Gate:
             capped, groups = granted < len(groups), groups[:granted]
             self._matched(groups)
             try:
-                self._committer.send([m for g in groups for m in g.members], (), len(groups))
+                self.committer.send([m for g in groups for m in g.members], (), len(groups))
             except Changed as changed:
                 rereads += 1
                 if rereads > MAX_REREADS:
@@ -292,7 +292,7 @@ class Gate:
                 if len(groups) > 1:
                     self._repack(groups, split.groups, limit)
                 elif len(groups[0].members) <= 1:
-                    self._committer.refuse([groups[0].members[0].key])
+                    self.committer.refuse([groups[0].members[0].key])
                 else:
                     continue  # the sizer is smaller now: the group goes as a chain
                 return
@@ -322,7 +322,7 @@ class Gate:
             self._matched([group])
             try:
                 guards = group.guards(self._rule.kind, chunk) if self.verify else []
-                self._committer.send(chunk, guards)
+                self.committer.send(chunk, guards)
             except Changed as changed:
                 rereads += 1
                 if rereads > MAX_REREADS:
@@ -337,7 +337,7 @@ class Gate:
                 continue
             except Split as split:
                 if len(chunk) <= 1:
-                    self._committer.refuse([chunk[0].key])
+                    self.committer.refuse([chunk[0].key])
                     group.members = group.members[1:]
                 limit[0] = min(limit[0], split.keys)  # the rest goes in chunks no larger
                 continue
@@ -351,10 +351,10 @@ class Gate:
         roots = {g.root.flat_path for g in groups}
         keys = chunk if chunk is not None else [m for g in groups for m in g.members]
         sessions = sum(1 for s in keys if s.key.flat_path in roots)
-        self.ledger.add(deleted=sessions, descendants_deleted=len(keys) - sessions)
+        self._result.add(deleted=sessions, descendants_deleted=len(keys) - sessions)
 
     def _contended(self, groups: Sequence[Group]) -> None:
-        self.ledger.add(skipped=len(groups))
+        self._result.add(skipped=len(groups))
         self._log.warning(
             "delete_contended",
             sessions=len(groups),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import threading
+from typing import Any
 
 import pytest
 from google.cloud import datastore
@@ -146,7 +147,7 @@ def test_parallel_streams_delete_exactly_the_expired_set(
 
 @pytest.mark.parametrize("path", [{}, {"scan": True}, {"with_descendants": True}], ids=str)
 def test_max_rate_slows_the_deletes(
-    client: datastore.Client, kind: str, path: dict[str, bool]
+    client: datastore.Client, kind: str, path: dict[str, Any]
 ) -> None:
     """--max-rate 400 over 2,000 deletes ran at 490/s: the first batch went before its budget.
     Every path's commits go through the one throttle."""

@@ -8,10 +8,11 @@ from collections.abc import Sequence
 from typing import cast
 
 import pytest
+import structlog
 from google.cloud import datastore
 from structlog.testing import capture_logs
 
-from sweeper.checks import UNINDEXED_SAMPLE, check_explicit, detect_encoding
+from sweeper.checks import UNINDEXED_SAMPLE, check_explicit, decide_encoding, read_ends
 from sweeper.encodings import Encoding
 from sweeper.logs import RefusedError
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
@@ -36,6 +37,11 @@ def stored(values: Sequence[object], unindexed: bool = False) -> FakeClient:
 def detect(values: Sequence[object], unindexed: bool = False) -> Encoding | None:
     client = cast(datastore.Client, stored(values, unindexed))
     return detect_encoding(Target(client, retrier(), KIND, PROP))
+
+
+def detect_encoding(target: Target) -> Encoding | None:
+    """What ``sweep --format auto`` decides: the ends of the index read, then decided."""
+    return decide_encoding(read_ends(target), KIND, PROP, structlog.get_logger("sweeper"))
 
 
 def check(values: Sequence[object], encoding: Encoding) -> tuple[str, ...]:

@@ -302,7 +302,7 @@ def test_a_single_key_refused_as_too_big_is_left_and_named_and_the_rest_go() -> 
         run.gate.delete(read(store, keys))
     assert set(store.values) == set(keys)
     assert run.result.failed == 5
-    assert run.gate.ledger.refused == keys
+    assert run.gate.committer.refused == keys
     refused = [e for e in logs if e["event"] == "delete_refused"]
     assert len(refused) == 5
     assert refused[0]["log_level"] == "error"
