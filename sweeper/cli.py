@@ -129,12 +129,12 @@ def sweep(**options: Any) -> None:
     with StopOnSignal() as stop:
         runtime = Runtime(
             retry_policy=_retry_policy(options),
-            stop_requested=stop.is_set,
+            stop=stop.event,
             on_progress=line.show if line else None,
-            confirm=partial(ask_before_deleting, stopping=stop.is_set) if asks else None,
+            confirm=partial(ask_before_deleting, stopping=stop.event.is_set) if asks else None,
         )
         results = sweep_targets(targets, client_for, runtime, overall=options["config"] is not None)
-    if options["dry_run"] and not stop.is_set():
+    if options["dry_run"] and not stop.event.is_set():
         _log_forecasts(results)
     if person and results:
         click.echo(summary(results, stop.name), err=True)

@@ -310,7 +310,7 @@ def sweep_targets(
     started = rt.monotonic()
     results: list[SweepResult] = []
     for settings in targets:
-        if rt.stop_requested():
+        if rt.stop.is_set():
             break
         if settings.all_namespaces:
             results.extend(_every_namespace(settings, client_for, rt))
@@ -380,7 +380,7 @@ def _run_finished(
 ) -> None:
     failed = [r.settings.label for r in results if r.error]
     timed_out = any(r.stopped_reason == StopReason.MAX_RUNTIME for r in results)
-    reason = StopReason.SIGNAL if rt.stop_requested() else StopReason.ERROR if failed else None
+    reason = StopReason.SIGNAL if rt.stop.is_set() else StopReason.ERROR if failed else None
     reason = reason or (StopReason.MAX_RUNTIME if timed_out else StopReason.COMPLETE)
     log = structlog.get_logger("sweeper")
     (log.error if failed else log.info)(

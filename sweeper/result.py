@@ -32,7 +32,8 @@ class Runtime:
     now: Callable[[], dt.datetime] = utc_now
     monotonic: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
-    stop_requested: Callable[[], bool] = lambda: False
+    # Set when the run must stop (SIGTERM, SIGINT): what every sweep's ``Stopper`` asks.
+    stop: threading.Event = field(default_factory=threading.Event)
     # Called after every batch with the counts so far, the seconds elapsed and whether the run
     # is over (the CLI draws a live line on a terminal); None for none.
     on_progress: Callable[[SweepResult, float, bool], None] | None = None
@@ -308,7 +309,7 @@ class Budget:
     def start(cls, settings: SweepSettings, rt: Runtime, deadline: float | None = None) -> Budget:
         """A fresh budget; ``deadline`` is a value of ``rt.monotonic`` (a lone sweep sets its
         own once it runs)."""
-        stopper = Stopper(rt.stop_requested, rt.monotonic, rt.sleep, deadline)
+        stopper = Stopper(rt.stop, rt.monotonic, rt.sleep, deadline)
         throttle = Throttle(
             ThrottleSettings(
                 ramp_up=settings.ramp_up,

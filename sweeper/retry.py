@@ -307,21 +307,22 @@ class Stopped(BaseException):
 
 
 class Stopper:
-    """Answers "must the run stop, and why" from any thread, and waits interruptibly.
-    ``deadline``: a value of ``monotonic`` (``--max-runtime``), or None."""
+    """The run's one stop: an event (set by a signal handler, or a test) and a deadline (a
+    value of ``monotonic``: ``--max-runtime``; None: none). Answers "must the run stop, and
+    why" from any thread, and waits interruptibly."""
 
     def __init__(
         self,
-        stop_requested: Callable[[], bool],
+        event: threading.Event,
         monotonic: Callable[[], float],
         sleep: Callable[[float], None],
         deadline: float | None = None,
     ) -> None:
-        self._stop_requested, self._monotonic, self._sleep = stop_requested, monotonic, sleep
+        self.event, self._monotonic, self._sleep = event, monotonic, sleep
         self.deadline = deadline
 
     def reason(self) -> StopReason | None:
-        if self._stop_requested():
+        if self.event.is_set():
             return StopReason.SIGNAL
         if self.deadline is not None and self._monotonic() >= self.deadline:
             return StopReason.MAX_RUNTIME

@@ -153,15 +153,12 @@ def _n(count: int) -> str:
 
 
 class StopOnSignal:
-    """SIGTERM (pod eviction, job deadline) and SIGINT stop the run before its next batch."""
+    """SIGTERM (pod eviction, job deadline) and SIGINT set the run's stop ``event``."""
 
     def __init__(self) -> None:
-        self._event = threading.Event()
+        self.event = threading.Event()
         self.exit_code = EXIT_SIGTERM
         self._previous: dict[int, Any] = {}
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
 
     @property
     def name(self) -> str:
@@ -169,7 +166,7 @@ class StopOnSignal:
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         self.exit_code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
-        self._event.set()
+        self.event.set()
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
@@ -238,7 +235,7 @@ def run_until_signal(stop: StopOnSignal, what: str, fn: Callable[[], T]) -> T:
     (one line, exit 143/130) within a poll of the signal, whatever call is in flight.
     """
     work = Background(fn, what)
-    while work.running(0.1) and not stop.is_set():
+    while work.running(0.1) and not stop.event.is_set():
         pass
     if work.running(0):
         raise StoppedBySignal(f"{what} stopped by {stop.name}; nothing was changed", stop.exit_code)

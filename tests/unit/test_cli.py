@@ -673,9 +673,9 @@ def test_signal_stops_with_its_exit_code(
     before = signal.getsignal(signum)
 
     def receive_signal(runtime: Runtime) -> None:
-        assert not runtime.stop_requested()
+        assert not runtime.stop.is_set()
         signal.raise_signal(signum)
-        assert runtime.stop_requested()
+        assert runtime.stop.is_set()
 
     stub.on_run, stub.stopped_reason = receive_signal, StopReason.SIGNAL
     assert main(["sweep", "--log-format", "json"]) == code

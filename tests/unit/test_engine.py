@@ -12,6 +12,7 @@ import itertools
 import json
 import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, cast
 
 from google.api_core import exceptions as gexc
@@ -199,9 +200,20 @@ def test_a_failed_ancestor_query_deletes_nothing_of_its_batch() -> None:
     assert (result.deleted, result.descendants_deleted) == (0, 0)
 
 
+class SetWhen(threading.Event):
+    """A stop flag that is set once ``condition`` holds: a signal at a chosen moment."""
+
+    def __init__(self, condition: Callable[[], bool]) -> None:
+        super().__init__()
+        self._condition = condition
+
+    def is_set(self) -> bool:
+        return self._condition() or super().is_set()
+
+
 def test_stop_requested_stops_before_any_delete() -> None:
     client = expired_sessions(5)
-    result, logs = run(client, rt=runtime(stop_requested=lambda: True))
+    result, logs = run(client, rt=runtime(stop=SetWhen(lambda: True)))
     assert result.stopped_reason == "signal"
     assert (result.matched, result.deleted, result.batches) == (0, 0, 0)
     assert client.delete_calls == []
@@ -212,7 +224,7 @@ def test_stop_requested_stops_before_any_delete() -> None:
 def test_stop_requested_mid_run_finishes_current_batch_only() -> None:
     client = expired_sessions(9)
     # The signal arrives while the first batch is being deleted.
-    result, _logs = run(client, rt=runtime(stop_requested=lambda: len(client.deleted) >= 3))
+    result, _logs = run(client, rt=runtime(stop=SetWhen(lambda: len(client.deleted) >= 3)))
     assert result.stopped_reason == "signal"
     assert result.deleted == 3
     assert client.deleted == client.keys[:3]

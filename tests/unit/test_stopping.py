@@ -4,6 +4,8 @@ interruptible pauses in slices of at most ``WAIT_SLICE_S``, and ``Stopped`` slip
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from sweeper.retry import WAIT_SLICE_S, Stopped, Stopper, StopReason
@@ -15,19 +17,16 @@ class World(FakeClock):
 
     def __init__(self, stop_after_sleeps: int | None = None) -> None:
         super().__init__(now=1000.0)
-        self.stop = False
+        self.event = threading.Event()  # the run's stop flag
         self._stop_after_sleeps = stop_after_sleeps
-
-    def stop_requested(self) -> bool:
-        return self.stop
 
     def sleep(self, seconds: float) -> None:
         super().sleep(seconds)
         if self._stop_after_sleeps is not None and len(self.sleeps) >= self._stop_after_sleeps:
-            self.stop = True
+            self.event.set()
 
     def stopper(self, deadline: float | None = None) -> Stopper:
-        return Stopper(self.stop_requested, self, self.sleep, deadline)
+        return Stopper(self.event, self, self.sleep, deadline)
 
 
 def test_no_reason_without_signal_or_deadline() -> None:
@@ -40,13 +39,13 @@ def test_no_reason_without_signal_or_deadline() -> None:
 
 def test_signal_is_a_reason() -> None:
     world = World()
-    world.stop = True
+    world.event.set()
     assert world.stopper().reason() is StopReason.SIGNAL
 
 
 def test_signal_beats_a_passed_deadline() -> None:
     world = World()
-    world.stop = True
+    world.event.set()
     stopper = world.stopper(deadline=world.now - 1.0)
     assert stopper.reason() is StopReason.SIGNAL
 
@@ -103,7 +102,7 @@ def test_pause_raises_as_soon_as_the_deadline_passes_mid_wait() -> None:
 
 def test_pause_checks_before_sleeping() -> None:
     world = World()
-    world.stop = True
+    world.event.set()
     with pytest.raises(Stopped):
         world.stopper().pause(5.0)
     assert world.sleeps == []
@@ -111,7 +110,7 @@ def test_pause_checks_before_sleeping() -> None:
 
 def test_pause_of_zero_still_checks() -> None:
     world = World()
-    world.stop = True
+    world.event.set()
     with pytest.raises(Stopped) as info:
         world.stopper().pause(0)
     assert info.value.reason is StopReason.SIGNAL
@@ -126,7 +125,7 @@ def test_pause_of_zero_returns_at_once_when_not_stopping() -> None:
 
 def test_stopped_is_not_caught_by_except_exception() -> None:
     world = World()
-    world.stop = True
+    world.event.set()
     stopper = world.stopper()
     caught: list[Exception] = []
 
