@@ -42,10 +42,9 @@ B = TypeVar("B")
 
 class Background(Generic[A]):
     """``fn`` in a daemon thread of its own, started at once; its value or its error handed
-    to whoever waits for it. The one way the run puts work beside its caller: the sweep's
-    body (so that a stop is honoured whatever it is doing), a read beside another
-    (``together``), ``inspect`` under a signal. A daemon, so that a call left hanging when
-    the process must exit does not hold it up (a thread pool's workers would)."""
+    to whoever waits for it: a read beside another (``together``). A daemon, so that a call
+    left hanging when the process must exit does not hold it up (a thread pool's workers
+    would)."""
 
     def __init__(self, fn: Callable[[], A], name: str) -> None:
         self._fn = fn
@@ -111,13 +110,16 @@ class Pool:
 
 def together(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
     """Both reads at once, for one round trip instead of two: ``second`` in the background,
-    ``first`` in the caller's thread. Returns once both have; raises ``first``'s error, else
-    ``second``'s."""
+    ``first`` in the caller's thread. Returns once both have; raises ``first``'s error once
+    both are done, else ``second``'s. A stop (a ``BaseException``) goes at once: ``second``
+    is left to end on its own."""
     beside = Background(second, "together")
     try:
         a = first()
-    finally:
+    except Exception:
         beside.running()
+        raise
+    beside.running()
     return a, beside.value()
 
 

@@ -224,7 +224,7 @@ class Committer:
 
     def _attempt(self, chunk: list[Seen], guards: Sequence[Seen], maybe: list[bool]) -> int | None:
         """One try: a single-use transaction, or (guards) one that looks them up first."""
-        timeout = self._retrier.timeout
+        timeout = self._retrier.delete_timeout
         deletes = [(s.key, s.version if self.verify else None) for s in chunk]
         txn = rpc.begin(self._client, timeout) if guards else None
         try:

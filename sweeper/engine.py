@@ -20,13 +20,14 @@ from google.cloud import datastore
 
 from sweeper import checks, guard
 from sweeper.checks import SKEW_WARNING_S, Stored, read_clock
-from sweeper.concurrency import Background, CallLimiter, Pipeline, together
+from sweeper.concurrency import CallLimiter, Pipeline, together
 from sweeper.deleter import LEGACY_LIMIT, BatchSizer, refused_error
 from sweeper.encodings import Encoding
 from sweeper.gate import DESCENDANT_QUERIES, Gate, Rule
 from sweeper.logs import SweeperError, describe_exception, is_bug, report_bug
 from sweeper.result import Budget, ProgressLog, Runtime, SweepResult
 from sweeper.retry import (
+    DRAIN_S,
     PUSHBACK,
     Allowance,
     Capped,
@@ -86,14 +87,15 @@ class Sweep:
         )
         self._log = structlog.get_logger("sweeper").bind(kind=settings.kind)
         self._gate: Gate | None = None  # the run's one way to a delete, once it is set up
-        self._abandoned = False
 
     def run(self) -> SweepResult:
-        """Sweep in a thread of its own, so that a stop is honoured whatever it is doing.
+        """Sweep, in the caller's thread; a signal stops it wherever it waits (``StopEvent``),
+        the deadline at its next check, and no call outlives the deadline by more than
+        ``DRAIN_S``.
 
-        Once the run must stop (signal or deadline), calls in flight get ``drain_s`` to land;
-        a call still hanging after that is abandoned and the summary says how many keys it
-        carried. The process can exit under it: the thread is a daemon.
+        Once the run must stop, deletes in flight get ``DRAIN_S`` to land; a delete still
+        unanswered after that is left to its worker (a daemon: the process can exit under it)
+        and the summary says how many keys it carried.
         """
         rt, s = self.runtime, self.settings
         started = rt.monotonic()
@@ -101,11 +103,14 @@ class Sweep:
             self._stopper.deadline = started + s.max_runtime.total_seconds()
         # Provisional, for a summary of a run that fails before it reads the database's clock.
         result = SweepResult(s, rt.now() - s.grace, s.format_label)
-        body = Background(partial(self._body, result, started), f"sweep-{s.kind}")
-        self._await(body)
+        try:
+            with rt.stop.interrupting():
+                self._body(result, started)
+        except Stopped as stop:  # a signal, raised wherever the body was
+            self._end(result, stop.reason)
+        self._drain()
         with result.lock:
-            if body.running(0):
-                self._abandoned = True
+            if self._in_flight():
                 result.stop(self._stopper.reason() or StopReason.SIGNAL)
                 result.unconfirmed += self._in_flight()
             result.retries = self._counter.retries
@@ -123,17 +128,14 @@ class Sweep:
         log("sweep_finished", **summary)
         return result
 
-    def _await(self, body: Background[None]) -> None:
+    def _drain(self) -> None:
+        """Deletes still in flight (the run stopped) get up to ``DRAIN_S`` to land, so that
+        the counts stay exact."""
         rt = self.runtime
-        while body.running(rt.poll_s):
-            if self._stopper.stopping():
-                break
-        # Stopping: deletes in flight get up to drain_s to land, so the counts stay exact; a
-        # query or a wait has nothing worth waiting for beyond one more poll to unwind.
-        drain_until = rt.monotonic() + rt.drain_s
-        body.running(rt.poll_s)
-        while body.running(0) and self._in_flight() and rt.monotonic() < drain_until:
-            body.running(rt.poll_s)
+        for _ in range(round(DRAIN_S / rt.poll_s)):  # counted: an injected sleep returns at once
+            if not self._in_flight():
+                return
+            rt.sleep(rt.poll_s)
 
     def _in_flight(self) -> int:
         """Keys handed to a delete call not yet answered."""
@@ -191,8 +193,6 @@ class Sweep:
 
     def _end(self, result: SweepResult, reason: StopReason, error: str | None = None) -> None:
         with result.lock:
-            if self._abandoned:  # the summary is out already: leave it as logged
-                return
             if reason == StopReason.ERROR:
                 result.stopped_reason, result.error = reason, error
             else:

@@ -15,7 +15,7 @@ from sweeper.concurrency import Degradation, together
 from sweeper.encodings import Encoding, expired_range, from_micros
 from sweeper.guard import Plan
 from sweeper.logs import EXIT_FAILURE, EXIT_OK
-from sweeper.retry import RetryCounter, RetryPolicy, Stopper, StopReason
+from sweeper.retry import RetryCounter, RetryPolicy, StopEvent, Stopper, StopReason
 from sweeper.settings import SweepSettings
 from sweeper.target import Count, Target
 from sweeper.throttle import Throttle, ThrottleSettings
@@ -33,7 +33,7 @@ class Runtime:
     monotonic: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
     # Set when the run must stop (SIGTERM, SIGINT): what every sweep's ``Stopper`` asks.
-    stop: threading.Event = field(default_factory=threading.Event)
+    stop: StopEvent = field(default_factory=StopEvent)
     # Called after every batch with the counts so far, the seconds elapsed and whether the run
     # is over (the CLI draws a live line on a terminal); None for none.
     on_progress: Callable[[SweepResult, float, bool], None] | None = None
@@ -43,10 +43,9 @@ class Runtime:
     confirm: Callable[[Plan], bool] | None = None
     # Progress events on long runs, no more often than this.
     progress_every_s: float = 10.0
-    # How often the waiting thread looks at the stop flag, and how long calls in flight may
-    # take to land once the run must stop: together well inside STOP_BUDGET_S.
+    # How often a run that must stop looks again at the deletes still in flight (which get
+    # ``retry.DRAIN_S`` to land): together well inside STOP_BUDGET_S.
     poll_s: float = 0.1
-    drain_s: float = 5.0
 
 
 @dataclass

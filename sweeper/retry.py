@@ -20,7 +20,8 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -212,8 +213,21 @@ class Retrier:
 
     @property
     def timeout(self) -> float:
-        """The deadline to give each call."""
-        return self.policy.call_timeout_s
+        """The deadline to give a read: the policy's, and never past the run's own deadline
+        (a read that never answers holds up no stop; after the deadline none is needed)."""
+        return self._bounded(0.0)
+
+    @property
+    def delete_timeout(self) -> float:
+        """The deadline to give a commit: the policy's, and never more than ``DRAIN_S`` past
+        the run's deadline (a delete in flight then gets that long to land)."""
+        return self._bounded(DRAIN_S)
+
+    def _bounded(self, past_deadline: float) -> float:
+        left = None if self._stopper is None else self._stopper.time_left()
+        if left is None:
+            return self.policy.call_timeout_s
+        return max(0.1, min(self.policy.call_timeout_s, left + past_deadline))
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
         """Run ``fn``; retry transient errors; re-raise the last error once the policy gives up.
@@ -306,6 +320,42 @@ class Stopped(BaseException):
         self.reason = reason
 
 
+# Once a run must stop, calls already in flight get this long to land (the deletes, so that
+# the counts stay exact); a call is never given longer past the run's deadline.
+DRAIN_S = 5.0
+
+
+class StopEvent(threading.Event):
+    """The run's stop flag, set by the signal handlers (``terminal.StopOnSignal``) or a test.
+
+    While the main thread runs a sweep or a report (:meth:`interrupting`), a signal also
+    raises :class:`Stopped` in it at once: whatever it waits for (a call that never answers,
+    since gRPC looks at signals every 200 ms while it waits, a lock, a thread) it stops
+    waiting. Elsewhere, and after that once, the flag is only set, for the next check.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._armed = False
+
+    @contextmanager
+    def interrupting(self) -> Iterator[None]:
+        if self.is_set():
+            raise Stopped(StopReason.SIGNAL)
+        self._armed = threading.current_thread() is threading.main_thread()
+        try:
+            yield
+        finally:
+            self._armed = False
+
+    def signalled(self) -> None:
+        """A signal arrived (in the main thread, as Python runs handlers)."""
+        self.set()
+        if self._armed:
+            self._armed = False  # once: what unwinds after it runs to its end
+            raise Stopped(StopReason.SIGNAL)
+
+
 class Stopper:
     """The run's one stop: an event (set by a signal handler, or a test) and a deadline (a
     value of ``monotonic``: ``--max-runtime``; None: none). Answers "must the run stop, and
@@ -331,6 +381,10 @@ class Stopper:
     def stopping(self) -> bool:
         """Whether the run must stop: what every loop of the run asks between its steps."""
         return self.reason() is not None
+
+    def time_left(self) -> float | None:
+        """Seconds to the deadline (None: no deadline)."""
+        return None if self.deadline is None else self.deadline - self._monotonic()
 
     def check(self) -> None:
         """Raise :class:`Stopped` if the run must stop."""

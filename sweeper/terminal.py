@@ -11,11 +11,10 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any, TextIO, TypeVar
 
-from sweeper.concurrency import Background
 from sweeper.guard import Exposure, Plan, describe
 from sweeper.logs import EXIT_SIGINT, EXIT_SIGTERM, SweeperError
 from sweeper.result import SweepResult
-from sweeper.retry import Stopped, StopReason
+from sweeper.retry import StopEvent, Stopped, StopReason
 from sweeper.target import Count
 
 # How often the question looks at the stop flag while it waits for an answer.
@@ -153,10 +152,11 @@ def _n(count: int) -> str:
 
 
 class StopOnSignal:
-    """SIGTERM (pod eviction, job deadline) and SIGINT set the run's stop ``event``."""
+    """SIGTERM (pod eviction, job deadline) and SIGINT set the run's stop ``event`` (and, while
+    a sweep or a report runs, stop it where it waits: ``retry.StopEvent``)."""
 
     def __init__(self) -> None:
-        self.event = threading.Event()
+        self.event = StopEvent()
         self.exit_code = EXIT_SIGTERM
         self._previous: dict[int, Any] = {}
 
@@ -166,7 +166,7 @@ class StopOnSignal:
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         self.exit_code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
-        self.event.set()
+        self.event.signalled()
 
     def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
@@ -200,17 +200,19 @@ def ask_before_deleting(plan: Plan, stopping: Callable[[], bool]) -> bool:
             if answer.strip().lower() in ("", "n", "no", "y", "yes"):
                 return answer.strip().lower() in ("y", "yes")
             os.write(fd, b"Please answer y or n.\n")
+    except Stopped:  # Ctrl-C: the terminal has echoed ``^C``; end its line
+        os.write(fd, b"\n")
+        raise
     finally:
         os.close(fd)
 
 
 def _read_line(fd: int, stopping: Callable[[], bool]) -> str | None:
     """A line typed at the terminal ``fd`` (None at end of input); raises :class:`Stopped` once
-    the run must stop (Ctrl-C: the terminal has already echoed ``^C``)."""
+    the run must stop."""
     typed = b""
     while not typed.endswith(b"\n"):
         if stopping():
-            os.write(fd, b"\n")
             raise Stopped(StopReason.SIGNAL)
         if select.select([fd], [], [], _POLL_S)[0]:
             chunk = os.read(fd, 1024)
@@ -229,14 +231,15 @@ class StoppedBySignal(SweeperError):
 
 
 def run_until_signal(stop: StopOnSignal, what: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` in the background; on SIGTERM/SIGINT stop waiting for it at once.
+    """``fn``, ended at once by SIGTERM/SIGINT whatever call it waits for.
 
     For read-only work such as ``inspect``: there is nothing to drain, so the command ends
-    (one line, exit 143/130) within a poll of the signal, whatever call is in flight.
+    (one line, exit 143/130) as soon as the signal arrives.
     """
-    work = Background(fn, what)
-    while work.running(0.1) and not stop.event.is_set():
-        pass
-    if work.running(0):
-        raise StoppedBySignal(f"{what} stopped by {stop.name}; nothing was changed", stop.exit_code)
-    return work.value()
+    try:
+        with stop.event.interrupting():
+            return fn()
+    except Stopped:
+        raise StoppedBySignal(
+            f"{what} stopped by {stop.name}; nothing was changed", stop.exit_code
+        ) from None

@@ -533,6 +533,24 @@ def test_e_a_first_call_that_never_answers_stops_on_sigterm() -> None:
     assert summary["unconfirmed"] == 0  # no delete was ever sent
 
 
+def test_f_a_first_call_that_never_answers_stops_at_max_runtime() -> None:
+    """(f) The same black hole with --max-runtime 3s and no signal: the call waiting in the
+    run's own thread is given no longer than the drain past the deadline."""
+    with BlackHole() as hole:
+        proc = sweep_proc(
+            via(hole), "eq-session", "--format", "epoch-seconds", "--max-runtime", "3s"
+        )
+        summary = stopped(
+            proc,
+            "f. first call never answered, --max-runtime 3s",
+            "(none)",
+            0,
+            "max_runtime",
+            max_runtime_s=3.0,
+        )
+    assert summary["unconfirmed"] == 0
+
+
 def test_g_inspect_against_a_black_hole_stops_on_sigterm() -> None:
     """(g) ``sweeper inspect`` waiting on a call that never answers: one line, exit 143."""
     with BlackHole() as hole:

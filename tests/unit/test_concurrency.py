@@ -274,6 +274,22 @@ def test_together_raises_the_first_error_once_both_are_done() -> None:
     assert second_done.is_set()
 
 
+def test_together_lets_a_stop_go_at_once_without_waiting_for_the_second() -> None:
+    release = threading.Event()
+
+    def first() -> None:
+        raise Stopped(StopReason.SIGNAL)  # as a signal raises it in the main thread
+
+    def second() -> None:
+        release.wait(10)
+
+    started = time.monotonic()
+    with pytest.raises(Stopped):
+        together(first, second)
+    assert time.monotonic() - started < 5
+    release.set()
+
+
 def test_together_raises_the_second_error_when_the_first_succeeds() -> None:
     def second() -> None:
         raise ValueError("second")

@@ -25,7 +25,7 @@ from sweeper.engine import Sweep, sweep_targets
 from sweeper.gate import DESCENDANT_QUERIES
 from sweeper.logs import DatastoreError, configure
 from sweeper.result import Runtime, SweepResult
-from sweeper.retry import RetryPolicy
+from sweeper.retry import RetryPolicy, StopEvent
 from sweeper.settings import SweepSettings
 from sweeper.target import PAGE_SIZE
 from tests.contract import SWEEP_FINISHED_FIELDS
@@ -200,7 +200,7 @@ def test_a_failed_ancestor_query_deletes_nothing_of_its_batch() -> None:
     assert (result.deleted, result.descendants_deleted) == (0, 0)
 
 
-class SetWhen(threading.Event):
+class SetWhen(StopEvent):
     """A stop flag that is set once ``condition`` holds: a signal at a chosen moment."""
 
     def __init__(self, condition: Callable[[], bool]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -10,7 +11,15 @@ from google.api_core import exceptions as gexc
 from structlog.testing import capture_logs
 
 from sweeper.logs import DatastoreError
-from sweeper.retry import REFUSED_ATTEMPTS, Retrier, RetryCounter, RetryPolicy, is_transient
+from sweeper.retry import (
+    DRAIN_S,
+    REFUSED_ATTEMPTS,
+    Retrier,
+    RetryCounter,
+    RetryPolicy,
+    Stopper,
+    is_transient,
+)
 
 E = TypeVar("E", bound=Exception)
 
@@ -177,3 +186,17 @@ def test_a_refused_connection_after_a_success_is_ridden_out() -> None:
 
     assert retrier.call("query", outage) == "ok"
     assert outage.calls == 11
+
+
+def test_no_call_is_given_longer_than_the_drain_past_the_run_s_deadline() -> None:
+    """A call that never answers must not hold a --max-runtime stop past its budget: a read
+    ends at the deadline, a delete gets the drain after it to land."""
+    now = [1000.0]
+    stopper = Stopper(threading.Event(), lambda: now[0], lambda _s: None, deadline=1003.0)
+    retrier = Retrier(RetryPolicy(), RetryCounter(), clock=lambda: now[0], stopper=stopper)
+    assert (retrier.timeout, retrier.delete_timeout) == (3.0, 3.0 + DRAIN_S)
+    now[0] = 1003.0 + DRAIN_S + 60  # long past it: still a positive deadline
+    assert 0 < retrier.timeout <= 0.1
+    assert 0 < retrier.delete_timeout <= 0.1
+    no_deadline = Retrier(RetryPolicy(call_timeout_s=20.0), RetryCounter())
+    assert no_deadline.timeout == 20.0

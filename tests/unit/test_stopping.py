@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from sweeper.retry import WAIT_SLICE_S, Stopped, Stopper, StopReason
+from sweeper.retry import WAIT_SLICE_S, StopEvent, Stopped, Stopper, StopReason
 from tests.support.clock import FakeClock
 
 
@@ -139,3 +139,38 @@ def test_stopped_is_not_caught_by_except_exception() -> None:
         guarded()
     assert caught == []
     assert not issubclass(Stopped, Exception)
+
+
+def test_a_signal_while_interrupting_raises_once_where_the_main_thread_waits() -> None:
+    event = StopEvent()
+    with pytest.raises(Stopped) as stopped, event.interrupting():
+        event.signalled()  # as the handler does, wherever the main thread was
+    assert stopped.value.reason is StopReason.SIGNAL
+    assert event.is_set()
+    event.signalled()  # a second signal, as the run unwinds: only the flag, no raise
+
+
+def test_a_signal_outside_interrupting_only_sets_the_flag() -> None:
+    event = StopEvent()
+    event.signalled()
+    assert event.is_set()
+    with pytest.raises(Stopped), event.interrupting():  # already stopped: at once
+        pytest.fail("the body ran after the stop")
+
+
+def test_only_the_main_thread_is_interrupted() -> None:
+    event = StopEvent()
+    raised: list[BaseException] = []
+
+    def elsewhere() -> None:
+        with event.interrupting():
+            try:
+                event.signalled()
+            except Stopped as exc:  # pragma: no cover - the failure this test looks for
+                raised.append(exc)
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join()
+    assert raised == []
+    assert event.is_set()
