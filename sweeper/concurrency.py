@@ -40,41 +40,11 @@ A = TypeVar("A")
 B = TypeVar("B")
 
 
-class Background(Generic[A]):
-    """``fn`` in a daemon thread of its own, started at once; its value or its error handed
-    to whoever waits for it: a read beside another (``together``). A daemon, so that a call
-    left hanging when the process must exit does not hold it up (a thread pool's workers
-    would)."""
-
-    def __init__(self, fn: Callable[[], A], name: str) -> None:
-        self._fn = fn
-        self._out: list[A] = []
-        self._error: list[BaseException] = []
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._out.append(self._fn())
-        except BaseException as exc:  # handed to the waiter, in ``value``
-            self._error.append(exc)
-
-    def running(self, wait_s: float | None = None) -> bool:
-        """Whether ``fn`` is still running after waiting up to ``wait_s`` (None: until done)."""
-        self._thread.join(wait_s)
-        return self._thread.is_alive()
-
-    def value(self) -> A:
-        """What ``fn`` returned (once it has), or its error raised here."""
-        if self._error:
-            raise self._error[0]
-        return self._out[0]
-
-
 class Pool:
     """``size`` daemon workers, started once and kept for the run, that ``map`` hands work to
     from any thread: the ancestor queries of ``--with-descendants``, whichever delete worker
-    asks. Daemons for the reason ``Background`` is one."""
+    asks. Daemons, so that a call left hanging when the process must exit does not hold it
+    up (a thread pool's workers would)."""
 
     def __init__(self, size: int, name: str) -> None:
         self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -113,14 +83,27 @@ def together(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
     ``first`` in the caller's thread. Returns once both have; raises ``first``'s error once
     both are done, else ``second``'s. A stop (a ``BaseException``) goes at once: ``second``
     is left to end on its own."""
-    beside = Background(second, "together")
+    got: list[B] = []
+    failed: list[BaseException] = []
+
+    def beside() -> None:
+        try:
+            got.append(second())
+        except BaseException as exc:  # raised in the caller's thread, below
+            failed.append(exc)
+
+    # A daemon: a call left hanging when the process must exit does not hold it up.
+    thread = threading.Thread(target=beside, name="together", daemon=True)
+    thread.start()
     try:
         a = first()
     except Exception:
-        beside.running()
+        thread.join()
         raise
-    beside.running()
-    return a, beside.value()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return a, got[0]
 
 
 # How long a blocked caller waits before looking at the stop flag again.
@@ -254,17 +237,14 @@ class CallLimiter:
 # starts. The first exception from any thread stops the rest and is re-raised by :meth:`run`.
 
 
-T = TypeVar("T")
-
-_POLL_S = 0.1  # how often a blocked thread looks at the stop flag
 _DONE = object()
 
 
-class Pipeline(Generic[T]):
+class Pipeline(Generic[A]):
     def __init__(
         self,
         workers: int,
-        process: Callable[[T], None],
+        process: Callable[[A], None],
         should_stop: Callable[[], bool],
     ) -> None:
         if workers < 1:
@@ -277,7 +257,7 @@ class Pipeline(Generic[T]):
         self._error: BaseException | None = None
         self._lock = threading.Lock()
 
-    def run(self, streams: Sequence[Iterable[T]]) -> None:
+    def run(self, streams: Sequence[Iterable[A]]) -> None:
         """Drain every stream through the workers; raise the first error any thread hit."""
         producers = [self._thread(self._produce, stream) for stream in streams]
         consumers = [self._thread(self._consume) for _ in range(self._workers)]
@@ -310,7 +290,7 @@ class Pipeline(Generic[T]):
                 self._error = exc
         self._failed.set()
 
-    def _produce(self, stream: Iterable[T]) -> None:
+    def _produce(self, stream: Iterable[A]) -> None:
         for item in stream:
             if self.stopping() or not self._put(item):
                 return

@@ -24,10 +24,10 @@ from google.cloud.datastore import Key
 from sweeper import rpc
 from sweeper.concurrency import Degradation, DegradationLog
 from sweeper.logs import DatastoreError, SweeperError, describe_exception, is_bug
-from sweeper.retry import AMBIGUOUS, Allowance, Capped, Retrier, Stopped
+from sweeper.retry import AMBIGUOUS, Retrier, Stopped
 from sweeper.rpc import Seen
 from sweeper.settings import MAX_BATCH_SIZE
-from sweeper.throttle import Throttle
+from sweeper.throttle import Allowance, Capped, Throttle
 
 if TYPE_CHECKING:  # the result names the guard's plan, which names the gate's rule
     from sweeper.result import SweepResult

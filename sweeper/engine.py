@@ -29,8 +29,6 @@ from sweeper.result import Budget, ProgressLog, Runtime, SweepResult
 from sweeper.retry import (
     DRAIN_S,
     PUSHBACK,
-    Allowance,
-    Capped,
     Retrier,
     RetryCounter,
     Stopped,
@@ -39,6 +37,7 @@ from sweeper.retry import (
 from sweeper.settings import MAX_BATCH_SIZE, SweepSettings
 from sweeper.sources import expired_streams
 from sweeper.target import Count, Target, namespaces
+from sweeper.throttle import Allowance, Capped
 
 # A commit is one call, answered faster than the stream's next page: one delete worker per
 # stream keeps up (bench/bench_sweep.py: 3.29x the bare loop with one, 3.24x with two).

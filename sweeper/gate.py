@@ -36,11 +36,10 @@ from google.cloud.datastore import Key
 from sweeper.concurrency import Pool
 from sweeper.deleter import BatchSizer, Changed, Committer, Resize, Split
 from sweeper.encodings import Encoding, is_expired
-from sweeper.retry import Allowance, Capped
 from sweeper.rpc import Seen
 from sweeper.settings import MAX_BATCH_SIZE
 from sweeper.target import Target
-from sweeper.throttle import Throttle
+from sweeper.throttle import Allowance, Capped, Throttle
 
 if TYPE_CHECKING:  # the result names the guard's plan, which names the gate's rule
     from sweeper.result import SweepResult

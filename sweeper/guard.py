@@ -28,9 +28,10 @@ from google.cloud import datastore
 from sweeper.encodings import Encoding, ExpiredRange, expired_range, is_expired
 from sweeper.gate import Rule, decide
 from sweeper.logs import RefusedError
-from sweeper.retry import Allowance, Stopped, StopReason
+from sweeper.retry import Stopped, StopReason
 from sweeper.settings import SweepSettings
 from sweeper.target import Count, Target
+from sweeper.throttle import Allowance
 
 if TYPE_CHECKING:  # the result names the plan
     from sweeper.result import SweepResult

@@ -20,7 +20,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -41,7 +41,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from sweeper.concurrency import CallLimiter
-from sweeper.logs import DatastoreError, RefusedError, describe_exception
+from sweeper.logs import DatastoreError, describe_exception
 
 T = TypeVar("T")
 
@@ -286,17 +286,18 @@ class Retrier:
 
 
 # -- Stopping: when a run must stop, and waits that end the moment it must --------------------
-# And what a run may still delete (the Allowance).
 #
 # Kubernetes kills a pod ``terminationGracePeriodSeconds`` (30 s) after SIGTERM. A check only
 # before each batch misses most of a run's time (a scan where nothing expired, a five-minute
 # throttle wait), so every wait is cut into short slices with a check before each, and every
 # Datastore call is preceded by one (:class:`Retrier`). A check that finds the run stopping
-# raises :class:`Stopped`, which unwinds its thread without being taken for a failure. Calls in
-# flight get a short drain (``sweeper.engine``).
+# raises :class:`Stopped`, which unwinds its thread without being taken for a failure; so
+# does a signal in the command's thread (:class:`StopEvent`).
 
-# The longest a wait goes without looking at the stop flag and the deadline.
-WAIT_SLICE_S = 0.2
+WAIT_SLICE_S = 0.2  # the longest a wait goes without looking at the stop flag and deadline
+# Once a run must stop, deletes already in flight get this long to land, so that the counts
+# stay exact (``sweeper.engine``); no delete is given longer past the run's deadline.
+DRAIN_S = 5.0
 
 
 class StopReason(enum.StrEnum):
@@ -318,11 +319,6 @@ class Stopped(BaseException):
     def __init__(self, reason: StopReason) -> None:
         super().__init__(reason.value)
         self.reason = reason
-
-
-# Once a run must stop, calls already in flight get this long to land (the deletes, so that
-# the counts stay exact); a call is never given longer past the run's deadline.
-DRAIN_S = 5.0
 
 
 class StopEvent(threading.Event):
@@ -402,53 +398,3 @@ class Stopper:
             self._sleep(step)
             left -= step
         self.check()
-
-
-# -- The allowance: what a run may still delete --------------------------------------------------
-
-
-class Capped(Exception):
-    """--max-deletes is reached: what is left waits for the next run."""
-
-
-class Allowance:
-    """Entities a run may still delete: ``--max-deletes``, and the fraction guard's share.
-
-    Counted in entities, children included: a commit reserves its entities before it is sent
-    (the gate's rule 3) and gives back what did not go. Reaching ``--max-deletes`` ends the run
-    quietly; passing the guard's share refuses it.
-    """
-
-    def __init__(self, cap: int | None, guard: int | None = None, guard_note: str = "") -> None:
-        self._cap, self._guard, self._note = cap, guard, guard_note
-        self._used = 0
-        self._lock = threading.Lock()
-        self.capped = False
-
-    def left(self) -> int | None:
-        """Entities left under --max-deletes (None: no cap); the guard's share is no cap."""
-        with self._lock:
-            return None if self._cap is None else max(0, self._cap - self._used)
-
-    def reserve(self, sizes: Sequence[int]) -> int:
-        """How many of the groups of ``sizes`` (in order) may go; reserves their entities."""
-        with self._lock:
-            taken, used = 0, self._used
-            for size in sizes:
-                if self._guard is not None and used + size > self._guard:
-                    raise RefusedError(
-                        f"refusing to go on: this run has deleted {self._used} entities, and "
-                        f"the next commit would pass --max-fraction's share of {self._guard} "
-                        f"entities{self._note}. Nothing more was deleted."
-                    )
-                if self._cap is not None and used + size > self._cap:
-                    self.capped = True
-                    break
-                used += size
-                taken += 1
-            self._used = used
-            return taken
-
-    def release(self, entities: int) -> None:
-        with self._lock:
-            self._used -= entities

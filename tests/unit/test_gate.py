@@ -23,11 +23,11 @@ from sweeper.encodings import Encoding
 from sweeper.gate import Gate, Group, Rule, _take, decide
 from sweeper.logs import DatastoreError, RefusedError
 from sweeper.result import SweepResult
-from sweeper.retry import Allowance, Capped, Retrier, RetryCounter, RetryPolicy, Stopped, StopReason
+from sweeper.retry import Retrier, RetryCounter, RetryPolicy, Stopped, StopReason
 from sweeper.rpc import Seen
 from sweeper.settings import MAX_BATCH_SIZE, SweepSettings
 from sweeper.target import Target
-from sweeper.throttle import Throttle, ThrottleSettings
+from sweeper.throttle import Allowance, Capped, Throttle, ThrottleSettings
 from tests.support.clock import FakeClock
 from tests.unit.fakes import (
     KIND,
