@@ -274,15 +274,9 @@ class Pipeline(Generic[A]):
         return self._failed.is_set() or self._should_stop()
 
     def _thread(self, target: Callable[..., None], *args: object) -> threading.Thread:
-        thread = threading.Thread(target=self._guard, args=(target, *args), daemon=True)
+        thread = threading.Thread(target=target, args=args, daemon=True)
         thread.start()
         return thread
-
-    def _guard(self, target: Callable[..., None], *args: object) -> None:
-        try:
-            target(*args)
-        except BaseException as exc:  # handed to run(), which re-raises it
-            self._fail(exc)
 
     def _fail(self, exc: BaseException) -> None:
         with self._lock:
@@ -291,9 +285,12 @@ class Pipeline(Generic[A]):
         self._failed.set()
 
     def _produce(self, stream: Iterable[A]) -> None:
-        for item in stream:
-            if self.stopping() or not self._put(item):
-                return
+        try:
+            for item in stream:
+                if self.stopping() or not self._put(item):
+                    return
+        except BaseException as exc:  # handed to run(), which re-raises it
+            self._fail(exc)
 
     def _consume(self) -> None:
         """Process items until told to finish; after a failure, keep draining without work.
@@ -309,7 +306,7 @@ class Pipeline(Generic[A]):
                 continue
             try:
                 self._process(item)  # type: ignore[arg-type]
-            except BaseException as exc:
+            except BaseException as exc:  # handed to run(), which re-raises it
                 self._fail(exc)
 
     def _put(self, item: object, force: bool = False) -> bool:

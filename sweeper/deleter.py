@@ -15,7 +15,8 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from google.api_core import exceptions as gexc
@@ -40,8 +41,6 @@ LEGACY_LIMIT = 25
 
 # The name prefix of the key a lost commit's settling lookup asks for as never written (rule 5).
 NEVER_WRITTEN = "__sweeper_never_written__"
-
-T = TypeVar("T")
 
 # What one commit should take, and the fewest keys worth a round trip (Beam's floor too).
 TARGET_COMMIT_S = 2.0
@@ -87,16 +86,16 @@ class BatchSizer:
             # trip, overstates the time per key.
             self._resize(shrink=seconds > self._target_s)
 
-    def measure(self, keys: int, commit: Callable[[], T]) -> T:
-        """Run one commit of ``keys`` keys and learn from how long it took, or that it timed out."""
+    @contextmanager
+    def timing(self, keys: int) -> Iterator[None]:
+        """Around one commit of ``keys`` keys: learn from how long it took, or that it timed out."""
         started = self._clock()
         try:
-            value = commit()
+            yield
         except gexc.DeadlineExceeded:
             self.timed_out(self._clock() - started, keys)
             raise
         self.observe(self._clock() - started, keys)
-        return value
 
     def timed_out(self, seconds: float, keys: int) -> None:
         """A commit of ``keys`` keys was still unanswered after ``seconds``."""
@@ -186,7 +185,7 @@ class Committer:
             with self._in_flight(n):
                 version = self._retrier.call(
                     "delete" if not self.verify else "verify",
-                    lambda: self._attempt(chunk, guards, maybe_applied),
+                    partial(self._attempt, chunk, guards, maybe_applied),
                 )
         except (Changed, Resize) as exc:
             if not self.verify:  # blind deletes are sent again as they are: nothing to settle
@@ -233,10 +232,8 @@ class Committer:
                 self.result.add(entities_read=len(guards))
                 if any(looked.found.get(g.key.flat_path) != g for g in guards):
                     raise Changed
-            return self._sizer.measure(
-                len(deletes),
-                lambda: rpc.commit(self._client, txn, deletes, timeout, atomic=self.verify),
-            )
+            with self._sizer.timing(len(deletes)):
+                return rpc.commit(self._client, txn, deletes, timeout, atomic=self.verify)
         except gexc.FailedPrecondition:
             txn = None  # a refused commit ends its transaction
             raise Changed from None

@@ -109,8 +109,8 @@ def test_measure_learns_from_a_timeout_and_lets_it_through() -> None:
         clock.now += 20.0
         raise error
 
-    with pytest.raises(gexc.DeadlineExceeded) as info:
-        sizer.measure(500, commit)
+    with pytest.raises(gexc.DeadlineExceeded) as info, sizer.timing(500):
+        commit()
     assert info.value is error
     assert sizer.size == 50
 
@@ -131,7 +131,8 @@ def test_measure_returns_the_commit_value_and_times_it() -> None:
         clock.now += 4.0
         return "done"
 
-    assert sizer.measure(256, commit) == "done"
+    with sizer.timing(256):
+        assert commit() == "done"
     assert sizer.size == 128
 
 
