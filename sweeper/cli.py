@@ -140,7 +140,8 @@ def sweep(**options: Any) -> None:
         click.echo(summary(results, stop.name), err=True)
     if options["pushgateway"]:
         _push_metrics(options["pushgateway"], results, auth)
-    if any(r.stopped_reason == "signal" for r in results):
+    # Stopped by a signal: a sweep says so, or none had begun (listing the namespaces).
+    if any(r.stopped_reason == "signal" for r in results) or (stop.event.is_set() and not results):
         raise click.exceptions.Exit(stop.exit_code)
     failed = [r for r in results if r.error is not None]
     if not failed and any(r.stopped_reason == StopReason.DECLINED for r in results):

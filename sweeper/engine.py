@@ -344,9 +344,12 @@ def _every_namespace(
     results: list[SweepResult] = []
     log = structlog.get_logger("sweeper")
     why: str | None = None
+    listing = each_namespace(settings, client_for, retrier)
     try:
-        for one in each_namespace(settings, client_for, retrier):
-            if budget.stopper.reason() is not None:  # the run's deadline, or a signal
+        while True:
+            with rt.stop.interrupting():  # a signal ends a listing call that never answers
+                one = next(listing, None)
+            if one is None or budget.stopper.reason() is not None:  # the deadline, a signal
                 break
             results.append(Sweep(one, partial(client_for, one), rt, budget).run())
     except Stopped:

@@ -533,6 +533,25 @@ def test_e_a_first_call_that_never_answers_stops_on_sigterm() -> None:
     assert summary["unconfirmed"] == 0  # no delete was ever sent
 
 
+def test_e_listing_the_namespaces_when_nothing_answers_stops_on_sigterm() -> None:
+    """(e) ``--all-namespaces`` waiting on a namespace listing that never answers."""
+    with BlackHole() as hole:
+        proc = sweep_proc(via(hole), "eq-session", "--format", "epoch-seconds", "--all-namespaces")
+        _wait_for_a_call(hole, proc)
+        proc.send(signal.SIGTERM)
+        returned = proc.finish()
+    assert proc.exited_at is not None
+    assert proc.signalled_at is not None
+    took = proc.exited_at - proc.signalled_at
+    MEASURED.append(("e. namespace listing never answered", "(none)", took, returned, ""))
+    context = f"{took:.2f} s, exit {returned}\n{proc.tail()}"
+    assert took <= STOP_BUDGET_S, context
+    assert returned == 143, context
+    assert "Traceback" not in proc.stderr, context
+    (finished,) = [e for _t, e in proc.lines if e.get("event") == "run_finished"]
+    assert finished["stopped_reason"] == "signal", context
+
+
 def test_f_a_first_call_that_never_answers_stops_at_max_runtime() -> None:
     """(f) The same black hole with --max-runtime 3s and no signal: the call waiting in the
     run's own thread is given no longer than the drain past the deadline."""
