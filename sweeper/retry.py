@@ -364,11 +364,11 @@ class Stopper:
         sleep: Callable[[float], None],
         deadline: float | None = None,
     ) -> None:
-        self.event, self._monotonic, self._sleep = event, monotonic, sleep
+        self._event, self._monotonic, self._sleep = event, monotonic, sleep
         self.deadline = deadline
 
     def reason(self) -> StopReason | None:
-        if self.event.is_set():
+        if self._event.is_set():
             return StopReason.SIGNAL
         if self.deadline is not None and self._monotonic() >= self.deadline:
             return StopReason.MAX_RUNTIME

@@ -127,12 +127,10 @@ def _summary_of(r: SweepResult, say_error: bool, signal_name: str) -> str:
 def _after_dry_run(r: SweepResult) -> str:
     """What to do next: never to run what the fraction guard would refuse (its own rule, over
     what the dry run matched and what carries the property after it)."""
-    s = r.settings
-    if r.retention is None:
+    s, kept = r.settings, r.retention
+    if kept is None or Exposure(Count(r.matched, "scan"), kept.carrying).within(s.max_fraction):
         return "run again without --dry-run to delete them"
-    carrying = r.retention.carrying.n
-    if Exposure(Count(r.matched, "scan"), r.retention.carrying).within(s.max_fraction):
-        return "run again without --dry-run to delete them"
+    carrying = kept.carrying.n
     return (
         f"a run without --dry-run would be refused: {_n(r.matched)} of the {_n(carrying)} "
         f"carrying {s.prop} ({r.matched / carrying:.0%}) is more than --max-fraction "
