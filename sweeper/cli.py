@@ -10,11 +10,11 @@ import datetime as dt
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import click
 import structlog
@@ -24,6 +24,7 @@ from sweeper import __version__
 from sweeper import options as opts
 from sweeper.config import KEYS, flag, load_targets
 from sweeper.engine import each_namespace, sweep_targets
+from sweeper.guard import ask_before_deleting
 from sweeper.inspect.report import InspectReport, inspect_target
 from sweeper.inspect.table import forecast_dict, render_table, report_dict
 from sweeper.logs import (
@@ -31,25 +32,22 @@ from sweeper.logs import (
     EXIT_SIGINT,
     EXIT_USAGE,
     LogFormat,
+    ProgressLine,
     SweeperError,
     UsageError,
     configure,
     describe_exception,
     one_line,
     report_bug,
+    summary,
 )
 from sweeper.metrics import BasicAuth, MetricsError, push_summary, transport
 from sweeper.result import Runtime, SweepResult
-from sweeper.retry import Retrier, RetryCounter, RetryPolicy, StopReason
+from sweeper.retry import Retrier, RetryCounter, RetryPolicy, StopOnSignal, Stopped, StopReason
 from sweeper.settings import SweepSettings
 from sweeper.target import client_for
-from sweeper.terminal import (
-    ProgressLine,
-    StopOnSignal,
-    ask_before_deleting,
-    run_until_signal,
-    summary,
-)
+
+T = TypeVar("T")
 
 
 class Command(click.Command):
@@ -205,6 +203,29 @@ def inspect(**options: Any) -> None:
         ):
             one = run_until_signal(stop, "inspect", partial(report, each))
             click.echo(render_table(one) if output == "table" else json.dumps(report_dict(one)))
+
+
+class StoppedBySignal(SweeperError):
+    """A command without a summary of its own (``inspect``) was stopped by a signal."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run_until_signal(stop: StopOnSignal, what: str, fn: Callable[[], T]) -> T:
+    """``fn``, ended at once by SIGTERM/SIGINT whatever call it waits for.
+
+    For read-only work such as ``inspect``: there is nothing to drain, so the command ends
+    (one line, exit 143/130) as soon as the signal arrives.
+    """
+    try:
+        with stop.event.interrupting():
+            return fn()
+    except Stopped:
+        raise StoppedBySignal(
+            f"{what} stopped by {stop.name}; nothing was changed", stop.exit_code
+        ) from None
 
 
 def _targets(ctx: click.Context, options: dict[str, Any]) -> list[SweepSettings]:

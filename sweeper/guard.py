@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
+import select
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -37,6 +40,8 @@ if TYPE_CHECKING:  # the result names the plan
     from sweeper.result import SweepResult
 
 COUNT_LIMIT = 10_000_000
+# How often the question looks at the stop flag while it waits for an answer.
+_ANSWER_POLL_S = 0.1
 # Sessions sampled on each side of the cutoff to estimate, with --with-descendants, how many
 # entities each one takes with it.
 DESCENDANT_SAMPLE = 20
@@ -336,3 +341,46 @@ def describe(plan: Plan) -> str:
             f"  matches    {amount} of {carrying} entities carrying it{share}",
         ]
     )
+
+
+def ask_before_deleting(plan: Plan, stopping: Callable[[], bool]) -> bool:
+    """Show the person at the terminal on stdin what the sweep is about to delete, and ask
+    (default: no; end of input is no).
+
+    The question goes to that terminal itself, whatever stdout and stderr are piped to, and
+    the answer is read from it unbuffered while the stop flag is watched: Ctrl-C at the
+    question stops the run (exit 130). A thread left blocked in stdin's buffered reader
+    instead crashed the interpreter at exit ("could not acquire lock for <stdin>").
+    """
+    fd = os.open(os.ttyname(sys.stdin.fileno()), os.O_RDWR | os.O_NOCTTY)
+    try:
+        os.write(fd, f"sweeper is about to delete:\n{describe(plan)}\n".encode())
+        while True:
+            os.write(fd, f"Delete these {plan.exposure.due.n:,} entities? [y/N]: ".encode())
+            answer = _read_line(fd, stopping)
+            if answer is None:  # end of input
+                os.write(fd, b"\n")
+                return False
+            if answer.strip().lower() in ("", "n", "no", "y", "yes"):
+                return answer.strip().lower() in ("y", "yes")
+            os.write(fd, b"Please answer y or n.\n")
+    except Stopped:  # Ctrl-C: the terminal has echoed ``^C``; end its line
+        os.write(fd, b"\n")
+        raise
+    finally:
+        os.close(fd)
+
+
+def _read_line(fd: int, stopping: Callable[[], bool]) -> str | None:
+    """A line typed at the terminal ``fd`` (None at end of input); raises :class:`Stopped` once
+    the run must stop."""
+    typed = b""
+    while not typed.endswith(b"\n"):
+        if stopping():
+            raise Stopped(StopReason.SIGNAL)
+        if select.select([fd], [], [], _ANSWER_POLL_S)[0]:
+            chunk = os.read(fd, 1024)
+            if not chunk:
+                return None
+            typed += chunk
+    return typed.decode(errors="replace")

@@ -13,7 +13,7 @@ from typing import Any
 
 from sweeper.concurrency import Degradation, together
 from sweeper.encodings import Encoding, expired_range, from_micros
-from sweeper.guard import Plan
+from sweeper.guard import Exposure, Plan
 from sweeper.logs import EXIT_FAILURE, EXIT_OK
 from sweeper.retry import RetryCounter, RetryPolicy, StopEvent, Stopper, StopReason
 from sweeper.settings import SweepSettings
@@ -111,6 +111,15 @@ class SweepResult:
         """Nothing carried the property after the run, nor was any of it due before: the
         target holds nothing to sweep (a run that deleted the last of it is no such case)."""
         return self.retention is not None and self.retention.empty and self.matched == 0
+
+    @property
+    def dry_run_refused(self) -> bool:
+        """Whether the fraction guard would refuse the real run of what this dry run matched
+        (its own rule, against what carries the property after it)."""
+        kept, share = self.retention, self.settings.max_fraction
+        return kept is not None and not Exposure(Count(self.matched, "scan"), kept.carrying).within(
+            share
+        )
 
     @property
     def exit_code(self) -> int:

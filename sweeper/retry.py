@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import enum
 import os
+import signal
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from types import FrameType
+from typing import Any, TypeVar
 
 import structlog
 from google.api_core import exceptions as gexc
@@ -38,43 +40,27 @@ from tenacity import (
     stop_never,
     wait_random_exponential,
 )
-from tenacity.stop import stop_base
 
 from sweeper.concurrency import CallLimiter
-from sweeper.logs import DatastoreError, describe_exception
+from sweeper.logs import EXIT_SIGINT, EXIT_SIGTERM, DatastoreError, describe_exception
 
 T = TypeVar("T")
 
 
-# Transient by Datastore's own guidance: contention, overload, timeouts, lost connections.
-# UNKNOWN and CANCELLED are what gRPC reports when a connection breaks mid-call.
+# Errors after which a commit may have been applied although its answer never came: a lost
+# connection (gRPC reports UNKNOWN or CANCELLED when one breaks mid-call), a timeout.
+AMBIGUOUS = (
+    *(gexc.DeadlineExceeded, gexc.ServiceUnavailable, gexc.Unknown, gexc.Cancelled),
+    *(gexc.InternalServerError, ConnectionError, TimeoutError),
+)
+# Transient by Datastore's own guidance: those, contention, overload, a token not fetched.
 TRANSIENT = (
-    gexc.Aborted,
-    gexc.Unknown,
-    gexc.Cancelled,
-    gexc.DeadlineExceeded,
-    gexc.ServiceUnavailable,
-    gexc.InternalServerError,
-    gexc.ResourceExhausted,
-    gexc.GatewayTimeout,
-    ConnectionError,
-    TimeoutError,
+    *(*AMBIGUOUS, gexc.Aborted, gexc.ResourceExhausted, gexc.GatewayTimeout),
     auth_exc.TransportError,
 )
 
 # The server telling us to slow down: these feed the adaptive throttle.
 PUSHBACK = (gexc.ResourceExhausted, gexc.Aborted)
-
-# Errors after which a commit may have been applied although its answer never came.
-AMBIGUOUS = (
-    gexc.DeadlineExceeded,
-    gexc.ServiceUnavailable,
-    gexc.Unknown,
-    gexc.Cancelled,
-    gexc.InternalServerError,
-    ConnectionError,
-    TimeoutError,
-)
 
 # Handed to the client so it does not retry behind our back (and outside our counts).
 NO_CLIENT_RETRY = Retry(predicate=lambda _exc: False)
@@ -160,32 +146,6 @@ class RetryCounter:
                 self.calls[what] += 1
 
 
-class _Stalled(stop_base):
-    """Stop once no call of the run has succeeded for ``stall_s`` (the database is gone)."""
-
-    def __init__(self, counter: RetryCounter, clock: Callable[[], float], stall_s: float) -> None:
-        self._counter, self._clock, self._stall_s = counter, clock, stall_s
-
-    def __call__(self, retry_state: RetryCallState) -> bool:
-        now = self._clock()
-        if self._counter.last_success is None:  # the first failure of the run starts the clock
-            self._counter.succeeded(now)
-            return False
-        return now - self._counter.last_success >= self._stall_s
-
-
-class _NeverReached(stop_base):
-    """Stop a call that no connection reaches before the run's first success."""
-
-    def __init__(self, counter: RetryCounter) -> None:
-        self._counter = counter
-
-    def __call__(self, retry_state: RetryCallState) -> bool:
-        error = retry_state.outcome.exception() if retry_state.outcome is not None else None
-        first = not self._counter.calls and retry_state.attempt_number >= REFUSED_ATTEMPTS
-        return first and error is not None and not_there(error) is not None
-
-
 class Retrier:
     """Runs a call under the policy, counting and logging each retry."""
 
@@ -208,7 +168,6 @@ class Retrier:
         self._clock = clock
         self._stopper = stopper
         self._limiter = limiter
-        self._stalled = _Stalled(counter, clock, policy.stall_s)
         self._log = structlog.get_logger("sweeper.retry")
 
     @property
@@ -234,10 +193,9 @@ class Retrier:
 
         Raises :class:`Stopped` instead of calling when the run is stopping.
         """
-        policy = self._policy_stop()
         retrying = Retrying(
             retry=retry_if_exception(is_transient),
-            stop=policy,
+            stop=self._gives_up,
             wait=wait_random_exponential(
                 multiplier=self.policy.initial_wait_s, max=self.policy.max_wait_s
             ),
@@ -254,11 +212,25 @@ class Retrier:
             raise
         return value
 
-    def _policy_stop(self) -> stop_base:
+    def _gives_up(self, state: RetryCallState) -> bool:
         p = self.policy
         attempts = stop_never if p.max_attempts is None else stop_after_attempt(p.max_attempts)
-        never = _NeverReached(self._counter)
-        return attempts | stop_after_delay(p.max_delay_s) | self._stalled | never
+        limits = attempts | stop_after_delay(p.max_delay_s)
+        return limits(state) or self._stalled(state) or self._unreached(state)
+
+    def _stalled(self, state: RetryCallState) -> bool:
+        """No call of the run has succeeded for ``stall_s``: the database is gone."""
+        now, last = self._clock(), self._counter.last_success
+        if last is None:  # the first failure of the run starts the clock
+            self._counter.succeeded(now)
+            return False
+        return now - last >= self.policy.stall_s
+
+    def _unreached(self, state: RetryCallState) -> bool:
+        """No connection reaches the database, and no call of the run ever has."""
+        error = state.outcome.exception() if state.outcome is not None else None
+        first = not self._counter.calls and state.attempt_number >= REFUSED_ATTEMPTS
+        return first and error is not None and not_there(error) is not None
 
     def _attempt(self, what: str, fn: Callable[[], T]) -> T:
         if self._stopper is not None:
@@ -322,7 +294,7 @@ class Stopped(BaseException):
 
 
 class StopEvent(threading.Event):
-    """The run's stop flag, set by the signal handlers (``terminal.StopOnSignal``) or a test.
+    """The run's stop flag, set by the signal handlers (:class:`StopOnSignal`) or a test.
 
     While the main thread runs a sweep or a report (:meth:`interrupting`), a signal also
     raises :class:`Stopped` in it at once: whatever it waits for (a call that never answers,
@@ -350,6 +322,34 @@ class StopEvent(threading.Event):
         if self._armed:
             self._armed = False  # once: what unwinds after it runs to its end
             raise Stopped(StopReason.SIGNAL)
+
+
+class StopOnSignal:
+    """SIGTERM (pod eviction, job deadline) and SIGINT set the run's stop ``event`` (and, while
+    a sweep or a report runs, stop it where it waits: ``retry.StopEvent``)."""
+
+    def __init__(self) -> None:
+        self.event = StopEvent()
+        self.exit_code = EXIT_SIGTERM
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return "SIGINT" if self.exit_code == EXIT_SIGINT else "SIGTERM"
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.exit_code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+        self.event.signalled()
+
+    def __enter__(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 class Stopper:

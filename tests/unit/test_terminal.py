@@ -1,15 +1,15 @@
-"""The summary a person reads at the end of ``sweep`` on a terminal (``terminal.summary``)."""
+"""The summary a person reads at the end of ``sweep`` on a terminal (``logs.summary``)."""
 
 from __future__ import annotations
 
 import datetime as dt
 from typing import Any
 
+from sweeper.logs import summary
 from sweeper.result import Retention, SweepResult
 from sweeper.retry import StopReason
 from sweeper.settings import SweepSettings
 from sweeper.target import Count
-from sweeper.terminal import summary
 
 CUTOFF = dt.datetime(2024, 6, 1, 9, tzinfo=dt.UTC)
 
