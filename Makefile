@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check sweeper tests bench scripts
 	$(BIN)/cog --check docs/options.md
 
-# docs/options.md: both commands' real --help, and the --config keys from sweeper/config.py.
+# docs/options.md: both commands' real --help, and the --config keys from sweeper/settings.py.
 cog: $(STAMP)
 	$(BIN)/cog -r docs/options.md
 

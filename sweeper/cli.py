@@ -22,7 +22,6 @@ from click.core import ParameterSource
 
 from sweeper import __version__
 from sweeper import options as opts
-from sweeper.config import KEYS, flag, load_targets
 from sweeper.engine import each_namespace, sweep_targets
 from sweeper.guard import ask_before_deleting
 from sweeper.inspect.report import InspectReport, inspect_target
@@ -44,7 +43,7 @@ from sweeper.logs import (
 from sweeper.metrics import BasicAuth, MetricsError, push_summary, transport
 from sweeper.result import Runtime, SweepResult
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy, StopOnSignal, Stopped, StopReason
-from sweeper.settings import SweepSettings
+from sweeper.settings import KEYS, SweepSettings, flag, load_targets
 from sweeper.target import client_for
 
 T = TypeVar("T")

@@ -101,7 +101,7 @@ class Sweep:
         if self._own_budget and s.max_runtime is not None:
             self._stopper.deadline = started + s.max_runtime.total_seconds()
         # Provisional, for a summary of a run that fails before it reads the database's clock.
-        result = SweepResult(s, rt.now() - s.grace, s.format_label)
+        result = SweepResult(s, rt.now() - s.grace, str(s.format))
         try:
             with rt.stop.interrupting():
                 self._body(result, started)
@@ -371,7 +371,7 @@ def _every_namespace(
         error = checks.empty_target(settings, every_namespace=True)
         log.error("target_empty", kind=settings.kind, error=error)
     if error is not None:
-        failed = SweepResult(settings, rt.now() - settings.grace, settings.format_label)
+        failed = SweepResult(settings, rt.now() - settings.grace, str(settings.format))
         failed.stopped_reason, failed.error = StopReason.ERROR, error
         results.append(failed)
     return results

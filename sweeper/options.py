@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any, TypeVar
@@ -30,7 +31,6 @@ from sweeper.settings import (
     Shard,
     SweepSettings,
     check_database,
-    decide_ramp_up,
     parse_duration,
     parse_format,
 )
@@ -79,6 +79,13 @@ def _then(convert: Callable[[Any], Any]) -> Callable[[click.Context, click.Param
 
 
 _none_if_empty = _then(lambda value: value or None)  # "" is no project, no namespace
+
+
+def decide_ramp_up(choice: bool | None) -> bool:
+    """``--ramp-up``/``--no-ramp-up`` when given; else on against production (Datastore's
+    500/50/5 rule), off against an emulator (DATASTORE_EMULATOR_HOST set), which has no key
+    ranges to split."""
+    return choice if choice is not None else not os.environ.get("DATASTORE_EMULATOR_HOST")
 
 
 # -- shared by both commands ----------------------------------------------------------------

@@ -1,24 +1,26 @@
-"""Validated settings for one sweep, built once at the edge (the CLI) and then frozen."""
+"""Validated settings for one sweep, built once at the edge (the command line, or a
+``--config`` file's targets) and then frozen."""
 
 from __future__ import annotations
 
 import datetime as dt
 import math
-import os
 import re
+import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
 
 from sweeper.encodings import Encoding
 from sweeper.logs import UsageError
 
-# Shards: one pod of several (``--shard I/N``).
-_SHARD = re.compile(r"(\d+)/(\d+)")
-
-# The most pods a run may be cut into: ``--shard I/N`` of both commands. Each
-# pod starts at 1/N of the ramp-up's 500 deletes/s, 0.05/s at this limit: an N past it is a
-# typo, not a plan.
+# The most pods a run may be cut into (``--shard I/N``). Each pod starts at 1/N of the ramp-up's
+# 500 deletes/s, 0.05/s at this limit: an N past it is a typo, not a plan.
 MAX_SHARDS = 10_000
+_SHARD = re.compile(r"([0-9]+)/([0-9]+)")
 
 
 @dataclass(frozen=True)
@@ -33,12 +35,9 @@ class Shard:
         match = _SHARD.fullmatch(text.strip())
         if not match:
             raise UsageError(f"invalid shard {text!r}: use I/N, e.g. 0/4 (I from 0 to N-1)")
-        try:
-            index, count = int(match[1]), int(match[2])
-        except ValueError:  # more digits than Python converts (4300), too many to echo back
-            raise UsageError(
-                f"invalid shard: I and N must be at most {MAX_SHARDS} (given thousands of digits)"
-            ) from None
+        if max(len(match[1]), len(match[2])) > len(str(MAX_SHARDS)):  # never 4,300 digits
+            raise UsageError(f"invalid shard: I and N must be at most {MAX_SHARDS}")
+        index, count = int(match[1]), int(match[2])
         if count > MAX_SHARDS:
             raise UsageError(f"invalid shard {text!r}: N must be at most {MAX_SHARDS}")
         if count < 1 or not 0 <= index < count:
@@ -51,38 +50,29 @@ class Shard:
 
 FormatChoice = Encoding | Literal["auto"]
 
-# Default --max-fraction (see guard.py). A run every 15 minutes deletes what expired in the last
-# interval: a small share of what is stored (live sessions, and those still within the grace).
-# More than half of everything at once is a mistake, or a first run over a backlog.
+# Default --max-fraction (guard.py): a run every 15 minutes deletes a small share of what is
+# stored; more than half of everything at once is a mistake, or a first run over a backlog.
 DEFAULT_MAX_FRACTION = 0.5
 FORMAT_CHOICES = ("auto", *(e.value for e in Encoding))
 
-# Datastore refuses more than 500 mutations in one commit.
-MAX_BATCH_SIZE = 500
-
+MAX_BATCH_SIZE = 500  # Datastore refuses more mutations in one commit
 DEFAULT_KIND = "eq-session"
-# Four workers keep a query and several commits in flight: enough to hide production's
-# tens-of-milliseconds round trips without crowding a small pod.
+# Enough streams and commits in flight to hide production's round trips on a small pod.
 DEFAULT_WORKERS = 4
 MAX_WORKERS = 32
 DEFAULT_PROPERTY = "expires_at"
-# Why 15 minutes: it dwarfs the runner's read-modify-write of a session (well under a second)
-# and any clock skew between the runner and the sweeper, yet frees storage promptly. See
-# docs/design.md.
+# It dwarfs the runner's read-modify-write of a session and any clock skew (docs/design.md).
 DEFAULT_GRACE = "15m"
-# Beyond this, now - grace falls before year 1 and cannot be computed; any grace over ~25 years
-# already puts the cutoff before 2001, where no encoding's range holds anything.
+# Beyond this, now - grace falls before year 1; past ~25 years no encoding's band is reached.
 MAX_GRACE = dt.timedelta(days=36_500)
 
-# A duration: ``0``, or whole numbers of ASCII digits each followed by a lowercase unit (``90m``,
-# ``1h30m``). Nothing else: ``\d`` and ``int()`` would take any script's digits (Arabic-Indic
-# or fullwidth ones), and lowering the text read ``3M`` (meant as months) as 3 minutes.
+# ``0``, or ASCII digits each followed by a lowercase unit (``1h30m``): ``\d`` would take any
+# script's digits, and lowering the text would read ``3M`` (months?) as 3 minutes.
 _DURATION = re.compile(r"0|(?:[0-9]+[smhd])+", re.ASCII)
 _DURATION_PART = re.compile(r"([0-9]+)([smhd])", re.ASCII)
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 DURATION_UNITS = "s, m, h or d (seconds, minutes, hours, days; lowercase)"
-# Firestore's database ids (https://cloud.google.com/firestore/docs/manage-databases): 4 to 63
-# lowercase letters, digits and hyphens, a letter first and no hyphen last; or "(default)".
+# Firestore's database ids (https://cloud.google.com/firestore/docs/manage-databases).
 DEFAULT_DATABASE = "(default)"
 _DATABASE = re.compile(r"[a-z][a-z0-9-]{2,61}[a-z0-9]", re.ASCII)
 # Datastore's limits on names (https://cloud.google.com/datastore/docs/concepts/limits).
@@ -103,7 +93,7 @@ def parse_duration(text: str) -> dt.timedelta:
             f"{DURATION_UNITS}, e.g. 90s, 15m, 3h, 2d or 1h30m"
         )
     try:
-        seconds = sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(raw))
+        seconds = sum(int(n) * UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(raw))
         return dt.timedelta(seconds=seconds)
     except (OverflowError, ValueError):  # ValueError: more digits than int() reads
         raise UsageError(f"invalid duration {shown}: too large") from None
@@ -112,19 +102,6 @@ def parse_duration(text: str) -> dt.timedelta:
 def _shown(text: str, limit: int = 70) -> str:
     """``text`` quoted for a message, cut short so that the rest of the message still shows."""
     return repr(text if len(text) <= limit else text[:limit] + "...")
-
-
-def format_duration(delta: dt.timedelta) -> str:
-    """The shortest ``parse_duration`` spelling of ``delta`` (for logs and messages)."""
-    seconds = int(delta.total_seconds())
-    if seconds == 0:
-        return "0"
-    out = []
-    for unit in ("d", "h", "m", "s"):
-        count, seconds = divmod(seconds, _UNIT_SECONDS[unit])
-        if count:
-            out.append(f"{count}{unit}")
-    return "".join(out)
 
 
 def check_name(what: str, value: str) -> str:
@@ -172,13 +149,6 @@ def parse_format(text: str) -> FormatChoice:
         ) from None
 
 
-def decide_ramp_up(choice: bool | None) -> bool:
-    """``--ramp-up``/``--no-ramp-up`` when given; else on against production (Datastore's
-    500/50/5 rule), off against an emulator (DATASTORE_EMULATOR_HOST set), which has no key
-    ranges to split."""
-    return choice if choice is not None else not os.environ.get("DATASTORE_EMULATOR_HOST")
-
-
 @dataclass(frozen=True)
 class SweepSettings:
     """What one sweep does; an impossible value raises :class:`UsageError` on construction."""
@@ -196,8 +166,7 @@ class SweepSettings:
     # Delete workers, and as many query streams over slices of the expired range.
     workers: int = DEFAULT_WORKERS
     shard: Shard = field(default_factory=Shard)
-    # Datastore's 500/50/5 ramp-up: on against production, off against an emulator (the
-    # command line's default: decide_ramp_up).
+    # Datastore's 500/50/5 ramp-up (the command line's default: on, off against an emulator).
     ramp_up: bool = False
     max_rate: float | None = None
     max_deletes: int | None = None
@@ -220,10 +189,8 @@ class SweepSettings:
         check_name("property", self.prop)
         if not 1 <= self.batch_size <= MAX_BATCH_SIZE:
             raise UsageError(f"batch size must be between 1 and {MAX_BATCH_SIZE}")
-        if self.grace < dt.timedelta(0):
-            raise UsageError("grace must not be negative")
-        if self.grace > MAX_GRACE:
-            raise UsageError(f"grace must be at most {MAX_GRACE.days}d")
+        if not dt.timedelta(0) <= self.grace <= MAX_GRACE:
+            raise UsageError(f"grace must be between 0 and {MAX_GRACE.days}d")
         if self.max_deletes is not None and self.max_deletes < 1:
             raise UsageError("max deletes must be at least 1")
         if self.max_runtime is not None and self.max_runtime <= dt.timedelta(0):
@@ -250,10 +217,6 @@ class SweepSettings:
             )
 
     @property
-    def format_label(self) -> str:
-        return str(self.format)
-
-    @property
     def where(self) -> str:
         """The namespace and database, as messages name them."""
         namespace = f"namespace {self.namespace}" if self.namespace else "the default namespace"
@@ -266,8 +229,172 @@ class SweepSettings:
         return label if self.namespace is None else f"{label} in namespace {self.namespace}"
 
     def starts_at_detected_end(self, encoding: Encoding) -> bool:
-        """Whether the query streams start at the smallest value ``--format auto`` read (an
-        end of the index, ``checks.read_ends``) instead of querying for one: the sweep and its
-        forecast both ask here. Not for text, whose stored forms are not ordinals, and not for
-        an explicit format, which reads no ends."""
+        """Whether the streams start at the smallest value ``--format auto`` read (an end of
+        the index) instead of querying for one; not for text, whose forms are not ordinals."""
         return not isinstance(self.format, Encoding) and not encoding.needs_values
+
+
+# -- --config FILE: several targets swept one after another, from a TOML file -------------------
+# One CronJob can replace several purges. Every key is checked here, once, so a typo fails the
+# run before anything is touched; ``[defaults]`` applies to every ``[[target]]`` (reference.md).
+
+
+@dataclass(frozen=True)
+class Holds:
+    """What a key must hold, and how its value becomes the setting."""
+
+    accepts: type | tuple[type, ...]  # the TOML values taken (a bool is never an int here)
+    name: str  # in "<key> must be a <name>" errors
+    convert: Callable[[Any], Any]
+    doc: str  # in docs/options.md
+
+
+_STR = Holds(str, "str", str, "string")
+_INT = Holds(int, "int", int, "integer")
+_BOOL = Holds(bool, "bool", bool, "boolean")
+_NUMBER = Holds((int, float), "number", float, "number")
+_TIME = f'string: a duration, `"0"` or a number followed by {DURATION_UNITS}, e.g. `"3h"`'
+_DURATION_KEY = Holds(str, "string", parse_duration, _TIME)
+_FORMAT = "string: " + ", ".join(f"`{c}`" for c in FORMAT_CHOICES)
+_DATABASE_ID = 'string: a database id, e.g. `"sessions"`, or `"(default)"`'
+
+
+@dataclass(frozen=True)
+class Key:
+    """A key a target may set: the :class:`SweepSettings` field (which is also the keyword of
+    the option that sets it), and what it holds. Given explicitly on the command line (or by
+    its variable) as well, the option is a usage error; unless ``overrides``: then the command
+    line's value wins for every target (logged where it replaces the file's), but ``safe`` wins
+    whichever side sets it. ``required``: every target names it, the default does not count."""
+
+    field: str
+    holds: Holds
+    required: bool = False
+    overrides: bool = False
+    safe: object = None
+
+
+# The keys, in the order messages and docs list them.
+KEYS: dict[str, Key] = {
+    "kind": Key("kind", _STR, required=True),
+    "property": Key("prop", _STR),
+    "format": Key("format", Holds(str, "string", parse_format, _FORMAT)),
+    "grace": Key("grace", _DURATION_KEY),
+    "namespace": Key("namespace", _STR),
+    "database": Key("database", Holds(str, "string", check_database, _DATABASE_ID)),
+    "max_deletes": Key("max_deletes", _INT, overrides=True),
+    "max_runtime": Key("max_runtime", _DURATION_KEY, overrides=True),
+    "batch_size": Key("batch_size", _INT, overrides=True),
+    # The first run over a backlog, with the CronJob's own file: --max-fraction 1 for once.
+    "max_fraction": Key("max_fraction", _NUMBER, overrides=True),
+    # A refreshed session is never lost because one side said no.
+    "verify": Key("verify", _BOOL, overrides=True, safe=True),
+    "scan": Key("scan", _BOOL),
+    "all_namespaces": Key("all_namespaces", _BOOL),
+    "with_descendants": Key("with_descendants", _BOOL),
+    "allow_empty": Key("allow_empty", _BOOL),
+}
+_BY_FIELD = {k.field: k for k in KEYS.values()}
+
+
+def flag(key: str) -> str:
+    """The option a key of ``KEYS`` stands for: the key's own name, ``--property`` for
+    ``property``."""
+    return "--" + key.replace("_", "-")
+
+
+# Options that only make sense for the whole run, not per target: a file setting one is told so.
+RUN_WIDE = ("project", "dry_run")
+
+
+def load_targets(
+    path: Path, base: dict[str, Any], explicit: dict[str, Any] | None = None
+) -> list[SweepSettings]:
+    """One validated :class:`SweepSettings` per ``[[target]]``.
+
+    Precedence, highest first: what the command line (or a ``SWEEPER_*`` variable) set
+    explicitly (``explicit``), the target's keys, ``[defaults]``, then ``base`` (the command
+    line's defaults and run-wide values), less what every target names itself (``kind``). A
+    safety option is on when either side turns it on (``verify``); each value the command line
+    overrides is logged (``option_overridden``): nothing in the file is dropped silently.
+    """
+    try:
+        with path.open("rb") as stream:
+            document = tomllib.load(stream)
+    except OSError as exc:
+        raise UsageError(f"cannot read config {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config {path}: invalid TOML: {exc}") from None
+    unknown = set(document) - {"defaults", "target"}
+    if unknown:
+        raise UsageError(f"config {path}: unknown table(s) {', '.join(sorted(unknown))}")
+    targets = document.get("target")
+    if not isinstance(targets, list) or not targets:
+        raise UsageError(f"config {path}: no [[target]] tables")
+    base = {n: v for n, v in base.items() if n not in _REQUIRED}
+    tables = [("[defaults]", document.get("defaults", {}))]
+    tables += [(f"target {number}", table) for number, table in enumerate(targets, start=1)]
+    defaults: dict[str, Any] = {}
+    settings = []
+    for where, table in tables:
+        try:  # every refusal names the file and the table
+            from_file = {**defaults, **_fields(table)}
+            if where == "[defaults]":
+                defaults = from_file
+                continue
+            settings.append(_target(where, from_file, base, explicit or {}))
+        except UsageError as exc:
+            raise UsageError(f"config {path}: {where}: {exc.message}") from None
+    return settings
+
+
+_REQUIRED = {key.field: name for name, key in KEYS.items() if key.required}
+
+
+def _target(
+    where: str, from_file: dict[str, Any], base: dict[str, Any], explicit: dict[str, Any]
+) -> SweepSettings:
+    for field_name, name in _REQUIRED.items():
+        if field_name not in from_file:
+            raise UsageError(f"{name} is required")
+    return SweepSettings(**{**base, **from_file, **_merge(where, from_file, explicit)})
+
+
+def _merge(where: str, from_file: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
+    """The command line's explicit values, as they apply over one target's file values."""
+    merged: dict[str, Any] = {}
+    for name, value in explicit.items():
+        if name not in from_file or from_file[name] == value:
+            merged[name] = value
+            continue
+        safe = _BY_FIELD[name].safe if name in _BY_FIELD else None
+        chosen = safe if safe is not None and safe in (value, from_file[name]) else value
+        merged[name] = chosen
+        structlog.get_logger("sweeper.config").warning(
+            "option_overridden",
+            target=where,
+            option=name,
+            file=from_file[name],
+            command_line=value,
+            used=chosen,
+        )
+    return merged
+
+
+def _fields(table: object) -> dict[str, Any]:
+    """A table's keys as settings fields, each value checked and converted."""
+    if not isinstance(table, dict):
+        raise UsageError("must be a table")
+    fields: dict[str, Any] = {}
+    for name, value in table.items():
+        if name in RUN_WIDE:
+            raise UsageError(f"{name} applies to the whole run; pass it on the command line")
+        if name not in KEYS:
+            raise UsageError(f"unknown key {name!r} (known: {', '.join(KEYS)})")
+        holds = KEYS[name].holds
+        if not isinstance(value, holds.accepts) or (
+            holds.accepts is not bool and isinstance(value, bool)
+        ):
+            raise UsageError(f"{name} must be a {holds.name}, not {value!r}")
+        fields[KEYS[name].field] = holds.convert(value)
+    return fields

@@ -213,7 +213,7 @@ def _inspect(
         prop=s.prop,
         namespace=target.client.namespace or None,  # the client's: what was queried
         database=target.client.database or None,
-        format_asked=s.format_label,
+        format_asked=str(s.format),
         grace=s.grace,
         now=now,
         cutoff=cutoff,

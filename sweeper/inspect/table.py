@@ -9,7 +9,7 @@ from typing import Any
 from sweeper.encodings import QueryValue
 from sweeper.inspect.forecast import Forecast, Histogram, Run
 from sweeper.inspect.report import DescendantSample, InspectReport, Oldest
-from sweeper.settings import format_duration
+from sweeper.settings import UNIT_SECONDS
 from sweeper.target import Count
 
 _INDEXED_NOTES = {
@@ -230,6 +230,19 @@ def _time_row(f: Forecast) -> str:
         f"{_duration(f.duration_s)} of deletes under {rule}, "
         f"ending at {f.final_rate:,.0f} deletes/s in all"
     )
+
+
+def format_duration(delta: dt.timedelta) -> str:
+    """The shortest ``parse_duration`` spelling of ``delta`` (for logs and messages)."""
+    seconds = int(delta.total_seconds())
+    if seconds == 0:
+        return "0"
+    out = []
+    for unit in ("d", "h", "m", "s"):
+        count, seconds = divmod(seconds, UNIT_SECONDS[unit])
+        if count:
+            out.append(f"{count}{unit}")
+    return "".join(out)
 
 
 def _duration(seconds: float) -> str:

@@ -23,8 +23,7 @@ from typing import Any
 import pytest
 from google.cloud import datastore
 
-from sweeper.config import load_targets
-from sweeper.settings import DEFAULT_GRACE, DEFAULT_PROPERTY, parse_duration
+from sweeper.settings import DEFAULT_GRACE, DEFAULT_PROPERTY, load_targets, parse_duration
 from tests.integration.helpers import ago, ahead, log_events, run_cli, survivors
 from tests.support.emulator import Emulator
 from tests.support.seed import (

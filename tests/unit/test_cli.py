@@ -25,13 +25,12 @@ from click.testing import CliRunner
 from sweeper import cli as cli_module
 from sweeper import engine as run_module
 from sweeper.cli import cli, inspect, main, sweep
-from sweeper.config import KEYS
 from sweeper.encodings import Encoding
 from sweeper.logs import ProgressLine, SweeperError, configure
 from sweeper.options import FiniteFloatRange
 from sweeper.result import Runtime, SweepResult
 from sweeper.retry import StopReason
-from sweeper.settings import MAX_SHARDS, Shard, SweepSettings
+from sweeper.settings import KEYS, MAX_SHARDS, Shard, SweepSettings
 
 NOW = dt.datetime(2024, 6, 1, tzinfo=dt.UTC)
 COMMANDS = ("sweep", "inspect")

@@ -14,10 +14,9 @@ from structlog.testing import capture_logs
 
 from sweeper import cli as cli_module
 from sweeper.cli import main, sweep
-from sweeper.config import KEYS, flag, load_targets
 from sweeper.encodings import Encoding
 from sweeper.logs import UsageError
-from sweeper.settings import Shard, SweepSettings
+from sweeper.settings import KEYS, Shard, SweepSettings, flag, load_targets
 
 BASE: dict[str, Any] = {
     "prop": "expires_at",

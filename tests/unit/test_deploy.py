@@ -20,9 +20,14 @@ from typing import Any
 import yaml
 from packaging.requirements import Requirement
 
-from sweeper.config import load_targets
 from sweeper.retry import CALL_TIMEOUT_S, STOP_BUDGET_S
-from sweeper.settings import DEFAULT_GRACE, DEFAULT_PROPERTY, SweepSettings, parse_duration
+from sweeper.settings import (
+    DEFAULT_GRACE,
+    DEFAULT_PROPERTY,
+    SweepSettings,
+    load_targets,
+    parse_duration,
+)
 
 DEPLOY = Path(__file__).parents[2] / "deploy"
 # The command-line defaults load_targets starts from, as `sweeper sweep --config` passes them.

@@ -11,7 +11,7 @@ import click
 import pytest
 
 from sweeper.cli import inspect, sweep
-from sweeper.config import KEYS, RUN_WIDE, flag
+from sweeper.settings import KEYS, RUN_WIDE, flag
 
 ROOT = Path(__file__).parents[2]
 DOC = ROOT / "docs" / "options.md"

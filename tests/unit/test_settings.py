@@ -11,14 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sweeper.encodings import Encoding
+from sweeper.inspect.table import format_duration
 from sweeper.logs import EXIT_USAGE, UsageError
+from sweeper.options import decide_ramp_up
 from sweeper.settings import (
     MAX_SHARDS,
     Shard,
     SweepSettings,
     check_database,
-    decide_ramp_up,
-    format_duration,
     parse_duration,
     parse_format,
 )
@@ -176,7 +176,7 @@ def make(**overrides: Any) -> SweepSettings:
 def test_valid_settings() -> None:
     settings = make(batch_size=1, max_deletes=1, max_runtime=dt.timedelta(seconds=1))
     assert settings.batch_size == 1
-    assert settings.format_label == "epoch-seconds"
+    assert str(settings.format) == "epoch-seconds"
     assert make(batch_size=500, grace=dt.timedelta(0), namespace="a.b_c-1").namespace == "a.b_c-1"
 
 
