@@ -30,8 +30,9 @@ from sweeper.encodings import (
 )
 from sweeper.logs import RefusedError
 from sweeper.result import Retention, SweepResult, measure_retention
+from sweeper.rpc import Count
 from sweeper.settings import SweepSettings
-from sweeper.target import FIRST_VALUE_PROBE, Count, Target
+from sweeper.target import FIRST_VALUE_PROBE, Target
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from typing import Any, TextIO, TypeVar
 import click
 import structlog
 from click.core import ParameterSource
+from google.auth import exceptions as auth_exc
+from google.cloud import datastore
 
 from sweeper import __version__
 from sweeper import options as opts
@@ -30,6 +32,7 @@ from sweeper.logs import (
     EXIT_FAILURE,
     EXIT_SIGINT,
     EXIT_USAGE,
+    DatastoreError,
     LogFormat,
     ProgressLine,
     SweeperError,
@@ -44,7 +47,6 @@ from sweeper.metrics import BasicAuth, MetricsError, push_summary, transport
 from sweeper.result import Runtime, SweepResult
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy, StopOnSignal, Stopped, StopReason
 from sweeper.settings import KEYS, SweepSettings, flag, load_targets
-from sweeper.target import client_for
 
 T = TypeVar("T")
 
@@ -244,6 +246,36 @@ def _targets(ctx: click.Context, options: dict[str, Any]) -> list[SweepSettings]
     # Options a target may also set: an explicit command-line value wins (see load_targets).
     overriding = {k.field: values[k.field] for k in explicit.values() if k.overrides}
     return load_targets(Path(options["config"]), values, overriding)
+
+
+# -- The client ----------------------------------------------------------------------------------
+
+
+def client_for(settings: SweepSettings) -> datastore.Client:
+    """The client of one target (its project, database and namespace); a setup failure is one
+    line. ``DATASTORE_EMULATOR_HOST`` (read by the client itself) points it at an emulator with
+    anonymous credentials; otherwise it uses Application Default Credentials (Workload Identity
+    on GKE)."""
+    s = settings
+    try:
+        return datastore.Client(project=s.project, database=s.database, namespace=s.namespace)
+    except auth_exc.DefaultCredentialsError:
+        if os.environ.get("DATASTORE_EMULATOR_HOST"):  # the client then looks for a project
+            raise DatastoreError(
+                "no project: DATASTORE_EMULATOR_HOST is set, and an emulator needs a project id "
+                "too: pass --project or set DATASTORE_PROJECT_ID (any id, e.g. demo)"
+            ) from None
+        raise DatastoreError(
+            "no Google Cloud credentials found: run under Workload Identity or a service "
+            "account, use 'gcloud auth application-default login', or set "
+            "DATASTORE_EMULATOR_HOST for an emulator"
+        ) from None
+    except OSError as exc:
+        if "project" in str(exc).lower():
+            raise DatastoreError(
+                "no project: pass --project or set SWEEPER_PROJECT / DATASTORE_PROJECT_ID"
+            ) from None
+        raise DatastoreError(f"cannot create a Datastore client: {exc}") from None
 
 
 def _retry_policy(options: dict[str, Any]) -> RetryPolicy:

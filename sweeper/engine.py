@@ -34,9 +34,9 @@ from sweeper.retry import (
     Stopped,
     StopReason,
 )
+from sweeper.rpc import Count
 from sweeper.settings import MAX_BATCH_SIZE, SweepSettings
-from sweeper.sources import expired_streams
-from sweeper.target import Count, Target, namespaces
+from sweeper.target import Target, expired_streams, namespaces
 from sweeper.throttle import Allowance, Capped
 
 # A commit is one call, answered faster than the stream's next page: one delete worker per

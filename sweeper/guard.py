@@ -32,8 +32,9 @@ from sweeper.encodings import Encoding, ExpiredRange, expired_range, is_expired
 from sweeper.gate import Rule, decide
 from sweeper.logs import RefusedError
 from sweeper.retry import Stopped, StopReason
+from sweeper.rpc import Count
 from sweeper.settings import SweepSettings
-from sweeper.target import Count, Target
+from sweeper.target import Target
 from sweeper.throttle import Allowance
 
 if TYPE_CHECKING:  # the result names the plan

@@ -16,8 +16,9 @@ from sweeper.encodings import Encoding, expired_range, from_micros
 from sweeper.guard import Exposure, Plan
 from sweeper.logs import EXIT_FAILURE, EXIT_OK
 from sweeper.retry import RetryCounter, RetryPolicy, StopEvent, Stopper, StopReason
+from sweeper.rpc import Count
 from sweeper.settings import SweepSettings
-from sweeper.target import Count, Target
+from sweeper.target import Target
 from sweeper.throttle import Throttle, ThrottleSettings
 
 

@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 from google.cloud import datastore
 from google.cloud.datastore.helpers import _get_value_from_value_pb, key_from_protobuf
-from google.cloud.datastore.query import _pb_from_query
+from google.cloud.datastore.query import PropertyFilter, _pb_from_query
 from google.cloud.datastore_v1.types import datastore as datastore_pb2
 from google.cloud.datastore_v1.types import entity as entity_pb2
 from google.cloud.datastore_v1.types import query as query_pb2
 
+from sweeper.encodings import QueryValue
 from sweeper.retry import NO_CLIENT_RETRY, TRANSIENT
 
 # A rollback lost to a bad network is sent again this many times (it is idempotent).
@@ -58,6 +60,59 @@ class Page(NamedTuple):
     seen: list[Seen]
     cursor: bytes | None
     largest: int
+
+
+# -- the queries: what a read asks for, and how many a count found ------------------------------
+
+Bound = tuple[str, QueryValue | None]
+CountMethod = Literal["aggregation", "keys_only_bounded", "scan", "empty_range"]
+
+
+@dataclass(frozen=True)
+class RangeQuery:
+    """Keys of ``kind`` whose ``prop`` meets every bound, e.g. ``((">=", lo), ("<", hi))``.
+
+    With no bounds it lists the kind's keys, whatever their properties; with ``keys_only``
+    off it returns whole entities (one billed read each); ``projected`` returns each key with
+    its indexed value of ``prop`` (a projection), for ranges whose values must be read.
+    """
+
+    kind: str
+    prop: str
+    bounds: tuple[Bound, ...] = ()
+    keys_only: bool = True
+    projected: bool = False
+    # In Datastore's __scatter__ order: keys spread across the key space (what query
+    # splitters sample with), where the database keeps the property (not the Firestore emulator).
+    scattered: bool = False
+
+    def build(self, client: datastore.Client, descending: bool = False) -> datastore.Query:
+        query: datastore.Query = client.query(kind=self.kind)
+        if self.projected:
+            query.projection = [self.prop]
+        elif self.keys_only:
+            query.keys_only()
+        for op, value in self.bounds:
+            query.add_filter(filter=PropertyFilter(self.prop, op, value))
+        if descending or self.scattered:
+            query.order = ["__scatter__" if self.scattered else "-" + self.prop]
+        return query
+
+
+@dataclass(frozen=True)
+class Count:
+    """How many entities a query matches, counted up to ``limit`` (None: all of them): by an
+    aggregation COUNT, keys-only pages up to a bound, a scan, or nothing to count (a range
+    that holds no value: ``empty_range``)."""
+
+    n: int
+    method: CountMethod
+    limit: int | None = None
+
+    @property
+    def lower_bound(self) -> bool:
+        """True when the count stopped at its limit: there may be more."""
+        return self.limit is not None and self.n >= self.limit
 
 
 def key_pb(key: datastore.Key) -> Any:

@@ -19,23 +19,29 @@ fails is retried from its starting cursor, so a retry never skips or repeats key
 from __future__ import annotations
 
 import datetime as dt
-import os
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import Literal
+from typing import Any
 
 from google.api_core import exceptions as gexc
-from google.auth import exceptions as auth_exc
 from google.cloud import datastore
-from google.cloud.datastore.query import PropertyFilter
 from google.cloud.datastore_v1.types import entity as entity_pb2
 
 from sweeper import rpc
-from sweeper.encodings import Encoding, ExpiredRange, QueryValue, classify
-from sweeper.logs import DatastoreError
+from sweeper.encodings import (
+    Encoding,
+    ExpiredRange,
+    classify,
+    expired_range,
+    is_expired,
+    shard_slices,
+    split_even,
+)
 from sweeper.retry import NO_CLIENT_RETRY, Retrier, too_large
-from sweeper.rpc import Seen
+from sweeper.rpc import Bound, Count, RangeQuery, Seen
 from sweeper.settings import SweepSettings
 
 # Keys per query page: small enough for any response limit (a key is ~100 bytes), large
@@ -54,57 +60,7 @@ LOOKUP_CHUNK = 500
 # one billed read per page, but time in proportion, so it stops sooner.
 KEYS_ONLY_COUNT_LIMIT = 100_000
 NAMESPACE_KIND = "__namespace__"
-
-Bound = tuple[str, QueryValue | None]
-CountMethod = Literal["aggregation", "keys_only_bounded", "scan", "empty_range"]
 _ALIAS = "n"
-
-
-@dataclass(frozen=True)
-class RangeQuery:
-    """Keys of ``kind`` whose ``prop`` meets every bound, e.g. ``((">=", lo), ("<", hi))``.
-
-    With no bounds it lists the kind's keys, whatever their properties; with ``keys_only``
-    off it returns whole entities (one billed read each); ``projected`` returns each key with
-    its indexed value of ``prop`` (a projection), for ranges whose values must be read.
-    """
-
-    kind: str
-    prop: str
-    bounds: tuple[Bound, ...] = ()
-    keys_only: bool = True
-    projected: bool = False
-    # In Datastore's __scatter__ order: keys spread across the key space (what query
-    # splitters sample with), where the database keeps the property (not the Firestore emulator).
-    scattered: bool = False
-
-    def build(self, client: datastore.Client, descending: bool = False) -> datastore.Query:
-        query: datastore.Query = client.query(kind=self.kind)
-        if self.projected:
-            query.projection = [self.prop]
-        elif self.keys_only:
-            query.keys_only()
-        for op, value in self.bounds:
-            query.add_filter(filter=PropertyFilter(self.prop, op, value))
-        if descending or self.scattered:
-            query.order = ["__scatter__" if self.scattered else "-" + self.prop]
-        return query
-
-
-@dataclass(frozen=True)
-class Count:
-    """How many entities a query matches, counted up to ``limit`` (None: all of them): by an
-    aggregation COUNT, keys-only pages up to a bound, a scan, or nothing to count (a range
-    that holds no value: ``empty_range``)."""
-
-    n: int
-    method: CountMethod
-    limit: int | None = None
-
-    @property
-    def lower_bound(self) -> bool:
-        """True when the count stopped at its limit: there may be more."""
-        return self.limit is not None and self.n >= self.limit
 
 
 @dataclass(frozen=True)
@@ -364,37 +320,147 @@ def namespaces(client: datastore.Client, retrier: Retrier) -> Iterator[list[str 
         yield [key.name for key in page]
 
 
-# -- The client ----------------------------------------------------------------------------------
-
-
-def client_for(settings: SweepSettings) -> datastore.Client:
-    """The client of one target (its project, database and namespace); a setup failure is one
-    line. ``DATASTORE_EMULATOR_HOST`` (read by the client itself) points it at an emulator with
-    anonymous credentials; otherwise it uses Application Default Credentials (Workload Identity
-    on GKE)."""
-    s = settings
-    try:
-        return datastore.Client(project=s.project, database=s.database, namespace=s.namespace)
-    except auth_exc.DefaultCredentialsError:
-        if os.environ.get("DATASTORE_EMULATOR_HOST"):  # the client then looks for a project
-            raise DatastoreError(
-                "no project: DATASTORE_EMULATOR_HOST is set, and an emulator needs a project id "
-                "too: pass --project or set DATASTORE_PROJECT_ID (any id, e.g. demo)"
-            ) from None
-        raise DatastoreError(
-            "no Google Cloud credentials found: run under Workload Identity or a service "
-            "account, use 'gcloud auth application-default login', or set "
-            "DATASTORE_EMULATOR_HOST for an emulator"
-        ) from None
-    except OSError as exc:
-        if "project" in str(exc).lower():
-            raise DatastoreError(
-                "no project: pass --project or set SWEEPER_PROJECT / DATASTORE_PROJECT_ID"
-            ) from None
-        raise DatastoreError(f"cannot create a Datastore client: {exc}") from None
-
-
 def _fitting(page: rpc.Page) -> int:
     """Results per page that keep an answer within ``SCAN_PAGE_BYTES``, judged by the largest
     entity of ``page``: a full page where the mask keeps entities small."""
     return max(1, min(PAGE_SIZE, SCAN_PAGE_BYTES // (2 * max(page.largest, 1))))
+
+
+# -- The streams: where the expired keys come from ------------------------------------------
+# Each stream is an iterator of pages that one thread of the pipeline drains. Several streams
+# over disjoint slices of the expired range keep several queries in flight at once, and a shard
+# (one pod of several) only ever queries the slices that belong to it.
+
+# Pages of candidates, each key with the version and value its read saw (the gate deletes
+# that version); a blind run's keys-only pages carry neither (version 0, value None).
+KeyPages = Iterator[list[Seen]]
+
+# Shards own one-hour buckets of expiry time, round robin (``encodings.shard_slices``).
+SHARD_BUCKET = dt.timedelta(hours=1)
+
+
+def expired_streams(
+    target: Target,
+    settings: SweepSettings,
+    encoding: Encoding,
+    cutoff: dt.datetime,
+    *,
+    smallest: int | None = None,
+    log: Any,
+    on_read: Callable[[int], None],
+    seen: Counter[str] | None = None,
+    on_left_alone: Callable[[int], None] = lambda n: None,
+) -> list[KeyPages]:
+    """Up to ``settings.workers`` independent streams of expired ranges or key pages.
+
+    A scan counts in ``seen`` the encodings of the non-null values it reads, so the engine can
+    tell a scan that found nothing to do from one that could never have matched anything.
+    Values in the range that are of no encoding (text in another form) are left alone and
+    counted through ``on_left_alone``. ``smallest`` is the smallest stored value's ordinal
+    where detection has read it already: the slices start there instead of at a value queried
+    for (a value changed since, so that it lies past the range, is queried for all the same).
+    A stream reads its next page while the workers delete the last one.
+    """
+    s = settings
+    if s.scan:
+        log.warning(
+            "scan_started",
+            property=s.prop,
+            format=encoding.value,
+            cost="one billed entity read per entity of the kind",
+        )
+        return [
+            scan_expired(target, partial(_tallied, seen or Counter(), encoding, cutoff), on_read)
+        ]
+    verify = s.verify
+    window = expired_range(encoding, cutoff)
+    lo, hi = window.values()
+    log.info("query_range", format=encoding.value, lower=str(lo), upper=str(hi), shard=str(s.shard))
+    if window.empty:
+        return []
+    pages = partial(_pages, target, verify=verify, on_left_alone=on_left_alone)
+    if s.shard.count > 1:
+        return _shard_streams(target, s, window, pages)
+    if s.workers == 1:
+        return [pages(window)]
+    # Start the slices at the oldest stored value, not at 2001: the old part is empty.
+    start = smallest if smallest is not None and window.lo <= smallest < window.hi else None
+    if start is None:
+        start = target.first_value(target.within(window), encoding)
+    if start is None:
+        return []
+    slices = split_even(start, window.hi, s.workers)
+    return [pages(ExpiredRange(encoding, a, b)) for a, b in slices]
+
+
+def _tallied(seen: Counter[str], encoding: Encoding, cutoff: dt.datetime, value: object) -> bool:
+    if value is not None:
+        found = classify(value)
+        seen[found.value if found else "unsupported"] += 1
+    return is_expired(encoding, value, cutoff)
+
+
+def scan_expired(
+    target: Target, expired: Callable[[object], bool], on_read: Callable[[int], None]
+) -> KeyPages:
+    """Every entity of the kind whose value is ``expired``, by reading them all; handed on in
+    pages of up to ``PAGE_SIZE`` (one full commit), whatever the read pages."""
+    pending: list[Seen] = []
+    for found in target.scan_pages():
+        on_read(len(found))
+        pending += [s for s in found if expired(s.value)]
+        while len(pending) >= PAGE_SIZE:
+            yield pending[:PAGE_SIZE]
+            pending = pending[PAGE_SIZE:]
+    if pending:
+        yield pending
+
+
+def _shard_streams(
+    target: Target,
+    settings: SweepSettings,
+    window: ExpiredRange,
+    pages: Callable[[ExpiredRange], KeyPages],
+) -> list[KeyPages]:
+    """``workers`` streams that share this shard's buckets, found as they are needed."""
+    encoding = window.encoding
+
+    def next_value(pos: int, hi: int) -> int | None:
+        return target.first_value(target.within(ExpiredRange(encoding, pos, hi)), encoding)
+
+    bucket = max(1, SHARD_BUCKET // dt.timedelta(microseconds=encoding.unit_us))
+    slices = shard_slices(window.lo, window.hi, settings.shard, bucket, next_value)
+    lock = threading.Lock()  # one walk, drawn from by every stream's thread
+
+    def stream() -> KeyPages:
+        while True:
+            with lock:
+                part = next(slices, None)
+            if part is None:
+                return
+            yield from pages(ExpiredRange(encoding, *part))
+
+    return [stream() for _ in range(settings.workers)]
+
+
+def _pages(
+    target: Target, window: ExpiredRange, *, verify: bool, on_left_alone: Callable[[int], None]
+) -> KeyPages:
+    """The entities of ``window``, a page at a time, each with its version and value; of a
+    text range, only those whose value is of the range's encoding. A blind run of a range
+    that needs no values reads keys only (one billed read per page, not per key).
+
+    A text range also holds text in other forms and byte strings that sort between its ends
+    (``2026-11-22``, ``2026-11-22T10:15:00+01:00``): they are left alone, and counted.
+    """
+    encoding = window.encoding
+    if not verify and not encoding.needs_values:
+        for keys in target.key_pages(target.within(window)):
+            yield [Seen(k, 0, None) for k in keys]
+        return
+    for page in target.seen_pages(target.within(window, keys_only=False)):
+        kept = [s for s in page if classify(s.value) is encoding]
+        if len(kept) < len(page):
+            on_left_alone(len(page) - len(kept))
+        if kept:
+            yield kept

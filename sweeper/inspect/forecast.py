@@ -18,11 +18,10 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from sweeper.deleter import LEGACY_LIMIT
-from sweeper.encodings import EPOCH, Encoding, is_expired
+from sweeper.encodings import EPOCH, Encoding, is_expired, shard_slices
 from sweeper.guard import COUNT_LIMIT
 from sweeper.result import RETENTION_COUNT_LIMIT
 from sweeper.settings import MAX_BATCH_SIZE, Shard, SweepSettings
-from sweeper.sources import shard_slices
 from sweeper.target import KEYS_ONLY_COUNT_LIMIT, PAGE_SIZE, SCAN_FIRST_PAGE
 from sweeper.throttle import BASE_RATE, RampSchedule
 

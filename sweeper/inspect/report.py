@@ -30,6 +30,7 @@ from sweeper.encodings import (
     describe_value,
     expired_range,
     from_micros,
+    split_even,
     to_micros,
 )
 from sweeper.gate import Rule
@@ -49,9 +50,9 @@ from sweeper.inspect.forecast import (
 )
 from sweeper.logs import DatastoreError, RefusedError, UsageError, describe_exception
 from sweeper.retry import TRANSIENT, Retrier, RetryCounter, RetryPolicy
+from sweeper.rpc import Count, RangeQuery
 from sweeper.settings import SweepSettings
-from sweeper.sources import split_even
-from sweeper.target import Count, RangeQuery, Target
+from sweeper.target import Target
 
 Indexed = Literal["yes", "no", "unknown"]
 Action = Literal["sweep", "scan", "refuse", "nothing"]
@@ -390,7 +391,7 @@ def age_buckets(
 
 
 def stream_slices(window: ExpiredRange, oldest: dt.datetime, workers: int) -> list[ExpiredRange]:
-    """The slices one pod's ``workers`` query streams page through (``sources.expired_streams``):
+    """The slices one pod's ``workers`` query streams page through (``target.expired_streams``):
     from the oldest expired value to the cutoff, cut evenly."""
     start = to_micros(oldest) // window.encoding.unit_us
     return [ExpiredRange(window.encoding, a, b) for a, b in split_even(start, window.hi, workers)]

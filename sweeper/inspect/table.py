@@ -9,8 +9,8 @@ from typing import Any
 from sweeper.encodings import QueryValue
 from sweeper.inspect.forecast import Forecast, Histogram, Run
 from sweeper.inspect.report import DescendantSample, InspectReport, Oldest
+from sweeper.rpc import Count
 from sweeper.settings import UNIT_SECONDS
-from sweeper.target import Count
 
 _INDEXED_NOTES = {
     "yes": "",

@@ -23,8 +23,7 @@ from hypothesis import strategies as st
 from sweeper.encodings import Encoding, from_micros, is_expired
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
 from sweeper.settings import Shard
-from sweeper.sources import expired_streams
-from sweeper.target import Target
+from sweeper.target import Target, expired_streams
 from tests.integration.helpers import ago, ahead, seed, settings, stored, survivors, sweep
 
 DS, DMS, ISO = Encoding.DOUBLE_SECONDS, Encoding.DOUBLE_MILLIS, Encoding.ISO_8601

@@ -22,8 +22,8 @@ from sweeper.inspect.report import (
 )
 from sweeper.inspect.table import render_table, report_dict
 from sweeper.logs import UsageError
+from sweeper.rpc import Count
 from sweeper.settings import SweepSettings
-from sweeper.target import Count
 
 NOW = dt.datetime(2024, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
 CUTOFF = NOW - dt.timedelta(minutes=15)

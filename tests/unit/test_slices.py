@@ -12,9 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sweeper.encodings import Slice, shard_slices, split_even
 from sweeper.logs import UsageError
 from sweeper.settings import Shard
-from sweeper.sources import Slice, shard_slices, split_even
 
 
 class Probe:

@@ -13,8 +13,14 @@ from google.cloud import datastore
 
 from sweeper.encodings import Encoding
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy
-from sweeper.sources import scan_expired
-from sweeper.target import FIRST_VALUE_PROBE, PAGE_SIZE, SCAN_FIRST_PAGE, RangeQuery, Target
+from sweeper.rpc import RangeQuery
+from sweeper.target import (
+    FIRST_VALUE_PROBE,
+    PAGE_SIZE,
+    SCAN_FIRST_PAGE,
+    Target,
+    scan_expired,
+)
 from tests.unit.fakes import FakeClient, FakeQuery, api_error, entities
 
 QUERY = RangeQuery("eq-session", "expires_at", ((">=", 10**9), ("<", 1_700_000_000)))

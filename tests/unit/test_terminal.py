@@ -8,8 +8,8 @@ from typing import Any
 from sweeper.logs import summary
 from sweeper.result import Retention, SweepResult
 from sweeper.retry import StopReason
+from sweeper.rpc import Count
 from sweeper.settings import SweepSettings
-from sweeper.target import Count
 
 CUTOFF = dt.datetime(2024, 6, 1, 9, tzinfo=dt.UTC)
 
