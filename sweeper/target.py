@@ -1,19 +1,11 @@
-"""The target: one kind and its expiry property in one database and namespace, its client, and
-every read.
+"""The reads: one kind and its expiry property through a client (:class:`Target`), and the
+streams of expired keys a sweep deletes from.
 
-A :class:`Target` owns the client and the run's retry policy, and makes every read a sweep or
-``inspect`` makes of the database: small probes (:meth:`Target.fetch`), pages of keys or
-entities, counts, the first value of a range, lookups, the descendants of a key, a full scan,
-and the database's clock. Every call goes through the retrier, so each read has the same
-retries, counts and give-up rule. The gate's transactional calls (``sweeper.rpc``) use the same
-client and retrier.
-
-Pages have an explicit size and continue from the server's cursor: the Firestore emulator in
-Datastore mode answers an unbounded query in one response and fails past ~40k keys
-(RESOURCE_EXHAUSTED), while the legacy emulator returns ~300 results per batch whatever the limit
-(both seen on the emulators). Each page is one call, however short the server's batch; the range is
-exhausted when the server returns no cursor (no more results) or an empty batch. A page that
-fails is retried from its starting cursor, so a retry never skips or repeats keys.
+Every read goes through the run's retrier: the same retries, counts and give-up rule. Pages have
+an explicit size and go on from the server's cursor (the Firestore emulator answers an unbounded
+query in one response and fails past ~40k keys; the legacy emulator answers ~300 results a batch
+whatever the limit). Each page is one call; a range ends at no cursor or an empty batch, and a
+failed page is retried from its own cursor, so a retry never skips or repeats keys.
 """
 
 from __future__ import annotations
@@ -44,20 +36,16 @@ from sweeper.retry import NO_CLIENT_RETRY, Retrier, too_large
 from sweeper.rpc import Bound, Count, RangeQuery, Seen
 from sweeper.settings import SweepSettings
 
-# Keys per query page: small enough for any response limit (a key is ~100 bytes), large
-# enough to fill a whole 500-key delete batch per round trip.
-PAGE_SIZE = 500
-# Whole entities per page (a scan; a mask ignored): a response over 4 MiB fails (gRPC's limit,
-# RESOURCE_EXHAUSTED). A scan's first page is small; later pages hold what fits in 2 MiB at
-# twice the largest entity of the page before, up to a delete batch's worth.
+PAGE_SIZE = 500  # keys a page: a whole delete batch per round trip, far below any size limit
+# Whole entities a page (a scan; a mask ignored): an answer over 4 MiB fails (gRPC's limit). A
+# scan starts small, then asks what fits in 2 MiB at twice the previous page's largest entity.
 SCAN_FIRST_PAGE = 100
 SCAN_PAGE_BYTES = 2 * 1024 * 1024
 # Projected values a strict first_value looks through for one of its encoding.
 FIRST_VALUE_PROBE = 20
 # Datastore refuses a lookup of more than 1000 keys.
 LOOKUP_CHUNK = 500
-# Where aggregation queries are missing (the legacy emulator), counting pages through keys:
-# one billed read per page, but time in proportion, so it stops sooner.
+# Without aggregation queries (the legacy emulator) a count pages through keys: it stops here.
 KEYS_ONLY_COUNT_LIMIT = 100_000
 NAMESPACE_KIND = "__namespace__"
 _ALIAS = "n"
@@ -94,8 +82,8 @@ class Target:
     def fetch(
         self, query: RangeQuery, limit: int, descending: bool = False
     ) -> list[datastore.Entity]:
-        """The first ``limit`` results of ``query`` (small probes): whole entities unless it
-        is keys-only. A whole entity carries its values' true types, which no index shows."""
+        """The first ``limit`` results (whole entities, with their values' true types, unless
+        the query is keys-only)."""
         found, _cursor = self.retrier.call(
             "query", lambda: self._page(query.build(self.client, descending), limit, None)
         )
@@ -121,20 +109,16 @@ class Target:
                 return
 
     def seen_pages(
-        self, query: RangeQuery, page_size: int = PAGE_SIZE, *, scan: bool = False
+        self, query: RangeQuery | datastore.Query, page_size: int = PAGE_SIZE, *, scan: bool = False
     ) -> Iterator[list[Seen]]:
-        """Every result of ``query`` as the gate deletes it: each key with its version and
-        its value of the property (``rpc.run_query``), one page at a time.
-
-        Where the mask is ignored (the legacy emulator; names no mask path is sure to name)
-        whole entities come back: each next page holds what fits ``SCAN_PAGE_BYTES`` at twice
-        the largest entity of the page before, and a page refused as too large is asked
-        again smaller (``_seen_page``). A ``scan`` starts small.
-        """
+        """Every result of ``query`` as the gate deletes it, each key with its version and
+        value (``rpc.run_query``), a page at a time. Where whole entities come back (a mask
+        ignored) each page holds what fits ``SCAN_PAGE_BYTES``; a ``scan`` starts small."""
+        built = query.build(self.client) if isinstance(query, RangeQuery) else query
         cursor: bytes | None = None
         size = SCAN_FIRST_PAGE if scan else page_size
         while True:
-            page = self._seen_page(query.build(self.client), size, cursor)
+            page = self._seen_page(built, size, cursor)
             if page.seen:
                 yield page.seen
             if page.cursor is None:
@@ -149,17 +133,8 @@ class Target:
 
     def group(self, key: datastore.Key) -> list[Seen]:
         """``key`` (if it exists) and everything under it in its entity group, any kind and
-        depth, each with its version and value of the property: one kindless ancestor query,
-        paged. Ancestor queries are strongly consistent, on the legacy emulator too."""
-        found: list[Seen] = []
-        cursor: bytes | None = None
-        size = PAGE_SIZE
-        while True:
-            page = self._seen_page(self.client.query(ancestor=key), size, cursor)
-            found += page.seen
-            if page.cursor is None:
-                return found
-            cursor, size = page.cursor, _fitting(page)
+        depth: a kindless ancestor query (strongly consistent, on the legacy emulator too)."""
+        return [s for page in self.seen_pages(self.client.query(ancestor=key)) for s in page]
 
     def lookup(self, keys: Sequence[datastore.Key]) -> list[datastore.Entity]:
         """Full entities for ``keys`` (missing ones dropped), ``LOOKUP_CHUNK`` keys a call."""
@@ -169,31 +144,15 @@ class Target:
         return found
 
     def descendants(self, key: datastore.Key) -> list[datastore.Key]:
-        """Every key under ``key`` in its entity group, of any kind and depth (not ``key``).
-
-        A kindless, keys-only ancestor query, paged like any other: one billed read per page.
-        Ancestor queries are strongly consistent, on the legacy emulator too.
-        """
-        found: list[datastore.Key] = []
-        cursor: bytes | None = None
-        while True:
-            query = self.client.query(ancestor=key)
-            query.keys_only()
-            page, cursor = self.retrier.call("query", partial(self._page, query, PAGE_SIZE, cursor))
-            found += [entity.key for entity in page if entity.key != key]
-            if cursor is None or not page:
-                return found
+        """Every key under ``key`` in its entity group, of any kind and depth (not ``key``)."""
+        return [s.key for s in self.group(key) if s.key != key]
 
     def first_value(
         self, query: RangeQuery, encoding: Encoding, *, strict: bool = False
     ) -> int | None:
-        """The ordinal of the smallest value in ``query``'s range, or None if it holds none.
-
-        One small projection read. Both emulators return a projected timestamp as its
-        microseconds since the epoch, which is its ordinal. Where the range can hold values of
-        no encoding (text), ``strict`` skips to the first value that is of ``encoding``, among
-        the first ``FIRST_VALUE_PROBE``; otherwise the first value's place in the order is taken.
-        """
+        """The ordinal of the smallest value in ``query``'s range (None: it holds none), by a
+        small projection (a projected timestamp is its microseconds: its ordinal). ``strict``
+        skips text of other forms, among the first ``FIRST_VALUE_PROBE``."""
         projected = replace(query, projected=True)
         limit = FIRST_VALUE_PROBE if strict and encoding.needs_values else 1
         for entity in self.fetch(projected, limit):
@@ -205,13 +164,8 @@ class Target:
     def count(
         self, query: RangeQuery, limit: int | None, *, keys_limit: int = KEYS_ONLY_COUNT_LIMIT
     ) -> Count:
-        """One COUNT, up to ``limit``, where the database has aggregation queries; keys else.
-
-        An aggregation COUNT is billed one entity read per 1,000 index entries counted, so a
-        limit of a million costs at most 1,000 reads. The legacy emulator answers it with 501
-        ``MethodNotImplemented``, a permanent error, so the retrier raises it at once and a
-        keys-only count (up to ``keys_limit`` as well) takes over.
-        """
+        """One COUNT up to ``limit`` (billed a read per 1,000 index entries); where the
+        database has no aggregation (the legacy emulator's 501), keys up to ``keys_limit``."""
         try:
             n = self.retrier.call("query", partial(self._aggregate, query, limit))
             return Count(n if limit is None else min(n, limit), "aggregation", limit)
@@ -228,13 +182,9 @@ class Target:
     def read_time(
         self, local_now: Callable[[], dt.datetime]
     ) -> tuple[dt.datetime, dt.datetime | None, dt.datetime]:
-        """The database's time (None where it reports none, as the legacy emulator), with the
-        local clock read just before and just after the attempt that answered (not around its
-        retries: a probe retried through an outage would report the outage as skew).
-
-        The client's query iterator drops ``read_time``, so this is one keys-only, limit-1
-        query on the kind through the client's API object, which returns the whole response.
-        """
+        """The database's time (None where it reports none), with the local clock read just
+        before and after the attempt that answered (around its retries, an outage would read
+        as skew): a keys-only, limit-1 query through the API object, which keeps ``read_time``."""
 
         def attempt() -> tuple[dt.datetime, dt.datetime | None, dt.datetime]:
             before = local_now()
@@ -260,10 +210,7 @@ class Target:
         self, query: datastore.Query, limit: int, cursor: bytes | None
     ) -> tuple[list[datastore.Entity], bytes | None]:
         """One RunQuery call: up to ``limit`` results and the cursor after them (None at the
-        end). Only the first batch the server answers is taken, so a retried page repeats one
-        call, not the several the client's iterator would chain to fill ``limit`` (the legacy
-        emulator answers ~300 results per batch): on a network that drops connections every
-        second, a page of several calls might never get through."""
+        end); only the first batch, so a retried page repeats one call, not several."""
         iterator = query.fetch(
             limit=limit, start_cursor=cursor, retry=NO_CLIENT_RETRY, timeout=self.retrier.timeout
         )
@@ -309,12 +256,8 @@ class Target:
 
 
 def namespaces(client: datastore.Client, retrier: Retrier) -> Iterator[list[str | None]]:
-    """The database's namespaces, a page at a time, None for the default one.
-
-    A keys-only query on the ``__namespace__`` metadata kind, paged like any other: each
-    namespace is a key whose name is the namespace (the default namespace's key has the id 1
-    instead). Only namespaces that hold an entity are listed.
-    """
+    """The database's namespaces that hold an entity, a page at a time (None: the default one):
+    the keys of the ``__namespace__`` kind, named after them (the default one's has an id)."""
     listing = Target(client, retrier, NAMESPACE_KIND, "")
     for page in listing.key_pages(listing.query()):
         yield [key.name for key in page]
@@ -327,12 +270,10 @@ def _fitting(page: rpc.Page) -> int:
 
 
 # -- The streams: where the expired keys come from ------------------------------------------
-# Each stream is an iterator of pages that one thread of the pipeline drains. Several streams
-# over disjoint slices of the expired range keep several queries in flight at once, and a shard
-# (one pod of several) only ever queries the slices that belong to it.
+# One thread of the pipeline drains each; streams over disjoint slices keep several queries in
+# flight, and a shard (one pod of several) only ever queries the slices that are its own.
 
-# Pages of candidates, each key with the version and value its read saw (the gate deletes
-# that version); a blind run's keys-only pages carry neither (version 0, value None).
+# Pages of candidates as read (a blind run's keys-only pages: version 0, value None).
 KeyPages = Iterator[list[Seen]]
 
 # Shards own one-hour buckets of expiry time, round robin (``encodings.shard_slices``).
@@ -351,15 +292,11 @@ def expired_streams(
     seen: Counter[str] | None = None,
     on_left_alone: Callable[[int], None] = lambda n: None,
 ) -> list[KeyPages]:
-    """Up to ``settings.workers`` independent streams of expired ranges or key pages.
+    """Up to ``settings.workers`` streams of pages, each over its own slice of the range.
 
-    A scan counts in ``seen`` the encodings of the non-null values it reads, so the engine can
-    tell a scan that found nothing to do from one that could never have matched anything.
-    Values in the range that are of no encoding (text in another form) are left alone and
-    counted through ``on_left_alone``. ``smallest`` is the smallest stored value's ordinal
-    where detection has read it already: the slices start there instead of at a value queried
-    for (a value changed since, so that it lies past the range, is queried for all the same).
-    A stream reads its next page while the workers delete the last one.
+    A scan tallies in ``seen`` the encodings it reads (``checks.scan_census``); values of no
+    encoding in the range are left alone, counted by ``on_left_alone``. The slices start at
+    ``smallest`` where detection read it (inside the range), else at a value queried for.
     """
     s = settings
     if s.scan:
@@ -446,13 +383,9 @@ def _shard_streams(
 def _pages(
     target: Target, window: ExpiredRange, *, verify: bool, on_left_alone: Callable[[int], None]
 ) -> KeyPages:
-    """The entities of ``window``, a page at a time, each with its version and value; of a
-    text range, only those whose value is of the range's encoding. A blind run of a range
-    that needs no values reads keys only (one billed read per page, not per key).
-
-    A text range also holds text in other forms and byte strings that sort between its ends
-    (``2026-11-22``, ``2026-11-22T10:15:00+01:00``): they are left alone, and counted.
-    """
+    """The entities of ``window`` with their versions and values, a page at a time; of a
+    text range only canonical text (other forms that sort among it are left alone, counted).
+    A blind run of a range that needs no values reads keys only (a billed read a page)."""
     encoding = window.encoding
     if not verify and not encoding.needs_values:
         for keys in target.key_pages(target.within(window)):

@@ -1,10 +1,9 @@
 """The report of ``sweeper inspect``: what a sweep of one target would meet, do and cost.
 
-Before a first run an operator needs more than ``--dry-run`` tells: which encodings the property
-really holds (only a lookup shows a value's true type), whether it is indexed at all, what
-``--format auto`` would decide, how large and old the backlog is, and what clearing it will cost
-(``forecast``). It costs a few keys-only queries, a COUNT per age bucket and per query stream
-(bounded key counts without aggregation queries) and ``sample_size + 1`` entity reads.
+Before a first run an operator needs more than ``--dry-run`` tells: the encodings the property
+really holds (only a lookup shows a value's true type), whether it is indexed, what ``--format
+auto`` would decide, how large and old the backlog is, and what clearing it costs (``forecast``):
+for a few keys-only queries, a COUNT per age bucket and per stream, ``sample_size + 1`` reads.
 """
 
 from __future__ import annotations
