@@ -306,9 +306,8 @@ def expired_streams(
             format=encoding.value,
             cost="one billed entity read per entity of the kind",
         )
-        return [
-            scan_expired(target, partial(_tallied, seen or Counter(), encoding, cutoff), on_read)
-        ]
+        tally = Counter() if seen is None else seen  # an empty Counter is falsy: not ``or``
+        return [scan_expired(target, partial(_tallied, tally, encoding, cutoff), on_read)]
     verify = s.verify
     window = expired_range(encoding, cutoff)
     lo, hi = window.values()
