@@ -117,10 +117,10 @@ class SweepResult:
     def dry_run_refused(self) -> bool:
         """Whether the fraction guard would refuse the real run of what this dry run matched
         (its own rule, against what carries the property after it)."""
-        kept, share = self.retention, self.settings.max_fraction
-        return kept is not None and not Exposure(Count(self.matched, "scan"), kept.carrying).within(
-            share
-        )
+        if self.retention is None:
+            return False
+        exposure = Exposure(Count(self.matched, "scan"), self.retention.carrying)
+        return not exposure.within(self.settings.max_fraction)
 
     @property
     def exit_code(self) -> int:

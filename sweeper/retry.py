@@ -2,9 +2,8 @@
 
 ``google-cloud-datastore`` retries queries on its own but never commits, so sweeper turns the
 client's retries off and retries every call itself: one policy, one place that counts and logs
-retries (deleting a key already gone is a silent no-op). Every call passes through here, so it
-is where the stop flag is looked at before each call (:class:`Stopper`, below) and a place in
-the AIMD limit on calls in flight is held (:mod:`sweeper.concurrency`).
+retries (deleting a key already gone is a silent no-op), each call holding a place in the AIMD
+limit on calls in flight (:mod:`sweeper.concurrency`). Below is the run's one stop, asked too.
 
 A retry budget counted in attempts fails a healthy run on a bad network: one dropped connection
 fails every call in flight together, and a handful of drops exhaust any small count. So a call
@@ -168,6 +167,10 @@ class Retrier:
         self._clock = clock
         self._stopper = stopper
         self._limiter = limiter
+        attempts = policy.max_attempts
+        self._limits = stop_after_delay(policy.max_delay_s) | (
+            stop_never if attempts is None else stop_after_attempt(attempts)
+        )
         self._log = structlog.get_logger("sweeper.retry")
 
     @property
@@ -213,10 +216,7 @@ class Retrier:
         return value
 
     def _gives_up(self, state: RetryCallState) -> bool:
-        p = self.policy
-        attempts = stop_never if p.max_attempts is None else stop_after_attempt(p.max_attempts)
-        limits = attempts | stop_after_delay(p.max_delay_s)
-        return limits(state) or self._stalled(state) or self._unreached(state)
+        return self._limits(state) or self._stalled(state) or self._unreached(state)
 
     def _stalled(self, state: RetryCallState) -> bool:
         """No call of the run has succeeded for ``stall_s``: the database is gone."""
