@@ -1,18 +1,10 @@
 """Guards on the blast radius: how much of a target a run would delete, and who agreed to it.
 
-The mistakes that destroy live data all look alike from the database's side: the wrong
-property (``--property created_at``: every entity is "in the past"), a grace of ``0`` on a
-property whose "expiry" means something else, or a run against the wrong project. Each makes
-one run delete most of what carries the property, where a healthy scheduled run deletes what
-expired during one schedule interval: a small share. So before the first batch sweeper counts
-what the run would delete against what carries the property, and refuses a run above
-``--max-fraction``. On a terminal it also shows the operator what it is about to do and asks.
-
-Counting costs little next to deleting: the run's range is counted, then what carries the
-property only up to ``due / share`` (enough to settle the question), so the guard costs in
-proportion to what the run would delete. As aggregation COUNTs (Firestore in Datastore mode)
-that is one billed read per 1,000 index entries, capped at ``COUNT_LIMIT / 1000`` reads per
-count; where there is no COUNT (the legacy emulator), a keys-only page per 300 to 500 keys.
+A wrong property, a grace of 0 on a non-expiry or the wrong project makes one run delete most
+of what carries the property, where a scheduled run deletes a small share. So before the first
+batch the run's share is counted, a run above ``--max-fraction`` is refused, and on a terminal
+the operator is asked. Why, and what the counts cost: docs/design.md, "Guards on the blast
+radius".
 """
 
 from __future__ import annotations
@@ -40,6 +32,7 @@ from sweeper.throttle import Allowance
 if TYPE_CHECKING:  # the result names the plan
     from sweeper.result import SweepResult
 
+# Counts stop here (10,000 billed reads at most); a due count past it is treated as a backlog.
 COUNT_LIMIT = 10_000_000
 # How often the question looks at the stop flag while it waits for an answer.
 _ANSWER_POLL_S = 0.1
@@ -92,12 +85,9 @@ class Plan:
 def measure(
     target: Target, window: ExpiredRange, share: float, under: Descendants | None = None
 ) -> Exposure:
-    """Count the run's range, then what carries the property only as far as the guard needs.
-
-    With ``due`` counted exactly, at least ``due / share`` entities carrying the property
-    settle it, so the second count stops there: the guard costs in proportion to what the run
-    would delete, not to the kind's size.
-    """
+    """Count the run's range, then what carries the property only as far as the guard needs:
+    with ``due`` exact, ``due / share`` of them settle it, so the guard costs in proportion to
+    what the run would delete, not to the kind's size."""
     due = target.count(target.within(window), COUNT_LIMIT)
     if due.lower_bound or share >= 1:
         enough = COUNT_LIMIT
@@ -115,23 +105,18 @@ def scan_exposure(
     expired: Callable[[object], bool],
     on_read: Callable[[int], None],
 ) -> tuple[Exposure, list[datastore.Key], list[datastore.Key]]:
-    """A scan's exposure, counted by reading the whole kind once before anything is deleted.
-
-    An unindexed property has no COUNT: the only way to know what share a scan would delete
-    is to read it all. Also returns up to ``DESCENDANT_SAMPLE`` keys on each side of the
-    cutoff (due, live), for :func:`sample_descendants`.
-    """
+    """A scan's exposure, read whole before anything is deleted (an unindexed property has no
+    COUNT); and up to ``DESCENDANT_SAMPLE`` keys due and live, for :func:`sample_descendants`."""
     due = carrying = 0
     due_keys: list[datastore.Key] = []
     live_keys: list[datastore.Key] = []
     for page in target.scan_pages():
         on_read(len(page))
         for seen in page:
-            value = seen.value
-            if value is None:
+            if seen.value is None:
                 continue
             carrying += 1
-            side = due_keys if expired(value) else live_keys
+            side = due_keys if expired(seen.value) else live_keys
             due += side is due_keys
             if len(side) < DESCENDANT_SAMPLE:
                 side.append(seen.key)
@@ -177,8 +162,7 @@ class Descendants:
 def sample_descendants(
     target: Target, rule: Rule, due: list[datastore.Key], live: list[datastore.Key]
 ) -> Descendants:
-    """One ancestor query per sampled session (at most ``2 * DESCENDANT_SAMPLE``). Under a
-    due session only what the gate would delete with it counts (``gate.decide``)."""
+    """One ancestor query per sampled session (at most ``2 * DESCENDANT_SAMPLE``)."""
 
     def mean(counts: list[int]) -> float:
         return sum(counts) / len(counts) if counts else 0.0
@@ -190,9 +174,8 @@ def sample_descendants(
 
 
 def going_with(target: Target, rule: Rule, due: list[datastore.Key]) -> list[int]:
-    """For each due session that would go, the entities under it that would go with it (a
-    live session under it keeps its own, ``gate.decide``): what the guard and ``inspect``
-    sample alike."""
+    """For each due session that would go, the entities under it that would go with it
+    (``gate.decide``): what the guard and ``inspect`` sample alike."""
     groups = [decide(rule, key, target.group(key)) for key in due]
     return [len(g.members) - 1 for g in groups if g is not None]
 
@@ -231,10 +214,8 @@ def allowance(
 ) -> Allowance:
     """Before the first batch: refuse a run over --max-fraction; on a terminal, ask.
 
-    Counted in entities: with --with-descendants each session with what lies under it
-    (estimated from a sample). What passes is the run's allowance, which the gate holds every
-    commit to, so an estimate that was too low stops the run at the share instead of passing
-    it.
+    What passes is the run's allowance, which the gate holds every commit to: a descendants
+    estimate that was too low stops the run at the share instead of passing it.
     """
     s = settings
     window = expired_range(encoding, result.cutoff)
@@ -242,7 +223,20 @@ def allowance(
         return Allowance(s.max_deletes)
     share = s.max_fraction if confirm is None else 1.0  # a person sees the whole count
     rule = Rule(s.kind, s.prop, encoding, result.cutoff)
-    exposure, under = _exposure(target, s, rule, window, result, share=share)
+    if s.scan:
+        exposure, due, live = scan_exposure(
+            target,
+            expired=lambda v: is_expired(encoding, v, result.cutoff),
+            on_read=lambda n: result.add(entities_read=n),
+        )
+        under = sample_descendants(target, rule, due, live) if s.with_descendants else None
+    elif s.with_descendants:
+        # Sampled first, so that what carries the property is counted as far as the share
+        # needs in entities.
+        under = sample_descendants(target, rule, *range_samples(target, window))
+        exposure = measure(target, window, share, under)
+    else:
+        exposure, under = measure(target, window, share), None
     if under is not None:
         exposure = under.exposure(exposure)
         log.info(
@@ -264,7 +258,19 @@ def allowance(
     )
     check_fraction(exposure, s.max_fraction, s.kind, s.prop)
     if exposure.due.n > 0 and confirm is not None:
-        _confirm(target, s, encoding, result, exposure=exposure, confirm=confirm)
+        client = target.client
+        plan = Plan(
+            client.project,
+            client.database or None,
+            client.namespace or None,
+            s.kind,
+            s.prop,
+            encoding,
+            result.cutoff,
+            exposure,
+        )
+        if not confirm(plan):
+            raise Stopped(StopReason.DECLINED)
     if s.max_fraction >= 1:
         return Allowance(s.max_deletes)
     carrying = exposure.carrying.n
@@ -273,56 +279,6 @@ def allowance(
         math.floor(s.max_fraction * carrying),
         f" ({s.max_fraction:g} of the {carrying} entities carrying {s.prop})",
     )
-
-
-def _exposure(
-    target: Target,
-    s: SweepSettings,
-    rule: Rule,
-    window: ExpiredRange,
-    result: SweepResult,
-    *,
-    share: float,
-) -> tuple[Exposure, Descendants | None]:
-    """What the run would delete, in sessions, and (``--with-descendants``) what a sample
-    says lies under each: sampled first, so the count of what carries the property goes as
-    far as the share needs in entities."""
-    if s.scan:
-        exposure, due, live = scan_exposure(
-            target,
-            expired=lambda v: is_expired(rule.encoding, v, result.cutoff),
-            on_read=lambda n: result.add(entities_read=n),
-        )
-        under = sample_descendants(target, rule, due, live) if s.with_descendants else None
-        return exposure, under
-    if not s.with_descendants:
-        return measure(target, window, share), None
-    under = sample_descendants(target, rule, *range_samples(target, window))
-    return measure(target, window, share, under), under
-
-
-def _confirm(
-    target: Target,
-    s: SweepSettings,
-    encoding: Encoding,
-    result: SweepResult,
-    *,
-    exposure: Exposure,
-    confirm: Callable[[Plan], bool],
-) -> None:
-    client = target.client
-    plan = Plan(
-        client.project,
-        client.database or None,
-        client.namespace or None,
-        s.kind,
-        s.prop,
-        encoding,
-        result.cutoff,
-        exposure,
-    )
-    if not confirm(plan):
-        raise Stopped(StopReason.DECLINED)
 
 
 def describe(plan: Plan) -> str:
@@ -345,13 +301,13 @@ def describe(plan: Plan) -> str:
 
 
 def ask_before_deleting(plan: Plan, stopping: Callable[[], bool]) -> bool:
-    """Show the person at the terminal on stdin what the sweep is about to delete, and ask
-    (default: no; end of input is no).
+    """Show the person at stdin's terminal what the sweep is about to delete, and ask (default
+    and end of input: no).
 
-    The question goes to that terminal itself, whatever stdout and stderr are piped to, and
-    the answer is read from it unbuffered while the stop flag is watched: Ctrl-C at the
-    question stops the run (exit 130). A thread left blocked in stdin's buffered reader
-    instead crashed the interpreter at exit ("could not acquire lock for <stdin>").
+    The question goes to the terminal itself, whatever stdout and stderr are piped to. The
+    answer is read unbuffered while the stop flag is watched, so Ctrl-C stops the run (exit
+    130); a thread left blocked in stdin's buffered reader would crash the interpreter at exit
+    ("could not acquire lock for <stdin>").
     """
     fd = os.open(os.ttyname(sys.stdin.fileno()), os.O_RDWR | os.O_NOCTTY)
     try:
