@@ -1,13 +1,9 @@
-"""What a run checks around its deletes: whose clock, which encoding, how much, who agreed,
-what is left.
-
-Each step is a function of the target, made once per run, in this order: what the stored
-values are (:func:`read_stored`, while the clock is read) and so which encoding to sweep
-(:func:`choose_encoding`: auto detection, or the check that an explicit ``--format`` can match
-anything); the guards on the blast radius before the first batch (:func:`guard`, which returns
-the run's :class:`Allowance`); after a whole scan, what it read (:func:`scan_census`); and what
-is left afterwards (:func:`retention`). A step that finds the run unsafe raises
-:class:`RefusedError`.
+"""What a run checks around its deletes, each a function of the target made once per run, in
+this order: the stored values (:func:`read_stored`, while :func:`read_clock` reads the clock)
+and so the encoding (:func:`choose_encoding`); after a whole scan, what it read
+(:func:`scan_census`); what is left afterwards (:func:`retention`). A step that finds the run
+unsafe raises :class:`RefusedError`. Why each: docs/design.md, "How sweeper decides what to
+delete".
 """
 
 from __future__ import annotations
@@ -53,31 +49,25 @@ class Stored:
 
 
 def read_stored(target: Target, settings: SweepSettings) -> Stored:
-    """What the stored values are, read before the cutoff is known: reads only, no log.
-
-    ``--format auto`` reads the values at both ends of the index; an explicit format, which
-    other encodings the property holds (and refuses a format it holds none of).
-    """
-    s = settings
-    if not isinstance(s.format, Encoding):
+    """What the stored values are, read before the cutoff is known: reads only, no log."""
+    if not isinstance(settings.format, Encoding):
         return Stored(ends=read_ends(target))
-    if s.scan:
+    if settings.scan:
         return Stored()
-    return Stored(others=check_explicit(target, s.format))
+    return Stored(others=check_explicit(target, settings.format))
 
 
 def choose_encoding(
     settings: SweepSettings, stored: Stored, result: SweepResult, log: Any
 ) -> Encoding | None:
     """The encoding to sweep; None when the property holds no value at all."""
-    s = settings
-    if not isinstance(s.format, Encoding):
-        encoding = decide_encoding(stored.ends, s.kind, s.prop, log)
+    if not isinstance(settings.format, Encoding):
+        encoding = decide_encoding(stored.ends, settings.kind, settings.prop, log)
         if encoding is None:
-            log.warning("no_expiry_values", property=s.prop, hint="nothing to sweep")
+            log.warning("no_expiry_values", property=settings.prop, hint="nothing to sweep")
         return encoding
-    _note_others(result, stored.others, s.prop, log)
-    return s.format
+    _note_others(result, stored.others, settings.prop, log)
+    return settings.format
 
 
 def scan_census(
@@ -106,10 +96,7 @@ def retention(
     scanned: Count | None = None,
 ) -> None:
     """After the run: what is left past the cutoff; whether anything carries the property.
-
-    ``scanned``: after a scan, the non-null values it read (no index holds them, so that is
-    all that is known of what carries the property).
-    """
+    ``scanned``: after a scan, the non-null values it read, in place of the index's counts."""
     kept = (
         Retention(scanned, scanned=True)
         if scanned is not None
@@ -146,17 +133,10 @@ def _note_others(result: SweepResult, others: tuple[str, ...], prop: str, log: A
 
 
 # -- The cutoff's clock --------------------------------------------------------------------------
-# Whose clock the cutoff comes from: the database's where it reports one, else the pod's.
-#
-# The cutoff is "now minus grace", and every live session expiring between the true now and a
-# wrong one is deleted by a sweeper whose clock runs ahead: a pod a day ahead deletes every
-# session of the next day. A pod's clock can be wrong; the database's is what the runner's
-# writes were checked against. Firestore in Datastore mode (production, and the Firestore
-# emulator) reports its own time on every query result (``read_time`` on the result batch); the
-# legacy emulator reports none, and there the local clock is the only one.
-#
-# The reading is one keys-only, limit-1 query on the target's kind (``Target.read_time``: one
-# billed read).
+# The cutoff is "now minus grace": a sweeper whose clock runs ahead deletes every live session
+# expiring before its wrong now. So the database's clock is used where it reports one (Firestore
+# in Datastore mode: ``read_time`` on every query result, read by one keys-only, limit-1 query,
+# ``Target.read_time``); the legacy emulator reports none, and there the local clock is used.
 
 
 ClockSource = Literal["server", "local"]
@@ -167,10 +147,8 @@ SKEW_WARNING_S = 5.0
 
 @dataclass(frozen=True)
 class ClockReading:
-    """The instant the cutoff is computed from, where it came from, and the local clock's error.
-
-    ``skew_s`` is local minus server (positive: the pod's clock runs ahead); None when the
-    database reports no time.
+    """The instant the cutoff is computed from, where it came from, and the local clock's error:
+    ``skew_s`` is local minus server (positive: ahead), None when the database reports no time.
     """
 
     now: dt.datetime
@@ -189,28 +167,18 @@ def read_clock(target: Target, local_now: Callable[[], dt.datetime]) -> ClockRea
 
 
 # -- --format auto: the encoding, from the values stored ---------------------------------------
-# ``--format auto``: find out how the expiry is stored, from the values actually stored.
-#
-# Datastore keeps one index order for all values of a property: nulls, then integers and
-# timestamps together by magnitude, then booleans, strings, floats and the rest.
-# Each encoding owns one contiguous band of that order, so if the smallest and the largest
-# non-null values both lie in the same band, *every* value does: two limit-1 queries (sent at
-# once) decide it exactly, however rare a stray value is among millions, and however slow a full
-# scan would be.
-#
-# The index cannot show a value's type (a Timestamp and an integer of epoch microseconds sort as
-# the same number), so those queries return whole entities, whose values carry their true type.
-# More than one encoding, or any value sweeper cannot interpret, is a refusal: guessing would
+# Each encoding owns one contiguous band of a property's index order, so if the smallest and the
+# largest non-null values lie in the same band, every value does: two limit-1 queries (at once)
+# decide it exactly, however rare a stray value. They return whole entities: the index cannot
+# show a value's type (a Timestamp and an int of epoch microseconds sort as the same number).
+# More than one encoding, or a value sweeper cannot interpret, is a refusal: guessing would
 # delete live sessions.
 def read_ends(target: Target) -> list[object] | None:
-    """The stored values of the smallest and the largest indexed value, in that order.
-
-    None when no index entry holds a value (refused if entities carry one all the same). Reads
-    only, and logs nothing: a sweep makes these reads while it reads the database's clock.
-    """
+    """The stored values of the smallest and the largest indexed value, in that order; None
+    when no index entry holds a value (refused if entities carry one all the same)."""
     ends: list[object] = []
     for _attempt in range(_PROBES):
-        # Both ends at once, each as a whole entity (its value's true type): one round trip.
+        # Both ends at once: one round trip.
         smallest, largest = together(partial(_smallest_indexed, target), partial(_largest, target))
         if not smallest:
             _refuse_if_carried(target)
@@ -247,10 +215,11 @@ def decide_encoding(
             f"during detection {_PROBES} times in a row, so the stored encoding could not be "
             "read. Nothing was deleted; run again, or pass --format."
         )
+    what = "values of no supported encoding" if None in found else "more than one encoding"
     raise RefusedError(
         f"refusing --format auto on {kind}.{prop}: its values run from "
         f"{_describe(ends[0])} to {_describe(ends[-1])}, so it holds "
-        f"{_what(found)}. Nothing was deleted. Sweep one encoding with --format "
+        f"{what}. Nothing was deleted. Sweep one encoding with --format "
         f"{'|'.join(e.value for e in Encoding)}; values of other encodings are left alone."
     )
 
@@ -280,19 +249,11 @@ def _describe(value: object) -> str:
     return f"{describe_value(value)}, {encoding.value if encoding else 'no supported encoding'}"
 
 
-def _what(found: list[Encoding | None]) -> str:
-    if None in found:
-        return "values of no supported encoding"
-    return "more than one encoding"
-
-
 def check_explicit(target: Target, encoding: Encoding) -> tuple[str, ...]:
     """Before an explicit ``--format`` sweep: the other encodings the property holds.
 
-    Refuses when the chosen encoding's band holds no value at all while the property holds
-    values of another encoding (or values no index holds): such a sweep could never match
-    anything, and would report success forever. Costs two limit-1 queries (at once); when the
-    ends are not both of ``encoding``, one more small query per other band.
+    Refuses when the chosen band holds no value while the property holds others (or values no
+    index holds): such a sweep could never match anything, and would report success forever.
     """
     ends = read_ends(target)
     if ends is None:
@@ -314,8 +275,7 @@ def check_explicit(target: Target, encoding: Encoding) -> tuple[str, ...]:
 
 
 def _in_band(target: Target, encoding: Encoding) -> bool:
-    """Whether ``encoding``'s band holds a value of it (one small query of whole entities:
-    the index cannot tell a Timestamp from an int of microseconds)."""
+    """Whether ``encoding``'s band holds a value of it (whole entities: their true types)."""
     # Text of other forms may come first in a text band: look a little further there.
     limit = FIRST_VALUE_PROBE if encoding.needs_values else 1
     inside = target.fetch(target.within(band_range(encoding), keys_only=False), limit)
@@ -335,11 +295,9 @@ UNINDEXED_SAMPLE = 20
 
 
 def check_indexed(target: Target) -> None:
-    """Refuse when entities carry ``prop`` but no index entry holds a value of it.
-
-    A property excluded from indexes (the runner's used-JWT-id kind) is invisible to every range
-    query: a sweep would report nothing to do forever. Only a scan reads such values.
-    """
+    """Refuse when entities carry ``prop`` but no index entry holds a value of it: a property
+    excluded from indexes (the runner's used-JWT-id kind) is invisible to every range query,
+    and a sweep would report nothing to do forever. Only a scan reads such values."""
     if not _smallest_indexed(target):
         _refuse_if_carried(target)
 
