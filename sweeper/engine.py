@@ -1,10 +1,8 @@
 """The run: each target in turn (each namespace of one with ``--all-namespaces``), and for each
-the sweep: detect the encoding, page through expired keys, delete them in batches.
-
-Everything that varies is injected (client, clock, monotonic time, sleep, stop signal), so the
-same code runs against production, the emulator and unit tests that never wait. Nothing here
-raises for an operational failure: every sweep returns a :class:`SweepResult` and logs exactly
-one ``sweep_finished``; a run of several sums them up in one ``run_finished``.
+the sweep. Everything that varies is injected (client, clock, sleep, stop signal: see
+``result.Runtime``), so unit tests never wait. Nothing here raises for an operational failure:
+every sweep returns a :class:`SweepResult` and logs exactly one ``sweep_finished``; a run of
+several sums them up in one ``run_finished``.
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ import structlog
 from google.cloud import datastore
 
 from sweeper import checks, guard
-from sweeper.checks import SKEW_WARNING_S, Stored, read_clock
 from sweeper.concurrency import CallLimiter, Pipeline, together
 from sweeper.deleter import LEGACY_LIMIT, BatchSizer, refused_error
 from sweeper.encodings import Encoding
@@ -40,17 +37,14 @@ from sweeper.target import Target, expired_streams, namespaces
 from sweeper.throttle import Allowance, Capped
 
 # A commit is one call, answered faster than the stream's next page: one delete worker per
-# stream keeps up (bench/bench_sweep.py: 3.29x the bare loop with one, 3.24x with two).
+# stream keeps up (a second one gained nothing in bench/bench_sweep.py).
 DELETERS_PER_STREAM = 1
 
 
 class Sweep:
-    """One run over one kind. Create, then call :meth:`run` once.
-
-    ``client`` is a Datastore client, or a function that builds one: building it can fail
-    (no credentials, no project), and that failure still owes the operator a
-    ``sweep_finished`` event.
-    """
+    """One run over one kind: create, then call :meth:`run` once. ``client`` may be a function
+    that builds one: building it can fail (no credentials), and that still owes the operator a
+    ``sweep_finished``."""
 
     def __init__(
         self,
@@ -89,13 +83,9 @@ class Sweep:
 
     def run(self) -> SweepResult:
         """Sweep, in the caller's thread; a signal stops it wherever it waits (``StopEvent``),
-        the deadline at its next check, and no call outlives the deadline by more than
-        ``DRAIN_S``.
-
-        Once the run must stop, deletes in flight get ``DRAIN_S`` to land; a delete still
-        unanswered after that is left to its worker (a daemon: the process can exit under it)
-        and the summary says how many keys it carried.
-        """
+        the deadline at its next check. Once it must stop, deletes in flight get ``DRAIN_S`` to
+        land, so the counts stay exact; one still unanswered is left to its worker (a daemon:
+        the process can exit under it), and the summary says how many keys it carried."""
         rt, s = self.runtime, self.settings
         started = rt.monotonic()
         if self._own_budget and s.max_runtime is not None:
@@ -107,7 +97,10 @@ class Sweep:
                 self._body(result, started)
         except Stopped as stop:  # a signal, raised wherever the body was
             self._end(result, stop.reason)
-        self._drain()
+        for _ in range(round(DRAIN_S / rt.poll_s)):  # counted: an injected sleep returns at once
+            if not self._in_flight():
+                break
+            rt.sleep(rt.poll_s)
         with result.lock:
             if self._in_flight():
                 result.stop(self._stopper.reason() or StopReason.SIGNAL)
@@ -126,15 +119,6 @@ class Sweep:
         log = self._log.error if result.stopped_reason == StopReason.ERROR else self._log.info
         log("sweep_finished", **summary)
         return result
-
-    def _drain(self) -> None:
-        """Deletes still in flight (the run stopped) get up to ``DRAIN_S`` to land, so that
-        the counts stay exact."""
-        rt = self.runtime
-        for _ in range(round(DRAIN_S / rt.poll_s)):  # counted: an injected sleep returns at once
-            if not self._in_flight():
-                return
-            rt.sleep(rt.poll_s)
 
     def _in_flight(self) -> int:
         """Keys handed to a delete call not yet answered."""
@@ -164,12 +148,10 @@ class Sweep:
             )
 
     def _set_cutoff(self, target: Target, result: SweepResult) -> None:
-        """One cutoff per run, from the database's clock where it reports one.
-
-        ``--verify`` re-checks against this same cutoff.
-        """
+        """One cutoff per run, from the database's clock where it reports one; ``--verify``
+        re-checks against this same cutoff."""
         s = self.settings
-        reading = read_clock(target, self.runtime.now)
+        reading = checks.read_clock(target, self.runtime.now)
         with result.lock:
             result.cutoff = reading.now - s.grace
             result.clock_source, result.clock_skew_s = reading.source, reading.skew_s
@@ -180,13 +162,12 @@ class Sweep:
             **{k: v for k, v in fields.items() if k in _START_FIELDS},
             grace_s=s.grace.total_seconds(),
         )
-        skew = reading.skew_s
         if reading.source == "local":
             self._log.info("clock_local", hint="the database reports no time: local clock used")
-        elif skew is not None and abs(skew) > SKEW_WARNING_S:
+        elif reading.skew_s is not None and abs(reading.skew_s) > checks.SKEW_WARNING_S:
             self._log.warning(
                 "clock_skew",
-                skew_s=round(skew, 3),
+                skew_s=round(reading.skew_s, 3),
                 hint="this host's clock is off; the cutoff uses the database's time",
             )
 
@@ -197,7 +178,7 @@ class Sweep:
             else:
                 result.stop(reason)
 
-    def _sweep(self, target: Target, result: SweepResult, stored: Stored) -> None:
+    def _sweep(self, target: Target, result: SweepResult, stored: checks.Stored) -> None:
         """The checks and the deletes, in their order (``sweeper.checks``)."""
         s, log = self.settings, self._log
         encoding = checks.choose_encoding(s, stored, result, log)
@@ -231,7 +212,7 @@ class Sweep:
         scan's census of the encodings it read."""
         s, rt = self.settings, self.runtime
         progress = ProgressLog(self._log, rt, self._counter, rt.monotonic(), s.dry_run)
-        gate = Gate(
+        self._gate = gate = Gate(
             target,
             Rule(s.kind, s.prop, encoding, result.cutoff),
             verify=result.verify,
@@ -249,8 +230,6 @@ class Sweep:
             on_batch=partial(progress.maybe_log, result),
             readers=DESCENDANT_QUERIES * DELETERS_PER_STREAM * s.workers,
         )
-        self._gate = gate
-
         seen: Counter[str] = Counter()
         streams = expired_streams(
             target,
@@ -263,11 +242,10 @@ class Sweep:
             seen=seen,
             on_left_alone=lambda n: result.add(left_alone=n),
         )
+        pipeline = Pipeline(DELETERS_PER_STREAM * s.workers, gate.delete, self._stopper.stopping)
         try:
             with contextlib.suppress(Capped):  # --max-deletes reached: the allowance says so
-                Pipeline(DELETERS_PER_STREAM * s.workers, gate.delete, self._stopper.stopping).run(
-                    streams
-                )
+                pipeline.run(streams)
         finally:
             with result.lock:
                 result.deleting_s = rt.monotonic() - progress.started
@@ -325,8 +303,7 @@ def each_namespace(
 ) -> Iterator[SweepSettings]:
     """``settings`` once per namespace of its database, as they are listed (a page of 500
     at a time: a project with thousands of tenants is never held in memory at once)."""
-    client = client_for(settings)
-    for page in namespaces(client, retrier):
+    for page in namespaces(client_for(settings), retrier):
         for namespace in page:
             # One tenant without the kind is no mistake: the run fails if none has it.
             yield replace(settings, namespace=namespace, all_namespaces=False, allow_empty=True)
