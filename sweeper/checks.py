@@ -266,10 +266,14 @@ def check_explicit(target: Target, encoding: Encoding) -> tuple[str, ...]:
     others = tuple(sorted(e.value if e else "unsupported" for e in found if e is not encoding))
     if encoding in found:
         return others
+    known = [e for e in found if e is not None]
+    suggest = "no single --format matches them all: see `sweeper inspect`."
+    if len(found) == 1 and known:
+        suggest = f"--format {known[0].value} would match them."
     raise RefusedError(
         f"refusing --format {encoding.value} on {target.kind}.{target.prop}: it holds no "
         f"{encoding.value} value at all, so this sweep could never delete anything. Its "
-        f"values run from {_describe(ends[0])} to {_describe(ends[-1])}; {_suggest(found)} "
+        f"values run from {_describe(ends[0])} to {_describe(ends[-1])}; {suggest} "
         "Nothing was deleted."
     )
 
@@ -280,14 +284,6 @@ def _in_band(target: Target, encoding: Encoding) -> bool:
     limit = FIRST_VALUE_PROBE if encoding.needs_values else 1
     inside = target.fetch(target.within(band_range(encoding), keys_only=False), limit)
     return any(classify(e.get(target.prop)) is encoding for e in inside)
-
-
-def _suggest(found: set[Encoding | None]) -> str:
-    if len(found) == 1 and None not in found:
-        (only,) = found
-        assert only is not None
-        return f"--format {only.value} would match them."
-    return "no single --format matches them all: see `sweeper inspect`."
 
 
 # Entities read to tell "no values" from "values no index holds".

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.cloud import datastore
 
-from sweeper.encodings import Encoding, ExpiredRange, expired_range, is_expired
+from sweeper.encodings import Encoding, ExpiredRange, expired_range
 from sweeper.gate import Rule, decide
 from sweeper.logs import RefusedError
 from sweeper.retry import Stopped, StopReason
@@ -100,10 +100,7 @@ def measure(
 
 
 def scan_exposure(
-    target: Target,
-    *,
-    expired: Callable[[object], bool],
-    on_read: Callable[[int], None],
+    target: Target, rule: Rule, on_read: Callable[[int], None]
 ) -> tuple[Exposure, list[datastore.Key], list[datastore.Key]]:
     """A scan's exposure, read whole before anything is deleted (an unindexed property has no
     COUNT); and up to ``DESCENDANT_SAMPLE`` keys due and live, for :func:`sample_descendants`."""
@@ -116,7 +113,7 @@ def scan_exposure(
             if seen.value is None:
                 continue
             carrying += 1
-            side = due_keys if expired(seen.value) else live_keys
+            side = due_keys if rule.due(seen) else live_keys
             due += side is due_keys
             if len(side) < DESCENDANT_SAMPLE:
                 side.append(seen.key)
@@ -224,11 +221,7 @@ def allowance(
     share = s.max_fraction if confirm is None else 1.0  # a person sees the whole count
     rule = Rule(s.kind, s.prop, encoding, result.cutoff)
     if s.scan:
-        exposure, due, live = scan_exposure(
-            target,
-            expired=lambda v: is_expired(encoding, v, result.cutoff),
-            on_read=lambda n: result.add(entities_read=n),
-        )
+        exposure, due, live = scan_exposure(target, rule, lambda n: result.add(entities_read=n))
         under = sample_descendants(target, rule, due, live) if s.with_descendants else None
     elif s.with_descendants:
         # Sampled first, so that what carries the property is counted as far as the share
