@@ -36,8 +36,7 @@ if TYPE_CHECKING:  # the result names the plan
 COUNT_LIMIT = 10_000_000
 # How often the question looks at the stop flag while it waits for an answer.
 _ANSWER_POLL_S = 0.1
-# Sessions sampled on each side of the cutoff to estimate, with --with-descendants, how many
-# entities each one takes with it.
+# Sessions sampled each side of the cutoff to estimate what each takes with it (descendants).
 DESCENDANT_SAMPLE = 20
 
 
@@ -120,15 +119,6 @@ def scan_exposure(
     return Exposure(Count(due, "scan", None), Count(carrying, "scan", None)), due_keys, live_keys
 
 
-def range_samples(
-    target: Target, window: ExpiredRange
-) -> tuple[list[datastore.Key], list[datastore.Key]]:
-    """Up to ``DESCENDANT_SAMPLE`` keys due, and as many live ones (same encoding)."""
-    live = ExpiredRange(window.encoding, window.hi, window.encoding.band.hi)
-    due_keys = target.keys(target.within(window), DESCENDANT_SAMPLE)
-    return due_keys, target.keys(target.within(live), DESCENDANT_SAMPLE)
-
-
 @dataclass(frozen=True)
 class Descendants:
     """Entities under each session, on average over a sample of due and of live sessions:
@@ -209,11 +199,9 @@ def allowance(
     confirm: Callable[[Plan], bool] | None,
     log: Any,
 ) -> Allowance:
-    """Before the first batch: refuse a run over --max-fraction; on a terminal, ask.
-
-    What passes is the run's allowance, which the gate holds every commit to: a descendants
-    estimate that was too low stops the run at the share instead of passing it.
-    """
+    """Before the first batch: refuse a run over --max-fraction; on a terminal, ask. What passes
+    is the run's allowance, which the gate holds every commit to: a descendants estimate that
+    was too low stops the run at the share instead of passing it."""
     s = settings
     window = expired_range(encoding, result.cutoff)
     if s.dry_run or (window.empty and not s.scan) or (s.max_fraction >= 1 and confirm is None):
@@ -224,9 +212,12 @@ def allowance(
         exposure, due, live = scan_exposure(target, rule, lambda n: result.add(entities_read=n))
         under = sample_descendants(target, rule, due, live) if s.with_descendants else None
     elif s.with_descendants:
-        # Sampled first, so that what carries the property is counted as far as the share
-        # needs in entities.
-        under = sample_descendants(target, rule, *range_samples(target, window))
+        # Sampled first (due sessions, and live ones of the encoding), so that what carries the
+        # property is counted as far as the share needs in entities.
+        unexpired = ExpiredRange(window.encoding, window.hi, window.encoding.band.hi)
+        due = target.keys(target.within(window), DESCENDANT_SAMPLE)
+        live = target.keys(target.within(unexpired), DESCENDANT_SAMPLE)
+        under = sample_descendants(target, rule, due, live)
         exposure = measure(target, window, share, under)
     else:
         exposure, under = measure(target, window, share), None
@@ -295,13 +286,10 @@ def describe(plan: Plan) -> str:
 
 def ask_before_deleting(plan: Plan, stopping: Callable[[], bool]) -> bool:
     """Show the person at stdin's terminal what the sweep is about to delete, and ask (default
-    and end of input: no).
-
-    The question goes to the terminal itself, whatever stdout and stderr are piped to. The
-    answer is read unbuffered while the stop flag is watched, so Ctrl-C stops the run (exit
-    130); a thread left blocked in stdin's buffered reader would crash the interpreter at exit
-    ("could not acquire lock for <stdin>").
-    """
+    and end of input: no). The question goes to the terminal itself, whatever stdout and stderr
+    are piped to; the answer is read unbuffered while the stop flag is watched, so Ctrl-C stops
+    the run (exit 130): a thread left blocked in stdin's buffered reader would crash the
+    interpreter at exit ("could not acquire lock for <stdin>")."""
     fd = os.open(os.ttyname(sys.stdin.fileno()), os.O_RDWR | os.O_NOCTTY)
     try:
         os.write(fd, f"sweeper is about to delete:\n{describe(plan)}\n".encode())
