@@ -97,11 +97,10 @@ def retention(
 ) -> None:
     """After the run: what is left past the cutoff; whether anything carries the property.
     ``scanned``: after a scan, the non-null values it read, in place of the index's counts."""
-    kept = (
-        Retention(scanned, scanned=True)
-        if scanned is not None
-        else measure_retention(target, encoding=encoding, cutoff=result.cutoff)
-    )
+    if scanned is not None:
+        kept = Retention(scanned, scanned=True)
+    else:
+        kept = measure_retention(target, encoding=encoding, cutoff=result.cutoff)
     result.retention = kept
     if result.held_nothing and not settings.allow_empty:
         raise RefusedError(empty_target(settings))
@@ -148,8 +147,7 @@ SKEW_WARNING_S = 5.0
 @dataclass(frozen=True)
 class ClockReading:
     """The instant the cutoff is computed from, where it came from, and the local clock's error:
-    ``skew_s`` is local minus server (positive: ahead), None when the database reports no time.
-    """
+    ``skew_s``, local minus server (positive: ahead; None when the database reports none)."""
 
     now: dt.datetime
     source: ClockSource
@@ -229,12 +227,9 @@ _PROBES = 3
 
 
 def _single(ends: list[object], found: list[Encoding | None]) -> Encoding | None:
-    """The one encoding both ends agree on, if they do.
-
-    Text owns one part of the order: with both ends text, every value between them is text
-    too. The canonical ISO-8601 values among them are swept, and text in any other form is
-    left alone (and counted), so one canonical end is enough to name the encoding.
-    """
+    """The one encoding both ends agree on, if they do. With both ends text, every value
+    between them is text too, of which the canonical ISO-8601 values are swept and the rest
+    left alone (and counted): so one canonical end is enough to name the encoding."""
     if len(ends) != 2:
         return None
     if found[0] is not None and found[0] is found[1]:
@@ -250,11 +245,9 @@ def _describe(value: object) -> str:
 
 
 def check_explicit(target: Target, encoding: Encoding) -> tuple[str, ...]:
-    """Before an explicit ``--format`` sweep: the other encodings the property holds.
-
-    Refuses when the chosen band holds no value while the property holds others (or values no
-    index holds): such a sweep could never match anything, and would report success forever.
-    """
+    """Before an explicit ``--format`` sweep: the other encodings the property holds. Refuses
+    when the chosen band holds no value while the property holds others (or values no index
+    holds): such a sweep could never match anything, and would report success forever."""
     ends = read_ends(target)
     if ends is None:
         return ()

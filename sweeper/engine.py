@@ -1,8 +1,7 @@
 """The run: each target in turn (each namespace of one with ``--all-namespaces``), and for each
-the sweep. Everything that varies is injected (client, clock, sleep, stop signal: see
-``result.Runtime``), so unit tests never wait. Nothing here raises for an operational failure:
-every sweep returns a :class:`SweepResult` and logs exactly one ``sweep_finished``; a run of
-several sums them up in one ``run_finished``.
+the sweep. Everything that varies is injected (``result.Runtime``), so unit tests never wait.
+Nothing here raises for an operational failure: every sweep returns a :class:`SweepResult` and
+logs exactly one ``sweep_finished``; a run of several sums them up in one ``run_finished``.
 """
 
 from __future__ import annotations
@@ -150,17 +149,16 @@ class Sweep:
     def _set_cutoff(self, target: Target, result: SweepResult) -> None:
         """One cutoff per run, from the database's clock where it reports one; ``--verify``
         re-checks against this same cutoff."""
-        s = self.settings
         reading = checks.read_clock(target, self.runtime.now)
         with result.lock:
-            result.cutoff = reading.now - s.grace
+            result.cutoff = reading.now - self.settings.grace
             result.clock_source, result.clock_skew_s = reading.source, reading.skew_s
-            result.verify = s.verify
+            result.verify = self.settings.verify
             fields = result.summary()
         self._log.info(
             "sweep_started",
             **{k: v for k, v in fields.items() if k in _START_FIELDS},
-            grace_s=s.grace.total_seconds(),
+            grace_s=self.settings.grace.total_seconds(),
         )
         if reading.source == "local":
             self._log.info("clock_local", hint="the database reports no time: local clock used")
