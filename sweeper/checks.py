@@ -133,9 +133,10 @@ def _note_others(result: SweepResult, others: tuple[str, ...], prop: str, log: A
 
 # -- The cutoff's clock --------------------------------------------------------------------------
 # The cutoff is "now minus grace": a sweeper whose clock runs ahead deletes every live session
-# expiring before its wrong now. So the database's clock is used where it reports one (Firestore
-# in Datastore mode: ``read_time`` on every query result, read by one keys-only, limit-1 query,
-# ``Target.read_time``); the legacy emulator reports none, and there the local clock is used.
+# expiring before its wrong now. So the database's clock, which the runner's writes were checked
+# against, is used where it reports one (Firestore in Datastore mode: ``read_time`` on every
+# query result, read by one keys-only, limit-1 query, ``Target.read_time``); the legacy emulator
+# reports none, and there the local clock is used.
 
 
 ClockSource = Literal["server", "local"]
@@ -165,18 +166,17 @@ def read_clock(target: Target, local_now: Callable[[], dt.datetime]) -> ClockRea
 
 
 # -- --format auto: the encoding, from the values stored ---------------------------------------
-# Each encoding owns one contiguous band of a property's index order, so if the smallest and the
-# largest non-null values lie in the same band, every value does: two limit-1 queries (at once)
-# decide it exactly, however rare a stray value. They return whole entities: the index cannot
-# show a value's type (a Timestamp and an int of epoch microseconds sort as the same number).
-# More than one encoding, or a value sweeper cannot interpret, is a refusal: guessing would
-# delete live sessions.
+# Each encoding owns one contiguous band of a property's index order (docs/design.md): if the
+# smallest and largest non-null values lie in one band, every value does, so two limit-1 queries
+# (at once) decide it exactly, however rare a stray value. They return whole entities, as the
+# index cannot show a type (a Timestamp and an int of epoch microseconds sort alike). More than
+# one encoding, or a value sweeper cannot interpret, is a refusal: guessing would delete live
+# sessions.
 def read_ends(target: Target) -> list[object] | None:
     """The stored values of the smallest and the largest indexed value, in that order; None
     when no index entry holds a value (refused if entities carry one all the same)."""
     ends: list[object] = []
     for _attempt in range(_PROBES):
-        # Both ends at once: one round trip.
         smallest, largest = together(partial(_smallest_indexed, target), partial(_largest, target))
         if not smallest:
             _refuse_if_carried(target)

@@ -42,8 +42,8 @@ DELETERS_PER_STREAM = 1
 
 class Sweep:
     """One run over one kind: create, then call :meth:`run` once. ``client`` may be a function
-    that builds one: building it can fail (no credentials), and that still owes the operator a
-    ``sweep_finished``."""
+    that builds the client: that can fail (no credentials, no project), and still owes the
+    operator a ``sweep_finished``."""
 
     def __init__(
         self,
@@ -82,9 +82,10 @@ class Sweep:
 
     def run(self) -> SweepResult:
         """Sweep, in the caller's thread; a signal stops it wherever it waits (``StopEvent``),
-        the deadline at its next check. Once it must stop, deletes in flight get ``DRAIN_S`` to
-        land, so the counts stay exact; one still unanswered is left to its worker (a daemon:
-        the process can exit under it), and the summary says how many keys it carried."""
+        the deadline at its next check (no call outlives it by more than ``DRAIN_S``). Deletes
+        in flight then get ``DRAIN_S`` to land, so the counts stay exact; one still unanswered
+        is left to its worker (a daemon: the process can exit under it), and the summary says
+        how many keys it carried."""
         rt, s = self.runtime, self.settings
         started = rt.monotonic()
         if self._own_budget and s.max_runtime is not None:

@@ -32,7 +32,7 @@ from sweeper.throttle import Allowance
 if TYPE_CHECKING:  # the result names the plan
     from sweeper.result import SweepResult
 
-# Counts stop here (10,000 billed reads at most); a due count past it is treated as a backlog.
+# Counts stop here (as a COUNT, 10,000 billed reads); a due count past it is a backlog.
 COUNT_LIMIT = 10_000_000
 # How often the question looks at the stop flag while it waits for an answer.
 _ANSWER_POLL_S = 0.1
@@ -94,8 +94,7 @@ def measure(
         enough = min(COUNT_LIMIT, under.sessions_needed(due.n, share))
     else:
         enough = math.ceil(due.n / share)
-    carrying = target.count(target.carrying(), max(1, enough))
-    return Exposure(due, carrying)
+    return Exposure(due, target.count(target.carrying(), max(1, enough)))
 
 
 def scan_exposure(
