@@ -1,25 +1,20 @@
-"""The one way to a delete. Every path (range, shards, scan, text, --with-descendants) ends here.
+"""The one way to a delete: every path (range, shards, scan, text, --with-descendants) ends here.
 
-**sweeper deletes a version, not a key** (docs/design.md, "One gate before every delete"):
+sweeper deletes a version, not a key; docs/design.md ("One gate before every delete") gives the
+reasons. Its rules, numbered as there:
 
-1. **Due at the version deleted** (:meth:`Gate.delete`). A query result goes only if its own
-   value, read with its version, is expired by the rule; its delete carries that version, so
-   a commit is refused whole if anything wrote the entity since, and is read again. No lock
-   is held and no transaction is open between the read and the commit.
-2. **A group is decided whole** (:func:`decide`). A live session of the swept kind under an
-   expired one keeps itself and everything under it, whichever commit its keys fall in; a
-   group larger than a commit goes over transactions that first look up the sessions above
-   their keys (``Group.guards``), so no descendant goes once its session lives.
-3. **Counted in entities**, children included, against ``--max-deletes`` and the guard's
-   share (:class:`Allowance`), reserved before each commit is sent.
-4. **One key once per commit**; a commit refused as too big is split, and a single key still
-   refused is left, counted as failed and named.
+1. **Due at the version deleted** (:meth:`Gate.delete`): a result goes only if its own value is
+   expired, and its delete carries the version read, so a commit is refused whole if anything
+   wrote the entity since. No lock is held and no transaction is open before the commit.
+2. **A group is decided whole** (:func:`decide`); one larger than a commit goes over
+   transactions that first look up the sessions above their keys (``Group.guards``).
+3. **Counted in entities**, children included, reserved before each commit (:class:`Allowance`).
+4. **One key once per commit**; a commit too big is split, a single key still refused is left.
 5. **Counted as confirmed**; a commit whose answer was lost is settled, never counted twice.
 
-How each commit is sent, sized, retried and settled (rules 3 to 5) is
-``sweeper.deleter.Committer``'s. ``--no-verify`` is the opt-out: keys-only pages and plain
-commits without versions (a session re-saved between the query and the delete is lost); a
-live session under an expired one is kept all the same.
+``sweeper.deleter.Committer`` sends, sizes, retries and settles each commit (rules 3 to 5).
+``--no-verify`` sends plain commits without versions; a live session under an expired one is
+kept all the same.
 """
 
 from __future__ import annotations
@@ -28,13 +23,13 @@ import datetime as dt
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 from google.cloud.datastore import Key
 
 from sweeper.concurrency import Pool
-from sweeper.deleter import BatchSizer, Changed, Committer, Resize, Split
+from sweeper.deleter import BatchSizer, Changed, Committer, Path, Resize, Split
 from sweeper.encodings import Encoding, is_expired
 from sweeper.rpc import Seen
 from sweeper.settings import MAX_BATCH_SIZE
@@ -44,16 +39,13 @@ from sweeper.throttle import Allowance, Capped, Throttle
 if TYPE_CHECKING:  # the result names the guard's plan, which names the gate's rule
     from sweeper.result import SweepResult
 
-# With --with-descendants each session costs one ancestor query: made one after the other, a
-# page of 500 sessions waits 500 round trips before its commit, so they go this many at once
-# per delete worker, on one pool of workers the run starts once.
+# With --with-descendants each session costs an ancestor query: one after the other, a page of
+# 500 sessions waits 500 round trips before its commit, so they go this many at once per worker.
 DESCENDANT_QUERIES = 8
 
 # A commit refused because its entities changed is read and decided again this many times;
 # groups still changing after that (a writer re-saving them without pause) are left alone.
 MAX_REREADS = 5
-
-Path = tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -94,11 +86,9 @@ class Group:
 def decide(
     rule: Rule, root: Key, seen: Iterable[Seen], *, trust_root: bool = False
 ) -> Group | None:
-    """Rule 2: what of ``root``'s group (``seen``: the root and everything under it, as one
-    read saw them) may go; None when the root is gone or not due.
-
-    Every entity of the swept kind must be due; one that is not keeps itself and everything
-    under it. The rest (events, pages) go with the nearest session above them. A blind run
+    """Rule 2: what of ``root``'s group (``seen``, as one read saw it) may go; None when the
+    root is gone or not due. An entity of the swept kind that is not due keeps itself and
+    everything under it; the rest go with the nearest session above them. A blind run
     (``trust_root``) takes the range query's word for the root, and checks the rest.
     """
     members = {s.key.flat_path: s for s in seen}
@@ -143,7 +133,6 @@ class Gate:
         self._target, self._rule = target, rule
         self.verify = verify
         self._dry_run, self._descend = dry_run, with_descendants
-        # --with-descendants: the ancestor queries of every delete worker, ``readers`` at once.
         self._readers = Pool(readers, "ancestor-queries") if with_descendants else None
         self._sizer, self.allowance = sizer, allowance
         self.committer = Committer(
@@ -168,8 +157,6 @@ class Gate:
                 hint="--no-verify: a session refreshed or re-created under its key between "
                 "the query and the delete is lost",
             )
-
-    # -- entry point ------------------------------------------------------------------------
 
     def delete(self, page: Sequence[Seen]) -> None:
         """A page of candidates, each with the version and value its query saw."""
@@ -210,17 +197,14 @@ class Gate:
         if granted < len(groups):
             raise Capped
 
-    # -- groups -----------------------------------------------------------------------------
-
     def _groups(self, due: list[Seen]) -> list[Group]:
-        """Each due session with what goes with it (rule 2); counted as matched."""
+        """Each due session with what goes with it (rule 2)."""
         if not self._descend:
-            groups = [Group(s.key, [s]) for s in due]
-        else:
-            paths = {s.key.flat_path for s in due}
-            roots = [s for s in due if not _has_ancestor_in(s.key, paths)]
-            groups = self._read_groups([s.key for s in roots])
-            self._result.add(skipped=len(roots) - len(groups))
+            return [Group(s.key, [s]) for s in due]
+        paths = {s.key.flat_path for s in due}
+        roots = [s.key for s in due if not _has_ancestor_in(s.key, paths)]
+        groups = self._read_groups(roots)
+        self._result.add(skipped=len(roots) - len(groups))
         return groups
 
     def _matched(self, groups: Sequence[Group]) -> None:
@@ -255,8 +239,6 @@ class Gate:
         for g in fresh:
             g.counted = True
         return fresh
-
-    # -- commits ----------------------------------------------------------------------------
 
     def _commit(self, groups: list[Group], limit: list[int]) -> None:
         """Delete ``groups`` (from ``_take``), reading them again while they change; a commit
@@ -343,8 +325,6 @@ class Gate:
             self._went([group], chunk)
             group.members = group.members[len(chunk) :]
 
-    # -- refusals ---------------------------------------------------------------------------
-
     def _went(self, groups: Sequence[Group], chunk: Sequence[Seen] | None = None) -> None:
         """``chunk`` (default: every member of ``groups``) is confirmed gone."""
         roots = {g.root.flat_path for g in groups}
@@ -386,5 +366,4 @@ def _unique(seen: Iterable[Seen]) -> list[Seen]:
 
 
 def _has_ancestor_in(key: Key, paths: set[Path]) -> bool:
-    path = key.flat_path
-    return any(path[:n] in paths for n in range(2, len(path), 2))
+    return any(key.flat_path[:n] in paths for n in range(2, len(key.flat_path), 2))
