@@ -307,16 +307,15 @@ class Committer:
             with self.result.lock:
                 self.in_flight -= keys
 
-    def refuse(self, keys: Sequence[Key]) -> None:
+    def refuse(self, key: Key) -> None:
         with self.result.lock:
-            self.refused.extend(keys)
-            self.result.add(failed=len(keys))
-        for key in keys:
-            self._log.error(
-                "delete_refused",
-                key=str(key.flat_path),
-                reason="transaction or write too big, even alone: left in place",
-            )
+            self.refused.append(key)
+            self.result.add(failed=1)
+        self._log.error(
+            "delete_refused",
+            key=str(key.flat_path),
+            reason="transaction or write too big, even alone: left in place",
+        )
 
 
 class Resize(Exception):

@@ -1,20 +1,17 @@
 """The one way to a delete: every path (range, shards, scan, text, --with-descendants) ends here.
 
-sweeper deletes a version, not a key; docs/design.md ("One gate before every delete") gives the
-reasons. Its rules, numbered as there:
+sweeper deletes a version, not a key. The rules, numbered and explained in docs/design.md ("One
+gate before every delete"):
 
-1. **Due at the version deleted** (:meth:`Gate.delete`): a result goes only if its own value is
-   expired, and its delete carries the version read, so a commit is refused whole if anything
-   wrote the entity since. No lock is held and no transaction is open before the commit.
-2. **A group is decided whole** (:func:`decide`); one larger than a commit goes over
-   transactions that first look up the sessions above their keys (``Group.guards``).
-3. **Counted in entities**, children included, reserved before each commit (:class:`Allowance`).
-4. **One key once per commit**; a commit too big is split, a single key still refused is left.
-5. **Counted as confirmed**; a commit whose answer was lost is settled, never counted twice.
+1. Due at the version deleted (:meth:`Gate.delete`): each delete carries the version read, so a
+   commit is refused whole if anything wrote the entity since; no lock is held before it.
+2. A group is decided whole (:func:`decide`); one larger than a commit goes over transactions
+   that first look up the sessions above their keys (``Group.guards``).
+3. Counted in entities, children included, reserved before each commit (:class:`Allowance`).
+4. One key once per commit; a commit too big is split, a single key still refused is left.
+5. Counted as confirmed; a commit whose answer was lost is settled, never counted twice.
 
 ``sweeper.deleter.Committer`` sends, sizes, retries and settles each commit (rules 3 to 5).
-``--no-verify`` sends plain commits without versions; a live session under an expired one is
-kept all the same.
 """
 
 from __future__ import annotations
@@ -222,9 +219,17 @@ class Gate:
         read = zip(roots, self._readers.map(self._target.group, roots), strict=True)
         return [g for r, s in read if (g := decide(self._rule, r, s, trust_root=not self.verify))]
 
-    def _reread(self, groups: Sequence[Group], gone: frozenset[Path]) -> list[Group]:
+    def _reread(self, groups: Sequence[Group], gone: frozenset[Path], rereads: int) -> list[Group]:
         """The groups of a refused commit, read and decided again; sessions no longer due (or
-        gone) are kept and counted as skipped."""
+        gone) are kept and counted as skipped, and so are all once refused too often."""
+        if rereads > MAX_REREADS:
+            self._result.add(skipped=len(groups))
+            self._log.warning(
+                "delete_contended",
+                sessions=len(groups),
+                hint="their entities kept changing while read again: left for the next run",
+            )
+            return []
         roots = [g.root for g in groups if g.root.flat_path not in gone]
         if self._descend:
             fresh = self._read_groups(roots)
@@ -245,12 +250,11 @@ class Gate:
         refused as too big lowers ``limit`` for the rest of the page."""
         rereads = 0
         while groups:
-            size = min(limit[0], self._sizer.size)
-            if len(groups) == 1 and len(groups[0].members) > size:
-                self._chain(groups[0], limit)
-                return
-            if len(groups) > 1 and sum(len(g.members) for g in groups) > size:
-                self._repack(groups, len(groups), limit)  # the sizer shrank since they were taken
+            if sum(len(g.members) for g in groups) > min(limit[0], self._sizer.size):
+                if len(groups) == 1:
+                    self._chain(groups[0], limit)
+                else:  # the sizer shrank since they were taken
+                    self._repack(groups, len(groups), limit)
                 return
             granted = self.allowance.reserve([len(g.members) for g in groups])
             if granted == 0:
@@ -261,10 +265,7 @@ class Gate:
                 self.committer.send([m for g in groups for m in g.members], (), len(groups))
             except Changed as changed:
                 rereads += 1
-                if rereads > MAX_REREADS:
-                    self._contended(groups)
-                    return
-                groups = self._reread(groups, changed.gone)
+                groups = self._reread(groups, changed.gone, rereads)
                 continue
             except Resize:
                 continue
@@ -273,7 +274,7 @@ class Gate:
                 if len(groups) > 1:
                     self._repack(groups, split.groups, limit)
                 elif len(groups[0].members) <= 1:
-                    self.committer.refuse([groups[0].members[0].key])
+                    self.committer.refuse(groups[0].members[0].key)
                 else:
                     continue  # the sizer is smaller now: the group goes as a chain
                 return
@@ -306,10 +307,7 @@ class Gate:
                 self.committer.send(chunk, guards)
             except Changed as changed:
                 rereads += 1
-                if rereads > MAX_REREADS:
-                    self._contended([group])
-                    return
-                fresh = self._reread([group], changed.gone)
+                fresh = self._reread([group], changed.gone, rereads)
                 if not fresh:
                     return
                 group = fresh[0]
@@ -318,7 +316,7 @@ class Gate:
                 continue
             except Split as split:
                 if len(chunk) <= 1:
-                    self.committer.refuse([chunk[0].key])
+                    self.committer.refuse(chunk[0].key)
                     group.members = group.members[1:]
                 limit[0] = min(limit[0], split.keys)  # the rest goes in chunks no larger
                 continue
@@ -331,14 +329,6 @@ class Gate:
         keys = chunk if chunk is not None else [m for g in groups for m in g.members]
         sessions = sum(1 for s in keys if s.key.flat_path in roots)
         self._result.add(deleted=sessions, descendants_deleted=len(keys) - sessions)
-
-    def _contended(self, groups: Sequence[Group]) -> None:
-        self._result.add(skipped=len(groups))
-        self._log.warning(
-            "delete_contended",
-            sessions=len(groups),
-            hint="their entities kept changing while read again: left for the next run",
-        )
 
 
 def _take(queue: deque[Group], size: int, max_groups: int) -> list[Group]:
