@@ -71,10 +71,9 @@ class Pool:
 
 
 def together(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
-    """Both reads at once, for one round trip instead of two: ``second`` in the background,
-    ``first`` in the caller's thread. Returns once both have; raises ``first``'s error once
-    both are done, else ``second``'s. A stop (a ``BaseException``) goes at once: ``second``
-    is left to end on its own."""
+    """Both reads at once (one round trip, not two): ``second`` in the background, ``first``
+    here. Raises ``first``'s error once both are done, else ``second``'s; a stop (a
+    ``BaseException``) goes at once, and ``second`` is left to end on its own."""
     got: list[B] = []
     failed: list[BaseException] = []
 
@@ -209,12 +208,10 @@ _DONE = object()
 
 
 class Pipeline(Generic[A]):
-    """Querying and deleting overlap: each stream runs in its own thread and puts batches on a
-    queue of at most ``2 x workers`` (memory stays bounded), which the workers ``process``.
-
-    ``should_stop`` (or an earlier failure) is checked before a stream queues a batch and before
-    a worker takes one: deletes in flight finish and nothing new starts. The first exception
-    from any thread stops the rest and is re-raised by :meth:`run`.
+    """Querying and deleting overlap: each stream's thread puts batches on a queue of at most
+    ``2 x workers`` (memory stays bounded) for the workers to ``process``. A stop
+    (``should_stop``, or any thread's first error, which :meth:`run` re-raises) is checked
+    before a batch is queued and before one is taken: deletes in flight finish, none start.
     """
 
     def __init__(
