@@ -2,16 +2,9 @@
 regrown on success), two reads at once, and the pipeline of page streams and delete workers.
 
 A client's calls all share one gRPC channel, so a dropped connection fails every call in flight
-at the same instant. With four delete workers and four query streams, each call also takes
-longer (they queue behind each other at the server), so on a network that drops connections
-every second or so almost no call finishes before the next drop, and retrying all of them at
-once only repeats the loss. With one call at a time the same network lets most calls through.
-
-So the limit follows AIMD, as TCP does for congestion and Apache Beam's Datastore connector does
-for throughput: it halves when a call fails at the connection level, and grows by one after as
-many successes in a row as the limit itself (about one round of calls). One drop fails every
-call in flight together, so only the first failure *of calls started since the last cut* halves
-the limit again; the rest belong to the same event.
+at once, and retrying all of them together only repeats the loss. So the limit follows AIMD
+(docs/design.md, "A bad network slows the run down"): it halves when a call fails at the
+connection level, and grows by one after as many successes in a row as the limit itself.
 """
 
 from __future__ import annotations
@@ -41,10 +34,9 @@ B = TypeVar("B")
 
 
 class Pool:
-    """``size`` daemon workers, started once and kept for the run, that ``map`` hands work to
-    from any thread: the ancestor queries of ``--with-descendants``, whichever delete worker
-    asks. Daemons, so that a call left hanging when the process must exit does not hold it
-    up (a thread pool's workers would)."""
+    """``size`` daemon workers, kept for the run, that ``map`` hands work to from any thread
+    (the ancestor queries of ``--with-descendants``). Daemons, so that a call left hanging when
+    the process must exit does not hold it up (a thread pool's workers would)."""
 
     def __init__(self, size: int, name: str) -> None:
         self._tasks: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -79,10 +71,9 @@ class Pool:
 
 
 def together(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
-    """Both reads at once, for one round trip instead of two: ``second`` in the background,
-    ``first`` in the caller's thread. Returns once both have; raises ``first``'s error once
-    both are done, else ``second``'s. A stop (a ``BaseException``) goes at once: ``second``
-    is left to end on its own."""
+    """Both reads at once (one round trip, not two): ``second`` in the background, ``first``
+    here. Raises ``first``'s error once both are done, else ``second``'s; a stop (a
+    ``BaseException``) goes at once, and ``second`` is left to end on its own."""
     got: list[B] = []
     failed: list[BaseException] = []
 
@@ -92,8 +83,7 @@ def together(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
         except BaseException as exc:  # raised in the caller's thread, below
             failed.append(exc)
 
-    # A daemon: a call left hanging when the process must exit does not hold it up.
-    thread = threading.Thread(target=beside, name="together", daemon=True)
+    thread = threading.Thread(target=beside, name="together", daemon=True)  # as Pool's workers
     thread.start()
     try:
         a = first()
@@ -171,14 +161,21 @@ class CallLimiter:
         self._check_stop = check_stop
         self._cond = threading.Condition()
         self._in_flight = 0
-        self._epoch = 0  # bumped at every cut: calls started before it do not cut again
+        # Bumped at every cut: one drop fails every call in flight together, so only the first
+        # failure of calls started since the last cut halves the limit again.
+        self._epoch = 0
         self._successes = 0
         self._log = DegradationLog(maximum, clock)
 
     @contextmanager
     def slot(self) -> Iterator[None]:
         """Hold one of ``limit`` places for the duration of one call, recording its outcome."""
-        epoch = self._acquire()
+        with self._cond:
+            while self._in_flight >= self.limit:
+                self._cond.wait(_POLL_S)
+                self._check_stop()
+            self._in_flight += 1
+            epoch = self._epoch
         try:
             yield
         except BaseException as exc:
@@ -186,61 +183,37 @@ class CallLimiter:
             raise
         self._release(epoch, None)
 
-    def _acquire(self) -> int:
-        with self._cond:
-            while self._in_flight >= self.limit:
-                self._cond.wait(_POLL_S)
-                self._check_stop()
-            self._in_flight += 1
-            return self._epoch
-
     def _release(self, epoch: int, error: BaseException | None) -> None:
         with self._cond:
             self._in_flight -= 1
-            if error is None:
-                self._grow()
-            elif is_connection_level(error) and epoch == self._epoch:
-                self._cut()
+            if error is None and self.limit < self.maximum:
+                self._successes += 1
+                if self._successes >= self.limit:
+                    self._successes = 0
+                    self.limit += 1
+                    self._log.record(self.limit)
+            elif error is not None and is_connection_level(error) and epoch == self._epoch:
+                self._epoch += 1
+                self._successes = 0
+                self.limit = max(1, self.limit // 2)
+                self._log.record(self.limit)
             self._cond.notify_all()
-
-    def _cut(self) -> None:
-        self._epoch += 1
-        self._successes = 0
-        self.limit = max(1, self.limit // 2)
-        self._log.record(self.limit)
-
-    def _grow(self) -> None:
-        if self.limit >= self.maximum:
-            return
-        self._successes += 1
-        if self._successes < self.limit:
-            return
-        self._successes = 0
-        self.limit += 1
-        self._log.record(self.limit)
 
     def degradation(self) -> Degradation:
         with self._cond:
             return self._log.degradation()
 
 
-# -- Workers: streams of work through a bounded queue --------------------------------------------
-# Overlap querying and deleting: query streams feed a bounded queue, workers delete from it.
-#
-# Against production each query page and each commit takes tens of milliseconds; done one after
-# the other, a sweeper mostly waits. Here each query stream (a slice of the expired range) runs in
-# its own thread and puts batches on a queue that holds at most ``2 x workers`` batches, so memory
-# stays bounded however large the backlog; worker threads take batches off it and delete them.
-#
-# Stopping: the ``should_stop`` check (signal, max runtime, an earlier failure) is made before a
-# stream queues a batch and before a worker takes one, so in-flight deletes finish and nothing new
-# starts. The first exception from any thread stops the rest and is re-raised by :meth:`run`.
-
-
 _DONE = object()
 
 
 class Pipeline(Generic[A]):
+    """Querying and deleting overlap: each stream's thread puts batches on a queue of at most
+    ``2 x workers`` (memory stays bounded) for the workers to ``process``. A stop
+    (``should_stop``, or any thread's first error, which :meth:`run` re-raises) is checked
+    before a batch is queued and before one is taken: deletes in flight finish, none start.
+    """
+
     def __init__(
         self,
         workers: int,
@@ -293,11 +266,8 @@ class Pipeline(Generic[A]):
             self._fail(exc)
 
     def _consume(self) -> None:
-        """Process items until told to finish; after a failure, keep draining without work.
-
-        A worker never exits early, so the queue always empties and no producer or the final
-        hand-over of the end markers can block on a full queue.
-        """
+        """Process items until told to finish; after a failure, drain without work: a worker
+        never exits early, so no producer nor the end markers' hand-over blocks on a full queue."""
         while True:
             item = self._queue.get()
             if item is _DONE:

@@ -1,12 +1,6 @@
-"""How each commit is sent: all or nothing, at the versions read, retried, settled, sized.
-
-The gate (``sweeper.gate``) decides what goes; a :class:`Committer` sends each commit it
-makes: the deletes at the versions their reads saw, in a single-use transaction (or, for a
-group larger than a commit, a transaction that first looks up the sessions above its keys),
-under the retry policy, reserved against the allowance and paced by the throttle. A commit
-refused because something changed raises :class:`Changed`; one whose answer was lost is
-settled by a lookup (rule 5 of the gate). :class:`BatchSizer` sizes commits to what the
-database answers in; Datastore refuses more than 500 mutations per commit.
+"""How each commit the gate (``sweeper.gate``) decides is sent: all or nothing, at the versions
+read, throttled, retried, and settled by a lookup when its answer was lost (the gate's rule 5).
+:class:`BatchSizer` sizes commits to what the database answers in.
 """
 
 from __future__ import annotations
@@ -42,21 +36,17 @@ LEGACY_LIMIT = 25
 # The name prefix of the key a lost commit's settling lookup asks for as never written (rule 5).
 NEVER_WRITTEN = "__sweeper_never_written__"
 
-# What one commit should take, and the fewest keys worth a round trip (Beam's floor too).
+# What one commit should take (Beam aims at 6 s; lower, so that a commit in flight when the run
+# must stop lands within the stop budget), and the fewest keys worth a round trip (as Beam's).
 TARGET_COMMIT_S = 2.0
 MIN_COMMIT_KEYS = 5
 
 
 class BatchSizer:
-    """Keys per commit, sized to what the database answers in.
-
-    A fixed 500 keys fails on a database that takes longer than the call deadline to delete
-    them (a legacy emulator holding half a million entities takes over 20 s): every attempt
-    times out and the run fails having deleted nothing. As Apache Beam's Datastore connector
-    does, the size follows the recent time per key so that a commit takes about
-    ``target_s``; a commit that times out proves at least ``elapsed / keys`` per key, which
-    cuts the size at once, and the retry sends the smaller commit. Sweeper aims lower than
-    Beam's 6 s so that a commit in flight when the run must stop lands within the stop budget.
+    """Keys per commit, following the recent time per key so that a commit takes about
+    ``target_s`` (docs/design.md: a fixed 500 keys fails for good on a database slower than the
+    call deadline). A commit that times out proves at least ``elapsed / keys`` per key: the
+    size is cut at once and the retry sends the smaller commit.
     """
 
     def __init__(
@@ -76,19 +66,17 @@ class BatchSizer:
         self._log = DegradationLog(maximum, clock)
 
     def observe(self, seconds: float, keys: int) -> None:
-        """A commit of ``keys`` keys answered in ``seconds``."""
         with self._lock:
             sample = seconds / max(keys, 1)
             previous = self._per_key
             self._per_key = sample if previous is None else 0.5 * previous + 0.5 * sample
-            # A commit answered within the target is no reason to send smaller ones: a first
-            # call that also sets up the connection, or a small batch that is mostly round
-            # trip, overstates the time per key.
+            # Within the target is no reason to shrink: a first call that also sets up the
+            # connection, or a small batch that is mostly round trip, overstates the time per key.
             self._resize(shrink=seconds > self._target_s)
 
     @contextmanager
     def timing(self, keys: int) -> Iterator[None]:
-        """Around one commit of ``keys`` keys: learn from how long it took, or that it timed out."""
+        """Around one commit: learn from how long it took, or that it timed out."""
         started = self._clock()
         try:
             yield
@@ -98,17 +86,13 @@ class BatchSizer:
         self.observe(self._clock() - started, keys)
 
     def timed_out(self, seconds: float, keys: int) -> None:
-        """A commit of ``keys`` keys was still unanswered after ``seconds``."""
         with self._lock:
             self._per_key = max(self._per_key or 0.0, seconds / max(keys, 1))
             self._resize()
 
     def refused(self, keys: int) -> None:
-        """The database refused a larger commit as too big: send at most ``keys`` for now.
-
-        Fast commits grow the size back (``observe``), so one heavy entity does not slow the
-        rest of the run.
-        """
+        """A larger commit was refused as too big: at most ``keys`` for now (fast commits grow
+        the size back, so one heavy entity does not slow the rest of the run)."""
         with self._lock:
             if keys < self.size:
                 self._per_key = max(self._per_key or 0.0, self._target_s / max(keys, 1))
@@ -164,22 +148,17 @@ class Committer:
         self.in_flight = 0
         self.refused: list[Key] = []
         self._versions: set[int] = set()
-        # Entity groups per all-or-nothing commit: 25 where the database is known to take no
-        # more (``LEGACY_LIMIT``); a refusal cuts it to that anyway (``shrink_groups``).
+        # Entity groups per all-or-nothing commit; a refusal cuts it to ``LEGACY_LIMIT``.
         self.groups_per_commit = transaction_groups if verify else MAX_BATCH_SIZE
         self._lock = threading.Lock()
         self._log = structlog.get_logger("sweeper.gate").bind(kind=kind)
 
     def send(self, chunk: list[Seen], guards: Sequence[Seen] = (), sessions: int = 1) -> None:
         """One all-or-nothing commit of ``chunk`` (reserved by the caller), throttled, retried.
-
-        Raises :class:`Changed` when it was refused because something changed (its
-        reservation given back, except for keys that may have gone), :class:`Split` when it
-        was refused as too big or as touching too many entity groups, ``Capped`` when the
-        allowance has no room for it.
-        """
-        n = len(chunk)  # reserved by the caller
-        self._wait(n)
+        Raises :class:`Changed` (the reservation given back, but for keys that may have gone),
+        :class:`Resize`, :class:`Split` or ``Capped``."""
+        n = len(chunk)
+        self.result.add(throttle_wait_s=self._throttle.acquire(n))
         maybe_applied = [False]
         try:
             with self._in_flight(n):
@@ -251,14 +230,13 @@ class Committer:
     def _settle(self, chunk: list[Seen], maybe_applied: bool) -> frozenset[Path] | None:
         """Rule 5, after a refusal: None when an earlier attempt whose answer was lost is
         shown to have deleted all of ``chunk``; else the keys of ``chunk`` that may have gone
-        with it (counted as ``unattributed``), for the re-read to leave out.
+        (counted as ``unattributed``), for the re-read to leave out.
 
-        The lookup also asks for a key that was never written. Where a missing key's version
-        is the version of the snapshot read (the API's documented behaviour, and the legacy
-        emulator's), that key has the same version as the gone ones and nothing is shown;
-        where it is the version of the write that deleted the key (the Firestore emulator),
-        the never-written key's differs, and keys all gone at one version no other commit of
-        this run wrote were deleted by this one.
+        The lookup also asks for a key never written. Where a missing key's version is the
+        snapshot's (the API as documented, and the legacy emulator), that key's is the same as
+        the gone ones' and nothing is shown; where it is the deleting write's (the Firestore
+        emulator), the never-written key's differs, and keys all gone at one version no other
+        commit of this run wrote went with this one.
         """
         if not maybe_applied:
             return frozenset()
@@ -297,9 +275,17 @@ class Committer:
 
     def _refused(self, exc: gexc.InvalidArgument, sessions: int, keys: int) -> Exception:
         if "entity groups" in str(exc) and sessions > LEGACY_LIMIT:
-            self.shrink_groups()
+            with self._lock:  # several workers may be refused at once: shrink and say so once
+                shrunk = self.groups_per_commit != LEGACY_LIMIT
+                self.groups_per_commit = LEGACY_LIMIT
+            if shrunk:
+                self._log.info(
+                    "transaction_size_reduced",
+                    keys=LEGACY_LIMIT,
+                    reason="too many entity groups in one transaction",
+                )
             return Split(keys, LEGACY_LIMIT)
-        if _too_big(exc):
+        if "too big" in str(exc).lower():
             if keys > 1:
                 smaller = max(1, keys // 2)
                 self._sizer.refused(smaller)
@@ -313,8 +299,6 @@ class Committer:
 
     @contextmanager
     def _in_flight(self, keys: int) -> Iterator[None]:
-        """Keys a commit is working on: if the run must stop before it answers, they may or
-        may not be gone (the summary's ``unconfirmed``)."""
         with self.result.lock:
             self.in_flight += keys
         try:
@@ -323,30 +307,15 @@ class Committer:
             with self.result.lock:
                 self.in_flight -= keys
 
-    def _wait(self, keys: int) -> None:
-        self.result.add(throttle_wait_s=self._throttle.acquire(keys))
-
-    def shrink_groups(self) -> None:
-        with self._lock:  # several workers may be refused at once: shrink and say so once
-            if self.groups_per_commit == LEGACY_LIMIT:
-                return
-            self.groups_per_commit = LEGACY_LIMIT
-        self._log.info(
-            "transaction_size_reduced",
-            keys=LEGACY_LIMIT,
-            reason="too many entity groups in one transaction",
-        )
-
-    def refuse(self, keys: Sequence[Key]) -> None:
+    def refuse(self, key: Key) -> None:
         with self.result.lock:
-            self.refused.extend(keys)
-            self.result.add(failed=len(keys))
-        for key in keys:
-            self._log.error(
-                "delete_refused",
-                key=str(key.flat_path),
-                reason="transaction or write too big, even alone: left in place",
-            )
+            self.refused.append(key)
+            self.result.add(failed=1)
+        self._log.error(
+            "delete_refused",
+            key=str(key.flat_path),
+            reason="transaction or write too big, even alone: left in place",
+        )
 
 
 class Resize(Exception):
@@ -372,7 +341,3 @@ def refused_error(refused: Sequence[Key]) -> str | None:
         f"(transaction or write too big), first {refused[0].flat_path}; they were left, "
         "everything else due was deleted"
     )
-
-
-def _too_big(exc: BaseException) -> bool:
-    return "too big" in str(exc).lower()

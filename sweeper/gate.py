@@ -1,25 +1,17 @@
-"""The one way to a delete. Every path (range, shards, scan, text, --with-descendants) ends here.
+"""The one way to a delete: every path (range, shards, scan, text, --with-descendants) ends here.
 
-**sweeper deletes a version, not a key** (docs/design.md, "One gate before every delete"):
+sweeper deletes a version, not a key. The rules, numbered and explained in docs/design.md ("One
+gate before every delete"):
 
-1. **Due at the version deleted** (:meth:`Gate.delete`). A query result goes only if its own
-   value, read with its version, is expired by the rule; its delete carries that version, so
-   a commit is refused whole if anything wrote the entity since, and is read again. No lock
-   is held and no transaction is open between the read and the commit.
-2. **A group is decided whole** (:func:`decide`). A live session of the swept kind under an
-   expired one keeps itself and everything under it, whichever commit its keys fall in; a
-   group larger than a commit goes over transactions that first look up the sessions above
-   their keys (``Group.guards``), so no descendant goes once its session lives.
-3. **Counted in entities**, children included, against ``--max-deletes`` and the guard's
-   share (:class:`Allowance`), reserved before each commit is sent.
-4. **One key once per commit**; a commit refused as too big is split, and a single key still
-   refused is left, counted as failed and named.
-5. **Counted as confirmed**; a commit whose answer was lost is settled, never counted twice.
+1. Due at the version deleted (:meth:`Gate.delete`): each delete carries the version read, so a
+   commit is refused whole if anything wrote the entity since; no lock is held before it.
+2. A group is decided whole (:func:`decide`); one larger than a commit goes over transactions
+   that first look up the sessions above their keys (``Group.guards``).
+3. Counted in entities, children included, reserved before each commit (:class:`Allowance`).
+4. One key once per commit; a commit too big is split, a single key still refused is left.
+5. Counted as confirmed; a commit whose answer was lost is settled, never counted twice.
 
-How each commit is sent, sized, retried and settled (rules 3 to 5) is
-``sweeper.deleter.Committer``'s. ``--no-verify`` is the opt-out: keys-only pages and plain
-commits without versions (a session re-saved between the query and the delete is lost); a
-live session under an expired one is kept all the same.
+``sweeper.deleter.Committer`` sends, sizes, retries and settles each commit (rules 3 to 5).
 """
 
 from __future__ import annotations
@@ -28,13 +20,13 @@ import datetime as dt
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 from google.cloud.datastore import Key
 
 from sweeper.concurrency import Pool
-from sweeper.deleter import BatchSizer, Changed, Committer, Resize, Split
+from sweeper.deleter import BatchSizer, Changed, Committer, Path, Resize, Split
 from sweeper.encodings import Encoding, is_expired
 from sweeper.rpc import Seen
 from sweeper.settings import MAX_BATCH_SIZE
@@ -44,16 +36,13 @@ from sweeper.throttle import Allowance, Capped, Throttle
 if TYPE_CHECKING:  # the result names the guard's plan, which names the gate's rule
     from sweeper.result import SweepResult
 
-# With --with-descendants each session costs one ancestor query: made one after the other, a
-# page of 500 sessions waits 500 round trips before its commit, so they go this many at once
-# per delete worker, on one pool of workers the run starts once.
+# With --with-descendants each session costs an ancestor query: one after the other, a page of
+# 500 sessions waits 500 round trips before its commit, so they go this many at once per worker.
 DESCENDANT_QUERIES = 8
 
 # A commit refused because its entities changed is read and decided again this many times;
 # groups still changing after that (a writer re-saving them without pause) are left alone.
 MAX_REREADS = 5
-
-Path = tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -94,11 +83,9 @@ class Group:
 def decide(
     rule: Rule, root: Key, seen: Iterable[Seen], *, trust_root: bool = False
 ) -> Group | None:
-    """Rule 2: what of ``root``'s group (``seen``: the root and everything under it, as one
-    read saw them) may go; None when the root is gone or not due.
-
-    Every entity of the swept kind must be due; one that is not keeps itself and everything
-    under it. The rest (events, pages) go with the nearest session above them. A blind run
+    """Rule 2: what of ``root``'s group (``seen``, as one read saw it) may go; None when the
+    root is gone or not due. An entity of the swept kind that is not due keeps itself and
+    everything under it; the rest go with the nearest session above them. A blind run
     (``trust_root``) takes the range query's word for the root, and checks the rest.
     """
     members = {s.key.flat_path: s for s in seen}
@@ -143,7 +130,6 @@ class Gate:
         self._target, self._rule = target, rule
         self.verify = verify
         self._dry_run, self._descend = dry_run, with_descendants
-        # --with-descendants: the ancestor queries of every delete worker, ``readers`` at once.
         self._readers = Pool(readers, "ancestor-queries") if with_descendants else None
         self._sizer, self.allowance = sizer, allowance
         self.committer = Committer(
@@ -168,8 +154,6 @@ class Gate:
                 hint="--no-verify: a session refreshed or re-created under its key between "
                 "the query and the delete is lost",
             )
-
-    # -- entry point ------------------------------------------------------------------------
 
     def delete(self, page: Sequence[Seen]) -> None:
         """A page of candidates, each with the version and value its query saw."""
@@ -210,17 +194,14 @@ class Gate:
         if granted < len(groups):
             raise Capped
 
-    # -- groups -----------------------------------------------------------------------------
-
     def _groups(self, due: list[Seen]) -> list[Group]:
-        """Each due session with what goes with it (rule 2); counted as matched."""
+        """Each due session with what goes with it (rule 2)."""
         if not self._descend:
-            groups = [Group(s.key, [s]) for s in due]
-        else:
-            paths = {s.key.flat_path for s in due}
-            roots = [s for s in due if not _has_ancestor_in(s.key, paths)]
-            groups = self._read_groups([s.key for s in roots])
-            self._result.add(skipped=len(roots) - len(groups))
+            return [Group(s.key, [s]) for s in due]
+        paths = {s.key.flat_path for s in due}
+        roots = [s.key for s in due if not _has_ancestor_in(s.key, paths)]
+        groups = self._read_groups(roots)
+        self._result.add(skipped=len(roots) - len(groups))
         return groups
 
     def _matched(self, groups: Sequence[Group]) -> None:
@@ -238,9 +219,17 @@ class Gate:
         read = zip(roots, self._readers.map(self._target.group, roots), strict=True)
         return [g for r, s in read if (g := decide(self._rule, r, s, trust_root=not self.verify))]
 
-    def _reread(self, groups: Sequence[Group], gone: frozenset[Path]) -> list[Group]:
+    def _reread(self, groups: Sequence[Group], gone: frozenset[Path], rereads: int) -> list[Group]:
         """The groups of a refused commit, read and decided again; sessions no longer due (or
-        gone) are kept and counted as skipped."""
+        gone) are kept and counted as skipped, and so are all once refused too often."""
+        if rereads > MAX_REREADS:
+            self._result.add(skipped=len(groups))
+            self._log.warning(
+                "delete_contended",
+                sessions=len(groups),
+                hint="their entities kept changing while read again: left for the next run",
+            )
+            return []
         roots = [g.root for g in groups if g.root.flat_path not in gone]
         if self._descend:
             fresh = self._read_groups(roots)
@@ -256,19 +245,16 @@ class Gate:
             g.counted = True
         return fresh
 
-    # -- commits ----------------------------------------------------------------------------
-
     def _commit(self, groups: list[Group], limit: list[int]) -> None:
         """Delete ``groups`` (from ``_take``), reading them again while they change; a commit
         refused as too big lowers ``limit`` for the rest of the page."""
         rereads = 0
         while groups:
-            size = min(limit[0], self._sizer.size)
-            if len(groups) == 1 and len(groups[0].members) > size:
-                self._chain(groups[0], limit)
-                return
-            if len(groups) > 1 and sum(len(g.members) for g in groups) > size:
-                self._repack(groups, len(groups), limit)  # the sizer shrank since they were taken
+            if sum(len(g.members) for g in groups) > min(limit[0], self._sizer.size):
+                if len(groups) == 1:
+                    self._chain(groups[0], limit)
+                else:  # the sizer shrank since they were taken
+                    self._repack(groups, len(groups), limit)
                 return
             granted = self.allowance.reserve([len(g.members) for g in groups])
             if granted == 0:
@@ -279,10 +265,7 @@ class Gate:
                 self.committer.send([m for g in groups for m in g.members], (), len(groups))
             except Changed as changed:
                 rereads += 1
-                if rereads > MAX_REREADS:
-                    self._contended(groups)
-                    return
-                groups = self._reread(groups, changed.gone)
+                groups = self._reread(groups, changed.gone, rereads)
                 continue
             except Resize:
                 continue
@@ -291,7 +274,7 @@ class Gate:
                 if len(groups) > 1:
                     self._repack(groups, split.groups, limit)
                 elif len(groups[0].members) <= 1:
-                    self.committer.refuse([groups[0].members[0].key])
+                    self.committer.refuse(groups[0].members[0].key)
                 else:
                     continue  # the sizer is smaller now: the group goes as a chain
                 return
@@ -324,10 +307,7 @@ class Gate:
                 self.committer.send(chunk, guards)
             except Changed as changed:
                 rereads += 1
-                if rereads > MAX_REREADS:
-                    self._contended([group])
-                    return
-                fresh = self._reread([group], changed.gone)
+                fresh = self._reread([group], changed.gone, rereads)
                 if not fresh:
                     return
                 group = fresh[0]
@@ -336,14 +316,12 @@ class Gate:
                 continue
             except Split as split:
                 if len(chunk) <= 1:
-                    self.committer.refuse([chunk[0].key])
+                    self.committer.refuse(chunk[0].key)
                     group.members = group.members[1:]
                 limit[0] = min(limit[0], split.keys)  # the rest goes in chunks no larger
                 continue
             self._went([group], chunk)
             group.members = group.members[len(chunk) :]
-
-    # -- refusals ---------------------------------------------------------------------------
 
     def _went(self, groups: Sequence[Group], chunk: Sequence[Seen] | None = None) -> None:
         """``chunk`` (default: every member of ``groups``) is confirmed gone."""
@@ -351,14 +329,6 @@ class Gate:
         keys = chunk if chunk is not None else [m for g in groups for m in g.members]
         sessions = sum(1 for s in keys if s.key.flat_path in roots)
         self._result.add(deleted=sessions, descendants_deleted=len(keys) - sessions)
-
-    def _contended(self, groups: Sequence[Group]) -> None:
-        self._result.add(skipped=len(groups))
-        self._log.warning(
-            "delete_contended",
-            sessions=len(groups),
-            hint="their entities kept changing while read again: left for the next run",
-        )
 
 
 def _take(queue: deque[Group], size: int, max_groups: int) -> list[Group]:
@@ -386,5 +356,4 @@ def _unique(seen: Iterable[Seen]) -> list[Seen]:
 
 
 def _has_ancestor_in(key: Key, paths: set[Path]) -> bool:
-    path = key.flat_path
-    return any(path[:n] in paths for n in range(2, len(path), 2))
+    return any(key.flat_path[:n] in paths for n in range(2, len(key.flat_path), 2))
