@@ -39,10 +39,9 @@ _NO_MORE_RESULTS = query_pb2.QueryResultBatch.MoreResultsType.NO_MORE_RESULTS
 
 
 class Seen(NamedTuple):
-    """An entity as a read saw it: its key, its ``version`` (Datastore's, which changes on
-    every write to the entity, re-creation included) and the value of the rule's property
-    (None when the entity has none). A delete conditioned on ``version`` goes only if nothing
-    has written the entity since this read (``commit``)."""
+    """An entity as a read saw it: key, ``version`` (Datastore's, changed by every write to the
+    entity, re-creation included) and the rule's property (None when absent). A delete at
+    ``version`` goes only if nothing has written the entity since this read (``commit``)."""
 
     key: datastore.Key
     version: int
@@ -257,14 +256,11 @@ def commit(
     held before it). ``atomic`` off (``--no-verify``, versions None) sends one plain commit.
     """
     raw = _request(client, datastore_pb2.CommitRequest)
+    raw.mode = _TRANSACTIONAL if transaction is not None or atomic else _NON_TRANSACTIONAL
     if transaction is not None:
-        raw.mode = _TRANSACTIONAL
         raw.transaction = transaction
     elif atomic:
-        raw.mode = _TRANSACTIONAL
         raw.single_use_transaction.read_write.SetInParent()
-    else:
-        raw.mode = _NON_TRANSACTIONAL
     for key, version in deletes:
         mutation = raw.mutations.add()
         _fill(mutation.delete, key)
@@ -293,7 +289,6 @@ def end_transaction(client: datastore.Client, transaction: bytes, timeout: float
 
 
 def _request(client: datastore.Client, kind: Any) -> Any:
-    """A raw ``kind`` request for the client's project and database."""
     raw = kind.pb()(project_id=client.project)
     if client.database:
         raw.database_id = client.database

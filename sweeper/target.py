@@ -87,7 +87,6 @@ class Target:
         )[0]
 
     def keys(self, query: RangeQuery, limit: int) -> list[datastore.Key]:
-        """The first ``limit`` keys of ``query`` (small probes)."""
         return [entity.key for entity in self.fetch(query, limit)]
 
     def key_pages(
@@ -141,7 +140,6 @@ class Target:
         return found
 
     def descendants(self, key: datastore.Key) -> list[datastore.Key]:
-        """Every key under ``key`` in its entity group, of any kind and depth (not ``key``)."""
         return [s.key for s in self.group(key) if s.key != key]
 
     def first_value(
