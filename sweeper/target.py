@@ -279,12 +279,10 @@ def expired_streams(
     seen: Counter[str] | None = None,
     on_left_alone: Callable[[int], None] = lambda n: None,
 ) -> list[KeyPages]:
-    """Up to ``settings.workers`` streams of pages, each over its own slice of the range.
-
-    A scan tallies in ``seen`` the encodings it reads (``checks.scan_census``); values of no
-    encoding in the range are left alone, counted by ``on_left_alone``. The slices start at
-    ``smallest`` where detection read it (inside the range), else at a value queried for.
-    """
+    """Up to ``settings.workers`` streams of pages, each over its own slice of the range. A scan
+    tallies in ``seen`` the encodings it reads (``checks.scan_census``); values of no encoding
+    in the range are left alone, counted by ``on_left_alone``. The slices start at ``smallest``
+    where detection read it (inside the range), else at a value queried for."""
     s = settings
     if s.scan:
         log.warning(
