@@ -1,34 +1,17 @@
 """How an expiry can be stored, and the query range that matches only expired values.
 
-Datastore keeps one index order for all values of a property, by type first: nulls, then
-integers and timestamps *together* (a timestamp compares as its microseconds since the epoch),
-then booleans, then text and byte strings (together), then doubles, then the rest. Both local
-emulators order them so. Two consequences:
+Datastore (and both emulators) orders a property's values by type first, with integers and
+timestamps *together* (a timestamp compares as its microseconds) and text with byte strings. A
+one-sided filter such as ``expires_at < now`` would match nulls and other encodings, so every
+range here is bounded on both sides, inside one encoding's *band* (told apart by magnitude for
+instants from 2001-09-09 to 2286-11-20: docs/design.md, "How sweeper decides what to delete").
+A band is cut in *ordinals*, whole units of ``unit_us`` microseconds; ``stored`` (an ordinal's
+filter value) never decreases, so disjoint ordinal slices are disjoint ranges of stored values.
 
-* A one-sided filter such as ``expires_at < now`` also matches nulls and values of other
-  encodings. Every range here is bounded on both sides, inside one encoding's *band*.
-* Integers and timestamps share one part of the order, told apart by magnitude: for instants
-  from 2001-09-09 to 2286-11-20, epoch seconds lie in [1e9, 1e10), epoch milliseconds in
-  [1e12, 1e13) and timestamps in [1e15, 1e16) microseconds. Doubles own a part of the order of
-  their own (a double never sorts among integers), split the same way: seconds in [1e9, 1e10),
-  milliseconds in [1e12, 1e13). Strings own another: ISO-8601 text in one canonical UTC form
-  (``2026-11-22T10:15:00.000Z``, as JavaScript's ``toISOString()`` writes it) sorts as text in
-  time order, because every field has a fixed width.
-
-Each band is kept in *ordinals*: whole units of ``unit_us`` microseconds (seconds, milliseconds
-or microseconds), so slices, shards and histograms cut every encoding the same way. An
-encoding maps an ordinal to the value a filter carries (``stored``), and a stored value back to
-the largest ordinal at or below it (``ordinal``); ``stored`` never decreases, so disjoint
-ordinal slices are disjoint ranges of stored values.
-
-What a range cannot tell apart, the value must: the index cannot tell a Timestamp from an
-integer of epoch microseconds (both sort as the same number), nor canonical text from other
-text that happens to sort between two canonical strings (``2026-11-22``,
-``2026-11-22T10:15:00+01:00``). Text ranges are therefore read with their values (a
-projection) and only canonical text is taken; lookups (``detect``, ``--verify``, ``--scan``)
-see each value's true type. Byte strings sort among text and a projection returns them as
-text, so a byte string holding canonical ISO-8601 text is read as that text, the same way
-by the query, the re-check and a scan.
+What a range cannot tell apart, the value must: a Timestamp from an integer of epoch
+microseconds, or canonical ISO-8601 text (which sorts in time order, every field of a fixed
+width) from other text sorting among it. Text ranges are read with their values and only
+canonical text is taken; lookups (``detect``, ``--verify``, ``--scan``) see true types.
 """
 
 from __future__ import annotations
@@ -91,11 +74,9 @@ class Encoding(enum.StrEnum):
         return _CODECS[self].stored(ordinal)
 
     def ordinal(self, value: object) -> int | None:
-        """The largest ordinal whose :meth:`stored` value is at or below ``value``.
-
-        ``value`` as a lookup or a projection returns it (a projected timestamp arrives as
-        its integer microseconds). None for a value of another type.
-        """
+        """The largest ordinal whose :meth:`stored` value is at or below ``value`` (as a lookup
+        or a projection returns it: a projected timestamp is its integer microseconds). None
+        for a value of another type."""
         return _CODECS[self].ordinal(value)
 
     def store(self, instant: dt.datetime) -> QueryValue:
@@ -142,10 +123,8 @@ def _timestamp_ordinal(value: object) -> int | None:
 
 
 def _double(unit_us: int) -> tuple[Callable[[int], float], Callable[[object], int | None]]:
-    """Doubles of whole ``unit_us``: an ordinal (µs) maps to the largest double at or below it.
-
-    Rounding down means ``value < stored(hi)`` implies the value is before ``hi`` exactly.
-    """
+    """Doubles of whole ``unit_us``: an ordinal (µs) maps to the largest double at or below it,
+    so ``value < stored(hi)`` implies the value is before ``hi`` exactly."""
 
     def stored(ordinal: int) -> float:
         exact = Fraction(ordinal, unit_us)
@@ -203,7 +182,7 @@ def _iso_ordinal(stored: object) -> int | None:
     exact = _iso_millis(value)
     if exact is not None:
         return exact
-    lo, hi = _ISO_SEARCH
+    lo, hi = Encoding.ISO_8601.band.lo, Encoding.ISO_8601.band.hi
     if value < iso_text(lo) or value >= iso_text(hi):  # outside the band
         return lo - 1 if value < iso_text(lo) else hi
     while hi - lo > 1:  # iso_text never decreases: bisect for the floor
@@ -240,7 +219,6 @@ _CODECS = {
     ),
     Encoding.ISO_8601: _Codec(_MILLIS, Band(10**12, 10**13), iso_text, _iso_ordinal, _reads_iso),
 }
-_ISO_SEARCH = (_CODECS[Encoding.ISO_8601].band.lo, _CODECS[Encoding.ISO_8601].band.hi)
 
 
 @dataclass(frozen=True)
@@ -266,11 +244,8 @@ def band_range(encoding: Encoding) -> ExpiredRange:
 
 
 def cutoff_bound(encoding: Encoding, cutoff: dt.datetime) -> int:
-    """Smallest ordinal that is *not* expired: ``n < bound`` iff ordinal ``n`` is before cutoff.
-
-    Ordinals are whole units, so ``n < cutoff`` equals ``n < ceil(cutoff)``; a value exactly
-    at the cutoff is kept.
-    """
+    """Smallest ordinal that is *not* expired: ``n < bound`` iff ordinal ``n`` is before cutoff
+    (whole units: ``n < ceil(cutoff)``; a value exactly at the cutoff is kept)."""
     return -(-to_micros(cutoff) // encoding.unit_us)
 
 
@@ -282,12 +257,9 @@ def expired_range(encoding: Encoding, cutoff: dt.datetime) -> ExpiredRange:
 
 
 def classify(value: object) -> Encoding | None:
-    """The encoding of a value as a lookup returns it (true type), or None if unsupported.
-
-    Booleans are ints in Python but a different type in Datastore; an int in the timestamp band
-    is epoch microseconds, which sweeper does not sweep; text in any form but the canonical
-    ISO-8601 one is no encoding.
-    """
+    """The encoding of a value as a lookup returns it (true type), or None if unsupported:
+    booleans (ints in Python, not in Datastore), ints in the timestamp band (epoch microseconds)
+    and text in any form but canonical ISO-8601 are no encoding."""
     for encoding, codec in _CODECS.items():
         if codec.reads(value) and codec.ordinal(value) in codec.band:
             return encoding
@@ -295,10 +267,8 @@ def classify(value: object) -> Encoding | None:
 
 
 def is_expired(encoding: Encoding, value: object, cutoff: dt.datetime) -> bool:
-    """True only for a value stored in ``encoding`` that lies before ``cutoff``.
-
-    The same comparison the range query makes: the value against the filter's upper bound.
-    """
+    """True only for a value stored in ``encoding`` that lies before ``cutoff``: the range
+    query's own comparison, the value against the filter's upper bound."""
     if classify(value) is not encoding:
         return False
     bound = encoding.stored(cutoff_bound(encoding, cutoff))
@@ -323,9 +293,8 @@ def describe_value(value: object) -> str:
 
 
 # -- Slices: disjoint parts of an expired range -----------------------------------------------
-# Values are ordinals of one encoding (whole seconds, milliseconds or microseconds: see
-# ``encodings``), so a slice ``[lo, hi)`` is itself a two-sided range query that can match only
-# that encoding. Slices never overlap, so no key is found by two streams or two pods.
+# A slice ``[lo, hi)`` of ordinals is itself a two-sided range of one encoding. Slices never
+# overlap, so no key is found by two streams or two pods.
 
 Slice = tuple[int, int]
 
@@ -344,18 +313,15 @@ def shard_slices(
 ) -> Iterator[Slice]:
     """The non-empty parts of ``[lo, hi)`` that belong to ``shard``, oldest first, found lazily.
 
-    The grid of buckets (multiples of ``bucket`` from 0) is fixed, and bucket ``b`` belongs to
-    shard ``b % count``, so every pod computes the same assignment whatever its own clock says
-    the cutoff is and whatever ``lo`` it starts from: pods never overlap. Neighbouring buckets
-    go to different shards, which spreads a burst of sessions that expired together.
+    Bucket ``b`` of a fixed grid (multiples of ``bucket`` from 0) belongs to shard ``b % count``,
+    so every pod computes the same assignment whatever its clock says the cutoff is and
+    whatever ``lo`` it starts from: pods never overlap. Neighbouring buckets go to different
+    shards, which spreads a burst of sessions that expired together.
 
-    Walking the grid bucket by bucket would cost one query per bucket of the whole span: one
-    stray value from 2001 makes that ~220,000 one-hour buckets, nearly all empty. Instead
     ``next_value(pos, hi)`` (one limit-1 query) finds the smallest stored value at or after
-    ``pos``: if its bucket is ours, that bucket is yielded and the walk moves past it; if not,
-    the walk jumps to our next bucket after it. Every probe either yields a non-empty bucket
-    or steps over a non-empty bucket of another shard, so a shard makes at most one probe per
-    non-empty bucket, plus one: the work follows the data, not its span.
+    ``pos``: its bucket is yielded if ours, else the walk jumps to our next bucket after it.
+    Each probe yields or steps over a non-empty bucket, so the work follows the data, not its
+    span (walking the grid, one stray value from 2001 would cost ~220,000 one-hour queries).
     """
     pos = lo
     while pos < hi:

@@ -1,15 +1,11 @@
 """The four calls the gate makes, sent through the client's API object with raw protobuf keys.
 
-``sweeper.gate`` checks and deletes each batch with ``begin``, ``lookup`` and ``commit`` (and
-``rollback`` when it gives up on a transaction). The client's own ``get_multi`` and
-``Transaction`` would do the same calls, but turn every key into a protobuf message through
-proto-plus (about 80 µs a key) and every looked-up entity into an ``Entity``; at 500 keys a
-commit that is most of a sweep's CPU time, and on a 2-core machine the database's CPU time is
-what it takes from. Here a key is built straight into the protobuf (``key_pb``), and a lookup
-asks for only the one property the rule compares (a property mask, ``mask_for``: Firestore in
-Datastore mode sends 47 KB instead of 408 KB for 500 sessions of 700 bytes; the legacy
-emulator ignores the mask and sends whole entities, of which only that property is read).
-
+The client's ``get_multi`` and ``Transaction`` would make the same calls, but turn every key
+into a protobuf message through proto-plus (about 80 µs a key) and every looked-up entity into
+an ``Entity``: at 500 keys a commit, most of a sweep's CPU time (taken from the database's on a
+2-core machine). Here a key is built straight into the protobuf (``_fill``), and reads ask for
+only the property the rule compares (``mask_for``: Firestore in Datastore mode sends 47 KB
+instead of 408 KB for 500 sessions of 700 bytes; the legacy emulator ignores the mask).
 None of these calls retries by itself: the caller's ``Retrier`` decides (``NO_CLIENT_RETRY``).
 """
 
@@ -43,10 +39,9 @@ _NO_MORE_RESULTS = query_pb2.QueryResultBatch.MoreResultsType.NO_MORE_RESULTS
 
 
 class Seen(NamedTuple):
-    """An entity as a read saw it: its key, its ``version`` (Datastore's, which changes on
-    every write to the entity, re-creation included) and the value of the rule's property
-    (None when the entity has none). A delete conditioned on ``version`` goes only if nothing
-    has written the entity since this read (``commit``)."""
+    """An entity as a read saw it: key, ``version`` (Datastore's, changed by every write to the
+    entity, re-creation included) and the rule's property (None when absent). A delete at
+    ``version`` goes only if nothing has written the entity since this read (``commit``)."""
 
     key: datastore.Key
     version: int
@@ -70,12 +65,9 @@ CountMethod = Literal["aggregation", "keys_only_bounded", "scan", "empty_range"]
 
 @dataclass(frozen=True)
 class RangeQuery:
-    """Keys of ``kind`` whose ``prop`` meets every bound, e.g. ``((">=", lo), ("<", hi))``.
-
-    With no bounds it lists the kind's keys, whatever their properties; with ``keys_only``
-    off it returns whole entities (one billed read each); ``projected`` returns each key with
-    its indexed value of ``prop`` (a projection), for ranges whose values must be read.
-    """
+    """Keys of ``kind`` whose ``prop`` meets every bound, e.g. ``((">=", lo), ("<", hi))`` (no
+    bounds: every key of the kind). ``keys_only`` off returns whole entities (a billed read
+    each); ``projected``, each key with its indexed value of ``prop`` (a projection)."""
 
     kind: str
     prop: str
@@ -115,12 +107,8 @@ class Count:
         return self.limit is not None and self.n >= self.limit
 
 
-def key_pb(key: datastore.Key) -> Any:
-    """``key`` as a raw protobuf ``Key``: what ``key.to_protobuf()`` builds, about 13x faster."""
-    return _fill(_RawKey(), key)
-
-
 def _fill(pb: Any, key: datastore.Key) -> Any:
+    """``pb``, a raw protobuf ``Key``, as ``key.to_protobuf()`` builds it, about 13x faster."""
     pb.partition_id.project_id = key.project or ""
     if key.database:
         pb.partition_id.database_id = key.database
@@ -163,13 +151,9 @@ def run_query(
     cursor: bytes | None,
     timeout: float,
 ) -> Page:
-    """One RunQuery call of ``query`` returning, for each result, its version and ``prop``.
-
-    Not keys-only and not a projection, so that Datastore reports each result's version; a
-    property mask naming ``prop`` alone keeps the answer about as small as a keys-only one
-    (the legacy emulator ignores the mask and sends whole entities). Only the first batch the
-    server answers is taken: a retried page repeats one call.
-    """
+    """One RunQuery call of ``query``: each result's version and ``prop`` (not keys-only nor a
+    projection, so that Datastore reports versions; the mask keeps the answer about as small).
+    Only the first batch the server answers is taken: a retried page repeats one call."""
     raw = _request(client, datastore_pb2.RunQueryRequest)
     raw.partition_id.project_id = client.project
     if client.database:
@@ -214,7 +198,7 @@ def lookup(
     asked again."""
     found: dict[Path, Seen] = {}
     missing: dict[Path, int] = {}
-    todo = [key_pb(key) for key in keys]
+    todo = [_fill(_RawKey(), key) for key in keys]
     mask = mask_for(prop)
     while todo:
         raw = _request(client, datastore_pb2.LookupRequest)
@@ -241,14 +225,11 @@ def _seen(entity: Any, version: int, prop: str) -> Seen:
 
 
 def mask_for(prop: str) -> str | None:
-    """The property mask path naming ``prop`` alone, or None where no path is sure to.
-
-    A plain identifier is the same path everywhere. In a path a dot names a property inside
-    an entity value, so ``exp.at`` unmasked would return no property at all and every session
-    would read as carrying no expiry; the API says such names "must be escaped" but not how,
-    and the two emulators read backtick quoting differently. Those few names are read from the
-    whole entity instead.
-    """
+    """The property mask path naming ``prop`` alone, or None where no path is sure to (those
+    names are read from the whole entity). In a path a dot names a property inside an entity
+    value, so ``exp.at`` as a path would return no property and every session would read as
+    carrying no expiry; the API says such names "must be escaped" but not how, and the two
+    emulators read backtick quoting differently."""
     return prop if _IDENTIFIER.fullmatch(prop) else None
 
 
@@ -266,24 +247,20 @@ def commit(
     """Delete each key at its version, all or nothing; the version the commit wrote (None
     where the database reports none that tells commits apart).
 
-    A delete with a version carries it as ``base_version`` with the FAIL strategy: if any such
-    entity was written (re-saved, re-created, deleted) since that version, Datastore refuses
-    the commit with FAILED_PRECONDITION. FAIL is the one strategy both emulators honour alike
-    (with the default, the Firestore emulator deleted the changed entities anyway). Only a
-    transactional commit is all or nothing: both emulators apply a refused non-transactional
-    commit's deletes up to the changed one. So the commit runs in ``transaction``, or in a
-    single-use transaction of its own (one round trip, no lock held before it). ``atomic``
-    off (``--no-verify``, versions None) sends one plain commit.
+    A versioned delete carries ``base_version`` with the FAIL strategy: if the entity was
+    written since (re-saved, re-created, deleted), Datastore refuses the commit with
+    FAILED_PRECONDITION. FAIL is the one strategy both emulators honour alike (with the
+    default, the Firestore emulator deleted changed entities anyway), and only a transactional
+    commit is all or nothing (both apply a refused plain commit's deletes up to the changed
+    one): so the commit runs in ``transaction`` or a single-use one (one round trip, no lock
+    held before it). ``atomic`` off (``--no-verify``, versions None) sends one plain commit.
     """
     raw = _request(client, datastore_pb2.CommitRequest)
+    raw.mode = _TRANSACTIONAL if transaction is not None or atomic else _NON_TRANSACTIONAL
     if transaction is not None:
-        raw.mode = _TRANSACTIONAL
         raw.transaction = transaction
     elif atomic:
-        raw.mode = _TRANSACTIONAL
         raw.single_use_transaction.read_write.SetInParent()
-    else:
-        raw.mode = _NON_TRANSACTIONAL
     for key, version in deletes:
         mutation = raw.mutations.add()
         _fill(mutation.delete, key)
@@ -295,31 +272,23 @@ def commit(
     return int(results[0].version) if results and results[0].version else None
 
 
-def rollback(client: datastore.Client, transaction: bytes, timeout: float) -> None:
+def end_transaction(client: datastore.Client, transaction: bytes, timeout: float) -> None:
+    """Roll ``transaction`` back, best effort (never mask the real error). On Firestore in
+    Datastore mode the keys a transaction read stay locked until it ends or about a minute
+    passes: the runner's writes to them would wait, and so would our own retry."""
     raw = _request(client, datastore_pb2.RollbackRequest)
     raw.transaction = transaction
-    _send(client, "rollback", datastore_pb2.RollbackRequest, raw, timeout)
-
-
-def end_transaction(client: datastore.Client, transaction: bytes, timeout: float) -> None:
-    """Best effort (never mask the real error), and a few times.
-
-    On Firestore in Datastore mode the keys a transaction read stay locked until it ends or
-    about a minute passes: the runner's writes to them would wait, and so would our own retry.
-    A rollback that fails on a bad network is sent again.
-    """
     for _attempt in range(ROLLBACK_ATTEMPTS):
         try:
-            rollback(client, transaction, timeout)
-        except Exception as exc:
-            if not isinstance(exc, TRANSIENT):
-                return
+            _send(client, "rollback", datastore_pb2.RollbackRequest, raw, timeout)
+        except TRANSIENT:
             continue
+        except Exception:
+            return
         return
 
 
 def _request(client: datastore.Client, kind: Any) -> Any:
-    """A raw ``kind`` request for the client's project and database."""
     raw = kind.pb()(project_id=client.project)
     if client.database:
         raw.database_id = client.database

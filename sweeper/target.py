@@ -1,11 +1,10 @@
 """The reads: one kind and its expiry property through a client (:class:`Target`), and the
 streams of expired keys a sweep deletes from.
 
-Every read goes through the run's retrier: the same retries, counts and give-up rule. Pages have
-an explicit size and go on from the server's cursor (the Firestore emulator answers an unbounded
-query in one response and fails past ~40k keys; the legacy emulator answers ~300 results a batch
-whatever the limit). Each page is one call; a range ends at no cursor or an empty batch, and a
-failed page is retried from its own cursor, so a retry never skips or repeats keys.
+Every read goes through the run's retrier. Pages have an explicit size and go on from the
+server's cursor (the Firestore emulator fails an unbounded query past ~40k keys; the legacy
+emulator answers ~300 results a batch whatever the limit). Each page is one call, and a failed
+page is retried from its own cursor, so a retry never skips or repeats keys.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from typing import Any
 
 from google.api_core import exceptions as gexc
 from google.cloud import datastore
-from google.cloud.datastore_v1.types import entity as entity_pb2
 
 from sweeper import rpc
 from sweeper.encodings import (
@@ -84,14 +82,12 @@ class Target:
     ) -> list[datastore.Entity]:
         """The first ``limit`` results (whole entities, with their values' true types, unless
         the query is keys-only)."""
-        found, _cursor = self.retrier.call(
+        return self.retrier.call(
             "query", lambda: self._page(query.build(self.client, descending), limit, None)
-        )
-        return found
+        )[0]
 
-    def keys(self, query: RangeQuery, limit: int, descending: bool = False) -> list[datastore.Key]:
-        """The first ``limit`` keys of ``query`` (used for small probes)."""
-        return [entity.key for entity in self.fetch(query, limit, descending)]
+    def keys(self, query: RangeQuery, limit: int) -> list[datastore.Key]:
+        return [entity.key for entity in self.fetch(query, limit)]
 
     def key_pages(
         self, query: RangeQuery, page_size: int = PAGE_SIZE
@@ -109,14 +105,14 @@ class Target:
                 return
 
     def seen_pages(
-        self, query: RangeQuery | datastore.Query, page_size: int = PAGE_SIZE, *, scan: bool = False
+        self, query: RangeQuery | datastore.Query, *, scan: bool = False
     ) -> Iterator[list[Seen]]:
         """Every result of ``query`` as the gate deletes it, each key with its version and
         value (``rpc.run_query``), a page at a time. Where whole entities come back (a mask
         ignored) each page holds what fits ``SCAN_PAGE_BYTES``; a ``scan`` starts small."""
         built = query.build(self.client) if isinstance(query, RangeQuery) else query
         cursor: bytes | None = None
-        size = SCAN_FIRST_PAGE if scan else page_size
+        size = SCAN_FIRST_PAGE if scan else PAGE_SIZE
         while True:
             page = self._seen_page(built, size, cursor)
             if page.seen:
@@ -124,7 +120,7 @@ class Target:
             if page.cursor is None:
                 return
             cursor = page.cursor
-            size = min(page_size, _fitting(page))
+            size = max(1, min(PAGE_SIZE, SCAN_PAGE_BYTES // (2 * max(page.largest, 1))))
 
     def scan_pages(self) -> Iterator[list[Seen]]:
         """Every entity of the kind with its version and value, for properties no index
@@ -144,7 +140,6 @@ class Target:
         return found
 
     def descendants(self, key: datastore.Key) -> list[datastore.Key]:
-        """Every key under ``key`` in its entity group, of any kind and depth (not ``key``)."""
         return [s.key for s in self.group(key) if s.key != key]
 
     def first_value(
@@ -153,9 +148,8 @@ class Target:
         """The ordinal of the smallest value in ``query``'s range (None: it holds none), by a
         small projection (a projected timestamp is its microseconds: its ordinal). ``strict``
         skips text of other forms, among the first ``FIRST_VALUE_PROBE``."""
-        projected = replace(query, projected=True)
         limit = FIRST_VALUE_PROBE if strict and encoding.needs_values else 1
-        for entity in self.fetch(projected, limit):
+        for entity in self.fetch(replace(query, projected=True), limit):
             value = entity.get(query.prop)
             if not strict or not encoding.needs_values or classify(value) is encoding:
                 return encoding.ordinal(value)
@@ -231,15 +225,14 @@ class Target:
 
     def _read_time(self) -> dt.datetime | None:
         client = self.client
-        partition = entity_pb2.PartitionId(
-            project_id=client.project,
-            database_id=client.database or "",
-            namespace_id=client.namespace or "",
-        )
         request = {
             "project_id": client.project,
             "database_id": client.database or "",
-            "partition_id": partition,
+            "partition_id": {
+                "project_id": client.project,
+                "database_id": client.database or "",
+                "namespace_id": client.namespace or "",
+            },
             "query": {
                 "kind": [{"name": self.kind}],
                 "limit": 1,
@@ -261,12 +254,6 @@ def namespaces(client: datastore.Client, retrier: Retrier) -> Iterator[list[str 
     listing = Target(client, retrier, NAMESPACE_KIND, "")
     for page in listing.key_pages(listing.query()):
         yield [key.name for key in page]
-
-
-def _fitting(page: rpc.Page) -> int:
-    """Results per page that keep an answer within ``SCAN_PAGE_BYTES``, judged by the largest
-    entity of ``page``: a full page where the mask keeps entities small."""
-    return max(1, min(PAGE_SIZE, SCAN_PAGE_BYTES // (2 * max(page.largest, 1))))
 
 
 # -- The streams: where the expired keys come from ------------------------------------------
@@ -292,12 +279,10 @@ def expired_streams(
     seen: Counter[str] | None = None,
     on_left_alone: Callable[[int], None] = lambda n: None,
 ) -> list[KeyPages]:
-    """Up to ``settings.workers`` streams of pages, each over its own slice of the range.
-
-    A scan tallies in ``seen`` the encodings it reads (``checks.scan_census``); values of no
-    encoding in the range are left alone, counted by ``on_left_alone``. The slices start at
-    ``smallest`` where detection read it (inside the range), else at a value queried for.
-    """
+    """Up to ``settings.workers`` streams of pages, each over its own slice of the range. A scan
+    tallies in ``seen`` the encodings it reads (``checks.scan_census``); values of no encoding
+    in the range are left alone, counted by ``on_left_alone``. The slices start at ``smallest``
+    where detection read it (inside the range), else at a value queried for."""
     s = settings
     if s.scan:
         log.warning(
@@ -308,13 +293,12 @@ def expired_streams(
         )
         tally = Counter() if seen is None else seen  # an empty Counter is falsy: not ``or``
         return [scan_expired(target, partial(_tallied, tally, encoding, cutoff), on_read)]
-    verify = s.verify
     window = expired_range(encoding, cutoff)
     lo, hi = window.values()
     log.info("query_range", format=encoding.value, lower=str(lo), upper=str(hi), shard=str(s.shard))
     if window.empty:
         return []
-    pages = partial(_pages, target, verify=verify, on_left_alone=on_left_alone)
+    pages = partial(_pages, target, verify=s.verify, on_left_alone=on_left_alone)
     if s.shard.count > 1:
         return _shard_streams(target, s, window, pages)
     if s.workers == 1:

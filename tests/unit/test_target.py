@@ -131,10 +131,10 @@ def test_permanent_page_failure_is_raised() -> None:
 # --- probes --------------------------------------------------------------------------------
 
 
-def test_keys_descending_orders_by_the_property_descending() -> None:
+def test_fetch_descending_orders_by_the_property_descending() -> None:
     client = FakeClient(entities([1, 2, 3]))
     retry, _counter = retrier()
-    at(client, retry).keys(QUERY, 1, descending=True)
+    at(client, retry).fetch(QUERY, 1, descending=True)
     (query,) = client.queries
     assert query.order == ["-expires_at"]
     assert query.fetched == [(1, None)]
