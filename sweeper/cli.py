@@ -223,7 +223,7 @@ def run_until_signal(stop: StopOnSignal, what: str, fn: Callable[[], T]) -> T:
 
 
 def _targets(ctx: click.Context, options: dict[str, Any]) -> list[SweepSettings]:
-    """The run's settings; with --config one per target (``config.KEYS`` says which options a
+    """The run's settings: one, or with --config one per target (``KEYS`` says which options a
     target sets, and which of them the command line may override)."""
     values = opts.settings_of(options)
     if options["config"] is None:
@@ -236,7 +236,6 @@ def _targets(ctx: click.Context, options: dict[str, Any]) -> list[SweepSettings]
             f"{', '.join(clashing)} cannot be combined with --config: "
             "set it in the file, per target or under [defaults]"
         )
-    # Options a target may also set: an explicit command-line value wins (see load_targets).
     overriding = {k.field: values[k.field] for k in explicit.values() if k.overrides}
     return load_targets(Path(options["config"]), values, overriding)
 
@@ -293,10 +292,7 @@ def _log_forecasts(results: list[SweepResult]) -> None:
     """After a dry run, one ``forecast`` event per target: what the real run would cost, from
     the same reads ``inspect`` makes (a sample lookup and a few COUNTs)."""
     log = structlog.get_logger("sweeper")
-    for result in results:
-        settings = result.settings
-        if result.error is not None:
-            continue
+    for settings in (r.settings for r in results if r.error is None):
         try:
             report = inspect_target(
                 replace(settings, dry_run=False), client_for(settings), dt.datetime.now(dt.UTC)
