@@ -83,9 +83,8 @@ _none_if_empty = _then(lambda value: value or None)  # "" is no project, no name
 
 
 def decide_ramp_up(choice: bool | None) -> bool:
-    """``--ramp-up``/``--no-ramp-up`` when given; else on against production (Datastore's
-    500/50/5 rule), off against an emulator (DATASTORE_EMULATOR_HOST set), which has no key
-    ranges to split."""
+    """``--ramp-up``/``--no-ramp-up`` when given; else on against production, off against an
+    emulator (DATASTORE_EMULATOR_HOST set), which has no key ranges to split."""
     return choice if choice is not None else not os.environ.get("DATASTORE_EMULATOR_HOST")
 
 

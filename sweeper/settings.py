@@ -226,9 +226,8 @@ class SweepSettings:
         return not isinstance(self.format, Encoding) and not encoding.needs_values
 
 
-# -- --config FILE: several targets swept one after another, from a TOML file -------------------
-# One CronJob can replace several purges. Every key is checked here, once, so a typo fails the
-# run before anything is touched; ``[defaults]`` applies to every ``[[target]]`` (reference.md).
+# -- --config FILE: several targets swept one after another, from a TOML file (reference.md) ---
+# Every key is checked here, once, so a typo fails the run before anything is touched.
 
 
 @dataclass(frozen=True)
