@@ -346,21 +346,19 @@ def _target(
 
 def _merge(where: str, from_file: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
     """The command line's explicit values, as they apply over one target's file values."""
-    merged: dict[str, Any] = {}
+    merged = dict(explicit)
     for name, value in explicit.items():
         if name not in from_file or from_file[name] == value:
-            merged[name] = value
             continue
         safe = _BY_FIELD[name].safe if name in _BY_FIELD else None
-        chosen = safe if safe is not None and safe in (value, from_file[name]) else value
-        merged[name] = chosen
+        merged[name] = safe if safe is not None and safe in (value, from_file[name]) else value
         structlog.get_logger("sweeper.config").warning(
             "option_overridden",
             target=where,
             option=name,
             file=from_file[name],
             command_line=value,
-            used=chosen,
+            used=merged[name],
         )
     return merged
 
