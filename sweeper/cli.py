@@ -1,8 +1,6 @@
 """The ``sweeper`` command line: parse, build settings, call the engine, map to exit codes.
 
-No logic lives here beyond that. The options themselves, each also settable as
-``SWEEPER_<OPTION>``, are in sweeper/options.py.
-"""
+The options are in sweeper/options.py."""
 
 from __future__ import annotations
 
@@ -55,9 +53,8 @@ class Command(click.Command):
     """A command that also refuses a ``SWEEPER_*`` variable of its options set but blank.
 
     click reads an empty variable as unset, so ``SWEEPER_KIND=`` (a value a template lost) would
-    sweep the default kind, even beside ``--kind``. The fallbacks (``DATASTORE_PROJECT_ID``,
-    ``GOOGLE_CLOUD_PROJECT``) keep the Google client's convention: empty means unset. Checked
-    once the arguments are parsed (``--help`` answers first), before any Datastore call.
+    sweep the default kind. The fallbacks (``DATASTORE_PROJECT_ID``, ...) keep the Google
+    client's convention: empty means unset. Checked after parsing, so ``--help`` answers first.
     """
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
@@ -176,8 +173,8 @@ def inspect(**options: Any) -> None:
       sweeper inspect --kind used-jti-claim --format epoch-seconds --log-format json
     """
     settings = SweepSettings(**opts.settings_of(options))
-    # One switch, as sweep's: the report (on stdout) and the logs (on stderr) share a format,
-    # chosen by default from where the report goes.
+    # The report (on stdout) and the logs (on stderr) share a format, chosen by default from
+    # where the report goes.
     log_format = _log_format(options, sys.stdout)
     output = "table" if log_format == "console" else "json"
     configure(log_format, options["log_level"], sys.stderr)
@@ -193,15 +190,14 @@ def inspect(**options: Any) -> None:
         )
 
     with StopOnSignal() as stop:
-        if not settings.all_namespaces:
-            one = run_until_signal(stop, "inspect", lambda: report(settings))
-            click.echo(render_table(one) if output == "table" else json.dumps(report_dict(one)))
-            return
-        # One report per namespace, each printed as it is made: a table each, or JSON lines.
-        retrier = Retrier(_retry_policy(options), RetryCounter())
-        for each in run_until_signal(
-            stop, "inspect", lambda: list(each_namespace(settings, client_for, retrier))
-        ):
+        targets = [settings]
+        if settings.all_namespaces:
+            retrier = Retrier(_retry_policy(options), RetryCounter())
+            targets = run_until_signal(
+                stop, "inspect", lambda: list(each_namespace(settings, client_for, retrier))
+            )
+        # One report per target, each printed as it is made: a table each, or JSON lines.
+        for each in targets:
             one = run_until_signal(stop, "inspect", partial(report, each))
             click.echo(render_table(one) if output == "table" else json.dumps(report_dict(one)))
 
@@ -215,11 +211,8 @@ class StoppedBySignal(SweeperError):
 
 
 def run_until_signal(stop: StopOnSignal, what: str, fn: Callable[[], T]) -> T:
-    """``fn``, ended at once by SIGTERM/SIGINT whatever call it waits for.
-
-    For read-only work such as ``inspect``: there is nothing to drain, so the command ends
-    (one line, exit 143/130) as soon as the signal arrives.
-    """
+    """``fn``, ended at once (one line, exit 143/130) by SIGTERM/SIGINT whatever call it waits
+    for: for read-only work such as ``inspect``, which has nothing to drain."""
     try:
         with stop.event.interrupting():
             return fn()
@@ -230,7 +223,7 @@ def run_until_signal(stop: StopOnSignal, what: str, fn: Callable[[], T]) -> T:
 
 
 def _targets(ctx: click.Context, options: dict[str, Any]) -> list[SweepSettings]:
-    """The run's settings; with --config one per target (``config.KEYS`` says which options a
+    """The run's settings: one, or with --config one per target (``KEYS`` says which options a
     target sets, and which of them the command line may override)."""
     values = opts.settings_of(options)
     if options["config"] is None:
@@ -243,19 +236,13 @@ def _targets(ctx: click.Context, options: dict[str, Any]) -> list[SweepSettings]
             f"{', '.join(clashing)} cannot be combined with --config: "
             "set it in the file, per target or under [defaults]"
         )
-    # Options a target may also set: an explicit command-line value wins (see load_targets).
     overriding = {k.field: values[k.field] for k in explicit.values() if k.overrides}
     return load_targets(Path(options["config"]), values, overriding)
 
 
-# -- The client ----------------------------------------------------------------------------------
-
-
 def client_for(settings: SweepSettings) -> datastore.Client:
-    """The client of one target (its project, database and namespace); a setup failure is one
-    line. ``DATASTORE_EMULATOR_HOST`` (read by the client itself) points it at an emulator with
-    anonymous credentials; otherwise it uses Application Default Credentials (Workload Identity
-    on GKE)."""
+    """The client of one target; a setup failure is one line. ``DATASTORE_EMULATOR_HOST`` (read
+    by the client itself) points it at an emulator, else it uses Application Default Credentials."""
     s = settings
     try:
         return datastore.Client(project=s.project, database=s.database, namespace=s.namespace)
@@ -302,16 +289,10 @@ def _log_format(options: dict[str, Any], stream: TextIO) -> LogFormat:
 
 
 def _log_forecasts(results: list[SweepResult]) -> None:
-    """After a dry run: what the real run would cost, as ``inspect`` forecasts it.
-
-    One ``forecast`` event per target, from the same reads ``inspect`` makes (a sample lookup
-    and a few COUNTs): its calls, billed reads and deletes, price, and time under the ramp-up.
-    """
+    """After a dry run, one ``forecast`` event per target: what the real run would cost, from
+    the same reads ``inspect`` makes (a sample lookup and a few COUNTs)."""
     log = structlog.get_logger("sweeper")
-    for result in results:
-        settings = result.settings
-        if result.error is not None:
-            continue
+    for settings in (r.settings for r in results if r.error is None):
         try:
             report = inspect_target(
                 replace(settings, dry_run=False), client_for(settings), dt.datetime.now(dt.UTC)

@@ -1,9 +1,7 @@
-"""The options of ``sweeper sweep`` and ``sweeper inspect``: plain click options.
+"""The options of ``sweeper sweep`` and ``sweeper inspect``, each also ``SWEEPER_<NAME>``.
 
-Each option is also settable as ``SWEEPER_<NAME>`` (shown in ``--help``). The keyword an option
-passes is the :class:`SweepSettings` field it sets where it sets one (``--property``: ``prop``,
-``--shard``: a ``Shard``), already converted, so a command makes its settings with
-:func:`settings_of`. docs/options.md is the real ``--help`` of both commands (``make cog``).
+An option's keyword is the :class:`SweepSettings` field it sets, if any, its value converted: a
+command makes its settings with :func:`settings_of`. docs/options.md is their ``--help``.
 """
 
 from __future__ import annotations
@@ -68,10 +66,13 @@ class FiniteFloatRange(click.FloatRange):
         return number
 
 
-def _option(*decls: str, fallbacks: Sequence[str] = (), **attrs: Any) -> Decorator[Any]:
-    """``click.option``, read from ``SWEEPER_<NAME>`` too (then ``fallbacks``)."""
+def _option(
+    *decls: str, fallbacks: Sequence[str] = (), show_default: bool = True, **attrs: Any
+) -> Decorator[Any]:
+    """``click.option``, read from ``SWEEPER_<NAME>`` too (then ``fallbacks``), default shown."""
     variable = "SWEEPER_" + decls[0].split("/")[0][2:].upper().replace("-", "_")
-    return click.option(*decls, envvar=[variable, *fallbacks], show_envvar=True, **attrs)
+    envvar = [variable, *fallbacks]
+    return click.option(*decls, envvar=envvar, show_envvar=True, show_default=show_default, **attrs)
 
 
 def _then(convert: Callable[[Any], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
@@ -82,9 +83,8 @@ _none_if_empty = _then(lambda value: value or None)  # "" is no project, no name
 
 
 def decide_ramp_up(choice: bool | None) -> bool:
-    """``--ramp-up``/``--no-ramp-up`` when given; else on against production (Datastore's
-    500/50/5 rule), off against an emulator (DATASTORE_EMULATOR_HOST set), which has no key
-    ranges to split."""
+    """``--ramp-up``/``--no-ramp-up`` when given; else on against production, off against an
+    emulator (DATASTORE_EMULATOR_HOST set), which has no key ranges to split."""
     return choice if choice is not None else not os.environ.get("DATASTORE_EMULATOR_HOST")
 
 
@@ -105,19 +105,14 @@ DATABASE = _option(
 NAMESPACE = _option(
     "--namespace", callback=_none_if_empty, help="Namespace. Default: the default namespace."
 )
-KIND = _option("--kind", default=DEFAULT_KIND, show_default=True, help="Kind to sweep.")
+KIND = _option("--kind", default=DEFAULT_KIND, help="Kind to sweep.")
 PROPERTY = _option(
-    "--property",
-    "prop",
-    default=DEFAULT_PROPERTY,
-    show_default=True,
-    help="Indexed property that holds the expiry.",
+    "--property", "prop", default=DEFAULT_PROPERTY, help="Indexed property that holds the expiry."
 )
 FORMAT = _option(
     "--format",
     type=click.Choice(FORMAT_CHOICES),
     default="auto",
-    show_default=True,
     callback=_then(parse_format),
     help="How the expiry is stored. 'auto' reads the stored values and refuses if it finds more "
     "than one encoding or values it cannot read; an explicit format leaves values of every other "
@@ -127,55 +122,35 @@ GIVE_UP_AFTER = _option(
     "--give-up-after",
     type=DURATION,
     default="60s",
-    show_default=True,
     help="How long to ride out a database that stopped answering (every call failing or "
     "hanging) before the run fails with exit 1; retries back off meanwhile. Before any call "
     "has succeeded, a refused connection or an unknown host fails at once.",
-)
-LOG_FORMAT = _option(
-    "--log-format",
-    type=click.Choice(["json", "console"]),
-    help="json: one object a line on stderr, with severity. Default: console when stderr is a "
-    "terminal, else json.",
 )
 LOG_LEVEL = _option(
     "--log-level",
     type=click.Choice(LOG_LEVELS),
     default="info",
-    show_default=True,
     help="Least severe event to log. Default: info; for a person at a terminal, warning (the "
     "plan, the progress line and the summary say the rest).",
 )
 
 # Shared, with each command's own help.
+_log_format = partial(_option, "--log-format", type=click.Choice(["json", "console"]))
 _all_namespaces = partial(_option, "--all-namespaces", is_flag=True)
-_grace = partial(_option, "--grace", type=DURATION, default=DEFAULT_GRACE, show_default=True)
+_grace = partial(_option, "--grace", type=DURATION, default=DEFAULT_GRACE)
 _batch_size = partial(
-    _option,
-    "--batch-size",
-    type=click.IntRange(1, MAX_BATCH_SIZE),
-    default=MAX_BATCH_SIZE,
-    show_default=True,
+    _option, "--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=MAX_BATCH_SIZE
 )
 # On everywhere: a query is stale by the time its keys go; deleting at the version read is safe
-_verify = partial(_option, "--verify/--no-verify", default=True)
+_verify = partial(_option, "--verify/--no-verify", default=True, show_default=False)
 _scan = partial(_option, "--scan", is_flag=True)
 _with_descendants = partial(_option, "--with-descendants", is_flag=True)
 _workers = partial(
-    _option,
-    "--workers",
-    type=click.IntRange(1, MAX_WORKERS),
-    default=DEFAULT_WORKERS,
-    show_default=True,
+    _option, "--workers", type=click.IntRange(1, MAX_WORKERS), default=DEFAULT_WORKERS
 )
 _ramp_up = partial(_option, "--ramp-up/--no-ramp-up", default=None, callback=_then(decide_ramp_up))
 _shard = partial(
-    _option,
-    "--shard",
-    type=Parsed("shard", Shard.parse),
-    metavar="I/N",
-    default="0/1",
-    show_default=True,
+    _option, "--shard", type=Parsed("shard", Shard.parse), metavar="I/N", default="0/1"
 )
 _max_rate = partial(
     _option, "--max-rate", type=FiniteFloatRange(min=0, min_open=True), metavar="OPS"
@@ -185,7 +160,6 @@ _max_fraction = partial(
     "--max-fraction",
     type=FiniteFloatRange(0, 1, min_open=True),
     default=DEFAULT_MAX_FRACTION,
-    show_default=True,
     metavar="SHARE",
 )
 
@@ -299,7 +273,10 @@ SWEEP: tuple[Decorator[Any], ...] = (
         "resumes.",
     ),
     GIVE_UP_AFTER,
-    LOG_FORMAT,
+    _log_format(
+        help="json: one object a line on stderr, with severity. Default: console when stderr is a "
+        "terminal, else json."
+    ),
     LOG_LEVEL,
     _option(
         "--quiet",
@@ -345,7 +322,6 @@ INSPECT: tuple[Decorator[Any], ...] = (
         "--sample-size",
         type=click.IntRange(1, 1000),
         default=200,
-        show_default=True,
         help="Entities looked up to count the encodings present (one read each), spread across "
         "the key space by Datastore's __scatter__ where the database keeps it.",
     ),
@@ -353,12 +329,9 @@ INSPECT: tuple[Decorator[Any], ...] = (
         "--count-limit",
         type=click.IntRange(min=1),
         default=100_000,
-        show_default=True,
         help="Where aggregation COUNT is unavailable, stop counting keys here.",
     ),
-    _option(
-        "--log-format",
-        type=click.Choice(["json", "console"]),
+    _log_format(
         help="json: the report as one JSON object on stdout, the logs as JSON lines on stderr; "
         "console: a table and console logs. Default: console when stdout is a terminal, else json.",
     ),

@@ -81,10 +81,7 @@ _MAX_NAME_BYTES = 1500
 
 
 def parse_duration(text: str) -> dt.timedelta:
-    """Parse ``0``, ``90s``, ``15m``, ``3h``, ``2d`` or a sum such as ``1h30m``.
-
-    Digits 0-9 only, and only the lowercase units: ``3M`` or ``3H`` is refused rather than
-    guessed at (``M`` could mean months)."""
+    """Parse ``0``, ``90s``, ``15m``, ``3h``, ``2d`` or a sum such as ``1h30m`` (``_DURATION``)."""
     raw = text.strip()
     shown = _shown(text)
     if not _DURATION.fullmatch(raw):
@@ -116,7 +113,7 @@ def check_name(what: str, value: str) -> str:
 
 
 def check_namespace(value: str | None) -> str | None:
-    if value is None or value == "":
+    if not value:
         return None
     if not _NAMESPACE.fullmatch(value) or (value.startswith("__") and value.endswith("__")):
         raise UsageError(
@@ -159,8 +156,7 @@ class SweepSettings:
     grace: dt.timedelta
     batch_size: int = MAX_BATCH_SIZE
     dry_run: bool = False
-    # Delete each entity at the version its read saw, all or nothing: on by default everywhere,
-    # since a session refreshed between the query and the delete is otherwise lost.
+    # At the version read, on by default: a session refreshed since its query is otherwise lost.
     verify: bool = True
     scan: bool = False
     # Delete workers, and as many query streams over slices of the expired range.
@@ -171,14 +167,12 @@ class SweepSettings:
     max_rate: float | None = None
     max_deletes: int | None = None
     max_runtime: dt.timedelta | None = None
-    # Delete each session's descendants (its entity group below it) with it.
     with_descendants: bool = False
     # Refuse a run that would delete more than this share of what carries the property.
     max_fraction: float = DEFAULT_MAX_FRACTION
     project: str | None = None
     database: str | None = None
     namespace: str | None = None
-    # Sweep the kind in every namespace of the database, one after another (``targets``).
     all_namespaces: bool = False
     # Succeed when nothing at all carries the property; else that fails the run (a misspelt
     # kind, property or namespace looks like it, and would "succeed" on every schedule).
@@ -209,8 +203,6 @@ class SweepSettings:
         if self.scan and self.format == "auto":
             raise UsageError("--scan needs an explicit --format: a scan reads values one by one")
         if self.scan and self.shard.count > 1:
-            # A scan has no expiry range to cut into shards: every pod would read, and delete
-            # from, the whole kind.
             raise UsageError(
                 "--scan cannot be combined with --shard: every shard would read the whole kind; "
                 "run one scan (it deletes in parallel with --workers)"
@@ -234,9 +226,8 @@ class SweepSettings:
         return not isinstance(self.format, Encoding) and not encoding.needs_values
 
 
-# -- --config FILE: several targets swept one after another, from a TOML file -------------------
-# One CronJob can replace several purges. Every key is checked here, once, so a typo fails the
-# run before anything is touched; ``[defaults]`` applies to every ``[[target]]`` (reference.md).
+# -- --config FILE: several targets swept one after another, from a TOML file (reference.md) ---
+# Every key is checked here, once, so a typo fails the run before anything is touched.
 
 
 @dataclass(frozen=True)
@@ -261,11 +252,9 @@ _DATABASE_ID = 'string: a database id, e.g. `"sessions"`, or `"(default)"`'
 
 @dataclass(frozen=True)
 class Key:
-    """A key a target may set: the :class:`SweepSettings` field (which is also the keyword of
-    the option that sets it), and what it holds. Given explicitly on the command line (or by
-    its variable) as well, the option is a usage error; unless ``overrides``: then the command
-    line's value wins for every target (logged where it replaces the file's), but ``safe`` wins
-    whichever side sets it. ``required``: every target names it, the default does not count."""
+    """A key a target may set: its :class:`SweepSettings` field (its option's keyword) and what
+    it holds. Its option given explicitly too is a usage error, unless ``overrides``: then the
+    option wins, but ``safe`` wins whichever side sets it. ``required``: no default counts."""
 
     field: str
     holds: Holds
@@ -295,11 +284,11 @@ KEYS: dict[str, Key] = {
     "allow_empty": Key("allow_empty", _BOOL),
 }
 _BY_FIELD = {k.field: k for k in KEYS.values()}
+_REQUIRED = {key.field: name for name, key in KEYS.items() if key.required}
 
 
 def flag(key: str) -> str:
-    """The option a key of ``KEYS`` stands for: the key's own name, ``--property`` for
-    ``property``."""
+    """The option a ``KEYS`` key stands for, e.g. ``--max-deletes`` for ``max_deletes``."""
     return "--" + key.replace("_", "-")
 
 
@@ -312,11 +301,9 @@ def load_targets(
 ) -> list[SweepSettings]:
     """One validated :class:`SweepSettings` per ``[[target]]``.
 
-    Precedence, highest first: what the command line (or a ``SWEEPER_*`` variable) set
-    explicitly (``explicit``), the target's keys, ``[defaults]``, then ``base`` (the command
-    line's defaults and run-wide values), less what every target names itself (``kind``). A
-    safety option is on when either side turns it on (``verify``); each value the command line
-    overrides is logged (``option_overridden``): nothing in the file is dropped silently.
+    Precedence, highest first: ``explicit`` (the command line's explicit values), the target's
+    keys, ``[defaults]``, then ``base`` less the required keys. Each value ``explicit`` overrides
+    is logged: nothing in the file is dropped silently.
     """
     try:
         with path.open("rb") as stream:
@@ -348,9 +335,6 @@ def load_targets(
     return settings
 
 
-_REQUIRED = {key.field: name for name, key in KEYS.items() if key.required}
-
-
 def _target(
     where: str, from_file: dict[str, Any], base: dict[str, Any], explicit: dict[str, Any]
 ) -> SweepSettings:
@@ -362,21 +346,19 @@ def _target(
 
 def _merge(where: str, from_file: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
     """The command line's explicit values, as they apply over one target's file values."""
-    merged: dict[str, Any] = {}
+    merged = dict(explicit)
     for name, value in explicit.items():
         if name not in from_file or from_file[name] == value:
-            merged[name] = value
             continue
         safe = _BY_FIELD[name].safe if name in _BY_FIELD else None
-        chosen = safe if safe is not None and safe in (value, from_file[name]) else value
-        merged[name] = chosen
+        merged[name] = safe if safe is not None and safe in (value, from_file[name]) else value
         structlog.get_logger("sweeper.config").warning(
             "option_overridden",
             target=where,
             option=name,
             file=from_file[name],
             command_line=value,
-            used=chosen,
+            used=merged[name],
         )
     return merged
 
