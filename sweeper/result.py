@@ -87,7 +87,6 @@ class SweepResult:
     queries: int = 0
     lookups: int = 0
     commits: int = 0
-    # The one lock of the run's counts: every worker writes them through ``add``.
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def __post_init__(self) -> None:

@@ -3,15 +3,12 @@
 
 Three limits combine, in the spirit of Apache Beam's Datastore connector:
 
-* **ramp-up** — Datastore's "500/50/5" rule (docs/scaling.md): start at 500 operations/s and
-  grow 50% every five minutes, so that it has time to split the key ranges being hit. The rate
-  is ``500 / divisor * 1.5 ** floor(t / 300 s)``, ``t`` counted from the first
-  :meth:`Throttle.acquire` (time spent querying is not write traffic), ``divisor`` the number
-  of shards that share the budget;
+* **ramp-up** — Datastore's "500/50/5" rule (docs/scaling.md), so that it has time to split the
+  key ranges being hit; its clock starts at the first :meth:`Throttle.acquire` (time spent
+  querying is not write traffic), and the ``divisor`` shards of a run share it;
 * **a hard cap** (``max_rate``);
-* **adaptive throttling** (Google SRE book, "Handling Overload"): while more than
-  ``1 / overload_ratio`` of recent requests were refused by the server, hold new ones back
-  with probability ``(requests - overload_ratio * accepts) / (requests + 1)``.
+* **adaptive throttling** (Google SRE book, "Handling Overload"): hold a request back with
+  probability ``(requests - overload_ratio * accepts) / (requests + 1)`` over ``window_s``.
 
 The rate limit is a token bucket, paid before: a request waits until the bucket holds all of
 its operations (a commit cannot be split for the throttle's sake). The bucket starts empty and
@@ -152,11 +149,10 @@ class _Window:
         index = math.floor(now / BUCKET_S)
         self.expire(now)
         ok = int(accepted)
+        requests, accepts = 0, 0
         if self._buckets and self._buckets[-1][0] == index:
             _, requests, accepts = self._buckets.pop()
-            self._buckets.append((index, requests + 1, accepts + ok))
-        else:
-            self._buckets.append((index, 1, ok))
+        self._buckets.append((index, requests + 1, accepts + ok))
         self.requests += 1
         self.accepts += ok
 
