@@ -229,8 +229,7 @@ class ProgressLog:
 
 # -- Retention: what is left after a run ---------------------------------------------------------
 # "Is it keeping up?", which native TTL hides. How many entities carry the property at all tells
-# a target with nothing due from one that holds nothing: a typo in ``--kind`` or ``--namespace``
-# finds nothing to delete forever, and "0 expired left" would read as "keeping up".
+# a target with nothing due from a misnamed one, whose "0 expired left" reads as "keeping up".
 
 
 # Counts after a run stop here and say so: enough to tell "keeping up" from "falling behind",

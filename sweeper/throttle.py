@@ -110,9 +110,8 @@ class RampSchedule:
     def _segment_end(self, elapsed: float) -> float:
         """Where the rate next changes after ``elapsed`` (``inf`` once it no longer grows)."""
         step = self._step(elapsed)
-        if self.base is None or step >= MAX_RAMP_STEPS:
-            return math.inf
-        if self.cap is not None and self._ramp(step) >= self.cap:
+        capped = self.cap is not None and self._ramp(step) >= self.cap
+        if self.base is None or step >= MAX_RAMP_STEPS or capped:
             return math.inf
         return (step + 1) * RAMP_INTERVAL_S
 
