@@ -33,8 +33,7 @@ class Runtime:
     now: Callable[[], dt.datetime] = utc_now
     monotonic: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
-    # Set when the run must stop (SIGTERM, SIGINT): what every sweep's ``Stopper`` asks.
-    stop: StopEvent = field(default_factory=StopEvent)
+    stop: StopEvent = field(default_factory=StopEvent)  # what every sweep's ``Stopper`` asks
     # Called after every batch with the counts so far, the seconds elapsed and whether the run
     # is over (the CLI draws a live line on a terminal); None for none.
     on_progress: Callable[[SweepResult, float, bool], None] | None = None
@@ -42,7 +41,6 @@ class Runtime:
     # Asked before a sweep deletes, with what it is about to do (a person at a terminal);
     # None: nothing asks (a CronJob, CI, --yes).
     confirm: Callable[[Plan], bool] | None = None
-    # Progress events on long runs, no more often than this.
     progress_every_s: float = 10.0
     # How often a run that must stop looks again at the deletes still in flight (which get
     # ``retry.DRAIN_S`` to land): together well inside STOP_BUDGET_S.
@@ -51,17 +49,15 @@ class Runtime:
 
 @dataclass
 class SweepResult:
-    """The counts of one run; :meth:`summary` is the ``sweep_finished`` contract."""
+    """The counts of one run; :meth:`summary` is the ``sweep_finished`` contract, whose fields
+    docs/reference.md defines."""
 
     settings: SweepSettings
     cutoff: dt.datetime
     format: str
     matched: int = 0
     deleted: int = 0
-    # Seconds from the first page of expired keys to the last delete: the run without its
-    # checks, its counts after, and a person's time at the prompt. None: it never got there.
     deleting_s: float | None = None
-    # The project the client ended up with (the option, the environment or the credentials').
     project: str | None = None
     failed: int = 0
     skipped: int = 0
@@ -72,36 +68,25 @@ class SweepResult:
     duration_s: float = 0.0
     stopped_reason: StopReason = StopReason.COMPLETE
     error: str | None = None
-    # Keys whose delete was sent but not answered when the run stopped without waiting for it
-    # (they may or may not be gone; deleting them again next run is harmless).
+    # Sent, unanswered when the run stopped: maybe gone (deleting them again is harmless).
     unconfirmed: int = 0
-    # Entities a commit whose answer was lost named, found gone when it was sent again, that
-    # the database could not show it deleted (the legacy emulator reports no version of the
-    # write that deleted a key): not in ``deleted``, but counted against --max-deletes.
+    # Found gone when a commit whose answer was lost was sent again, but not shown deleted by
+    # it: not in ``deleted``, but counted against --max-deletes.
     unattributed: int = 0
-    # Values in the expired range of no encoding (text in another form): never deleted.
     left_alone: int = 0
-    # --with-descendants: entities found under the sessions matched, and deleted with them.
     descendants_matched: int = 0
     descendants_deleted: int = 0
-    # Encodings other than the swept one found in the property (left alone, but named).
     other_encodings: tuple[str, ...] = ()
     concurrency: Degradation | None = None
     commit_size: Degradation | None = None
-    # Whether batches are re-checked in a transaction (--verify, or decided for the database).
     verify: bool = False
-    # Whose clock the cutoff came from, and the local clock's error against the server's.
     clock_source: str = "local"
     clock_skew_s: float | None = None
-    # Before the run: the share of what carries the property that it would delete.
     due_fraction: float | None = None
-    # After the run: what is left past the cutoff, and how much carries the property at all.
-    retention: Retention | None = None
-    # Datastore calls that succeeded: queries (pages and probes), lookups, commits.
+    retention: Retention | None = None  # measured after the run
     queries: int = 0
     lookups: int = 0
     commits: int = 0
-    # The one lock of the run's counts: every worker writes them through ``add``.
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -210,7 +195,6 @@ def _degradation(name: str, d: Degradation | None) -> dict[str, Any]:
 
 
 # -- Progress ------------------------------------------------------------------------------------
-# What a run says as it goes: ``sweep_progress`` events.
 
 
 class ProgressLog:
@@ -225,36 +209,27 @@ class ProgressLog:
 
     def maybe_log(self, result: SweepResult) -> None:
         with result.lock:
-            self._maybe_log(result)
-
-    def _maybe_log(self, result: SweepResult) -> None:
-        now = self._rt.monotonic()
-        if self._rt.on_progress is not None:
-            self._rt.on_progress(result, now - self.started, False)
-        if now < self._next:
-            return
-        self._next = now + self._rt.progress_every_s
-        elapsed = max(now - self.started, 1e-9)
-        done = result.matched if self._dry_run else result.deleted
-        self._log.info(
-            "sweep_progress",
-            matched=result.matched,
-            deleted=result.deleted,
-            retries=self._counter.retries,
-            elapsed_s=round(elapsed, 1),
-            per_s=round(done / elapsed, 1),
-        )
+            now = self._rt.monotonic()
+            if self._rt.on_progress is not None:
+                self._rt.on_progress(result, now - self.started, False)
+            if now < self._next:
+                return
+            self._next = now + self._rt.progress_every_s
+            elapsed = max(now - self.started, 1e-9)
+            done = result.matched if self._dry_run else result.deleted
+            self._log.info(
+                "sweep_progress",
+                matched=result.matched,
+                deleted=result.deleted,
+                retries=self._counter.retries,
+                elapsed_s=round(elapsed, 1),
+                per_s=round(done / elapsed, 1),
+            )
 
 
 # -- Retention: what is left after a run ---------------------------------------------------------
-# Proof that retention works: what a target holds past its cutoff once a run is done.
-#
-# "Did it run, and is it keeping up?" is what an operator needs, and what native TTL hides
-# (its lag is "typically within 24 hours"). After each run sweeper measures what is left: how
-# many entities are still past the cutoff (a bounded count), the expiry of the oldest of them,
-# and how many entities carry the property at all. The last one tells a healthy target with
-# nothing due from a target that holds nothing: a typo in ``--kind`` or ``--namespace`` finds
-# nothing to delete forever, and "0 expired left" would read as "keeping up".
+# "Is it keeping up?", which native TTL hides. How many entities carry the property at all tells
+# a target with nothing due from a misnamed one, whose "0 expired left" reads as "keeping up".
 
 
 # Counts after a run stop here and say so: enough to tell "keeping up" from "falling behind",
@@ -306,10 +281,9 @@ def measure_retention(
 
 @dataclass(frozen=True)
 class Budget:
-    """What the sweeps of one run share when it sweeps one kind in many namespaces
-    (``--all-namespaces``): the stop flag and the ``--max-runtime`` deadline, which end the
-    whole run and not each namespace's part of it, and the throttle, whose ramp-up goes on
-    from namespace to namespace instead of starting again at its base rate in each."""
+    """What the sweeps of one run share with ``--all-namespaces``: the stop flag and the
+    ``--max-runtime`` deadline, which end the whole run, and the throttle, whose ramp-up goes
+    on from namespace to namespace instead of starting again in each."""
 
     stopper: Stopper
     throttle: Throttle

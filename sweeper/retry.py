@@ -1,15 +1,12 @@
-"""The one retry policy for every Datastore call sweeper makes.
+"""The one retry policy for every Datastore call sweeper makes, and the run's one stop.
 
 ``google-cloud-datastore`` retries queries on its own but never commits, so sweeper turns the
-client's retries off and retries every call itself: one policy, one place that counts and logs
-retries (deleting a key already gone is a silent no-op), each call holding a place in the AIMD
-limit on calls in flight (:mod:`sweeper.concurrency`). Below is the run's one stop, asked too.
+client's retries off and retries every call itself, counting and logging each retry (deleting
+a key already gone is a silent no-op); each call holds a place in the AIMD limit on calls in
+flight (:mod:`sweeper.concurrency`).
 
-A retry budget counted in attempts fails a healthy run on a bad network: one dropped connection
-fails every call in flight together, and a handful of drops exhaust any small count. So a call
-is retried for as long as the run as a whole makes progress (some call succeeded within
-``stall_s``) and the call itself is younger than ``max_delay_s``; a database that is really
-gone makes no progress, and every call gives up ``stall_s`` after the last success.
+Retries are bounded by time and by the run's progress, not by a count: one dropped connection
+fails every call in flight together, so a handful of drops would exhaust any small count.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TypeVar
@@ -109,11 +106,12 @@ def too_large(exc: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Jittered exponential backoff, bounded by time and by the run's progress.
+    """Jittered exponential backoff. A call is retried while some call of the run succeeded
+    within ``stall_s`` and it is younger than ``max_delay_s``.
 
-    With the defaults an unreachable database fails the run about ``stall_s`` after the last
-    call that succeeded (plus one ``call_timeout_s`` when every attempt hangs): within two
-    minutes, so a CronJob fails visibly instead of hanging. ``max_attempts`` is for tests.
+    A database that is gone so fails the run about ``stall_s`` after the last success (plus one
+    ``call_timeout_s`` when every attempt hangs): within two minutes with the defaults, so a
+    CronJob fails visibly instead of hanging. ``max_attempts`` is for tests.
     """
 
     max_attempts: int | None = None
@@ -167,9 +165,8 @@ class Retrier:
         self._clock = clock
         self._stopper = stopper
         self._limiter = limiter
-        attempts = policy.max_attempts
         self._limits = stop_after_delay(policy.max_delay_s) | (
-            stop_never if attempts is None else stop_after_attempt(attempts)
+            stop_never if policy.max_attempts is None else stop_after_attempt(policy.max_attempts)
         )
         self._log = structlog.get_logger("sweeper.retry")
 
@@ -192,10 +189,8 @@ class Retrier:
         return max(0.1, min(self.policy.call_timeout_s, left + past_deadline))
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run ``fn``; retry transient errors; re-raise the last error once the policy gives up.
-
-        Raises :class:`Stopped` instead of calling when the run is stopping.
-        """
+        """Run ``fn``; retry transient errors; re-raise the last error once the policy gives up
+        (:class:`Stopped` when the run is stopping)."""
         retrying = Retrying(
             retry=retry_if_exception(is_transient),
             stop=self._gives_up,
@@ -235,11 +230,8 @@ class Retrier:
     def _attempt(self, what: str, fn: Callable[[], T]) -> T:
         if self._stopper is not None:
             self._stopper.check()
-        if self._limiter is None:
+        with self._limiter.slot() if self._limiter is not None else nullcontext():
             value = fn()
-        else:
-            with self._limiter.slot():
-                value = fn()
         self._counter.succeeded(self._clock(), what)
         return value
 
@@ -259,12 +251,9 @@ class Retrier:
 
 # -- Stopping: when a run must stop, and waits that end the moment it must --------------------
 #
-# Kubernetes kills a pod ``terminationGracePeriodSeconds`` (30 s) after SIGTERM. A check only
-# before each batch misses most of a run's time (a scan where nothing expired, a five-minute
-# throttle wait), so every wait is cut into short slices with a check before each, and every
-# Datastore call is preceded by one (:class:`Retrier`). A check that finds the run stopping
-# raises :class:`Stopped`, which unwinds its thread without being taken for a failure; so
-# does a signal in the command's thread (:class:`StopEvent`).
+# A check only before each batch misses most of a run's time (a scan where nothing expired, a
+# five-minute throttle wait), so every wait is cut into short slices with a check before each,
+# and every Datastore call has one (:class:`Retrier`).
 
 WAIT_SLICE_S = 0.2  # the longest a wait goes without looking at the stop flag and deadline
 # Once a run must stop, deletes already in flight get this long to land, so that the counts
@@ -294,12 +283,11 @@ class Stopped(BaseException):
 
 
 class StopEvent(threading.Event):
-    """The run's stop flag, set by the signal handlers (:class:`StopOnSignal`) or a test.
+    """The run's stop flag, set by :class:`StopOnSignal` or a test.
 
-    While the main thread runs a sweep or a report (:meth:`interrupting`), a signal also
-    raises :class:`Stopped` in it at once: whatever it waits for (a call that never answers,
-    since gRPC looks at signals every 200 ms while it waits, a lock, a thread) it stops
-    waiting. Elsewhere, and after that once, the flag is only set, for the next check.
+    While the main thread runs a sweep or a report (:meth:`interrupting`), a signal also raises
+    :class:`Stopped` in it, once, wherever it waits (a lock, a thread, a call that never
+    answers: gRPC looks at signals every 200 ms while it waits). Otherwise it only sets the flag.
     """
 
     def __init__(self) -> None:
@@ -325,8 +313,7 @@ class StopEvent(threading.Event):
 
 
 class StopOnSignal:
-    """SIGTERM (pod eviction, job deadline) and SIGINT set the run's stop ``event`` (and, while
-    a sweep or a report runs, stop it where it waits: ``retry.StopEvent``)."""
+    """SIGTERM (pod eviction, job deadline) and SIGINT set the run's stop ``event``."""
 
     def __init__(self) -> None:
         self.event = StopEvent()
@@ -379,11 +366,9 @@ class Stopper:
         return self.reason() is not None
 
     def time_left(self) -> float | None:
-        """Seconds to the deadline (None: no deadline)."""
         return None if self.deadline is None else self.deadline - self._monotonic()
 
     def check(self) -> None:
-        """Raise :class:`Stopped` if the run must stop."""
         reason = self.reason()
         if reason is not None:
             raise Stopped(reason)

@@ -1,33 +1,24 @@
-"""How fast a run deletes (Datastore's 500/50/5 ramp-up, server push-back, a hard cap) and how
-many it may still delete (:class:`Allowance`: ``--max-deletes`` and the fraction guard's share).
+"""How fast a run deletes, and how many it may still delete (:class:`Allowance`:
+``--max-deletes`` and the fraction guard's share).
 
-Datastore asks new traffic to start at no more than 500 operations per second and grow by at
-most 50% every five minutes, so that it has time to split the key ranges being hit (Google's
-"500/50/5" guidance for Datastore). A sweep that deletes at full speed from the first second meets
-RESOURCE_EXHAUSTED and contention instead, and slows the sessions the runner is serving.
+Three limits combine, in the spirit of Apache Beam's Datastore connector:
 
-Three limits combine here, in the spirit of Apache Beam's Datastore connector:
-
-* **ramp-up** — the allowed rate is ``500 / divisor * 1.5 ** floor(t / 300 s)``, where ``t``
-  counts from the first :meth:`Throttle.acquire` (the first write, not the start of the
-  process: time spent querying is not write traffic) and ``divisor`` is the number of shards
-  that share the budget;
-* **a hard cap** (``max_rate``) for operators who want less than the ramp allows;
-* **adaptive throttling** (Google SRE book, "Handling Overload"): while more than
-  ``1 / overload_ratio`` of recent requests were turned away by the server, hold new requests
-  back with probability ``(requests - overload_ratio * accepts) / (requests + 1)``.
+* **ramp-up** — Datastore's "500/50/5" rule (docs/scaling.md), so that it has time to split the
+  key ranges being hit; its clock starts at the first :meth:`Throttle.acquire` (time spent
+  querying is not write traffic), and the ``divisor`` shards of a run share it;
+* **a hard cap** (``max_rate``);
+* **adaptive throttling** (Google SRE book, "Handling Overload"): hold a request back with
+  probability ``(requests - overload_ratio * accepts) / (requests + 1)`` over ``window_s``.
 
 The rate limit is a token bucket, paid before: a request waits until the bucket holds all of
-its operations (a batch larger than a second's budget waits as long as it takes; a commit
-cannot be split for the throttle's sake). The bucket starts empty, and saves up at most
-``BURST_S`` of the rate while callers are idle, so by any time ``T`` the operations let through
-never exceed the budget's integral up to ``T`` plus that burst, which a run's first request
-never has: ``--max-rate`` is never exceeded over a run.
+its operations (a commit cannot be split for the throttle's sake). The bucket starts empty and
+saves up at most ``BURST_S`` of the rate, so the operations let through by any time never
+exceed the budget's integral up to then plus that burst, which a run's first request never
+has: ``--max-rate`` is never exceeded over a run.
 
-Pure bookkeeping: no Datastore calls and no threads of its own. Time, sleeping and randomness
-are injected, so tests run on a fake clock. Every method is safe to call from several delete
-workers at once; sleeping happens outside the lock, so one waiting worker never blocks another
-worker's :meth:`Throttle.record`.
+Time, sleeping and randomness are injected. Every method is safe to call from several delete
+workers at once; sleeping happens outside the lock, so one waiting worker never blocks
+another's :meth:`Throttle.record`.
 """
 
 from __future__ import annotations
@@ -50,12 +41,8 @@ RAMP_INTERVAL_S = 300.0
 # After 60 steps (five hours) the ramp allows ~2e13 operations/s, far past anything a database
 # takes; it stops growing there so that the float arithmetic stays finite on very long runs.
 MAX_RAMP_STEPS = 60
-
-# The bucket holds at most this many seconds of the current rate when callers are idle.
 BURST_S = 1.0
-
-# Granularity of the adaptive throttler's sliding window.
-BUCKET_S = 1.0
+BUCKET_S = 1.0  # the adaptive throttle's window moves in steps of this
 
 
 @dataclass(frozen=True)
@@ -64,16 +51,14 @@ class ThrottleSettings:
 
     ``ramp_up`` is meant to be off against an emulator, which has no key ranges to split.
     ``overload_ratio`` is the SRE book's ``K``: with 1.25, up to one request in five may be
-    refused before the client starts holding requests back. Adaptive throttling costs nothing
-    while the server accepts everything, so it is on by default.
+    refused before requests are held back. Adaptive throttling costs nothing while the server
+    accepts everything, so it is on by default.
 
     ``window_s`` is how long a refusal is remembered. A sweep sends few requests (a commit
-    carries up to 500 deletes), so after a quota outage the refusals of its retries outweigh
-    the accepts for as long as they stay in the window: with 60 s (Beam keeps 120 s, over far
-    more requests) a 3,000-key run under injected faults crawled on for 40 s after a 10 s
-    outage had ended, and took 69 s; with 20 s it took 26 s. Every refused call is also
-    retried with exponential backoff (``sweeper.retry``), which is what protects the
-    database during the outage itself.
+    carries up to 500 deletes), so after a quota outage its retries' refusals outweigh the
+    accepts for as long as they stay in the window: Beam's 120 s (over far more requests), or
+    even 60 s, kept a run crawling long after the outage ended. The retries' own backoff
+    (``sweeper.retry``) is what protects the database during the outage.
     """
 
     ramp_up: bool = True
@@ -125,9 +110,8 @@ class RampSchedule:
     def _segment_end(self, elapsed: float) -> float:
         """Where the rate next changes after ``elapsed`` (``inf`` once it no longer grows)."""
         step = self._step(elapsed)
-        if self.base is None or step >= MAX_RAMP_STEPS:
-            return math.inf
-        if self.cap is not None and self._ramp(step) >= self.cap:
+        capped = self.cap is not None and self._ramp(step) >= self.cap
+        if self.base is None or step >= MAX_RAMP_STEPS or capped:
             return math.inf
         return (step + 1) * RAMP_INTERVAL_S
 
@@ -164,11 +148,10 @@ class _Window:
         index = math.floor(now / BUCKET_S)
         self.expire(now)
         ok = int(accepted)
+        requests, accepts = 0, 0
         if self._buckets and self._buckets[-1][0] == index:
             _, requests, accepts = self._buckets.pop()
-            self._buckets.append((index, requests + 1, accepts + ok))
-        else:
-            self._buckets.append((index, 1, ok))
+        self._buckets.append((index, requests + 1, accepts + ok))
         self.requests += 1
         self.accepts += ok
 
@@ -206,9 +189,8 @@ class Throttle:
     def acquire(self, operations: int) -> float:
         """Block until ``operations`` may be sent; return the seconds spent waiting.
 
-        Server push-back is handled first, by sleeping ``backoff_s`` and asking again rather
-        than failing: the sweep should slow down, not stop. Only then is the rate budget
-        reserved, so a worker that is backing off holds no budget other workers could use.
+        Push-back is waited out first, ``backoff_s`` at a time (the sweep slows down, not
+        stops), and only then is the rate budget reserved: a worker backing off holds none.
         """
         if operations < 1:
             raise ValueError(f"operations must be at least 1, got {operations}")
@@ -231,27 +213,23 @@ class Throttle:
     def record(self, accepted: bool) -> None:
         """Report one sent request: ``accepted=False`` when the server refused it for load.
 
-        Only requests that reached the server count. Requests held back by :meth:`acquire`
-        are delayed, not dropped, and are counted once when they are finally sent; counting
-        every re-check would let the throttle's own waiting keep it engaged.
+        A request held back by :meth:`acquire` counts once, when it is sent: counting every
+        re-check would let the throttle's own waiting keep it engaged.
         """
         if not self._settings.adaptive:
             return
         with self._lock:
             self._window.add(self._clock(), accepted)
 
-    def _rejection_probability(self, now: float) -> float:
-        window = self._window
-        window.expire(now)
-        if window.requests == 0:
-            return 0.0
-        excess = window.requests - self._settings.overload_ratio * window.accepts
-        return max(0.0, excess / (window.requests + 1))
-
     def _held_back(self) -> bool:
         """Draw whether the server's recent refusals say this request should wait."""
         with self._lock:
-            probability = self._rejection_probability(self._clock())
+            window = self._window
+            window.expire(self._clock())
+            if window.requests == 0:
+                return False
+            excess = window.requests - self._settings.overload_ratio * window.accepts
+            probability = excess / (window.requests + 1)
             return probability > 0.0 and self._rng.random() < probability
 
     def _reserve(self, operations: int) -> float:
@@ -262,23 +240,19 @@ class Throttle:
             now = self._clock()
             if self._start is None:
                 self._start = now
-            grant = self._grant_time(now - self._start, operations)
-            wait = max(0.0, grant - (now - self._start))
+            elapsed = now - self._start
+            # Bring the bucket up to now (or to the last grant, if that is later), then find
+            # when it holds ``operations``.
+            grant = max(elapsed, self._updated)
+            accrued = self._schedule.accrued(self._updated, grant)
+            burst = self._schedule.rate_at(grant) * BURST_S
+            self._tokens = min(self._tokens + accrued, burst)
+            if self._tokens < operations:
+                grant = self._schedule.time_to_accrue(grant, operations - self._tokens)
+                self._tokens = float(operations)
             self._tokens -= operations
             self._updated = grant
-            return wait
-
-    def _grant_time(self, elapsed: float, operations: int) -> float:
-        """When the bucket next holds ``operations``, with ``_tokens`` brought up to then."""
-        schedule = self._schedule
-        at = max(elapsed, self._updated)
-        burst = schedule.rate_at(at) * BURST_S
-        self._tokens = min(self._tokens + schedule.accrued(self._updated, at), burst)
-        if self._tokens >= operations:
-            return at
-        grant = schedule.time_to_accrue(at, operations - self._tokens)
-        self._tokens = float(operations)
-        return grant
+            return max(0.0, grant - elapsed)
 
 
 # -- The allowance: what a run may still delete --------------------------------------------------
