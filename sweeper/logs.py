@@ -51,29 +51,28 @@ def configure(
     if level not in LOG_LEVELS:
         raise ValueError(f"unknown log level {level!r}")
     out = stream if stream is not None else sys.stderr
-    shared: list[Processor] = [
+    processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    renderer: list[Processor]
     if log_format == "json":
-        renderer = [
+        processors += [
             add_severity,
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(default=str),
         ]
     else:
-        hide: list[Processor] = [] if not person or level == "debug" else [_hide_summaries]
+        if person and level != "debug":
+            processors.append(_hide_summaries)
         if before_each is not None:  # e.g. take the live progress line off the terminal
-            hide.append(lambda _logger, _method, event: (before_each(), event)[1])
-        renderer = [
-            *hide,
+            processors.append(lambda _logger, _method, event: (before_each(), event)[1])
+        processors += [
             structlog.processors.add_log_level,
             # https://no-color.org: NO_COLOR set and not empty turns colours off.
             structlog.dev.ConsoleRenderer(colors=out.isatty() and not os.environ.get("NO_COLOR")),
         ]
     structlog.configure(
-        processors=[*shared, *renderer],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(
             int(logging.getLevelName(level.upper()))
         ),
@@ -86,9 +85,6 @@ def _hide_summaries(_logger: WrappedLogger, _method: str, event_dict: EventDict)
     if event_dict.get("event") in SUMMARY_EVENTS:
         raise structlog.DropEvent
     return event_dict
-
-
-# -- a person at a terminal: the live line, and the summary instead of the summary events ---------
 
 
 class ProgressLine:
@@ -200,8 +196,6 @@ def _n(count: int) -> str:
     return f"{count:,}"
 
 
-# -- errors --------------------------------------------------------------------------------------
-
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -237,8 +231,7 @@ class DatastoreError(SweeperError):
 
 
 # What a Datastore call raises when the database, the network or the credentials fail: an
-# operator's problem. Anything else escaping a sweep is a bug in sweeper, and its traceback is
-# logged (``internal_error``) so that it can be fixed.
+# operator's problem. Anything else escaping a sweep is a bug, its traceback logged to be fixed.
 CALL_FAILURES = (gexc.GoogleAPIError, auth_exc.GoogleAuthError, ConnectionError, TimeoutError)
 
 
