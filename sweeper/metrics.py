@@ -147,7 +147,31 @@ def build_registry(summary: Mapping[str, Any], timestamp: float) -> CollectorReg
     gauge("sweeper_dry_run", "1 if the last run was a dry run, else 0.", _flag(summary, "dry_run"))
     for name, key, help_text in COUNT_GAUGES:
         gauge(name, help_text, _number(summary, key))
-    _retention_gauges(summary, gauge)
+    # What is left after the run (``sweeper.result``); left out when not measured (a run stopped
+    # by its deadline), so pushadd keeps the last measurement. A null oldest expiry is NaN, which
+    # no alert threshold matches: left out, it would keep an old, alarming value in the group.
+    if summary.get("empty") is not None:
+        oldest = summary.get("oldest_expired")
+        gauge(
+            "sweeper_oldest_expired_timestamp_seconds",
+            "Expiry of the oldest entity still past the cutoff after the last run (NaN: none).",
+            math.nan if oldest is None else _epoch_seconds(str(oldest)),
+        )
+        gauge(
+            "sweeper_expired_left",
+            "Entities still past the cutoff after the last run (a lower bound past 10,000).",
+            _number(summary, "expired_left"),
+        )
+        gauge(
+            "sweeper_carrying",
+            "Entities whose property holds a value (a lower bound past 10,000).",
+            _number(summary, "carrying"),
+        )
+        gauge(
+            "sweeper_target_empty",
+            "1 if no entity carries the property: a misnamed kind, namespace or property.",
+            _flag(summary, "empty"),
+        )
     reason = Gauge(
         "sweeper_stopped_reason",
         "Why the last run stopped (always 1; the reason is the label).",
@@ -156,38 +180,6 @@ def build_registry(summary: Mapping[str, Any], timestamp: float) -> CollectorReg
     )
     reason.labels(reason=str(summary.get("stopped_reason") or "unknown")).set(1)
     return registry
-
-
-def _retention_gauges(summary: Mapping[str, Any], gauge: Callable[[str, str, float], None]) -> None:
-    """What is left after the run, when the run measured it (see ``sweeper.result``).
-
-    Left out when not measured (a run stopped by its deadline), so pushadd keeps the last
-    measurement. A null oldest expiry is pushed as NaN, which no alert threshold matches,
-    rather than left out, which would keep an old, alarming value in the group.
-    """
-    if summary.get("empty") is None:
-        return
-    oldest = summary.get("oldest_expired")
-    gauge(
-        "sweeper_oldest_expired_timestamp_seconds",
-        "Expiry of the oldest entity still past the cutoff after the last run (NaN: none).",
-        math.nan if oldest is None else _epoch_seconds(str(oldest)),
-    )
-    gauge(
-        "sweeper_expired_left",
-        "Entities still past the cutoff after the last run (a lower bound past 10,000).",
-        _number(summary, "expired_left"),
-    )
-    gauge(
-        "sweeper_carrying",
-        "Entities whose property holds a value (a lower bound past 10,000).",
-        _number(summary, "carrying"),
-    )
-    gauge(
-        "sweeper_target_empty",
-        "1 if no entity carries the property: a misnamed kind, namespace or property.",
-        _flag(summary, "empty"),
-    )
 
 
 def _epoch_seconds(iso: str) -> float:
@@ -239,8 +231,7 @@ def _redact(url: str) -> str:
         return url
     if parts.password is None and parts.username is None:
         return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urllib.parse.urlunsplit(parts._replace(netloc=host))
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def _reason(exc: BaseException) -> str:
