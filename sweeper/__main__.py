@@ -1,8 +1,6 @@
-"""``python -m sweeper`` and the ``sweeper`` console script.
-
-The CLI is imported here, inside the handler for Ctrl-C: its imports (the Google client, gRPC)
-take about half a second, and Ctrl-C in them printed a ``KeyboardInterrupt`` traceback.
-"""
+"""``python -m sweeper`` and the ``sweeper`` console script. The CLI is imported inside the
+handler for Ctrl-C: its imports (the Google client, gRPC) take about half a second, and Ctrl-C
+in them would print a ``KeyboardInterrupt`` traceback."""
 
 from __future__ import annotations
 

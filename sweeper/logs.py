@@ -1,14 +1,9 @@
 """What an operator reads: the logs, what a person at a terminal reads instead (a live line,
 a summary), and the one error type the CLI maps to exit codes.
 
-Logs: structlog processors configured once, JSON for machines, console for people. In JSON mode
-every event is one object per line with ``severity`` (the field Cloud Logging reads for the
-level) and an ISO-8601 UTC ``timestamp``, so a log-based metric can read ``sweep_finished``
-directly.
-
-Errors: everything that can go wrong for an operator (bad input, refused data, an unreachable
-database) becomes a :class:`SweeperError` with a one-line message and the exit code a scheduler
-should see; ``cli.main`` is the only place that turns it into output.
+Logs are JSON for machines, one object per line that Cloud Logging reads (docs/metrics.md), or
+console for people. Everything that can go wrong for an operator becomes a :class:`SweeperError`
+with a one-line message and the exit code a scheduler should see; ``cli.main`` alone prints it.
 """
 
 from __future__ import annotations
@@ -52,33 +47,35 @@ def configure(
     person: bool = False,
     before_each: Callable[[], None] | None = None,
 ) -> None:
-    """``person``: a console log on an interactive terminal, which gets a short summary at the
-    end rather than the summary events' hundreds of ``key=value`` characters (unless debug)."""
+    """``person``: a console log on an interactive terminal, where SUMMARY_EVENTS are hidden."""
+    if level not in LOG_LEVELS:
+        raise ValueError(f"unknown log level {level!r}")
     out = stream if stream is not None else sys.stderr
-    shared: list[Processor] = [
+    processors: list[Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    renderer: list[Processor]
     if log_format == "json":
-        renderer = [
+        processors += [
             add_severity,
             structlog.processors.format_exc_info,
             structlog.processors.JSONRenderer(default=str),
         ]
     else:
-        hide: list[Processor] = [] if not person or level == "debug" else [_hide_summaries]
+        if person and level != "debug":
+            processors.append(_hide_summaries)
         if before_each is not None:  # e.g. take the live progress line off the terminal
-            hide.append(lambda _logger, _method, event: (before_each(), event)[1])
-        renderer = [
-            *hide,
+            processors.append(lambda _logger, _method, event: (before_each(), event)[1])
+        processors += [
             structlog.processors.add_log_level,
             # https://no-color.org: NO_COLOR set and not empty turns colours off.
             structlog.dev.ConsoleRenderer(colors=out.isatty() and not os.environ.get("NO_COLOR")),
         ]
     structlog.configure(
-        processors=[*shared, *renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(_level_number(level)),
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(
+            int(logging.getLevelName(level.upper()))
+        ),
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
@@ -88,15 +85,6 @@ def _hide_summaries(_logger: WrappedLogger, _method: str, event_dict: EventDict)
     if event_dict.get("event") in SUMMARY_EVENTS:
         raise structlog.DropEvent
     return event_dict
-
-
-def _level_number(level: str) -> int:
-    if level not in LOG_LEVELS:
-        raise ValueError(f"unknown log level {level!r}")
-    return int(logging.getLevelName(level.upper()))
-
-
-# -- a person at a terminal: the live line, and the summary instead of the summary events ---------
 
 
 class ProgressLine:
@@ -111,38 +99,31 @@ class ProgressLine:
         self._lock = threading.RLock()
 
     def show(self, result: SweepResult, elapsed_s: float, finished: bool) -> None:
+        s = result.settings
         with self._lock:
-            self._show(result, elapsed_s, finished)
-
-    def _show(self, result: SweepResult, elapsed_s: float, finished: bool) -> None:
-        if finished:
-            self.clear()
-            self._last = 0.0  # the next target starts afresh
-        elif elapsed_s - self._last >= self._every_s:
-            done = result.matched if result.settings.dry_run else result.deleted
-            verb = "would delete" if result.settings.dry_run else "deleted"
-            rate = done / elapsed_s if elapsed_s > 0 else 0.0
-            text = f"{result.settings.kind}: {verb} {done} ({rate:.0f}/s), {elapsed_s:.0f}s elapsed"
-            self._stream.write("\r" + text.ljust(self._width))
-            self._stream.flush()
-            self._width, self._last = len(text), elapsed_s
+            if finished:
+                self.clear()
+                self._last = 0.0  # the next target starts afresh
+            elif elapsed_s - self._last >= self._every_s:
+                done = result.matched if s.dry_run else result.deleted
+                verb = "would delete" if s.dry_run else "deleted"
+                rate = done / elapsed_s if elapsed_s > 0 else 0.0
+                text = f"{s.kind}: {verb} {done} ({rate:.0f}/s), {elapsed_s:.0f}s elapsed"
+                self._stream.write("\r" + text.ljust(self._width))
+                self._stream.flush()
+                self._width, self._last = len(text), elapsed_s
 
     def clear(self) -> None:
         with self._lock:
-            self._clear()
-
-    def _clear(self) -> None:
-        if self._width:
-            self._stream.write("\r" + " " * self._width + "\r")
-            self._stream.flush()
-            self._width = 0
+            if self._width:
+                self._stream.write("\r" + " " * self._width + "\r")
+                self._stream.flush()
+                self._width = 0
 
 
 def summary(results: Sequence[SweepResult], signal_name: str = "a signal") -> str:
     """What a person at a terminal reads at the end of ``sweep``: per target what went, what
-    is left, how long the deletes took, and what to do next if anything was refused or left.
-    The whole ``sweep_finished`` is still there for machines (``--log-format json``) and at
-    ``--log-level debug``."""
+    is left, how long the deletes took, and what to do next if anything was refused or left."""
     # A lone failure is worded once, by the error line that follows (exit 1); of several, each.
     blocks = [_summary_of(r, len(results) > 1, signal_name) for r in results]
     if len(results) > 1:
@@ -188,11 +169,11 @@ def _summary_of(r: SweepResult, say_error: bool, signal_name: str) -> str:
     if left is not None and left.n:
         more = "at least " if left.lower_bound else ""
         lines.append(f"  left past the cutoff: {more}{_n(left.n)}")
-    next_step = _NEXT.get(str(r.stopped_reason))
-    if next_step and not s.dry_run:
-        lines.append(f"  {next_step}")
-    elif s.dry_run and r.matched:
+    if s.dry_run and r.matched:
         lines.append(f"  {_after_dry_run(r)}")
+    elif r.stopped_reason in ("max_deletes", "max_runtime") and not s.dry_run:
+        option = "--max-deletes" if r.stopped_reason == "max_deletes" else "--max-runtime"
+        lines.append(f"  stopped at {option}: run again to go on")
     return "\n".join(lines)
 
 
@@ -211,17 +192,9 @@ def _after_dry_run(r: SweepResult) -> str:
     )
 
 
-_NEXT = {
-    "max_deletes": "stopped at --max-deletes: run again to go on",
-    "max_runtime": "stopped at --max-runtime: run again to go on",
-}
-
-
 def _n(count: int) -> str:
     return f"{count:,}"
 
-
-# -- errors --------------------------------------------------------------------------------------
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -258,8 +231,7 @@ class DatastoreError(SweeperError):
 
 
 # What a Datastore call raises when the database, the network or the credentials fail: an
-# operator's problem. Anything else escaping a sweep is a bug in sweeper, and its traceback is
-# logged (``internal_error``) so that it can be fixed.
+# operator's problem. Anything else escaping a sweep is a bug, its traceback logged to be fixed.
 CALL_FAILURES = (gexc.GoogleAPIError, auth_exc.GoogleAuthError, ConnectionError, TimeoutError)
 
 

@@ -1,13 +1,9 @@
-"""Optional: push one run's ``sweep_finished`` summary to a Prometheus Pushgateway.
+"""Optional: push one run's ``sweep_finished`` summary to a Prometheus Pushgateway, once at
+the end (a CronJob lives too briefly to be scraped); the gauges and alerts: docs/metrics.md.
 
-A CronJob lives for minutes, too briefly for Prometheus to scrape it, so the run pushes its
-figures once at the end instead. Each target (kind, namespace, database, property) is its own
-Pushgateway group, and so is each shard of it and each project, so sweeping two kinds (or two
-shards of one, or one kind in two projects) never overwrites the other's figures.
-
+Each target, shard of it and project is its own group, so no run overwrites another's figures.
 The push is a POST (``pushadd``), which replaces only the metric names it carries within the
-group. A failed run therefore leaves ``sweeper_last_success_timestamp_seconds`` from the last
-good run in place, and "time since the last success" stays an honest alert.
+group: what a run leaves out keeps its last pushed value.
 """
 
 from __future__ import annotations
@@ -27,10 +23,9 @@ from prometheus_client.exposition import basic_auth_handler, default_handler
 
 from sweeper.logs import SweeperError, UsageError, describe_exception
 
-# Grouping-key values must be non-empty (the Pushgateway needs a base64 trick for "", and
-# Prometheus treats an empty label as no label at all), so the defaults get a name. Neither can
-# collide: "(default)" is the default database's real id, and namespace names are limited to
-# [0-9A-Za-z._-], which has no parentheses.
+# Grouping-key values must be non-empty (the Pushgateway needs a base64 trick for "", Prometheus
+# drops an empty label), so the defaults get a name. It cannot collide: "(default)" is the default
+# database's real id, and namespace names ([0-9A-Za-z._-]) have no parentheses.
 DEFAULT_LABEL = "(default)"
 
 # Runs that did their job: the same set the log-based "no successful sweep" alert counts.
@@ -57,11 +52,9 @@ class MetricsError(SweeperError):
 
 @dataclass(frozen=True)
 class BasicAuth:
-    """HTTP basic auth for a Pushgateway behind it (its ``--web.config.file``, or a proxy).
-
-    The password is read from a file (a mounted Kubernetes Secret), never from the command line
-    or a variable, where ``ps`` and a pod's spec would show it; it never reaches a log line.
-    """
+    """HTTP basic auth for a Pushgateway behind it. The password is read from a file (a mounted
+    Kubernetes Secret), never from the command line or a variable, where ``ps`` and a pod's spec
+    would show it; it never reaches a log line."""
 
     username: str
     password: str = field(repr=False)
@@ -99,12 +92,8 @@ def push_summary(
     now: Callable[[], float] = time.time,
     handler: Handler = default_handler,
 ) -> None:
-    """Push one ``sweep_finished`` summary to the Pushgateway at ``url`` (``http(s)://host:port``).
-
-    ``handler`` is prometheus_client's transport hook: :meth:`BasicAuth.handler` for a gateway
-    behind basic auth, or a stub in tests that need no network.
-    Raises :class:`MetricsError` for a bad URL, a bad summary, or any network or HTTP failure.
-    """
+    """Push ``summary`` to ``url`` through ``handler`` (:func:`transport`, or a stub in tests).
+    Raises :class:`MetricsError` for a bad URL, a bad summary, or any network or HTTP failure."""
     check_url(url)
     registry = build_registry(summary, now())
     try:
@@ -133,16 +122,8 @@ def succeeded(summary: Mapping[str, Any]) -> bool:
 
 def grouping_key(summary: Mapping[str, Any]) -> dict[str, str]:
     """The labels that make one target's group; ``job`` is added by prometheus_client."""
-    return {
-        # Two projects pushing to one gateway keep apart: the same kind is another target.
-        "project": _label(summary, "project"),
-        "kind": _label(summary, "kind"),
-        "namespace": _label(summary, "namespace"),
-        "database": _label(summary, "database"),
-        "property": _label(summary, "property"),
-        # Shards of one target push apart, or they would overwrite each other's figures.
-        "shard": _label(summary, "shard"),
-    }
+    keys = ("project", "kind", "namespace", "database", "property", "shard")
+    return {key: _label(summary, key) for key in keys}
 
 
 def build_registry(summary: Mapping[str, Any], timestamp: float) -> CollectorRegistry:
@@ -166,7 +147,31 @@ def build_registry(summary: Mapping[str, Any], timestamp: float) -> CollectorReg
     gauge("sweeper_dry_run", "1 if the last run was a dry run, else 0.", _flag(summary, "dry_run"))
     for name, key, help_text in COUNT_GAUGES:
         gauge(name, help_text, _number(summary, key))
-    _retention_gauges(summary, gauge)
+    # What is left after the run (``sweeper.result``); left out when not measured (a run stopped
+    # by its deadline), so pushadd keeps the last measurement. A null oldest expiry is NaN, which
+    # no alert threshold matches: left out, it would keep an old, alarming value in the group.
+    if summary.get("empty") is not None:
+        oldest = summary.get("oldest_expired")
+        gauge(
+            "sweeper_oldest_expired_timestamp_seconds",
+            "Expiry of the oldest entity still past the cutoff after the last run (NaN: none).",
+            math.nan if oldest is None else _epoch_seconds(str(oldest)),
+        )
+        gauge(
+            "sweeper_expired_left",
+            "Entities still past the cutoff after the last run (a lower bound past 10,000).",
+            _number(summary, "expired_left"),
+        )
+        gauge(
+            "sweeper_carrying",
+            "Entities whose property holds a value (a lower bound past 10,000).",
+            _number(summary, "carrying"),
+        )
+        gauge(
+            "sweeper_target_empty",
+            "1 if no entity carries the property: a misnamed kind, namespace or property.",
+            _flag(summary, "empty"),
+        )
     reason = Gauge(
         "sweeper_stopped_reason",
         "Why the last run stopped (always 1; the reason is the label).",
@@ -175,38 +180,6 @@ def build_registry(summary: Mapping[str, Any], timestamp: float) -> CollectorReg
     )
     reason.labels(reason=str(summary.get("stopped_reason") or "unknown")).set(1)
     return registry
-
-
-def _retention_gauges(summary: Mapping[str, Any], gauge: Callable[[str, str, float], None]) -> None:
-    """What is left after the run, when the run measured it (see ``sweeper.result``).
-
-    Left out when not measured (a run stopped by its deadline), so pushadd keeps the last
-    measurement. A null oldest expiry is pushed as NaN, which no alert threshold matches,
-    rather than left out, which would keep an old, alarming value in the group.
-    """
-    if summary.get("empty") is None:
-        return
-    oldest = summary.get("oldest_expired")
-    gauge(
-        "sweeper_oldest_expired_timestamp_seconds",
-        "Expiry of the oldest entity still past the cutoff after the last run (NaN: none).",
-        math.nan if oldest is None else _epoch_seconds(str(oldest)),
-    )
-    gauge(
-        "sweeper_expired_left",
-        "Entities still past the cutoff after the last run (a lower bound past 10,000).",
-        _number(summary, "expired_left"),
-    )
-    gauge(
-        "sweeper_carrying",
-        "Entities whose property holds a value (a lower bound past 10,000).",
-        _number(summary, "carrying"),
-    )
-    gauge(
-        "sweeper_target_empty",
-        "1 if no entity carries the property: a misnamed kind, namespace or property.",
-        _flag(summary, "empty"),
-    )
 
 
 def _epoch_seconds(iso: str) -> float:
@@ -218,24 +191,19 @@ def _epoch_seconds(iso: str) -> float:
 
 def check_url(url: str) -> str:
     """Refuse what prometheus_client would silently "fix" (it prefixes http:// to anything).
-
-    Also ``--pushgateway``'s check when parsed (sweeper.options), so a URL that cannot work is a
-    usage error before the run rather than a warning after its deletes.
-    """
+    Also ``--pushgateway``'s check (sweeper.options), so a URL that cannot work is a usage
+    error before the run rather than a warning after its deletes."""
+    invalid = f"invalid Pushgateway URL {_redact(url)!r}"
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number
     except ValueError as exc:
-        raise MetricsError(f"invalid Pushgateway URL {_redact(url)!r}: {exc}") from exc
+        raise MetricsError(f"{invalid}: {exc}") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise MetricsError(
-            f"invalid Pushgateway URL {_redact(url)!r}: expected http://host:port or https://..."
-        )
+        raise MetricsError(f"{invalid}: expected http://host:port or https://...")
     if parts.username is not None or parts.password is not None:
         # urllib would take user:password@ for part of the host name and fail obscurely.
-        raise MetricsError(
-            f"invalid Pushgateway URL {_redact(url)!r}: credentials in the URL are not supported"
-        )
+        raise MetricsError(f"{invalid}: credentials in the URL are not supported")
     return url
 
 
@@ -263,8 +231,7 @@ def _redact(url: str) -> str:
         return url
     if parts.password is None and parts.username is None:
         return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urllib.parse.urlunsplit(parts._replace(netloc=host))
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def _reason(exc: BaseException) -> str:
