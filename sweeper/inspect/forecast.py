@@ -52,11 +52,6 @@ class Histogram:
     def lower_bound(self) -> bool:
         return any(b.lower_bound for b in self.buckets)
 
-    @property
-    def end_hour(self) -> int | None:
-        """The UTC hour (counted from the epoch) after the youngest bucket's last."""
-        return hour_of(self.buckets[-1].end - TICK) + 1 if self.buckets else None
-
 
 def hour_cells(histogram: Histogram) -> tuple[dict[int, int], bool]:
     """Expired entities per UTC hour (the shards' buckets), and whether that is an estimate:
@@ -199,7 +194,9 @@ def _walk(cells: Mapping[int, int], histogram: Histogram, shard: Shard) -> tuple
         return order[i] if i < len(order) and order[i] < hi else None
 
     lo = order[0] if order else 0
-    hi = histogram.end_hour or lo + 1
+    # The UTC hour after the youngest bucket's last.
+    end = hour_of(histogram.buckets[-1].end - TICK) + 1 if histogram.buckets else 0
+    hi = end or lo + 1
     owned = [cells[a] for a, _b in shard_slices(lo, hi, shard, 1, next_value)]
     return owned, probes
 

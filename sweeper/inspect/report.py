@@ -126,7 +126,6 @@ class InspectReport:
     forecast: Forecast | None = None
     # With --scan: the entities of the kind, every one of which the scan reads.
     kind_size: Count | None = None
-    # What --with-descendants would delete under each expired session, sampled.
     descendants: DescendantSample | None = None
 
     @property
@@ -263,8 +262,7 @@ def _forecast(
 
 def _decide(s: SweepSettings, target: Target) -> tuple[Action, Encoding | None, str | None]:
     """What ``sweep`` would decide, by the very code it runs (``checks.read_stored``, then
-    the encoding the ends hold): an explicit ``--format`` that matches no stored value while
-    the property holds others is refused here as it is there."""
+    the encoding the ends hold), refusing what it refuses."""
     try:
         ends = read_stored(target, s).ends
         auto = None if isinstance(s.format, Encoding) else decide_encoding(ends, s.kind, s.prop)

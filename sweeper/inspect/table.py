@@ -181,15 +181,13 @@ def _forecast_rows(f: Forecast) -> list[tuple[str, str]]:
     s, ops, p = f.run.sweep, f.operations, f.prices
     workers = f"{s.workers} worker{'s' if s.workers > 1 else ''}"
     pods = f"{s.shard.count} pod{'s' if s.shard.count > 1 else ''}"
-    rows = [
-        (
-            "forecast",
-            f"a sweep with {workers} on {pods}, batches of {s.batch_size}, "
-            f"verify {'on' if s.verify else 'off'}, ramp-up {'on' if s.ramp_up else 'off'}"
-            + (f", at most {s.max_rate:g}/s" if s.max_rate else "")
-            + (" (estimated)" if f.estimated else ""),
-        ),
-    ]
+    run = (
+        f"a sweep with {workers} on {pods}, batches of {s.batch_size}, "
+        f"verify {'on' if s.verify else 'off'}, ramp-up {'on' if s.ramp_up else 'off'}"
+        + (f", at most {s.max_rate:g}/s" if s.max_rate else "")
+        + (" (estimated)" if f.estimated else "")
+    )
+    rows = [("forecast", run)]
     if f.guard_refuses:
         rows.append(("  guard", "--max-fraction would refuse this run; forecast with 1"))
     return [
