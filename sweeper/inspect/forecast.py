@@ -372,11 +372,8 @@ def forecast(backlog: Backlog, run: Run, prices: Prices = LIST_PRICES) -> Foreca
 
 
 def ramp_time(per_shard: Sequence[int], run: Run) -> tuple[float | None, float | None]:
-    """When the last batch of the slowest pod may go, and the rate all pods are then allowed.
-
-    A batch goes once its pod's budget (the throttle's schedule from ``BASE_RATE / shards``)
-    covers it, so a pod's last batch goes once the budget covers all of its keys.
-    """
+    """When the last batch of the slowest pod may go (once its budget, the throttle's schedule,
+    covers all of the pod's keys), and the rate all pods are then allowed."""
     base = BASE_RATE / run.sweep.shard.count if run.sweep.ramp_up else None
     schedule = RampSchedule(base=base, cap=run.sweep.max_rate)
     if schedule.unlimited or not per_shard:

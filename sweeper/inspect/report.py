@@ -150,11 +150,9 @@ def inspect_target(
     retrier: Retrier | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> InspectReport:
-    """Inspect one target; a Datastore failure becomes one :class:`DatastoreError` line.
-
-    ``now`` (timezone-aware) is used where the database reports no clock. A count that pages
-    through keys (no aggregation queries) stops at ``count_limit``.
-    """
+    """Inspect one target; a Datastore failure becomes one :class:`DatastoreError` line. ``now``
+    (timezone-aware) is used where the database reports no clock; a count that pages through
+    keys (no aggregation queries) stops at ``count_limit``."""
     if sample_size < 1 or count_limit < 1:
         raise UsageError("sample size and count limit must be at least 1")
     retrier = retrier or Retrier(RetryPolicy(), RetryCounter(), sleep)
@@ -192,8 +190,7 @@ def _inspect(
     target = count.target
     # The cutoff a sweep would use: from the database's clock where it reports one.
     clock = read_clock(target, lambda: now)
-    now = clock.now
-    cutoff = now - s.grace
+    cutoff = clock.now - s.grace
     sample = _sample(target, sample_size)
     probe = target.keys(target.carrying(), 1)  # detection's first probe: is any value indexed?
     indexed: Indexed = "yes" if probe else "no" if sample.non_null else "unknown"
@@ -213,7 +210,7 @@ def _inspect(
         database=target.client.database or None,
         format_asked=str(s.format),
         grace=s.grace,
-        now=now,
+        now=clock.now,
         cutoff=cutoff,
         sample=sample,
         indexed=indexed,
