@@ -148,14 +148,11 @@ def _rows(r: InspectReport) -> list[tuple[str, str]]:
         rows.append(("oldest expired", _oldest_row(r.oldest_expired)))
     if r.kind_size is not None:
         rows.append(("kind size", _count_row(r.kind_size) + " (a scan reads each)"))
-    if r.descendants is not None and r.descendants.sampled:
-        d = r.descendants
+    d = r.descendants
+    if d is not None and d.sampled:
+        going = f"{d.mean:.1f} per expired session, at most {d.most}"
         rows.append(
-            (
-                "descendants",
-                f"{d.mean:.1f} per expired session, at most {d.most} "
-                f"({d.sampled} sampled; --with-descendants deletes them)",
-            )
+            ("descendants", f"{going} ({d.sampled} sampled; --with-descendants deletes them)")
         )
     if r.histogram is not None and r.histogram.buckets:
         rows += _histogram_rows(r.histogram)
