@@ -123,11 +123,10 @@ class Run:
 
 @dataclass(frozen=True)
 class Backlog:
-    """What each pod's queries will page through: keys per query stream, per shard. ``probes``:
-    the limit-1 queries each pod makes to place its streams. ``carrying``: what holds a value
-    (the guard's and the retention check's count). ``scan_reads``: with ``--scan``, the entities
-    of the kind (one stream per pod, of the keys it deletes). ``estimated``: a count was spread
-    or bounded."""
+    """What each pod's queries will page through: keys per query stream, per shard; ``probes``,
+    the limit-1 queries placing each pod's streams; ``carrying``, the guard's and the retention
+    check's count; with ``--scan``, ``scan_reads``, the entities of the kind (one stream per pod,
+    of the keys it deletes); ``estimated``: a count was spread or bounded."""
 
     streams: tuple[tuple[int, ...], ...]
     probes: tuple[int, ...]
@@ -203,8 +202,7 @@ def _walk(cells: Mapping[int, int], histogram: Histogram, shard: Shard) -> tuple
 
 @dataclass(frozen=True)
 class Operations:
-    """The calls a run makes, as ``sweep_finished`` counts them, and the entity reads billed
-    (the billing rules: docs/forecast.md)."""
+    """The calls a run makes, as ``sweep_finished`` counts them, and the entity reads billed."""
 
     queries: int
     commits: int

@@ -165,8 +165,7 @@ def inspect_target(
 
 @dataclass(frozen=True)
 class _Counter:
-    """Every count ``inspect`` makes: an aggregation where the database has one, else keys up
-    to ``limit``."""
+    """Inspect's counts: aggregations where the database has them, else keys up to ``limit``."""
 
     target: Target
     limit: int
