@@ -1,11 +1,8 @@
 """What a sweep of the expired backlog will cost and take, before it runs.
 
-Pure arithmetic, no Datastore call: from what ``inspect`` counted (the expired entities per age
-bucket, the histogram, and per query stream, and what carries the property), the calls the run
-will make as ``sweep_finished`` counts them, their billed reads and price, and the time its
-deletes need under the 500/50/5 ramp-up, by the engine's own rules (pages until a short one,
-``shard_slices``' probes, the guard's and the retention check's counts, ``--verify``'s
-transactions) and the throttle's own ``RampSchedule``. See docs/forecast.md.
+Pure arithmetic over what ``inspect`` counted, no Datastore call: the calls the run will make as
+``sweep_finished`` counts them, their price, and the time its deletes need under the throttle's
+own ``RampSchedule``. The model, and what it leaves out: docs/forecast.md.
 """
 
 from __future__ import annotations
@@ -54,11 +51,6 @@ class Histogram:
     @property
     def lower_bound(self) -> bool:
         return any(b.lower_bound for b in self.buckets)
-
-    @property
-    def end_hour(self) -> int | None:
-        """The UTC hour (counted from the epoch) after the youngest bucket's last."""
-        return hour_of(self.buckets[-1].end - TICK) + 1 if self.buckets else None
 
 
 def hour_cells(histogram: Histogram) -> tuple[dict[int, int], bool]:
@@ -131,11 +123,10 @@ class Run:
 
 @dataclass(frozen=True)
 class Backlog:
-    """What each pod's queries will page through: keys per query stream, per shard. ``probes``:
-    the limit-1 queries each pod makes to place its streams. ``carrying``: what holds a value
-    (the guard's and the retention check's count). ``scan_reads``: with ``--scan``, the entities
-    of the kind (one stream per pod, of the keys it deletes). ``estimated``: a count was spread
-    or bounded."""
+    """What each pod's queries will page through: keys per query stream, per shard; ``probes``,
+    the limit-1 queries placing each pod's streams; ``carrying``, the guard's and the retention
+    check's count; with ``--scan``, ``scan_reads``, the entities of the kind (one stream per pod,
+    of the keys it deletes); ``estimated``: a count was spread or bounded."""
 
     streams: tuple[tuple[int, ...], ...]
     probes: tuple[int, ...]
@@ -202,17 +193,16 @@ def _walk(cells: Mapping[int, int], histogram: Histogram, shard: Shard) -> tuple
         return order[i] if i < len(order) and order[i] < hi else None
 
     lo = order[0] if order else 0
-    hi = histogram.end_hour or lo + 1
+    # The UTC hour after the youngest bucket's last.
+    end = hour_of(histogram.buckets[-1].end - TICK) + 1 if histogram.buckets else 0
+    hi = end or lo + 1
     owned = [cells[a] for a, _b in shard_slices(lo, hi, shard, 1, next_value)]
     return owned, probes
 
 
 @dataclass(frozen=True)
 class Operations:
-    """The calls a run makes, as ``sweep_finished`` counts them, and the entity reads billed:
-    one per keys-only query page, per 1,000 index entries an aggregation COUNT reads, per
-    entity a page returns with its version (every range but ``--no-verify``'s), per entity
-    read by ``--scan``."""
+    """The calls a run makes, as ``sweep_finished`` counts them, and the entity reads billed."""
 
     queries: int
     commits: int
@@ -231,34 +221,36 @@ def guard_refuses(backlog: Backlog, run: Run) -> bool:
 def operations(backlog: Backlog, run: Run) -> Operations:
     """Every pod's calls: its clock and checks, the guard's counts, its streams' pages and
     commits, and the retention counts after it (when pods finish together: nothing left)."""
-    queries = commits = billed = 0
+    scan = backlog.scan_reads
     left = max(backlog.carrying - backlog.due, 0)
+    # A scan's retention is what it read: no counts after it (``checks.retention``).
+    after = [] if scan is not None else [retention_calls(left, 0, run)]
+    calls = [*after, *_guard_calls(backlog, run)] or [(0, 0)]
+    counted, counted_reads = map(sum, zip(*calls, strict=True))
+    # A scan hands its keys on a full commit at a time, whatever its read pages.
+    per = PAGE_SIZE if scan is not None else run.batch_keys
+    # A checked batch commits in transactions of at most ``tx`` keys, a blind one in one call.
+    tx, verify = min(run.transaction_keys, run.sweep.batch_size), run.sweep.verify
+    queries = commits = billed = 0
     for keys, probes in zip(backlog.streams, backlog.probes, strict=True):
-        # A scan's retention is what it read: no counts after it (``checks.retention``).
-        after = [] if backlog.scan_reads is not None else [retention_calls(left, 0, run)]
-        calls = [*after, *_guard_calls(backlog, run)] or [(0, 0)]
-        counted, counted_reads = map(sum, zip(*calls, strict=True))
-        fixed = CLOCK_QUERIES + probes + counted
-        if backlog.scan_reads is not None:
-            queries += fixed + scan_pages(backlog.scan_reads, run)
-            billed += fixed - counted + counted_reads
+        queries += CLOCK_QUERIES + probes + counted
+        billed += CLOCK_QUERIES + probes + counted_reads
+        if scan is not None:
+            queries += scan_pages(scan, run)
         else:
-            per, last = run.batch_keys, run.reports_read_time
-            pages = CHECK_QUERIES + sum(query_pages(n, per, last) for n in keys)
-            queries += fixed + pages
-            billed += fixed - counted + counted_reads + pages
-        # A scan hands its keys on a full commit at a time, whatever its read pages.
-        per = PAGE_SIZE if backlog.scan_reads is not None else run.batch_keys
-        commits += sum(_commits(batch, run) for batch in _batches(keys, per, run))
-    read = backlog.scan_reads or 0
-    if backlog.scan_reads is not None and run.sweep.max_fraction < 1:
+            pages = CHECK_QUERIES + sum(query_pages(n, per, run.reports_read_time) for n in keys)
+            queries += pages
+            billed += pages
+        commits += sum(math.ceil(b / tx) if verify else 1 for b in _batches(keys, per, run))
+    read = scan or 0
+    if scan is not None and run.sweep.max_fraction < 1:
         # The guard of a scan reads the whole kind once before the scan that deletes.
-        queries += scan_pages(backlog.scan_reads, run)
-        read += backlog.scan_reads
+        queries += scan_pages(scan, run)
+        read += scan
     deleted = backlog.due
     # Pages that read each entity's version (every range unless --no-verify) or its value
     # (text ranges) bill one read per result; keys-only pages one per page.
-    by_result = (run.projected or run.sweep.verify) and backlog.scan_reads is None
+    by_result = (run.projected or verify) and scan is None
     billed += backlog.due if by_result else 0
     if run.descendants_per_session is not None:
         # One ancestor query per session (a page per 500 under it), and its descendants
@@ -267,7 +259,7 @@ def operations(backlog: Backlog, run: Run) -> Operations:
         pages = max(1, math.ceil((run.descendants_per_session + 1) / PAGE_SIZE))
         queries += backlog.due * pages
         billed += backlog.due * pages
-        commits += math.ceil(under / min(run.sweep.batch_size, run.transaction_keys))
+        commits += math.ceil(under / tx)
         deleted += under
     return Operations(queries, commits, read, deleted, billed + read)
 
@@ -287,8 +279,7 @@ def retention_calls(carrying: int, expired_left: int, run: Run) -> tuple[int, in
     what carries the property, what is left past the cutoff, and the oldest of that."""
     calls = [_count(n, RETENTION_COUNT_LIMIT, run) for n in (carrying, expired_left)]
     calls += [(1, 1)] if expired_left else []
-    queries, billed = map(sum, zip(*calls, strict=True))
-    return queries, billed
+    return sum(q for q, _b in calls), sum(b for _q, b in calls)
 
 
 def _count(n: int, limit: int, run: Run) -> tuple[int, int]:
@@ -323,11 +314,6 @@ def _batches(streams: Sequence[int], per: int, run: Run) -> Iterator[int]:
     for keys in streams:
         for page in [per] * (keys // per) + [keys % per]:
             yield from [size] * (page // size) + ([page % size] if page % size else [])
-
-
-def _commits(batch: int, run: Run) -> int:
-    per = min(run.transaction_keys, run.sweep.batch_size)
-    return math.ceil(batch / per) if run.sweep.verify else 1
 
 
 @dataclass(frozen=True)
@@ -384,12 +370,8 @@ def forecast(backlog: Backlog, run: Run, prices: Prices = LIST_PRICES) -> Foreca
 
 
 def ramp_time(per_shard: Sequence[int], run: Run) -> tuple[float | None, float | None]:
-    """When the last batch of the slowest pod may go, and the rate all pods are then allowed.
-
-    Each pod's budget is the throttle's own schedule: ``BASE_RATE / shards`` growing by half
-    every five minutes (with ``--ramp-up``), capped at ``--max-rate``. A batch goes once the
-    budget covers it, so a pod's last batch goes once the budget covers all of its keys.
-    """
+    """When the last batch of the slowest pod may go (once its budget, the throttle's schedule,
+    covers all of the pod's keys), and the rate all pods are then allowed."""
     base = BASE_RATE / run.sweep.shard.count if run.sweep.ramp_up else None
     schedule = RampSchedule(base=base, cap=run.sweep.max_rate)
     if schedule.unlimited or not per_shard:

@@ -1,9 +1,6 @@
 """The report of ``sweeper inspect``: what a sweep of one target would meet, do and cost.
 
-Before a first run an operator needs more than ``--dry-run`` tells: the encodings the property
-really holds (only a lookup shows a value's true type), whether it is indexed, what ``--format
-auto`` would decide, how large and old the backlog is, and what clearing it costs (``forecast``):
-for a few keys-only queries, a COUNT per age bucket and per stream, ``sample_size + 1`` reads.
+What it reports: docs/operations.md; what it counts, and how: docs/forecast.md.
 """
 
 from __future__ import annotations
@@ -129,7 +126,6 @@ class InspectReport:
     forecast: Forecast | None = None
     # With --scan: the entities of the kind, every one of which the scan reads.
     kind_size: Count | None = None
-    # What --with-descendants would delete under each expired session, sampled.
     descendants: DescendantSample | None = None
 
     @property
@@ -154,12 +150,9 @@ def inspect_target(
     retrier: Retrier | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> InspectReport:
-    """Inspect one target; a Datastore failure becomes one :class:`DatastoreError` line.
-
-    ``now`` (timezone-aware) is the caller's clock; as in a sweep, the cutoff comes from the
-    database's clock where it reports one. The forecast is of a sweep with ``settings``. Where a
-    count pages through keys (no aggregation queries), it stops at ``count_limit``.
-    """
+    """Inspect one target; a Datastore failure becomes one :class:`DatastoreError` line. ``now``
+    (timezone-aware) is used where the database reports no clock; a count that pages through
+    keys (no aggregation queries) stops at ``count_limit``."""
     if sample_size < 1 or count_limit < 1:
         raise UsageError("sample size and count limit must be at least 1")
     retrier = retrier or Retrier(RetryPolicy(), RetryCounter(), sleep)
@@ -172,8 +165,7 @@ def inspect_target(
 
 @dataclass(frozen=True)
 class _Counter:
-    """Every count ``inspect`` makes: all of them where the database has aggregation queries,
-    keys up to ``limit`` else."""
+    """Inspect's counts: aggregations where the database has them, else keys up to ``limit``."""
 
     target: Target
     limit: int
@@ -197,8 +189,7 @@ def _inspect(
     target = count.target
     # The cutoff a sweep would use: from the database's clock where it reports one.
     clock = read_clock(target, lambda: now)
-    now = clock.now
-    cutoff = now - s.grace
+    cutoff = clock.now - s.grace
     sample = _sample(target, sample_size)
     probe = target.keys(target.carrying(), 1)  # detection's first probe: is any value indexed?
     indexed: Indexed = "yes" if probe else "no" if sample.non_null else "unknown"
@@ -206,8 +197,11 @@ def _inspect(
     window = expired_range(encoding, cutoff) if encoding else None
     expired = count(window) if window else None
     if action == "sweep" and s.format != "auto" and expired and expired.n == 0:
-        refusal = _unindexed_refusal(target)
-        action = "refuse" if refusal else action
+        # The sweep's own check when its range finds nothing: are the values merely unindexed?
+        try:
+            check_indexed(target)
+        except RefusedError as exc:
+            action, refusal = "refuse", exc.message
     report = InspectReport(
         kind=s.kind,
         prop=s.prop,
@@ -215,7 +209,7 @@ def _inspect(
         database=target.client.database or None,
         format_asked=str(s.format),
         grace=s.grace,
-        now=now,
+        now=clock.now,
         cutoff=cutoff,
         sample=sample,
         indexed=indexed,
@@ -251,9 +245,11 @@ def _forecast(
         backlog = scan_backlog(kind.n, due, carrying.n, bounded)
         return replace(report, kind_size=kind, forecast=forecast(backlog, run))
     oldest = report.oldest_expired
-    histogram = _histogram(count, window, oldest.instant, report.cutoff) if oldest else None
-    histogram = histogram or Histogram("hour", ())
-    slices = None
+    histogram, slices = Histogram("hour", ()), None
+    if oldest:  # one COUNT per age bucket
+        unit, buckets = age_buckets(window, oldest.instant, report.cutoff)
+        counted = [(start, end, count(part)) for start, end, part in buckets]
+        histogram = Histogram(unit, tuple(Bucket(a, b, c.n, c.lower_bound) for a, b, c in counted))
     if oldest and s.shard.count == 1 and s.workers > 1:  # the streams' slices, counted
         slices = [count(part).n for part in stream_slices(window, oldest.instant, s.workers)]
     backlog = plan_backlog(histogram, run, carrying.n, slices)
@@ -262,8 +258,7 @@ def _forecast(
 
 def _decide(s: SweepSettings, target: Target) -> tuple[Action, Encoding | None, str | None]:
     """What ``sweep`` would decide, by the very code it runs (``checks.read_stored``, then
-    the encoding the ends hold): an explicit ``--format`` that matches no stored value while
-    the property holds others is refused here as it is there."""
+    the encoding the ends hold), refusing what it refuses."""
     try:
         ends = read_stored(target, s).ends
         auto = None if isinstance(s.format, Encoding) else decide_encoding(ends, s.kind, s.prop)
@@ -273,15 +268,6 @@ def _decide(s: SweepSettings, target: Target) -> tuple[Action, Encoding | None, 
         return ("scan" if s.scan else "sweep"), s.format, None
     # The format check has already refused values that no index holds.
     return ("sweep", auto, None) if auto else ("nothing", None, None)
-
-
-def _unindexed_refusal(target: Target) -> str | None:
-    """The sweep's own check when its range finds nothing: are the values merely unindexed?"""
-    try:
-        check_indexed(target)
-    except RefusedError as exc:
-        return exc.message
-    return None
 
 
 def _sample(target: Target, size: int) -> Sample:
@@ -326,15 +312,6 @@ def _descendants(
     rule = Rule(target.kind, target.prop, window.encoding, cutoff)
     counts = going_with(target, rule, target.keys(target.within(window), DESCENDANT_SAMPLE))
     return DescendantSample(len(counts), sum(counts), max(counts, default=0))
-
-
-def _histogram(
-    count: _Counter, window: ExpiredRange, oldest: dt.datetime, cutoff: dt.datetime
-) -> Histogram:
-    """The expired entities counted per age bucket (one COUNT each)."""
-    unit, buckets = age_buckets(window, oldest, cutoff)
-    counts = [(start, end, count(part)) for start, end, part in buckets]
-    return Histogram(unit, tuple(Bucket(a, b, c.n, c.lower_bound) for a, b, c in counts))
 
 
 def _bucket(entity: datastore.Entity, prop: str) -> str:

@@ -7,8 +7,8 @@ from dataclasses import asdict
 from typing import Any
 
 from sweeper.encodings import QueryValue
-from sweeper.inspect.forecast import Forecast, Histogram, Run
-from sweeper.inspect.report import DescendantSample, InspectReport, Oldest
+from sweeper.inspect.forecast import Forecast, Histogram
+from sweeper.inspect.report import InspectReport, Oldest
 from sweeper.rpc import Count
 from sweeper.settings import UNIT_SECONDS
 
@@ -24,7 +24,7 @@ def report_dict(r: InspectReport) -> dict[str, Any]:
     """The JSON contract: stable snake_case keys, every instant ISO 8601 UTC with a ``Z``."""
     lower, upper = r.bounds or (None, None)
     expired, oldest, carrying = r.expired, r.oldest, r.carrying
-    oldest_expired = r.oldest_expired
+    oldest_expired, d = r.oldest_expired, r.descendants
     return {
         "kind": r.kind,
         "namespace": r.namespace,
@@ -59,18 +59,12 @@ def report_dict(r: InspectReport) -> dict[str, Any]:
         "oldest_value": json_value(oldest.value) if oldest else None,
         "oldest_expiry": iso(oldest.instant) if oldest else None,
         "kind_size": r.kind_size.n if r.kind_size else None,
-        **_descendants_dict(r.descendants),
-        "histogram": _histogram_dict(r.histogram) if r.histogram else None,
-        "forecast": forecast_dict(r.forecast) if r.forecast else None,
-        "sweep_would": sweep_would(r),
-    }
-
-
-def _descendants_dict(d: DescendantSample | None) -> dict[str, Any]:
-    return {
         "descendants_sampled": d.sampled if d else None,
         "descendants_mean": round(d.mean, 2) if d else None,
         "descendants_max": d.most if d else None,
+        "histogram": _histogram_dict(r.histogram) if r.histogram else None,
+        "forecast": forecast_dict(r.forecast) if r.forecast else None,
+        "sweep_would": sweep_would(r),
     }
 
 
@@ -92,8 +86,16 @@ def _histogram_dict(h: Histogram) -> dict[str, Any]:
 
 
 def forecast_dict(f: Forecast) -> dict[str, Any]:
+    run, s = f.run, f.run.sweep
     return {
-        "settings": _run_dict(f.run),
+        "settings": {
+            **{k: getattr(s, k) for k in ("workers", "batch_size", "verify", "scan", "ramp_up")},
+            **{k: getattr(s, k) for k in ("max_rate", "max_fraction", "with_descendants")},
+            "shards": s.shard.count,
+            "reports_read_time": run.reports_read_time,
+            "aggregation": run.aggregation,
+            "descendants_per_session": run.descendants_per_session,
+        },
         "guard_refuses": f.guard_refuses,
         "operations": asdict(f.operations),
         "cost_usd": round(f.cost_usd, 6),
@@ -103,19 +105,6 @@ def forecast_dict(f: Forecast) -> dict[str, Any]:
         "duration_s": None if f.duration_s is None else round(f.duration_s, 1),
         "final_rate": None if f.final_rate is None else round(f.final_rate, 1),
         "estimated": f.estimated,
-    }
-
-
-def _run_dict(run: Run) -> dict[str, Any]:
-    """The sweep forecast: its options, and what the database offers it."""
-    s = run.sweep
-    return {
-        **{k: getattr(s, k) for k in ("workers", "batch_size", "verify", "scan", "ramp_up")},
-        **{k: getattr(s, k) for k in ("max_rate", "max_fraction", "with_descendants")},
-        "shards": s.shard.count,
-        "reports_read_time": run.reports_read_time,
-        "aggregation": run.aggregation,
-        "descendants_per_session": run.descendants_per_session,
     }
 
 
@@ -149,7 +138,8 @@ def _rows(r: InspectReport) -> list[tuple[str, str]]:
     if r.carrying is not None:
         rows.append(("carrying", _count_row(r.carrying)))
     if r.bounds is not None:
-        rows.append(("range", f"{_show(r.bounds[0])} <= {r.prop} < {_show(r.bounds[1])}"))
+        lo, hi = map(json_value, r.bounds)
+        rows.append(("range", f"{lo} <= {r.prop} < {hi}"))
     if r.expired is not None:
         label = "past cutoff" if r.action != "scan" else "past cutoff (indexed)"
         rows.append((label, _count_row(r.expired)))
@@ -158,14 +148,11 @@ def _rows(r: InspectReport) -> list[tuple[str, str]]:
         rows.append(("oldest expired", _oldest_row(r.oldest_expired)))
     if r.kind_size is not None:
         rows.append(("kind size", _count_row(r.kind_size) + " (a scan reads each)"))
-    if r.descendants is not None and r.descendants.sampled:
-        d = r.descendants
+    d = r.descendants
+    if d is not None and d.sampled:
+        going = f"{d.mean:.1f} per expired session, at most {d.most}"
         rows.append(
-            (
-                "descendants",
-                f"{d.mean:.1f} per expired session, at most {d.most} "
-                f"({d.sampled} sampled; --with-descendants deletes them)",
-            )
+            ("descendants", f"{going} ({d.sampled} sampled; --with-descendants deletes them)")
         )
     if r.histogram is not None and r.histogram.buckets:
         rows += _histogram_rows(r.histogram)
@@ -178,13 +165,9 @@ def _histogram_rows(h: Histogram) -> list[tuple[str, str]]:
     most = max(b.count for b in h.buckets) or 1
     digits = len(str(most))
     rows = [(f"expired by {h.unit}", f"{len(h.buckets)} buckets of expiry time, UTC")]
+    start_format = "%Y-%m-%dT%H:%MZ" if h.unit == "hour" else "%Y-%m-%d"
     for b in h.buckets:
-        start = (
-            b.start.strftime("%Y-%m-%dT%H:%MZ" if h.unit == "hour" else "%Y-%m-%d")
-            if b.start
-            else None
-        )
-        label = f"  {start}" if start else f"  before {b.end.strftime('%Y-%m-%d')}"
+        label = f"  {b.start:{start_format}}" if b.start else f"  before {b.end:%Y-%m-%d}"
         bar = "#" * round(_BAR_WIDTH * b.count / most)
         count = f"{'≥' if b.lower_bound else ''}{b.count:>{digits}}"
         rows.append((label, f"{count} {bar}".rstrip()))
@@ -195,15 +178,13 @@ def _forecast_rows(f: Forecast) -> list[tuple[str, str]]:
     s, ops, p = f.run.sweep, f.operations, f.prices
     workers = f"{s.workers} worker{'s' if s.workers > 1 else ''}"
     pods = f"{s.shard.count} pod{'s' if s.shard.count > 1 else ''}"
-    rows = [
-        (
-            "forecast",
-            f"a sweep with {workers} on {pods}, batches of {s.batch_size}, "
-            f"verify {'on' if s.verify else 'off'}, ramp-up {'on' if s.ramp_up else 'off'}"
-            + (f", at most {s.max_rate:g}/s" if s.max_rate else "")
-            + (" (estimated)" if f.estimated else ""),
-        ),
-    ]
+    run = (
+        f"a sweep with {workers} on {pods}, batches of {s.batch_size}, "
+        f"verify {'on' if s.verify else 'off'}, ramp-up {'on' if s.ramp_up else 'off'}"
+        + (f", at most {s.max_rate:g}/s" if s.max_rate else "")
+        + (" (estimated)" if f.estimated else "")
+    )
+    rows = [("forecast", run)]
     if f.guard_refuses:
         rows.append(("  guard", "--max-fraction would refuse this run; forecast with 1"))
     return [
@@ -275,13 +256,8 @@ def _oldest_row(oldest: Oldest | None) -> str:
     return stored + iso(oldest.instant)
 
 
-def _show(value: QueryValue) -> str:
-    return str(json_value(value))
-
-
-def sweep_would(report: InspectReport) -> str:
+def sweep_would(r: InspectReport) -> str:
     """One line an operator can act on: what ``sweep`` with these settings would do now."""
-    r = report
     note = "" if r.indexed != "no" else f"; {r.prop} looks unindexed: a scan would be needed"
     if r.action == "refuse":
         return f"refuse: {r.refusal}"
