@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
-from google.cloud import datastore
-
 from sweeper.concurrency import together
 from sweeper.encodings import (
     Encoding,
@@ -26,7 +24,7 @@ from sweeper.encodings import (
 )
 from sweeper.logs import RefusedError
 from sweeper.result import Retention, SweepResult, measure_retention
-from sweeper.rpc import Count
+from sweeper.rpc import Count, Seen
 from sweeper.settings import SweepSettings
 from sweeper.target import FIRST_VALUE_PROBE, Target
 
@@ -181,7 +179,7 @@ def read_ends(target: Target) -> list[object] | None:
         if not smallest:
             _refuse_if_carried(target)
             return None
-        ends = [e.get(target.prop) for e in smallest + largest]
+        ends = [seen.value for seen in smallest + largest]
         if len(ends) != 1:
             break
         # The largest was deleted between the two queries (another sweep, the app): look
@@ -276,7 +274,7 @@ def _in_band(target: Target, encoding: Encoding) -> bool:
     # Text of other forms may come first in a text band: look a little further there.
     limit = FIRST_VALUE_PROBE if encoding.needs_values else 1
     inside = target.fetch(target.within(band_range(encoding), keys_only=False), limit)
-    return any(classify(e.get(target.prop)) is encoding for e in inside)
+    return any(classify(seen.value) is encoding for seen in inside)
 
 
 # Entities read to tell "no values" from "values no index holds".
@@ -291,12 +289,12 @@ def check_indexed(target: Target) -> None:
         _refuse_if_carried(target)
 
 
-def _smallest_indexed(target: Target) -> list[datastore.Entity]:
+def _smallest_indexed(target: Target) -> list[Seen]:
     """The entity holding the smallest non-null indexed value, if any value is indexed at all."""
     return target.fetch(target.carrying(keys_only=False), 1)
 
 
-def _largest(target: Target) -> list[datastore.Entity]:
+def _largest(target: Target) -> list[Seen]:
     """The entity holding the largest indexed value (nulls sort first)."""
     return target.fetch(target.query(keys_only=False), 1, descending=True)
 
@@ -305,11 +303,11 @@ def _refuse_if_carried(target: Target) -> None:
     """No index entry holds a value: refuse if sampled entities carry one all the same."""
     prop = target.prop
     sample = target.fetch(target.query(keys_only=False), UNINDEXED_SAMPLE)
-    carrying = [e for e in sample if e.get(prop) is not None]
+    carrying = [seen.value for seen in sample if seen.value is not None]
     if carrying:
         raise RefusedError(
             f"{target.kind}.{prop} looks unindexed: {len(carrying)} of {len(sample)} sampled "
-            f"entities have a value (e.g. {describe_value(carrying[0].get(prop))}) but no index "
+            f"entities have a value (e.g. {describe_value(carrying[0])}) but no index "
             "entry holds one, so no range query can find them. Use --scan (one billed read per "
             "entity) or index the property."
         )

@@ -11,6 +11,7 @@ None of these calls retries by itself: the caller's ``Retrier`` decides (``NO_CL
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,12 +50,14 @@ class Seen(NamedTuple):
 
 
 class Page(NamedTuple):
-    """One RunQuery answer: what it saw, the cursor after it (None: no more results), and
-    the encoded size of its largest entity (a scan sizes its next page by it)."""
+    """One RunQuery answer: what it saw, the cursor after it (None: no more results), the
+    encoded size of its largest entity (a scan sizes its next page by it), and the database's
+    time of the read (None where it reports none: the legacy emulator)."""
 
     seen: list[Seen]
     cursor: bytes | None
     largest: int
+    read_time: dt.datetime | None
 
 
 # -- the queries: what a read asks for, and how many a count found ------------------------------
@@ -151,9 +154,10 @@ def run_query(
     cursor: bytes | None,
     timeout: float,
 ) -> Page:
-    """One RunQuery call of ``query``: each result's version and ``prop`` (not keys-only nor a
-    projection, so that Datastore reports versions; the mask keeps the answer about as small).
-    Only the first batch the server answers is taken: a retried page repeats one call."""
+    """One RunQuery call of ``query``: each result's version and ``prop`` (the mask keeps a
+    query of whole entities, which Datastore reports versions for, about as small as a
+    projection; keys-only and projection queries take no mask). Only the first batch the
+    server answers is taken: a retried page repeats one call."""
     raw = _request(client, datastore_pb2.RunQueryRequest)
     raw.partition_id.project_id = client.project
     if client.database:
@@ -164,7 +168,7 @@ def run_query(
     raw.query.limit.value = limit
     if cursor is not None:
         raw.query.start_cursor = cursor
-    mask = mask_for(prop)
+    mask = None if query.projection else mask_for(prop)
     if mask is not None:
         raw.property_mask.paths.append(mask)
     response = _send(client, "run_query", datastore_pb2.RunQueryRequest, raw, timeout)
@@ -174,7 +178,8 @@ def run_query(
         seen.append(_seen(result.entity, result.version, prop))
         largest = max(largest, result.entity.ByteSize())
     more = batch.more_results != _NO_MORE_RESULTS and bool(batch.entity_results)
-    return Page(seen, bytes(batch.end_cursor) if more else None, largest)
+    read_time = batch.read_time.ToDatetime(dt.UTC) if batch.HasField("read_time") else None
+    return Page(seen, bytes(batch.end_cursor) if more else None, largest, read_time)
 
 
 class Looked(NamedTuple):

@@ -77,32 +77,17 @@ class Target:
 
     # -- the reads ------------------------------------------------------------------------
 
-    def fetch(
-        self, query: RangeQuery, limit: int, descending: bool = False
-    ) -> list[datastore.Entity]:
-        """The first ``limit`` results (whole entities, with their values' true types, unless
-        the query is keys-only)."""
-        return self.retrier.call(
-            "query", lambda: self._page(query.build(self.client, descending), limit, None)
-        )[0]
+    def fetch(self, query: RangeQuery, limit: int, descending: bool = False) -> list[Seen]:
+        """The first ``limit`` results, each value with its true type (a whole entity's)."""
+        return self._seen_page(query.build(self.client, descending), limit, None).seen
 
     def keys(self, query: RangeQuery, limit: int) -> list[datastore.Key]:
-        return [entity.key for entity in self.fetch(query, limit)]
+        return [s.key for s in self.fetch(query, limit)]
 
-    def key_pages(
-        self, query: RangeQuery, page_size: int = PAGE_SIZE
-    ) -> Iterator[list[datastore.Key]]:
+    def key_pages(self, query: RangeQuery) -> Iterator[list[datastore.Key]]:
         """Every key of ``query``, one page in memory at a time."""
-        cursor: bytes | None = None
-        while True:
-            built = query.build(self.client)
-            found, cursor = self.retrier.call(
-                "query", partial(self._page, built, page_size, cursor)
-            )
-            if found:
-                yield [entity.key for entity in found]
-            if cursor is None or not found:
-                return
+        for page in self.seen_pages(query):
+            yield [s.key for s in page]
 
     def seen_pages(
         self, query: RangeQuery | datastore.Query, *, scan: bool = False
@@ -149,8 +134,8 @@ class Target:
         small projection (a projected timestamp is its microseconds: its ordinal). ``strict``
         skips text of other forms, among the first ``FIRST_VALUE_PROBE``."""
         limit = FIRST_VALUE_PROBE if strict and encoding.needs_values else 1
-        for entity in self.fetch(replace(query, projected=True), limit):
-            value = entity.get(query.prop)
+        for seen in self.fetch(replace(query, projected=True), limit):
+            value = seen.value
             if not strict or not encoding.needs_values or classify(value) is encoding:
                 return encoding.ordinal(value)
         return None
@@ -167,7 +152,7 @@ class Target:
             pass
         bound = keys_limit if limit is None else min(limit, keys_limit)
         counted = 0
-        for page in self.key_pages(query, page_size=min(PAGE_SIZE, bound)):
+        for page in self.key_pages(query):
             counted += len(page)
             if counted >= bound:
                 break
@@ -178,11 +163,14 @@ class Target:
     ) -> tuple[dt.datetime, dt.datetime | None, dt.datetime]:
         """The database's time (None where it reports none), with the local clock read just
         before and after the attempt that answered (around its retries, an outage would read
-        as skew): a keys-only, limit-1 query through the API object, which keeps ``read_time``."""
+        as skew): one keys-only, limit-1 query."""
+        query = self.query().build(self.client)
 
         def attempt() -> tuple[dt.datetime, dt.datetime | None, dt.datetime]:
             before = local_now()
-            return before, self._read_time(), local_now()
+            timeout = self.retrier.timeout
+            page = rpc.run_query(self.client, query, self.prop, 1, cursor=None, timeout=timeout)
+            return before, page.read_time, local_now()
 
         return self.retrier.call("query", attempt)
 
@@ -200,19 +188,6 @@ class Target:
                     raise
                 limit = max(1, limit // 4)
 
-    def _page(
-        self, query: datastore.Query, limit: int, cursor: bytes | None
-    ) -> tuple[list[datastore.Entity], bytes | None]:
-        """One RunQuery call: up to ``limit`` results and the cursor after them (None at the
-        end); only the first batch, so a retried page repeats one call, not several."""
-        iterator = query.fetch(
-            limit=limit, start_cursor=cursor, retry=NO_CLIENT_RETRY, timeout=self.retrier.timeout
-        )
-        batch = next(iterator.pages, None)
-        found = list(batch) if batch is not None else []
-        token: bytes | None = iterator.next_page_token
-        return found, token
-
     def _get(self, keys: Sequence[datastore.Key]) -> list[datastore.Entity]:
         timeout = self.retrier.timeout
         return list(self.client.get_multi(list(keys), retry=NO_CLIENT_RETRY, timeout=timeout))
@@ -222,30 +197,6 @@ class Target:
         rows = aggregation.fetch(limit=limit, retry=NO_CLIENT_RETRY, timeout=self.retrier.timeout)
         # A count of zero arrives as 0.0: the client reads ``integer_value or double_value``.
         return next(int(r.value) for row in rows for r in row if r.alias == _ALIAS)
-
-    def _read_time(self) -> dt.datetime | None:
-        client = self.client
-        request = {
-            "project_id": client.project,
-            "database_id": client.database or "",
-            "partition_id": {
-                "project_id": client.project,
-                "database_id": client.database or "",
-                "namespace_id": client.namespace or "",
-            },
-            "query": {
-                "kind": [{"name": self.kind}],
-                "limit": 1,
-                "projection": [{"property": {"name": "__key__"}}],
-            },
-        }
-        response = client._datastore_api.run_query(
-            request=request, retry=NO_CLIENT_RETRY, timeout=self.retrier.timeout
-        )
-        if "read_time" not in response.batch:
-            return None
-        read_time: dt.datetime = response.batch.read_time
-        return read_time if read_time.tzinfo else read_time.replace(tzinfo=dt.UTC)
 
 
 def namespaces(client: datastore.Client, retrier: Retrier) -> Iterator[list[str | None]]:

@@ -97,11 +97,6 @@ class FakePage:
         self._found = found
         self.next_page_token = token
 
-    @property
-    def pages(self) -> Iterator[FakePage]:
-        """The client's iterator by server batch: this fake answers in one batch."""
-        return iter([self])
-
     def __iter__(self) -> Iterator[Any]:
         return iter(self._found)
 
@@ -169,16 +164,6 @@ class FakeTransaction:
         self.rolled_back = True
 
 
-class FakeBatch:
-    """A query result batch as the client's API object returns it: maybe with ``read_time``."""
-
-    def __init__(self, read_time: dt.datetime | None) -> None:
-        self.read_time = read_time
-
-    def __contains__(self, name: str) -> bool:
-        return name == "read_time" and self.read_time is not None
-
-
 class FakeApi:
     """``client._datastore_api``: the clock query, and the gate's raw calls (``sweeper.rpc``),
     turned back into keys and played on the client's transactions and blind deletes."""
@@ -238,8 +223,6 @@ class FakeApi:
         return datastore_pb2.RollbackResponse()
 
     def run_query(self, *, request: Any, retry: object, timeout: float) -> Any:
-        if isinstance(request, dict):  # the clock query (``Target.read_time``)
-            return type("Response", (), {"batch": FakeBatch(self.read_time)})()
         raw = datastore_pb2.RunQueryRequest.pb(request)
         query = self._query_of(raw.query)
         cursor = raw.query.start_cursor or None
@@ -248,6 +231,8 @@ class FakeApi:
         )
         response = datastore_pb2.RunQueryResponse.pb()()
         batch = response.batch
+        if self.read_time is not None:
+            batch.read_time.FromDatetime(self.read_time)
         for entity in page:
             result = batch.entity_results.add()
             result.entity.CopyFrom(helpers.entity_to_protobuf(entity)._pb)
@@ -277,8 +262,15 @@ class FakeApi:
             )
         kind = raw.kind[0].name if raw.kind else None
         query = self.client.query(kind=kind, ancestor=ancestor)
+        with self.client._lock:
+            self.client.queries.append(query)
         for bound in bounds:
             query.add_filter(filter=bound)
+        query.projection = [p.property.name for p in raw.projection]
+        query.order = [
+            ("-" if o.direction == o.Direction.DESCENDING else "") + o.property.name
+            for o in raw.order
+        ]
         return query
 
 
@@ -332,7 +324,7 @@ class FakeClient:
         self.final_cursor = True
         self.fetch_errors: dict[int, Exception] = {}
         self.fetch_error_always: Exception | None = None
-        self.queries: list[FakeQuery] = []
+        self.queries: list[FakeQuery] = []  # as sent: one a RunQuery call
         self.fetches = 0
         self.cursors: list[bytes | None] = []
         # entity groups
@@ -398,10 +390,7 @@ class FakeClient:
 
     def query(self, *, kind: str | None = None, ancestor: datastore.Key | None = None) -> FakeQuery:
         assert (kind, ancestor is None) in ((KIND, True), (None, False))
-        query = FakeQuery(self, kind, ancestor)
-        with self._lock:
-            self.queries.append(query)
-        return query
+        return FakeQuery(self, kind, ancestor)
 
     def aggregation_query(self, query: object) -> Any:
         """Like the legacy emulator: no aggregation queries, so counts page through keys."""

@@ -34,8 +34,9 @@ from tests.unit.fakes import FakeClient, api_error, entities
 
 NOW = dt.datetime(2024, 6, 1, 12, 0, 0, tzinfo=dt.UTC)
 EXPIRED_SECONDS = int(NOW.timestamp()) - 86_400
-# Queries an explicit --format makes before sweeping: the smallest and the largest value.
-CHECK_FETCHES = 2
+# Queries a sweep with an explicit --format makes before its pages: the database's clock,
+# the smallest and the largest value.
+CHECK_FETCHES = 3
 ATTEMPTS = 3
 POLICY = RetryPolicy(max_attempts=ATTEMPTS, max_delay_s=3600.0, initial_wait_s=0.5, max_wait_s=1.0)
 
@@ -146,7 +147,7 @@ def test_permission_denied_on_query_fails_without_retries() -> None:
     result, logs = run(client)
     assert result.stopped_reason == "error"
     assert result.retries == 0
-    assert client.fetches == CHECK_FETCHES  # the two ends, asked at once; neither again
+    assert client.fetches == CHECK_FETCHES  # the clock and the two ends at once; none again
     assert client.delete_calls == []
     assert result.exit_code == 1
     event = finished(logs)

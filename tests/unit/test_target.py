@@ -50,7 +50,7 @@ def test_key_pages_follow_cursors_until_the_server_has_no_more() -> None:
     client = FakeClient(entities([1] * 1200))
     client.final_cursor = False  # the last batch says "no more results"
     retry, _counter = retrier()
-    pages = list(at(client, retry).key_pages(QUERY, page_size=500))
+    pages = list(at(client, retry).key_pages(QUERY))
     assert [len(p) for p in pages] == [500, 500, 200]
     assert [k for p in pages for k in p] == keys_of(client.entities)
     assert client.cursors == [None, b"500", b"1000"]
@@ -59,7 +59,7 @@ def test_key_pages_follow_cursors_until_the_server_has_no_more() -> None:
 def test_key_pages_end_with_an_empty_page_when_the_last_one_is_full() -> None:
     client = FakeClient(entities([1] * 1000))
     retry, _counter = retrier()
-    pages = list(at(client, retry).key_pages(QUERY, page_size=500))
+    pages = list(at(client, retry).key_pages(QUERY))
     assert [len(p) for p in pages] == [500, 500]  # the empty third page is not yielded
     assert client.fetches == 3
 
@@ -68,7 +68,7 @@ def test_key_pages_stop_when_the_server_gives_no_cursor() -> None:
     client = FakeClient(entities([1] * 500))
     client.final_cursor = False
     retry, _counter = retrier()
-    pages = list(at(client, retry).key_pages(QUERY, page_size=500))
+    pages = list(at(client, retry).key_pages(QUERY))
     assert [len(p) for p in pages] == [500]
     assert client.fetches == 1
 
@@ -76,7 +76,7 @@ def test_key_pages_stop_when_the_server_gives_no_cursor() -> None:
 def test_key_pages_hold_one_page_at_a_time() -> None:
     client = FakeClient(entities([1] * 1200))
     retry, _counter = retrier()
-    pages = at(client, retry).key_pages(QUERY, page_size=500)
+    pages = at(client, retry).key_pages(QUERY)
     assert client.fetches == 0
     next(pages)
     assert client.fetches == 1
@@ -91,18 +91,18 @@ def test_a_short_batch_with_a_cursor_is_followed_one_call_at_a_time() -> None:
     client.batch = 300
     client.final_cursor = False
     retry, _counter = retrier()
-    pages = list(at(client, retry).key_pages(QUERY, page_size=500))
+    pages = list(at(client, retry).key_pages(QUERY))
     assert [len(p) for p in pages] == [300, 300, 300, 100]
     assert [k for p in pages for k in p] == keys_of(client.entities)
 
 
 def test_key_pages_ask_for_keys_only_with_an_explicit_limit() -> None:
-    client = FakeClient(entities([1] * 30))
+    client = FakeClient(entities([1] * 600))
     client.final_cursor = False
     retry, _counter = retrier()
-    list(at(client, retry).key_pages(QUERY, page_size=25))
+    list(at(client, retry).key_pages(QUERY))
     assert all(q.is_keys_only for q in client.queries)
-    assert [q.fetched[0][0] for q in client.queries] == [25, 25]
+    assert [q.fetched[0][0] for q in client.queries] == [PAGE_SIZE, PAGE_SIZE]
 
 
 def test_failed_page_is_retried_from_its_own_cursor() -> None:
@@ -110,7 +110,7 @@ def test_failed_page_is_retried_from_its_own_cursor() -> None:
     client.final_cursor = False
     client.fetch_errors = {2: api_error(gexc.DeadlineExceeded, "slow")}
     retry, counter = retrier()
-    pages = list(at(client, retry).key_pages(QUERY, page_size=500))
+    pages = list(at(client, retry).key_pages(QUERY))
     assert client.cursors == [None, b"500", b"500", b"1000"]
     assert [k for p in pages for k in p] == keys_of(client.entities)  # none skipped or repeated
     assert counter.retries == 1
@@ -121,7 +121,7 @@ def test_permanent_page_failure_is_raised() -> None:
     error = api_error(gexc.PermissionDenied, "no")
     client.fetch_errors = {2: error}
     retry, _counter = retrier()
-    pages = at(client, retry).key_pages(QUERY, page_size=500)
+    pages = at(client, retry).key_pages(QUERY)
     assert len(next(pages)) == 500
     with pytest.raises(gexc.PermissionDenied) as info:
         next(pages)
