@@ -1,24 +1,19 @@
-"""How fast a run deletes, and how many it may still delete (:class:`Allowance`:
-``--max-deletes`` and the fraction guard's share).
+"""How fast a run deletes (:class:`Throttle`), and how many it may still delete
+(:class:`Allowance`). Background: docs/scaling.md and docs/performance.md.
 
 Three limits combine, in the spirit of Apache Beam's Datastore connector:
 
-* **ramp-up** — Datastore's "500/50/5" rule (docs/scaling.md), so that it has time to split the
-  key ranges being hit; its clock starts at the first :meth:`Throttle.acquire` (time spent
-  querying is not write traffic), and the ``divisor`` shards of a run share it;
+* **ramp-up**, Datastore's "500/50/5" rule, so that it has time to split the key ranges being
+  hit; its clock starts at the first :meth:`Throttle.acquire` (querying is not write traffic),
+  and the ``divisor`` shards of a run share it;
 * **a hard cap** (``max_rate``);
 * **adaptive throttling** (Google SRE book, "Handling Overload"): hold a request back with
   probability ``(requests - overload_ratio * accepts) / (requests + 1)`` over ``window_s``.
 
-The rate limit is a token bucket, paid before: a request waits until the bucket holds all of
-its operations (a commit cannot be split for the throttle's sake). The bucket starts empty and
-saves up at most ``BURST_S`` of the rate, so the operations let through by any time never
-exceed the budget's integral up to then plus that burst, which a run's first request never
-has: ``--max-rate`` is never exceeded over a run.
-
-Time, sleeping and randomness are injected. Every method is safe to call from several delete
-workers at once; sleeping happens outside the lock, so one waiting worker never blocks
-another's :meth:`Throttle.record`.
+The rate limit is a token bucket, paid before (a commit cannot be split for the throttle's
+sake). It starts empty and saves up at most ``BURST_S`` of the rate, so ``--max-rate`` is never
+exceeded over a run. Every method is thread-safe; sleeping happens outside the lock, so one
+waiting worker never blocks another's :meth:`Throttle.record`.
 """
 
 from __future__ import annotations
@@ -49,16 +44,12 @@ BUCKET_S = 1.0  # the adaptive throttle's window moves in steps of this
 class ThrottleSettings:
     """How hard sweeper may push the database.
 
-    ``ramp_up`` is meant to be off against an emulator, which has no key ranges to split.
     ``overload_ratio`` is the SRE book's ``K``: with 1.25, up to one request in five may be
-    refused before requests are held back. Adaptive throttling costs nothing while the server
-    accepts everything, so it is on by default.
-
-    ``window_s`` is how long a refusal is remembered. A sweep sends few requests (a commit
-    carries up to 500 deletes), so after a quota outage its retries' refusals outweigh the
-    accepts for as long as they stay in the window: Beam's 120 s (over far more requests), or
-    even 60 s, kept a run crawling long after the outage ended. The retries' own backoff
-    (``sweeper.retry``) is what protects the database during the outage.
+    refused before requests are held back. ``window_s`` is how long a refusal is remembered: a
+    sweep sends few requests, so after a quota outage its retries' refusals outweigh the accepts
+    while they stay in the window, and Beam's 120 s (or 60 s) kept a run crawling long after
+    the outage ended. The retries' own backoff (``sweeper.retry``) protects the database then.
+    Adaptive throttling costs nothing while the server accepts everything: on by default.
     """
 
     ramp_up: bool = True
@@ -95,25 +86,19 @@ class RampSchedule:
         return self.base is None and self.cap is None
 
     def _step(self, elapsed: float) -> int:
-        if self.base is None:
-            return 0
         return min(math.floor(max(elapsed, 0.0) / RAMP_INTERVAL_S), MAX_RAMP_STEPS)
-
-    def _ramp(self, step: int) -> float:
-        return math.inf if self.base is None else self.base * RAMP_FACTOR**step
 
     def rate_at(self, elapsed: float) -> float:
         """Operations per second allowed at ``elapsed``; ``inf`` when nothing limits it."""
-        ramp = self._ramp(self._step(elapsed))
+        ramp = math.inf if self.base is None else self.base * RAMP_FACTOR ** self._step(elapsed)
         return ramp if self.cap is None else min(ramp, self.cap)
 
     def _segment_end(self, elapsed: float) -> float:
         """Where the rate next changes after ``elapsed`` (``inf`` once it no longer grows)."""
-        step = self._step(elapsed)
-        capped = self.cap is not None and self._ramp(step) >= self.cap
-        if self.base is None or step >= MAX_RAMP_STEPS or capped:
+        if self.base is None or self.rate_at(elapsed) == self.cap:
             return math.inf
-        return (step + 1) * RAMP_INTERVAL_S
+        step = self._step(elapsed)
+        return math.inf if step >= MAX_RAMP_STEPS else (step + 1) * RAMP_INTERVAL_S
 
     def accrued(self, start: float, end: float) -> float:
         """Operations the budget allows over ``[start, end]``: the rate's integral."""
@@ -140,27 +125,22 @@ class _Window:
 
     def __init__(self, window_s: float) -> None:
         self._span = max(1, math.ceil(window_s / BUCKET_S))
-        self._buckets: deque[tuple[int, int, int]] = deque()  # (bucket, requests, accepts)
-        self.requests = 0
+        self._sent: deque[tuple[int, bool]] = deque()  # (bucket, accepted) per request
         self.accepts = 0
 
+    @property
+    def requests(self) -> int:
+        return len(self._sent)
+
     def add(self, now: float, accepted: bool) -> None:
-        index = math.floor(now / BUCKET_S)
         self.expire(now)
-        ok = int(accepted)
-        requests, accepts = 0, 0
-        if self._buckets and self._buckets[-1][0] == index:
-            _, requests, accepts = self._buckets.pop()
-        self._buckets.append((index, requests + 1, accepts + ok))
-        self.requests += 1
-        self.accepts += ok
+        self._sent.append((math.floor(now / BUCKET_S), accepted))
+        self.accepts += accepted
 
     def expire(self, now: float) -> None:
         oldest = math.floor(now / BUCKET_S) - self._span + 1
-        while self._buckets and self._buckets[0][0] < oldest:
-            _, requests, accepts = self._buckets.popleft()
-            self.requests -= requests
-            self.accepts -= accepts
+        while self._sent and self._sent[0][0] < oldest:
+            self.accepts -= self._sent.popleft()[1]
 
 
 class Throttle:
