@@ -1,17 +1,16 @@
 """How an expiry can be stored, and the query range that matches only expired values.
 
-Datastore (and both emulators) orders a property's values by type first, with integers and
-timestamps *together* (a timestamp compares as its microseconds) and text with byte strings. A
-one-sided filter such as ``expires_at < now`` would match nulls and other encodings, so every
-range here is bounded on both sides, inside one encoding's *band* (told apart by magnitude for
-instants from 2001-09-09 to 2286-11-20: docs/design.md, "How sweeper decides what to delete").
-A band is cut in *ordinals*, whole units of ``unit_us`` microseconds; ``stored`` (an ordinal's
-filter value) never decreases, so disjoint ordinal slices are disjoint ranges of stored values.
+Datastore orders a property's values by type first, integers with timestamps (a timestamp
+compares as its microseconds) and text with byte strings, so a one-sided ``expires_at < now``
+would match nulls and other encodings: every range here is bounded on both sides, inside one
+encoding's *band* (docs/design.md, "How sweeper decides what to delete"). A band is cut in
+*ordinals*, whole units of ``unit_us`` microseconds; ``stored`` never decreases, so disjoint
+ordinal slices are disjoint ranges of stored values.
 
 What a range cannot tell apart, the value must: a Timestamp from an integer of epoch
-microseconds, or canonical ISO-8601 text (which sorts in time order, every field of a fixed
-width) from other text sorting among it. Text ranges are read with their values and only
-canonical text is taken; lookups (``detect``, ``--verify``, ``--scan``) see true types.
+microseconds, or canonical ISO-8601 text (in time order: every field has a fixed width) from
+other text sorting among it. Text ranges are read with their values and only canonical text is
+taken; lookups see true types.
 """
 
 from __future__ import annotations
@@ -30,14 +29,13 @@ if TYPE_CHECKING:  # the settings name the encodings
     from sweeper.settings import Shard
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-ONE_MICROSECOND = dt.timedelta(microseconds=1)
 
 
 def to_micros(instant: dt.datetime) -> int:
     """Exact integer microseconds since the epoch (no float rounding)."""
     if instant.tzinfo is None:
         raise ValueError("naive datetime: expiry instants must be timezone-aware")
-    return (instant - EPOCH) // ONE_MICROSECOND
+    return (instant - EPOCH) // dt.timedelta(microseconds=1)
 
 
 def from_micros(micros: int) -> dt.datetime:
@@ -122,9 +120,10 @@ def _timestamp_ordinal(value: object) -> int | None:
     return _int_ordinal(value)  # a projected timestamp: its microseconds
 
 
-def _double(unit_us: int) -> tuple[Callable[[int], float], Callable[[object], int | None]]:
-    """Doubles of whole ``unit_us``: an ordinal (µs) maps to the largest double at or below it,
-    so ``value < stored(hi)`` implies the value is before ``hi`` exactly."""
+def _double(unit_us: int) -> _Codec:
+    """Doubles of whole ``unit_us``, cut in microseconds (a cutoff inside a unit is honoured
+    exactly) over the other bands' instants: an ordinal maps to the largest double at or below
+    it, so ``value < stored(hi)`` implies the value is before ``hi`` exactly."""
 
     def stored(ordinal: int) -> float:
         exact = Fraction(ordinal, unit_us)
@@ -140,7 +139,7 @@ def _double(unit_us: int) -> tuple[Callable[[int], float], Callable[[object], in
         # stored(n) <= value iff n / unit_us < the next double above value.
         return math.ceil(Fraction(above) * unit_us) - 1
 
-    return stored, ordinal
+    return _Codec(1, Band(10**15, 10**16), stored, ordinal, lambda v: isinstance(v, float))
 
 
 # The one text form sweeper reads: UTC, milliseconds, "Z" (JavaScript's toISOString()).
@@ -197,8 +196,6 @@ def _reads_iso(value: object) -> bool:
 
 
 _SECONDS, _MILLIS = 10**6, 10**3
-_double_s, _double_s_ordinal = _double(_SECONDS)
-_double_ms, _double_ms_ordinal = _double(_MILLIS)
 _CODECS = {
     Encoding.EPOCH_SECONDS: _Codec(_SECONDS, Band(10**9, 10**10), int, _int_ordinal, _is_int),
     Encoding.EPOCH_MILLIS: _Codec(_MILLIS, Band(10**12, 10**13), int, _int_ordinal, _is_int),
@@ -209,14 +206,8 @@ _CODECS = {
         _timestamp_ordinal,
         lambda v: isinstance(v, dt.datetime),
     ),
-    # Doubles are cut in microseconds (so a cutoff inside a unit is honoured exactly): both
-    # take the instants of the other bands.
-    Encoding.DOUBLE_SECONDS: _Codec(
-        1, Band(10**15, 10**16), _double_s, _double_s_ordinal, lambda v: isinstance(v, float)
-    ),
-    Encoding.DOUBLE_MILLIS: _Codec(
-        1, Band(10**15, 10**16), _double_ms, _double_ms_ordinal, lambda v: isinstance(v, float)
-    ),
+    Encoding.DOUBLE_SECONDS: _double(_SECONDS),
+    Encoding.DOUBLE_MILLIS: _double(_MILLIS),
     Encoding.ISO_8601: _Codec(_MILLIS, Band(10**12, 10**13), iso_text, _iso_ordinal, _reads_iso),
 }
 
