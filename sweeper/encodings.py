@@ -307,12 +307,11 @@ def shard_slices(
     Bucket ``b`` of a fixed grid (multiples of ``bucket`` from 0) belongs to shard ``b % count``,
     so every pod computes the same assignment whatever its clock says the cutoff is and
     whatever ``lo`` it starts from: pods never overlap. Neighbouring buckets go to different
-    shards, which spreads a burst of sessions that expired together.
-
-    ``next_value(pos, hi)`` (one limit-1 query) finds the smallest stored value at or after
-    ``pos``: its bucket is yielded if ours, else the walk jumps to our next bucket after it.
-    Each probe yields or steps over a non-empty bucket, so the work follows the data, not its
-    span (walking the grid, one stray value from 2001 would cost ~220,000 one-hour queries).
+    shards, which spreads a burst of sessions that expired together. ``next_value(pos, hi)``
+    (one limit-1 query) finds the smallest stored value at or after ``pos``: its bucket is
+    yielded if ours, else the walk jumps to our next bucket after it. Each probe yields or steps
+    over a non-empty bucket, so the work follows the data, not its span (walking the grid, one
+    stray value from 2001 would cost ~220,000 one-hour queries).
     """
     pos = lo
     while pos < hi:

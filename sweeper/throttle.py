@@ -167,11 +167,9 @@ class Throttle:
         self._updated = 0.0  # seconds since _start at which _tokens holds
 
     def acquire(self, operations: int) -> float:
-        """Block until ``operations`` may be sent; return the seconds spent waiting.
-
-        Push-back is waited out first, ``backoff_s`` at a time (the sweep slows down, not
-        stops), and only then is the rate budget reserved: a worker backing off holds none.
-        """
+        """Block until ``operations`` may be sent; return the seconds spent waiting. Push-back
+        is waited out first, ``backoff_s`` at a time (the sweep slows down, not stops), and only
+        then is the rate budget reserved: a worker backing off holds none."""
         if operations < 1:
             raise ValueError(f"operations must be at least 1, got {operations}")
         waited = 0.0
@@ -191,11 +189,9 @@ class Throttle:
                 self._tokens += operations
 
     def record(self, accepted: bool) -> None:
-        """Report one sent request: ``accepted=False`` when the server refused it for load.
-
-        A request held back by :meth:`acquire` counts once, when it is sent: counting every
-        re-check would let the throttle's own waiting keep it engaged.
-        """
+        """Report one sent request: ``accepted=False`` when the server refused it for load. A
+        request held back by :meth:`acquire` counts once, when it is sent: counting every
+        re-check would let the throttle's own waiting keep it engaged."""
         if not self._settings.adaptive:
             return
         with self._lock:
@@ -206,8 +202,6 @@ class Throttle:
         with self._lock:
             window = self._window
             window.expire(self._clock())
-            if window.requests == 0:
-                return False
             excess = window.requests - self._settings.overload_ratio * window.accepts
             probability = excess / (window.requests + 1)
             return probability > 0.0 and self._rng.random() < probability
@@ -233,9 +227,6 @@ class Throttle:
             self._tokens -= operations
             self._updated = grant
             return max(0.0, grant - elapsed)
-
-
-# -- The allowance: what a run may still delete --------------------------------------------------
 
 
 class Capped(Exception):
