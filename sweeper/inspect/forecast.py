@@ -72,8 +72,6 @@ def hour_of(instant: dt.datetime) -> int:
     return (instant - EPOCH) // HOUR
 
 
-# -- the forecast ---------------------------------------------------------------------------------
-
 # Calls every pod makes whatever the backlog: the clock query; the format check's two probes,
 # each the one whole entity at an end of the index (not made by a scan, which needs --format).
 CLOCK_QUERIES = 1
@@ -108,8 +106,7 @@ class Run:
     @property
     def projected(self) -> bool:
         """Text ranges are read with their values: one read per entity (the higher price)."""
-        e = self.encoding
-        return e is not None and e.needs_values and not self.sweep.scan
+        return self.encoding is not None and self.encoding.needs_values and not self.sweep.scan
 
     @property
     def start_detected(self) -> bool:
@@ -194,8 +191,7 @@ def _walk(cells: Mapping[int, int], histogram: Histogram, shard: Shard) -> tuple
 
     lo = order[0] if order else 0
     # The UTC hour after the youngest bucket's last.
-    end = hour_of(histogram.buckets[-1].end - TICK) + 1 if histogram.buckets else 0
-    hi = end or lo + 1
+    hi = hour_of(histogram.buckets[-1].end - TICK) + 1 if histogram.buckets else 1
     owned = [cells[a] for a, _b in shard_slices(lo, hi, shard, 1, next_value)]
     return owned, probes
 
@@ -304,8 +300,7 @@ def scan_pages(entities: int, run: Run) -> int:
     last = run.reports_read_time
     if entities == 0 or (last and entities <= SCAN_FIRST_PAGE):
         return 1
-    rest = max(entities - SCAN_FIRST_PAGE, 0)
-    return 1 + query_pages(rest, run.batch_keys, last)
+    return 1 + query_pages(max(entities - SCAN_FIRST_PAGE, 0), run.batch_keys, last)
 
 
 def _batches(streams: Sequence[int], per: int, run: Run) -> Iterator[int]:
@@ -332,15 +327,14 @@ LIST_PRICES = Prices()
 
 @dataclass(frozen=True)
 class Forecast:
-    """A run's calls, their price, and the time its deletes need under the throttle. Where
-    ``--max-fraction`` would refuse the run (``guard_refuses``): the run with 1, which clears it."""
+    """A run's calls, their price, and the time its deletes need under the throttle
+    (``duration_s`` and ``final_rate``: :func:`ramp_time`'s). Where ``--max-fraction`` would
+    refuse the run (``guard_refuses``): the run with 1, which clears it."""
 
     run: Run
     operations: Operations
     prices: Prices
-    # Seconds until the last batch may go; None when nothing limits the rate.
     duration_s: float | None
-    # Deletes per second all pods together are allowed when it goes.
     final_rate: float | None
     estimated: bool
     guard_refuses: bool = False
@@ -358,7 +352,7 @@ class Forecast:
         return self.reads_usd + self.deletes_usd
 
 
-def forecast(backlog: Backlog, run: Run, prices: Prices = LIST_PRICES) -> Forecast:
+def forecast(backlog: Backlog, run: Run) -> Forecast:
     refused = guard_refuses(backlog, run)
     if refused:
         run = replace(run, sweep=replace(run.sweep, max_fraction=1.0))
@@ -366,12 +360,12 @@ def forecast(backlog: Backlog, run: Run, prices: Prices = LIST_PRICES) -> Foreca
     ops = operations(backlog, run)
     # Descendants are estimated from a sample of sessions.
     estimated = backlog.estimated or bool(run.descendants_per_session)
-    return Forecast(run, ops, prices, duration, rate, estimated, refused)
+    return Forecast(run, ops, LIST_PRICES, duration, rate, estimated, refused)
 
 
 def ramp_time(per_shard: Sequence[int], run: Run) -> tuple[float | None, float | None]:
-    """When the last batch of the slowest pod may go (once its budget, the throttle's schedule,
-    covers all of the pod's keys), and the rate all pods are then allowed."""
+    """When the slowest pod's last batch may go (once the throttle's schedule covers all of its
+    keys), and the rate all pods are then allowed; None, None when nothing limits the rate."""
     base = BASE_RATE / run.sweep.shard.count if run.sweep.ramp_up else None
     schedule = RampSchedule(base=base, cap=run.sweep.max_rate)
     if schedule.unlimited or not per_shard:
