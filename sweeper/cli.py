@@ -194,32 +194,24 @@ def inspect(**options: Any) -> None:
         if settings.all_namespaces:
             retrier = Retrier(_retry_policy(options), RetryCounter())
             targets = run_until_signal(
-                stop, "inspect", lambda: list(each_namespace(settings, client_for, retrier))
+                stop, lambda: list(each_namespace(settings, client_for, retrier))
             )
         # One report per target, each printed as it is made: a table each, or JSON lines.
         for each in targets:
-            one = run_until_signal(stop, "inspect", partial(report, each))
+            one = run_until_signal(stop, partial(report, each))
             click.echo(render_table(one) if output == "table" else json.dumps(report_dict(one)))
 
 
-class StoppedBySignal(SweeperError):
-    """A command without a summary of its own (``inspect``) was stopped by a signal."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def run_until_signal(stop: StopOnSignal, what: str, fn: Callable[[], T]) -> T:
-    """``fn``, ended at once (one line, exit 143/130) by SIGTERM/SIGINT whatever call it waits
-    for: for read-only work such as ``inspect``, which has nothing to drain."""
+def run_until_signal(stop: StopOnSignal, fn: Callable[[], T]) -> T:
+    """``inspect``'s ``fn``, ended at once (one line, exit 143/130) by SIGTERM/SIGINT whatever
+    call it waits for: read-only, it has nothing to drain and no summary of its own."""
     try:
         with stop.event.interrupting():
             return fn()
     except Stopped:
-        raise StoppedBySignal(
-            f"{what} stopped by {stop.name}; nothing was changed", stop.exit_code
-        ) from None
+        stopped = SweeperError(f"inspect stopped by {stop.name}; nothing was changed")
+        stopped.exit_code = stop.exit_code
+        raise stopped from None
 
 
 def _targets(ctx: click.Context, options: dict[str, Any]) -> list[SweepSettings]:
