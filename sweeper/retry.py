@@ -1,9 +1,5 @@
-"""The one retry policy for every Datastore call sweeper makes, and the run's one stop.
-
-``google-cloud-datastore`` retries queries on its own but never commits, so sweeper turns the
-client's retries off and retries every call itself, counting and logging each retry (deleting
-a key already gone is a silent no-op); each call holds a place in the AIMD limit on calls in
-flight (:mod:`sweeper.concurrency`).
+"""The one retry policy for every Datastore call sweeper makes (the client's own retries are
+off; docs/design.md, "Batched deletes with retry"), and the run's one stop.
 
 Retries are bounded by time and by the run's progress, not by a count: one dropped connection
 fails every call in flight together, so a handful of drops would exhaust any small count.
@@ -107,12 +103,8 @@ def too_large(exc: BaseException) -> bool:
 @dataclass(frozen=True)
 class RetryPolicy:
     """Jittered exponential backoff. A call is retried while some call of the run succeeded
-    within ``stall_s`` and it is younger than ``max_delay_s``.
-
-    A database that is gone so fails the run about ``stall_s`` after the last success (plus one
-    ``call_timeout_s`` when every attempt hangs): within two minutes with the defaults, so a
-    CronJob fails visibly instead of hanging. ``max_attempts`` is for tests.
-    """
+    within ``stall_s`` (so a CronJob against a dead database fails instead of hanging) and it is
+    younger than ``max_delay_s``. ``max_attempts`` is for tests."""
 
     max_attempts: int | None = None
     max_delay_s: float = 120.0
