@@ -164,14 +164,12 @@ class Retrier:
 
     @property
     def timeout(self) -> float:
-        """The deadline to give a read: the policy's, and never past the run's own deadline
-        (a read that never answers holds up no stop; after the deadline none is needed)."""
+        """A read's deadline: the policy's, never past the run's (a hung read holds up no stop)."""
         return self._bounded(0.0)
 
     @property
     def delete_timeout(self) -> float:
-        """The deadline to give a commit: the policy's, and never more than ``DRAIN_S`` past
-        the run's deadline (a delete in flight then gets that long to land)."""
+        """A commit's deadline: the policy's, at most ``DRAIN_S`` (time to land) past the run's."""
         return self._bounded(DRAIN_S)
 
     def _bounded(self, past_deadline: float) -> float:
@@ -241,11 +239,9 @@ class Retrier:
         )
 
 
-# -- Stopping: when a run must stop, and waits that end the moment it must --------------------
-#
-# A check only before each batch misses most of a run's time (a scan where nothing expired, a
-# five-minute throttle wait), so every wait is cut into short slices with a check before each,
-# and every Datastore call has one (:class:`Retrier`).
+# -- Stopping: every wait is cut into short slices with a check before each, as is every call
+# (:class:`Retrier`): a check only before each batch would miss most of a run's time (a scan
+# where nothing expired, a five-minute throttle wait).
 
 WAIT_SLICE_S = 0.2  # the longest a wait goes without looking at the stop flag and deadline
 # Once a run must stop, deletes already in flight get this long to land, so that the counts
@@ -275,12 +271,9 @@ class Stopped(BaseException):
 
 
 class StopEvent(threading.Event):
-    """The run's stop flag, set by :class:`StopOnSignal` or a test.
-
-    While the main thread runs a sweep or a report (:meth:`interrupting`), a signal also raises
-    :class:`Stopped` in it, once, wherever it waits (a lock, a thread, a call that never
-    answers: gRPC looks at signals every 200 ms while it waits). Otherwise it only sets the flag.
-    """
+    """The run's stop flag, set by :class:`StopOnSignal` or a test. While the main thread runs
+    a sweep or a report (:meth:`interrupting`), a signal also raises :class:`Stopped` in it,
+    once, wherever it waits (a call that never answers too: gRPC looks at signals every 200 ms)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -332,9 +325,8 @@ class StopOnSignal:
 
 
 class Stopper:
-    """The run's one stop: an event (set by a signal handler, or a test) and a deadline (a
-    value of ``monotonic``: ``--max-runtime``; None: none). Answers "must the run stop, and
-    why" from any thread, and waits interruptibly."""
+    """The run's one stop, asked from any thread: the stop event and the ``--max-runtime``
+    deadline (a value of ``monotonic``, or None)."""
 
     def __init__(
         self,
@@ -354,7 +346,6 @@ class Stopper:
         return None
 
     def stopping(self) -> bool:
-        """Whether the run must stop: what every loop of the run asks between its steps."""
         return self.reason() is not None
 
     def time_left(self) -> float | None:
