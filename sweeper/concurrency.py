@@ -203,8 +203,7 @@ class Pipeline(Generic[A]):
     """Querying and deleting overlap: each stream's thread puts batches on a queue of at most
     ``2 x workers`` (memory stays bounded) for the workers to ``process``. A stop
     (``should_stop``, or any thread's first error, which :meth:`run` re-raises) is checked
-    before a batch is queued and before one is taken: deletes in flight finish, none start.
-    """
+    before a batch is queued and before one is taken: deletes in flight finish, none start."""
 
     def __init__(
         self,
@@ -222,7 +221,6 @@ class Pipeline(Generic[A]):
         self._lock = threading.Lock()
 
     def run(self, streams: Sequence[Iterable[A]]) -> None:
-        """Drain every stream through the workers; raise the first error any thread hit."""
         producers = [self._thread(self._produce, stream) for stream in streams]
         consumers = [self._thread(self._consume) for _ in range(self._workers)]
         for thread in producers:
