@@ -50,12 +50,10 @@ T = TypeVar("T")
 
 
 class Command(click.Command):
-    """A command that also refuses a ``SWEEPER_*`` variable of its options set but blank.
-
-    click reads an empty variable as unset, so ``SWEEPER_KIND=`` (a value a template lost) would
-    sweep the default kind. The fallbacks (``DATASTORE_PROJECT_ID``, ...) keep the Google
-    client's convention: empty means unset. Checked after parsing, so ``--help`` answers first.
-    """
+    """A command that also refuses a ``SWEEPER_*`` variable of its options set but blank: click
+    reads it as unset, so ``SWEEPER_KIND=`` (a value a template lost) would sweep the default
+    kind. The fallbacks (``DATASTORE_PROJECT_ID``, ...) keep the Google client's convention:
+    empty means unset. Checked after parsing, so ``--help`` answers first."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if ctx.resilient_parsing:  # shell completion: nothing will run
@@ -114,7 +112,11 @@ def sweep(**options: Any) -> None:
     log_format = _log_format(options, sys.stderr)  # the logs are sweep's output
     person = log_format == "console" and sys.stderr.isatty()
     line = ProgressLine(sys.stderr) if person and not options["quiet"] else None
-    level = _log_level(ctx, options, person)
+    level: str = options["log_level"]
+    if options["quiet"]:
+        level = "error"
+    elif person and ctx.get_parameter_source("log_level") is ParameterSource.DEFAULT:
+        level = "warning"  # the plan, the progress line and the summary say the rest
     configure(
         log_format, level, sys.stderr, person=person, before_each=line.clear if line else None
     )
@@ -173,8 +175,7 @@ def inspect(**options: Any) -> None:
       sweeper inspect --kind used-jti-claim --format epoch-seconds --log-format json
     """
     settings = SweepSettings(**opts.settings_of(options))
-    # The report (on stdout) and the logs (on stderr) share a format, chosen by default from
-    # where the report goes.
+    # The report (on stdout) and the logs (on stderr) share a format, by default the report's.
     log_format = _log_format(options, sys.stdout)
     output = "table" if log_format == "console" else "json"
     configure(log_format, options["log_level"], sys.stderr)
@@ -194,32 +195,24 @@ def inspect(**options: Any) -> None:
         if settings.all_namespaces:
             retrier = Retrier(_retry_policy(options), RetryCounter())
             targets = run_until_signal(
-                stop, "inspect", lambda: list(each_namespace(settings, client_for, retrier))
+                stop, lambda: list(each_namespace(settings, client_for, retrier))
             )
         # One report per target, each printed as it is made: a table each, or JSON lines.
         for each in targets:
-            one = run_until_signal(stop, "inspect", partial(report, each))
+            one = run_until_signal(stop, partial(report, each))
             click.echo(render_table(one) if output == "table" else json.dumps(report_dict(one)))
 
 
-class StoppedBySignal(SweeperError):
-    """A command without a summary of its own (``inspect``) was stopped by a signal."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def run_until_signal(stop: StopOnSignal, what: str, fn: Callable[[], T]) -> T:
-    """``fn``, ended at once (one line, exit 143/130) by SIGTERM/SIGINT whatever call it waits
-    for: for read-only work such as ``inspect``, which has nothing to drain."""
+def run_until_signal(stop: StopOnSignal, fn: Callable[[], T]) -> T:
+    """``inspect``'s ``fn``, ended at once (one line, exit 143/130) by SIGTERM/SIGINT whatever
+    call it waits for: read-only, it has nothing to drain and no summary of its own."""
     try:
         with stop.event.interrupting():
             return fn()
     except Stopped:
-        raise StoppedBySignal(
-            f"{what} stopped by {stop.name}; nothing was changed", stop.exit_code
-        ) from None
+        stopped = SweeperError(f"inspect stopped by {stop.name}; nothing was changed")
+        stopped.exit_code = stop.exit_code
+        raise stopped from None
 
 
 def _targets(ctx: click.Context, options: dict[str, Any]) -> list[SweepSettings]:
@@ -270,15 +263,6 @@ def _retry_policy(options: dict[str, Any]) -> RetryPolicy:
     (and never retrying past twice that in all)."""
     stall = max(options["give_up_after"].total_seconds(), 1.0)
     return RetryPolicy(stall_s=stall, max_delay_s=max(2 * stall, RetryPolicy().max_delay_s))
-
-
-def _log_level(ctx: click.Context, options: dict[str, Any], person: bool) -> str:
-    """``--log-level``; for a person at a terminal, unless asked, warnings and errors only: the
-    plan, the progress line and the summary say the rest, in lines a person reads."""
-    if options["quiet"]:
-        return "error"
-    asked = ctx.get_parameter_source("log_level") is not ParameterSource.DEFAULT
-    return options["log_level"] if asked or not person else "warning"
 
 
 def _log_format(options: dict[str, Any], stream: TextIO) -> LogFormat:

@@ -1,10 +1,6 @@
-"""The run's threads: how many Datastore calls may be in flight at once (cut on connection loss,
-regrown on success), two reads at once, and the pipeline of page streams and delete workers.
-
-A client's calls all share one gRPC channel, so a dropped connection fails every call in flight
-at once, and retrying all of them together only repeats the loss. So the limit follows AIMD
-(docs/design.md, "A bad network slows the run down"): it halves when a call fails at the
-connection level, and grows by one after as many successes in a row as the limit itself.
+"""The run's threads: the AIMD limit on Datastore calls in flight (docs/design.md, "A bad
+network slows the run down": one gRPC channel, so one drop fails every call in flight), two
+reads at once, and the pipeline of page streams and delete workers.
 """
 
 from __future__ import annotations
@@ -100,10 +96,6 @@ def together(first: Callable[[], A], second: Callable[[], B]) -> tuple[A, B]:
 _POLL_S = 0.1
 
 
-def is_connection_level(exc: BaseException) -> bool:
-    return isinstance(exc, CONNECTION_LEVEL)
-
-
 @dataclass(frozen=True)
 class Degradation:
     """What the limiter did over a run, for ``sweep_finished``."""
@@ -192,7 +184,7 @@ class CallLimiter:
                     self._successes = 0
                     self.limit += 1
                     self._log.record(self.limit)
-            elif error is not None and is_connection_level(error) and epoch == self._epoch:
+            elif isinstance(error, CONNECTION_LEVEL) and epoch == self._epoch:
                 self._epoch += 1
                 self._successes = 0
                 self.limit = max(1, self.limit // 2)
@@ -211,8 +203,7 @@ class Pipeline(Generic[A]):
     """Querying and deleting overlap: each stream's thread puts batches on a queue of at most
     ``2 x workers`` (memory stays bounded) for the workers to ``process``. A stop
     (``should_stop``, or any thread's first error, which :meth:`run` re-raises) is checked
-    before a batch is queued and before one is taken: deletes in flight finish, none start.
-    """
+    before a batch is queued and before one is taken: deletes in flight finish, none start."""
 
     def __init__(
         self,
@@ -226,12 +217,10 @@ class Pipeline(Generic[A]):
         self._process = process
         self._should_stop = should_stop
         self._queue: queue.Queue[object] = queue.Queue(maxsize=2 * workers)
-        self._failed = threading.Event()
         self._error: BaseException | None = None
         self._lock = threading.Lock()
 
     def run(self, streams: Sequence[Iterable[A]]) -> None:
-        """Drain every stream through the workers; raise the first error any thread hit."""
         producers = [self._thread(self._produce, stream) for stream in streams]
         consumers = [self._thread(self._consume) for _ in range(self._workers)]
         for thread in producers:
@@ -244,7 +233,7 @@ class Pipeline(Generic[A]):
             raise self._error
 
     def stopping(self) -> bool:
-        return self._failed.is_set() or self._should_stop()
+        return self._error is not None or self._should_stop()
 
     def _thread(self, target: Callable[..., None], *args: object) -> threading.Thread:
         thread = threading.Thread(target=target, args=args, daemon=True)
@@ -255,7 +244,6 @@ class Pipeline(Generic[A]):
         with self._lock:
             if self._error is None:
                 self._error = exc
-        self._failed.set()
 
     def _produce(self, stream: Iterable[A]) -> None:
         try:

@@ -1,9 +1,5 @@
-"""The one retry policy for every Datastore call sweeper makes, and the run's one stop.
-
-``google-cloud-datastore`` retries queries on its own but never commits, so sweeper turns the
-client's retries off and retries every call itself, counting and logging each retry (deleting
-a key already gone is a silent no-op); each call holds a place in the AIMD limit on calls in
-flight (:mod:`sweeper.concurrency`).
+"""The one retry policy for every Datastore call sweeper makes (the client's own retries are
+off; docs/design.md, "Batched deletes with retry"), and the run's one stop.
 
 Retries are bounded by time and by the run's progress, not by a count: one dropped connection
 fails every call in flight together, so a handful of drops would exhaust any small count.
@@ -107,12 +103,8 @@ def too_large(exc: BaseException) -> bool:
 @dataclass(frozen=True)
 class RetryPolicy:
     """Jittered exponential backoff. A call is retried while some call of the run succeeded
-    within ``stall_s`` and it is younger than ``max_delay_s``.
-
-    A database that is gone so fails the run about ``stall_s`` after the last success (plus one
-    ``call_timeout_s`` when every attempt hangs): within two minutes with the defaults, so a
-    CronJob fails visibly instead of hanging. ``max_attempts`` is for tests.
-    """
+    within ``stall_s`` (so a CronJob against a dead database fails instead of hanging) and it is
+    younger than ``max_delay_s``. ``max_attempts`` is for tests."""
 
     max_attempts: int | None = None
     max_delay_s: float = 120.0
@@ -172,14 +164,12 @@ class Retrier:
 
     @property
     def timeout(self) -> float:
-        """The deadline to give a read: the policy's, and never past the run's own deadline
-        (a read that never answers holds up no stop; after the deadline none is needed)."""
+        """A read's deadline: the policy's, never past the run's (a hung read holds up no stop)."""
         return self._bounded(0.0)
 
     @property
     def delete_timeout(self) -> float:
-        """The deadline to give a commit: the policy's, and never more than ``DRAIN_S`` past
-        the run's deadline (a delete in flight then gets that long to land)."""
+        """A commit's deadline: the policy's, at most ``DRAIN_S`` (time to land) past the run's."""
         return self._bounded(DRAIN_S)
 
     def _bounded(self, past_deadline: float) -> float:
@@ -249,11 +239,9 @@ class Retrier:
         )
 
 
-# -- Stopping: when a run must stop, and waits that end the moment it must --------------------
-#
-# A check only before each batch misses most of a run's time (a scan where nothing expired, a
-# five-minute throttle wait), so every wait is cut into short slices with a check before each,
-# and every Datastore call has one (:class:`Retrier`).
+# -- Stopping: every wait is cut into short slices with a check before each, as is every call
+# (:class:`Retrier`): a check only before each batch would miss most of a run's time (a scan
+# where nothing expired, a five-minute throttle wait).
 
 WAIT_SLICE_S = 0.2  # the longest a wait goes without looking at the stop flag and deadline
 # Once a run must stop, deletes already in flight get this long to land, so that the counts
@@ -283,12 +271,9 @@ class Stopped(BaseException):
 
 
 class StopEvent(threading.Event):
-    """The run's stop flag, set by :class:`StopOnSignal` or a test.
-
-    While the main thread runs a sweep or a report (:meth:`interrupting`), a signal also raises
-    :class:`Stopped` in it, once, wherever it waits (a lock, a thread, a call that never
-    answers: gRPC looks at signals every 200 ms while it waits). Otherwise it only sets the flag.
-    """
+    """The run's stop flag, set by :class:`StopOnSignal` or a test. While the main thread runs
+    a sweep or a report (:meth:`interrupting`), a signal also raises :class:`Stopped` in it,
+    once, wherever it waits (a call that never answers too: gRPC looks at signals every 200 ms)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -340,9 +325,8 @@ class StopOnSignal:
 
 
 class Stopper:
-    """The run's one stop: an event (set by a signal handler, or a test) and a deadline (a
-    value of ``monotonic``: ``--max-runtime``; None: none). Answers "must the run stop, and
-    why" from any thread, and waits interruptibly."""
+    """The run's one stop, asked from any thread: the stop event and the ``--max-runtime``
+    deadline (a value of ``monotonic``, or None)."""
 
     def __init__(
         self,
@@ -362,7 +346,6 @@ class Stopper:
         return None
 
     def stopping(self) -> bool:
-        """Whether the run must stop: what every loop of the run asks between its steps."""
         return self.reason() is not None
 
     def time_left(self) -> float | None:

@@ -10,7 +10,7 @@ from contextlib import AbstractContextManager
 import pytest
 from google.api_core import exceptions as gexc
 
-from sweeper.concurrency import CallLimiter, Degradation, Pool, is_connection_level, together
+from sweeper.concurrency import CONNECTION_LEVEL, CallLimiter, Degradation, Pool, together
 from sweeper.retry import Stopped, StopReason
 from tests.support.clock import FakeClock
 from tests.unit.fakes import api_error
@@ -82,7 +82,7 @@ def test_other_failures_do_not_cut(error: Exception) -> None:
     limiter = CallLimiter(8, FakeClock())
     fail_one(limiter, error)
     assert limiter.limit == 8
-    assert not is_connection_level(error)
+    assert not isinstance(error, CONNECTION_LEVEL)
 
 
 def test_the_slot_lets_the_error_through() -> None:
