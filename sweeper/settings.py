@@ -112,16 +112,6 @@ def check_name(what: str, value: str) -> str:
     return value
 
 
-def check_namespace(value: str | None) -> str | None:
-    if not value:
-        return None
-    if not _NAMESPACE.fullmatch(value) or (value.startswith("__") and value.endswith("__")):
-        raise UsageError(
-            f"invalid namespace {value!r}: use up to 100 letters, digits, '.', '_' or '-'"
-        )
-    return value
-
-
 def check_database(value: str | None) -> str | None:
     """A Firestore database id, or None for the default database (also ``""`` and
     ``"(default)"``). Checked before any call: a bad id otherwise fails only at Datastore."""
@@ -136,14 +126,9 @@ def check_database(value: str | None) -> str | None:
 
 
 def parse_format(text: str) -> FormatChoice:
-    if text == "auto":
-        return "auto"
-    try:
-        return Encoding(text)
-    except ValueError:
-        raise UsageError(
-            f"invalid format {text!r}: choose one of {', '.join(FORMAT_CHOICES)}"
-        ) from None
+    if text not in FORMAT_CHOICES:
+        raise UsageError(f"invalid format {text!r}: choose one of {', '.join(FORMAT_CHOICES)}")
+    return "auto" if text == "auto" else Encoding(text)
 
 
 @dataclass(frozen=True)
@@ -189,7 +174,11 @@ class SweepSettings:
             raise UsageError("max deletes must be at least 1")
         if self.max_runtime is not None and self.max_runtime <= dt.timedelta(0):
             raise UsageError("max runtime must be greater than 0")
-        check_namespace(self.namespace)
+        ns = self.namespace
+        if ns and (not _NAMESPACE.fullmatch(ns) or (ns.startswith("__") and ns.endswith("__"))):
+            raise UsageError(
+                f"invalid namespace {ns!r}: use up to 100 letters, digits, '.', '_' or '-'"
+            )
         if self.all_namespaces and self.namespace is not None:
             raise UsageError(
                 "--all-namespaces sweeps every namespace: it cannot be combined with --namespace"
@@ -338,15 +327,11 @@ def load_targets(
 def _target(
     where: str, from_file: dict[str, Any], base: dict[str, Any], explicit: dict[str, Any]
 ) -> SweepSettings:
+    """One target's settings, the command line's explicit values applied over its file's."""
     for field_name, name in _REQUIRED.items():
         if field_name not in from_file:
             raise UsageError(f"{name} is required")
-    return SweepSettings(**{**base, **from_file, **_merge(where, from_file, explicit)})
-
-
-def _merge(where: str, from_file: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
-    """The command line's explicit values, as they apply over one target's file values."""
-    merged = dict(explicit)
+    merged = {**base, **from_file, **explicit}
     for name, value in explicit.items():
         if name not in from_file or from_file[name] == value:
             continue
@@ -360,7 +345,7 @@ def _merge(where: str, from_file: dict[str, Any], explicit: dict[str, Any]) -> d
             command_line=value,
             used=merged[name],
         )
-    return merged
+    return SweepSettings(**merged)
 
 
 def _fields(table: object) -> dict[str, Any]:
