@@ -1,10 +1,7 @@
 """Optional: push one run's ``sweep_finished`` summary to a Prometheus Pushgateway, once at
-the end (a CronJob lives too briefly to be scraped); the gauges and alerts: docs/metrics.md.
-
-Each target, shard of it and project is its own group, so no run overwrites another's figures.
-The push is a POST (``pushadd``), which replaces only the metric names it carries within the
-group: what a run leaves out keeps its last pushed value.
-"""
+the end (a CronJob lives too briefly to be scraped). Each target, shard and project is its own
+group; the push is a POST (``pushadd``): what a run leaves out keeps its last pushed value.
+The gauges, the grouping key and the alerts: docs/metrics.md."""
 
 from __future__ import annotations
 
@@ -94,7 +91,7 @@ def push_summary(
 ) -> None:
     """Push ``summary`` to ``url`` through ``handler`` (:func:`transport`, or a stub in tests).
     Raises :class:`MetricsError` for a bad URL, a bad summary, or any network or HTTP failure."""
-    check_url(url)
+    check_url(url)  # which refuses credentials in the URL: it is safe to show
     registry = build_registry(summary, now())
     try:
         pushadd_to_gateway(
@@ -107,12 +104,10 @@ def push_summary(
         )
     except urllib.error.HTTPError as exc:
         raise MetricsError(
-            f"Pushgateway {_redact(url)} refused the push: HTTP {exc.code}: {_body(exc)}"
+            f"Pushgateway {url} refused the push: HTTP {exc.code}: {_body(exc)}"
         ) from exc
     except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise MetricsError(
-            f"could not push metrics to Pushgateway {_redact(url)}: {_reason(exc)}"
-        ) from exc
+        raise MetricsError(f"could not push metrics to Pushgateway {url}: {_reason(exc)}") from exc
 
 
 def succeeded(summary: Mapping[str, Any]) -> bool:
