@@ -83,17 +83,16 @@ _MAX_NAME_BYTES = 1500
 def parse_duration(text: str) -> dt.timedelta:
     """Parse ``0``, ``90s``, ``15m``, ``3h``, ``2d`` or a sum such as ``1h30m`` (``_DURATION``)."""
     raw = text.strip()
-    shown = _shown(text)
     if not _DURATION.fullmatch(raw):
         raise UsageError(
-            f"invalid duration {shown}: use 0 or a number (digits 0-9) followed by "
+            f"invalid duration {_shown(text)}: use 0 or a number (digits 0-9) followed by "
             f"{DURATION_UNITS}, e.g. 90s, 15m, 3h, 2d or 1h30m"
         )
     try:
         seconds = sum(int(n) * UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(raw))
         return dt.timedelta(seconds=seconds)
     except (OverflowError, ValueError):  # ValueError: more digits than int() reads
-        raise UsageError(f"invalid duration {shown}: too large") from None
+        raise UsageError(f"invalid duration {_shown(text)}: too large") from None
 
 
 def _shown(text: str, limit: int = 70) -> str:
@@ -101,7 +100,7 @@ def _shown(text: str, limit: int = 70) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def check_name(what: str, value: str) -> str:
+def check_name(what: str, value: str) -> None:
     """Kinds and property names: non-empty, not reserved, within Datastore's size limit."""
     if not value or not value.strip():
         raise UsageError(f"{what} must not be empty")
@@ -109,7 +108,6 @@ def check_name(what: str, value: str) -> str:
         raise UsageError(f"{what} {value!r} is reserved by Datastore")
     if len(value.encode()) > _MAX_NAME_BYTES:
         raise UsageError(f"{what} is longer than Datastore's {_MAX_NAME_BYTES}-byte limit")
-    return value
 
 
 def check_database(value: str | None) -> str | None:
@@ -335,7 +333,7 @@ def _target(
     for name, value in explicit.items():
         if name not in from_file or from_file[name] == value:
             continue
-        safe = _BY_FIELD[name].safe if name in _BY_FIELD else None
+        safe = _BY_FIELD[name].safe  # a name in from_file is a key's field
         merged[name] = safe if safe is not None and safe in (value, from_file[name]) else value
         structlog.get_logger("sweeper.config").warning(
             "option_overridden",
