@@ -118,7 +118,8 @@ def succeeded(summary: Mapping[str, Any]) -> bool:
 def grouping_key(summary: Mapping[str, Any]) -> dict[str, str]:
     """The labels that make one target's group; ``job`` is added by prometheus_client."""
     keys = ("project", "kind", "namespace", "database", "property", "shard")
-    return {key: _label(summary, key) for key in keys}
+    values = {key: summary.get(key) for key in keys}
+    return {k: DEFAULT_LABEL if v is None or v == "" else str(v) for k, v in values.items()}
 
 
 def build_registry(summary: Mapping[str, Any], timestamp: float) -> CollectorRegistry:
@@ -185,9 +186,8 @@ def _epoch_seconds(iso: str) -> float:
 
 
 def check_url(url: str) -> str:
-    """Refuse what prometheus_client would silently "fix" (it prefixes http:// to anything).
-    Also ``--pushgateway``'s check (sweeper.options), so a URL that cannot work is a usage
-    error before the run rather than a warning after its deletes."""
+    """Refuse what prometheus_client would silently "fix" (it prefixes http:// to anything); also
+    ``--pushgateway``'s check: a bad URL is a usage error before the run, not a warning after it."""
     invalid = f"invalid Pushgateway URL {_redact(url)!r}"
     try:
         parts = urllib.parse.urlsplit(url)
@@ -200,11 +200,6 @@ def check_url(url: str) -> str:
         # urllib would take user:password@ for part of the host name and fail obscurely.
         raise MetricsError(f"{invalid}: credentials in the URL are not supported")
     return url
-
-
-def _label(summary: Mapping[str, Any], key: str) -> str:
-    value = summary.get(key)
-    return DEFAULT_LABEL if value is None or value == "" else str(value)
 
 
 def _number(summary: Mapping[str, Any], key: str) -> float:
