@@ -231,9 +231,8 @@ RETENTION_COUNT_LIMIT = 10_000
 
 @dataclass(frozen=True)
 class Retention:
-    """What is left after a run: past the cutoff (``expired_left``, its oldest expiry), which
-    native TTL hides, and in all (``carrying``), which tells a target with nothing due from a
-    misnamed one, whose "0 expired left" reads as "keeping up"."""
+    """What is left after a run (native TTL hides it): past the cutoff, and in all (``carrying``),
+    without which a misnamed target's "0 expired left" would read as "keeping up"."""
 
     carrying: Count
     expired_left: Count | None = None  # None: no encoding, nothing could be past the cutoff
@@ -275,9 +274,8 @@ def measure_retention(
 
 @dataclass(frozen=True)
 class Budget:
-    """What the sweeps of one run share with ``--all-namespaces``: the stop flag and the
-    ``--max-runtime`` deadline, which end the whole run, and the throttle, whose ramp-up goes
-    on from namespace to namespace instead of starting again in each."""
+    """Shared by the sweeps of an ``--all-namespaces`` run: the stop flag and ``--max-runtime``
+    deadline, which end the whole run, and the throttle, whose ramp-up goes on across namespaces."""
 
     stopper: Stopper
     throttle: Throttle
