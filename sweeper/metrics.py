@@ -1,10 +1,7 @@
 """Optional: push one run's ``sweep_finished`` summary to a Prometheus Pushgateway, once at
-the end (a CronJob lives too briefly to be scraped); the gauges and alerts: docs/metrics.md.
-
-Each target, shard of it and project is its own group, so no run overwrites another's figures.
-The push is a POST (``pushadd``), which replaces only the metric names it carries within the
-group: what a run leaves out keeps its last pushed value.
-"""
+the end (a CronJob lives too briefly to be scraped). Each target, shard and project is its own
+group; the push is a POST (``pushadd``): what a run leaves out keeps its last pushed value.
+The gauges, the grouping key and the alerts: docs/metrics.md."""
 
 from __future__ import annotations
 
@@ -94,7 +91,7 @@ def push_summary(
 ) -> None:
     """Push ``summary`` to ``url`` through ``handler`` (:func:`transport`, or a stub in tests).
     Raises :class:`MetricsError` for a bad URL, a bad summary, or any network or HTTP failure."""
-    check_url(url)
+    check_url(url)  # which refuses credentials in the URL: it is safe to show
     registry = build_registry(summary, now())
     try:
         pushadd_to_gateway(
@@ -107,12 +104,10 @@ def push_summary(
         )
     except urllib.error.HTTPError as exc:
         raise MetricsError(
-            f"Pushgateway {_redact(url)} refused the push: HTTP {exc.code}: {_body(exc)}"
+            f"Pushgateway {url} refused the push: HTTP {exc.code}: {_body(exc)}"
         ) from exc
     except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise MetricsError(
-            f"could not push metrics to Pushgateway {_redact(url)}: {_reason(exc)}"
-        ) from exc
+        raise MetricsError(f"could not push metrics to Pushgateway {url}: {_reason(exc)}") from exc
 
 
 def succeeded(summary: Mapping[str, Any]) -> bool:
@@ -123,7 +118,8 @@ def succeeded(summary: Mapping[str, Any]) -> bool:
 def grouping_key(summary: Mapping[str, Any]) -> dict[str, str]:
     """The labels that make one target's group; ``job`` is added by prometheus_client."""
     keys = ("project", "kind", "namespace", "database", "property", "shard")
-    return {key: _label(summary, key) for key in keys}
+    values = {key: summary.get(key) for key in keys}
+    return {k: DEFAULT_LABEL if v is None or v == "" else str(v) for k, v in values.items()}
 
 
 def build_registry(summary: Mapping[str, Any], timestamp: float) -> CollectorRegistry:
@@ -190,9 +186,8 @@ def _epoch_seconds(iso: str) -> float:
 
 
 def check_url(url: str) -> str:
-    """Refuse what prometheus_client would silently "fix" (it prefixes http:// to anything).
-    Also ``--pushgateway``'s check (sweeper.options), so a URL that cannot work is a usage
-    error before the run rather than a warning after its deletes."""
+    """Refuse what prometheus_client would silently "fix" (it prefixes http:// to anything); also
+    ``--pushgateway``'s check: a bad URL is a usage error before the run, not a warning after it."""
     invalid = f"invalid Pushgateway URL {_redact(url)!r}"
     try:
         parts = urllib.parse.urlsplit(url)
@@ -205,11 +200,6 @@ def check_url(url: str) -> str:
         # urllib would take user:password@ for part of the host name and fail obscurely.
         raise MetricsError(f"{invalid}: credentials in the URL are not supported")
     return url
-
-
-def _label(summary: Mapping[str, Any], key: str) -> str:
-    value = summary.get(key)
-    return DEFAULT_LABEL if value is None or value == "" else str(value)
 
 
 def _number(summary: Mapping[str, Any], key: str) -> float:

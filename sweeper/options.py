@@ -1,8 +1,6 @@
-"""The options of ``sweeper sweep`` and ``sweeper inspect``, each also ``SWEEPER_<NAME>``.
-
-An option's keyword is the :class:`SweepSettings` field it sets, if any, its value converted: a
-command makes its settings with :func:`settings_of`. docs/options.md is their ``--help``.
-"""
+"""The options of ``sweeper sweep`` and ``sweeper inspect``, each also ``SWEEPER_<NAME>``. An
+option's keyword is the :class:`SweepSettings` field it sets, if any (:func:`settings_of`), its
+value converted. docs/options.md is their ``--help``."""
 
 from __future__ import annotations
 
@@ -70,8 +68,7 @@ def _option(
     *decls: str, fallbacks: Sequence[str] = (), show_default: bool = True, **attrs: Any
 ) -> Decorator[Any]:
     """``click.option``, read from ``SWEEPER_<NAME>`` too (then ``fallbacks``), default shown."""
-    variable = "SWEEPER_" + decls[0].split("/")[0][2:].upper().replace("-", "_")
-    envvar = [variable, *fallbacks]
+    envvar = ["SWEEPER_" + decls[0].split("/")[0][2:].upper().replace("-", "_"), *fallbacks]
     return click.option(*decls, envvar=envvar, show_envvar=True, show_default=show_default, **attrs)
 
 

@@ -90,7 +90,7 @@ class SweepResult:
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.verify = bool(self.settings.verify)  # until the run decides an automatic one
+        self.verify = bool(self.settings.verify)
 
     @property
     def held_nothing(self) -> bool:
@@ -194,9 +194,6 @@ def _degradation(name: str, d: Degradation | None) -> dict[str, Any]:
     }
 
 
-# -- Progress ------------------------------------------------------------------------------------
-
-
 class ProgressLog:
     """``sweep_progress`` events, at most one per ``progress_every_s``."""
 
@@ -227,11 +224,6 @@ class ProgressLog:
             )
 
 
-# -- Retention: what is left after a run ---------------------------------------------------------
-# "Is it keeping up?", which native TTL hides. How many entities carry the property at all tells
-# a target with nothing due from a misnamed one, whose "0 expired left" reads as "keeping up".
-
-
 # Counts after a run stop here and say so: enough to tell "keeping up" from "falling behind",
 # cheap on any database (at most 10 reads as an aggregation).
 RETENTION_COUNT_LIMIT = 10_000
@@ -239,7 +231,8 @@ RETENTION_COUNT_LIMIT = 10_000
 
 @dataclass(frozen=True)
 class Retention:
-    """What is left: past the cutoff (``expired_left``, its oldest expiry) and in all."""
+    """What is left after a run (native TTL hides it): past the cutoff, and in all (``carrying``),
+    without which a misnamed target's "0 expired left" would read as "keeping up"."""
 
     carrying: Count
     expired_left: Count | None = None  # None: no encoding, nothing could be past the cutoff
@@ -281,9 +274,8 @@ def measure_retention(
 
 @dataclass(frozen=True)
 class Budget:
-    """What the sweeps of one run share with ``--all-namespaces``: the stop flag and the
-    ``--max-runtime`` deadline, which end the whole run, and the throttle, whose ramp-up goes
-    on from namespace to namespace instead of starting again in each."""
+    """Shared by the sweeps of an ``--all-namespaces`` run: the stop flag and ``--max-runtime``
+    deadline, which end the whole run, and the throttle, whose ramp-up goes on across namespaces."""
 
     stopper: Stopper
     throttle: Throttle
@@ -292,14 +284,7 @@ class Budget:
     def start(cls, settings: SweepSettings, rt: Runtime, deadline: float | None = None) -> Budget:
         """A fresh budget; ``deadline`` is a value of ``rt.monotonic`` (a lone sweep sets its
         own once it runs)."""
+        s = settings
         stopper = Stopper(rt.stop, rt.monotonic, rt.sleep, deadline)
-        throttle = Throttle(
-            ThrottleSettings(
-                ramp_up=settings.ramp_up,
-                max_rate=settings.max_rate,
-                divisor=settings.shard.count,
-            ),
-            clock=rt.monotonic,
-            sleep=stopper.pause,
-        )
-        return cls(stopper, throttle)
+        limits = ThrottleSettings(ramp_up=s.ramp_up, max_rate=s.max_rate, divisor=s.shard.count)
+        return cls(stopper, Throttle(limits, clock=rt.monotonic, sleep=stopper.pause))

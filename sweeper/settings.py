@@ -83,17 +83,16 @@ _MAX_NAME_BYTES = 1500
 def parse_duration(text: str) -> dt.timedelta:
     """Parse ``0``, ``90s``, ``15m``, ``3h``, ``2d`` or a sum such as ``1h30m`` (``_DURATION``)."""
     raw = text.strip()
-    shown = _shown(text)
     if not _DURATION.fullmatch(raw):
         raise UsageError(
-            f"invalid duration {shown}: use 0 or a number (digits 0-9) followed by "
+            f"invalid duration {_shown(text)}: use 0 or a number (digits 0-9) followed by "
             f"{DURATION_UNITS}, e.g. 90s, 15m, 3h, 2d or 1h30m"
         )
     try:
         seconds = sum(int(n) * UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(raw))
         return dt.timedelta(seconds=seconds)
     except (OverflowError, ValueError):  # ValueError: more digits than int() reads
-        raise UsageError(f"invalid duration {shown}: too large") from None
+        raise UsageError(f"invalid duration {_shown(text)}: too large") from None
 
 
 def _shown(text: str, limit: int = 70) -> str:
@@ -101,7 +100,7 @@ def _shown(text: str, limit: int = 70) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def check_name(what: str, value: str) -> str:
+def check_name(what: str, value: str) -> None:
     """Kinds and property names: non-empty, not reserved, within Datastore's size limit."""
     if not value or not value.strip():
         raise UsageError(f"{what} must not be empty")
@@ -109,17 +108,6 @@ def check_name(what: str, value: str) -> str:
         raise UsageError(f"{what} {value!r} is reserved by Datastore")
     if len(value.encode()) > _MAX_NAME_BYTES:
         raise UsageError(f"{what} is longer than Datastore's {_MAX_NAME_BYTES}-byte limit")
-    return value
-
-
-def check_namespace(value: str | None) -> str | None:
-    if not value:
-        return None
-    if not _NAMESPACE.fullmatch(value) or (value.startswith("__") and value.endswith("__")):
-        raise UsageError(
-            f"invalid namespace {value!r}: use up to 100 letters, digits, '.', '_' or '-'"
-        )
-    return value
 
 
 def check_database(value: str | None) -> str | None:
@@ -136,14 +124,9 @@ def check_database(value: str | None) -> str | None:
 
 
 def parse_format(text: str) -> FormatChoice:
-    if text == "auto":
-        return "auto"
-    try:
-        return Encoding(text)
-    except ValueError:
-        raise UsageError(
-            f"invalid format {text!r}: choose one of {', '.join(FORMAT_CHOICES)}"
-        ) from None
+    if text not in FORMAT_CHOICES:
+        raise UsageError(f"invalid format {text!r}: choose one of {', '.join(FORMAT_CHOICES)}")
+    return "auto" if text == "auto" else Encoding(text)
 
 
 @dataclass(frozen=True)
@@ -189,7 +172,11 @@ class SweepSettings:
             raise UsageError("max deletes must be at least 1")
         if self.max_runtime is not None and self.max_runtime <= dt.timedelta(0):
             raise UsageError("max runtime must be greater than 0")
-        check_namespace(self.namespace)
+        ns = self.namespace
+        if ns and (not _NAMESPACE.fullmatch(ns) or (ns.startswith("__") and ns.endswith("__"))):
+            raise UsageError(
+                f"invalid namespace {ns!r}: use up to 100 letters, digits, '.', '_' or '-'"
+            )
         if self.all_namespaces and self.namespace is not None:
             raise UsageError(
                 "--all-namespaces sweeps every namespace: it cannot be combined with --namespace"
@@ -338,19 +325,15 @@ def load_targets(
 def _target(
     where: str, from_file: dict[str, Any], base: dict[str, Any], explicit: dict[str, Any]
 ) -> SweepSettings:
+    """One target's settings, the command line's explicit values applied over its file's."""
     for field_name, name in _REQUIRED.items():
         if field_name not in from_file:
             raise UsageError(f"{name} is required")
-    return SweepSettings(**{**base, **from_file, **_merge(where, from_file, explicit)})
-
-
-def _merge(where: str, from_file: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
-    """The command line's explicit values, as they apply over one target's file values."""
-    merged = dict(explicit)
+    merged = {**base, **from_file, **explicit}
     for name, value in explicit.items():
         if name not in from_file or from_file[name] == value:
             continue
-        safe = _BY_FIELD[name].safe if name in _BY_FIELD else None
+        safe = _BY_FIELD[name].safe  # a name in from_file is a key's field
         merged[name] = safe if safe is not None and safe in (value, from_file[name]) else value
         structlog.get_logger("sweeper.config").warning(
             "option_overridden",
@@ -360,7 +343,7 @@ def _merge(where: str, from_file: dict[str, Any], explicit: dict[str, Any]) -> d
             command_line=value,
             used=merged[name],
         )
-    return merged
+    return SweepSettings(**merged)
 
 
 def _fields(table: object) -> dict[str, Any]:
