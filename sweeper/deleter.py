@@ -141,9 +141,8 @@ class Committer:
         self._client, self._retrier = client, retrier
         self._kind, self._prop, self.verify = kind, prop, verify
         self._sizer, self._throttle, self.allowance = sizer, throttle, allowance
-        # Beside the run's counts, under the same lock (the result's): keys sent and not yet
-        # answered (``unconfirmed`` if the run must stop first), keys refused even alone, and
-        # the versions this run's commits wrote (rule 5).
+        # Under the result's lock: keys sent, not yet answered (``unconfirmed`` if the run must
+        # stop first); keys refused even alone; the versions this run's commits wrote (rule 5).
         self.result = result
         self.in_flight = 0
         self.refused: list[Key] = []
@@ -219,8 +218,7 @@ class Committer:
         except AMBIGUOUS as exc:
             maybe[0] = True
             if isinstance(exc, gexc.DeadlineExceeded) and self._sizer.size < len(deletes):
-                # Timed out, and the sizer now wants smaller commits: settled, then sent smaller
-                # (the same commit again would time out again).
+                # The same commit would time out again: settled, then sent smaller.
                 raise Resize from exc
             raise
         finally:
@@ -229,14 +227,12 @@ class Committer:
 
     def _settle(self, chunk: list[Seen], maybe_applied: bool) -> frozenset[Path] | None:
         """Rule 5, after a refusal: None when an earlier attempt whose answer was lost is
-        shown to have deleted all of ``chunk``; else the keys of ``chunk`` that may have gone
-        (counted as ``unattributed``), for the re-read to leave out.
-
-        The lookup also asks for a key never written. Where a missing key's version is the
-        snapshot's (the API as documented, and the legacy emulator), that key's is the same as
-        the gone ones' and nothing is shown; where it is the deleting write's (the Firestore
-        emulator), the never-written key's differs, and keys all gone at one version no other
-        commit of this run wrote went with this one.
+        shown to have deleted all of ``chunk``; else its keys that may have gone (counted as
+        ``unattributed``), for the re-read to leave out. The lookup also asks for a key never
+        written: where a missing key's version is the deleting write's (the Firestore
+        emulator), keys all gone at one version, not the never-written key's nor any other
+        commit's of this run, went with this one; where it is the snapshot's (the API as
+        documented, the legacy emulator), all versions match and nothing is shown.
         """
         if not maybe_applied:
             return frozenset()

@@ -1,10 +1,6 @@
-"""Guards on the blast radius: how much of a target a run would delete, and who agreed to it.
-
-A wrong property, a grace of 0 on a non-expiry or the wrong project makes one run delete most
-of what carries the property, where a scheduled run deletes a small share. So before the first
-batch the run's share is counted, a run above ``--max-fraction`` is refused, and on a terminal
-the operator is asked. Why, and what the counts cost: docs/design.md, "Guards on the blast
-radius".
+"""Guards on the blast radius: before the first batch the run's share of what carries the
+property is counted, a run above ``--max-fraction`` is refused, and on a terminal the operator
+is asked. Why, and what the counts cost: docs/design.md, "Guards on the blast radius".
 """
 
 from __future__ import annotations
@@ -84,9 +80,8 @@ class Plan:
 def measure(
     target: Target, window: ExpiredRange, share: float, under: Descendants | None = None
 ) -> Exposure:
-    """Count the run's range, then what carries the property only as far as the guard needs:
-    with ``due`` exact, ``due / share`` of them settle it, so the guard costs in proportion to
-    what the run would delete, not to the kind's size."""
+    """Count the run's range, then what carries the property only as far as the guard needs
+    (with ``due`` exact, ``due / share`` of them): the cost follows the deletes, not the kind."""
     due = target.count(target.within(window), COUNT_LIMIT)
     if due.lower_bound or share >= 1:
         enough = COUNT_LIMIT
@@ -128,9 +123,8 @@ class Descendants:
     sampled: int = 0
 
     def sessions_needed(self, due: int, share: float) -> int:
-        """Sessions carrying the property to count so that, in entities, ``due`` sessions'
-        share is settled: ``due * (1 + per_due)`` against ``share`` of the carrying entities,
-        each carrying session beyond the due ones counted ``1 + per_live``."""
+        """Carrying sessions to count so that ``due`` sessions' share is settled in entities,
+        each carrying session beyond the due ones weighing ``1 + per_live``."""
         due_entities = due * (1 + self.per_due)
         return math.ceil(due + due_entities * (1 / share - 1) / (1 + self.per_live))
 
@@ -211,8 +205,7 @@ def allowance(
         exposure, due, live = scan_exposure(target, rule, lambda n: result.add(entities_read=n))
         under = sample_descendants(target, rule, due, live) if s.with_descendants else None
     elif s.with_descendants:
-        # Sampled first (due sessions, and live ones of the encoding), so that what carries the
-        # property is counted as far as the share needs in entities.
+        # Sampled first, so that what carries the property is counted as far as the share needs.
         unexpired = ExpiredRange(window.encoding, window.hi, window.encoding.band.hi)
         due = target.keys(target.within(window), DESCENDANT_SAMPLE)
         live = target.keys(target.within(unexpired), DESCENDANT_SAMPLE)
