@@ -19,9 +19,10 @@ from google.cloud.datastore import Key
 from sweeper import rpc
 from sweeper.concurrency import Degradation, DegradationLog
 from sweeper.logs import DatastoreError, SweeperError, describe_exception, is_bug
-from sweeper.retry import AMBIGUOUS, Retrier, Stopped
+from sweeper.retry import AMBIGUOUS, Stopped
 from sweeper.rpc import Seen
 from sweeper.settings import MAX_BATCH_SIZE
+from sweeper.target import Target
 from sweeper.throttle import Allowance, Capped, Throttle
 
 if TYPE_CHECKING:  # the result names the guard's plan, which names the gate's rule
@@ -126,11 +127,8 @@ class Committer:
 
     def __init__(
         self,
-        client: Any,
-        retrier: Retrier,
+        target: Target,
         *,
-        kind: str,
-        prop: str,
         verify: bool,
         transaction_groups: int,
         sizer: BatchSizer,
@@ -138,8 +136,8 @@ class Committer:
         allowance: Allowance,
         result: SweepResult,
     ) -> None:
-        self._client, self._retrier = client, retrier
-        self._kind, self._prop, self.verify = kind, prop, verify
+        self._client, self._retrier = target.client, target.retrier
+        self._kind, self._prop, self.verify = target.kind, target.prop, verify
         self._sizer, self._throttle, self.allowance = sizer, throttle, allowance
         # Under the result's lock: keys sent, not yet answered (``unconfirmed`` if the run must
         # stop first); keys refused even alone; the versions this run's commits wrote (rule 5).
@@ -150,7 +148,7 @@ class Committer:
         # Entity groups per all-or-nothing commit; a refusal cuts it to ``LEGACY_LIMIT``.
         self.groups_per_commit = transaction_groups if verify else MAX_BATCH_SIZE
         self._lock = threading.Lock()
-        self._log = structlog.get_logger("sweeper.gate").bind(kind=kind)
+        self._log = structlog.get_logger("sweeper.gate").bind(kind=target.kind)
 
     def send(self, chunk: list[Seen], guards: Sequence[Seen] = (), sessions: int = 1) -> None:
         """One all-or-nothing commit of ``chunk`` (reserved by the caller), throttled, retried.

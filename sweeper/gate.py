@@ -132,10 +132,7 @@ class Gate:
         self._readers = Pool(readers, "ancestor-queries") if with_descendants else None
         self._sizer, self.allowance = sizer, allowance
         self.committer = Committer(
-            target.client,
-            target.retrier,
-            kind=rule.kind,
-            prop=rule.prop,
+            target,
             verify=verify,
             transaction_groups=transaction_groups,
             sizer=sizer,
