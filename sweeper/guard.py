@@ -5,7 +5,6 @@ is asked. Why, and what the counts cost: docs/design.md, "Guards on the blast ra
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import os
 import select
@@ -70,10 +69,7 @@ class Plan:
     project: str
     database: str | None
     namespace: str | None
-    kind: str
-    prop: str
-    encoding: Encoding
-    cutoff: dt.datetime
+    rule: Rule
     exposure: Exposure
 
 
@@ -236,14 +232,7 @@ def allowance(
     if exposure.due.n > 0 and confirm is not None:
         client = target.client
         plan = Plan(
-            client.project,
-            client.database or None,
-            client.namespace or None,
-            s.kind,
-            s.prop,
-            encoding,
-            result.cutoff,
-            exposure,
+            client.project, client.database or None, client.namespace or None, rule, exposure
         )
         if not confirm(plan):
             raise Stopped(StopReason.DECLINED)
@@ -259,7 +248,7 @@ def allowance(
 
 def describe(plan: Plan) -> str:
     """The lines shown before the question on a terminal."""
-    exposure = plan.exposure
+    exposure, rule = plan.exposure, plan.rule
     amount = f"{'at least ' if exposure.due.lower_bound else ''}{exposure.due.n}"
     carrying = f"{'at least ' if exposure.carrying.lower_bound else ''}{exposure.carrying.n}"
     share = "" if exposure.fraction is None else f" ({exposure.fraction:.0%})"
@@ -268,9 +257,9 @@ def describe(plan: Plan) -> str:
             f"  project    {plan.project}",
             f"  database   {plan.database or '(default)'}",
             f"  namespace  {plan.namespace or '(default)'}",
-            f"  kind       {plan.kind}",
-            f"  property   {plan.prop} ({plan.encoding.value})",
-            f"  cutoff     {plan.cutoff.isoformat().replace('+00:00', 'Z')}",
+            f"  kind       {rule.kind}",
+            f"  property   {rule.prop} ({rule.encoding.value})",
+            f"  cutoff     {rule.cutoff.isoformat().replace('+00:00', 'Z')}",
             f"  matches    {amount} of {carrying} entities carrying it{share}",
         ]
     )
