@@ -15,12 +15,7 @@ from functools import partial
 from typing import Any, Literal
 
 from sweeper.concurrency import together
-from sweeper.encodings import (
-    Encoding,
-    band_range,
-    classify,
-    describe_value,
-)
+from sweeper.encodings import Encoding, band_range, classify, describe_value
 from sweeper.logs import RefusedError
 from sweeper.result import Retention, SweepResult, measure_retention
 from sweeper.rpc import Count, Seen
