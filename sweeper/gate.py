@@ -324,11 +324,10 @@ class Gate:
         self._result.add(deleted=sessions, descendants_deleted=len(keys) - sessions)
 
 
-def _take(queue: deque[Group], size: int, max_groups: int) -> list[Group]:
-    """The next commit's groups: whole groups while they fit in ``size`` keys (at most
+def _take(queue: deque[Group], room: int, max_groups: int) -> list[Group]:
+    """The next commit's groups: whole groups while they fit in ``room`` keys (at most
     ``max_groups``); a group larger than a commit alone (it goes as a chain)."""
     taken: list[Group] = []
-    room = size
     while queue and len(taken) < max_groups:
         members = len(queue[0].members)
         if members > room and taken:
