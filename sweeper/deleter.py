@@ -69,8 +69,7 @@ class BatchSizer:
     def observe(self, seconds: float, keys: int) -> None:
         with self._lock:
             sample = seconds / max(keys, 1)
-            previous = self._per_key
-            self._per_key = sample if previous is None else 0.5 * previous + 0.5 * sample
+            self._per_key = sample if self._per_key is None else 0.5 * self._per_key + 0.5 * sample
             # Within the target is no reason to shrink: a first call that also sets up the
             # connection, or a small batch that is mostly round trip, overstates the time per key.
             self._resize(shrink=seconds > self._target_s)
