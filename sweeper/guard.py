@@ -291,8 +291,7 @@ def ask_before_deleting(plan: Plan, stopping: Callable[[], bool]) -> bool:
 
 
 def _read_line(fd: int, stopping: Callable[[], bool]) -> str | None:
-    """A line typed at the terminal ``fd`` (None at end of input); raises :class:`Stopped` once
-    the run must stop."""
+    """A line typed at ``fd`` (None at end of input); :class:`Stopped` once the run must stop."""
     typed = b""
     while not typed.endswith(b"\n"):
         if stopping():
