@@ -1,9 +1,8 @@
-"""What a run checks around its deletes, each a function of the target made once per run, in
-this order: the stored values (:func:`read_stored`, while :func:`read_clock` reads the clock)
-and so the encoding (:func:`choose_encoding`); after a whole scan, what it read
-(:func:`scan_census`); what is left afterwards (:func:`retention`). A step that finds the run
-unsafe raises :class:`RefusedError`. Why each: docs/design.md, "How sweeper decides what to
-delete".
+"""What a run checks around its deletes, in this order: the stored values (:func:`read_stored`,
+while :func:`read_clock` reads the clock) and so the encoding (:func:`choose_encoding`); after a
+whole scan, what it read (:func:`scan_census`); what is left afterwards (:func:`retention`). A
+step that finds the run unsafe raises :class:`RefusedError`. Why each: docs/design.md, "How
+sweeper decides what to delete".
 """
 
 from __future__ import annotations
@@ -16,12 +15,7 @@ from functools import partial
 from typing import Any, Literal
 
 from sweeper.concurrency import together
-from sweeper.encodings import (
-    Encoding,
-    band_range,
-    classify,
-    describe_value,
-)
+from sweeper.encodings import Encoding, band_range, classify, describe_value
 from sweeper.logs import RefusedError
 from sweeper.result import Retention, SweepResult, measure_retention
 from sweeper.rpc import Count, Seen
@@ -132,9 +126,8 @@ def _note_others(result: SweepResult, others: tuple[str, ...], prop: str, log: A
 # -- The cutoff's clock --------------------------------------------------------------------------
 # The cutoff is "now minus grace": a sweeper whose clock runs ahead deletes every live session
 # expiring before its wrong now. So the database's clock, which the runner's writes were checked
-# against, is used where it reports one (Firestore in Datastore mode: ``read_time`` on every
-# query result, read by one keys-only, limit-1 query, ``Target.read_time``); the legacy emulator
-# reports none, and there the local clock is used.
+# against, is used where it reports one (Firestore in Datastore mode: ``Target.read_time``); the
+# legacy emulator reports none, and there the local clock is used.
 
 
 ClockSource = Literal["server", "local"]
@@ -166,10 +159,9 @@ def read_clock(target: Target, local_now: Callable[[], dt.datetime]) -> ClockRea
 # -- --format auto: the encoding, from the values stored ---------------------------------------
 # Each encoding owns one contiguous band of a property's index order (docs/design.md): if the
 # smallest and largest non-null values lie in one band, every value does, so two limit-1 queries
-# (at once) decide it exactly, however rare a stray value. They return whole entities, as the
-# index cannot show a type (a Timestamp and an int of epoch microseconds sort alike). More than
-# one encoding, or a value sweeper cannot interpret, is a refusal: guessing would delete live
-# sessions.
+# decide it exactly. They return whole entities: the index cannot show a type (a Timestamp and
+# an int of epoch microseconds sort alike). More than one encoding, or a value sweeper cannot
+# interpret, is refused: guessing would delete live sessions.
 def read_ends(target: Target) -> list[object] | None:
     """The stored values of the smallest and the largest indexed value, in that order; None
     when no index entry holds a value (refused if entities carry one all the same)."""
@@ -182,8 +174,7 @@ def read_ends(target: Target) -> list[object] | None:
         ends = [seen.value for seen in smallest + largest]
         if len(ends) != 1:
             break
-        # The largest was deleted between the two queries (another sweep, the app): look
-        # again rather than judge from a single value.
+        # The largest went between the two queries (another sweep, the app): look again.
     return ends
 
 
@@ -301,13 +292,12 @@ def _largest(target: Target) -> list[Seen]:
 
 def _refuse_if_carried(target: Target) -> None:
     """No index entry holds a value: refuse if sampled entities carry one all the same."""
-    prop = target.prop
     sample = target.fetch(target.query(keys_only=False), UNINDEXED_SAMPLE)
     carrying = [seen.value for seen in sample if seen.value is not None]
     if carrying:
         raise RefusedError(
-            f"{target.kind}.{prop} looks unindexed: {len(carrying)} of {len(sample)} sampled "
-            f"entities have a value (e.g. {describe_value(carrying[0])}) but no index "
+            f"{target.kind}.{target.prop} looks unindexed: {len(carrying)} of {len(sample)} "
+            f"sampled entities have a value (e.g. {describe_value(carrying[0])}) but no index "
             "entry holds one, so no range query can find them. Use --scan (one billed read per "
             "entity) or index the property."
         )

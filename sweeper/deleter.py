@@ -19,9 +19,10 @@ from google.cloud.datastore import Key
 from sweeper import rpc
 from sweeper.concurrency import Degradation, DegradationLog
 from sweeper.logs import DatastoreError, SweeperError, describe_exception, is_bug
-from sweeper.retry import AMBIGUOUS, Retrier, Stopped
+from sweeper.retry import AMBIGUOUS, Stopped
 from sweeper.rpc import Seen
 from sweeper.settings import MAX_BATCH_SIZE
+from sweeper.target import Target
 from sweeper.throttle import Allowance, Capped, Throttle
 
 if TYPE_CHECKING:  # the result names the guard's plan, which names the gate's rule
@@ -68,8 +69,7 @@ class BatchSizer:
     def observe(self, seconds: float, keys: int) -> None:
         with self._lock:
             sample = seconds / max(keys, 1)
-            previous = self._per_key
-            self._per_key = sample if previous is None else 0.5 * previous + 0.5 * sample
+            self._per_key = sample if self._per_key is None else 0.5 * self._per_key + 0.5 * sample
             # Within the target is no reason to shrink: a first call that also sets up the
             # connection, or a small batch that is mostly round trip, overstates the time per key.
             self._resize(shrink=seconds > self._target_s)
@@ -126,11 +126,8 @@ class Committer:
 
     def __init__(
         self,
-        client: Any,
-        retrier: Retrier,
+        target: Target,
         *,
-        kind: str,
-        prop: str,
         verify: bool,
         transaction_groups: int,
         sizer: BatchSizer,
@@ -138,12 +135,11 @@ class Committer:
         allowance: Allowance,
         result: SweepResult,
     ) -> None:
-        self._client, self._retrier = client, retrier
-        self._kind, self._prop, self.verify = kind, prop, verify
+        self._client, self._retrier = target.client, target.retrier
+        self._kind, self._prop, self.verify = target.kind, target.prop, verify
         self._sizer, self._throttle, self.allowance = sizer, throttle, allowance
-        # Beside the run's counts, under the same lock (the result's): keys sent and not yet
-        # answered (``unconfirmed`` if the run must stop first), keys refused even alone, and
-        # the versions this run's commits wrote (rule 5).
+        # Under the result's lock: keys sent, not yet answered (``unconfirmed`` if the run must
+        # stop first); keys refused even alone; the versions this run's commits wrote (rule 5).
         self.result = result
         self.in_flight = 0
         self.refused: list[Key] = []
@@ -151,7 +147,7 @@ class Committer:
         # Entity groups per all-or-nothing commit; a refusal cuts it to ``LEGACY_LIMIT``.
         self.groups_per_commit = transaction_groups if verify else MAX_BATCH_SIZE
         self._lock = threading.Lock()
-        self._log = structlog.get_logger("sweeper.gate").bind(kind=kind)
+        self._log = structlog.get_logger("sweeper.gate").bind(kind=target.kind)
 
     def send(self, chunk: list[Seen], guards: Sequence[Seen] = (), sessions: int = 1) -> None:
         """One all-or-nothing commit of ``chunk`` (reserved by the caller), throttled, retried.
@@ -219,8 +215,7 @@ class Committer:
         except AMBIGUOUS as exc:
             maybe[0] = True
             if isinstance(exc, gexc.DeadlineExceeded) and self._sizer.size < len(deletes):
-                # Timed out, and the sizer now wants smaller commits: settled, then sent smaller
-                # (the same commit again would time out again).
+                # The same commit would time out again: settled, then sent smaller.
                 raise Resize from exc
             raise
         finally:
@@ -229,14 +224,12 @@ class Committer:
 
     def _settle(self, chunk: list[Seen], maybe_applied: bool) -> frozenset[Path] | None:
         """Rule 5, after a refusal: None when an earlier attempt whose answer was lost is
-        shown to have deleted all of ``chunk``; else the keys of ``chunk`` that may have gone
-        (counted as ``unattributed``), for the re-read to leave out.
-
-        The lookup also asks for a key never written. Where a missing key's version is the
-        snapshot's (the API as documented, and the legacy emulator), that key's is the same as
-        the gone ones' and nothing is shown; where it is the deleting write's (the Firestore
-        emulator), the never-written key's differs, and keys all gone at one version no other
-        commit of this run wrote went with this one.
+        shown to have deleted all of ``chunk``; else its keys that may have gone (counted as
+        ``unattributed``), for the re-read to leave out. The lookup also asks for a key never
+        written: where a missing key's version is the deleting write's (the Firestore
+        emulator), keys all gone at one version, not the never-written key's nor any other
+        commit's of this run, went with this one; where it is the snapshot's (the API as
+        documented, the legacy emulator), all versions match and nothing is shown.
         """
         if not maybe_applied:
             return frozenset()

@@ -1,7 +1,8 @@
 """The one way to a delete: every path (range, shards, scan, text, --with-descendants) ends here.
 
 sweeper deletes a version, not a key. The rules, numbered and explained in docs/design.md ("One
-gate before every delete"):
+gate before every delete"); ``sweeper.deleter.Committer`` sends, sizes, retries and settles each
+commit (rules 3 to 5):
 
 1. Due at the version deleted (:meth:`Gate.delete`): each delete carries the version read, so a
    commit is refused whole if anything wrote the entity since; no lock is held before it.
@@ -10,8 +11,6 @@ gate before every delete"):
 3. Counted in entities, children included, reserved before each commit (:class:`Allowance`).
 4. One key once per commit; a commit too big is split, a single key still refused is left.
 5. Counted as confirmed; a commit whose answer was lost is settled, never counted twice.
-
-``sweeper.deleter.Committer`` sends, sizes, retries and settles each commit (rules 3 to 5).
 """
 
 from __future__ import annotations
@@ -133,10 +132,7 @@ class Gate:
         self._readers = Pool(readers, "ancestor-queries") if with_descendants else None
         self._sizer, self.allowance = sizer, allowance
         self.committer = Committer(
-            target.client,
-            target.retrier,
-            kind=rule.kind,
-            prop=rule.prop,
+            target,
             verify=verify,
             transaction_groups=transaction_groups,
             sizer=sizer,
@@ -185,12 +181,9 @@ class Gate:
         """The commits a real run would make of this page: never more than the cap allows."""
         granted = self.allowance.reserve([len(g.members) for g in groups])
         taken = groups[:granted]
+        self._matched(taken)
         entities = sum(len(g.members) for g in taken)
-        self._result.add(
-            batches=-(-entities // self._sizer.size),
-            matched=len(taken),
-            descendants_matched=entities - len(taken),
-        )
+        self._result.add(batches=-(-entities // self._sizer.size))
         if granted < len(groups):
             raise Capped
 
@@ -331,11 +324,10 @@ class Gate:
         self._result.add(deleted=sessions, descendants_deleted=len(keys) - sessions)
 
 
-def _take(queue: deque[Group], size: int, max_groups: int) -> list[Group]:
-    """The next commit's groups: whole groups while they fit in ``size`` keys (at most
+def _take(queue: deque[Group], room: int, max_groups: int) -> list[Group]:
+    """The next commit's groups: whole groups while they fit in ``room`` keys (at most
     ``max_groups``); a group larger than a commit alone (it goes as a chain)."""
     taken: list[Group] = []
-    room = size
     while queue and len(taken) < max_groups:
         members = len(queue[0].members)
         if members > room and taken:

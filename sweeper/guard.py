@@ -1,15 +1,10 @@
-"""Guards on the blast radius: how much of a target a run would delete, and who agreed to it.
-
-A wrong property, a grace of 0 on a non-expiry or the wrong project makes one run delete most
-of what carries the property, where a scheduled run deletes a small share. So before the first
-batch the run's share is counted, a run above ``--max-fraction`` is refused, and on a terminal
-the operator is asked. Why, and what the counts cost: docs/design.md, "Guards on the blast
-radius".
+"""Guards on the blast radius: before the first batch the run's share of what carries the
+property is counted, a run above ``--max-fraction`` is refused, and on a terminal the operator
+is asked. Why, and what the counts cost: docs/design.md, "Guards on the blast radius".
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import os
 import select
@@ -74,19 +69,15 @@ class Plan:
     project: str
     database: str | None
     namespace: str | None
-    kind: str
-    prop: str
-    encoding: Encoding
-    cutoff: dt.datetime
+    rule: Rule
     exposure: Exposure
 
 
 def measure(
     target: Target, window: ExpiredRange, share: float, under: Descendants | None = None
 ) -> Exposure:
-    """Count the run's range, then what carries the property only as far as the guard needs:
-    with ``due`` exact, ``due / share`` of them settle it, so the guard costs in proportion to
-    what the run would delete, not to the kind's size."""
+    """Count the run's range, then what carries the property only as far as the guard needs
+    (with ``due`` exact, ``due / share`` of them): the cost follows the deletes, not the kind."""
     due = target.count(target.within(window), COUNT_LIMIT)
     if due.lower_bound or share >= 1:
         enough = COUNT_LIMIT
@@ -128,9 +119,8 @@ class Descendants:
     sampled: int = 0
 
     def sessions_needed(self, due: int, share: float) -> int:
-        """Sessions carrying the property to count so that, in entities, ``due`` sessions'
-        share is settled: ``due * (1 + per_due)`` against ``share`` of the carrying entities,
-        each carrying session beyond the due ones counted ``1 + per_live``."""
+        """Carrying sessions to count so that ``due`` sessions' share is settled in entities,
+        each carrying session beyond the due ones weighing ``1 + per_live``."""
         due_entities = due * (1 + self.per_due)
         return math.ceil(due + due_entities * (1 / share - 1) / (1 + self.per_live))
 
@@ -211,8 +201,7 @@ def allowance(
         exposure, due, live = scan_exposure(target, rule, lambda n: result.add(entities_read=n))
         under = sample_descendants(target, rule, due, live) if s.with_descendants else None
     elif s.with_descendants:
-        # Sampled first (due sessions, and live ones of the encoding), so that what carries the
-        # property is counted as far as the share needs in entities.
+        # Sampled first, so that what carries the property is counted as far as the share needs.
         unexpired = ExpiredRange(window.encoding, window.hi, window.encoding.band.hi)
         due = target.keys(target.within(window), DESCENDANT_SAMPLE)
         live = target.keys(target.within(unexpired), DESCENDANT_SAMPLE)
@@ -243,14 +232,7 @@ def allowance(
     if exposure.due.n > 0 and confirm is not None:
         client = target.client
         plan = Plan(
-            client.project,
-            client.database or None,
-            client.namespace or None,
-            s.kind,
-            s.prop,
-            encoding,
-            result.cutoff,
-            exposure,
+            client.project, client.database or None, client.namespace or None, rule, exposure
         )
         if not confirm(plan):
             raise Stopped(StopReason.DECLINED)
@@ -266,7 +248,7 @@ def allowance(
 
 def describe(plan: Plan) -> str:
     """The lines shown before the question on a terminal."""
-    exposure = plan.exposure
+    exposure, rule = plan.exposure, plan.rule
     amount = f"{'at least ' if exposure.due.lower_bound else ''}{exposure.due.n}"
     carrying = f"{'at least ' if exposure.carrying.lower_bound else ''}{exposure.carrying.n}"
     share = "" if exposure.fraction is None else f" ({exposure.fraction:.0%})"
@@ -275,9 +257,9 @@ def describe(plan: Plan) -> str:
             f"  project    {plan.project}",
             f"  database   {plan.database or '(default)'}",
             f"  namespace  {plan.namespace or '(default)'}",
-            f"  kind       {plan.kind}",
-            f"  property   {plan.prop} ({plan.encoding.value})",
-            f"  cutoff     {plan.cutoff.isoformat().replace('+00:00', 'Z')}",
+            f"  kind       {rule.kind}",
+            f"  property   {rule.prop} ({rule.encoding.value})",
+            f"  cutoff     {rule.cutoff.isoformat().replace('+00:00', 'Z')}",
             f"  matches    {amount} of {carrying} entities carrying it{share}",
         ]
     )
@@ -309,8 +291,7 @@ def ask_before_deleting(plan: Plan, stopping: Callable[[], bool]) -> bool:
 
 
 def _read_line(fd: int, stopping: Callable[[], bool]) -> str | None:
-    """A line typed at the terminal ``fd`` (None at end of input); raises :class:`Stopped` once
-    the run must stop."""
+    """A line typed at ``fd`` (None at end of input); :class:`Stopped` once the run must stop."""
     typed = b""
     while not typed.endswith(b"\n"):
         if stopping():

@@ -1,9 +1,7 @@
-"""What an operator reads: the logs, what a person at a terminal reads instead (a live line,
-a summary), and the one error type the CLI maps to exit codes.
-
-Logs are JSON for machines, one object per line that Cloud Logging reads (docs/metrics.md), or
-console for people. Everything that can go wrong for an operator becomes a :class:`SweeperError`
-with a one-line message and the exit code a scheduler should see; ``cli.main`` alone prints it.
+"""What an operator reads: the logs (JSON for Cloud Logging, docs/metrics.md, or console), what
+a person at a terminal reads instead (a live line, a summary), and :class:`SweeperError`: what
+goes wrong for an operator, with a one-line message and the exit code a scheduler should see
+(``cli.main`` alone prints it).
 """
 
 from __future__ import annotations
