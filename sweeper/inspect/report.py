@@ -9,6 +9,7 @@ import datetime as dt
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Literal
 
 from google.api_core import exceptions as gexc
@@ -158,35 +159,23 @@ def inspect_target(
     retrier = retrier or Retrier(RetryPolicy(), RetryCounter(), sleep)
     target = Target(client, retrier, settings.kind, settings.prop)
     try:
-        return _inspect(settings, _Counter(target, count_limit), now, sample_size)
+        return _inspect(settings, target, count_limit, now, sample_size)
     except (gexc.GoogleAPIError, *TRANSIENT) as exc:
         raise DatastoreError(f"Datastore call failed: {describe_exception(exc)}") from exc
 
 
-@dataclass(frozen=True)
-class _Counter:
-    """Inspect's counts: aggregations where the database has them, else keys up to ``limit``."""
-
-    target: Target
-    limit: int
-
-    def __call__(self, what: ExpiredRange | None = None) -> Count:
-        """Entities with a value in ``what``; None: every entity carrying the property."""
-        t = self.target
-        if what is not None and what.empty:
-            return Count(0, "empty_range")
-        query = t.carrying() if what is None else t.within(what)
-        return t.count(query, None, keys_limit=self.limit)
-
-    def kind(self) -> Count:
-        """Every entity of the kind, whatever its properties (what a scan reads)."""
-        return self.target.count(self.target.query(), None, keys_limit=self.limit)
+def _count(target: Target, limit: int, what: ExpiredRange | None = None) -> Count:
+    """Entities with a value in ``what`` (None: every one carrying the property): an aggregation
+    where the database has one, else keys up to ``limit``."""
+    if what is not None and what.empty:
+        return Count(0, "empty_range")
+    query = target.carrying() if what is None else target.within(what)
+    return target.count(query, None, keys_limit=limit)
 
 
 def _inspect(
-    s: SweepSettings, count: _Counter, now: dt.datetime, sample_size: int
+    s: SweepSettings, target: Target, limit: int, now: dt.datetime, sample_size: int
 ) -> InspectReport:
-    target = count.target
     # The cutoff a sweep would use: from the database's clock where it reports one.
     clock = read_clock(target, lambda: now)
     cutoff = clock.now - s.grace
@@ -195,7 +184,7 @@ def _inspect(
     indexed: Indexed = "yes" if probe else "no" if sample.non_null else "unknown"
     action, encoding, refusal = _decide(s, target)
     window = expired_range(encoding, cutoff) if encoding else None
-    expired = count(window) if window else None
+    expired = _count(target, limit, window) if window else None
     if action == "sweep" and s.format != "auto" and expired and expired.n == 0:
         # The sweep's own check when its range finds nothing: are the values merely unindexed?
         try:
@@ -219,25 +208,26 @@ def _inspect(
         bounds=window.values() if window else None,
         expired=expired,
         oldest=_oldest(target, encoding) if encoding else None,
-        carrying=count(),
+        carrying=_count(target, limit),
         clock_source=clock.source,
         descendants=_descendants(target, window, cutoff) if window and not s.scan else None,
     )
     if window is None or action not in ("sweep", "scan"):
         return report
-    return _forecast(report, s, count, window)
+    return _forecast(report, s, target, limit, window)
 
 
 def _forecast(
-    report: InspectReport, s: SweepSettings, count: _Counter, window: ExpiredRange
+    report: InspectReport, s: SweepSettings, target: Target, limit: int, window: ExpiredRange
 ) -> InspectReport:
     """The age histogram and the forecast of a sweep with ``s``'s settings."""
+    count = partial(_count, target, limit)
     carrying = report.carrying or Count(0, "aggregation")
     server, aggregation = report.clock_source == "server", carrying.method == "aggregation"
     per_session = report.descendants.mean if report.descendants else 0.0
     run = Run(s, server, aggregation, window.encoding, per_session)
     if s.scan:
-        kind = count.kind()
+        kind = target.count(target.query(), None, keys_limit=limit)  # every entity of the kind
         expired = report.expired if report.indexed == "yes" else None
         values = report.sample.values
         due = expired.n if expired else scan_due(kind.n, values, window.encoding, report.cutoff)
