@@ -132,8 +132,7 @@ class InspectReport:
     @property
     def oldest_expired(self) -> Oldest | None:
         """The oldest value still past the cutoff: the band's smallest, if it is expired."""
-        oldest = self.oldest
-        return oldest if oldest is not None and oldest.instant < self.cutoff else None
+        return self.oldest if self.oldest and self.oldest.instant < self.cutoff else None
 
     @property
     def empty(self) -> bool:
@@ -251,11 +250,11 @@ def _decide(s: SweepSettings, target: Target) -> tuple[Action, Encoding | None, 
     the encoding the ends hold), refusing what it refuses."""
     try:
         ends = read_stored(target, s).ends
-        auto = None if isinstance(s.format, Encoding) else decide_encoding(ends, s.kind, s.prop)
+        if isinstance(s.format, Encoding):
+            return ("scan" if s.scan else "sweep"), s.format, None
+        auto = decide_encoding(ends, s.kind, s.prop)
     except RefusedError as exc:
         return "refuse", None, exc.message
-    if isinstance(s.format, Encoding):
-        return ("scan" if s.scan else "sweep"), s.format, None
     # The format check has already refused values that no index holds.
     return ("sweep", auto, None) if auto else ("nothing", None, None)
 

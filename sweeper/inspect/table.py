@@ -184,11 +184,10 @@ def _forecast_rows(f: Forecast) -> list[tuple[str, str]]:
         + (f", at most {s.max_rate:g}/s" if s.max_rate else "")
         + (" (estimated)" if f.estimated else "")
     )
-    rows = [("forecast", run)]
-    if f.guard_refuses:
-        rows.append(("  guard", "--max-fraction would refuse this run; forecast with 1"))
+    guard = [("  guard", "--max-fraction would refuse this run; forecast with 1")]
     return [
-        *rows,
+        ("forecast", run),
+        *(guard if f.guard_refuses else []),
         ("  queries", str(ops.queries)),
         ("  commits", str(ops.commits)),
         ("  entities read", f"{ops.entities_read} (billed reads in all: {ops.billed_reads})"),
@@ -214,16 +213,14 @@ def _time_row(f: Forecast) -> str:
 
 
 def format_duration(delta: dt.timedelta) -> str:
-    """The shortest ``parse_duration`` spelling of ``delta`` (for logs and messages)."""
+    """The shortest ``parse_duration`` spelling of ``delta``."""
     seconds = int(delta.total_seconds())
-    if seconds == 0:
-        return "0"
     out = []
     for unit in ("d", "h", "m", "s"):
         count, seconds = divmod(seconds, UNIT_SECONDS[unit])
         if count:
             out.append(f"{count}{unit}")
-    return "".join(out)
+    return "".join(out) or "0"
 
 
 def _duration(seconds: float) -> str:
