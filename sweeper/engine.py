@@ -88,7 +88,7 @@ class Sweep:
         result = SweepResult(s, rt.now() - s.grace, str(s.format))
         try:
             with rt.stop.interrupting():
-                self._body(result, started)
+                self._body(result)
         except Stopped as stop:  # a signal, raised wherever the body was
             self._end(result, stop.reason)
         for _ in range(round(DRAIN_S / rt.poll_s)):  # counted: an injected sleep returns at once
@@ -118,7 +118,7 @@ class Sweep:
         """Keys handed to a delete call not yet answered."""
         return 0 if self._gate is None else self._gate.committer.in_flight
 
-    def _body(self, result: SweepResult, started: float) -> None:
+    def _body(self, result: SweepResult) -> None:
         try:
             client = self._client() if callable(self._client) else self._client
             with result.lock:
