@@ -1,7 +1,5 @@
-"""The report of ``sweeper inspect``: what a sweep of one target would meet, do and cost.
-
-What it reports: docs/operations.md; what it counts, and how: docs/forecast.md.
-"""
+"""The report of ``sweeper inspect``: what a sweep of one target would meet, do and cost (what
+it reports: docs/operations.md; what it counts, and how: docs/forecast.md)."""
 
 from __future__ import annotations
 
@@ -121,7 +119,6 @@ class InspectReport:
     oldest: Oldest | None = None
     # Entities whose property holds an indexed non-null value (None: not counted).
     carrying: Count | None = None
-    # "server" where the database reports its time (Firestore in Datastore mode), else "local".
     clock_source: ClockSource | None = None
     histogram: Histogram | None = None
     forecast: Forecast | None = None
@@ -151,8 +148,7 @@ def inspect_target(
     sleep: Callable[[float], None] = time.sleep,
 ) -> InspectReport:
     """Inspect one target; a Datastore failure becomes one :class:`DatastoreError` line. ``now``
-    (timezone-aware) is used where the database reports no clock; a count that pages through
-    keys (no aggregation queries) stops at ``count_limit``."""
+    (timezone-aware) is used where the database reports no clock."""
     if sample_size < 1 or count_limit < 1:
         raise UsageError("sample size and count limit must be at least 1")
     retrier = retrier or Retrier(RetryPolicy(), RetryCounter(), sleep)
@@ -246,8 +242,7 @@ def _forecast(
 
 
 def _decide(s: SweepSettings, target: Target) -> tuple[Action, Encoding | None, str | None]:
-    """What ``sweep`` would decide, by the very code it runs (``checks.read_stored``, then
-    the encoding the ends hold), refusing what it refuses."""
+    """What ``sweep`` would decide, by the code it runs: ``read_stored``, ``decide_encoding``."""
     try:
         ends = read_stored(target, s).ends
         if isinstance(s.format, Encoding):
@@ -260,9 +255,8 @@ def _decide(s: SweepSettings, target: Target) -> tuple[Action, Encoding | None, 
 
 
 def _sample(target: Target, size: int) -> Sample:
-    """``size`` entities by the *true* type of their value (only a lookup shows it). Key order
-    alone showed no null where 150 of 2,500 were: where the database keeps ``__scatter__``
-    (production, the legacy emulator), most come from across the key space."""
+    """``size`` entities by the *true* type of their value (only a lookup shows it), most from
+    across the key space by ``__scatter__`` where kept: key order alone can miss every null."""
     spread = target.keys(RangeQuery(target.kind, target.prop, scattered=True), size)
     first = [] if len(spread) == size else target.keys(target.query(), size)
     first = [k for k in first if k not in spread]
