@@ -265,11 +265,16 @@ def _sample(target: Target, size: int) -> Sample:
     values: list[object] = []
     prop = target.prop
     for entity in target.lookup([*spread, *first][:size]):
-        bucket = _bucket(entity, prop)
+        value = entity.get(prop)
+        if value is None:
+            bucket = "null" if prop in entity else "missing"
+        else:
+            encoding = classify(value)
+            bucket = encoding.value if encoding else "unsupported"
         counts[bucket] += 1
-        values.append(entity.get(prop))
+        values.append(value)
         if bucket == "unsupported" and len(examples) < MAX_EXAMPLES:
-            text = describe_value(entity[prop])
+            text = describe_value(value)
             examples += [] if text in examples else [text]
     return Sample(size, counts, tuple(examples), tuple(values))
 
@@ -295,15 +300,6 @@ def _descendants(
     rule = Rule(target.kind, target.prop, window.encoding, cutoff)
     counts = going_with(target, rule, target.keys(target.within(window), DESCENDANT_SAMPLE))
     return DescendantSample(len(counts), sum(counts), max(counts, default=0))
-
-
-def _bucket(entity: datastore.Entity, prop: str) -> str:
-    if prop not in entity:
-        return "missing"
-    if entity[prop] is None:
-        return "null"
-    encoding = classify(entity[prop])
-    return encoding.value if encoding else "unsupported"
 
 
 # -- the ranges counted: the backlog by age, the streams' slices ---------------------------------
