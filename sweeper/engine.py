@@ -303,8 +303,7 @@ def each_namespace(
 def _every_namespace(
     settings: SweepSettings, client_for: ClientFor, rt: Runtime
 ) -> list[SweepResult]:
-    """One sweep per namespace, under one budget: ``--max-runtime`` ends the whole run, and
-    the ramp-up goes on from namespace to namespace (see ``result.Budget``)."""
+    """One sweep per namespace, all under one ``result.Budget`` (one deadline, one ramp-up)."""
     limit = settings.max_runtime
     deadline = None if limit is None else rt.monotonic() + limit.total_seconds()
     budget = Budget.start(settings, rt, deadline)
