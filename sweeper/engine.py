@@ -124,8 +124,7 @@ class Sweep:
             with result.lock:
                 result.project = client.project
             target = Target(client, self._retrier, self.settings.kind, self.settings.prop)
-            # The stored values are read while the clock is: neither needs the other, and on
-            # a link of 60 ms each way that is a round trip less before the first delete.
+            # The stored values, read beside the clock (neither needs the other): a round trip less.
             _, stored = together(
                 partial(self._set_cutoff, target, result),
                 partial(checks.read_stored, target, self.settings),
