@@ -141,7 +141,7 @@ class Sweep:
             )
 
     def _set_cutoff(self, target: Target, result: SweepResult) -> None:
-        """The run's one cutoff (``--verify`` too checks against it), by the database's clock."""
+        """The run's one cutoff, by the database's clock if it has one (``--verify`` too)."""
         reading = checks.read_clock(target, self.runtime.now)
         with result.lock:
             result.cutoff = reading.now - self.settings.grace
