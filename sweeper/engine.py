@@ -1,8 +1,7 @@
-"""The run: each target in turn (each namespace of one with ``--all-namespaces``), and for each
-the sweep. Everything that varies is injected (``result.Runtime``), so unit tests never wait.
-Nothing here raises for an operational failure: every sweep returns a :class:`SweepResult` and
-logs exactly one ``sweep_finished``; a run of several sums them up in one ``run_finished``.
-"""
+"""The run: one :class:`Sweep` per target (per namespace with ``--all-namespaces``), by the
+path docs/development.md follows. Everything that varies is injected (``result.Runtime``), so
+unit tests never wait. Nothing here raises for an operational failure: every sweep returns a
+:class:`SweepResult` and logs exactly one ``sweep_finished``."""
 
 from __future__ import annotations
 
@@ -41,9 +40,8 @@ DELETERS_PER_STREAM = 1
 
 
 class Sweep:
-    """One run over one kind: create, then call :meth:`run` once. ``client`` may be a function
-    that builds the client: that can fail (no credentials, no project), and still owes the
-    operator a ``sweep_finished``."""
+    """One run over one kind: call :meth:`run` once. ``client`` may be a function that builds
+    it, which can fail (no credentials, no project) and still owes a ``sweep_finished``."""
 
     def __init__(
         self,
@@ -53,15 +51,12 @@ class Sweep:
         budget: Budget | None = None,
     ) -> None:
         self.settings = settings
-        self._connect: Callable[[], datastore.Client] = (
-            client if callable(client) else lambda: client
-        )
+        self._client = client
         self.runtime = rt = runtime or Runtime()
         self._counter = RetryCounter()
         self._own_budget = budget is None
-        self._budget = budget or Budget.start(settings, rt)
-        self._stopper = self._budget.stopper
-        self._throttle = self._budget.throttle
+        budget = budget or Budget.start(settings, rt)
+        self._stopper, self._throttle = budget.stopper, budget.throttle
         # A query stream and its delete workers per worker (and the delete workers' ancestor
         # queries): nothing waits for a place unless connection loss has cut the limit.
         calls = 1 + DELETERS_PER_STREAM * (
@@ -81,11 +76,10 @@ class Sweep:
         self._gate: Gate | None = None  # the run's one way to a delete, once it is set up
 
     def run(self) -> SweepResult:
-        """Sweep, in the caller's thread; a signal stops it wherever it waits (``StopEvent``),
-        the deadline at its next check (no call outlives it by more than ``DRAIN_S``). Deletes
-        in flight then get ``DRAIN_S`` to land, so the counts stay exact; one still unanswered
-        is left to its worker (a daemon: the process can exit under it), and the summary says
-        how many keys it carried."""
+        """Sweep, in the caller's thread: a signal stops it wherever it waits (``StopEvent``),
+        the deadline at its next check. Deletes in flight then get ``DRAIN_S`` to land, so the
+        counts stay exact; one still unanswered is left to its worker (a daemon: the process
+        can exit under it), and the summary counts its keys as unconfirmed."""
         rt, s = self.runtime, self.settings
         started = rt.monotonic()
         if self._own_budget and s.max_runtime is not None:
@@ -94,7 +88,7 @@ class Sweep:
         result = SweepResult(s, rt.now() - s.grace, str(s.format))
         try:
             with rt.stop.interrupting():
-                self._body(result, started)
+                self._body(result)
         except Stopped as stop:  # a signal, raised wherever the body was
             self._end(result, stop.reason)
         for _ in range(round(DRAIN_S / rt.poll_s)):  # counted: an injected sleep returns at once
@@ -124,14 +118,13 @@ class Sweep:
         """Keys handed to a delete call not yet answered."""
         return 0 if self._gate is None else self._gate.committer.in_flight
 
-    def _body(self, result: SweepResult, started: float) -> None:
+    def _body(self, result: SweepResult) -> None:
         try:
-            client = self._connect()
+            client = self._client() if callable(self._client) else self._client
             with result.lock:
                 result.project = client.project
             target = Target(client, self._retrier, self.settings.kind, self.settings.prop)
-            # The stored values are read while the clock is: neither needs the other, and on
-            # a link of 60 ms each way that is a round trip less before the first delete.
+            # The stored values, read beside the clock (neither needs the other): a round trip less.
             _, stored = together(
                 partial(self._set_cutoff, target, result),
                 partial(checks.read_stored, target, self.settings),
@@ -148,8 +141,7 @@ class Sweep:
             )
 
     def _set_cutoff(self, target: Target, result: SweepResult) -> None:
-        """One cutoff per run, from the database's clock where it reports one; ``--verify``
-        re-checks against this same cutoff."""
+        """The run's one cutoff, by the database's clock if it has one (``--verify`` too)."""
         reading = checks.read_clock(target, self.runtime.now)
         with result.lock:
             result.cutoff = reading.now - self.settings.grace
@@ -215,9 +207,8 @@ class Sweep:
             target,
             Rule(s.kind, s.prop, encoding, result.cutoff),
             verify=result.verify,
-            # Only Firestore in Datastore mode reports its time; elsewhere (the legacy
-            # emulator) a transaction takes at most 25 entity groups: start there, rather than
-            # pay a refused commit (and its throttle wait) to learn it.
+            # Only Firestore in Datastore mode reports its time; elsewhere (the legacy emulator)
+            # a transaction takes at most 25 entity groups: start there (a refusal costs a wait).
             transaction_groups=MAX_BATCH_SIZE if result.clock_source == "server" else LEGACY_LIMIT,
             dry_run=s.dry_run,
             with_descendants=s.with_descendants,
@@ -311,8 +302,7 @@ def each_namespace(
 def _every_namespace(
     settings: SweepSettings, client_for: ClientFor, rt: Runtime
 ) -> list[SweepResult]:
-    """One sweep per namespace, under one budget: ``--max-runtime`` ends the whole run, and
-    the ramp-up goes on from namespace to namespace (see ``result.Budget``)."""
+    """One sweep per namespace, all under one ``result.Budget`` (one deadline, one ramp-up)."""
     limit = settings.max_runtime
     deadline = None if limit is None else rt.monotonic() + limit.total_seconds()
     budget = Budget.start(settings, rt, deadline)

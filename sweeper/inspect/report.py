@@ -1,7 +1,5 @@
-"""The report of ``sweeper inspect``: what a sweep of one target would meet, do and cost.
-
-What it reports: docs/operations.md; what it counts, and how: docs/forecast.md.
-"""
+"""The report of ``sweeper inspect``: what a sweep of one target would meet, do and cost (what
+it reports: docs/operations.md; what it counts, and how: docs/forecast.md)."""
 
 from __future__ import annotations
 
@@ -9,6 +7,7 @@ import datetime as dt
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Literal
 
 from google.api_core import exceptions as gexc
@@ -120,7 +119,6 @@ class InspectReport:
     oldest: Oldest | None = None
     # Entities whose property holds an indexed non-null value (None: not counted).
     carrying: Count | None = None
-    # "server" where the database reports its time (Firestore in Datastore mode), else "local".
     clock_source: ClockSource | None = None
     histogram: Histogram | None = None
     forecast: Forecast | None = None
@@ -131,8 +129,7 @@ class InspectReport:
     @property
     def oldest_expired(self) -> Oldest | None:
         """The oldest value still past the cutoff: the band's smallest, if it is expired."""
-        oldest = self.oldest
-        return oldest if oldest is not None and oldest.instant < self.cutoff else None
+        return self.oldest if self.oldest and self.oldest.instant < self.cutoff else None
 
     @property
     def empty(self) -> bool:
@@ -151,42 +148,29 @@ def inspect_target(
     sleep: Callable[[float], None] = time.sleep,
 ) -> InspectReport:
     """Inspect one target; a Datastore failure becomes one :class:`DatastoreError` line. ``now``
-    (timezone-aware) is used where the database reports no clock; a count that pages through
-    keys (no aggregation queries) stops at ``count_limit``."""
+    (timezone-aware) is used where the database reports no clock."""
     if sample_size < 1 or count_limit < 1:
         raise UsageError("sample size and count limit must be at least 1")
     retrier = retrier or Retrier(RetryPolicy(), RetryCounter(), sleep)
     target = Target(client, retrier, settings.kind, settings.prop)
     try:
-        return _inspect(settings, _Counter(target, count_limit), now, sample_size)
+        return _inspect(settings, target, count_limit, now, sample_size)
     except (gexc.GoogleAPIError, *TRANSIENT) as exc:
         raise DatastoreError(f"Datastore call failed: {describe_exception(exc)}") from exc
 
 
-@dataclass(frozen=True)
-class _Counter:
-    """Inspect's counts: aggregations where the database has them, else keys up to ``limit``."""
-
-    target: Target
-    limit: int
-
-    def __call__(self, what: ExpiredRange | None = None) -> Count:
-        """Entities with a value in ``what``; None: every entity carrying the property."""
-        t = self.target
-        if what is not None and what.empty:
-            return Count(0, "empty_range")
-        query = t.carrying() if what is None else t.within(what)
-        return t.count(query, None, keys_limit=self.limit)
-
-    def kind(self) -> Count:
-        """Every entity of the kind, whatever its properties (what a scan reads)."""
-        return self.target.count(self.target.query(), None, keys_limit=self.limit)
+def _count(target: Target, limit: int, what: ExpiredRange | None = None) -> Count:
+    """Entities with a value in ``what`` (None: every one carrying the property): an aggregation
+    where the database has one, else keys up to ``limit``."""
+    if what is not None and what.empty:
+        return Count(0, "empty_range")
+    query = target.carrying() if what is None else target.within(what)
+    return target.count(query, None, keys_limit=limit)
 
 
 def _inspect(
-    s: SweepSettings, count: _Counter, now: dt.datetime, sample_size: int
+    s: SweepSettings, target: Target, limit: int, now: dt.datetime, sample_size: int
 ) -> InspectReport:
-    target = count.target
     # The cutoff a sweep would use: from the database's clock where it reports one.
     clock = read_clock(target, lambda: now)
     cutoff = clock.now - s.grace
@@ -195,7 +179,7 @@ def _inspect(
     indexed: Indexed = "yes" if probe else "no" if sample.non_null else "unknown"
     action, encoding, refusal = _decide(s, target)
     window = expired_range(encoding, cutoff) if encoding else None
-    expired = count(window) if window else None
+    expired = _count(target, limit, window) if window else None
     if action == "sweep" and s.format != "auto" and expired and expired.n == 0:
         # The sweep's own check when its range finds nothing: are the values merely unindexed?
         try:
@@ -219,25 +203,26 @@ def _inspect(
         bounds=window.values() if window else None,
         expired=expired,
         oldest=_oldest(target, encoding) if encoding else None,
-        carrying=count(),
+        carrying=_count(target, limit),
         clock_source=clock.source,
         descendants=_descendants(target, window, cutoff) if window and not s.scan else None,
     )
     if window is None or action not in ("sweep", "scan"):
         return report
-    return _forecast(report, s, count, window)
+    return _forecast(report, s, target, limit, window)
 
 
 def _forecast(
-    report: InspectReport, s: SweepSettings, count: _Counter, window: ExpiredRange
+    report: InspectReport, s: SweepSettings, target: Target, limit: int, window: ExpiredRange
 ) -> InspectReport:
     """The age histogram and the forecast of a sweep with ``s``'s settings."""
+    count = partial(_count, target, limit)
     carrying = report.carrying or Count(0, "aggregation")
     server, aggregation = report.clock_source == "server", carrying.method == "aggregation"
     per_session = report.descendants.mean if report.descendants else 0.0
     run = Run(s, server, aggregation, window.encoding, per_session)
     if s.scan:
-        kind = count.kind()
+        kind = target.count(target.query(), None, keys_limit=limit)  # every entity of the kind
         expired = report.expired if report.indexed == "yes" else None
         values = report.sample.values
         due = expired.n if expired else scan_due(kind.n, values, window.encoding, report.cutoff)
@@ -257,23 +242,21 @@ def _forecast(
 
 
 def _decide(s: SweepSettings, target: Target) -> tuple[Action, Encoding | None, str | None]:
-    """What ``sweep`` would decide, by the very code it runs (``checks.read_stored``, then
-    the encoding the ends hold), refusing what it refuses."""
+    """What ``sweep`` would decide, by the code it runs: ``read_stored``, ``decide_encoding``."""
     try:
         ends = read_stored(target, s).ends
-        auto = None if isinstance(s.format, Encoding) else decide_encoding(ends, s.kind, s.prop)
+        if isinstance(s.format, Encoding):
+            return ("scan" if s.scan else "sweep"), s.format, None
+        auto = decide_encoding(ends, s.kind, s.prop)
     except RefusedError as exc:
         return "refuse", None, exc.message
-    if isinstance(s.format, Encoding):
-        return ("scan" if s.scan else "sweep"), s.format, None
     # The format check has already refused values that no index holds.
     return ("sweep", auto, None) if auto else ("nothing", None, None)
 
 
 def _sample(target: Target, size: int) -> Sample:
-    """``size`` entities by the *true* type of their value (only a lookup shows it). Key order
-    alone showed no null where 150 of 2,500 were: where the database keeps ``__scatter__``
-    (production, the legacy emulator), most come from across the key space."""
+    """``size`` entities by the *true* type of their value (only a lookup shows it), most from
+    across the key space by ``__scatter__`` where kept: key order alone can miss every null."""
     spread = target.keys(RangeQuery(target.kind, target.prop, scattered=True), size)
     first = [] if len(spread) == size else target.keys(target.query(), size)
     first = [k for k in first if k not in spread]
@@ -282,11 +265,16 @@ def _sample(target: Target, size: int) -> Sample:
     values: list[object] = []
     prop = target.prop
     for entity in target.lookup([*spread, *first][:size]):
-        bucket = _bucket(entity, prop)
+        value = entity.get(prop)
+        if value is None:
+            bucket = "null" if prop in entity else "missing"
+        else:
+            encoding = classify(value)
+            bucket = encoding.value if encoding else "unsupported"
         counts[bucket] += 1
-        values.append(entity.get(prop))
+        values.append(value)
         if bucket == "unsupported" and len(examples) < MAX_EXAMPLES:
-            text = describe_value(entity[prop])
+            text = describe_value(value)
             examples += [] if text in examples else [text]
     return Sample(size, counts, tuple(examples), tuple(values))
 
@@ -312,15 +300,6 @@ def _descendants(
     rule = Rule(target.kind, target.prop, window.encoding, cutoff)
     counts = going_with(target, rule, target.keys(target.within(window), DESCENDANT_SAMPLE))
     return DescendantSample(len(counts), sum(counts), max(counts, default=0))
-
-
-def _bucket(entity: datastore.Entity, prop: str) -> str:
-    if prop not in entity:
-        return "missing"
-    if entity[prop] is None:
-        return "null"
-    encoding = classify(entity[prop])
-    return encoding.value if encoding else "unsupported"
 
 
 # -- the ranges counted: the backlog by age, the streams' slices ---------------------------------

@@ -121,6 +121,9 @@ def _rows(r: InspectReport) -> list[tuple[str, str]]:
     digits = max(len(str(n)) for n in sample.counts.values())
     examples = ", ".join(sample.unsupported_examples)
     empty = f"YES: no {r.kind} entity carries {r.prop}; check --kind, --property, --namespace"
+    encoding = "refused" if r.action == "refuse" else "none (no indexed value)"
+    if r.encoding is not None:
+        encoding = r.encoding.value + (" (detected)" if r.format_asked == "auto" else "")
     rows = [
         ("target", f"{r.kind}.{r.prop}"),
         *([("EMPTY", empty)] if r.empty else []),
@@ -133,7 +136,7 @@ def _rows(r: InspectReport) -> list[tuple[str, str]]:
         *((f"  {name}", f"{n:>{digits}}") for name, n in sample.counts.items()),
         *([("  e.g.", examples)] if examples else []),
         ("indexed", r.indexed + _INDEXED_NOTES[r.indexed]),
-        ("format", _format_row(r)),
+        ("format", encoding),
     ]
     if r.carrying is not None:
         rows.append(("carrying", _count_row(r.carrying)))
@@ -184,11 +187,17 @@ def _forecast_rows(f: Forecast) -> list[tuple[str, str]]:
         + (f", at most {s.max_rate:g}/s" if s.max_rate else "")
         + (" (estimated)" if f.estimated else "")
     )
-    rows = [("forecast", run)]
-    if f.guard_refuses:
-        rows.append(("  guard", "--max-fraction would refuse this run; forecast with 1"))
+    guard = [("  guard", "--max-fraction would refuse this run; forecast with 1")]
+    time = "not limited by sweeper (no ramp-up, no --max-rate): as fast as the database"
+    if f.duration_s is not None and f.final_rate is not None:
+        rule = "the ramp-up rule" if s.ramp_up else "--max-rate"
+        time = (
+            f"{_duration(f.duration_s)} of deletes under {rule}, "
+            f"ending at {f.final_rate:,.0f} deletes/s in all"
+        )
     return [
-        *rows,
+        ("forecast", run),
+        *(guard if f.guard_refuses else []),
         ("  queries", str(ops.queries)),
         ("  commits", str(ops.commits)),
         ("  entities read", f"{ops.entities_read} (billed reads in all: {ops.billed_reads})"),
@@ -199,31 +208,19 @@ def _forecast_rows(f: Forecast) -> list[tuple[str, str]]:
             f"${p.reads_per_100k:g} per 100,000 reads, ${p.deletes_per_100k:g} per 100,000 "
             f"deletes ({p.location}, list prices of {p.as_of}; check {p.source})",
         ),
-        ("  time", _time_row(f)),
+        ("  time", time),
     ]
 
 
-def _time_row(f: Forecast) -> str:
-    if f.duration_s is None or f.final_rate is None:
-        return "not limited by sweeper (no ramp-up, no --max-rate): as fast as the database"
-    rule = "the ramp-up rule" if f.run.sweep.ramp_up else "--max-rate"
-    return (
-        f"{_duration(f.duration_s)} of deletes under {rule}, "
-        f"ending at {f.final_rate:,.0f} deletes/s in all"
-    )
-
-
 def format_duration(delta: dt.timedelta) -> str:
-    """The shortest ``parse_duration`` spelling of ``delta`` (for logs and messages)."""
+    """The shortest ``parse_duration`` spelling of ``delta``."""
     seconds = int(delta.total_seconds())
-    if seconds == 0:
-        return "0"
     out = []
     for unit in ("d", "h", "m", "s"):
         count, seconds = divmod(seconds, UNIT_SECONDS[unit])
         if count:
             out.append(f"{count}{unit}")
-    return "".join(out)
+    return "".join(out) or "0"
 
 
 def _duration(seconds: float) -> str:
@@ -232,12 +229,6 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"
-
-
-def _format_row(r: InspectReport) -> str:
-    if r.encoding is not None:
-        return r.encoding.value + (" (detected)" if r.format_asked == "auto" else "")
-    return "refused" if r.action == "refuse" else "none (no indexed value)"
 
 
 def _count_row(counted: Count) -> str:
