@@ -70,7 +70,7 @@ MAX_GRACE = dt.timedelta(days=36_500)
 # script's digits, and lowering the text would read ``3M`` (months?) as 3 minutes.
 _DURATION = re.compile(r"0|(?:[0-9]+[smhd])+", re.ASCII)
 _DURATION_PART = re.compile(r"([0-9]+)([smhd])", re.ASCII)
-UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 DURATION_UNITS = "s, m, h or d (seconds, minutes, hours, days; lowercase)"
 # Firestore's database ids (https://cloud.google.com/firestore/docs/manage-databases).
 DEFAULT_DATABASE = "(default)"
@@ -89,10 +89,21 @@ def parse_duration(text: str) -> dt.timedelta:
             f"{DURATION_UNITS}, e.g. 90s, 15m, 3h, 2d or 1h30m"
         )
     try:
-        seconds = sum(int(n) * UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(raw))
+        seconds = sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(raw))
         return dt.timedelta(seconds=seconds)
     except (OverflowError, ValueError):  # ValueError: more digits than int() reads
         raise UsageError(f"invalid duration {_shown(text)}: too large") from None
+
+
+def format_duration(delta: dt.timedelta) -> str:
+    """The shortest :func:`parse_duration` spelling of ``delta``."""
+    seconds = int(delta.total_seconds())
+    out = []
+    for unit in ("d", "h", "m", "s"):
+        count, seconds = divmod(seconds, _UNIT_SECONDS[unit])
+        if count:
+            out.append(f"{count}{unit}")
+    return "".join(out) or "0"
 
 
 def _shown(text: str, limit: int = 70) -> str:

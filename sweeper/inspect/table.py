@@ -10,7 +10,7 @@ from sweeper.encodings import QueryValue
 from sweeper.inspect.forecast import Forecast, Histogram
 from sweeper.inspect.report import InspectReport, Oldest
 from sweeper.rpc import Count
-from sweeper.settings import UNIT_SECONDS
+from sweeper.settings import format_duration
 
 _INDEXED_NOTES = {
     "yes": "",
@@ -210,17 +210,6 @@ def _forecast_rows(f: Forecast) -> list[tuple[str, str]]:
         ),
         ("  time", time),
     ]
-
-
-def format_duration(delta: dt.timedelta) -> str:
-    """The shortest ``parse_duration`` spelling of ``delta``."""
-    seconds = int(delta.total_seconds())
-    out = []
-    for unit in ("d", "h", "m", "s"):
-        count, seconds = divmod(seconds, UNIT_SECONDS[unit])
-        if count:
-            out.append(f"{count}{unit}")
-    return "".join(out) or "0"
 
 
 def _duration(seconds: float) -> str:

@@ -11,7 +11,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sweeper.encodings import Encoding
-from sweeper.inspect.table import format_duration
 from sweeper.logs import EXIT_USAGE, UsageError
 from sweeper.options import decide_ramp_up
 from sweeper.settings import (
@@ -19,6 +18,7 @@ from sweeper.settings import (
     Shard,
     SweepSettings,
     check_database,
+    format_duration,
     parse_duration,
     parse_format,
 )
