@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -132,14 +133,16 @@ def sweep(**options: Any) -> None:
             confirm=partial(ask_before_deleting, stopping=stop.event.is_set) if asks else None,
         )
         results = sweep_targets(targets, client_for, runtime, overall=options["config"] is not None)
-    if options["dry_run"] and not stop.event.is_set():
-        _log_forecasts(results)
-    if person and results:
-        click.echo(summary(results, stop.name), err=True)
-    if options["pushgateway"]:
-        _push_metrics(options["pushgateway"], results, auth)
-    # Stopped by a signal: a sweep says so, or none had begun (listing the namespaces).
-    if any(r.stopped_reason == "signal" for r in results) or (stop.event.is_set() and not results):
+        # The handlers stay: a signal from here on ends the forecast or the push at once.
+        if options["dry_run"]:
+            with suppress(Stopped), stop.event.interrupting():
+                _log_forecasts(results)
+        if person and results:
+            click.echo(summary(results, stop.name), err=True)
+        if options["pushgateway"]:
+            with suppress(Stopped), stop.event.interrupting(stopped_already=False):
+                _push_metrics(options["pushgateway"], results, auth)
+    if stop.event.is_set() or any(r.stopped_reason == "signal" for r in results):
         raise click.exceptions.Exit(stop.exit_code)
     failed = [r for r in results if r.error is not None]
     if not failed and any(r.stopped_reason == StopReason.DECLINED for r in results):

@@ -280,8 +280,10 @@ class StopEvent(threading.Event):
         self._armed = False
 
     @contextmanager
-    def interrupting(self) -> Iterator[None]:
-        if self.is_set():
+    def interrupting(self, *, stopped_already: bool = True) -> Iterator[None]:
+        """``stopped_already`` off: a signal that came before does not stop what follows (the
+        push of a run it stopped), one that comes now does."""
+        if stopped_already and self.is_set():
             raise Stopped(StopReason.SIGNAL)
         self._armed = threading.current_thread() is threading.main_thread()
         try:

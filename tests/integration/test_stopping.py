@@ -4,7 +4,8 @@ Kubernetes sends SIGTERM and kills the pod 30 s later. From SIGTERM, SIGINT or t
 ``--max-runtime`` deadline to the process's exit, with ``sweep_finished`` logged, must take at
 most ``STOP_BUDGET_S`` whatever the sweep is doing: deleting, scanning pages where nothing has
 expired, walking a shard's slices, waiting on the throttle, backing off from a database that is
-gone, or waiting on a call that never answers. ``sweeper inspect`` must stop in time too.
+gone, or waiting on a call that never answers; after the sweep, forecasting a dry run or pushing
+to a Pushgateway. ``sweeper inspect`` must stop in time too.
 
 Each test starts ``python -m sweeper`` with JSON logs, waits (by reading its log) until it is in
 the phase under test, sends the signal and measures the seconds to exit. The measurements are
@@ -597,3 +598,45 @@ def test_g_inspect_against_a_black_hole_stops_on_sigterm() -> None:
     assert err.count("\n") == 1, context
     assert err.startswith("sweeper: error: "), context
     assert "SIGTERM" in err, context
+
+
+def test_h_a_signal_during_the_dry_runs_closing_forecast_ends_it(
+    emulator: Emulator, client: datastore.Client, kind: str
+) -> None:
+    """(h) After a dry run's ``sweep_finished``, its forecast reads the database again: the
+    network swallows those reads, and SIGTERM ends the command at once, cleanly (exit 143)."""
+    seed(client, kind, {"expired": stored(ago(hours=1), S, 50)})
+    # Latency enough that the forecast's reads are still to come when the test holds them.
+    with TcpProxy(("127.0.0.1", emulator.port), delay_s=0.2) as proxy:
+        proc = sweep_proc(via(proxy, emulator), kind, "--format", "epoch-seconds", "--dry-run")
+        proc.wait_for("sweep_finished")
+        proxy.hold()  # the forecast's reads now hang unanswered
+        time.sleep(1.0)
+        proc.send(signal.SIGTERM)
+        summary = stopped(proc, "h. dry run's closing forecast", emulator.flavour, 143, "complete")
+    assert summary["matched"] == 50
+    assert not [e for _t, e in proc.lines if e.get("event") == "forecast"]
+
+
+def test_i_a_signal_during_the_metrics_push_ends_it(
+    emulator: Emulator, client: datastore.Client, kind: str
+) -> None:
+    """(i) The run is done and pushes its figures to a Pushgateway that never answers: SIGTERM
+    ends the push at once (its own deadline is 10 s) and the command exits 143."""
+    groups = {"expired": stored(ago(hours=1), S, 20)}
+    seed(client, kind, groups)
+    with BlackHole() as gateway:
+        proc = sweep_proc(
+            emulator.env,
+            kind,
+            "--format",
+            "epoch-seconds",
+            "--pushgateway",
+            f"http://{gateway.host}",
+        )
+        proc.wait_for("sweep_finished")
+        _wait_for_a_call(gateway, proc)
+        proc.send(signal.SIGTERM)
+        summary = stopped(proc, "i. metrics push never answered", emulator.flavour, 143, "complete")
+    assert summary["deleted"] == 20
+    assert not remaining(client, kind, group_names(groups, "expired"))
