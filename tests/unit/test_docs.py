@@ -241,4 +241,8 @@ def test_the_threads_development_md_counts_are_the_codes() -> None:
     section = _path_section()
     assert "a reader per stream and a delete worker per stream" in section
     assert engine.DELETERS_PER_STREAM == 1
+    assert "two delete workers per stream where a transaction takes at most 25" in " ".join(
+        section.split()
+    )
+    assert engine.LEGACY_DELETERS_PER_STREAM == 2
     assert f"ancestor queries go {gate.DESCENDANT_QUERIES} at a time" in section.replace("\n", " ")
