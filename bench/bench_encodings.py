@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_sweep import counting_client
 from google.cloud import datastore
 
-from sweeper import gate
+from sweeper import engine
 from sweeper.encodings import Encoding
 from sweeper.engine import Sweep
 from sweeper.logs import configure
@@ -61,7 +61,8 @@ from tests.support.seed import Session, encode, names, put_entities, put_session
 REFERENCE = Encoding.EPOCH_SECONDS
 CHILD_KIND = "event"
 # "one query at a time" is the reference for the ancestor queries: the engine as it was before
-# each delete worker made them 8 at a time (gate.DESCENDANT_QUERIES).
+# each delete worker made them 8 at a time (the engine's DESCENDANT_QUERIES, which sizes the
+# pool of readers; setting gate's copy changed nothing, and the reference ran 8 at a time).
 SEQUENTIAL = "with descendants, one query at a time"
 MODES = ("plain", SEQUENTIAL, "with descendants", "with descendants + verify")
 _WIRE_CALLS = (
@@ -195,7 +196,7 @@ def run_child(spec_json: str) -> None:
         with_descendants=spec.with_descendants,
     )
     if spec.descendant_queries is not None:
-        gate.DESCENDANT_QUERIES = spec.descendant_queries
+        vars(engine)["DESCENDANT_QUERIES"] = spec.descendant_queries  # the engine's own name
     started = time.perf_counter()
     result = Sweep(settings, client).run()
     elapsed = time.perf_counter() - started
