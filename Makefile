@@ -20,7 +20,7 @@ demo: $(STAMP)
 # test against the Firestore emulator (tests/integration/conftest.py groups them), the unit
 # tests fill in; on 2 cores the suite takes about 5 minutes instead of 8.
 test: lint typecheck deploy-lint
-	$(BIN)/pytest -q -n 2 --dist loadgroup
+	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check sweeper tests bench scripts
