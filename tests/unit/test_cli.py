@@ -911,8 +911,16 @@ def test_ctrl_c_while_starting_is_130_and_one_line() -> None:
     gRPC's library is loaded, which only the CLI's imports do: inside them, whatever the load.
     (Before the interpreter runs sweeper's first line, nothing can catch it.)"""
     env = {**os.environ, "DATASTORE_EMULATOR_HOST": f"127.0.0.1:{closed_port()}"}
+    # Started as a shell starts a command in the foreground: SIGINT at its default. A parent
+    # that ignores it (a background job of a script, `nohup`) passes that on, and Python then
+    # ignores Ctrl-C until sweeper's own handlers are in place.
+    command = [sys.executable, "-m", "sweeper", "sweep", "--project", "p"]
+    foreground = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sweeper", "sweep", "--project", "p"],
+        [sys.executable, "-c", foreground, *command],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
