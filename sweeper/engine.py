@@ -37,7 +37,7 @@ from sweeper.throttle import Allowance, Capped
 # A commit is one call, answered faster than the stream's next page: one delete worker per
 # stream keeps up (a second one gained nothing in bench/bench_sweep.py). Where a transaction
 # takes at most 25 entity groups (``LEGACY_LIMIT``), a page is 20 commits and they set the pace:
-# two per stream (the legacy emulator at 60 ms each way: 0.67x the bare loop with one, 1.06x).
+# two per stream (the legacy emulator at 60 ms each way: 0.67x the bare loop with one, 1.20x).
 DELETERS_PER_STREAM = 1
 LEGACY_DELETERS_PER_STREAM = 2
 
