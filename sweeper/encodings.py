@@ -10,7 +10,7 @@ ordinal slices are disjoint ranges of stored values.
 What a range cannot tell apart, the value must: a Timestamp from an integer of epoch
 microseconds, or canonical ISO-8601 text (in time order: every field has a fixed width) from
 other text sorting among it. Text ranges are read with their values and only canonical text is
-taken; lookups see true types.
+taken; reads of whole entities (and lookups) see true types.
 """
 
 from __future__ import annotations

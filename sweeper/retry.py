@@ -272,8 +272,9 @@ class Stopped(BaseException):
 
 class StopEvent(threading.Event):
     """The run's stop flag, set by :class:`StopOnSignal` or a test. While the main thread runs
-    a sweep or a report (:meth:`interrupting`), a signal also raises :class:`Stopped` in it,
-    once, wherever it waits (a call that never answers too: gRPC looks at signals every 200 ms)."""
+    a sweep, a report, a dry run's forecast or the push (:meth:`interrupting`), a signal also
+    raises :class:`Stopped` in it, once, wherever it waits (a call that never answers too: gRPC
+    looks at signals every 200 ms)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -78,7 +78,8 @@ class Target:
     # -- the reads ------------------------------------------------------------------------
 
     def fetch(self, query: RangeQuery, limit: int, descending: bool = False) -> list[Seen]:
-        """The first ``limit`` results, each value with its true type (a whole entity's)."""
+        """The first ``limit`` results: of a whole-entity query each value with its true type,
+        of a projection the indexed value (a timestamp as its microseconds)."""
         return self._seen_page(query.build(self.client, descending), limit, None).seen
 
     def keys(self, query: RangeQuery, limit: int) -> list[datastore.Key]:
