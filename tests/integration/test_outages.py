@@ -36,12 +36,14 @@ def test_a_sweep_survives_connections_cut_every_one_to_two_seconds(
     groups = {"expired": stored(ago(hours=1), S, 4000), "live": stored(ahead(hours=1), S, 300)}
     seed(client, kind, groups)
 
-    # 20 ms each way keeps a call in flight most of the time, so most cuts land mid-call.
+    # 20 ms each way keeps a call in flight most of the time, so most cuts land mid-call. The
+    # cap of 1,000 deletes a second makes the run last at least 4 s however fast the machine is,
+    # so it spans at least two cuts (uncapped, a fast run could end before the first).
     with TcpProxy(("127.0.0.1", emulator.port), delay_s=0.02, cut_every_s=(1.0, 2.0)) as proxy:
         flaky = make_client(Emulator(emulator.flavour, project=emulator.project, port=proxy.port))
-        result = sweep(flaky, kind, S, batch_size=25)
+        result = sweep(flaky, kind, S, batch_size=25, max_rate=1000.0)
 
-    assert proxy.cuts >= 1
+    assert proxy.cuts >= 2
     assert result.retries > 0
     assert (result.exit_code, result.failed) == (0, 0)
     assert survivors(client, kind, groups) == {"live"}
@@ -89,7 +91,8 @@ def test_when_the_database_dies_mid_run_the_sweep_fails_cleanly_and_a_rerun_fini
     emu.start()  # same port, same data dir
     # The emulator came back with its data (else the rerun below would prove nothing).
     live = group_names(groups, "live")
-    assert remaining(make_client(emu), kind, live) == set(live)
+    back = remaining(make_client(emu), kind, live)
+    assert back == set(live), f"{len(back)} of {len(live)} back; emulator log: {emu.log_tail(20)}"
     rerun = sweep(make_client(emu), kind, S)
     assert rerun.exit_code == 0
     assert survivors(make_client(emu), kind, groups) == {"live"}

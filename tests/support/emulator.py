@@ -119,7 +119,7 @@ class Emulator:
         deadline = time.monotonic() + timeout_s
         while not self.ready():
             if self.process.poll() is not None or time.monotonic() > deadline:
-                log_tail = self._log_tail()
+                log_tail = self.log_tail()
                 self.stop(keep_dir=True)
                 raise RuntimeError(
                     f"{self.flavour} emulator did not start on {self.host}: {log_tail}"
@@ -150,7 +150,7 @@ class Emulator:
             os.close(self._lifeline)
             self._lifeline = None
 
-    def _log_tail(self, lines: int = 5) -> str:
+    def log_tail(self, lines: int = 5) -> str:
         assert self.data_dir is not None
         try:
             text = (self.data_dir / "emulator.log").read_text(errors="replace")
