@@ -10,9 +10,11 @@ import datetime as dt
 import io
 import itertools
 import json
+import re
 import threading
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 from google.api_core import exceptions as gexc
@@ -183,6 +185,19 @@ def test_the_ancestor_queries_of_a_batch_are_in_flight_together() -> None:
     assert set(client.deleted) == set(client.keys) | {
         k for ks in client.children.values() for k in ks
     }
+
+
+def test_the_calls_in_flight_are_limited_as_docs_reference_md_says() -> None:
+    reference = (Path(__file__).parents[2] / "docs" / "reference.md").read_text()
+    (row,) = [line for line in reference.splitlines() if line.startswith("| `concurrency_max`")]
+    found = re.search(r"\((\d+) per worker.*; (\d+) more per worker with `--with-desc", row)
+    assert found is not None
+    per_worker, more = int(found[1]), int(found[2])
+    for workers in (1, 3):
+        for descendants, limit in ((False, per_worker), (True, per_worker + more)):
+            s = settings(workers=workers, with_descendants=descendants)
+            _result, logs = run(sessions_with_children(3, children=1), s)
+            assert finished(logs)["concurrency_max"] == limit * workers
 
 
 def test_a_failed_ancestor_query_deletes_nothing_of_its_batch() -> None:
