@@ -279,7 +279,10 @@ def run_in_child(name: str, kind: str, env: dict[str, str]) -> tuple[dict[str, A
     _pid, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{name} failed with exit code {os.waitstatus_to_exitcode(status)}")
+        tail = b"\n".join(output.splitlines()[-3:]).decode(errors="replace")
+        raise SystemExit(
+            f"{name} failed with exit code {os.waitstatus_to_exitcode(status)}:\n{tail}"
+        )
     outcome = _outcome(name, output)
     outcome["elapsed"] = elapsed
     return outcome, usage.ru_maxrss  # KiB on Linux

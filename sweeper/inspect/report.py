@@ -281,11 +281,10 @@ def _sample(target: Target, size: int) -> Sample:
 
 def _oldest(target: Target, encoding: Encoding) -> Oldest | None:
     """The smallest value in the encoding's whole band: how far behind sweeping is."""
-    band = target.within(band_range(encoding))
-    found = [e.get(target.prop) for e in target.lookup(target.keys(band, 1))]
-    value = found[0] if found else None  # none stored, or gone before the lookup
+    found = target.fetch(target.within(band_range(encoding), keys_only=False), 1)
+    value = found[0].value if found else None
     ordinal = encoding.ordinal(value) if classify(value) is encoding else None
-    if value is None or ordinal is None:  # or text of another form at the band's start
+    if not isinstance(value, QueryValue) or ordinal is None:  # or another form at the start
         return None
     return Oldest(value, from_micros(ordinal * encoding.unit_us))
 
