@@ -15,9 +15,16 @@ from functools import partial
 from typing import Any, Literal
 
 from sweeper.concurrency import together
-from sweeper.encodings import Encoding, band_range, classify, describe_value
+from sweeper.encodings import (
+    Encoding,
+    band_range,
+    classify,
+    describe_value,
+    expired_range,
+    from_micros,
+)
 from sweeper.logs import RefusedError
-from sweeper.result import Retention, SweepResult, measure_retention
+from sweeper.result import RETENTION_COUNT_LIMIT, Retention, SweepResult
 from sweeper.rpc import Count, Seen
 from sweeper.settings import SweepSettings
 from sweeper.target import FIRST_VALUE_PROBE, Target
@@ -301,3 +308,17 @@ def _refuse_if_carried(target: Target) -> None:
             "entry holds one, so no range query can find them. Use --scan (one billed read per "
             "entity) or index the property."
         )
+
+
+def measure_retention(
+    target: Target, *, encoding: Encoding | None, cutoff: dt.datetime
+) -> Retention:
+    """Two bounded COUNTs (at once) and one limit-1 projection query."""
+    carried = partial(target.count, target.carrying(), RETENTION_COUNT_LIMIT)
+    if encoding is None:
+        return Retention(carried())
+    query = target.within(expired_range(encoding, cutoff))
+    left, carrying = together(partial(target.count, query, RETENTION_COUNT_LIMIT), carried)
+    first = target.first_value(query, encoding, strict=True) if left.n else None
+    oldest = None if first is None else from_micros(first * encoding.unit_us)
+    return Retention(carrying, left, oldest)

@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import replace
@@ -33,17 +34,15 @@ from sweeper.logs import (
     EXIT_USAGE,
     DatastoreError,
     LogFormat,
-    ProgressLine,
     SweeperError,
     UsageError,
     configure,
     describe_exception,
     one_line,
     report_bug,
-    summary,
 )
 from sweeper.metrics import BasicAuth, MetricsError, push_summary, transport
-from sweeper.result import Runtime, SweepResult
+from sweeper.result import Runtime, SweepResult, terminal_summary
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy, StopOnSignal, Stopped, StopReason
 from sweeper.settings import KEYS, SweepSettings, flag, load_targets
 
@@ -138,7 +137,7 @@ def sweep(**options: Any) -> None:
             with suppress(Stopped), stop.event.interrupting():
                 _log_forecasts(results)
         if person and results:
-            click.echo(summary(results, stop.name), err=True)
+            click.echo(terminal_summary(results, stop.name), err=True)
         if options["pushgateway"]:
             with suppress(Stopped), stop.event.interrupting(stopped_already=False):
                 _push_metrics(options["pushgateway"], results, auth)
@@ -204,6 +203,40 @@ def inspect(**options: Any) -> None:
         for each in targets:
             one = run_until_signal(stop, partial(report, each))
             click.echo(render_table(one) if output == "table" else json.dumps(report_dict(one)))
+
+
+class ProgressLine:
+    """A live line on an interactive terminal: deleted so far, rate, elapsed. It is taken off
+    before each log line (``clear``), which would otherwise be printed into it, and at the end,
+    where the summary says the same."""
+
+    def __init__(self, stream: TextIO, every_s: float = 0.5) -> None:
+        self._stream, self._every_s, self._last = stream, every_s, 0.0
+        self._width = 0  # of the line on the terminal; 0: none
+        # Delete workers draw it, any thread's log line takes it off.
+        self._lock = threading.RLock()
+
+    def show(self, result: SweepResult, elapsed_s: float, finished: bool) -> None:
+        s = result.settings
+        with self._lock:
+            if finished:
+                self.clear()
+                self._last = 0.0  # the next target starts afresh
+            elif elapsed_s - self._last >= self._every_s:
+                done = result.matched if s.dry_run else result.deleted
+                verb = "would delete" if s.dry_run else "deleted"
+                rate = done / elapsed_s if elapsed_s > 0 else 0.0
+                text = f"{s.kind}: {verb} {done} ({rate:.0f}/s), {elapsed_s:.0f}s elapsed"
+                self._stream.write("\r" + text.ljust(self._width))
+                self._stream.flush()
+                self._width, self._last = len(text), elapsed_s
+
+    def clear(self) -> None:
+        with self._lock:
+            if self._width:
+                self._stream.write("\r" + " " * self._width + "\r")
+                self._stream.flush()
+                self._width = 0
 
 
 def run_until_signal(stop: StopOnSignal, fn: Callable[[], T]) -> T:

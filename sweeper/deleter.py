@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from google.api_core import exceptions as gexc
@@ -19,14 +19,12 @@ from google.cloud.datastore import Key
 from sweeper import rpc
 from sweeper.concurrency import Degradation, DegradationLog
 from sweeper.logs import DatastoreError, SweeperError, describe_exception, is_bug
+from sweeper.result import SweepResult
 from sweeper.retry import AMBIGUOUS, Stopped
 from sweeper.rpc import Seen
 from sweeper.settings import MAX_BATCH_SIZE
 from sweeper.target import Target
 from sweeper.throttle import Allowance, Capped, Throttle
-
-if TYPE_CHECKING:  # the result names the guard's plan, which names the gate's rule
-    from sweeper.result import SweepResult
 
 Path = tuple[Any, ...]
 

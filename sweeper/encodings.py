@@ -23,10 +23,6 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # the settings name the encodings
-    from sweeper.settings import Shard
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -270,6 +266,19 @@ def is_expired(encoding: Encoding, value: object, cutoff: dt.datetime) -> bool:
     return value < bound  # type: ignore[operator]
 
 
+@dataclass(frozen=True)
+class Rule:
+    """What may be deleted: an entity of ``kind`` whose ``prop`` is expired in ``encoding``."""
+
+    kind: str
+    prop: str
+    encoding: Encoding
+    cutoff: dt.datetime
+
+    def due(self, value: object) -> bool:
+        return is_expired(self.encoding, value, self.cutoff)
+
+
 def _aware(value: dt.datetime) -> dt.datetime:
     """Datastore timestamps are UTC; a naive one from an old writer means UTC too."""
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
@@ -300,9 +309,14 @@ def split_even(lo: int, hi: int, parts: int) -> list[Slice]:
 
 
 def shard_slices(
-    lo: int, hi: int, shard: Shard, bucket: int, next_value: Callable[[int, int], int | None]
+    lo: int,
+    hi: int,
+    shard: tuple[int, int],
+    bucket: int,
+    next_value: Callable[[int, int], int | None],
 ) -> Iterator[Slice]:
-    """The non-empty parts of ``[lo, hi)`` that belong to ``shard``, oldest first, found lazily.
+    """The non-empty parts of ``[lo, hi)`` that belong to ``shard`` (its index and the count of
+    shards), oldest first, found lazily.
 
     Bucket ``b`` of a fixed grid (multiples of ``bucket`` from 0) belongs to shard ``b % count``,
     so every pod computes the same assignment whatever its clock says the cutoff is and
@@ -313,6 +327,7 @@ def shard_slices(
     over a non-empty bucket, so the work follows the data, not its span (walking the grid, one
     stray value from 2001 would cost ~220,000 one-hour queries).
     """
+    index, count = shard
     pos = lo
     while pos < hi:
         value = next_value(pos, hi)
@@ -321,10 +336,10 @@ def shard_slices(
         # The probe answers an ordinal at or below the value it found, never below ``pos``
         # (each slice's range starts there); clamping keeps the walk moving whatever it says.
         b = max(value, pos) // bucket
-        owner = b % shard.count
-        if owner == shard.index:
+        owner = b % count
+        if owner == index:
             end = min(hi, (b + 1) * bucket)
             yield (max(pos, b * bucket), end)
             pos = end
         else:  # no value lies in [pos, value); buckets b.. up to our next one are not ours
-            pos = (b + (shard.index - owner) % shard.count) * bucket
+            pos = (b + (index - owner) % count) * bucket

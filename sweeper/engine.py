@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import partial
 
 import structlog
@@ -17,22 +17,23 @@ from google.cloud import datastore
 from sweeper import checks, guard
 from sweeper.concurrency import CallLimiter, Pipeline, together
 from sweeper.deleter import LEGACY_LIMIT, BatchSizer, refused_error
-from sweeper.encodings import Encoding
-from sweeper.gate import DESCENDANT_QUERIES, Gate, Rule
+from sweeper.encodings import Encoding, Rule
+from sweeper.gate import DESCENDANT_QUERIES, Gate
 from sweeper.logs import SweeperError, describe_exception, is_bug, report_bug
-from sweeper.result import Budget, ProgressLog, Runtime, SweepResult
+from sweeper.result import ProgressLog, Runtime, SweepResult
 from sweeper.retry import (
     DRAIN_S,
     PUSHBACK,
     Retrier,
     RetryCounter,
     Stopped,
+    Stopper,
     StopReason,
 )
 from sweeper.rpc import Count
 from sweeper.settings import MAX_BATCH_SIZE, SweepSettings
 from sweeper.target import Target, expired_streams, namespaces
-from sweeper.throttle import Allowance, Capped
+from sweeper.throttle import Allowance, Capped, Throttle, ThrottleSettings
 
 # A commit is one call, answered faster than the stream's next page: one delete worker per
 # stream keeps up (a second one gained nothing in bench/bench_sweep.py). Where a transaction
@@ -40,6 +41,24 @@ from sweeper.throttle import Allowance, Capped
 # two per stream (the legacy emulator at 60 ms each way: 0.67x the bare loop with one, 1.20x).
 DELETERS_PER_STREAM = 1
 LEGACY_DELETERS_PER_STREAM = 2
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Shared by the sweeps of an ``--all-namespaces`` run: the stop flag and ``--max-runtime``
+    deadline, which end the whole run, and the throttle, whose ramp-up goes on across namespaces."""
+
+    stopper: Stopper
+    throttle: Throttle
+
+    @classmethod
+    def start(cls, settings: SweepSettings, rt: Runtime, deadline: float | None = None) -> Budget:
+        """A fresh budget; ``deadline`` is a value of ``rt.monotonic`` (a lone sweep sets its
+        own once it runs)."""
+        s = settings
+        stopper = Stopper(rt.stop, rt.monotonic, rt.sleep, deadline)
+        limits = ThrottleSettings(ramp_up=s.ramp_up, max_rate=s.max_rate, divisor=s.shard.count)
+        return cls(stopper, Throttle(limits, clock=rt.monotonic, sleep=stopper.pause))
 
 
 class Sweep:
@@ -307,7 +326,7 @@ def each_namespace(
 def _every_namespace(
     settings: SweepSettings, client_for: ClientFor, rt: Runtime
 ) -> list[SweepResult]:
-    """One sweep per namespace, all under one ``result.Budget`` (one deadline, one ramp-up)."""
+    """One sweep per namespace, all under one ``Budget`` (one deadline, one ramp-up)."""
     limit = settings.max_runtime
     deadline = None if limit is None else rt.monotonic() + limit.total_seconds()
     budget = Budget.start(settings, rt, deadline)

@@ -15,25 +15,21 @@ commit (rules 3 to 5):
 
 from __future__ import annotations
 
-import datetime as dt
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import structlog
 from google.cloud.datastore import Key
 
 from sweeper.concurrency import Pool
 from sweeper.deleter import BatchSizer, Changed, Committer, Path, Resize, Split
-from sweeper.encodings import Encoding, is_expired
+from sweeper.encodings import Rule
+from sweeper.result import SweepResult
 from sweeper.rpc import Seen
 from sweeper.settings import MAX_BATCH_SIZE
 from sweeper.target import Target
 from sweeper.throttle import Allowance, Capped, Throttle
-
-if TYPE_CHECKING:  # the result names the guard's plan, which names the gate's rule
-    from sweeper.result import SweepResult
 
 # With --with-descendants each session costs an ancestor query: one after the other, a page of
 # 500 sessions waits 500 round trips before its commit, so they go this many at once per worker.
@@ -42,19 +38,6 @@ DESCENDANT_QUERIES = 8
 # A commit refused because its entities changed is read and decided again this many times;
 # groups still changing after that (a writer re-saving them without pause) are left alone.
 MAX_REREADS = 5
-
-
-@dataclass(frozen=True)
-class Rule:
-    """What may be deleted: an entity of ``kind`` whose ``prop`` is expired in ``encoding``."""
-
-    kind: str
-    prop: str
-    encoding: Encoding
-    cutoff: dt.datetime
-
-    def due(self, seen: Seen) -> bool:
-        return is_expired(self.encoding, seen.value, self.cutoff)
 
 
 @dataclass
@@ -89,12 +72,12 @@ def decide(
     """
     members = {s.key.flat_path: s for s in seen}
     top = members.get(root.flat_path)
-    if top is None or not (trust_root or rule.due(top)):
+    if top is None or not (trust_root or rule.due(top.value)):
         return None
     live = {
         p
         for p, s in members.items()
-        if s.key.kind == rule.kind and p != root.flat_path and not rule.due(s)
+        if s.key.kind == rule.kind and p != root.flat_path and not rule.due(s.value)
     }
     depth = len(root.flat_path)
     kept = [
@@ -154,7 +137,7 @@ class Gate:
     def delete(self, page: Sequence[Seen]) -> None:
         """A page of candidates, each with the version and value its query saw."""
         page = _unique(page)
-        due = [s for s in page if self._rule.due(s)] if self.verify else page
+        due = [s for s in page if self._rule.due(s.value)] if self.verify else page
         if len(due) < len(page):  # the query's own read shows them live (or of no encoding)
             self._result.add(skipped=len(page) - len(due))
         left = self.allowance.left()
@@ -231,7 +214,7 @@ class Gate:
             fresh = [
                 Group(r, [looked.found[r.flat_path]])
                 for r in roots
-                if r.flat_path in looked.found and self._rule.due(looked.found[r.flat_path])
+                if r.flat_path in looked.found and self._rule.due(looked.found[r.flat_path].value)
             ]
         self._result.add(skipped=len(roots) - len(fresh))
         for g in fresh:

@@ -11,21 +11,19 @@ import select
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from google.cloud import datastore
 
-from sweeper.encodings import Encoding, ExpiredRange, expired_range
-from sweeper.gate import Rule, decide
+from sweeper.encodings import Encoding, ExpiredRange, Rule, expired_range
+from sweeper.gate import decide
 from sweeper.logs import RefusedError
+from sweeper.result import Exposure, Plan, SweepResult
 from sweeper.retry import Stopped, StopReason
 from sweeper.rpc import Count
 from sweeper.settings import SweepSettings
 from sweeper.target import Target
 from sweeper.throttle import Allowance
-
-if TYPE_CHECKING:  # the result names the plan
-    from sweeper.result import SweepResult
 
 # Counts stop here (as a COUNT, 10,000 billed reads); a due count past it is a backlog.
 COUNT_LIMIT = 10_000_000
@@ -33,44 +31,6 @@ COUNT_LIMIT = 10_000_000
 _ANSWER_POLL_S = 0.1
 # Sessions sampled each side of the cutoff to estimate what each takes with it (descendants).
 DESCENDANT_SAMPLE = 20
-
-
-@dataclass(frozen=True)
-class Exposure:
-    """What a run would delete (``due``), against what carries the property (``carrying``)."""
-
-    due: Count
-    carrying: Count
-
-    @property
-    def fraction(self) -> float | None:
-        """due / carrying when both counts are exact; None when a limit leaves it unknown."""
-        if self.carrying.n == 0:
-            return 0.0
-        if self.due.lower_bound or self.carrying.lower_bound:
-            return None
-        return self.due.n / self.carrying.n
-
-    def within(self, share: float) -> bool:
-        """Whether the run surely deletes at most ``share``; an unknown fraction is not within,
-        unless even the largest it could be (exact due over a capped carrying) is."""
-        if share >= 1.0:
-            return True
-        fraction = self.fraction
-        if fraction is not None:
-            return fraction <= share
-        return not self.due.lower_bound and self.due.n / self.carrying.n <= share
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What an operator is shown before a sweep deletes, and asked to agree to."""
-
-    project: str
-    database: str | None
-    namespace: str | None
-    rule: Rule
-    exposure: Exposure
 
 
 def measure(
@@ -102,7 +62,7 @@ def scan_exposure(
             if seen.value is None:
                 continue
             carrying += 1
-            side = due_keys if rule.due(seen) else live_keys
+            side = due_keys if rule.due(seen.value) else live_keys
             due += side is due_keys
             if len(side) < DESCENDANT_SAMPLE:
                 side.append(seen.key)

@@ -1,29 +1,65 @@
-"""What one sweep reports (the ``sweep_finished`` contract, ``sweep_progress`` on the way, and
-what is left once it is done) and the outside world it is given."""
+"""What one sweep reports (the ``sweep_finished`` contract, ``sweep_progress`` on the way, what
+is left once it is done, and the summary a person reads), what the guard puts before an
+operator, and the outside world a sweep is given. It sits below the reads, the delete and the
+guard that write into it."""
 
 from __future__ import annotations
 
 import datetime as dt
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
-from sweeper.concurrency import Degradation, together
-from sweeper.encodings import Encoding, expired_range, from_micros
-from sweeper.guard import Exposure, Plan
+from sweeper.concurrency import Degradation
+from sweeper.encodings import Rule
 from sweeper.logs import EXIT_FAILURE, EXIT_OK
-from sweeper.retry import RetryCounter, RetryPolicy, StopEvent, Stopper, StopReason
+from sweeper.retry import RetryCounter, RetryPolicy, StopEvent, StopReason
 from sweeper.rpc import Count
 from sweeper.settings import SweepSettings
-from sweeper.target import Target
-from sweeper.throttle import Throttle, ThrottleSettings
 
 
 def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """What a run would delete (``due``), against what carries the property (``carrying``)."""
+
+    due: Count
+    carrying: Count
+
+    @property
+    def fraction(self) -> float | None:
+        """due / carrying when both counts are exact; None when a limit leaves it unknown."""
+        if self.carrying.n == 0:
+            return 0.0
+        if self.due.lower_bound or self.carrying.lower_bound:
+            return None
+        return self.due.n / self.carrying.n
+
+    def within(self, share: float) -> bool:
+        """Whether the run surely deletes at most ``share``; an unknown fraction is not within,
+        unless even the largest it could be (exact due over a capped carrying) is."""
+        if share >= 1.0:
+            return True
+        fraction = self.fraction
+        if fraction is not None:
+            return fraction <= share
+        return not self.due.lower_bound and self.due.n / self.carrying.n <= share
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an operator is shown before a sweep deletes, and asked to agree to."""
+
+    project: str
+    database: str | None
+    namespace: str | None
+    rule: Rule
+    exposure: Exposure
 
 
 @dataclass(frozen=True)
@@ -258,33 +294,76 @@ class Retention:
         }
 
 
-def measure_retention(
-    target: Target, *, encoding: Encoding | None, cutoff: dt.datetime
-) -> Retention:
-    """Two bounded COUNTs (at once) and one limit-1 projection query."""
-    carried = partial(target.count, target.carrying(), RETENTION_COUNT_LIMIT)
-    if encoding is None:
-        return Retention(carried())
-    query = target.within(expired_range(encoding, cutoff))
-    left, carrying = together(partial(target.count, query, RETENTION_COUNT_LIMIT), carried)
-    first = target.first_value(query, encoding, strict=True) if left.n else None
-    oldest = None if first is None else from_micros(first * encoding.unit_us)
-    return Retention(carrying, left, oldest)
+def terminal_summary(results: Sequence[SweepResult], signal_name: str = "a signal") -> str:
+    """What a person at a terminal reads at the end of ``sweep``: per target what went, what
+    is left, how long the deletes took, and what to do next if anything was refused or left."""
+    # A lone failure is worded once, by the error line that follows (exit 1); of several, each.
+    blocks = [_summary_of(r, len(results) > 1, signal_name) for r in results]
+    if len(results) > 1:
+        deleted = sum(r.deleted + r.descendants_deleted for r in results)
+        failed = sum(1 for r in results if r.error)
+        blocks.append(
+            f"in all: {_n(deleted)} deleted in {len(results)} sweeps"
+            + (f", {failed} failed" if failed else "")
+        )
+    return "\n".join(blocks)
 
 
-@dataclass(frozen=True)
-class Budget:
-    """Shared by the sweeps of an ``--all-namespaces`` run: the stop flag and ``--max-runtime``
-    deadline, which end the whole run, and the throttle, whose ramp-up goes on across namespaces."""
+def _summary_of(r: SweepResult, say_error: bool, signal_name: str) -> str:
+    s = r.settings
+    where = s.kind + (f" (namespace {s.namespace})" if s.namespace else "")
+    if r.error is not None:
+        gone = f"; {_n(r.deleted)} deleted before it" if r.deleted else "; nothing deleted"
+        return f"{where}: error{gone}" + (f"\n  {r.error}" if say_error else "")
+    entities = r.deleted + r.descendants_deleted
+    took = r.deleting_s if r.deleting_s is not None else r.duration_s
+    if r.stopped_reason in ("declined", "signal"):  # one line: a person's
+        why = "not confirmed" if r.stopped_reason == "declined" else f"stopped by {signal_name}"
+        if not entities:
+            return f"{where}: {why}; nothing was deleted"
+        return f"{where}: {why} after deleting {_n(entities)} in {took:.1f} s; run again to go on"
+    if s.dry_run:
+        head = f"{where}: dry run, would delete {_n(r.matched)}; nothing was deleted"
+    elif r.matched == 0:
+        head = f"{where}: nothing was due"
+    else:
+        rate = f", {entities / took:,.0f}/s" if took > 0 else ""
+        under = f" ({_n(r.descendants_deleted)} under them)" if r.descendants_deleted else ""
+        head = f"{where}: deleted {_n(entities)}{under} in {took:.1f} s{rate}"
+    lines = [head]
+    kept = []
+    if r.skipped:
+        kept.append(f"{_n(r.skipped)} kept (live again when checked)")
+    if r.failed:
+        kept.append(f"{_n(r.failed)} could not be deleted (see delete_refused in the log)")
+    if kept:
+        lines.append("  " + "; ".join(kept))
+    left = r.retention.expired_left if r.retention and not s.dry_run else None
+    if left is not None and left.n:
+        more = "at least " if left.lower_bound else ""
+        lines.append(f"  left past the cutoff: {more}{_n(left.n)}")
+    if s.dry_run and r.matched:
+        lines.append(f"  {_after_dry_run(r)}")
+    elif r.stopped_reason in ("max_deletes", "max_runtime") and not s.dry_run:
+        option = "--max-deletes" if r.stopped_reason == "max_deletes" else "--max-runtime"
+        lines.append(f"  stopped at {option}: run again to go on")
+    return "\n".join(lines)
 
-    stopper: Stopper
-    throttle: Throttle
 
-    @classmethod
-    def start(cls, settings: SweepSettings, rt: Runtime, deadline: float | None = None) -> Budget:
-        """A fresh budget; ``deadline`` is a value of ``rt.monotonic`` (a lone sweep sets its
-        own once it runs)."""
-        s = settings
-        stopper = Stopper(rt.stop, rt.monotonic, rt.sleep, deadline)
-        limits = ThrottleSettings(ramp_up=s.ramp_up, max_rate=s.max_rate, divisor=s.shard.count)
-        return cls(stopper, Throttle(limits, clock=rt.monotonic, sleep=stopper.pause))
+def _after_dry_run(r: SweepResult) -> str:
+    """What to do next: never to run what the fraction guard would refuse (its own rule, over
+    what the dry run matched and what carries the property after it)."""
+    s, kept = r.settings, r.retention
+    if kept is None or not r.dry_run_refused:
+        return "run again without --dry-run to delete them"
+    carrying = kept.carrying.n
+    return (
+        f"a run without --dry-run would be refused: {_n(r.matched)} of the {_n(carrying)} "
+        f"carrying {s.prop} ({r.matched / carrying:.0%}) is more than --max-fraction "
+        f"{s.max_fraction:g}. If this is a backlog, not a mistake, run it once with "
+        "--max-fraction 1"
+    )
+
+
+def _n(count: int) -> str:
+    return f"{count:,}"

@@ -301,7 +301,8 @@ def _shard_streams(
         return target.first_value(target.within(ExpiredRange(encoding, pos, hi)), encoding)
 
     bucket = max(1, SHARD_BUCKET // dt.timedelta(microseconds=encoding.unit_us))
-    slices = shard_slices(window.lo, window.hi, settings.shard, bucket, next_value)
+    shard = settings.shard
+    slices = shard_slices(window.lo, window.hi, (shard.index, shard.count), bucket, next_value)
     lock = threading.Lock()  # one walk, drawn from by every stream's thread
 
     def stream() -> KeyPages:

@@ -192,7 +192,7 @@ def _walk(cells: Mapping[int, int], histogram: Histogram, shard: Shard) -> tuple
     lo = order[0] if order else 0
     # The UTC hour after the youngest bucket's last.
     hi = hour_of(histogram.buckets[-1].end - TICK) + 1 if histogram.buckets else 1
-    owned = [cells[a] for a, _b in shard_slices(lo, hi, shard, 1, next_value)]
+    owned = [cells[a] for a, _b in shard_slices(lo, hi, (shard.index, shard.count), 1, next_value)]
     return owned, probes
 
 
@@ -271,7 +271,7 @@ def _guard_calls(backlog: Backlog, run: Run) -> list[tuple[int, int]]:
 
 
 def retention_calls(carrying: int, expired_left: int, run: Run) -> tuple[int, int]:
-    """Queries and billed reads of the counts after a run (``result.measure_retention``):
+    """Queries and billed reads of the counts after a run (``checks.measure_retention``):
     what carries the property, what is left past the cutoff, and the oldest of that."""
     calls = [_count(n, RETENTION_COUNT_LIMIT, run) for n in (carrying, expired_left)]
     calls += [(1, 1)] if expired_left else []

@@ -19,6 +19,7 @@ from sweeper.encodings import (
     Encoding,
     ExpiredRange,
     QueryValue,
+    Rule,
     band_range,
     classify,
     cutoff_bound,
@@ -28,7 +29,6 @@ from sweeper.encodings import (
     split_even,
     to_micros,
 )
-from sweeper.gate import Rule
 from sweeper.guard import DESCENDANT_SAMPLE, going_with
 from sweeper.inspect.forecast import (
     HOUR,

@@ -24,9 +24,9 @@ from click.testing import CliRunner
 
 from sweeper import cli as cli_module
 from sweeper import engine as run_module
-from sweeper.cli import cli, inspect, main, sweep
+from sweeper.cli import ProgressLine, cli, inspect, main, sweep
 from sweeper.encodings import Encoding
-from sweeper.logs import ProgressLine, SweeperError, configure
+from sweeper.logs import SweeperError, configure
 from sweeper.options import FiniteFloatRange
 from sweeper.result import Runtime, SweepResult
 from sweeper.retry import StopReason

@@ -246,3 +246,38 @@ def test_the_threads_development_md_counts_are_the_codes() -> None:
     )
     assert engine.LEGACY_DELETERS_PER_STREAM == 2
     assert f"ancestor queries go {gate.DESCENDANT_QUERIES} at a time" in section.replace("\n", " ")
+
+
+# --- development.md: imports go one way -----------------------------------------------------------
+
+
+def _imports(path: Path) -> set[str]:
+    """The sweeper modules ``path`` imports, at run time or for its types alone."""
+    named: set[str] = set()
+    for node in ast.walk(ast.parse(text(path))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sweeper"):
+            named.add(node.module)
+            if node.module == "sweeper":  # from sweeper import rpc
+                named |= {f"sweeper.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            named |= {a.name for a in node.names if a.name.startswith("sweeper")}
+    return named
+
+
+def test_imports_go_one_way_as_development_md_says() -> None:
+    assert "Imports go one way" in text(DEVELOPMENT)
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts): p for p in SOURCES}
+    modules = {name.removesuffix(".__init__"): p for name, p in modules.items()}
+    graph = {m: _imports(p) & modules.keys() - {m} for m, p in modules.items()}
+    assert graph["sweeper.gate"] >= {"sweeper.result", "sweeper.deleter"}  # the scan sees them
+
+    def reach(start: str) -> set[str]:
+        seen: set[str] = set()
+        todo = [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+
+    assert [m for m in sorted(graph) if m in reach(m)] == []

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from sweeper.deleter import LEGACY_LIMIT, BatchSizer
-from sweeper.encodings import Encoding
-from sweeper.gate import Gate, Group, Rule, _take, decide
+from sweeper.encodings import Encoding, Rule
+from sweeper.gate import Gate, Group, _take, decide
 from sweeper.logs import DatastoreError, RefusedError
 from sweeper.result import SweepResult
 from sweeper.retry import Retrier, RetryCounter, RetryPolicy, Stopped, StopReason

@@ -36,7 +36,7 @@ def walk(
     values: Sequence[int], lo: int, hi: int, shard: Shard, bucket: int
 ) -> tuple[list[Slice], int]:
     probe = Probe(values)
-    slices = list(shard_slices(lo, hi, shard, bucket, probe))
+    slices = list(shard_slices(lo, hi, (shard.index, shard.count), bucket, probe))
     return slices, probe.calls
 
 
@@ -103,7 +103,7 @@ def test_split_even_never_makes_more_slices_than_values() -> None:
 
 def test_shard_slices_probes_nothing_until_iterated() -> None:
     probe = Probe([1, 2, 3])
-    slices = shard_slices(0, 10, Shard(0, 2), 2, probe)
+    slices = shard_slices(0, 10, (0, 2), 2, probe)
     assert probe.calls == 0
     assert next(slices) == (0, 2)
     assert probe.calls == 1
