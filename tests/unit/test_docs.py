@@ -281,3 +281,7 @@ def test_imports_go_one_way_as_development_md_says() -> None:
         return seen
 
     assert [m for m in sorted(graph) if m in reach(m)] == []
+    for bottom in ("logs", "concurrency", "encodings"):  # "import no other"
+        assert graph[f"sweeper.{bottom}"] == set(), bottom
+    for writer in ("target", "deleter", "gate", "guard"):  # "result sits below"
+        assert f"sweeper.{writer}" not in reach("sweeper.result"), writer
