@@ -158,8 +158,8 @@ def wait_until_deleted(
 
 
 def start_slow_sweep(emu: Emulator, kind: str, *args: str) -> subprocess.Popen[str]:
-    """A real ``sweeper sweep`` process deleting one key per commit (long enough to interrupt),
-    returned once it has started deleting."""
+    """A real ``sweeper sweep`` process deleting one key per commit, at most 200 a second (long
+    enough to interrupt on however fast a machine), returned once it has started deleting."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -170,6 +170,8 @@ def start_slow_sweep(emu: Emulator, kind: str, *args: str) -> subprocess.Popen[s
             kind,
             "--batch-size",
             "1",
+            "--max-rate",
+            "200",
             "--log-format",
             "json",
             *args,

@@ -69,7 +69,8 @@ def test_when_the_database_dies_mid_run_the_sweep_fails_cleanly_and_a_rerun_fini
     seed(client, kind, groups)
     # It gives up 5 s after the last call that worked (the default is 60 s).
     proc = start_slow_sweep(emu, kind, "--format", "epoch-seconds", "--give-up-after", "5s")
-    # Four workers commit one key each at a time: with 20 gone, the first 16 are confirmed.
+    # Eight delete workers (two per stream here) commit one key each at a time: with 20 gone,
+    # at least 12 are confirmed.
     wait_until_deleted(client, kind, group_names(groups, "expired"), at_least=20)
     # The database goes away mid-run. (A graceful shutdown: the legacy emulator writes its data
     # dir only then, and the test needs that data back for the rerun.)
