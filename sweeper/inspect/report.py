@@ -284,6 +284,8 @@ def _oldest(target: Target, encoding: Encoding) -> Oldest | None:
     found = target.fetch(target.within(band_range(encoding), keys_only=False), 1)
     value = found[0].value if found else None
     ordinal = encoding.ordinal(value) if classify(value) is encoding else None
+    if isinstance(value, bytes):  # text stored as a byte string (it sorts with strings)
+        value = value.decode("ascii", "replace")
     if not isinstance(value, QueryValue) or ordinal is None:  # or another form at the start
         return None
     return Oldest(value, from_micros(ordinal * encoding.unit_us))

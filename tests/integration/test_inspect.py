@@ -136,6 +136,22 @@ def test_explicit_format_counts_only_its_own_encoding(
     assert report.oldest.instant < dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
 
 
+def test_the_oldest_value_stored_as_bytes_of_iso_text_is_shown_as_that_text(
+    client: datastore.Client, kind: str
+) -> None:
+    """Byte strings sort among text: the oldest value may be one; it is shown as its text."""
+    iso = Encoding.ISO_8601
+    oldest = str(iso.store(ago(days=2)))
+    seed(client, kind, {"bytes": [oldest.encode()], "text": stored(ago(hours=2), iso, 5)})
+
+    report = inspect(client, kind, iso)
+
+    fields = report_dict(report)
+    assert (fields["oldest_value"], fields["action"]) == (oldest, "sweep")
+    assert json.loads(json.dumps(fields))["oldest_value"] == oldest
+    assert "oldest expiry" in render_table(report)
+
+
 def test_mixed_encodings_are_refused(client: datastore.Client, kind: str) -> None:
     seed(client, kind, {"s": stored(ago(hours=4), S, 20), "ms": stored(ago(hours=4), MS, 20)})
 
