@@ -111,8 +111,15 @@ class Sweep:
         try:
             with rt.stop.interrupting():
                 self._body(result)
-        except Stopped as stop:  # a signal, raised wherever the body was
+        except Stopped as stop:  # a signal, raised wherever the body was, or the deadline
             self._end(result, stop.reason)
+        except SweeperError as exc:
+            self._end(result, StopReason.ERROR, exc.message)
+        except Exception as exc:  # what the client raises once retries are spent, or a bug
+            failure = f"Datastore call failed: {describe_exception(exc)}"
+            self._end(
+                result, StopReason.ERROR, report_bug(self._log, exc) if is_bug(exc) else failure
+            )
         for _ in range(round(DRAIN_S / rt.poll_s)):  # counted: an injected sleep returns at once
             if not self._in_flight():
                 break
@@ -141,26 +148,34 @@ class Sweep:
         return 0 if self._gate is None else self._gate.committer.in_flight
 
     def _body(self, result: SweepResult) -> None:
-        try:
-            client = self._client() if callable(self._client) else self._client
-            with result.lock:
-                result.project = client.project
-            target = Target(client, self._retrier, self.settings.kind, self.settings.prop)
-            # The stored values, read beside the clock (neither needs the other): a round trip less.
-            _, stored = together(
-                partial(self._set_cutoff, target, result),
-                partial(checks.read_stored, target, self.settings),
+        """The checks and the deletes, in their order (``sweeper.checks``)."""
+        s, log = self.settings, self._log
+        client = self._client() if callable(self._client) else self._client
+        with result.lock:
+            result.project = client.project
+        target = Target(client, self._retrier, s.kind, s.prop)
+        # The stored values, read beside the clock (neither needs the other): a round trip less.
+        _, stored = together(
+            partial(self._set_cutoff, target, result), partial(checks.read_stored, target, s)
+        )
+        encoding = checks.choose_encoding(s, stored, result, log)
+        scanned = None
+        if encoding is not None:
+            result.format = encoding.value
+            confirm = self.runtime.confirm
+            allowance = guard.allowance(target, s, encoding, result, confirm=confirm, log=log)
+            seen = self._delete_expired(
+                target, encoding, result, allowance, stored.smallest(s, encoding)
             )
-            self._sweep(target, result, stored)
-        except Stopped as stop:
-            self._end(result, stop.reason)
-        except SweeperError as exc:
-            self._end(result, StopReason.ERROR, exc.message)
-        except Exception as exc:  # what the client raises once retries are spent, or a bug
-            failure = f"Datastore call failed: {describe_exception(exc)}"
-            self._end(
-                result, StopReason.ERROR, report_bug(self._log, exc) if is_bug(exc) else failure
-            )
+            if s.scan:
+                # No index holds a scan's values: what it read is what is known of them.
+                complete = result.stopped_reason == StopReason.COMPLETE
+                if complete:
+                    checks.scan_census(s, encoding, seen, result, log)
+                read = sum(seen.values())
+                scanned = Count(read, "scan", None if complete else read)
+        if result.stopped_reason in (StopReason.COMPLETE, StopReason.MAX_DELETES):
+            checks.retention(target, s, encoding, result, log, scanned=scanned)
 
     def _set_cutoff(self, target: Target, result: SweepResult) -> None:
         """The run's one cutoff, by the database's clock if it has one (``--verify`` too)."""
@@ -190,28 +205,6 @@ class Sweep:
                 result.stopped_reason, result.error = reason, error
             else:
                 result.stop(reason)
-
-    def _sweep(self, target: Target, result: SweepResult, stored: checks.Stored) -> None:
-        """The checks and the deletes, in their order (``sweeper.checks``)."""
-        s, log = self.settings, self._log
-        encoding = checks.choose_encoding(s, stored, result, log)
-        scanned = None
-        if encoding is not None:
-            result.format = encoding.value
-            confirm = self.runtime.confirm
-            allowance = guard.allowance(target, s, encoding, result, confirm=confirm, log=log)
-            seen = self._delete_expired(
-                target, encoding, result, allowance, stored.smallest(s, encoding)
-            )
-            if s.scan:
-                # No index holds a scan's values: what it read is what is known of them.
-                complete = result.stopped_reason == StopReason.COMPLETE
-                if complete:
-                    checks.scan_census(s, encoding, seen, result, log)
-                read = sum(seen.values())
-                scanned = Count(read, "scan", None if complete else read)
-        if result.stopped_reason in (StopReason.COMPLETE, StopReason.MAX_DELETES):
-            checks.retention(target, s, encoding, result, log, scanned=scanned)
 
     def _delete_expired(
         self,
