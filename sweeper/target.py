@@ -85,20 +85,22 @@ class Target:
     def keys(self, query: RangeQuery, limit: int) -> list[datastore.Key]:
         return [s.key for s in self.fetch(query, limit)]
 
-    def key_pages(self, query: RangeQuery) -> Iterator[list[datastore.Key]]:
+    def key_pages(
+        self, query: RangeQuery, page_size: int = PAGE_SIZE
+    ) -> Iterator[list[datastore.Key]]:
         """Every key of ``query``, one page in memory at a time."""
-        for page in self.seen_pages(query):
+        for page in self.seen_pages(query, page_size):
             yield [s.key for s in page]
 
     def seen_pages(
-        self, query: RangeQuery | datastore.Query, *, scan: bool = False
+        self, query: RangeQuery | datastore.Query, page_size: int = PAGE_SIZE, *, scan: bool = False
     ) -> Iterator[list[Seen]]:
         """Every result of ``query`` as the gate deletes it, each key with its version and
         value (``rpc.run_query``), a page at a time. Where whole entities come back (a mask
         ignored) each page holds what fits ``SCAN_PAGE_BYTES``; a ``scan`` starts small."""
         built = query.build(self.client) if isinstance(query, RangeQuery) else query
         cursor: bytes | None = None
-        size = SCAN_FIRST_PAGE if scan else PAGE_SIZE
+        size = SCAN_FIRST_PAGE if scan else page_size
         while True:
             page = self._seen_page(built, size, cursor)
             if page.seen:
@@ -106,7 +108,7 @@ class Target:
             if page.cursor is None:
                 return
             cursor = page.cursor
-            size = max(1, min(PAGE_SIZE, SCAN_PAGE_BYTES // (2 * max(page.largest, 1))))
+            size = max(1, min(page_size, SCAN_PAGE_BYTES // (2 * max(page.largest, 1))))
 
     def scan_pages(self) -> Iterator[list[Seen]]:
         """Every entity of the kind with its version and value, for properties no index
@@ -153,7 +155,7 @@ class Target:
             pass
         bound = keys_limit if limit is None else min(limit, keys_limit)
         counted = 0
-        for page in self.key_pages(query):
+        for page in self.key_pages(query, page_size=min(PAGE_SIZE, bound)):  # no key past it
             counted += len(page)
             if counted >= bound:
                 break

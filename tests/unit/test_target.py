@@ -105,6 +105,14 @@ def test_key_pages_ask_for_keys_only_with_an_explicit_limit() -> None:
     assert [q.fetched[0][0] for q in client.queries] == [PAGE_SIZE, PAGE_SIZE]
 
 
+def test_a_bounded_count_without_aggregation_reads_no_key_past_its_bound() -> None:
+    client = FakeClient(entities([1] * 1200))
+    retry, _counter = retrier()
+    count = at(client, retry).count(QUERY, 7)
+    assert (count.n, count.method, count.limit) == (7, "keys_only_bounded", 7)
+    assert [q.fetched for q in client.queries] == [[(7, None)]]
+
+
 def test_failed_page_is_retried_from_its_own_cursor() -> None:
     client = FakeClient(entities([1] * 1200))
     client.final_cursor = False
